@@ -1,0 +1,63 @@
+"""Money: ISO 4217 minor units and the one rounding rule of billrun.
+
+Amounts are `Decimal` until an invoice line is finished; then `to_minor` rounds once, with the
+plan's rule, to an integer count of the currency's minor unit. Totals are sums of rounded lines.
+"""
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
+from functools import lru_cache
+
+from babel.numbers import UnknownCurrencyError, format_currency, get_currency_precision
+from babel.numbers import get_currency_name
+
+ROUNDING_MODES = {"half_up": ROUND_HALF_UP, "half_even": ROUND_HALF_EVEN}
+
+
+@lru_cache(maxsize=None)
+def minor_exponent(currency: str) -> int:
+    """Digits after the decimal point of `currency` (USD 2, JPY 0, KWD 3), from Babel's CLDR data."""
+    if not is_known_currency(currency):
+        raise ValueError(f"unknown currency {currency!r} (use an ISO 4217 code such as USD, EUR, JPY)")
+    return get_currency_precision(currency)
+
+
+@lru_cache(maxsize=None)
+def is_known_currency(currency: str) -> bool:
+    if len(currency) != 3 or not currency.isalpha() or not currency.isupper():
+        return False
+    try:
+        get_currency_name(currency, locale="en")
+    except UnknownCurrencyError:
+        return False
+    # Babel names unknown three-letter codes after themselves; CLDR knows the real ones.
+    return get_currency_name(currency, locale="en") != currency
+
+
+def to_minor(amount: Decimal, currency: str, rounding: str = "half_up") -> int:
+    """Round `amount` (major units) once, with `rounding`, to integer minor units."""
+    exponent = minor_exponent(currency)
+    scaled = (amount * (Decimal(10) ** exponent)).quantize(Decimal(1), rounding=ROUNDING_MODES[rounding])
+    return int(scaled)
+
+
+def from_minor(amount_minor: int, currency: str) -> Decimal:
+    """Integer minor units back to an exact major-unit Decimal (for display only)."""
+    return Decimal(amount_minor).scaleb(-minor_exponent(currency))
+
+
+def format_money(amount_minor: int, currency: str, locale: str = "en_US") -> str:
+    """`1234` USD -> `$12.34`; the currency's own digits, never a float on the way."""
+    return format_currency(from_minor(amount_minor, currency), currency, locale=locale,
+                           currency_digits=True)
+
+
+def parse_decimal(text: str) -> Decimal:
+    """A price string from a plan file to an exact Decimal; raises ValueError on anything else."""
+    try:
+        value = Decimal(text)
+    except (InvalidOperation, TypeError):
+        raise ValueError(f"{text!r} is not a decimal number") from None
+    if not value.is_finite():
+        raise ValueError(f"{text!r} is not a finite number")
+    return value

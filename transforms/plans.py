@@ -1,0 +1,230 @@
+"""Plan files: typed, checked on load, resolved to the version a subscription is bound to.
+
+One YAML file per (plan, version). `load_catalog` reads every file with YAML's safe loader,
+checks it with pydantic and then across files (no two versions of a plan share a number or an
+`effective_from`), and fails with one line that names the file, the field and the fix.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from transforms.money import is_known_currency
+from transforms.pricing import PRICE_MODELS, Money, Price, Units
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
+class PlanError(ValueError):
+    """A plan file that billrun refuses; the message is the one line the user sees."""
+
+
+def _identifier(value: str) -> str:
+    # Meter and dimension names travel into queries as bound values and into invoices as text;
+    # keeping them to plain identifiers means a plan file can never smuggle in anything else.
+    if not IDENTIFIER.match(value):
+        raise ValueError(f"{value!r} is not a plain name (letters, digits, _ . -; starting with a letter)")
+    return value
+
+
+def _currency(value: str) -> str:
+    if not is_known_currency(value):
+        raise ValueError(f"{value!r} is not an ISO 4217 currency code (e.g. USD, EUR, JPY)")
+    return value
+
+
+Identifier = Annotated[str, AfterValidator(_identifier)]
+Currency = Annotated[str, AfterValidator(_currency)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FixedFee(Strict):
+    name: str
+    amount: Money
+
+    @model_validator(mode="after")
+    def _non_negative(self):
+        if self.amount < 0:
+            raise ValueError("amount must not be negative (use a credit note for refunds)")
+        return self
+
+
+class Charge(Strict):
+    """One priced meter. With `included` it is an allowance + overage charge: the first
+    `included` units of the period are free and the rest bill as `overage` lines."""
+
+    name: str | None = None
+    meter: Identifier
+    filter: dict[Identifier, str] = Field(default_factory=dict)
+    group_by: list[Identifier] = Field(default_factory=list)
+    included: Units = Decimal(0)
+    price: Price
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.included < 0:
+            raise ValueError("included must not be negative")
+        if len(set(self.group_by)) != len(self.group_by):
+            raise ValueError("group_by names a dimension twice")
+        clash = set(self.group_by) & set(self.filter)
+        if clash:
+            raise ValueError(f"group_by and filter both name {sorted(clash)}: a filtered dimension has one value")
+        return self
+
+    @property
+    def title(self) -> str:
+        return self.name or self.meter
+
+
+class Commitment(Strict):
+    minimum: Money
+
+
+class SpendControls(Strict):
+    budget: Money | None = None
+    alerts: list[Decimal] = Field(default_factory=lambda: [Decimal("0.5"), Decimal("0.8"), Decimal("1.0")])
+    hard_cap: Money | None = None
+
+
+class Plan(Strict):
+    plan: Identifier
+    version: int = Field(ge=1)
+    effective_from: date
+    migrate_existing_on: date | None = None
+    notice_days: int | None = Field(default=None, ge=0)
+    currency: Currency
+    rounding: Literal["half_up", "half_even"] = "half_up"
+    description: str | None = None
+    fixed_fees: list[FixedFee] = Field(default_factory=list)
+    charges: list[Charge] = Field(default_factory=list)
+    commitment: Commitment | None = None
+    spend_controls: SpendControls | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.migrate_existing_on is not None and self.migrate_existing_on < self.effective_from:
+            raise ValueError("migrate_existing_on is before effective_from: existing subscriptions "
+                             "cannot move to a version before it exists")
+        return self
+
+
+@dataclass(frozen=True)
+class PlanFile:
+    """A checked plan version and where it came from (for errors, manifests and drift checks)."""
+
+    plan: Plan
+    path: str
+    sha256: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.plan.plan, self.plan.version)
+
+
+def _format_location(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in PRICE_TAGS:
+            continue  # pydantic's union tag (`standard`), not a field the user wrote
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+PRICE_TAGS = set(PRICE_MODELS)
+
+
+def parse_plan(text: str, path: str) -> PlanFile:
+    """Check one plan file's text; `path` is only used to say where an error is."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PlanError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise PlanError(f"{path}: a plan file must be a mapping with plan, version, currency, ...")
+    try:
+        plan = Plan.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling against the plan reference in the README)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown price model {err['input'].get('model')!r}; use one of {sorted(PRICE_TAGS)}" \
+                if isinstance(err.get("input"), dict) else msg
+        raise PlanError(f"{path}: {_format_location(err['loc'])}: {msg}{more}") from None
+    return PlanFile(plan, path, hashlib.sha256(text.encode()).hexdigest())
+
+
+def load_catalog(plans_dir: str | Path) -> "Catalog":
+    """Every `*.yaml` under `plans_dir`, checked alone and together."""
+    root = Path(plans_dir)
+    if not root.is_dir():
+        raise PlanError(f"{root}: plans folder not found (pass --plans DIR)")
+    files = [parse_plan(p.read_text(encoding="utf-8"), str(p))
+             for p in sorted(root.glob("*.yaml")) + sorted(root.glob("*.yml"))]
+    if not files:
+        raise PlanError(f"{root}: no plan files (*.yaml) found")
+    return Catalog.from_files(files)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """All plan versions, by (plan, version)."""
+
+    files: dict[tuple[str, int], PlanFile]
+
+    @classmethod
+    def from_files(cls, files: list[PlanFile]) -> "Catalog":
+        by_key: dict[tuple[str, int], PlanFile] = {}
+        by_start: dict[tuple[str, date], PlanFile] = {}
+        for f in files:
+            other = by_key.get(f.key)
+            if other is not None:
+                raise PlanError(f"{f.path}: version: plan {f.plan.plan!r} version {f.plan.version} "
+                                f"is also defined in {other.path}; give each version its own number")
+            start_key = (f.plan.plan, f.plan.effective_from)
+            other = by_start.get(start_key)
+            if other is not None:
+                raise PlanError(f"{f.path}: effective_from: {f.plan.effective_from} is also the start of "
+                                f"{other.path}; two versions of one plan cannot start on the same day")
+            by_key[f.key] = f
+            by_start[start_key] = f
+        for plan_id in {k[0] for k in by_key}:
+            versions = sorted((f for f in by_key.values() if f.plan.plan == plan_id), key=lambda f: f.plan.version)
+            for older, newer in zip(versions, versions[1:]):
+                if newer.plan.effective_from < older.plan.effective_from:
+                    raise PlanError(f"{newer.path}: effective_from: version {newer.plan.version} starts before "
+                                    f"version {older.plan.version} ({older.plan.effective_from}); "
+                                    f"later versions must start later")
+        return cls(by_key)
+
+    def get(self, plan: str, version: int) -> PlanFile | None:
+        return self.files.get((plan, version))
+
+    def versions(self, plan: str) -> list[PlanFile]:
+        return sorted((f for f in self.files.values() if f.plan.plan == plan), key=lambda f: f.plan.version)
+
+    def in_force_on(self, plan: str, day: date) -> PlanFile | None:
+        """The version new subscriptions starting on `day` bind to."""
+        candidates = [f for f in self.versions(plan) if f.plan.effective_from <= day]
+        return candidates[-1] if candidates else None
+

@@ -1,0 +1,102 @@
+"""The one contract every charge model keeps.
+
+A charge model is a module with a pydantic `Price` class (its `model:` literal is the key in the
+registry) and `rate(price, usage) -> Rating`. `rate` is pure and returns the *unrounded* amount
+plus the steps that explain it (tiers crossed, packages started, free events); rounding happens
+once, later, on the invoice line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+ZERO = Decimal(0)
+
+
+def _quoted_decimal(value: Any) -> Decimal:
+    # Prices and rates must be quoted in plan files: YAML reads 0.1 as a binary float, and a
+    # price that is off by 1e-17 is a price a pricing team never wrote.
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(f'quote money as a string, e.g. "{value}" (got {type(value).__name__} {value!r})')
+    try:
+        parsed = Decimal(value.strip())
+    except Exception:
+        raise ValueError(f"{value!r} is not a decimal number") from None
+    if not parsed.is_finite():
+        raise ValueError(f"{value!r} is not a finite number")
+    return parsed
+
+
+def _unit_count(value: Any) -> Decimal:
+    # Unit counts (per, up_to, package_size, included) may be integers or quoted decimals,
+    # never floats, for the same reason as prices.
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ValueError(f'write unit counts as integers or quoted decimals (got {value!r})')
+    if isinstance(value, int):
+        return Decimal(value)
+    return _quoted_decimal(value)
+
+
+Money = Annotated[Decimal, BeforeValidator(_quoted_decimal)]
+"""An exact amount in the currency's major unit, written as a quoted string in plan files."""
+
+Units = Annotated[Decimal, BeforeValidator(_unit_count)]
+"""A count of metered units (tokens, calls, GB), an integer or a quoted decimal."""
+
+
+class PriceModel(BaseModel):
+    """Base of every charge model's price block: strict, so a typo is an error, not a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one charge bills for one subscription segment (or one group of it) in one period.
+
+    `units` are the billable units after the allowance; `event_quantities` are the same events'
+    quantities in event-time order, given only to models that price per event (percentage).
+    """
+
+    units: Decimal
+    events: int = 0
+    event_quantities: tuple[Decimal, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Step:
+    """One line of a rating's audit trail, e.g. `tier 2 (10,000,001 and up)`."""
+
+    label: str
+    units: Decimal
+    unit_price: Decimal | None
+    amount: Decimal
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {
+            "label": self.label,
+            "units": str(self.units),
+            "unit_price": None if self.unit_price is None else str(self.unit_price),
+            "amount": str(self.amount),
+        }
+
+
+@dataclass(frozen=True)
+class Rating:
+    """An unrounded amount and the steps that add up to it."""
+
+    amount: Decimal
+    steps: tuple[Step, ...] = ()
+
+
+def fmt_units(value: Decimal) -> str:
+    """Units for labels: `1000000` -> `1,000,000`, `2.50` -> `2.5`."""
+    normalized = value.normalize()
+    if normalized == normalized.to_integral_value():
+        return f"{int(normalized):,}"
+    return f"{normalized:,f}"

@@ -1,0 +1,40 @@
+"""Standard: one unit price, optionally per a block of `per` units.
+
+amount = units x unit_price / per, exact: 1,500 tokens at $2.50 per million is $0.00375, not a
+whole million (rounding up to whole blocks is the `package` model's rule).
+"""
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import field_validator
+
+from transforms.pricing.base import Money, PriceModel, Rating, Step, Units, Usage, fmt_units
+
+
+class Price(PriceModel):
+    model: Literal["standard"]
+    unit_price: Money
+    per: Units = Decimal(1)
+
+    @field_validator("unit_price")
+    @classmethod
+    def _non_negative(cls, v):
+        if v < 0:
+            raise ValueError("unit_price must not be negative")
+        return v
+
+    @field_validator("per")
+    @classmethod
+    def _positive(cls, v):
+        if v <= 0:
+            raise ValueError("per must be a positive number of units")
+        return v
+
+
+def rate(price: Price, usage: Usage) -> Rating:
+    amount = usage.units * price.unit_price / price.per
+    per = "" if price.per == 1 else f" per {fmt_units(price.per)}"
+    label = f"{fmt_units(usage.units)} units at {price.unit_price}{per}"
+    return Rating(amount, (Step(label, usage.units, price.unit_price, amount),))
