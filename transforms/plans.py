@@ -17,13 +17,14 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from transforms.errors import BillrunError
 from transforms.money import is_known_currency
 from transforms.pricing import PRICE_MODELS, Money, Price, Units
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 
 
-class PlanError(ValueError):
+class PlanError(BillrunError):
     """A plan file that billrun refuses; the message is the one line the user sees."""
 
 
@@ -77,6 +78,9 @@ class Charge(Strict):
             raise ValueError("included must not be negative")
         if len(set(self.group_by)) != len(self.group_by):
             raise ValueError("group_by names a dimension twice")
+        if self.included > 0 and self.group_by:
+            raise ValueError("included with group_by is ambiguous (whose allowance is it?); split the "
+                             "charge into one charge per value with filter")
         clash = set(self.group_by) & set(self.filter)
         if clash:
             raise ValueError(f"group_by and filter both name {sorted(clash)}: a filtered dimension has one value")
@@ -85,6 +89,16 @@ class Charge(Strict):
     @property
     def title(self) -> str:
         return self.name or self.meter
+
+    def prices(self, meter: str, dims: dict[str, str]) -> bool:
+        """Whether this charge bills an event of `meter` with dimensions `dims`."""
+        return meter == self.meter and all(dims.get(k) == v for k, v in self.filter.items())
+
+    def overlaps(self, other: "Charge") -> bool:
+        """Whether one event could be billed by both charges: same meter, and no dimension that
+        both filter on with different values."""
+        return self.meter == other.meter and all(
+            self.filter[k] == other.filter[k] for k in set(self.filter) & set(other.filter))
 
 
 class Commitment(Strict):
@@ -116,6 +130,12 @@ class Plan(Strict):
         if self.migrate_existing_on is not None and self.migrate_existing_on < self.effective_from:
             raise ValueError("migrate_existing_on is before effective_from: existing subscriptions "
                              "cannot move to a version before it exists")
+        for i, charge in enumerate(self.charges):
+            for j in range(i):
+                if charge.overlaps(self.charges[j]):
+                    raise ValueError(
+                        f"charges[{i}] and charges[{j}] could both bill one {charge.meter} event; give them "
+                        f"filters on a common dimension with different values")
         return self
 
 

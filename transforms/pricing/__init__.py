@@ -11,11 +11,16 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from transforms.pricing import standard
+from transforms.pricing import graduated, graduated_percentage, package, percentage, standard, volume
 from transforms.pricing.base import Money, Rating, Step, Units, Usage
 
 PRICE_MODELS: dict[str, ModuleType] = {
     "standard": standard,
+    "package": package,
+    "graduated": graduated,
+    "volume": volume,
+    "percentage": percentage,
+    "graduated_percentage": graduated_percentage,
 }
 
 # Each module names its pydantic price block `Price`; its `model:` literal must equal its key here.

@@ -76,14 +76,24 @@ class Step:
     units: Decimal
     unit_price: Decimal | None
     amount: Decimal
+    per: Decimal | None = None  # the unit price is per this many units (None: per unit)
 
     def as_dict(self) -> dict[str, str | None]:
         return {
             "label": self.label,
             "units": str(self.units),
             "unit_price": None if self.unit_price is None else str(self.unit_price),
+            "per": None if self.per is None else str(self.per),
             "amount": str(self.amount),
         }
+
+    @property
+    def price_text(self) -> str:
+        """`2.50 / 1,000,000` or `0.04`: the unit price as an invoice shows it."""
+        if self.unit_price is None:
+            return ""
+        per = f" / {fmt_units(self.per)}" if self.per is not None and self.per != 1 else ""
+        return f"{self.unit_price}{per}"
 
 
 @dataclass(frozen=True)

@@ -37,4 +37,4 @@ def rate(price: Price, usage: Usage) -> Rating:
     amount = usage.units * price.unit_price / price.per
     per = "" if price.per == 1 else f" per {fmt_units(price.per)}"
     label = f"{fmt_units(usage.units)} units at {price.unit_price}{per}"
-    return Rating(amount, (Step(label, usage.units, price.unit_price, amount),))
+    return Rating(amount, (Step(label, usage.units, price.unit_price, amount, price.per),))

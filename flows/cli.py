@@ -1,0 +1,183 @@
+"""The `billrun` command line.
+
+Every command takes `--store` and `--plans` (before or after the command name). A user's mistake
+(bad plan, bad argument, missing input, unreachable storage) prints one line and exits 1; exit 0
+means the command did what it says. Prefect runs embedded unless PREFECT_API_URL points at a server.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_STORE = "./billing-data"
+DEFAULT_PLANS = "./plans"
+
+app = typer.Typer(
+    help="billrun: batch billing for AI and API products (usage, credits and hybrids), exact to the cent.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def prefect_defaults(environ: dict = os.environ) -> None:
+    """Run Prefect offline and quietly unless the user configured it: no analytics, an embedded
+    server whose state lives in ./.prefect, and warnings only on the console."""
+    environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    environ.setdefault("DO_NOT_TRACK", "1")
+    environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+    environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    if "PREFECT_API_URL" not in environ:
+        environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+
+
+class _OneLineUserErrors(logging.Filter):
+    """Prefect logs a failed task's traceback; for a user's mistake the one-line message is the
+    whole story, so drop the traceback (a bug keeps its traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from flows.store import StoreError
+        from transforms.errors import BillrunError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (BillrunError, StoreError)):
+            record.exc_info = None
+            record.exc_text = None
+            record.msg, record.args = f"{type(exc).__name__}: {exc}", ()
+        return True
+
+
+def _quiet_user_errors() -> None:
+    for handler in logging.getLogger("prefect").handlers + logging.getLogger().handlers:
+        handler.addFilter(_OneLineUserErrors())
+
+
+def _fail(message: str) -> None:
+    err.print(f"billrun: error: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _run(fn, *args, **kwargs):
+    """Call into billrun; a user error becomes one line and exit 1."""
+    from flows.store import StoreError
+    from transforms.errors import BillrunError
+
+    try:
+        return fn(*args, **kwargs)
+    except (BillrunError, StoreError) as exc:
+        _fail(str(exc))
+
+
+StoreOpt = typer.Option(None, "--store", help="Store: a local folder or s3://bucket/prefix [default: ./billing-data]")
+PlansOpt = typer.Option(None, "--plans", help="Folder of plan files (*.yaml) [default: ./plans]")
+JsonOpt = typer.Option(False, "--json", help="Print the result as JSON (for scripts).")
+
+
+@app.callback()
+def main_options(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt) -> None:
+    ctx.obj = {"store": store, "plans": plans}
+
+
+def _opts(ctx: typer.Context, store: str | None, plans: str | None) -> tuple[str, str]:
+    base = ctx.obj or {}
+    return (store or base.get("store") or DEFAULT_STORE, plans or base.get("plans") or DEFAULT_PLANS)
+
+
+def _print_close(result: dict, as_json: bool) -> None:
+    from transforms.money import format_money
+
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    said = {"closed": "closed", "already_closed": "already closed: nothing changed"}[result["status"]]
+    out.print(f"[bold]{result['period']}[/bold] {said} (run {result['run_id']})")
+    table = Table(show_header=True, header_style="bold")
+    for col in ("rows read", "billed", "duplicates", "quarantined", "invoices"):
+        table.add_column(col, justify="right")
+    rows = result["rows"]
+    table.add_row(*(str(v) for v in (rows["read"], rows["billed"], rows["duplicates"], rows["quarantined"],
+                                     result["invoices"])))
+    out.print(table)
+    for total in result["totals"]:
+        out.print(f"  total {total['currency']}: {format_money(total['total_minor'], total['currency'])} "
+                  f"over {total['invoices']} invoices")
+    for reason, n in result.get("quarantined_by_reason", {}).items():
+        out.print(f"  quarantined {reason}: {n}")
+    html = [o for o in result["outputs"] if o.endswith(".html")]
+    if html:
+        out.print(f"  invoices: {result['store'].rstrip('/')}/{html[0]} (and {len(html) - 1} more)")
+
+
+@app.command(epilog="Example: billrun close --period 2026-10 --store s3://acme-billing/prod")
+def close(ctx: typer.Context,
+          period: str = typer.Option(..., "--period", help="The month to close, YYYY-MM (UTC)."),
+          store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
+    """Close a month: final invoices, lines, quarantine, HTML invoices and the manifest.
+
+    Re-running a failed close resumes it; re-running a closed period changes nothing and says so."""
+    from flows.close import close_period
+
+    store, plans = _opts(ctx, store, plans)
+    _quiet_user_errors()
+    _print_close(_run(close_period, store=store, plans=plans, period=period), as_json)
+
+
+@app.command(epilog="Example: billrun demo --store ./billing-data --customers 300")
+def demo(ctx: typer.Context,
+         period: str = typer.Option("2026-10", "--period", help="The month the sample usage falls in."),
+         customers: int = typer.Option(300, "--customers", min=1, help="How many sample customers."),
+         seed: int = typer.Option(7, "--seed", help="Seed of the sample generator (same seed, same store)."),
+         store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
+    """Make a realistic sample store from the plans in --plans, then close one month of it."""
+    from flows.close import close_period
+    from flows.demo import write_demo_store
+
+    store, plans = _opts(ctx, store, plans)
+    _quiet_user_errors()
+    written = _run(write_demo_store, store, plans, period, customers, seed)
+    if not as_json:
+        out.print(f"sample store at {store}: {written['customers']} customers, "
+                  f"{written['subscriptions']} subscriptions, {written['usage_objects']} usage objects")
+    _print_close(_run(close_period, store=store, plans=plans, period=period), as_json)
+
+
+@app.command(epilog="Example: billrun status --store s3://acme-billing/prod --json")
+def status(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt,
+           as_json: bool = JsonOpt) -> None:
+    """Which periods are closed and which closes were left incomplete."""
+    from flows.status import store_status
+
+    store, _ = _opts(ctx, store, plans)
+    report = _run(store_status, store)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    if not report["periods"]:
+        out.print(f"{store}: no period closed yet")
+    for p in report["periods"]:
+        if p["status"] == "closed":
+            totals = ", ".join(f"{t['currency']} {t['total_minor']}" for t in p["totals"])
+            out.print(f"{p['period']}  closed      run {p['run_id']}  invoices {p['invoices']}  totals (minor) {totals}")
+        else:
+            out.print(f"{p['period']}  incomplete  outputs without a manifest: "
+                      f"run `billrun close --period {p['period']}` to finish it")
+
+
+def main() -> None:
+    prefect_defaults()
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("billrun: interrupted; a close can be run again and resumes")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

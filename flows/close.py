@@ -1,0 +1,404 @@
+"""The monthly close as a Prefect flow.
+
+fetch inputs -> check customers and subscriptions -> normalize usage -> settle usage -> rate
+invoices -> write outputs -> publish. IO tasks retry with backoff; rating is pure and never
+retried. Outputs are written to a local work folder, staged in the store under
+`billing/_state/runs/<run_id>/`, copied into `billing/period=P/`, and the manifest is written
+last with a create-if-absent, which is the commit point: two closes of one period cannot both
+publish, and a close killed before it leaves no manifest, so the period stays open.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, UNREADABLE, is_usage_key, read_table,
+                          read_usage_object)
+from flows.store import open_store
+from transforms.errors import BillrunError, InputError
+from transforms.invoices import Invoice, invoices_table, lines_table, period_invoices, usage_by_segment
+from transforms.periods import Period
+from transforms.plans import Catalog, load_catalog
+from transforms.reference import Segment, checked_customers, checked_subscriptions, segments_in
+from transforms.render import invoice_html
+from transforms.settle import Settlement, settled_usage
+from transforms.usage import normalized_usage
+
+MANIFEST = "manifest.json"
+SELLER_KEY = "seller.yaml"
+PARQUET = {"compression": "zstd", "statistics": True}
+
+QUARANTINE_SCHEMA = {
+    "source_key": pl.String, "source_row": pl.Int64, "event_id": pl.String, "customer_id": pl.String,
+    "meter": pl.String, "quantity": pl.String, "timestamp": pl.String, "dims": pl.String,
+    "reason": pl.String, "detail": pl.String, "source": pl.String,
+}
+
+
+def period_prefix(period: Period | str) -> str:
+    return f"billing/period={period}/"
+
+
+class AlreadyClosed(BillrunError):
+    """Raised only where a caller must stop; a close of a closed period just reports it."""
+
+
+class LostRace(BillrunError):
+    """Another close of the same period published first."""
+
+
+@dataclass(frozen=True)
+class InputObject:
+    key: str
+    size: int
+    sha256: str
+    path: Path
+    etag: str | None = None
+
+    def manifest_entry(self) -> dict:
+        entry = {"key": self.key, "size": self.size, "sha256": self.sha256}
+        if self.etag:
+            entry["etag"] = self.etag
+        return entry
+
+
+@dataclass(frozen=True)
+class Inputs:
+    usage: tuple[InputObject, ...]
+    customers: InputObject
+    subscriptions: InputObject
+    seller: InputObject | None
+
+
+@dataclass(frozen=True)
+class Reference:
+    customers: pl.DataFrame
+    segments: tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class Normalized:
+    paths: tuple[Path, ...]
+    unreadable: tuple[tuple[str, str], ...]  # (key, why)
+    rows: int
+
+
+@dataclass
+class CloseResult:
+    period: str
+    status: str  # closed | already_closed
+    run_id: str
+    store: str
+    rows: dict[str, int] = field(default_factory=dict)
+    totals: list[dict] = field(default_factory=list)
+    invoices: int = 0
+    outputs: list[str] = field(default_factory=list)
+    quarantined_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _one_of(store, keys: tuple[str, ...], what: str) -> str | None:
+    present = [k for k in keys if store.exists(k)]
+    if len(present) > 1:
+        raise InputError(f"{store.uri}: both {' and '.join(present)} exist; keep one {what} file")
+    return present[0] if present else None
+
+
+@task(name="fetch-inputs", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+def fetch_inputs(store_uri: str, cache_dir: Path) -> Inputs:
+    """List and fetch every input object; hash each (content, never modification times)."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    store = open_store(store_uri)
+    customers_key = _one_of(store, CUSTOMERS_KEYS, "customers")
+    subscriptions_key = _one_of(store, SUBSCRIPTIONS_KEYS, "subscriptions")
+    for key, keys in ((customers_key, CUSTOMERS_KEYS), (subscriptions_key, SUBSCRIPTIONS_KEYS)):
+        if key is None:
+            raise InputError(f"{store.uri}: {keys[0]} (or .parquet) not found; "
+                             f"every store needs customers and subscriptions")
+    seller_key = SELLER_KEY if store.exists(SELLER_KEY) else None
+    usage_infos = [o for o in store.list("usage/") if is_usage_key(o.key)]
+    keys = [o.key for o in usage_infos] + [customers_key, subscriptions_key] + ([seller_key] if seller_key else [])
+    local = store.fetch(keys, cache_dir)
+    sizes = {o.key: (o.size, o.etag) for o in usage_infos}
+
+    def obj(key: str) -> InputObject:
+        path = local[key]
+        size, etag = sizes.get(key, (path.stat().st_size, None))
+        return InputObject(key, size, _sha256(path), path, etag)
+
+    inputs = Inputs(tuple(obj(o.key) for o in usage_infos), obj(customers_key), obj(subscriptions_key),
+                    obj(seller_key) if seller_key else None)
+    logger.info("fetch-inputs: %d usage objects, %d bytes in %.2fs", len(inputs.usage),
+                sum(o.size for o in inputs.usage), time.perf_counter() - started)
+    return inputs
+
+
+@task(name="check-reference", cache_policy=NO_CACHE)
+def check_reference(inputs: Inputs, catalog: Catalog, period: Period) -> Reference:
+    """Customers and subscriptions checked; the period's subscription segments."""
+    customers = checked_customers(read_table(inputs.customers.path, inputs.customers.key), inputs.customers.key)
+    subs = checked_subscriptions(read_table(inputs.subscriptions.path, inputs.subscriptions.key),
+                                 inputs.subscriptions.key, customers, catalog)
+    segments = segments_in(period, subs, catalog)
+    get_run_logger().info("check-reference: %d customers, %d subscriptions, %d segments in %s",
+                          customers.height, len(subs), len(segments), period)
+    return Reference(customers, tuple(segments))
+
+
+@task(name="normalize-usage", cache_policy=NO_CACHE)
+def normalize_usage(inputs: Inputs, work_dir: Path) -> Normalized:
+    """Every usage object to one normalized Parquet file, named by its content hash; an object
+    that cannot be read is set aside with the reason."""
+    started = time.perf_counter()
+    out_dir = work_dir / "normalized"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, unreadable, rows = [], [], 0
+    for obj in inputs.usage:
+        try:
+            raw = read_usage_object(obj.path, obj.key)
+        except UNREADABLE as exc:  # a corrupt object is data, not a crash: quarantine it whole
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            unreadable.append((obj.key, why))
+            continue
+        frame = normalized_usage(raw, obj.key)
+        path = out_dir / f"{obj.sha256}-{hashlib.sha256(obj.key.encode()).hexdigest()[:16]}.parquet"
+        frame.write_parquet(path, **PARQUET)
+        paths.append(path)
+        rows += frame.height
+    get_run_logger().info("normalize-usage: %d objects, %d rows, %d unreadable in %.2fs",
+                          len(paths), rows, len(unreadable), time.perf_counter() - started)
+    return Normalized(tuple(paths), tuple(unreadable), rows)
+
+
+@task(name="settle-usage", cache_policy=NO_CACHE)
+def settle_usage(normalized: Normalized, reference: Reference, catalog: Catalog, period: Period,
+                 work_dir: Path) -> Settlement:
+    """Scope, check, deduplicate and aggregate in DuckDB, spilling to the work folder."""
+    started = time.perf_counter()
+    spill = work_dir / "duckdb-spill"
+    spill.mkdir(exist_ok=True)
+    con = duckdb.connect(config={"temp_directory": str(spill)})
+    try:
+        settlement = settled_usage(con, list(normalized.paths), reference.customers, list(reference.segments),
+                                   catalog, period)
+    finally:
+        con.close()
+    c = settlement.counts
+    get_run_logger().info("settle-usage: read %d, billed %d, duplicates %d, quarantined %d in %.2fs",
+                          c["read"], c["billed"], c["duplicates"], c["quarantined"], time.perf_counter() - started)
+    return settlement
+
+
+@task(name="rate-invoices", cache_policy=NO_CACHE)
+def rate_invoices(settlement: Settlement, reference: Reference, period: Period) -> list[Invoice]:
+    started = time.perf_counter()
+    usage = usage_by_segment(settlement.usage_by_dims, settlement.per_event_usage)
+    invoices = period_invoices(period, list(reference.segments), usage)
+    get_run_logger().info("rate-invoices: %d invoices, %d lines in %.2fs", len(invoices),
+                          sum(len(i.lines) for i in invoices), time.perf_counter() - started)
+    return invoices
+
+
+def quarantine_table(settlement: Settlement, normalized: Normalized) -> pl.DataFrame:
+    """One row per quarantined row, plus one per unreadable object (source_row empty)."""
+    rows = settlement.quarantine.with_columns(pl.lit(None, dtype=pl.String).alias("detail"))
+    whole = pl.DataFrame([{"source_key": key, "source_row": None, "reason": "unreadable_object", "detail": why}
+                          for key, why in normalized.unreadable],
+                         schema={"source_key": pl.String, "source_row": pl.Int64, "reason": pl.String,
+                                 "detail": pl.String})
+    table = pl.concat([rows, whole], how="diagonal_relaxed").with_columns(
+        pl.when(pl.col("source_row").is_null()).then(pl.col("source_key"))
+        .otherwise(pl.format("{}#row={}", pl.col("source_key"), pl.col("source_row"))).alias("source"))
+    return table.select([pl.col(c).cast(t) for c, t in QUARANTINE_SCHEMA.items()]).sort(
+        "source_key", "source_row", nulls_last=False)
+
+
+def run_id_for(period: Period, inputs: Inputs, plan_entries: list[dict]) -> str:
+    """Deterministic: the same period, input contents and plans give the same run id (and so
+    the same bytes everywhere the id is printed)."""
+    digest = hashlib.sha256()
+    digest.update(f"close|{period}|billrun {package_version('billrun')}".encode())
+    for obj in sorted(inputs.usage + (inputs.customers, inputs.subscriptions) +
+                      ((inputs.seller,) if inputs.seller else ()), key=lambda o: o.key):
+        digest.update(f"|{obj.key}|{obj.sha256}".encode())
+    for entry in plan_entries:
+        digest.update(f"|plan|{entry['plan']}|{entry['version']}|{entry['sha256']}".encode())
+    return f"close-{period}-{digest.hexdigest()[:12]}"
+
+
+def plan_entries_for(segments: tuple[Segment, ...]) -> list[dict]:
+    used = {seg.plan.key: seg.plan for seg in segments}
+    return [{"plan": f.plan.plan, "version": f.plan.version, "file": Path(f.path).name, "sha256": f.sha256}
+            for _, f in sorted(used.items())]
+
+
+@task(name="write-outputs", cache_policy=NO_CACHE)
+def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
+                  reference: Reference, inputs: Inputs, period: Period, run_id: str,
+                  plan_entries: list[dict], out_dir: Path) -> tuple[list[str], bytes]:
+    """Tables and HTML into `out_dir`; returns the relative names and the manifest's bytes."""
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+
+    def write(name: str, frame: pl.DataFrame) -> None:
+        frame.write_parquet(out_dir / name, **PARQUET)
+        names.append(name)
+
+    write("invoices.parquet", invoices_table(invoices))
+    write("invoice_lines.parquet", lines_table(invoices))
+    quarantine = quarantine_table(settlement, normalized)
+    write("quarantine.parquet", quarantine)
+
+    seller = yaml.safe_load(inputs.seller.path.read_text(encoding="utf-8")) if inputs.seller else {}
+    seller = {k: seller.get(k) for k in ("name", "address", "email", "tax_id")} if isinstance(seller, dict) else {}
+    seller["name"] = seller.get("name") or "(seller not configured: add seller.yaml to the store)"
+    customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
+    roundings = {seg.subscription.subscription_id: seg.plan.plan.rounding for seg in reference.segments}
+    (out_dir / "invoices").mkdir(exist_ok=True)
+    for inv in invoices:
+        name = f"invoices/{inv.invoice_id}.html"
+        html = invoice_html(inv, customers[inv.customer_id], seller, roundings[inv.subscription_id], run_id)
+        (out_dir / name).write_text(html, encoding="utf-8")
+        names.append(name)
+
+    unreadable = len(normalized.unreadable)
+    rows = {k: settlement.counts[k] + (unreadable if k in ("read", "quarantined") else 0)
+            for k in ("read", "billed", "duplicates", "quarantined")}
+    prefix = period_prefix(period)
+    manifest = {
+        "billrun_version": package_version("billrun"),
+        "run_id": run_id,
+        "period": str(period),
+        "status": "closed",
+        "issued_on": period.end.isoformat(),
+        "inputs": [o.manifest_entry() for o in sorted(
+            inputs.usage + (inputs.customers, inputs.subscriptions) + ((inputs.seller,) if inputs.seller else ()),
+            key=lambda o: o.key)],
+        "plans": plan_entries,
+        "rows": rows,
+        "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
+        "quarantined_by_reason": dict(sorted(quarantine.group_by("reason").len().iter_rows())),
+        "totals": _totals(invoices),
+        "outputs": [{"key": prefix + n, "size": (out_dir / n).stat().st_size, "sha256": _sha256(out_dir / n)}
+                    for n in sorted(names)],
+    }
+    get_run_logger().info("write-outputs: %d files in %.2fs", len(names), time.perf_counter() - started)
+    return sorted(names), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _totals(invoices: list[Invoice]) -> list[dict]:
+    by_currency: dict[str, list[int]] = {}
+    for inv in invoices:
+        entry = by_currency.setdefault(inv.currency, [0, 0])
+        entry[0] += 1
+        entry[1] += inv.total_minor
+    return [{"currency": c, "invoices": n, "total_minor": t} for c, (n, t) in sorted(by_currency.items())]
+
+
+@task(name="publish", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+def publish(store_uri: str, period: Period, run_id: str, out_dir: Path, names: list[str],
+            manifest: bytes) -> None:
+    """Stage every output in the store, copy it into the period's folder, then write the
+    manifest only if none exists: the one atomic step that closes the period."""
+    started = time.perf_counter()
+    store = open_store(store_uri)
+    staging = f"billing/_state/runs/{run_id}/out/"
+    prefix = period_prefix(period)
+    for name in names:
+        store.put_file(staging + name, out_dir / name)
+    for name in names:
+        store.copy(staging + name, prefix + name)
+    if not store.put_if_absent(prefix + MANIFEST, manifest):
+        existing = store.read_bytes(prefix + MANIFEST)
+        if existing != manifest:
+            other = json.loads(existing).get("run_id", "another run")
+            raise LostRace(f"{period} was closed by {other} while this run ({run_id}) was publishing; "
+                           f"nothing of this run was published as the result")
+    store.delete_prefix(f"billing/_state/runs/{run_id}/")
+    get_run_logger().info("publish: %d outputs and the manifest to %s%s in %.2fs", len(names), store.uri,
+                          prefix, time.perf_counter() - started)
+
+
+def closed_manifest(store_uri: str, period: Period) -> dict | None:
+    store = open_store(store_uri)
+    key = period_prefix(period) + MANIFEST
+    return json.loads(store.read_bytes(key)) if store.exists(key) else None
+
+
+def _result_from_manifest(manifest: dict, store_uri: str, status: str) -> CloseResult:
+    return CloseResult(period=manifest["period"], status=status, run_id=manifest["run_id"], store=store_uri,
+                       rows=manifest["rows"], totals=manifest["totals"],
+                       invoices=sum(t["invoices"] for t in manifest["totals"]),
+                       outputs=[o["key"] for o in manifest["outputs"]],
+                       quarantined_by_reason=manifest.get("quarantined_by_reason", {}))
+
+
+def _report(result: CloseResult) -> None:
+    key = f"close-{result.period}"
+    create_table_artifact(
+        key=key,
+        table=[{"measure": k, "value": v} for k, v in result.rows.items()]
+        + [{"measure": f"total {t['currency']} (minor units)", "value": t["total_minor"]} for t in result.totals]
+        + [{"measure": f"quarantined: {r}", "value": n} for r, n in result.quarantined_by_reason.items()],
+        description=f"Close of {result.period}: {result.status}, run {result.run_id}")
+    create_markdown_artifact(
+        key=f"{key}-report",
+        markdown="\n".join(
+            [f"# Close of {result.period}", "", f"Status: **{result.status}**, run `{result.run_id}`.", "",
+             f"Rows: {result.rows}", "", "Outputs:", ""]
+            + [f"- `{result.store.rstrip('/')}/{o}`" for o in result.outputs if not o.endswith(".html")]
+            + [f"- {result.invoices} HTML invoices under `{period_prefix(result.period)}invoices/`"]),
+        description=f"Close of {result.period}")
+
+
+@flow(name="close-period", log_prints=False)
+def close_period(store: str, plans: str, period: str) -> dict:
+    """Close one calendar month: final invoices, lines, quarantine, HTML invoices, manifest."""
+    the_period = Period.parse(period)
+    catalog = load_catalog(plans)
+    existing = closed_manifest(store, the_period)
+    if existing is not None:
+        get_run_logger().info("%s is already closed by %s; nothing to do", the_period, existing["run_id"])
+        return _result_from_manifest(existing, store, "already_closed").as_dict()
+    work_dir = Path(tempfile.mkdtemp(prefix=f"billrun-close-{the_period}-"))
+    try:
+        inputs = fetch_inputs(store, work_dir / "inputs")
+        reference = check_reference(inputs, catalog, the_period)
+        normalized = normalize_usage(inputs, work_dir)
+        settlement = settle_usage(normalized, reference, catalog, the_period, work_dir)
+        invoices = rate_invoices(settlement, reference, the_period)
+        plan_entries = plan_entries_for(reference.segments)
+        run_id = run_id_for(the_period, inputs, plan_entries)
+        names, manifest = write_outputs(invoices, settlement, normalized, reference, inputs, the_period,
+                                        run_id, plan_entries, work_dir / "out")
+        publish(store, the_period, run_id, work_dir / "out", names, manifest)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    result = _result_from_manifest(json.loads(manifest), store, "closed")
+    _report(result)
+    return result.as_dict()

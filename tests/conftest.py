@@ -1,0 +1,55 @@
+# Fixtures: Prefect offline with one embedded server per session; S3 through one moto server
+# process per session and a fresh bucket per test.
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Prefect reads its settings when first imported: keep it offline, quiet and out of ~/.prefect.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="billrun-tests-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+
+import uuid
+from collections.abc import Iterator
+
+import boto3
+import pytest
+
+from s3server import moto_server_process  # tests/ is on sys.path: pytest puts a conftest's folder there
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """The endpoint URL of a moto server that boto3 uses for the whole session, via the environment."""
+    with moto_server_process() as endpoint_url, pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", endpoint_url)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        # A developer's own AWS setup must not leak in: a service-specific endpoint would win over
+        # AWS_ENDPOINT_URL, and a profile or session token would sign for the wrong account.
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+            env.delenv(name, raising=False)
+        env.setenv("AWS_CONFIG_FILE", "/nonexistent/billrun-tests/config")
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/billrun-tests/credentials")
+        yield endpoint_url
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """The name of a new, empty bucket on the session's moto server."""
+    name = f"billrun-test-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """A real Prefect server for the session's flow runs (started once: it costs ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

@@ -1,0 +1,289 @@
+"""Invoices: a function of the period's segments, their billed usage and the plans.
+
+One invoice per subscription active in the period (even at zero), one line per fixed fee, per
+charge (and per group of a charge's `group_by`), then the invoice-level lines: the hard cap's
+waiver and the commitment's true-up. Every line is rounded once, with its plan's rule; the total
+is the sum of the rounded lines.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal
+from functools import lru_cache
+
+import polars as pl
+
+from transforms.errors import InputError
+from transforms.money import to_minor
+from transforms.periods import Period
+from transforms.pricing import Step, Usage, rate
+from transforms.pricing.base import ZERO, fmt_units
+from transforms.reference import Segment, Subscription
+
+
+@dataclass(frozen=True)
+class Line:
+    kind: str
+    description: str
+    quantity: Decimal
+    amount_minor: int
+    meter: str | None = None
+    unit: str = ""
+    segment_no: int | None = None
+    plan: str | None = None
+    plan_version: int | None = None
+    group: dict[str, str | None] = field(default_factory=dict)
+    total_units: Decimal | None = None
+    included_units: Decimal | None = None
+    amount: Decimal | None = None  # unrounded, for the audit trail
+    steps: tuple[Step, ...] = ()
+
+
+@dataclass(frozen=True)
+class Invoice:
+    invoice_id: str
+    kind: str
+    customer_id: str
+    subscription_id: str
+    period: str
+    currency: str
+    issued_on: date
+    lines: tuple[Line, ...]
+    service_start: date
+    service_end: date
+    corrects_invoice_id: str | None = None
+
+    @property
+    def total_minor(self) -> int:
+        return sum(line.amount_minor for line in self.lines)
+
+
+def decimal_text(value: Decimal) -> str:
+    """A decimal as plain text without exponent or trailing zeros: 1000000, 0.00375, 12.5."""
+    text = format(value.normalize(), "f")
+    return text if text != "-0" else "0"
+
+
+@lru_cache(maxsize=65536)
+def _dims(dims_json: str) -> dict[str, str]:
+    return json.loads(dims_json)
+
+
+@dataclass(frozen=True)
+class SegmentUsage:
+    """Billed usage of one segment: units per meter x dims, and per-event quantities in order."""
+
+    by_dims: tuple[tuple[str, str, Decimal, int], ...]           # meter, dims, units, events
+    per_event: tuple[tuple[str, str, Decimal], ...] = ()         # meter, dims, quantity
+
+
+def usage_by_segment(usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame
+                     ) -> dict[tuple[str, int], SegmentUsage]:
+    """Regroup the settled usage tables by (subscription_id, segment_no)."""
+    by_dims: dict[tuple[str, int], list] = defaultdict(list)
+    for sub, seg, meter, dims, units, events in usage_by_dims.iter_rows():
+        by_dims[(sub, seg)].append((meter, dims, units, events))
+    per_event: dict[tuple[str, int], list] = defaultdict(list)
+    for sub, seg, meter, dims, quantity in per_event_usage.iter_rows():
+        per_event[(sub, seg)].append((meter, dims, quantity))
+    return {key: SegmentUsage(tuple(by_dims.get(key, ())), tuple(per_event.get(key, ())))
+            for key in set(by_dims) | set(per_event)}
+
+
+def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str) -> list[Line]:
+    """One line per charge of the segment's plan (per group with `group_by`)."""
+    plan = segment.plan.plan
+    lines = []
+    for charge in plan.charges:
+        groups: dict[tuple, list] = {}
+        events: dict[tuple, list[Decimal]] = defaultdict(list)
+        for meter, dims_json, units, count in usage.by_dims:
+            dims = _dims(dims_json)
+            if charge.prices(meter, dims):
+                key = tuple(dims.get(g) for g in charge.group_by)
+                total = groups.setdefault(key, [ZERO, 0])
+                total[0] += units
+                total[1] += count
+        for meter, dims_json, quantity in usage.per_event:
+            dims = _dims(dims_json)
+            if charge.prices(meter, dims):
+                events[tuple(dims.get(g) for g in charge.group_by)].append(quantity)
+        if not charge.group_by and not groups:
+            groups[()] = [ZERO, 0]  # a metered charge shows on the invoice even when unused
+        for key in sorted(groups, key=lambda k: tuple((v is None, v or "") for v in k)):
+            units, count = groups[key]
+            billable = max(units - charge.included, ZERO)
+            rating = rate(charge.price, Usage(billable, count, tuple(events.get(key, ()))))
+            group = dict(zip(charge.group_by, key))
+            group_text = ", ".join(f"{k}: {v if v is not None else '(none)'}" for k, v in group.items())
+            description = charge.title + (f" ({group_text})" if group_text else "") + label_suffix
+            lines.append(Line(
+                kind="overage" if charge.included > 0 else "usage",
+                description=description,
+                quantity=billable,
+                amount_minor=to_minor(rating.amount, plan.currency, plan.rounding),
+                meter=charge.meter,
+                unit="units",
+                segment_no=segment.segment_no,
+                plan=plan.plan,
+                plan_version=plan.version,
+                group=group,
+                total_units=units,
+                included_units=min(units, charge.included) if charge.included > 0 else None,
+                amount=rating.amount,
+                steps=rating.steps,
+            ))
+    return lines
+
+
+def fixed_fee_lines(segment: Segment, label_suffix: str) -> list[Line]:
+    """Fixed fees of the segment's plan, prorated by days when the segment is part of the period."""
+    plan = segment.plan.plan
+    lines = []
+    for fee in plan.fixed_fees:
+        amount = fee.amount * segment.days / segment.period.days
+        prorated = "" if segment.is_full_period else f", {segment.days} of {segment.period.days} days"
+        lines.append(Line(
+            kind="fixed_fee",
+            description=f"{fee.name}{prorated}{label_suffix}",
+            quantity=Decimal(segment.days),
+            amount_minor=to_minor(amount, plan.currency, plan.rounding),
+            unit="days",
+            segment_no=segment.segment_no,
+            plan=plan.plan,
+            plan_version=plan.version,
+            amount=amount,
+            steps=(Step(f"{fee.amount} x {segment.days}/{segment.period.days} days", Decimal(segment.days),
+                        None, amount),),
+        ))
+    return lines
+
+
+def _cap_and_commitment(segments: list[Segment], sub: Subscription, lines: list[Line]) -> list[Line]:
+    """Invoice-level lines. The hard cap first: usage lines keep their full amounts and one
+    `cap_waiver` carries the excess back. Then the commitment: if what remains falls short of the
+    period's minimum (prorated by days like a fixed fee), a true-up makes up the difference."""
+    last = segments[-1].plan.plan
+    currency, rounding = last.currency, last.rounding
+    out: list[Line] = []
+    controls = last.spend_controls
+    cap = sub.hard_cap if sub.hard_cap is not None else (controls.hard_cap if controls else None)
+    usage_minor = sum(l.amount_minor for l in lines if l.kind in ("usage", "overage"))
+    if cap is not None:
+        cap_minor = to_minor(cap, currency, rounding)
+        if usage_minor > cap_minor:
+            excess = usage_minor - cap_minor
+            out.append(Line(kind="cap_waiver", quantity=Decimal(1), amount_minor=-excess,
+                            description=f"Hard cap: usage above {cap} {currency} is waived",
+                            amount=Decimal(-excess)))
+    minimum = sum((s.plan.plan.commitment.minimum * s.days / s.period.days
+                   for s in segments if s.plan.plan.commitment), ZERO)
+    if any(s.plan.plan.commitment for s in segments):
+        minimum_minor = to_minor(minimum, currency, rounding)
+        spend_minor = sum(l.amount_minor for l in lines + out)
+        if spend_minor < minimum_minor:
+            out.append(Line(kind="commitment_true_up", quantity=Decimal(1),
+                            amount_minor=minimum_minor - spend_minor,
+                            description=f"Minimum commitment true-up (commitment {minimum_minor} minor "
+                                        f"units, spend {spend_minor})",
+                            amount=Decimal(minimum_minor - spend_minor)))
+    return out
+
+
+def _segment_label(segment: Segment, many: bool) -> str:
+    if not many:
+        return ""
+    last_day = segment.end_at.date().toordinal() - 1
+    return (f" [{segment.start_at:%b} {segment.start_at.day}-{date.fromordinal(last_day).day}, "
+            f"{segment.plan.plan.plan} v{segment.plan.plan.version}]")
+
+
+def period_invoices(period: Period, segments: list[Segment],
+                    usage: dict[tuple[str, int], SegmentUsage]) -> list[Invoice]:
+    """One invoice per subscription with a segment in `period`, numbered gap-free in order of
+    customer_id then subscription_id: INV-2026-10-000001, ..."""
+    by_sub: dict[str, list[Segment]] = defaultdict(list)
+    for seg in segments:
+        by_sub[seg.subscription.subscription_id].append(seg)
+    ordered = sorted(by_sub.values(), key=lambda segs: (segs[0].subscription.customer_id,
+                                                       segs[0].subscription.subscription_id))
+    invoices = []
+    for number, segs in enumerate(ordered, start=1):
+        sub = segs[0].subscription
+        currencies = {s.plan.plan.currency for s in segs}
+        if len(currencies) > 1:
+            raise InputError(f"subscription {sub.subscription_id!r}: its plan versions in {period} bill in "
+                             f"{sorted(currencies)}; one invoice has one currency")
+        many = len(segs) > 1
+        lines: list[Line] = []
+        for seg in segs:
+            suffix = _segment_label(seg, many)
+            lines += fixed_fee_lines(seg, suffix)
+            lines += charge_lines(seg, usage.get((sub.subscription_id, seg.segment_no), SegmentUsage(())),
+                                  suffix)
+        lines += _cap_and_commitment(segs, sub, lines)
+        invoices.append(Invoice(
+            invoice_id=f"INV-{period}-{number:06d}",
+            kind="invoice",
+            customer_id=sub.customer_id,
+            subscription_id=sub.subscription_id,
+            period=str(period),
+            currency=currencies.pop(),
+            issued_on=period.end,
+            lines=tuple(lines),
+            service_start=segs[0].start_at.date(),
+            service_end=segs[-1].end_at.date(),
+        ))
+    return invoices
+
+
+INVOICE_SCHEMA = {
+    "invoice_id": pl.String, "kind": pl.String, "customer_id": pl.String, "subscription_id": pl.String,
+    "period": pl.String, "currency": pl.String, "total_minor": pl.Int64, "issued_on": pl.Date,
+    "corrects_invoice_id": pl.String, "service_start": pl.Date, "service_end": pl.Date,
+    "line_count": pl.Int32,
+}
+
+LINE_SCHEMA = {
+    "invoice_id": pl.String, "line_no": pl.Int32, "customer_id": pl.String, "subscription_id": pl.String,
+    "period": pl.String, "kind": pl.String, "description": pl.String, "meter": pl.String,
+    "quantity": pl.String, "unit": pl.String, "amount_minor": pl.Int64, "currency": pl.String,
+    "segment_no": pl.Int32, "plan": pl.String, "plan_version": pl.Int32, "group": pl.String,
+    "total_units": pl.String, "included_units": pl.String, "amount": pl.String, "details": pl.String,
+}
+
+
+def invoices_table(invoices: list[Invoice]) -> pl.DataFrame:
+    """One row per invoice (contract columns first)."""
+    return pl.DataFrame(
+        [{"invoice_id": i.invoice_id, "kind": i.kind, "customer_id": i.customer_id,
+          "subscription_id": i.subscription_id, "period": i.period, "currency": i.currency,
+          "total_minor": i.total_minor, "issued_on": i.issued_on, "corrects_invoice_id": i.corrects_invoice_id,
+          "service_start": i.service_start, "service_end": i.service_end, "line_count": len(i.lines)}
+         for i in invoices], schema=INVOICE_SCHEMA)
+
+
+def _opt_text(value: Decimal | None) -> str | None:
+    return None if value is None else decimal_text(value)
+
+
+def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
+    """One row per invoice line, numbered from 1 within its invoice."""
+    rows = []
+    for inv in invoices:
+        for no, line in enumerate(inv.lines, start=1):
+            rows.append({
+                "invoice_id": inv.invoice_id, "line_no": no, "customer_id": inv.customer_id,
+                "subscription_id": inv.subscription_id, "period": inv.period, "kind": line.kind,
+                "description": line.description, "meter": line.meter, "quantity": decimal_text(line.quantity),
+                "unit": line.unit, "amount_minor": line.amount_minor, "currency": inv.currency,
+                "segment_no": line.segment_no, "plan": line.plan, "plan_version": line.plan_version,
+                "group": json.dumps(line.group, sort_keys=True) if line.group else None,
+                "total_units": _opt_text(line.total_units), "included_units": _opt_text(line.included_units),
+                "amount": _opt_text(line.amount),
+                "details": json.dumps([s.as_dict() for s in line.steps]) if line.steps else None,
+            })
+    return pl.DataFrame(rows, schema=LINE_SCHEMA)

@@ -1,0 +1,96 @@
+"""Settle a period's usage in DuckDB: scope, check, deduplicate, aggregate.
+
+The heavy, row-level work happens here, in SQL over local Parquet (DuckDB spills what does not
+fit in memory); what comes out is small: counts, the quarantined rows, and the billed units per
+subscription segment x meter x dimensions.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from transforms.periods import Period
+from transforms.plans import Catalog
+from transforms.queries import statements
+from transforms.reference import Segment, segments_frame
+from transforms.usage import NORMALIZED_COLUMNS
+
+_PARAM = re.compile(r"\$(\w+)")
+
+SQL_FILE = "settle_usage.sql"
+
+
+@dataclass(frozen=True)
+class Settlement:
+    counts: dict[str, int]
+    quarantine: pl.DataFrame
+    usage_by_dims: pl.DataFrame
+    per_event_usage: pl.DataFrame
+
+
+def plan_meters(catalog: Catalog) -> pl.DataFrame:
+    """One row per plan version x meter it prices, flagged when a charge prices it per event."""
+    rows = {}
+    for f in catalog.files.values():
+        for charge in f.plan.charges:
+            key = (f.plan.plan, f.plan.version, charge.meter)
+            rows[key] = rows.get(key, False) or charge.price.model in PER_EVENT_MODELS
+    keys = sorted(rows)
+    return pl.DataFrame({"plan": [k[0] for k in keys], "plan_version": [k[1] for k in keys],
+                         "meter": [k[2] for k in keys], "per_event": [rows[k] for k in keys]},
+                        schema={"plan": pl.String, "plan_version": pl.Int32, "meter": pl.String,
+                                "per_event": pl.Boolean})
+
+
+PER_EVENT_MODELS = frozenset({"percentage"})
+"""Models whose price depends on each event (per-event fees, free first events), not on a sum."""
+
+
+def priced_dims(combos: pl.DataFrame, catalog: Catalog) -> pl.DataFrame:
+    """The rows of `combos` (plan, plan_version, meter, dims) that a charge of the plan version
+    prices: same meter, and every key of the charge's filter has its value in the dimensions."""
+    keep = []
+    for plan, version, meter, dims_json in combos.iter_rows():
+        dims = json.loads(dims_json)
+        charges = catalog.get(plan, version).plan.charges
+        keep.append(any(c.prices(meter, dims) for c in charges))
+    return combos.filter(pl.Series(keep, dtype=pl.Boolean))
+
+
+def _run(con: duckdb.DuckDBPyConnection, sql: str, params: dict) -> list[tuple]:
+    """Execute one statement with the parameters it names, and finish its result."""
+    used = {name: params[name] for name in _PARAM.findall(sql)}
+    return con.execute(sql, used).fetchall()
+
+
+def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], customers: pl.DataFrame,
+                  segments: list[Segment], catalog: Catalog, period: Period) -> Settlement:
+    """Settle the rows of `normalized` (Parquet files of `transforms.usage.NORMALIZED_COLUMNS`)."""
+    sql = statements(SQL_FILE)
+    con.execute("SET TimeZone = 'UTC'")
+    if normalized:
+        con.read_parquet([str(p) for p in normalized]).create_view("events")
+    else:
+        con.register("events", pl.DataFrame(schema=NORMALIZED_COLUMNS).to_arrow())
+    con.register("customers", customers.select("customer_id").to_arrow())
+    con.register("segments", segments_frame(segments).to_arrow())
+    con.register("plan_meters", plan_meters(catalog).to_arrow())
+    params = {"period_start": period.start_at, "period_end": period.end_at}
+    for name in ("scoped", "checked"):
+        _run(con, sql[name], params)
+    con.register("priced_dims", priced_dims(con.sql(sql["dims_to_price"]).pl(), catalog).to_arrow())
+    for name in ("priced", "billed_before", "settled"):
+        _run(con, sql[name], params)
+    counts = dict(zip(("read", "billed", "duplicates", "quarantined"),
+                      (int(v) for v in _run(con, sql["counts"], params)[0])))
+    return Settlement(
+        counts=counts,
+        quarantine=con.sql(sql["quarantine"]).pl(),
+        usage_by_dims=con.sql(sql["usage_by_dims"]).pl(),
+        per_event_usage=con.sql(sql["per_event_usage"]).pl(),
+    )

@@ -1,0 +1,123 @@
+-- Settle one period's usage: which rows bill, which are duplicates, which are quarantined.
+-- Inputs: `events` (normalized usage rows of every object read), `customers`, `segments`
+-- (one row per subscription segment in the period), `plan_meters` (one row per plan version x
+-- meter it prices). Parameters: $period_start, $period_end (UTC instants, half-open).
+
+-- name: scoped
+-- One row per usage row this close counts: rows whose event time falls in the period, and rows
+-- with no usable event time (they belong to no period, so every close that reads them counts them).
+CREATE OR REPLACE TEMP TABLE scoped AS
+SELECT *
+FROM events
+WHERE event_at IS NULL
+   OR (event_at >= $period_start AND event_at < $period_end);
+
+-- name: checked
+-- One row per scoped row, with its final reason: the row's own rule first, then the rules that
+-- need other tables. Segments of one customer never overlap, so a row joins at most one.
+CREATE OR REPLACE TEMP TABLE checked AS
+SELECT s.*,
+       seg.subscription_id,
+       seg.segment_no,
+       COALESCE(s.reason,
+                CASE WHEN c.customer_id IS NULL THEN 'unknown_customer'
+                     WHEN seg.subscription_id IS NULL THEN 'no_subscription'
+                     WHEN pm.meter IS NULL THEN 'unknown_meter'
+                END) AS final_reason
+FROM scoped AS s
+LEFT JOIN customers AS c
+       ON c.customer_id = s.customer_id
+LEFT JOIN segments AS seg
+       ON s.reason IS NULL
+      AND seg.customer_id = s.customer_id
+      AND s.event_at >= seg.start_at AND s.event_at < seg.end_at
+LEFT JOIN plan_meters AS pm
+       ON pm.plan = seg.plan AND pm.plan_version = seg.plan_version AND pm.meter = s.meter;
+
+-- name: dims_to_price
+-- One row per plan version x meter x distinct dimensions among the rows still clean: small,
+-- so matching them against the charges' filters happens once per combination, not per row.
+SELECT DISTINCT seg.plan, seg.plan_version, c.meter, c.dims
+FROM checked AS c
+JOIN segments AS seg USING (subscription_id, segment_no)
+WHERE c.final_reason IS NULL
+ORDER BY ALL;
+
+-- name: priced
+-- One row per scoped row; a row that no charge of its plan version prices (its dimensions fit
+-- no charge's filter) is quarantined rather than silently billed at nothing.
+CREATE OR REPLACE TEMP TABLE priced AS
+SELECT c.* REPLACE (COALESCE(c.final_reason,
+                             CASE WHEN pd.meter IS NULL THEN 'no_matching_charge' END) AS final_reason)
+FROM checked AS c
+LEFT JOIN segments AS seg USING (subscription_id, segment_no)
+LEFT JOIN priced_dims AS pd
+       ON pd.plan = seg.plan AND pd.plan_version = seg.plan_version
+      AND pd.meter = c.meter AND pd.dims = c.dims;
+
+-- name: billed_before
+-- One row per event_id of this period that also has a valid copy earlier in time, in an earlier
+-- period: the earliest copy is the one that bills, so an event_id bills once, ever, whichever
+-- period is closed first.
+CREATE OR REPLACE TEMP TABLE billed_before AS
+SELECT DISTINCT e.event_id
+FROM events AS e
+JOIN customers AS c ON c.customer_id = e.customer_id
+WHERE e.reason IS NULL
+  AND e.event_at < $period_start
+  AND e.event_id IN (SELECT event_id FROM priced WHERE final_reason IS NULL);
+
+-- name: settled
+-- One row per scoped row with its outcome: billed, duplicate or quarantined. Among clean copies
+-- of one event_id the earliest bills; ties are broken by content, then by source, so the outcome
+-- never depends on the order objects were listed or read.
+CREATE OR REPLACE TEMP TABLE settled AS
+SELECT *,
+       CASE WHEN final_reason IS NOT NULL THEN 'quarantined'
+            WHEN copy_no = 1 AND event_id NOT IN (SELECT event_id FROM billed_before) THEN 'billed'
+            ELSE 'duplicate'
+       END AS outcome
+FROM (
+    SELECT *,
+           CASE WHEN final_reason IS NULL THEN
+               row_number() OVER (PARTITION BY event_id, final_reason IS NULL
+                                  ORDER BY event_at, customer_id, meter, quantity, dims, source_key, source_row)
+           END AS copy_no
+    FROM priced
+);
+
+-- name: counts
+-- One row: the manifest's proof that every counted row is billed, a duplicate or quarantined.
+SELECT count(*) AS read,
+       count(*) FILTER (WHERE outcome = 'billed') AS billed,
+       count(*) FILTER (WHERE outcome = 'duplicate') AS duplicates,
+       count(*) FILTER (WHERE outcome = 'quarantined') AS quarantined
+FROM settled;
+
+-- name: quarantine
+-- One row per quarantined row: its fields as read, where it came from and why.
+SELECT source_key, source_row, event_id, customer_id, meter,
+       quantity_raw AS quantity, timestamp_raw AS timestamp, dims, final_reason AS reason
+FROM settled
+WHERE outcome = 'quarantined'
+ORDER BY source_key, source_row;
+
+-- name: usage_by_dims
+-- One row per subscription segment x meter x distinct dimensions: the billed units.
+SELECT subscription_id, segment_no, meter, dims,
+       sum(quantity) AS units, count(*) AS events
+FROM settled
+WHERE outcome = 'billed'
+GROUP BY ALL
+ORDER BY ALL;
+
+-- name: per_event_usage
+-- One row per billed event of a meter that some charge prices per event (percentage fees),
+-- in event-time order within its segment.
+SELECT s.subscription_id, s.segment_no, s.meter, s.dims, s.quantity
+FROM settled AS s
+JOIN segments AS seg USING (subscription_id, segment_no)
+JOIN plan_meters AS pm
+  ON pm.plan = seg.plan AND pm.plan_version = seg.plan_version AND pm.meter = s.meter
+WHERE s.outcome = 'billed' AND pm.per_event
+ORDER BY s.subscription_id, s.segment_no, s.meter, s.event_at, s.event_id;

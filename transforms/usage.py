@@ -1,0 +1,183 @@
+"""Usage events at the boundary: one raw object in, one normalized frame out.
+
+One row per input row, in input order, whatever the object's format: the core fields as text,
+the parsed `quantity` (DECIMAL(38,9)) and `event_at` (UTC instant), every other column folded into
+`dims` (canonical JSON, keys sorted, nulls left out), and `reason`, the quarantine code of a row
+that breaks a rule of its own (missing_field, bad_timestamp, bad_quantity, negative_quantity).
+Rules that need other tables (unknown_customer, unknown_meter, ...) are settled later, in SQL.
+"""
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pandera.polars as pa
+import polars as pl
+from pandera.errors import SchemaErrors
+
+CORE_FIELDS = ("event_id", "customer_id", "meter", "quantity", "timestamp")
+
+QUANTITY = pl.Decimal(38, 9)
+"""Quantities keep 9 decimal places; a row that needs more is refused, never silently rounded."""
+
+# Reason codes of the row-level rules, most telling first: a row is quarantined with the first.
+ROW_REASONS = ("missing_field", "bad_timestamp", "bad_quantity", "negative_quantity")
+
+NORMALIZED_COLUMNS = {
+    "source_key": pl.String,
+    "source_row": pl.Int64,
+    "event_id": pl.String,
+    "customer_id": pl.String,
+    "meter": pl.String,
+    "quantity_raw": pl.String,
+    "timestamp_raw": pl.String,
+    "dims": pl.String,
+    "quantity": QUANTITY,
+    "event_at": pl.Datetime("us", "UTC"),
+    "reason": pl.String,
+}
+
+_PARSE_SQL = """
+-- One row per input row: parse quantity and timestamp exactly, never guessing.
+SELECT *,
+       TRY_CAST(quantity_raw AS DECIMAL(38, 9)) AS quantity,
+       -- a quantity with more than 9 decimals would be rounded by the cast: flag it instead
+       TRY_CAST(quantity_raw AS DECIMAL(38, 18))
+           IS DISTINCT FROM TRY_CAST(quantity_raw AS DECIMAL(38, 9)) AS quantity_inexact,
+       CASE WHEN timestamp_typed IS NOT NULL THEN timestamp_typed
+            ELSE TRY_CAST(timestamp_raw AS TIMESTAMPTZ) END AS event_at
+FROM raw
+"""
+
+
+class RowRules(pa.DataFrameModel):
+    """The rules one usage row must keep on its own. Each check is named by its reason code,
+    so pandera's collected failure cases (lazy validation: all of them, not the first) map
+    straight to quarantine reasons."""
+
+    source_key: str
+    source_row: int
+    event_id: str = pa.Field(nullable=True)
+    customer_id: str = pa.Field(nullable=True)
+    meter: str = pa.Field(nullable=True)
+    quantity_raw: str = pa.Field(nullable=True)
+    timestamp_raw: str = pa.Field(nullable=True)
+    dims: str
+    quantity: QUANTITY = pa.Field(nullable=True)
+    quantity_inexact: bool = pa.Field(nullable=True)
+    event_at: pl.Datetime("us", "UTC") = pa.Field(nullable=True)
+
+    @pa.dataframe_check(name="missing_field")
+    def _fields_present(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        present = [pl.col(c).is_not_null() & (pl.col(c).str.strip_chars() != "")
+                   for c in ("event_id", "customer_id", "meter", "quantity_raw", "timestamp_raw")]
+        return data.lazyframe.select(pl.all_horizontal(present))
+
+    @pa.dataframe_check(name="bad_timestamp")
+    def _timestamp_parses(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("timestamp_raw").is_null() | pl.col("event_at").is_not_null())
+
+    @pa.dataframe_check(name="bad_quantity")
+    def _quantity_parses(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(
+            pl.col("quantity_raw").is_null()
+            | (pl.col("quantity").is_not_null() & ~pl.col("quantity_inexact").fill_null(True)))
+
+    @pa.dataframe_check(name="negative_quantity")
+    def _quantity_not_negative(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("quantity").is_null() | (pl.col("quantity") >= 0))
+
+    class Config:
+        strict = "filter"
+
+
+def _as_text(frame: pl.DataFrame, column: str) -> pl.Expr:
+    if column not in frame.columns:
+        return pl.lit(None, dtype=pl.String).alias(column)
+    dtype = frame.schema[column]
+    if dtype == pl.String:
+        return pl.col(column)
+    if isinstance(dtype, pl.Datetime):
+        return pl.col(column).dt.to_string("%Y-%m-%dT%H:%M:%S%.f").alias(column)
+    if dtype.is_nested():
+        # A nested JSON value as a dimension is kept as its JSON text: {"c": [1, 2]} -> [1, 2]
+        wrapped = pl.struct(pl.col(column)).struct.json_encode()
+        prefix = len(json.dumps(column, ensure_ascii=False)) + 2
+        return wrapped.str.slice(prefix, wrapped.str.len_chars() - prefix - 1).alias(column)
+    return pl.col(column).cast(pl.String, strict=False).alias(column)
+
+
+def _typed_timestamp(frame: pl.DataFrame) -> pl.Expr:
+    """A timestamp column that is already a datetime needs no parsing: naive means UTC."""
+    dtype = frame.schema.get("timestamp")
+    if isinstance(dtype, pl.Datetime):
+        col = pl.col("timestamp").cast(pl.Datetime("us", dtype.time_zone))
+        col = col.dt.replace_time_zone("UTC") if dtype.time_zone is None else col.dt.convert_time_zone("UTC")
+        return col.alias("timestamp_typed")
+    if isinstance(dtype, pl.Date):
+        return pl.col("timestamp").cast(pl.Datetime("us")).dt.replace_time_zone("UTC").alias("timestamp_typed")
+    return pl.lit(None, dtype=pl.Datetime("us", "UTC")).alias("timestamp_typed")
+
+
+def _dims_json(frame: pl.DataFrame) -> pl.Expr:
+    """Every non-core column as canonical JSON: keys sorted, null values left out, so the same
+    dimensions written by files with other column orders or missing columns group together."""
+    names = sorted(c for c in frame.columns if c not in CORE_FIELDS)
+    pairs = []
+    for name in names:
+        single = pl.struct(_as_text(frame, name)).struct.json_encode()  # {"model":"gpt-4o"}
+        pairs.append(pl.when(pl.col(name).is_not_null())
+                     .then(single.str.slice(1, single.str.len_chars() - 2)))
+    if not pairs:
+        return pl.lit("{}").alias("dims")
+    return pl.format("{{{}}}", pl.concat_str(pairs, separator=",", ignore_nulls=True)).alias("dims")
+
+
+def normalized_usage(raw: pl.DataFrame, source_key: str) -> pl.DataFrame:
+    """One row per row of `raw` (one usage object), in order, with `reason` set on the rows
+    that break a row-level rule. See the module docstring for the columns."""
+    text = raw.select(
+        pl.lit(source_key).alias("source_key"),
+        (pl.int_range(pl.len(), dtype=pl.Int64) + 1).alias("source_row"),
+        *[_as_text(raw, c).str.strip_chars() for c in ("event_id", "customer_id", "meter")],
+        _as_text(raw, "quantity").str.strip_chars().alias("quantity_raw"),
+        _as_text(raw, "timestamp").str.strip_chars().alias("timestamp_raw"),
+        _typed_timestamp(raw),
+        _dims_json(raw),
+    )
+    parsed = _parse(text)
+    return parsed.with_columns(_reasons(parsed)).select(
+        [pl.col(c).cast(t) for c, t in NORMALIZED_COLUMNS.items()])
+
+
+def _parse(text: pl.DataFrame) -> pl.DataFrame:
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")  # a timestamp without an offset is UTC
+        con.register("raw", text.to_arrow())
+        parsed = con.sql(_PARSE_SQL).pl()
+    finally:
+        con.close()
+    return parsed.drop("timestamp_typed").with_columns(pl.col("event_at").cast(pl.Datetime("us", "UTC")))
+
+
+def _reasons(parsed: pl.DataFrame) -> pl.Expr:
+    """The first failed rule of each row, from pandera's collected failure cases."""
+    try:
+        RowRules.validate(parsed, lazy=True)
+        return pl.lit(None, dtype=pl.String).alias("reason")
+    except SchemaErrors as exc:
+        failures = exc.failure_cases
+    unexpected = failures.filter(~pl.col("check").is_in(ROW_REASONS))
+    if unexpected.height:
+        # A schema failure (a dtype, a column) is a bug in normalization, not a bad row.
+        raise RuntimeError(f"usage normalization broke its own schema: {unexpected.row(0, named=True)}")
+    rank = {reason: i for i, reason in enumerate(ROW_REASONS)}
+    first = (failures.select(pl.col("index").cast(pl.UInt32),
+                             pl.col("check").replace_strict(rank, return_dtype=pl.Int32).alias("rank"))
+             .group_by("index").agg(pl.col("rank").min()))
+    rows = pl.DataFrame({"index": pl.int_range(parsed.height, dtype=pl.UInt32, eager=True)})
+    return (rows.join(first, on="index", how="left", maintain_order="left")
+            .select(pl.col("rank").replace_strict(dict(enumerate(ROW_REASONS)), default=None,
+                                                  return_dtype=pl.String).alias("reason"))
+            .to_series())
