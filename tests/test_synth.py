@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import io
 import time
-from datetime import date, datetime, timezone
+from datetime import date
 
 import polars as pl
 import pytest
 
 from transforms.plans import Catalog, parse_plan
-from transforms.synth import (EXPECTED_KEYS, UNKNOWN_METER, SynthStore, period_bounds, random_bits,
-                              stream_key, synth_store, write_bytes)
+from transforms.errors import InputError
+from transforms.periods import Period
+from transforms.synth import (EXPECTED_KEYS, UNKNOWN_METER, SynthStore, random_bits, stream_key, synth_store,
+                              write_bytes)
 
 API_V1 = """
 plan: api
@@ -64,7 +66,7 @@ charges:
     price: {model: standard, unit_price: "0.002"}
 """
 PERIOD = "2026-10"
-START, END = date(2026, 10, 1), date(2026, 11, 1)
+END = date(2026, 11, 1)
 QUARANTINE_KEYS = ("negative_quantity", "bad_quantity", "unknown_customer", "bad_timestamp",
                    "missing_field", "unknown_meter")
 
@@ -123,10 +125,10 @@ def active_meters(catalog: Catalog, plan: str, start_date: str, plan_version: st
     return {c.meter for c in catalog.get(plan, version).plan.charges}
 
 
-def classify(catalog: Catalog, s: SynthStore, rows: pl.DataFrame) -> pl.DataFrame:
+def classify(catalog: Catalog, s: SynthStore, rows: pl.DataFrame,
+             period: Period = Period.parse(PERIOD)) -> pl.DataFrame:
     """Each row read, with `reason`: a quarantine reason, `other_period`, or `valid`."""
-    lo = datetime(START.year, START.month, START.day, tzinfo=timezone.utc)
-    hi = datetime(END.year, END.month, END.day, tzinfo=timezone.utc)
+    lo, hi = period.start_at, period.end_at
     rows = rows.with_row_index("_row").with_columns(
         _qty=pl.col("quantity").cast(pl.Utf8).cast(pl.Decimal(38, 6), strict=False),
         _day=pl.col("timestamp").dt.date(),
@@ -135,11 +137,12 @@ def classify(catalog: Catalog, s: SynthStore, rows: pl.DataFrame) -> pl.DataFram
         _from=pl.col("start_date").str.to_date(), _to=pl.col("end_date").str.to_date())
     matched = (rows.select("_row", "customer_id", "_day")
                .join(subs, on="customer_id")
-               .filter((pl.col("_from") <= pl.col("_day")) & (pl.col("_to").is_null() | (pl.col("_day") < pl.col("_to")))))
+               .filter((pl.col("_from") <= pl.col("_day"))
+                       & (pl.col("_to").is_null() | (pl.col("_day") < pl.col("_to")))))
     assert matched["_row"].is_unique().all(), "a customer has two subscriptions active at once"
     priced = {}
-    for plan, start_date, plan_version, day in matched.select("plan", "start_date", "plan_version", "_day").unique().iter_rows():
-        priced[(plan, start_date, plan_version, day)] = active_meters(catalog, plan, start_date, plan_version, day)
+    for key in matched.select("plan", "start_date", "plan_version", "_day").unique().iter_rows():
+        priced[key] = active_meters(catalog, *key)
     meters = {r: priced[(p, sd, pv, d)] for r, p, sd, pv, d in
               matched.select("_row", "plan", "start_date", "plan_version", "_day").iter_rows()}
     known = set(s.customers["customer_id"])
@@ -164,9 +167,9 @@ def classify(catalog: Catalog, s: SynthStore, rows: pl.DataFrame) -> pl.DataFram
     return rows.with_columns(reason=pl.Series([reason(r) for r in rows.iter_rows(named=True)], dtype=pl.Utf8))
 
 
-def accounted(catalog: Catalog, s: SynthStore) -> dict[str, int]:
+def accounted(catalog: Catalog, s: SynthStore, period: Period = Period.parse(PERIOD)) -> dict[str, int]:
     rows, unreadable = read_back(s)
-    rows = classify(catalog, s, rows)
+    rows = classify(catalog, s, rows, period)
     counts = dict.fromkeys(EXPECTED_KEYS, 0)
     for reason, n in rows.group_by("reason").len().iter_rows():
         counts[reason] = n
@@ -392,12 +395,13 @@ def test_plans_not_yet_launched_get_no_customers():
     assert accounted(catalog, s) == s.expected
 
 
-def test_period_bounds():
-    assert period_bounds("2026-12") == (date(2026, 12, 1), date(2027, 1, 1))
-    assert period_bounds("2028-02") == (date(2028, 2, 1), date(2028, 3, 1))
-    for bad in ("2026-13", "2026-1", "oct"):
-        with pytest.raises(ValueError):
-            period_bounds(bad)
+def test_december_rolls_into_january_and_bad_periods_fail(catalog):
+    s = synth_store(catalog, "2026-12", customers=20, seed=5)
+    assert accounted(catalog, s, Period.parse("2026-12")) == s.expected
+    days = {o.key.split("/")[1] for o in s.usage_objects}
+    assert min(days) == "date=2026-12-01" and max(days) == "date=2026-12-31"
+    with pytest.raises(InputError):
+        synth_store(catalog, "2026-13", customers=5, seed=1)
 
 
 # --- scale -----------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Literal
@@ -26,6 +25,7 @@ from typing import Literal
 import polars as pl
 
 from transforms.money import minor_exponent
+from transforms.periods import Period
 from transforms.plans import Catalog
 
 # What a close of the period must make of the usage. Rows it reads (its manifest's `read`) are
@@ -166,17 +166,6 @@ def _rank(seed: int, stream: str, n: int) -> pl.Series:
 
 def _epoch_day(day: date) -> int:
     return (day - EPOCH).days
-
-
-def period_bounds(period: str) -> tuple[date, date]:
-    """`2026-10` -> (2026-10-01, 2026-11-01): the half-open UTC month."""
-    match = re.fullmatch(r"(\d{4})-(\d{2})", period)
-    if not match or not 1 <= int(match[2]) <= 12:
-        raise ValueError(f"period {period!r} is not a month like 2026-10")
-    year, month = int(match[1]), int(match[2])
-    start = date(year, month, 1)
-    end = date(year + month // 12, month % 12 + 1, 1)
-    return start, end
 
 
 def _iso_day(expr: pl.Expr) -> pl.Expr:
@@ -588,8 +577,9 @@ def synth_store(catalog: Catalog, period: str, customers: int, seed: int, dirty:
     """
     if customers < 1:
         raise ValueError("customers must be at least 1")
-    start, end = period_bounds(period)
-    p0, p1 = _epoch_day(start), _epoch_day(end)
+    month = Period.parse(period)
+    start = month.start
+    p0, p1 = _epoch_day(month.start), _epoch_day(month.end)
     days = p1 - p0
     dims = _dimensions(catalog)
     versions = _version_table(catalog)
@@ -626,7 +616,8 @@ def synth_store(catalog: Catalog, period: str, customers: int, seed: int, dirty:
     width = max(7, len(str(rows.height)))
     rows = rows.with_columns(
         event_id=pl.when(pl.col("_piece") == "missing_field").then(pl.lit(None, dtype=pl.Utf8))
-        .otherwise(pl.format("evt_{}_{}", pl.lit(period), (pl.int_range(1, pl.len() + 1)).cast(pl.Utf8).str.zfill(width))))
+        .otherwise(pl.format("evt_{}_{}", pl.lit(period),
+                             pl.int_range(1, pl.len() + 1).cast(pl.Utf8).str.zfill(width))))
     if dirty:
         duplicates = _duplicates(rows.filter(pl.col("_piece") == "clean"), seed, days)
         counted["duplicates"] = duplicates.height
