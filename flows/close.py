@@ -48,6 +48,21 @@ QUARANTINE_SCHEMA = {
 }
 
 
+def _transient(task, task_run, state) -> bool:
+    """Retry an IO task on what may pass (network, throttling, a full disk freed), never on a
+    user's mistake: a missing customers file is still missing 40 seconds later."""
+    try:
+        state.result()
+    except BillrunError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": _transient}
+
+
 def period_prefix(period: Period | str) -> str:
     return f"billing/period={period}/"
 
@@ -127,7 +142,7 @@ def _one_of(store, keys: tuple[str, ...], what: str) -> str | None:
     return present[0] if present else None
 
 
-@task(name="fetch-inputs", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(name="fetch-inputs", cache_policy=NO_CACHE, **IO_RETRIES)
 def fetch_inputs(store_uri: str, cache_dir: Path) -> Inputs:
     """List and fetch every input object; hash each (content, never modification times)."""
     logger = get_run_logger()
@@ -320,7 +335,7 @@ def _totals(invoices: list[Invoice]) -> list[dict]:
     return [{"currency": c, "invoices": n, "total_minor": t} for c, (n, t) in sorted(by_currency.items())]
 
 
-@task(name="publish", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(name="publish", cache_policy=NO_CACHE, **IO_RETRIES)
 def publish(store_uri: str, period: Period, run_id: str, out_dir: Path, names: list[str],
             manifest: bytes) -> None:
     """Stage every output in the store, copy it into the period's folder, then write the

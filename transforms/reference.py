@@ -109,10 +109,7 @@ def checked_subscriptions(frame: pl.DataFrame, source: str, customers: pl.DataFr
     subs = []
     for i, row in enumerate(text.iter_rows(named=True), start=1):
         where = f"{source} row {i}"
-        try:
-            start, end = date.fromisoformat(row["start_date"]), _opt_date(row["end_date"])
-        except ValueError as exc:
-            raise InputError(f"{where}: {exc}") from None
+        start, end = _date(row, "start_date", where), _date(row, "end_date", where)
         if end is not None and end <= start:
             raise InputError(f"{where}, end_date: {end} is not after start_date {start} (end_date is exclusive)")
         if row["customer_id"] not in known_customers:
@@ -132,8 +129,12 @@ def checked_subscriptions(frame: pl.DataFrame, source: str, customers: pl.DataFr
     return subs
 
 
-def _opt_date(text: str | None) -> date | None:
-    return None if text is None else date.fromisoformat(text)
+def _date(row: dict, column: str, where: str) -> date | None:
+    text = row[column]
+    try:
+        return None if text is None else date.fromisoformat(text)
+    except ValueError as exc:
+        raise InputError(f"{where}, {column}: {text!r} is not a date ({exc})") from None
 
 
 def _opt_money(text: str | None) -> Decimal | None:

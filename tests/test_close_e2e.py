@@ -1,0 +1,108 @@
+"""The real close flow, end to end, on a folder store and on S3 (a moto server process)."""
+from __future__ import annotations
+
+import json
+import random
+
+import polars as pl
+import pytest
+
+from closeutil import PLANS, close, output_bytes, table
+from flows.demo import write_demo_store
+from flows.store import open_store
+
+PERIOD = "2026-10"
+
+
+@pytest.fixture(scope="module")
+def folder_and_s3(prefect_server, s3_endpoint, tmp_path_factory):
+    """The same sample store (dirty: duplicates, bad rows, one corrupt Parquet object) written to
+    a folder and to an S3 bucket, each closed once."""
+    import boto3
+
+    folder = str(tmp_path_factory.mktemp("e2e") / "store")
+    bucket = "billrun-e2e"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    s3 = f"s3://{bucket}/acme/prod"
+    written = write_demo_store(folder, PLANS, PERIOD, 60, 11)
+    write_demo_store(s3, PLANS, PERIOD, 60, 11)
+    return folder, s3, written["expected"], close(folder, PLANS, PERIOD), close(s3, PLANS, PERIOD)
+
+
+def test_folder_and_s3_closes_are_byte_identical(folder_and_s3):
+    folder, s3, _, on_folder, on_s3 = folder_and_s3
+    assert on_folder["run_id"] == on_s3["run_id"]
+    local, remote = output_bytes(folder, on_folder, skip_manifest=True), output_bytes(s3, on_s3, skip_manifest=True)
+    assert sorted(local) == sorted(remote)
+    assert [k for k in local if local[k] != remote[k]] == []
+    assert any(k.endswith(".html") for k in local) and any(k.endswith("invoices.parquet") for k in local)
+
+
+def test_dirty_input_bills_exactly_the_clean_rows(folder_and_s3):
+    folder, _, expected, result, _ = folder_and_s3
+    rows = result["rows"]
+    assert rows["read"] == rows["billed"] + rows["duplicates"] + rows["quarantined"]
+    assert rows["billed"] == expected["rows_in_period_valid_unique"]
+    assert rows["duplicates"] == expected["duplicates"]
+    reasons = result["quarantined_by_reason"]
+    for reason in ("negative_quantity", "bad_quantity", "unknown_customer", "bad_timestamp", "missing_field",
+                   "unknown_meter"):
+        assert reasons.get(reason, 0) == expected[reason], reason
+    assert reasons["unreadable_object"] == expected["corrupt_objects"] == 1
+    quarantine = table(folder, PERIOD, "quarantine.parquet")
+    assert quarantine.height == rows["quarantined"]
+
+
+def test_manifest_proves_counts_and_lists_every_input_and_output(folder_and_s3):
+    folder, _, _, result, _ = folder_and_s3
+    store = open_store(folder)
+    manifest = json.loads(store.read_bytes(f"billing/period={PERIOD}/manifest.json"))
+    rows = manifest["rows"]
+    assert rows["read"] == rows["billed"] + rows["duplicates"] + rows["quarantined"]
+    usage_keys = {o.key for o in store.list("usage/")}
+    assert usage_keys <= {i["key"] for i in manifest["inputs"]}
+    for out in manifest["outputs"]:
+        assert store.sha256(out["key"]) == out["sha256"]
+    invoices = table(folder, PERIOD, "invoices.parquet")
+    for total in manifest["totals"]:
+        assert invoices.filter(pl.col("currency") == total["currency"])["total_minor"].sum() == total["total_minor"]
+    # nothing staged is left behind once published
+    assert store.list("billing/_state/runs/") == []
+
+
+def test_every_active_subscription_gets_one_invoice(folder_and_s3):
+    folder, *_ = folder_and_s3
+    invoices = table(folder, PERIOD, "invoices.parquet")
+    assert invoices["subscription_id"].n_unique() == invoices.height
+    ids = invoices["invoice_id"].to_list()
+    assert ids == [f"INV-{PERIOD}-{n:06d}" for n in range(1, len(ids) + 1)]
+
+
+def test_closing_a_closed_period_changes_nothing(folder_and_s3):
+    folder, _, _, first, _ = folder_and_s3
+    before = output_bytes(folder, first)
+    again = close(folder, PLANS, PERIOD)
+    assert again["status"] == "already_closed" and again["run_id"] == first["run_id"]
+    assert output_bytes(folder, first) == before
+
+
+def test_same_inputs_in_another_store_and_file_order_give_the_same_bytes(folder_and_s3, tmp_path):
+    """Rerun equals run; and renaming objects (so they list and read in another order) changes
+    no table: deduplication and ids depend on content, not on file order."""
+    folder, _, _, first, _ = folder_and_s3
+    src = open_store(folder)
+    copy = str(tmp_path / "shuffled")
+    dst = open_store(copy, create=True)
+    keys = [o.key for o in src.list("") if not o.key.startswith("billing/")]
+    usage = [k for k in keys if k.startswith("usage/")]
+    renamed = dict(zip(usage, random.Random(5).sample(usage, len(usage))))
+    for key in keys:
+        target = key
+        if key in renamed:  # keep each object's extension, move it to another object's folder
+            folder_part = renamed[key].rsplit("/", 1)[0]
+            target = f"{folder_part}/moved-{key.replace('/', '_')}"
+        dst.put_bytes(target, src.read_bytes(key))
+    second = close(copy, PLANS, PERIOD)
+    for name in ("invoices.parquet", "invoice_lines.parquet"):
+        assert table(copy, PERIOD, name).equals(table(folder, PERIOD, name)), name
+    assert second["rows"] == first["rows"]
