@@ -384,10 +384,18 @@ def test_tables_have_their_schemas_and_no_float_column():
 
 def test_lines_table_numbers_lines_and_keeps_decimals_as_text():
     lines = lines_table(rated("0.5"))
-    assert lines.filter(pl.col("invoice_id") == "INV-2026-10-000001")["line_no"].to_list() == list(range(1, 7))
-    tokens = lines.filter(pl.col("meter") == "tokens").row(0, named=True)
-    assert (tokens["quantity"], tokens["amount"], tokens["amount_minor"]) == ("0.5", "0.5", 50)
-    assert lines["kind"].to_list()[:6] == ["fixed_fee", "usage", "usage", "overage", "cap_waiver", "commitment_true_up"]
+    first = lines.filter(pl.col("invoice_id") == "INV-2026-10-000001")
+    # fee 20.00; tokens 0.5 x 1.00 = 0.50; calls 0.5 -> 1 package = 5.00; images 0.5 of 10 included = 0.00;
+    # 100.00 - 25.50 = true-up 74.50
+    assert first.select("line_no", "kind", "quantity", "amount_minor").rows() == [
+        (1, "fixed_fee", "31", 2000), (2, "usage", "0.5", 50), (3, "usage", "0.5", 500), (4, "overage", "0", 0),
+        (5, "commitment_true_up", "1", 7450)]
+    tokens = first.filter(pl.col("meter") == "tokens").row(0, named=True)
+    assert (tokens["total_units"], tokens["amount"], tokens["included_units"]) == ("0.5", "0.5", None)
+    images = first.filter(pl.col("meter") == "images").row(0, named=True)
+    assert (images["total_units"], images["included_units"]) == ("0.5", "0.5")
+    second = lines.filter(pl.col("invoice_id") == "INV-2026-10-000002")
+    assert second["line_no"].to_list() == list(range(1, second.height + 1))
 
 
 def test_invoice_total_is_the_sum_of_its_lines_in_the_tables():
