@@ -32,7 +32,8 @@ from transforms.errors import BillrunError, InputError
 from transforms.invoices import Invoice, invoices_table, lines_table, period_invoices, usage_by_segment
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
-from transforms.reference import Segment, checked_customers, checked_subscriptions, segments_in
+from transforms.reference import (Segment, Subscription, checked_customers, checked_subscriptions,
+                                  segments_in)
 from transforms.render import invoice_html
 from transforms.settle import Settlement, settled_usage
 from transforms.usage import normalized_usage
@@ -101,6 +102,7 @@ class Inputs:
 @dataclass(frozen=True)
 class Reference:
     customers: pl.DataFrame
+    subscriptions: tuple[Subscription, ...]
     segments: tuple[Segment, ...]
 
 
@@ -181,7 +183,7 @@ def check_reference(inputs: Inputs, catalog: Catalog, period: Period) -> Referen
     segments = segments_in(period, subs, catalog)
     get_run_logger().info("check-reference: %d customers, %d subscriptions, %d segments in %s",
                           customers.height, len(subs), len(segments), period)
-    return Reference(customers, tuple(segments))
+    return Reference(customers, tuple(subs), tuple(segments))
 
 
 @task(name="normalize-usage", cache_policy=NO_CACHE)
@@ -218,8 +220,8 @@ def settle_usage(normalized: Normalized, reference: Reference, catalog: Catalog,
     spill.mkdir(exist_ok=True)
     con = duckdb.connect(config={"temp_directory": str(spill)})
     try:
-        settlement = settled_usage(con, list(normalized.paths), reference.customers, list(reference.segments),
-                                   catalog, period)
+        settlement = settled_usage(con, list(normalized.paths), reference.customers,
+                                   list(reference.subscriptions), list(reference.segments), catalog, period)
     finally:
         con.close()
     c = settlement.counts

@@ -306,9 +306,6 @@ def test_commitment_counts_spend_after_the_cap_waiver():
     assert invoice.total_minor == 5000
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: invoices.py:181 and :192 store the cap_waiver and commitment_true_up "
-                                       "`amount` in minor units (Decimal(-excess)) while every other line's "
-                                       "`amount` is in major units: the amount column says -1500 for -15.00")
 def test_every_lines_unrounded_amount_is_in_major_units():
     pf = plan(COMMITTED + 'spend_controls: {hard_cap: "10.00"}\n')
     invoice = one_invoice([segment(pf)], usage(("calls", {}, "25", 1)))
@@ -448,3 +445,16 @@ def test_lines_sum_to_totals_amounts_are_ints_and_rerun_equals_run(rows_a, rows_
     again = period_invoices(OCT, segs, used)
     assert invoices_table(again).equals(invoices_table(invoices))
     assert lines_table(again).equals(lines_table(invoices))
+
+
+def test_an_allowance_is_per_period_not_per_segment():
+    """A migration on Oct 16 splits the period: 300 requests before, 400 after, 500 included for
+    the period. Segment 1 draws 300 of the 500; segment 2 gets the other 200 and pays for 200:
+    200 x 0.04 = 8.00 (not 0.00, which giving each segment the full 500 would bill)."""
+    v1 = plan(charges('{meter: requests, included: 500, price: {model: standard, unit_price: "0.04"}}'))
+    v2 = plan(charges('{meter: requests, included: 500, price: {model: standard, unit_price: "0.04"}}'), version=2)
+    segs = [segment(v1, end="2026-10-16", no=1), segment(v2, start="2026-10-16", no=2)]
+    used = {**usage(("requests", {}, "300", 3), no=1), **usage(("requests", {}, "400", 4), no=2)}
+    invoice = one_invoice(segs, used)
+    assert amounts(invoice) == [("overage", 0), ("overage", 800)]
+    assert [line.included_units for line in invoice.lines] == [D(300), D(200)]

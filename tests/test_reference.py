@@ -161,8 +161,6 @@ def test_a_calendar_invalid_date_names_its_field(field, value):
     assert message.startswith(f"{SUBS_CSV} row 1, {field}: '{value}' is not a date")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: reference.py:21 MONEY allows a minus sign: a negative hard_cap "
-                                       "is accepted and turns into a credit (a negative cap_waiver) on every invoice")
 @pytest.mark.parametrize("field", ["hard_cap", "budget"])
 def test_a_negative_money_override_is_refused(field):
     assert refused(sub_row(**{field: "-10.00"})).startswith(f"{SUBS_CSV} row 1, {field}: ")
@@ -313,9 +311,6 @@ def test_subscriptions_outside_the_period_are_skipped(subscription):
     assert segments_in(OCT, [subscription], GRANDFATHERED) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: reference.py:207-211 ends a segment at the next migration date and "
-                                       "ignores end_date when a migration is scheduled after it: a subscription "
-                                       "ending Nov 15 is billed (and gets events) until Dec 1")
 @pytest.mark.parametrize("cat, end", [
     pytest.param(MIGRATING_ON_PERIOD_START, "2026-11-15", id="ends Nov 15, migration Dec 1: [Nov 1, Nov 15) = 14"),
     pytest.param(MIGRATING, "2026-11-15", id="ends Nov 15, migration Nov 20: [Nov 1, Nov 15) = 14"),

@@ -17,7 +17,7 @@ from functools import lru_cache
 import polars as pl
 
 from transforms.errors import InputError
-from transforms.money import to_minor
+from transforms.money import decimal_text, from_minor, to_minor
 from transforms.periods import Period
 from transforms.pricing import Step, Usage, rate
 from transforms.pricing.base import ZERO, fmt_units
@@ -61,12 +61,6 @@ class Invoice:
         return sum(line.amount_minor for line in self.lines)
 
 
-def decimal_text(value: Decimal) -> str:
-    """A decimal as plain text without exponent or trailing zeros: 1000000, 0.00375, 12.5."""
-    text = format(value.normalize(), "f")
-    return text if text != "-0" else "0"
-
-
 @lru_cache(maxsize=65536)
 def _dims(dims_json: str) -> dict[str, str]:
     return json.loads(dims_json)
@@ -93,8 +87,14 @@ def usage_by_segment(usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame
             for key in set(by_dims) | set(per_event)}
 
 
-def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str) -> list[Line]:
-    """One line per charge of the segment's plan (per group with `group_by`)."""
+def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
+                 allowance_used: dict[tuple, Decimal]) -> list[Line]:
+    """One line per charge of the segment's plan (per group with `group_by`).
+
+    An allowance (`included`) belongs to the subscription's period, not to a segment: when a
+    migration splits the period, the first segment draws on it first and the second gets what
+    is left (up to its own version's `included`). `allowance_used` carries that across segments.
+    """
     plan = segment.plan.plan
     lines = []
     for charge in plan.charges:
@@ -115,7 +115,12 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str) -> li
             groups[()] = [ZERO, 0]  # a metered charge shows on the invoice even when unused
         for key in sorted(groups, key=lambda k: tuple((v is None, v or "") for v in k)):
             units, count = groups[key]
-            billable = max(units - charge.included, ZERO)
+            pool = (charge.meter, tuple(sorted(charge.filter.items())))
+            allowance = max(charge.included - allowance_used.get(pool, ZERO), ZERO)
+            used = min(units, allowance)
+            if charge.included > 0:
+                allowance_used[pool] = allowance_used.get(pool, ZERO) + used
+            billable = units - used
             rating = rate(charge.price, Usage(billable, count, tuple(events.get(key, ()))))
             group = dict(zip(charge.group_by, key))
             group_text = ", ".join(f"{k}: {v if v is not None else '(none)'}" for k, v in group.items())
@@ -132,7 +137,7 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str) -> li
                 plan_version=plan.version,
                 group=group,
                 total_units=units,
-                included_units=min(units, charge.included) if charge.included > 0 else None,
+                included_units=used if charge.included > 0 else None,
                 amount=rating.amount,
                 steps=rating.steps,
             ))
@@ -178,18 +183,19 @@ def _cap_and_commitment(segments: list[Segment], sub: Subscription, lines: list[
             excess = usage_minor - cap_minor
             out.append(Line(kind="cap_waiver", quantity=Decimal(1), amount_minor=-excess,
                             description=f"Hard cap: usage above {cap} {currency} is waived",
-                            amount=Decimal(-excess)))
+                            amount=from_minor(-excess, currency)))
     minimum = sum((s.plan.plan.commitment.minimum * s.days / s.period.days
                    for s in segments if s.plan.plan.commitment), ZERO)
     if any(s.plan.plan.commitment for s in segments):
         minimum_minor = to_minor(minimum, currency, rounding)
         spend_minor = sum(l.amount_minor for l in lines + out)
         if spend_minor < minimum_minor:
-            out.append(Line(kind="commitment_true_up", quantity=Decimal(1),
-                            amount_minor=minimum_minor - spend_minor,
-                            description=f"Minimum commitment true-up (commitment {minimum_minor} minor "
-                                        f"units, spend {spend_minor})",
-                            amount=Decimal(minimum_minor - spend_minor)))
+            shortfall = minimum_minor - spend_minor
+            out.append(Line(kind="commitment_true_up", quantity=Decimal(1), amount_minor=shortfall,
+                            description=f"Minimum commitment true-up: commitment "
+                                        f"{from_minor(minimum_minor, currency)} {currency}, "
+                                        f"spend {from_minor(spend_minor, currency)} {currency}",
+                            amount=from_minor(shortfall, currency)))
     return out
 
 
@@ -219,11 +225,12 @@ def period_invoices(period: Period, segments: list[Segment],
                              f"{sorted(currencies)}; one invoice has one currency")
         many = len(segs) > 1
         lines: list[Line] = []
+        allowance_used: dict[tuple, Decimal] = {}
         for seg in segs:
             suffix = _segment_label(seg, many)
             lines += fixed_fee_lines(seg, suffix)
             lines += charge_lines(seg, usage.get((sub.subscription_id, seg.segment_no), SegmentUsage(())),
-                                  suffix)
+                                  suffix, allowance_used)
         lines += _cap_and_commitment(segs, sub, lines)
         invoices.append(Invoice(
             invoice_id=f"INV-{period}-{number:06d}",

@@ -61,3 +61,9 @@ def parse_decimal(text: str) -> Decimal:
     if not value.is_finite():
         raise ValueError(f"{text!r} is not a finite number")
     return value
+
+
+def decimal_text(value: Decimal) -> str:
+    """A decimal as plain text without exponent or trailing zeros: 1000000, 0.00375, 12.5."""
+    text = format(value.normalize(), "f")
+    return text if text != "-0" else "0"

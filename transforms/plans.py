@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from transforms.errors import BillrunError
 from transforms.money import is_known_currency
@@ -110,10 +111,25 @@ class SpendControls(Strict):
     alerts: list[Decimal] = Field(default_factory=lambda: [Decimal("0.5"), Decimal("0.8"), Decimal("1.0")])
     hard_cap: Money | None = None
 
+    @field_validator("budget", "hard_cap")
+    @classmethod
+    def _positive(cls, value, info):
+        if value is not None and value <= 0:
+            raise ValueError(f"must be a positive amount (leave {info.field_name} out for none)")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(a <= 0 for a in self.alerts):
+            raise ValueError("alerts are fractions of the budget above 0, e.g. [0.5, 0.8, 1.0]")
+        if len(set(self.alerts)) != len(self.alerts):
+            raise ValueError("alerts names a threshold twice")
+        return self
+
 
 class Plan(Strict):
     plan: Identifier
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, strict=True)
     effective_from: date
     migrate_existing_on: date | None = None
     notice_days: int | None = Field(default=None, ge=0)
@@ -167,20 +183,51 @@ def _format_location(loc: tuple) -> str:
 PRICE_TAGS = set(PRICE_MODELS)
 
 
+class _PlanLoader(yaml.SafeLoader):
+    """YAML's safe loader (no tags that build objects) that also refuses a key written twice,
+    which plain YAML resolves silently in favour of the last: two `unit_price` keys are a typo
+    to fix, not a price to guess."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_timestamp(self, node):
+        # PyYAML builds dates itself and raises a bare ValueError on 2026-09-31; say where.
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is not a date ({exc})", node.start_mark) from None
+
+
+_PlanLoader.add_constructor("tag:yaml.org,2002:timestamp", _PlanLoader.construct_yaml_timestamp)
+
+
 def parse_plan(text: str, path: str) -> PlanFile:
     """Check one plan file's text; `path` is only used to say where an error is."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_PlanLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise PlanError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (ValueError, TypeError) as exc:  # any other value PyYAML fails to build
+        raise PlanError(f"{path}: a value cannot be read ({exc})") from None
     if not isinstance(raw, dict):
         raise PlanError(f"{path}: a plan file must be a mapping with plan, version, currency, ...")
     try:
         plan = Plan.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # An unknown field first: a typo (`unit_prise`) also makes its real field "missing",
+        # and the typo is the thing to fix.
+        err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

@@ -18,7 +18,7 @@ from transforms.periods import Period, utc_midnight
 from transforms.plans import Catalog, PlanFile
 
 DATE = r"^\d{4}-\d{2}-\d{2}$"
-MONEY = r"^-?\d+(\.\d+)?$"
+MONEY = r"^\d+(\.\d+)?$"  # budgets and caps are amounts, never negative
 
 
 def _text_frame(frame: pl.DataFrame, required: tuple[str, ...], optional: tuple[str, ...],
@@ -93,6 +93,9 @@ class Subscription:
 
     def active_in(self, period: Period) -> bool:
         return self.start_date < period.end and (self.end_date is None or self.end_date > period.start)
+
+    def active_on(self, day: date) -> bool:
+        return self.start_date <= day and (self.end_date is None or day < self.end_date)
 
 
 def checked_subscriptions(frame: pl.DataFrame, source: str, customers: pl.DataFrame,
@@ -197,6 +200,11 @@ def bound_versions(sub: Subscription, catalog: Catalog) -> list[tuple[date, Plan
     return timeline
 
 
+def plan_on(sub: Subscription, catalog: Catalog, day: date) -> PlanFile:
+    """The plan version `sub` is billed on, on `day`."""
+    return [plan for starts_on, plan in bound_versions(sub, catalog) if starts_on <= day][-1]
+
+
 def segments_in(period: Period, subs: list[Subscription], catalog: Catalog) -> list[Segment]:
     """One row per subscription x plan version x stretch inside `period`, ordered by
     subscription_id then start."""
@@ -209,7 +217,7 @@ def segments_in(period: Period, subs: list[Subscription], catalog: Catalog) -> l
         number = 0
         for (starts_on, plan), ends_on in zip(timeline, ends):
             start = max(starts_on, period.start)
-            end = min(ends_on or period.end, period.end)
+            end = min(ends_on or period.end, sub.end_date or period.end, period.end)
             if start < end:
                 number += 1
                 out.append(Segment(sub, number, plan, utc_midnight(start), utc_midnight(end), period))

@@ -17,7 +17,7 @@ import polars as pl
 from transforms.periods import Period
 from transforms.plans import Catalog
 from transforms.queries import statements
-from transforms.reference import Segment, segments_frame
+from transforms.reference import Segment, Subscription, plan_on, segments_frame
 from transforms.usage import NORMALIZED_COLUMNS
 
 _PARAM = re.compile(r"\$(\w+)")
@@ -68,8 +68,27 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, params: dict) -> list[tuple]:
     return con.execute(sql, used).fetchall()
 
 
+def billed_elsewhere(copies: pl.DataFrame, subscriptions: list[Subscription], catalog: Catalog) -> set[str]:
+    """The event_ids among `copies` (event_id, customer_id, meter, dims, event_at) of which some
+    copy billed where it stands: its customer had a subscription then, on a plan version with a
+    charge for its meter and dimensions."""
+    by_customer: dict[str, list[Subscription]] = {}
+    for sub in subscriptions:
+        by_customer.setdefault(sub.customer_id, []).append(sub)
+    billed = set()
+    for event_id, customer_id, meter, dims_json, event_at in copies.iter_rows():
+        if event_id in billed:
+            continue
+        plan = next((plan_on(sub, catalog, event_at.date()) for sub in by_customer.get(customer_id, ())
+                     if sub.active_on(event_at.date())), None)
+        if plan is not None and any(c.prices(meter, json.loads(dims_json)) for c in plan.plan.charges):
+            billed.add(event_id)
+    return billed
+
+
 def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], customers: pl.DataFrame,
-                  segments: list[Segment], catalog: Catalog, period: Period) -> Settlement:
+                  subscriptions: list[Subscription], segments: list[Segment], catalog: Catalog,
+                  period: Period) -> Settlement:
     """Settle the rows of `normalized` (Parquet files of `transforms.usage.NORMALIZED_COLUMNS`)."""
     sql = statements(SQL_FILE)
     con.execute("SET TimeZone = 'UTC'")
@@ -84,8 +103,11 @@ def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     for name in ("scoped", "checked"):
         _run(con, sql[name], params)
     con.register("priced_dims", priced_dims(con.sql(sql["dims_to_price"]).pl(), catalog).to_arrow())
-    for name in ("priced", "billed_before", "settled"):
-        _run(con, sql[name], params)
+    _run(con, sql["priced"], params)
+    earlier = con.sql(sql["earlier_copies"], params={"period_start": period.start_at}).pl()
+    con.register("billed_before", pl.DataFrame({"event_id": sorted(billed_elsewhere(earlier, subscriptions, catalog))},
+                                               schema={"event_id": pl.String}).to_arrow())
+    _run(con, sql["settled"], params)
     counts = dict(zip(("read", "billed", "duplicates", "quarantined"),
                       (int(v) for v in _run(con, sql["counts"], params)[0])))
     return Settlement(

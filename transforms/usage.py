@@ -37,18 +37,22 @@ NORMALIZED_COLUMNS = {
     "reason": pl.String,
 }
 
-_PARSE_SQL = """
+_PARSE_SQL = r"""
 -- One row per input row: parse quantity and timestamp exactly, never guessing.
 SELECT *,
        TRY_CAST(quantity_raw AS DECIMAL(38, 9)) AS quantity,
-       -- a quantity with more than 9 decimals would be rounded by the cast: flag it instead
-       TRY_CAST(quantity_raw AS DECIMAL(38, 18))
-           IS DISTINCT FROM TRY_CAST(quantity_raw AS DECIMAL(38, 9)) AS quantity_inexact,
+       -- Exactness is judged on the text, before any cast can round: a plain decimal number
+       -- (optionally with an exponent) whose significant fraction needs at most 9 places.
+       NOT coalesce(
+           regexp_full_match(quantity_raw, '[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,4})?')
+           AND length(rtrim(regexp_extract(quantity_raw, '\.(\d*)', 1), '0'))
+               - coalesce(TRY_CAST(regexp_extract(quantity_raw, '[eE]([+-]?\d+)', 1) AS INTEGER), 0) <= 9,
+           FALSE) AS quantity_inexact,
        CASE WHEN timestamp_typed IS NOT NULL THEN timestamp_typed
-            ELSE TRY_CAST(timestamp_raw AS TIMESTAMPTZ) END AS event_at
+            -- RFC 3339 allows a lower-case z for UTC
+            ELSE TRY_CAST(regexp_replace(timestamp_raw, 'z$', 'Z') AS TIMESTAMPTZ) END AS event_at
 FROM raw
 """
-
 
 class RowRules(pa.DataFrameModel):
     """The rules one usage row must keep on its own. Each check is named by its reason code,
@@ -98,7 +102,10 @@ def _as_text(frame: pl.DataFrame, column: str) -> pl.Expr:
     if dtype == pl.String:
         return pl.col(column)
     if isinstance(dtype, pl.Datetime):
-        return pl.col(column).dt.to_string("%Y-%m-%dT%H:%M:%S%.f").alias(column)
+        # billrun reads a naive datetime as UTC: say so in the text, and show an aware one in UTC
+        utc = (pl.col(column).dt.replace_time_zone("UTC") if dtype.time_zone is None
+               else pl.col(column).dt.convert_time_zone("UTC"))
+        return utc.dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ").alias(column)
     if dtype.is_nested():
         # A nested JSON value as a dimension is kept as its JSON text: {"c": [1, 2]} -> [1, 2]
         wrapped = pl.struct(pl.col(column)).struct.json_encode()

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
+from transforms.money import decimal_text
+
 ZERO = Decimal(0)
 
 
@@ -81,10 +83,10 @@ class Step:
     def as_dict(self) -> dict[str, str | None]:
         return {
             "label": self.label,
-            "units": str(self.units),
-            "unit_price": None if self.unit_price is None else str(self.unit_price),
-            "per": None if self.per is None else str(self.per),
-            "amount": str(self.amount),
+            "units": decimal_text(self.units),
+            "unit_price": None if self.unit_price is None else decimal_text(self.unit_price),
+            "per": None if self.per is None else decimal_text(self.per),
+            "amount": decimal_text(self.amount),
         }
 
     @property

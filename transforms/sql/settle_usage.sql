@@ -55,17 +55,19 @@ LEFT JOIN priced_dims AS pd
        ON pd.plan = seg.plan AND pd.plan_version = seg.plan_version
       AND pd.meter = c.meter AND pd.dims = c.dims;
 
--- name: billed_before
--- One row per event_id of this period that also has a valid copy earlier in time, in an earlier
--- period: the earliest copy is the one that bills, so an event_id bills once, ever, whichever
--- period is closed first.
-CREATE OR REPLACE TEMP TABLE billed_before AS
-SELECT DISTINCT e.event_id
+-- name: earlier_copies
+-- One row per copy, earlier in time and in an earlier period, of an event_id that is clean here
+-- (valid on its own, known customer). Whether that copy really billed in its own period (a
+-- subscription, a meter and a charge for it then) is decided against subscriptions and plans;
+-- if it did, the copy here is a duplicate, so an event_id bills once, ever, whichever period is
+-- closed first.
+SELECT DISTINCT e.event_id, e.customer_id, e.meter, e.dims, e.event_at
 FROM events AS e
 JOIN customers AS c ON c.customer_id = e.customer_id
 WHERE e.reason IS NULL
   AND e.event_at < $period_start
-  AND e.event_id IN (SELECT event_id FROM priced WHERE final_reason IS NULL);
+  AND e.event_id IN (SELECT event_id FROM priced WHERE final_reason IS NULL)
+ORDER BY ALL;
 
 -- name: settled
 -- One row per scoped row with its outcome: billed, duplicate or quarantined. Among clean copies

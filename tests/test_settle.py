@@ -1,0 +1,252 @@
+"""Settlement in DuckDB on tiny normalized Parquet files: scope, reasons, duplicates, counts, sums."""
+from __future__ import annotations
+
+import itertools
+from datetime import date
+from decimal import Decimal as D
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+
+from transforms.periods import Period
+from transforms.plans import Catalog, parse_plan
+from transforms.reference import Subscription, segments_in
+from transforms.settle import settled_usage
+from transforms.usage import normalized_usage
+
+OCT = Period(2026, 10)
+
+PLAN = """\
+plan: p
+version: 1
+effective_from: 2026-01-01
+currency: USD
+charges:
+  - {meter: calls, price: {model: standard, unit_price: "1.00"}}
+  - {meter: tokens, filter: {model: gpt-4o}, price: {model: standard, unit_price: "2.50", per: 1000000}}
+  - {meter: payments, price: {model: percentage, rate: "1.2", fixed_fee: "0.10"}}
+"""
+CATALOG = Catalog.from_files([parse_plan(PLAN, "plans/p-v1.yaml")])
+CUSTOMERS = pl.DataFrame({"customer_id": ["c1", "c2", "c3"], "name": ["A", "B", "C"]})
+SUBSCRIPTIONS = [
+    Subscription("s1", "c1", "p", None, date(2026, 1, 1), None, None, None, 1),
+    # c2 subscribes on Oct 10 only; c3 has no subscription at all.
+    Subscription("s2", "c2", "p", None, date(2026, 10, 10), None, None, None, 2),
+]
+COLUMNS = ("event_id", "customer_id", "meter", "quantity", "timestamp", "model")
+
+
+def ev(event_id: str, timestamp: str = "2026-10-05T12:00:00Z", quantity: str = "1", meter: str = "calls",
+       customer: str = "c1", model: str | None = None) -> tuple:
+    return (event_id, customer, meter, quantity, timestamp, model)
+
+
+class Usage:
+    """Writes usage objects the way a close does: normalized, one Parquet file per object."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __call__(self, name: str, *rows: tuple) -> Path:
+        raw = pl.DataFrame(list(rows), schema={c: pl.String for c in COLUMNS}, orient="row")
+        path = self.folder / f"{name}.parquet"
+        normalized_usage(raw, f"usage/{name}.jsonl").write_parquet(path)
+        return path
+
+
+@pytest.fixture
+def write(tmp_path) -> Usage:
+    return Usage(tmp_path)
+
+
+def settle(paths: list[Path], period: Period = OCT):
+    con = duckdb.connect()
+    try:
+        result = settled_usage(con, paths, CUSTOMERS, SUBSCRIPTIONS, segments_in(period, SUBSCRIPTIONS, CATALOG),
+                               CATALOG, period)
+        outcomes = con.sql("SELECT event_id, source_key, outcome, final_reason FROM settled ORDER BY ALL").pl()
+    finally:
+        con.close()
+    c = result.counts
+    assert c["read"] == c["billed"] + c["duplicates"] + c["quarantined"]
+    return result, outcomes
+
+
+def outcome_of(outcomes: pl.DataFrame) -> dict[tuple[str, str], tuple[str, str | None]]:
+    return {(e, k): (o, r) for e, k, o, r in outcomes.rows()}
+
+
+# Scope ----------------------------------------------------------------------------------------
+
+def test_only_rows_of_the_period_or_without_a_time_are_counted(write):
+    path = write("a",
+                 ev("first-instant", "2026-10-01T00:00:00Z"),
+                 ev("last-instant", "2026-10-31T23:59:59.999999Z"),
+                 ev("offset-in", "2026-11-01T00:30:00+01:00"),       # = Oct 31 23:30Z
+                 ev("offset-out", "2026-10-01T01:30:00+02:00"),      # = Sep 30 23:30Z
+                 ev("next-period", "2026-11-01T00:00:00Z"),
+                 ev("previous-period", "2026-09-30T23:59:59Z"),
+                 ev("bad-in-other-period", "2026-11-03T00:00:00Z", quantity="-1"),
+                 ev("no-time", ""),
+                 ev("bad-time", "yesterday"))
+    result, outcomes = settle([path])
+    assert outcome_of(outcomes) == {
+        ("first-instant", "usage/a.jsonl"): ("billed", None),
+        ("last-instant", "usage/a.jsonl"): ("billed", None),
+        ("offset-in", "usage/a.jsonl"): ("billed", None),
+        ("no-time", "usage/a.jsonl"): ("quarantined", "missing_field"),
+        ("bad-time", "usage/a.jsonl"): ("quarantined", "bad_timestamp")}
+    assert result.counts == {"read": 5, "billed": 3, "duplicates": 0, "quarantined": 2}
+
+
+def test_a_row_without_a_time_is_counted_by_every_close(write):
+    path = write("a", ev("no-time", "not a time"))
+    for period in (Period(2026, 9), OCT, Period(2026, 11)):
+        assert settle([path], period)[0].counts == {"read": 1, "billed": 0, "duplicates": 0, "quarantined": 1}
+
+
+def test_no_files_settle_to_nothing():
+    result, _ = settle([])
+    assert result.counts == {"read": 0, "billed": 0, "duplicates": 0, "quarantined": 0}
+    assert result.quarantine.height == result.usage_by_dims.height == result.per_event_usage.height == 0
+
+
+# Reasons --------------------------------------------------------------------------------------
+
+REASONS = [
+    pytest.param(ev("e", customer="c9"), "unknown_customer", id="customer not in customers"),
+    pytest.param(ev("e", customer="c3"), "no_subscription", id="customer without any subscription"),
+    pytest.param(ev("e", "2026-10-09T23:59:59Z", customer="c2"), "no_subscription",
+                 id="customer before its subscription starts (Oct 10)"),
+    pytest.param(ev("e", meter="images"), "unknown_meter", id="meter the plan does not price"),
+    pytest.param(ev("e", meter="tokens", model="claude"), "no_matching_charge",
+                 id="meter priced, but dims match no filter"),
+    pytest.param(ev("e", meter="tokens"), "no_matching_charge", id="meter priced, filter dimension missing"),
+    pytest.param(ev("e", quantity="-2"), "negative_quantity", id="row's own rule comes first"),
+    pytest.param(ev("e", quantity="-2", customer="c9"), "negative_quantity",
+                 id="row's own rule beats unknown_customer"),
+    pytest.param(ev("e", customer="c3", meter="images"), "no_subscription",
+                 id="no_subscription beats unknown_meter"),
+]
+
+
+@pytest.mark.parametrize("row, reason", REASONS)
+def test_quarantine_reason(write, row, reason):
+    result, _ = settle([write("a", row)])
+    assert result.counts == {"read": 1, "billed": 0, "duplicates": 0, "quarantined": 1}
+    [q] = result.quarantine.rows(named=True)
+    assert (q["reason"], q["source_key"], q["source_row"], q["event_id"]) == (reason, "usage/a.jsonl", 1, "e")
+    assert q["quantity"] == row[3] and q["timestamp"] == row[4]
+
+
+def test_clean_rows_of_each_kind_bill(write):
+    result, _ = settle([write("a", ev("e1"), ev("e2", meter="tokens", model="gpt-4o", quantity="1500"),
+                              ev("e3", "2026-10-10T00:00:00Z", customer="c2"))])
+    assert result.counts == {"read": 3, "billed": 3, "duplicates": 0, "quarantined": 0}
+    assert result.quarantine.height == 0
+
+
+def test_quarantine_is_ordered_by_source(write):
+    b = write("b", ev("b1", customer="c9"), ev("b2", quantity="x"))
+    a = write("a", ev("a1", meter="images"), ev("a2", customer="c3"))
+    result, _ = settle([b, a])
+    assert result.quarantine.select("source_key", "source_row", "reason").rows() == [
+        ("usage/a.jsonl", 1, "unknown_meter"), ("usage/a.jsonl", 2, "no_subscription"),
+        ("usage/b.jsonl", 1, "unknown_customer"), ("usage/b.jsonl", 2, "bad_quantity")]
+
+
+# Duplicates -----------------------------------------------------------------------------------
+
+def test_same_event_in_two_files_bills_once(write):
+    a = write("a", ev("e1", quantity="3"), ev("e2"))
+    b = write("b", ev("e1", quantity="3"))
+    result, outcomes = settle([a, b])
+    assert result.counts == {"read": 3, "billed": 2, "duplicates": 1, "quarantined": 0}
+    assert outcome_of(outcomes)[("e1", "usage/a.jsonl")] == ("billed", None)
+    assert outcome_of(outcomes)[("e1", "usage/b.jsonl")] == ("duplicate", None)
+    assert result.usage_by_dims.select("meter", "units", "events").rows() == [("calls", D("4"), 2)]
+
+
+def test_same_event_twice_in_one_file_bills_once(write):
+    result, outcomes = settle([write("a", ev("e1"), ev("e1"))])
+    assert result.counts == {"read": 2, "billed": 1, "duplicates": 1, "quarantined": 0}
+
+
+def test_the_billed_copy_does_not_depend_on_the_order_of_files(write):
+    # Three copies of e1: the earliest in event time bills, whatever order the files come in;
+    # two copies of e2 identical in content: the tie is broken by source, never by listing order.
+    files = [write("a", ev("e1", "2026-10-07T00:00:00Z", quantity="7"), ev("e2", quantity="2")),
+             write("b", ev("e1", "2026-10-05T00:00:00Z", quantity="5"), ev("e2", quantity="2")),
+             write("c", ev("e1", "2026-10-06T00:00:00Z", quantity="6"), ev("e3"))]
+    seen = set()
+    for order in itertools.permutations(files):
+        result, outcomes = settle(list(order))
+        billed = outcomes.filter(pl.col("outcome") == "billed").select("event_id", "source_key").rows()
+        seen.add((tuple(billed), tuple(result.usage_by_dims.rows()),
+                  tuple(sorted(result.counts.items()))))
+    assert len(seen) == 1
+    [(billed, by_dims, counts)] = seen
+    assert billed == (("e1", "usage/b.jsonl"), ("e2", "usage/a.jsonl"), ("e3", "usage/c.jsonl"))
+    assert by_dims == (("s1", 1, "calls", "{}", D("8"), 3),)  # 5 + 2 + 1
+    assert dict(counts) == {"read": 6, "billed": 3, "duplicates": 3, "quarantined": 0}
+
+
+def test_a_quarantined_copy_does_not_hide_a_clean_one(write):
+    result, outcomes = settle([write("a", ev("e1", quantity="-1")), write("b", ev("e1", quantity="1"))])
+    assert outcome_of(outcomes) == {("e1", "usage/a.jsonl"): ("quarantined", "negative_quantity"),
+                                    ("e1", "usage/b.jsonl"): ("billed", None)}
+
+
+def test_event_valid_in_an_earlier_period_is_a_duplicate_in_this_one(write):
+    late = write("late", ev("e1", "2026-10-02T00:00:00Z"))
+    early = write("early", ev("e1", "2026-09-30T23:00:00Z"))
+    result, outcomes = settle([late, early])
+    assert outcome_of(outcomes) == {("e1", "usage/late.jsonl"): ("duplicate", None)}
+    assert result.counts == {"read": 1, "billed": 0, "duplicates": 1, "quarantined": 0}
+    # ... and the September close bills the early copy.
+    sept, sept_outcomes = settle([late, early], Period(2026, 9))
+    assert outcome_of(sept_outcomes) == {("e1", "usage/early.jsonl"): ("billed", None)}
+
+
+def test_event_broken_in_an_earlier_period_does_not_make_this_one_a_duplicate(write):
+    early = write("early", ev("e1", "2026-09-30T23:00:00Z", quantity="-1"))
+    late = write("late", ev("e1", "2026-10-02T00:00:00Z"))
+    assert outcome_of(settle([early, late])[1]) == {("e1", "usage/late.jsonl"): ("billed", None)}
+
+
+def test_event_valid_in_a_later_period_bills_here(write):
+    result, outcomes = settle([write("a", ev("e1", "2026-10-31T00:00:00Z"), ev("e1", "2026-11-02T00:00:00Z"))])
+    assert outcome_of(outcomes) == {("e1", "usage/a.jsonl"): ("billed", None)}
+
+
+def test_an_earlier_copy_that_could_not_bill_does_not_make_this_one_a_duplicate(write):
+    # c2 subscribes on Oct 10: the Sep 5 copy is no_subscription in the September close.
+    early = write("early", ev("e1", "2026-09-05T00:00:00Z", customer="c2"))
+    late = write("late", ev("e1", "2026-10-15T00:00:00Z", customer="c2"))
+    _, sept = settle([early, late], Period(2026, 9))
+    assert outcome_of(sept) == {("e1", "usage/early.jsonl"): ("quarantined", "no_subscription")}
+    assert outcome_of(settle([early, late])[1]) == {("e1", "usage/late.jsonl"): ("billed", None)}
+
+
+# Sums -----------------------------------------------------------------------------------------
+
+def test_usage_by_dims_sums_are_exact_decimals(write):
+    rows = [ev(f"t{i}", meter="tokens", model="gpt-4o", quantity="0.1") for i in range(10)]
+    rows += [ev("c1", quantity="0.000000001"), ev("c2", quantity="12345678901.123456789"),
+             ev("c3", "2026-10-11T00:00:00Z", quantity="0.2", customer="c2")]
+    result, _ = settle([write("a", *rows)])
+    assert result.usage_by_dims.rows() == [
+        ("s1", 1, "calls", "{}", D("12345678901.123456790"), 2),          # 0.000000001 + 12345678901.123456789
+        ("s1", 1, "tokens", '{"model":"gpt-4o"}', D("1.0"), 10),           # 10 x 0.1 = 1.0, not 0.9999999999999999
+        ("s2", 1, "calls", "{}", D("0.2"), 1)]
+    assert isinstance(result.usage_by_dims.schema["units"], pl.Decimal)
+    assert not any(dtype in (pl.Float32, pl.Float64) for dtype in result.usage_by_dims.schema.values())
+
+
+def test_per_event_usage_lists_percentage_events_in_event_time_order(write):
+    result, _ = settle([write("a", ev("p2", "2026-10-06T00:00:00Z", quantity="20", meter="payments"),
+                              ev("p1", "2026-10-05T00:00:00Z", quantity="50", meter="payments"),
+                              ev("c1"))])
+    assert result.per_event_usage.select("meter", "quantity").rows() == [("payments", D("50")), ("payments", D("20"))]
