@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, UNREADABLE, is_usage_key, read_table,
                           read_usage_object)
 from flows.store import open_store
+from transforms.alerts import alerts_table, price_change_notices
 from transforms.errors import BillrunError, InputError
 from transforms.invoices import Invoice, invoices_table, lines_table, period_invoices, usage_by_segment
 from transforms.periods import Period
@@ -275,7 +276,7 @@ def plan_entries_for(segments: tuple[Segment, ...]) -> list[dict]:
 
 @task(name="write-outputs", cache_policy=NO_CACHE)
 def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
-                  reference: Reference, inputs: Inputs, period: Period, run_id: str,
+                  reference: Reference, inputs: Inputs, catalog: Catalog, period: Period, run_id: str,
                   plan_entries: list[dict], out_dir: Path) -> tuple[list[str], bytes]:
     """Tables and HTML into `out_dir`; returns the relative names and the manifest's bytes."""
     started = time.perf_counter()
@@ -290,6 +291,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     write("invoice_lines.parquet", lines_table(invoices))
     quarantine = quarantine_table(settlement, normalized)
     write("quarantine.parquet", quarantine)
+    write("alerts.parquet", alerts_table(price_change_notices(period, list(reference.subscriptions), catalog)))
 
     seller = yaml.safe_load(inputs.seller.path.read_text(encoding="utf-8")) if inputs.seller else {}
     seller = {k: seller.get(k) for k in ("name", "address", "email", "tax_id")} if isinstance(seller, dict) else {}
@@ -411,8 +413,8 @@ def close_period(store: str, plans: str, period: str) -> dict:
         invoices = rate_invoices(settlement, reference, the_period)
         plan_entries = plan_entries_for(reference.segments)
         run_id = run_id_for(the_period, inputs, plan_entries)
-        names, manifest = write_outputs(invoices, settlement, normalized, reference, inputs, the_period,
-                                        run_id, plan_entries, work_dir / "out")
+        names, manifest = write_outputs(invoices, settlement, normalized, reference, inputs, catalog,
+                                        the_period, run_id, plan_entries, work_dir / "out")
         publish(store, the_period, run_id, work_dir / "out", names, manifest)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -1,0 +1,61 @@
+"""Alerts a close derives from the period itself, in event time, whether or not nightly runs
+happened. One row per customer x period x kind x threshold: an alert that the rules would fire
+twice is still one row.
+
+This module holds the price-change notices; spend and credit alerts join it with the nightly runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+import polars as pl
+
+from transforms.periods import Period
+from transforms.plans import Catalog
+from transforms.reference import Subscription, bound_versions
+
+ALERT_SCHEMA = {
+    "customer_id": pl.String, "subscription_id": pl.String, "period": pl.String, "kind": pl.String,
+    "threshold": pl.String, "value": pl.String, "occurred_on": pl.Date, "message": pl.String,
+}
+
+
+@dataclass(frozen=True)
+class Alert:
+    customer_id: str
+    subscription_id: str
+    period: str
+    kind: str
+    threshold: str
+    value: str
+    occurred_on: date
+    message: str
+
+
+def price_change_notices(period: Period, subs: list[Subscription], catalog: Catalog) -> list[Alert]:
+    """One `price_change_notice` per subscription that a later version's `migrate_existing_on`
+    will move, fired `notice_days` before the move (or on the subscription's first day, if it
+    starts inside the notice window), in the period that contains that day. `threshold` names
+    the version moved to, `value` the day of the move."""
+    alerts = []
+    for sub in subs:
+        for moves_on, plan_file in bound_versions(sub, catalog)[1:]:
+            plan = plan_file.plan
+            if plan.notice_days is None or not sub.active_on(moves_on):
+                continue
+            notice_on = max(moves_on - timedelta(days=plan.notice_days), sub.start_date)
+            if period.start <= notice_on < period.end:
+                alerts.append(Alert(
+                    sub.customer_id, sub.subscription_id, str(period), "price_change_notice",
+                    f"{plan.plan} v{plan.version}", moves_on.isoformat(), notice_on,
+                    f"Subscription {sub.subscription_id} moves to {plan.plan} v{plan.version} on {moves_on} "
+                    f"({plan.notice_days} days' notice)"))
+    return alerts
+
+
+def alerts_table(alerts: list[Alert]) -> pl.DataFrame:
+    """The alerts as the contract's table, ordered by customer, kind, threshold and day."""
+    rows = sorted({(a.customer_id, a.kind, a.threshold, a.subscription_id): a for a in alerts}.values(),
+                  key=lambda a: (a.customer_id, a.kind, a.threshold, a.occurred_on, a.subscription_id))
+    return pl.DataFrame([a.__dict__ for a in rows], schema=ALERT_SCHEMA)
