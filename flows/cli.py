@@ -170,6 +170,23 @@ def status(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[
                       f"run `billrun close --period {p['period']}` to finish it")
 
 
+@app.command(epilog="Example: billrun unlock --period 2026-10 --store s3://acme-billing/prod")
+def unlock(ctx: typer.Context,
+           period: str = typer.Option(..., "--period", help="The period whose lock to remove, YYYY-MM."),
+           store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt) -> None:
+    """Remove the lock a killed close or backfill left on a period.
+
+    Only when you know that run is dead: a live run that loses its lock could publish while
+    another runs. The lock says which command, machine and process held it, and since when."""
+    from flows.locks import unlock as remove_lock
+    from flows.store import open_store
+    from transforms.periods import Period
+
+    store, _ = _opts(ctx, store, plans)
+    holder = _run(lambda: remove_lock(open_store(store), Period.parse(period)))
+    out.print(f"{period}: removed the lock held by {holder}" if holder else f"{period}: not locked")
+
+
 def main() -> None:
     prefect_defaults()
     try:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, UNREADABLE, is_usage_key, read_table,
                           read_usage_object)
+from flows.locks import fault_point, period_lock
 from flows.store import open_store
 from transforms.alerts import alerts_table, price_change_notices
 from transforms.errors import BillrunError, InputError
@@ -350,14 +352,19 @@ def publish(store_uri: str, period: Period, run_id: str, out_dir: Path, names: l
     prefix = period_prefix(period)
     for name in names:
         store.put_file(staging + name, out_dir / name)
-    for name in names:
+    fault_point("staged")
+    for i, name in enumerate(names):
         store.copy(staging + name, prefix + name)
+        if i == 0:
+            fault_point("copied-first")
+    fault_point("copied-all")
     if not store.put_if_absent(prefix + MANIFEST, manifest):
         existing = store.read_bytes(prefix + MANIFEST)
         if existing != manifest:
             other = json.loads(existing).get("run_id", "another run")
             raise LostRace(f"{period} was closed by {other} while this run ({run_id}) was publishing; "
                            f"nothing of this run was published as the result")
+    fault_point("manifest-written")
     store.delete_prefix(f"billing/_state/runs/{run_id}/")
     get_run_logger().info("publish: %d outputs and the manifest to %s%s in %.2fs", len(names), store.uri,
                           prefix, time.perf_counter() - started)
@@ -395,27 +402,56 @@ def _report(result: CloseResult) -> None:
         description=f"Close of {result.period}")
 
 
+FAULT_POINTS = ("locked", "fetched", "checked", "normalized", "settled", "rated", "written", "staged",
+                "copied-first", "copied-all", "manifest-written")
+"""Where the resume tests kill a close (see flows.locks.fault_point)."""
+
+
+def work_dir_for(store: str, period: Period) -> Path:
+    """A local work folder per store and period, emptied at the start of every run, so a killed
+    run's leftovers are reclaimed by the next instead of piling up in the temp folder."""
+    tag = hashlib.sha256(store.encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / "billrun-work" / f"{tag}-close-{period}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
 @flow(name="close-period", log_prints=False)
 def close_period(store: str, plans: str, period: str) -> dict:
-    """Close one calendar month: final invoices, lines, quarantine, HTML invoices, manifest."""
+    """Close one calendar month: final invoices, lines, quarantine, alerts, HTML invoices, manifest."""
     the_period = Period.parse(period)
     catalog = load_catalog(plans)
     existing = closed_manifest(store, the_period)
-    if existing is not None:
-        get_run_logger().info("%s is already closed by %s; nothing to do", the_period, existing["run_id"])
-        return _result_from_manifest(existing, store, "already_closed").as_dict()
-    work_dir = Path(tempfile.mkdtemp(prefix=f"billrun-close-{the_period}-"))
+    if existing is None:
+        with period_lock(open_store(store), [the_period], f"close {the_period}", datetime.now(timezone.utc)):
+            fault_point("locked")
+            existing = closed_manifest(store, the_period)  # closed while we waited for the lock?
+            if existing is None:
+                return _close(store, catalog, the_period)
+    get_run_logger().info("%s is already closed by %s; nothing to do", the_period, existing["run_id"])
+    return _result_from_manifest(existing, store, "already_closed").as_dict()
+
+
+def _close(store: str, catalog: Catalog, period: Period) -> dict:
+    work_dir = work_dir_for(store, period)
     try:
         inputs = fetch_inputs(store, work_dir / "inputs")
-        reference = check_reference(inputs, catalog, the_period)
+        fault_point("fetched")
+        reference = check_reference(inputs, catalog, period)
+        fault_point("checked")
         normalized = normalize_usage(inputs, work_dir)
-        settlement = settle_usage(normalized, reference, catalog, the_period, work_dir)
-        invoices = rate_invoices(settlement, reference, the_period)
+        fault_point("normalized")
+        settlement = settle_usage(normalized, reference, catalog, period, work_dir)
+        fault_point("settled")
+        invoices = rate_invoices(settlement, reference, period)
+        fault_point("rated")
         plan_entries = plan_entries_for(reference.segments)
-        run_id = run_id_for(the_period, inputs, plan_entries)
+        run_id = run_id_for(period, inputs, plan_entries)
         names, manifest = write_outputs(invoices, settlement, normalized, reference, inputs, catalog,
-                                        the_period, run_id, plan_entries, work_dir / "out")
-        publish(store, the_period, run_id, work_dir / "out", names, manifest)
+                                        period, run_id, plan_entries, work_dir / "out")
+        fault_point("written")
+        publish(store, period, run_id, work_dir / "out", names, manifest)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     result = _result_from_manifest(json.loads(manifest), store, "closed")
