@@ -23,7 +23,7 @@ DEFAULT_PLANS = "./plans"
 app = typer.Typer(
     help="billrun: batch billing for AI and API products (usage, credits and hybrids), exact to the cent.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
 
@@ -151,23 +151,110 @@ def demo(ctx: typer.Context,
 @app.command(epilog="Example: billrun status --store s3://acme-billing/prod --json")
 def status(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt,
            as_json: bool = JsonOpt) -> None:
-    """Which periods are closed and which closes were left incomplete."""
+    """Closed, incomplete and locked periods, and what changed since each was closed.
+
+    The first thing to run on call: it names the backfill that would bring drifted periods up
+    to date and the close that would finish an incomplete one."""
     from flows.status import store_status
 
-    store, _ = _opts(ctx, store, plans)
-    report = _run(store_status, store)
+    store, plans = _opts(ctx, store, plans)
+    report = _run(store_status, store, plans)
     if as_json:
         out.print_json(json.dumps(report))
         return
     if not report["periods"]:
         out.print(f"{store}: no period closed yet")
     for p in report["periods"]:
+        lock = "  LOCKED (see `billrun unlock`)" if p["locked"] else ""
         if p["status"] == "closed":
             totals = ", ".join(f"{t['currency']} {t['total_minor']}" for t in p["totals"])
-            out.print(f"{p['period']}  closed      run {p['run_id']}  invoices {p['invoices']}  totals (minor) {totals}")
+            out.print(f"{p['period']}  closed      run {p['run_id']}  invoices {p['invoices']}  "
+                      f"totals (minor) {totals}{lock}")
+            for change in p["changes"]:
+                out.print(f"           changed since rated by {p['last_rated_by']}: {change}")
         else:
             out.print(f"{p['period']}  incomplete  outputs without a manifest: "
-                      f"run `billrun close --period {p['period']}` to finish it")
+                      f"run `billrun close --period {p['period']}` to finish it{lock}")
+    if report["backfill"]:
+        out.print(f"inputs or plans changed since the close: run `{report['backfill']}`")
+
+
+@app.command(epilog="Example: billrun backfill --from 2026-08 --to 2026-10 --reason 'gpt-4o price fix'")
+def backfill(ctx: typer.Context,
+             first: str = typer.Option(..., "--from", help="First period to re-rate, YYYY-MM."),
+             last: str = typer.Option(..., "--to", help="Last period to re-rate, YYYY-MM."),
+             reason: str = typer.Option("re-rated with current usage and plans", "--reason",
+                                        help="Why: printed on every document and kept in the manifest."),
+             as_of: Optional[str] = typer.Option(None, "--as-of", help="issued_on of the documents, YYYY-MM-DD "
+                                                 "[default: today, UTC]."),
+             store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
+    """Re-rate closed periods and issue credit and debit notes for the differences.
+
+    Finalized invoices are never rewritten. No difference, no document; running it twice issues
+    nothing the second time. Periods in the range that are not closed are skipped (close them)."""
+    from datetime import date, datetime, timezone
+
+    from flows.backfill import backfill as backfill_flow
+    from transforms.errors import InputError
+
+    store, plans = _opts(ctx, store, plans)
+    _quiet_user_errors()
+    if as_of is None:
+        as_of = datetime.now(timezone.utc).date().isoformat()
+    else:
+        try:
+            date.fromisoformat(as_of)
+        except ValueError:
+            _fail(f"--as-of {as_of!r} is not a date (YYYY-MM-DD)")
+    result = _run(backfill_flow, store=store, plans=plans, first=first, last=last, reason=reason, as_of=as_of)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    for period in result["skipped"]:
+        out.print(f"{period}: not closed, skipped (run `billrun close --period {period}`)")
+    if not result["documents"]:
+        out.print("nothing to correct: every closed period in the range matches what was issued")
+        return
+    from transforms.money import format_money
+
+    out.print(f"issued {len(result['documents'])} documents (run {result['run_id']}):")
+    for doc in result["documents"]:
+        out.print(f"  {doc['invoice_id']}  {doc['kind']:<11} {doc['period']}  corrects "
+                  f"{doc['corrects_invoice_id'] or '-'}  {format_money(doc['total_minor'], doc['currency'])}")
+
+
+@app.command(epilog="Example: billrun explain --invoice INV-2026-10-000042")
+def explain(ctx: typer.Context,
+            invoice: str = typer.Option(..., "--invoice", help="An invoice, credit note or debit note id."),
+            store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
+    """How each line of a document was computed: the rating steps, the usage behind it (by
+    dimensions), the plan version file and hash, and the run and manifest that issued it."""
+    from flows.explain import explain_invoice
+    from transforms.money import format_money
+
+    store, _ = _opts(ctx, store, plans)
+    report = _run(explain_invoice, store, invoice)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    inv = report["invoice"]
+    out.print(f"[bold]{inv['invoice_id']}[/bold] {inv['kind']} for {inv['customer_id']} "
+              f"(subscription {inv['subscription_id']}), period {inv['period']}, "
+              f"total {format_money(inv['total_minor'], inv['currency'])}")
+    if inv.get("corrects_invoice_id"):
+        out.print(f"  corrects {inv['corrects_invoice_id']}; reason: {report['reason']}")
+    out.print(f"  issued by run {report['run_id']} ({report['manifest']})")
+    for line in report["lines"]:
+        out.print(f"\n  {line['line_no']}. [{line['kind']}] {line['description']}: "
+                  f"{format_money(line['amount_minor'], inv['currency'])}", markup=False)
+        if "plan" in line:
+            p = line["plan"]
+            out.print(f"     plan {p['plan']} v{p['version']} ({p['file']}, sha256 {str(p['sha256'])[:12]})",
+                      markup=False)
+        for step in line["steps"]:
+            out.print(f"     = {step['label']}: {step['amount']}", markup=False)
+        for row in line.get("usage", []):
+            out.print(f"     <- {row['units']} units in {row['events']} events with {row['dims']}", markup=False)
 
 
 @app.command(epilog="Example: billrun unlock --period 2026-10 --store s3://acme-billing/prod")

@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -289,15 +289,15 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         frame.write_parquet(out_dir / name, **PARQUET)
         names.append(name)
 
+    invoices = [replace(inv, run_id=run_id) for inv in invoices]
     write("invoices.parquet", invoices_table(invoices))
     write("invoice_lines.parquet", lines_table(invoices))
+    write("usage_summary.parquet", settlement.usage_by_dims)
     quarantine = quarantine_table(settlement, normalized)
     write("quarantine.parquet", quarantine)
     write("alerts.parquet", alerts_table(price_change_notices(period, list(reference.subscriptions), catalog)))
 
-    seller = yaml.safe_load(inputs.seller.path.read_text(encoding="utf-8")) if inputs.seller else {}
-    seller = {k: seller.get(k) for k in ("name", "address", "email", "tax_id")} if isinstance(seller, dict) else {}
-    seller["name"] = seller.get("name") or "(seller not configured: add seller.yaml to the store)"
+    seller = seller_block(inputs)
     customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
     roundings = {seg.subscription.subscription_id: seg.plan.plan.rounding for seg in reference.segments}
     (out_dir / "invoices").mkdir(exist_ok=True)
@@ -330,6 +330,14 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     }
     get_run_logger().info("write-outputs: %d files in %.2fs", len(names), time.perf_counter() - started)
     return sorted(names), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def seller_block(inputs: Inputs) -> dict:
+    """The seller shown on documents, from the store's optional seller.yaml."""
+    loaded = yaml.safe_load(inputs.seller.path.read_text(encoding="utf-8")) if inputs.seller else {}
+    seller = {k: loaded.get(k) for k in ("name", "address", "email", "tax_id")} if isinstance(loaded, dict) else {}
+    seller["name"] = seller.get("name") or "(seller not configured: add seller.yaml to the store)"
+    return seller
 
 
 def _totals(invoices: list[Invoice]) -> list[dict]:
@@ -407,11 +415,12 @@ FAULT_POINTS = ("locked", "fetched", "checked", "normalized", "settled", "rated"
 """Where the resume tests kill a close (see flows.locks.fault_point)."""
 
 
-def work_dir_for(store: str, period: Period) -> Path:
-    """A local work folder per store and period, emptied at the start of every run, so a killed
-    run's leftovers are reclaimed by the next instead of piling up in the temp folder."""
+def work_dir_for(store: str, label: str) -> Path:
+    """A local work folder per store and job (`close-2026-10`), emptied at the start of every
+    run, so a killed run's leftovers are reclaimed by the next instead of piling up. Runs that
+    share a label also share a period lock, so they never share the folder at once."""
     tag = hashlib.sha256(store.encode()).hexdigest()[:12]
-    path = Path(tempfile.gettempdir()) / "billrun-work" / f"{tag}-close-{period}"
+    path = Path(tempfile.gettempdir()) / "billrun-work" / f"{tag}-{label}"
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
@@ -434,7 +443,7 @@ def close_period(store: str, plans: str, period: str) -> dict:
 
 
 def _close(store: str, catalog: Catalog, period: Period) -> dict:
-    work_dir = work_dir_for(store, period)
+    work_dir = work_dir_for(store, f"close-{period}")
     try:
         inputs = fetch_inputs(store, work_dir / "inputs")
         fault_point("fetched")

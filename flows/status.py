@@ -1,31 +1,90 @@
-"""What an on-call person asks first: which periods are closed, and which closes broke off."""
+"""What an on-call person asks first: which periods are closed, which closes broke off, and which
+closed periods no longer match their inputs or plans (and the backfill that would fix them)."""
 from __future__ import annotations
 
 import json
 import re
 
-from flows.close import MANIFEST
-from flows.store import open_store
+from flows.close import MANIFEST, SELLER_KEY
+from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_usage_key
+from flows.locks import lock_key
+from flows.store import ObjectInfo, Store, open_store
+from transforms.plans import Catalog, load_catalog
 
 _PERIOD_KEY = re.compile(r"^billing/period=(\d{4}-\d{2})/(.+)$")
 
 
-def store_status(store_uri: str) -> dict:
-    """One entry per period with outputs: closed (with its manifest's run and totals) or
-    incomplete (outputs but no manifest: a close that did not finish)."""
+def checked_key(period: str) -> str:
+    """Where a backfill records the inputs and plans a closed period was last rated with."""
+    return f"billing/_state/checked/period={period}.json"
+
+
+def _is_input(key: str) -> bool:
+    return is_usage_key(key) or key in CUSTOMERS_KEYS or key in SUBSCRIPTIONS_KEYS or key == SELLER_KEY
+
+
+class _Fingerprints:
+    """Content of current input objects, compared by ETag where both sides have one, else by
+    size then sha256 (computed once per object, never from modification times)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.current: dict[str, ObjectInfo] = {o.key: o for o in store.list("") if _is_input(o.key)}
+        self._sha: dict[str, str] = {}
+
+    def differs(self, recorded: dict) -> bool:
+        now = self.current[recorded["key"]]
+        if recorded.get("etag") and now.etag:
+            return recorded["etag"] != now.etag
+        if recorded["size"] != now.size:
+            return True
+        if recorded["key"] not in self._sha:
+            self._sha[recorded["key"]] = self.store.sha256(recorded["key"])
+        return self._sha[recorded["key"]] != recorded["sha256"]
+
+
+def drift(basis: dict, prints: _Fingerprints, catalog: Catalog | None) -> list[str]:
+    """What changed since `basis` (a close manifest or a backfill's record) was rated."""
+    recorded = {i["key"]: i for i in basis["inputs"]}
+    changes = []
+    new = sorted(set(prints.current) - set(recorded))
+    gone = sorted(set(recorded) - set(prints.current))
+    rewritten = sorted(k for k in set(recorded) & set(prints.current) if prints.differs(recorded[k]))
+    for what, keys in (("new", new), ("rewritten", rewritten), ("deleted", gone)):
+        if keys:
+            changes.append(f"{len(keys)} input object(s) {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    for entry in basis.get("plans", []) if catalog is not None else []:
+        now = catalog.get(entry["plan"], entry["version"])
+        if now is None:
+            changes.append(f"plan {entry['plan']} v{entry['version']} removed")
+        elif now.sha256 != entry["sha256"]:
+            changes.append(f"plan {entry['plan']} v{entry['version']} changed")
+    return changes
+
+
+def store_status(store_uri: str, plans_dir: str | None = None) -> dict:
+    """One entry per period with outputs: closed (run, totals, drift since it was last rated)
+    or incomplete (outputs but no manifest: a close that did not finish), plus held locks."""
     store = open_store(store_uri)
+    catalog = load_catalog(plans_dir) if plans_dir else None
     seen: dict[str, bool] = {}
-    for obj in store.list("billing/"):
+    for obj in store.list("billing/period="):
         match = _PERIOD_KEY.match(obj.key)
         if match:
             seen[match.group(1)] = seen.get(match.group(1), False) or match.group(2) == MANIFEST
+    prints = _Fingerprints(store)
     periods = []
     for period, has_manifest in sorted(seen.items()):
-        if has_manifest:
-            manifest = json.loads(store.read_bytes(f"billing/period={period}/{MANIFEST}"))
-            periods.append({"period": period, "status": "closed", "run_id": manifest["run_id"],
-                            "invoices": sum(t["invoices"] for t in manifest["totals"]),
-                            "totals": manifest["totals"], "rows": manifest["rows"]})
-        else:
-            periods.append({"period": period, "status": "incomplete"})
-    return {"store": store.uri, "periods": periods}
+        entry = {"period": period, "locked": store.exists(lock_key(period))}
+        if not has_manifest:
+            periods.append({**entry, "status": "incomplete"})
+            continue
+        manifest = json.loads(store.read_bytes(f"billing/period={period}/{MANIFEST}"))
+        basis = json.loads(store.read_bytes(checked_key(period))) if store.exists(checked_key(period)) else manifest
+        periods.append({**entry, "status": "closed", "run_id": manifest["run_id"],
+                        "invoices": sum(t["invoices"] for t in manifest["totals"]), "totals": manifest["totals"],
+                        "rows": manifest["rows"], "last_rated_by": basis["run_id"],
+                        "changes": drift(basis, prints, catalog)})
+    drifted = [p["period"] for p in periods if p.get("changes")]
+    advice = (f"billrun backfill --from {drifted[0]} --to {drifted[-1]}" if drifted else None)
+    return {"store": store.uri, "periods": periods, "backfill": advice}

@@ -36,10 +36,18 @@ class Line:
     plan: str | None = None
     plan_version: int | None = None
     group: dict[str, str | None] = field(default_factory=dict)
+    filter: dict[str, str] = field(default_factory=dict)
     total_units: Decimal | None = None
     included_units: Decimal | None = None
     amount: Decimal | None = None  # unrounded, for the audit trail
     steps: tuple[Step, ...] = ()
+    # on correction documents: the kind of the line adjusted, and what was issued vs what is due
+    adjusts_kind: str | None = None
+    adjusts_description: str | None = None
+    old_quantity: Decimal | None = None
+    new_quantity: Decimal | None = None
+    old_amount_minor: int | None = None
+    new_amount_minor: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,8 @@ class Invoice:
     service_start: date
     service_end: date
     corrects_invoice_id: str | None = None
+    run_id: str | None = None
+    reason: str | None = None
 
     @property
     def total_minor(self) -> int:
@@ -136,6 +146,7 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
                 plan=plan.plan,
                 plan_version=plan.version,
                 group=group,
+                filter=dict(charge.filter),
                 total_units=units,
                 included_units=used if charge.included > 0 else None,
                 amount=rating.amount,
@@ -251,15 +262,17 @@ INVOICE_SCHEMA = {
     "invoice_id": pl.String, "kind": pl.String, "customer_id": pl.String, "subscription_id": pl.String,
     "period": pl.String, "currency": pl.String, "total_minor": pl.Int64, "issued_on": pl.Date,
     "corrects_invoice_id": pl.String, "service_start": pl.Date, "service_end": pl.Date,
-    "line_count": pl.Int32,
+    "line_count": pl.Int32, "run_id": pl.String, "reason": pl.String,
 }
 
 LINE_SCHEMA = {
     "invoice_id": pl.String, "line_no": pl.Int32, "customer_id": pl.String, "subscription_id": pl.String,
     "period": pl.String, "kind": pl.String, "description": pl.String, "meter": pl.String,
     "quantity": pl.String, "unit": pl.String, "amount_minor": pl.Int64, "currency": pl.String,
-    "segment_no": pl.Int32, "plan": pl.String, "plan_version": pl.Int32, "group": pl.String,
+    "segment_no": pl.Int32, "plan": pl.String, "plan_version": pl.Int32, "group": pl.String, "filter": pl.String,
     "total_units": pl.String, "included_units": pl.String, "amount": pl.String, "details": pl.String,
+    "adjusts_kind": pl.String, "adjusts_description": pl.String, "old_quantity": pl.String, "new_quantity": pl.String,
+    "old_amount_minor": pl.Int64, "new_amount_minor": pl.Int64,
 }
 
 
@@ -269,7 +282,8 @@ def invoices_table(invoices: list[Invoice]) -> pl.DataFrame:
         [{"invoice_id": i.invoice_id, "kind": i.kind, "customer_id": i.customer_id,
           "subscription_id": i.subscription_id, "period": i.period, "currency": i.currency,
           "total_minor": i.total_minor, "issued_on": i.issued_on, "corrects_invoice_id": i.corrects_invoice_id,
-          "service_start": i.service_start, "service_end": i.service_end, "line_count": len(i.lines)}
+          "service_start": i.service_start, "service_end": i.service_end, "line_count": len(i.lines),
+          "run_id": i.run_id, "reason": i.reason}
          for i in invoices], schema=INVOICE_SCHEMA)
 
 
@@ -289,8 +303,13 @@ def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
                 "unit": line.unit, "amount_minor": line.amount_minor, "currency": inv.currency,
                 "segment_no": line.segment_no, "plan": line.plan, "plan_version": line.plan_version,
                 "group": json.dumps(line.group, sort_keys=True) if line.group else None,
+                "filter": json.dumps(line.filter, sort_keys=True) if line.filter else None,
                 "total_units": _opt_text(line.total_units), "included_units": _opt_text(line.included_units),
                 "amount": _opt_text(line.amount),
                 "details": json.dumps([s.as_dict() for s in line.steps]) if line.steps else None,
+                "adjusts_kind": line.adjusts_kind, "adjusts_description": line.adjusts_description,
+                "old_quantity": _opt_text(line.old_quantity),
+                "new_quantity": _opt_text(line.new_quantity), "old_amount_minor": line.old_amount_minor,
+                "new_amount_minor": line.new_amount_minor,
             })
     return pl.DataFrame(rows, schema=LINE_SCHEMA)

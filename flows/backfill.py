@@ -1,0 +1,203 @@
+"""Backfill: re-rate closed periods with today's usage and plans, and issue correction documents
+for the differences. Finalized invoices are never touched.
+
+The inputs are read and normalized once for all periods; each closed period in the range is
+settled and rated exactly as a close would, then compared with everything already issued for it
+(its invoices plus every committed earlier correction). The documents of one backfill are
+published together under `billing/corrections/run=<id>/`, manifest last (create-if-absent), while
+the backfill holds the locks of every period it corrects.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shutil
+from dataclasses import replace
+from datetime import date, datetime, timezone
+from importlib.metadata import version as package_version
+from pathlib import Path
+
+import polars as pl
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _sha256, check_reference, closed_manifest, fetch_inputs,
+                         normalize_usage, plan_entries_for, rate_invoices, seller_block, settle_usage,
+                         work_dir_for)
+from flows.locks import period_lock
+from flows.status import checked_key
+from flows.store import open_store
+from transforms.corrections import correction_documents, issued_lines
+from transforms.errors import InputError
+from transforms.invoices import Invoice, invoices_table, lines_table
+from transforms.periods import Period
+from transforms.plans import load_catalog
+from transforms.render import invoice_html
+
+_CORRECTION_MANIFEST = re.compile(r"^billing/corrections/run=([^/]+)/manifest\.json$")
+
+
+def periods_between(first: Period, last: Period) -> list[Period]:
+    if last < first:
+        raise InputError(f"--from {first} is after --to {last}")
+    out = [first]
+    while out[-1] < last:
+        out.append(out[-1].next())
+    return out
+
+
+def _read_parquet(store, key: str) -> pl.DataFrame:
+    return pl.read_parquet(io.BytesIO(store.read_bytes(key)))
+
+
+@task(name="load-issued", cache_policy=NO_CACHE, **IO_RETRIES)
+def load_issued(store_uri: str, periods: list[Period]) -> dict[str, tuple[pl.DataFrame, pl.DataFrame]]:
+    """Per period: every document issued (close invoices + committed corrections) and their lines."""
+    store = open_store(store_uri)
+    corrections = sorted(m.group(1) for o in store.list("billing/corrections/")
+                         if (m := _CORRECTION_MANIFEST.match(o.key)))
+    extra_docs = [_read_parquet(store, f"billing/corrections/run={r}/invoices.parquet") for r in corrections]
+    extra_lines = [_read_parquet(store, f"billing/corrections/run={r}/invoice_lines.parquet") for r in corrections]
+    issued = {}
+    for period in periods:
+        docs = [_read_parquet(store, f"billing/period={period}/invoices.parquet")] + extra_docs
+        lines = [_read_parquet(store, f"billing/period={period}/invoice_lines.parquet")] + extra_lines
+        issued[str(period)] = (pl.concat(docs, how="diagonal_relaxed").filter(pl.col("period") == str(period)),
+                               pl.concat(lines, how="diagonal_relaxed").filter(pl.col("period") == str(period)))
+    return issued
+
+
+def _originals(docs: pl.DataFrame) -> dict[str, dict]:
+    """The document each subscription's corrections refer to: its invoice, or for a subscription
+    first billed by a correction, that first document."""
+    out: dict[str, dict] = {}
+    for row in docs.sort(pl.col("kind") != "invoice", "issued_on", "invoice_id").iter_rows(named=True):
+        out.setdefault(row["subscription_id"], row)
+    return out
+
+
+def _next_numbers(docs: pl.DataFrame) -> dict[str, int]:
+    return {kind: docs.filter(pl.col("kind") == kind).height + 1 for kind in ("credit_note", "debit_note")}
+
+
+def backfill_run_id(periods: list[Period], as_of: date, reason: str, input_hashes: list[str],
+                    plan_hashes: list[str], issued_ids: list[str]) -> str:
+    """Deterministic: the same range, date, reason, inputs, plans and issued documents give the
+    same id (a rerun of a killed backfill publishes to the same place)."""
+    digest = hashlib.sha256(f"backfill|{periods[0]}|{periods[-1]}|{as_of}|{reason}|"
+                            f"billrun {package_version('billrun')}".encode())
+    for part in input_hashes + plan_hashes + issued_ids:
+        digest.update(f"|{part}".encode())
+    return f"backfill-{as_of:%Y%m%d}-{digest.hexdigest()[:12]}"
+
+
+@task(name="publish-corrections", cache_policy=NO_CACHE, **IO_RETRIES)
+def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[str], manifest: bytes) -> None:
+    store = open_store(store_uri)
+    staging = f"billing/_state/runs/{run_id}/out/"
+    prefix = f"billing/corrections/run={run_id}/"
+    for name in names:
+        store.put_file(staging + name, out_dir / name)
+    for name in names:
+        store.copy(staging + name, prefix + name)
+    store.put_if_absent(prefix + MANIFEST, manifest)  # same run id, same bytes: an existing one is ours
+    store.delete_prefix(f"billing/_state/runs/{run_id}/")
+
+
+@flow(name="backfill", log_prints=False)
+def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: str) -> dict:
+    """Re-rate the closed periods first..last and issue credit/debit notes for the differences."""
+    periods = periods_between(Period.parse(first), Period.parse(last))
+    issued_on = date.fromisoformat(as_of)
+    if not reason.strip():
+        raise InputError("--reason must say why (it is printed on every document and kept in the manifest)")
+    catalog = load_catalog(plans)
+    closed = [p for p in periods if closed_manifest(store, p) is not None]
+    skipped = [str(p) for p in periods if p not in closed]
+    logger = get_run_logger()
+    if not closed:
+        return {"status": "nothing_closed", "run_id": None, "documents": [], "skipped": skipped, "store": store}
+    with period_lock(open_store(store), closed, f"backfill {first}..{last}", datetime.now(timezone.utc)):
+        work_dir = work_dir_for(store, f"backfill-{first}-{last}")
+        try:
+            inputs = fetch_inputs(store, work_dir / "inputs")
+            normalized = normalize_usage(inputs, work_dir)
+            issued = load_issued(store, closed)
+            documents: list[Invoice] = []
+            plan_entries: dict[tuple, dict] = {}
+            customers = None
+            for period in closed:
+                reference = check_reference(inputs, catalog, period)
+                customers = reference.customers
+                settlement = settle_usage(normalized, reference, catalog, period, work_dir)
+                rerated = rate_invoices(settlement, reference, period)
+                plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
+                docs, lines = issued[str(period)]
+                documents += correction_documents(str(period), rerated, issued_lines(lines), _originals(docs),
+                                                  _next_numbers(docs), issued_on)
+            input_hashes = sorted(f"{o.key}|{o.sha256}" for o in inputs.usage + (inputs.customers, inputs.subscriptions))
+            issued_ids = sorted(i for docs, _ in issued.values() for i in docs["invoice_id"].to_list())
+            plan_entries = [plan_entries[k] for k in sorted(plan_entries)]
+            plan_hashes = [f"{e['plan']}|{e['version']}|{e['sha256']}" for e in plan_entries]
+            run_id = backfill_run_id(closed, issued_on, reason, input_hashes, plan_hashes, issued_ids)
+            if documents:
+                documents = [replace(d, run_id=run_id, reason=reason) for d in documents]
+                names, manifest = _write(documents, customers, inputs, run_id, reason, issued_on, closed,
+                                         plan_entries, work_dir / "out")
+                publish_corrections(store, run_id, work_dir / "out", names, manifest)
+            record_checked(store, closed, run_id, inputs, plan_entries)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    logger.info("backfill %s..%s: %d documents in run %s", first, last, len(documents), run_id)
+    return {"status": "corrected" if documents else "nothing_to_correct", "run_id": run_id, "skipped": skipped, "store": store,
+            "plans": plan_entries,
+        "documents": [{"invoice_id": d.invoice_id, "kind": d.kind, "period": d.period,
+                           "subscription_id": d.subscription_id, "corrects_invoice_id": d.corrects_invoice_id,
+                           "currency": d.currency, "total_minor": d.total_minor} for d in documents]}
+
+
+@task(name="record-checked", cache_policy=NO_CACHE, **IO_RETRIES)
+def record_checked(store_uri: str, periods: list[Period], run_id: str, inputs, plan_entries: list[dict]) -> None:
+    """Remember, per period, the inputs and plans it was last rated with, so `billrun status`
+    stops reporting drift that this backfill has settled (documents or not)."""
+    store = open_store(store_uri)
+    record = {"run_id": run_id, "plans": plan_entries,
+              "inputs": [o.manifest_entry() for o in sorted(
+                  inputs.usage + (inputs.customers, inputs.subscriptions) + ((inputs.seller,) if inputs.seller else ()),
+                  key=lambda o: o.key)]}
+    body = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+    for period in periods:
+        store.put_bytes(checked_key(period), body)
+
+
+def _write(documents: list[Invoice], customers: pl.DataFrame, inputs, run_id: str, reason: str, as_of: date,
+           periods: list[Period], plan_entries: list[dict], out_dir: Path) -> tuple[list[str], bytes]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "documents").mkdir()
+    names = ["invoices.parquet", "invoice_lines.parquet"]
+    invoices_table(documents).write_parquet(out_dir / names[0], **PARQUET)
+    lines_table(documents).write_parquet(out_dir / names[1], **PARQUET)
+    by_customer = {row["customer_id"]: row for row in customers.iter_rows(named=True)}
+    seller = seller_block(inputs)
+    for doc in documents:
+        name = f"documents/{doc.invoice_id}.html"
+        customer = by_customer.get(doc.customer_id, {"name": doc.customer_id, "address": None, "email": None,
+                                                     "tax_id": None})
+        (out_dir / name).write_text(invoice_html(doc, customer, seller, "half_up", run_id), encoding="utf-8")
+        names.append(name)
+    prefix = f"billing/corrections/run={run_id}/"
+    manifest = {
+        "billrun_version": package_version("billrun"), "run_id": run_id, "kind": "backfill",
+        "reason": reason, "as_of": as_of.isoformat(), "periods": [str(p) for p in periods],
+        "inputs": [o.manifest_entry() for o in sorted(inputs.usage + (inputs.customers, inputs.subscriptions),
+                                                      key=lambda o: o.key)],
+        "plans": plan_entries,
+        "documents": [{"invoice_id": d.invoice_id, "kind": d.kind, "period": d.period,
+                       "corrects_invoice_id": d.corrects_invoice_id, "total_minor": d.total_minor,
+                       "currency": d.currency} for d in documents],
+        "outputs": [{"key": prefix + n, "size": (out_dir / n).stat().st_size, "sha256": _sha256(out_dir / n)}
+                    for n in sorted(names)],
+    }
+    return sorted(names), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()

@@ -1,0 +1,73 @@
+"""`billrun explain --invoice ID`: how every line of a document was computed, from which usage,
+with which plan version, by which run."""
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import polars as pl
+
+from flows.close import MANIFEST
+from flows.store import open_store
+from transforms.errors import InputError
+
+_ID = re.compile(r"^(INV|CN|DN)-(\d{4}-\d{2})-\d{6}$")
+
+
+def _read(store, key: str) -> pl.DataFrame:
+    return pl.read_parquet(io.BytesIO(store.read_bytes(key)))
+
+
+def _locate(store, invoice_id: str, period: str) -> tuple[str, dict]:
+    """The folder holding the document, and its run's manifest."""
+    if invoice_id.startswith("INV-"):
+        folder = f"billing/period={period}/"
+        if store.exists(folder + MANIFEST):
+            return folder, json.loads(store.read_bytes(folder + MANIFEST))
+    else:
+        for obj in store.list("billing/corrections/"):
+            if obj.key.endswith("/" + MANIFEST):
+                manifest = json.loads(store.read_bytes(obj.key))
+                if any(d["invoice_id"] == invoice_id for d in manifest["documents"]):
+                    return obj.key.removesuffix(MANIFEST), manifest
+    raise InputError(f"{invoice_id}: no such document in {store.uri}")
+
+
+def explain_invoice(store_uri: str, invoice_id: str) -> dict:
+    match = _ID.match(invoice_id)
+    if not match:
+        raise InputError(f"{invoice_id!r} is not a document id (INV-, CN- or DN-YYYY-MM-NNNNNN)")
+    store = open_store(store_uri)
+    folder, manifest = _locate(store, invoice_id, match.group(2))
+    invoice = _read(store, folder + "invoices.parquet").filter(pl.col("invoice_id") == invoice_id).row(0, named=True)
+    lines = _read(store, folder + "invoice_lines.parquet").filter(pl.col("invoice_id") == invoice_id).sort("line_no")
+    usage = pl.DataFrame()
+    if invoice["kind"] == "invoice" and store.exists(folder + "usage_summary.parquet"):
+        usage = _read(store, folder + "usage_summary.parquet").filter(
+            pl.col("subscription_id") == invoice["subscription_id"])
+    plans = {(p["plan"], p["version"]): p for p in manifest.get("plans", [])}
+    explained = []
+    for line in lines.iter_rows(named=True):
+        entry = {k: line[k] for k in ("line_no", "kind", "description", "meter", "quantity", "unit", "amount_minor",
+                                      "amount", "included_units", "total_units", "adjusts_kind", "old_quantity",
+                                      "new_quantity", "old_amount_minor", "new_amount_minor")
+                 if line.get(k) is not None}
+        entry["steps"] = json.loads(line["details"]) if line.get("details") else []
+        if line.get("plan") is not None:
+            plan = plans.get((line["plan"], line["plan_version"]), {})
+            entry["plan"] = {"plan": line["plan"], "version": line["plan_version"], "file": plan.get("file"),
+                             "sha256": plan.get("sha256")}
+        if line["kind"] in ("usage", "overage") and usage.height:
+            wanted = {**(json.loads(line["filter"]) if line.get("filter") else {}),
+                      **(json.loads(line["group"]) if line.get("group") else {})}
+            rows = usage.filter((pl.col("segment_no") == line["segment_no"]) & (pl.col("meter") == line["meter"]))
+            entry["usage"] = [
+                {"dims": r["dims"], "units": format(r["units"].normalize(), "f"), "events": r["events"]}
+                for r in rows.iter_rows(named=True)
+                if all(json.loads(r["dims"]).get(k) == v for k, v in wanted.items())]
+        explained.append(entry)
+    return {"invoice": {k: (str(v) if v is not None and not isinstance(v, (int, str)) else v)
+                        for k, v in invoice.items()},
+            "run_id": manifest["run_id"], "manifest": folder + MANIFEST, "reason": manifest.get("reason"),
+            "lines": explained}

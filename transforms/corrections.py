@@ -1,0 +1,110 @@
+"""Corrections: what a re-rated period owes compared with everything already issued for it.
+
+A finalized invoice is never rewritten. For each subscription of a corrected period, the lines
+due now (a fresh rating with today's usage and plans) are compared with the lines issued so far
+(the invoice plus every earlier correction), line by line on (kind, description). Every
+difference becomes a line of one correction document: a `credit_note` when the total goes down,
+a `debit_note` when it goes up. No difference, no document; so a second identical backfill
+issues nothing.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+
+import polars as pl
+
+from transforms.invoices import Invoice, Line
+from transforms.money import format_money
+from transforms.pricing.base import ZERO, fmt_units
+
+PREFIXES = {"credit_note": "CN", "debit_note": "DN"}
+
+
+@dataclass(frozen=True)
+class Issued:
+    """Net of everything issued for one (subscription, line key) of one period."""
+
+    quantity: Decimal
+    amount_minor: int
+    meter: str | None
+    unit: str
+
+
+def issued_lines(lines: pl.DataFrame) -> dict[str, dict[tuple[str, str], Issued]]:
+    """From invoice_lines rows (invoices and earlier corrections of one period): per
+    subscription, per (kind, description), the net quantity and amount issued. A correction
+    line counts toward the line it adjusts (`adjusts_kind`, `adjusts_description`)."""
+    net: dict[str, dict[tuple[str, str], list]] = defaultdict(dict)
+    for row in lines.iter_rows(named=True):
+        key = (row.get("adjusts_kind") or row["kind"], row.get("adjusts_description") or row["description"])
+        entry = net[row["subscription_id"]].setdefault(key, [ZERO, 0, row["meter"], row["unit"] or ""])
+        entry[0] += Decimal(row["quantity"])
+        entry[1] += int(row["amount_minor"])
+    return {sub: {k: Issued(q, a, m, u) for k, (q, a, m, u) in keys.items()} for sub, keys in net.items()}
+
+
+def _fmt_quantity(value: Decimal, unit: str) -> str:
+    return f"{fmt_units(value)} {unit}".strip()
+
+
+def correction_documents(period: str, rerated: list[Invoice], issued: dict[str, dict[tuple[str, str], Issued]],
+                         originals: dict[str, dict], next_number: dict[str, int], as_of: date) -> list[Invoice]:
+    """One document per subscription whose lines differ from what was issued.
+
+    `rerated`: the period's invoices as they would be issued now. `originals`: the invoices
+    issued at the close (rows of invoices.parquet) by subscription. `next_number`: the next free
+    number per document kind in this period (gap-free series CN-P-000001 and DN-P-000001).
+    """
+    by_sub = {inv.subscription_id: inv for inv in rerated}
+    numbers = dict(next_number)
+    documents = []
+    for sub_id in sorted(set(by_sub) | set(issued)):
+        new = by_sub.get(sub_id)
+        before = issued.get(sub_id, {})
+        due: dict[tuple[str, str], Line] = {}
+        for line in new.lines if new else ():
+            key = (line.kind, line.description)
+            if key in due:  # two lines of one key: compare their sum
+                old = due[key]
+                line = Line(kind=line.kind, description=line.description, quantity=old.quantity + line.quantity,
+                            amount_minor=old.amount_minor + line.amount_minor, meter=line.meter, unit=line.unit)
+            due[key] = line
+        lines = []
+        for key in list(due) + sorted(k for k in before if k not in due):
+            now = due.get(key)
+            was = before.get(key)
+            new_q, new_a = (now.quantity, now.amount_minor) if now else (ZERO, 0)
+            old_q, old_a = (was.quantity, was.amount_minor) if was else (ZERO, 0)
+            if new_q == old_q and new_a == old_a:
+                continue
+            currency = new.currency if new else originals[sub_id]["currency"]
+            unit = (now.unit if now else was.unit) or ""
+            meter = now.meter if now else was.meter
+            money = lambda m: format_money(m, currency)  # noqa: E731
+            lines.append(Line(
+                kind="adjustment", adjusts_kind=key[0], adjusts_description=key[1], meter=meter, unit=unit,
+                description=f"{key[1]}: {_fmt_quantity(old_q, unit)} -> {_fmt_quantity(new_q, unit)}, "
+                            f"{money(old_a)} -> {money(new_a)}",
+                quantity=new_q - old_q, amount_minor=new_a - old_a,
+                old_quantity=old_q, new_quantity=new_q, old_amount_minor=old_a, new_amount_minor=new_a))
+        if not lines:
+            continue
+        total = sum(line.amount_minor for line in lines)
+        kind = "credit_note" if total < 0 else "debit_note"
+        number = numbers.get(kind, 1)
+        numbers[kind] = number + 1
+        # A subscription that no longer bills in the period (its row was removed) is credited
+        # back in full, on the terms of its original invoice.
+        source = ({"customer_id": new.customer_id, "currency": new.currency, "service_start": new.service_start,
+                   "service_end": new.service_end} if new else originals[sub_id])
+        original = originals.get(sub_id)
+        documents.append(Invoice(
+            invoice_id=f"{PREFIXES[kind]}-{period}-{number:06d}", kind=kind,
+            customer_id=source["customer_id"], subscription_id=sub_id, period=period,
+            currency=source["currency"], issued_on=as_of, lines=tuple(lines),
+            service_start=source["service_start"], service_end=source["service_end"],
+            corrects_invoice_id=original["invoice_id"] if original else None))
+    return documents
