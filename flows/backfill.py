@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _sha256, check_reference, closed_manifest, fetch_inputs,
-                         normalize_usage, plan_entries_for, rate_invoices, seller_block, settle_usage,
+                         normalize_usage, plan_entries_for, rate_invoices, replay_credits, seller_block, settle_usage,
                          work_dir_for)
 from flows.locks import period_lock
 from flows.status import checked_key
@@ -132,12 +132,13 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                 reference = check_reference(inputs, catalog, period)
                 customers = reference.customers
                 settlement = settle_usage(normalized, reference, catalog, period, work_dir)
-                rerated = rate_invoices(settlement, reference, period)
+                rerated = rate_invoices(settlement, reference, replay_credits(settlement, reference, catalog, period),
+                                        period)
                 plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
                 docs, lines = issued[str(period)]
                 documents += correction_documents(str(period), rerated, issued_lines(lines), _originals(docs),
                                                   _next_numbers(docs), issued_on)
-            input_hashes = sorted(f"{o.key}|{o.sha256}" for o in inputs.usage + (inputs.customers, inputs.subscriptions))
+            input_hashes = [f"{o.key}|{o.sha256}" for o in inputs.all]
             issued_ids = sorted(i for docs, _ in issued.values() for i in docs["invoice_id"].to_list())
             plan_entries = [plan_entries[k] for k in sorted(plan_entries)]
             plan_hashes = [f"{e['plan']}|{e['version']}|{e['sha256']}" for e in plan_entries]
@@ -164,9 +165,7 @@ def record_checked(store_uri: str, periods: list[Period], run_id: str, inputs, p
     stops reporting drift that this backfill has settled (documents or not)."""
     store = open_store(store_uri)
     record = {"run_id": run_id, "plans": plan_entries,
-              "inputs": [o.manifest_entry() for o in sorted(
-                  inputs.usage + (inputs.customers, inputs.subscriptions) + ((inputs.seller,) if inputs.seller else ()),
-                  key=lambda o: o.key)]}
+              "inputs": [o.manifest_entry() for o in inputs.all]}
     body = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
     for period in periods:
         store.put_bytes(checked_key(period), body)
@@ -191,8 +190,7 @@ def _write(documents: list[Invoice], customers: pl.DataFrame, inputs, run_id: st
     manifest = {
         "billrun_version": package_version("billrun"), "run_id": run_id, "kind": "backfill",
         "reason": reason, "as_of": as_of.isoformat(), "periods": [str(p) for p in periods],
-        "inputs": [o.manifest_entry() for o in sorted(inputs.usage + (inputs.customers, inputs.subscriptions),
-                                                      key=lambda o: o.key)],
+        "inputs": [o.manifest_entry() for o in inputs.all],
         "plans": plan_entries,
         "documents": [{"invoice_id": d.invoice_id, "kind": d.kind, "period": d.period,
                        "corrects_invoice_id": d.corrects_invoice_id, "total_minor": d.total_minor,

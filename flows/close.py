@@ -26,18 +26,22 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, UNREADABLE, is_usage_key, read_table,
+from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, UNREADABLE, is_purchases_key, is_usage_key, read_table,
                           read_usage_object)
 from flows.locks import fault_point, period_lock
 from flows.store import open_store
-from transforms.alerts import alerts_table, price_change_notices
+from transforms.alerts import alerts_table, credit_alerts, price_change_notices
+from transforms.credits import (Outcome, Purchase, credit_lines, credit_meters, credit_report, ledger_table,
+                               period_credit_events, purchases_from, wallet_history)
 from transforms.errors import BillrunError, InputError
-from transforms.invoices import Invoice, invoices_table, lines_table, period_invoices, usage_by_segment
+from transforms.invoices import (Invoice, apply_credits, invoices_table, lines_table, period_invoices,
+                                 usage_by_segment)
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
 from transforms.reference import (Segment, Subscription, checked_customers, checked_subscriptions,
                                   segments_in)
 from transforms.render import invoice_html
+from transforms.revenue import journal, proportional_rates, revenue_rows
 from transforms.settle import Settlement, settled_usage
 from transforms.usage import normalized_usage
 
@@ -100,6 +104,13 @@ class Inputs:
     customers: InputObject
     subscriptions: InputObject
     seller: InputObject | None
+    purchases: tuple[InputObject, ...] = ()
+
+    @property
+    def all(self) -> tuple[InputObject, ...]:
+        """Every input object, ordered by key (for manifests and run ids)."""
+        rest = (self.customers, self.subscriptions) + ((self.seller,) if self.seller else ())
+        return tuple(sorted(self.usage + self.purchases + rest, key=lambda o: o.key))
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,7 @@ class Reference:
     customers: pl.DataFrame
     subscriptions: tuple[Subscription, ...]
     segments: tuple[Segment, ...]
+    purchases: tuple[Purchase, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,9 +173,11 @@ def fetch_inputs(store_uri: str, cache_dir: Path) -> Inputs:
                              f"every store needs customers and subscriptions")
     seller_key = SELLER_KEY if store.exists(SELLER_KEY) else None
     usage_infos = [o for o in store.list("usage/") if is_usage_key(o.key)]
-    keys = [o.key for o in usage_infos] + [customers_key, subscriptions_key] + ([seller_key] if seller_key else [])
+    purchase_infos = [o for o in store.list("credit_purchases/") if is_purchases_key(o.key)]
+    keys = ([o.key for o in usage_infos + purchase_infos] + [customers_key, subscriptions_key]
+            + ([seller_key] if seller_key else []))
     local = store.fetch(keys, cache_dir)
-    sizes = {o.key: (o.size, o.etag) for o in usage_infos}
+    sizes = {o.key: (o.size, o.etag) for o in usage_infos + purchase_infos}
 
     def obj(key: str) -> InputObject:
         path = local[key]
@@ -171,7 +185,7 @@ def fetch_inputs(store_uri: str, cache_dir: Path) -> Inputs:
         return InputObject(key, size, _sha256(path), path, etag)
 
     inputs = Inputs(tuple(obj(o.key) for o in usage_infos), obj(customers_key), obj(subscriptions_key),
-                    obj(seller_key) if seller_key else None)
+                    obj(seller_key) if seller_key else None, tuple(obj(o.key) for o in purchase_infos))
     logger.info("fetch-inputs: %d usage objects, %d bytes in %.2fs", len(inputs.usage),
                 sum(o.size for o in inputs.usage), time.perf_counter() - started)
     return inputs
@@ -184,9 +198,12 @@ def check_reference(inputs: Inputs, catalog: Catalog, period: Period) -> Referen
     subs = checked_subscriptions(read_table(inputs.subscriptions.path, inputs.subscriptions.key),
                                  inputs.subscriptions.key, customers, catalog)
     segments = segments_in(period, subs, catalog)
-    get_run_logger().info("check-reference: %d customers, %d subscriptions, %d segments in %s",
-                          customers.height, len(subs), len(segments), period)
-    return Reference(customers, tuple(subs), tuple(segments))
+    known = set(customers["customer_id"].to_list())
+    purchases = [p for obj in inputs.purchases
+                 for p in purchases_from(read_table(obj.path, obj.key), obj.key, known)]
+    get_run_logger().info("check-reference: %d customers, %d subscriptions, %d segments, %d credit purchases in %s",
+                          customers.height, len(subs), len(segments), len(purchases), period)
+    return Reference(customers, tuple(subs), tuple(segments), tuple(purchases))
 
 
 @task(name="normalize-usage", cache_policy=NO_CACHE)
@@ -233,11 +250,28 @@ def settle_usage(normalized: Normalized, reference: Reference, catalog: Catalog,
     return settlement
 
 
-@task(name="rate-invoices", cache_policy=NO_CACHE)
-def rate_invoices(settlement: Settlement, reference: Reference, period: Period) -> list[Invoice]:
+@task(name="replay-credits", cache_policy=NO_CACHE)
+def replay_credits(settlement: Settlement, reference: Reference, catalog: Catalog, period: Period) -> Outcome:
+    """Every wallet from its first grant through the period, in event time."""
     started = time.perf_counter()
-    usage = usage_by_segment(settlement.usage_by_dims, settlement.per_event_usage)
-    invoices = period_invoices(period, list(reference.segments), usage)
+    events = settlement.credit_history + period_credit_events(settlement.per_event_usage, list(reference.segments))
+    outcome = wallet_history(list(reference.subscriptions), catalog, list(reference.purchases), events, period)
+    get_run_logger().info("replay-credits: %d credit events, %d ledger entries in %.2fs", len(events),
+                          len(outcome.entries), time.perf_counter() - started)
+    return outcome
+
+
+@task(name="rate-invoices", cache_policy=NO_CACHE)
+def rate_invoices(settlement: Settlement, reference: Reference, outcome: Outcome, period: Period) -> list[Invoice]:
+    started = time.perf_counter()
+    segments = list(reference.segments)
+    usage = apply_credits(usage_by_segment(settlement.usage_by_dims, settlement.per_event_usage),
+                          outcome.billable_units, credit_meters(segments))
+    currency_of = {s.subscription.subscription_id: s.plan.plan.currency for s in segments}
+    rounding_of = {s.subscription.subscription_id: s.plan.plan.rounding for s in segments}
+    extra = credit_lines(period, outcome, list(reference.purchases), list(reference.subscriptions), currency_of,
+                         rounding_of)
+    invoices = period_invoices(period, segments, usage, extra)
     get_run_logger().info("rate-invoices: %d invoices, %d lines in %.2fs", len(invoices),
                           sum(len(i.lines) for i in invoices), time.perf_counter() - started)
     return invoices
@@ -262,8 +296,7 @@ def run_id_for(period: Period, inputs: Inputs, plan_entries: list[dict]) -> str:
     the same bytes everywhere the id is printed)."""
     digest = hashlib.sha256()
     digest.update(f"close|{period}|billrun {package_version('billrun')}".encode())
-    for obj in sorted(inputs.usage + (inputs.customers, inputs.subscriptions) +
-                      ((inputs.seller,) if inputs.seller else ()), key=lambda o: o.key):
+    for obj in inputs.all:
         digest.update(f"|{obj.key}|{obj.sha256}".encode())
     for entry in plan_entries:
         digest.update(f"|plan|{entry['plan']}|{entry['version']}|{entry['sha256']}".encode())
@@ -278,7 +311,8 @@ def plan_entries_for(segments: tuple[Segment, ...]) -> list[dict]:
 
 @task(name="write-outputs", cache_policy=NO_CACHE)
 def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
-                  reference: Reference, inputs: Inputs, catalog: Catalog, period: Period, run_id: str,
+                  reference: Reference, inputs: Inputs, catalog: Catalog, outcome: Outcome, period: Period,
+                  run_id: str,
                   plan_entries: list[dict], out_dir: Path) -> tuple[list[str], bytes]:
     """Tables and HTML into `out_dir`; returns the relative names and the manifest's bytes."""
     started = time.perf_counter()
@@ -295,7 +329,13 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     write("usage_summary.parquet", settlement.usage_by_dims)
     quarantine = quarantine_table(settlement, normalized)
     write("quarantine.parquet", quarantine)
-    write("alerts.parquet", alerts_table(price_change_notices(period, list(reference.subscriptions), catalog)))
+    write("alerts.parquet", alerts_table(price_change_notices(period, list(reference.subscriptions), catalog)
+                                         + credit_alerts(outcome, period)))
+    write("credit_ledger.parquet", ledger_table(outcome, period))
+    plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
+    revenue = revenue_rows(period, invoices, outcome, proportional_rates(outcome, plan_of_sub))
+    write("revenue.parquet", revenue)
+    write("journal.parquet", journal(revenue))
 
     seller = seller_block(inputs)
     customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
@@ -317,9 +357,8 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         "period": str(period),
         "status": "closed",
         "issued_on": period.end.isoformat(),
-        "inputs": [o.manifest_entry() for o in sorted(
-            inputs.usage + (inputs.customers, inputs.subscriptions) + ((inputs.seller,) if inputs.seller else ()),
-            key=lambda o: o.key)],
+        "inputs": [o.manifest_entry() for o in inputs.all],
+        "credits": credit_report(outcome, period, plan_of_sub),
         "plans": plan_entries,
         "rows": rows,
         "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
@@ -453,11 +492,12 @@ def _close(store: str, catalog: Catalog, period: Period) -> dict:
         fault_point("normalized")
         settlement = settle_usage(normalized, reference, catalog, period, work_dir)
         fault_point("settled")
-        invoices = rate_invoices(settlement, reference, period)
+        outcome = replay_credits(settlement, reference, catalog, period)
+        invoices = rate_invoices(settlement, reference, outcome, period)
         fault_point("rated")
         plan_entries = plan_entries_for(reference.segments)
         run_id = run_id_for(period, inputs, plan_entries)
-        names, manifest = write_outputs(invoices, settlement, normalized, reference, inputs, catalog,
+        names, manifest = write_outputs(invoices, settlement, normalized, reference, inputs, catalog, outcome,
                                         period, run_id, plan_entries, work_dir / "out")
         fault_point("written")
         publish(store, period, run_id, work_dir / "out", names, manifest)

@@ -24,6 +24,10 @@ UNREADABLE = (pl.exceptions.PolarsError, OSError, UnicodeDecodeError, ValueError
 """What a malformed object raises while being read; anything else is a bug and is not swallowed."""
 
 
+def is_purchases_key(key: str) -> bool:
+    return key.startswith("credit_purchases/") and key.lower().endswith((".csv", ".parquet"))
+
+
 def read_usage_object(path: Path, key: str) -> pl.DataFrame:
     """The rows of one usage object. CSV is read as text (parsing is the boundary's job);
     Parquet and JSON lines keep their types. Raises on anything unreadable."""

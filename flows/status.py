@@ -6,7 +6,7 @@ import json
 import re
 
 from flows.close import MANIFEST, SELLER_KEY
-from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_usage_key
+from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key
 from flows.locks import lock_key
 from flows.store import ObjectInfo, Store, open_store
 from transforms.plans import Catalog, load_catalog
@@ -20,7 +20,7 @@ def checked_key(period: str) -> str:
 
 
 def _is_input(key: str) -> bool:
-    return is_usage_key(key) or key in CUSTOMERS_KEYS or key in SUBSCRIPTIONS_KEYS or key == SELLER_KEY
+    return is_usage_key(key) or is_purchases_key(key) or key in CUSTOMERS_KEYS or key in SUBSCRIPTIONS_KEYS or key == SELLER_KEY
 
 
 class _Fingerprints:

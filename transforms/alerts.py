@@ -54,6 +54,22 @@ def price_change_notices(period: Period, subs: list[Subscription], catalog: Cata
     return alerts
 
 
+def credit_alerts(outcome, period: Period) -> list[Alert]:
+    """`credits_low`, `credits_exhausted` and `auto_top_up` alerts the wallet replay fired in
+    `period` (at most one low and one exhausted per customer and period; one per top-up)."""
+    return [Alert(customer, sub, str(period), kind, threshold, value, at.date(), _CREDIT_MESSAGES[kind].format(
+                threshold=threshold, value=value))
+            for customer, sub, kind, threshold, value, at in outcome.alerts
+            if period.start_at <= at < period.end_at]
+
+
+_CREDIT_MESSAGES = {
+    "credits_low": "Credit balance {value} fell below {threshold}",
+    "credits_exhausted": "Credits ran out: {value} credits of usage were not covered",
+    "auto_top_up": "Automatic top-up number {threshold} bought ({value})",
+}
+
+
 def alerts_table(alerts: list[Alert]) -> pl.DataFrame:
     """The alerts as the contract's table, ordered by customer, kind, threshold and day."""
     rows = sorted({(a.customer_id, a.kind, a.threshold, a.subscription_id): a for a in alerts}.values(),

@@ -91,7 +91,8 @@ def usage_by_segment(usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame
     for sub, seg, meter, dims, units, events in usage_by_dims.iter_rows():
         by_dims[(sub, seg)].append((meter, dims, units, events))
     per_event: dict[tuple[str, int], list] = defaultdict(list)
-    for sub, seg, meter, dims, quantity in per_event_usage.iter_rows():
+    for sub, seg, meter, dims, quantity in per_event_usage.select(
+            "subscription_id", "segment_no", "meter", "dims", "quantity").iter_rows():
         per_event[(sub, seg)].append((meter, dims, quantity))
     return {key: SegmentUsage(tuple(by_dims.get(key, ())), tuple(per_event.get(key, ())))
             for key in set(by_dims) | set(per_event)}
@@ -178,6 +179,10 @@ def fixed_fee_lines(segment: Segment, label_suffix: str) -> list[Line]:
     return lines
 
 
+SPEND_KINDS = ("fixed_fee", "usage", "overage", "cap_waiver")
+"""What counts toward a commitment: the service, not credits bought in advance."""
+
+
 def _cap_and_commitment(segments: list[Segment], sub: Subscription, lines: list[Line]) -> list[Line]:
     """Invoice-level lines. The hard cap first: usage lines keep their full amounts and one
     `cap_waiver` carries the excess back. Then the commitment: if what remains falls short of the
@@ -199,7 +204,7 @@ def _cap_and_commitment(segments: list[Segment], sub: Subscription, lines: list[
                    for s in segments if s.plan.plan.commitment), ZERO)
     if any(s.plan.plan.commitment for s in segments):
         minimum_minor = to_minor(minimum, currency, rounding)
-        spend_minor = sum(l.amount_minor for l in lines + out)
+        spend_minor = sum(l.amount_minor for l in lines + out if l.kind in SPEND_KINDS)
         if spend_minor < minimum_minor:
             shortfall = minimum_minor - spend_minor
             out.append(Line(kind="commitment_true_up", quantity=Decimal(1), amount_minor=shortfall,
@@ -218,8 +223,8 @@ def _segment_label(segment: Segment, many: bool) -> str:
             f"{segment.plan.plan.plan} v{segment.plan.plan.version}]")
 
 
-def period_invoices(period: Period, segments: list[Segment],
-                    usage: dict[tuple[str, int], SegmentUsage]) -> list[Invoice]:
+def period_invoices(period: Period, segments: list[Segment], usage: dict[tuple[str, int], SegmentUsage],
+                    extra_lines: dict[str, list[Line]] | None = None) -> list[Invoice]:
     """One invoice per subscription with a segment in `period`, numbered gap-free in order of
     customer_id then subscription_id: INV-2026-10-000001, ..."""
     by_sub: dict[str, list[Segment]] = defaultdict(list)
@@ -243,6 +248,7 @@ def period_invoices(period: Period, segments: list[Segment],
             lines += charge_lines(seg, usage.get((sub.subscription_id, seg.segment_no), SegmentUsage(())),
                                   suffix, allowance_used)
         lines += _cap_and_commitment(segs, sub, lines)
+        lines += (extra_lines or {}).get(sub.subscription_id, [])
         invoices.append(Invoice(
             invoice_id=f"INV-{period}-{number:06d}",
             kind="invoice",
@@ -313,3 +319,17 @@ def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
                 "new_amount_minor": line.new_amount_minor,
             })
     return pl.DataFrame(rows, schema=LINE_SCHEMA)
+
+
+def apply_credits(usage: dict[tuple[str, int], SegmentUsage], billable: dict[tuple, Decimal],
+                  credit_meters: set[tuple[str, int, str]]) -> dict[tuple[str, int], SegmentUsage]:
+    """Usage left for the charges once credits have paid their part: for each segment x meter
+    paid with credits, the units the wallet did not cover (`billable`, by segment x meter x
+    dims) replace the units used."""
+    out = {}
+    for (sub, seg), su in usage.items():
+        rows = tuple((m, d, billable.get((sub, seg, m, d), ZERO) if (sub, seg, m) in credit_meters else u, n)
+                     for m, d, u, n in su.by_dims)
+        per_event = tuple(r for r in su.per_event if (sub, seg, r[0]) not in credit_meters)
+        out[(sub, seg)] = SegmentUsage(rows, per_event)
+    return out

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
+import isodate
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
@@ -127,6 +128,97 @@ class SpendControls(Strict):
         return self
 
 
+def _expiry(value: str) -> str:
+    if value in ("period_end", "never"):
+        return value
+    try:
+        duration = isodate.parse_duration(value)
+    except (isodate.ISO8601Error, ValueError):
+        raise ValueError(f"{value!r} is not period_end, never or an ISO 8601 duration such as P90D") from None
+    if not isinstance(duration, timedelta) or duration <= timedelta(0):
+        raise ValueError(f"{value!r}: give a positive duration in days or hours (P90D, PT12H), not months or years")
+    return value
+
+
+Expiry = Annotated[str, AfterValidator(_expiry)]
+
+
+class Grant(Strict):
+    """Credits granted by the plan: at every period start (`every: period`, or at the
+    subscription's start if it starts mid-period) or once at subscription start."""
+
+    credits: Units
+    every: Literal["period", "once"] = "period"
+    expires: Expiry = "period_end"
+    # The part of the plan's fixed fees that pays for these credits: it becomes their cost basis
+    # (deferred, then recognized as the credits are used or expire) instead of fixed-fee revenue.
+    allocated: Money = Decimal(0)
+    # Unused credits of an expiring grant carried into the next period, up to this many.
+    rollover_max: Units = Decimal(0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.credits <= 0:
+            raise ValueError("credits must be positive")
+        if self.allocated < 0 or self.rollover_max < 0:
+            raise ValueError("allocated and rollover_max must not be negative")
+        if self.rollover_max > 0 and self.expires != "period_end":
+            raise ValueError("rollover_max only applies to grants that expire at period_end")
+        return self
+
+
+class TopUp(Strict):
+    """A pack of credits bought when the balance falls below `below` (auto) at `price`."""
+
+    credits: Units
+    price: Money
+    auto: bool = False
+    below: Units = Decimal(0)
+    max_per_period: int = Field(default=3, ge=1)
+    expires: Expiry = "never"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.credits <= 0 or self.price < 0:
+            raise ValueError("a top-up pack needs positive credits and a price of at least 0")
+        if self.auto and self.below <= 0:
+            raise ValueError("auto top-up needs `below`: the balance under which a pack is bought")
+        return self
+
+
+class ConsumeByDimension(Strict):
+    """Credits per unit that depend on a dimension, e.g. {by: model, rates: {gpt-4o: 2}, default: 1}."""
+
+    by: Identifier
+    rates: dict[str, Units]
+    default: Units | None = None
+
+
+class Credits(Strict):
+    """A credit wallet. `unit: credits` draws `consume` credits per unit of a meter; `unit: money`
+    is a prepaid balance in the plan's currency that each event draws by its rated amount (its
+    meters must have standard prices)."""
+
+    unit: Literal["credits", "money"] = "credits"
+    grants: list[Grant] = Field(default_factory=list)
+    consume: dict[Identifier, Units | ConsumeByDimension] = Field(default_factory=dict)
+    top_up: TopUp | None = None
+    when_exhausted: Literal["overage", "block"] = "overage"
+    grace: Units = Decimal(0)
+    low_balance: Units | None = None
+    breakage: Literal["at_expiry", "proportional"] = "at_expiry"
+    expected_breakage: Decimal | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.grace < 0:
+            raise ValueError("grace must not be negative")
+        if self.breakage == "proportional" and not (self.expected_breakage is not None
+                                                    and 0 <= self.expected_breakage < 1):
+            raise ValueError("breakage: proportional needs expected_breakage, a fraction in [0, 1)")
+        return self
+
+
 class Plan(Strict):
     plan: Identifier
     version: int = Field(ge=1, strict=True)
@@ -139,10 +231,13 @@ class Plan(Strict):
     fixed_fees: list[FixedFee] = Field(default_factory=list)
     charges: list[Charge] = Field(default_factory=list)
     commitment: Commitment | None = None
+    credits: Credits | None = None
     spend_controls: SpendControls | None = None
 
     @model_validator(mode="after")
     def _check(self):
+        if self.credits is not None:
+            self._check_credits(self.credits)
         if self.migrate_existing_on is not None and self.migrate_existing_on < self.effective_from:
             raise ValueError("migrate_existing_on is before effective_from: existing subscriptions "
                              "cannot move to a version before it exists")
@@ -153,6 +248,40 @@ class Plan(Strict):
                         f"charges[{i}] and charges[{j}] could both bill one {charge.meter} event; give them "
                         f"filters on a common dimension with different values")
         return self
+
+    def _check_credits(self, credits: Credits) -> None:
+        priced = {c.meter for c in self.charges}
+        meters = set(credits.consume) if credits.unit == "credits" else priced
+        if credits.unit == "money":
+            if credits.consume:
+                raise ValueError("credits.consume: a money wallet draws each event's rated amount; "
+                                 "leave consume out")
+            for i, charge in enumerate(self.charges):
+                if charge.price.model != "standard" or charge.included > 0:
+                    raise ValueError(f"charges[{i}]: a money wallet draws per event, so its meters need "
+                                     f"standard prices without included units")
+        elif not credits.consume:
+            raise ValueError("credits.consume: name the meters credits pay for, e.g. {images: 1}")
+        if credits.when_exhausted == "overage":
+            unpriced = sorted(meters - priced)
+            if unpriced:
+                raise ValueError(f"credits.when_exhausted: overage bills uncovered units by the charges, but "
+                                 f"no charge prices {unpriced}; add charges or use block")
+        for i, charge in enumerate(self.charges):
+            if charge.meter in meters and (charge.included > 0 or charge.price.model == "percentage"):
+                raise ValueError(f"charges[{i}]: a meter paid with credits cannot also have an allowance or a "
+                                 f"percentage price")
+        allocated = sum((g.allocated for g in credits.grants), Decimal(0))
+        if allocated > sum((f.amount for f in self.fixed_fees), Decimal(0)):
+            raise ValueError("credits.grants: allocated adds up to more than the plan's fixed fees")
+
+    def consumes(self, meter: str) -> bool:
+        """Whether events of `meter` draw credits under this plan."""
+        if self.credits is None:
+            return False
+        if self.credits.unit == "money":
+            return any(c.meter == meter for c in self.charges)
+        return meter in self.credits.consume
 
 
 @dataclass(frozen=True)

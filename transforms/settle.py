@@ -17,6 +17,7 @@ import polars as pl
 from transforms.periods import Period
 from transforms.plans import Catalog
 from transforms.queries import statements
+from transforms.credits import CreditEvent
 from transforms.reference import Segment, Subscription, plan_on, segments_frame
 from transforms.usage import NORMALIZED_COLUMNS
 
@@ -31,15 +32,19 @@ class Settlement:
     quarantine: pl.DataFrame
     usage_by_dims: pl.DataFrame
     per_event_usage: pl.DataFrame
+    credit_history: list[CreditEvent]
 
 
 def plan_meters(catalog: Catalog) -> pl.DataFrame:
-    """One row per plan version x meter it prices, flagged when a charge prices it per event."""
+    """One row per plan version x meter it prices or pays with credits, flagged when it must be
+    handled event by event (per-event fees, credit draws)."""
     rows = {}
     for f in catalog.files.values():
         for charge in f.plan.charges:
             key = (f.plan.plan, f.plan.version, charge.meter)
-            rows[key] = rows.get(key, False) or charge.price.model in PER_EVENT_MODELS
+            rows[key] = rows.get(key, False) or charge.price.model in PER_EVENT_MODELS or f.plan.consumes(charge.meter)
+        for meter in (f.plan.credits.consume if f.plan.credits else ()):
+            rows[(f.plan.plan, f.plan.version, meter)] = True  # credits are drawn event by event
     keys = sorted(rows)
     return pl.DataFrame({"plan": [k[0] for k in keys], "plan_version": [k[1] for k in keys],
                          "meter": [k[2] for k in keys], "per_event": [rows[k] for k in keys]},
@@ -58,8 +63,49 @@ def priced_dims(combos: pl.DataFrame, catalog: Catalog) -> pl.DataFrame:
     for plan, version, meter, dims_json in combos.iter_rows():
         dims = json.loads(dims_json)
         charges = catalog.get(plan, version).plan.charges
-        keep.append(any(c.prices(meter, dims) for c in charges))
+        plan_file = catalog.get(plan, version).plan
+        keep.append(any(c.prices(meter, dims) for c in charges) or
+                    (plan_file.credits is not None and plan_file.credits.unit == "credits" and plan_file.consumes(meter)
+                     and _has_rate(plan_file.credits.consume[meter], dims)))
     return combos.filter(pl.Series(keep, dtype=pl.Boolean))
+
+
+def _has_rate(rate, dims: dict) -> bool:
+    """A per-dimension credit rate must know the event's value (or have a default)."""
+    return not hasattr(rate, "rates") or rate.default is not None or dims.get(rate.by) in rate.rates
+
+
+def credit_history(con: duckdb.DuckDBPyConnection, subscriptions: list[Subscription], catalog: Catalog,
+                   period: Period) -> list[CreditEvent]:
+    """Billed events of earlier periods that drew credits, for replaying wallets from the start:
+    per event_id the earliest copy that a subscription's plan at that time pays with credits."""
+    meters = sorted({m for f in catalog.files.values() if f.plan.credits
+                     for m in ([c.meter for c in f.plan.charges] if f.plan.credits.unit == "money"
+                               else f.plan.credits.consume)})
+    if not meters:
+        return []
+    rows = con.sql(statements(SQL_FILE)["credit_history"],
+                   params={"period_start": period.start_at, "meters": meters}).fetchall()
+    by_customer: dict[str, list[Subscription]] = {}
+    for sub in subscriptions:
+        by_customer.setdefault(sub.customer_id, []).append(sub)
+    out, seen = [], set()
+    for event_id, customer_id, meter, dims, quantity, event_at in rows:
+        if event_id in seen:
+            continue
+        day = event_at.date()
+        sub = next((s for s in by_customer.get(customer_id, ()) if s.active_on(day)), None)
+        if sub is None:
+            continue
+        plan = plan_on(sub, catalog, day).plan
+        if not plan.consumes(meter) or not (plan.credits.unit == "money" or
+                                            _has_rate(plan.credits.consume[meter], json.loads(dims))):
+            continue
+        if plan.credits.unit == "money" and not any(c.prices(meter, json.loads(dims)) for c in plan.charges):
+            continue
+        seen.add(event_id)
+        out.append(CreditEvent(customer_id, sub.subscription_id, None, event_id, event_at, meter, dims, quantity))
+    return out
 
 
 def _run(con: duckdb.DuckDBPyConnection, sql: str, params: dict) -> list[tuple]:
@@ -111,6 +157,7 @@ def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     counts = dict(zip(("read", "billed", "duplicates", "quarantined"),
                       (int(v) for v in _run(con, sql["counts"], params)[0])))
     return Settlement(
+        credit_history=credit_history(con, subscriptions, catalog, period),
         counts=counts,
         quarantine=con.sql(sql["quarantine"]).pl(),
         usage_by_dims=con.sql(sql["usage_by_dims"]).pl(),

@@ -116,10 +116,23 @@ ORDER BY ALL;
 -- name: per_event_usage
 -- One row per billed event of a meter that some charge prices per event (percentage fees),
 -- in event-time order within its segment.
-SELECT s.subscription_id, s.segment_no, s.meter, s.dims, s.quantity
+SELECT s.subscription_id, s.segment_no, s.meter, s.dims, s.quantity, s.customer_id, s.event_id, s.event_at
 FROM settled AS s
 JOIN segments AS seg USING (subscription_id, segment_no)
 JOIN plan_meters AS pm
   ON pm.plan = seg.plan AND pm.plan_version = seg.plan_version AND pm.meter = s.meter
 WHERE s.outcome = 'billed' AND pm.per_event
 ORDER BY s.subscription_id, s.segment_no, s.meter, s.event_at, s.event_id;
+
+
+-- name: credit_history
+-- One row per valid copy of an event of a credit meter before the period, earliest copy of
+-- each event_id first: the wallet replay keeps, per event_id, the first copy a plan paid with
+-- credits (the one that billed in its own period).
+SELECT event_id, customer_id, meter, dims, quantity, event_at
+FROM events
+WHERE reason IS NULL
+  AND event_at < $period_start
+  AND meter IN (SELECT unnest($meters::VARCHAR[]))
+  AND customer_id IN (SELECT customer_id FROM customers)
+ORDER BY event_id, event_at, customer_id, meter, quantity, dims, source_key, source_row;

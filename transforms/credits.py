@@ -1,0 +1,473 @@
+"""The credit wallet: grants, purchases, top-ups, consumption and expiry, replayed in event time.
+
+A batch run only replays what a real-time system would have done: per customer, every credit
+event of its history in time order. At one instant expiries come first (a grant is usable on
+[granted_at, expires_at)), then grants, then consumption. Credits are drawn from the grant that
+expires first, then free grants before paid ones, then the oldest. A grant that expires at a
+period's end expires in that period. Every movement is a ledger entry with the customer's total
+balance after it; credits are conserved: granted = consumed + expired + balance.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import isodate
+import polars as pl
+
+from transforms.errors import InputError
+from transforms.invoices import Line
+from transforms.money import decimal_text, is_known_currency, to_minor
+from transforms.periods import Period, utc_midnight
+from transforms.pricing.base import fmt_units
+from transforms.plans import Catalog, ConsumeByDimension, Credits, PlanFile
+from transforms.reference import Subscription, plan_on
+
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True)
+class Purchase:
+    """A credit pack bought outside the plan (credit_purchases input)."""
+
+    purchase_id: str
+    customer_id: str
+    credits: Decimal
+    price: Decimal
+    currency: str
+    purchased_at: datetime
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CreditEvent:
+    """A billed usage event of a meter its plan pays with credits."""
+
+    customer_id: str
+    subscription_id: str
+    segment_no: int | None  # None for events of earlier periods (only their effect on balances matters)
+    event_id: str
+    event_at: datetime
+    meter: str
+    dims: str
+    quantity: Decimal
+
+
+@dataclass
+class Grant:
+    grant_id: str
+    customer_id: str
+    subscription_id: str | None
+    kind: str                    # grant | purchase | top_up | rollover
+    granted_at: datetime
+    expires_at: datetime | None
+    credits: Decimal
+    price: Decimal               # what was paid for these credits (0 when free)
+    currency: str | None
+    remaining: Decimal = ZERO
+    rollover_max: Decimal = ZERO
+
+    @property
+    def cost_basis(self) -> Decimal:
+        return self.price / self.credits if self.price else ZERO
+
+
+@dataclass(frozen=True)
+class Entry:
+    customer_id: str
+    grant_id: str
+    kind: str                    # grant | purchase | top_up | consume | expire | rollover
+    credits: Decimal             # signed
+    balance_after: Decimal
+    occurred_at: datetime
+    expires_at: datetime | None
+    cost_basis: Decimal
+    subscription_id: str | None = None
+    event_id: str | None = None
+    meter: str | None = None
+
+
+@dataclass
+class Outcome:
+    """What the replay means for billing, revenue and alerts."""
+
+    entries: list[Entry] = field(default_factory=list)
+    # per (subscription_id, segment_no, meter, dims): units left for the charges (uncovered, or
+    # covered by grace) and units blocked (not billed)
+    billable_units: dict[tuple, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    blocked_units: dict[tuple, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    grants: dict[str, Grant] = field(default_factory=dict)
+    alerts: list[tuple] = field(default_factory=list)  # (customer, subscription, kind, threshold, value, at)
+
+
+def expiry(spec: str, granted_at: datetime, period_end: datetime) -> datetime | None:
+    if spec == "never":
+        return None
+    if spec == "period_end":
+        return period_end
+    return granted_at + isodate.parse_duration(spec)
+
+
+def credits_needed(plan: PlanFile, event: CreditEvent) -> Decimal:
+    """Credits one event draws: `consume` per unit, or the event's rated amount for a money wallet."""
+    credits = plan.plan.credits
+    if credits.unit == "money":
+        dims = json.loads(event.dims)
+        charge = next(c for c in plan.plan.charges if c.prices(event.meter, dims))
+        return event.quantity * charge.price.unit_price / charge.price.per
+    rate = credits.consume[event.meter]
+    if isinstance(rate, ConsumeByDimension):
+        value = json.loads(event.dims).get(rate.by)
+        rate = rate.rates.get(value, rate.default)
+        if rate is None:
+            raise ValueError(f"no credit rate for {event.meter} with {rate.by}={value!r}")  # checked upstream
+    return event.quantity * rate
+
+
+def plan_grants(subs: list[Subscription], catalog: Catalog, until: Period) -> list[Grant]:
+    """The grants plans give each subscription from its start through `until`."""
+    out = []
+    for sub in subs:
+        if sub.start_date >= until.end:
+            continue
+        period = Period.containing(sub.start_date)
+        first = True
+        while period <= until and (sub.end_date is None or period.start < sub.end_date):
+            start = max(period.start, sub.start_date)
+            plan = plan_on(sub, catalog, start)
+            spec: Credits | None = plan.plan.credits
+            for i, g in enumerate(spec.grants if spec else ()):
+                if g.every == "once" and not first:
+                    continue
+                days = (min(period.end, sub.end_date or period.end) - start).days
+                granted_at = utc_midnight(start)
+                out.append(Grant(
+                    grant_id=f"{sub.subscription_id}/{period if g.every == 'period' else 'once'}/g{i + 1}",
+                    customer_id=sub.customer_id, subscription_id=sub.subscription_id,
+                    kind="grant", granted_at=granted_at, expires_at=expiry(g.expires, granted_at, period.end_at),
+                    credits=g.credits, price=g.allocated * days / period.days if g.every == "period" else g.allocated,
+                    currency=plan.plan.currency, rollover_max=g.rollover_max))
+            first = False
+            period = period.next()
+    return out
+
+
+def purchase_grants(purchases: list[Purchase]) -> list[Grant]:
+    return [Grant(grant_id=f"purchase/{p.purchase_id}", customer_id=p.customer_id, subscription_id=None,
+                  kind="purchase", granted_at=p.purchased_at, expires_at=p.expires_at, credits=p.credits,
+                  price=p.price, currency=p.currency) for p in purchases]
+
+
+def _draw_order(g: Grant) -> tuple:
+    # expires first; then free before paid; then oldest
+    return (g.expires_at is None, g.expires_at or datetime.max, g.price > 0, g.granted_at, g.grant_id)
+
+
+class _Wallet:
+    def __init__(self, customer_id: str, grants: list[Grant], outcome: Outcome):
+        self.customer_id = customer_id
+        self.pending = sorted(grants, key=lambda g: (g.granted_at, g.grant_id))
+        self.active: list[Grant] = []
+        self.out = outcome
+        self.balance = ZERO
+        self.top_ups: dict[Period, int] = defaultdict(int)
+        self.low_fired: set[Period] = set()
+        self.exhausted_fired: set[Period] = set()
+        self.grace_used: dict[tuple, Decimal] = defaultdict(Decimal)
+
+    def _entry(self, g: Grant, kind: str, credits: Decimal, at: datetime, **extra) -> None:
+        self.balance += credits
+        self.out.entries.append(Entry(self.customer_id, g.grant_id, kind, credits, self.balance, at, g.expires_at,
+                                      g.cost_basis, g.subscription_id, **extra))
+
+    def _grant(self, g: Grant) -> None:
+        g.remaining = g.credits
+        self.active.append(g)
+        self.out.grants[g.grant_id] = g
+        self._entry(g, g.kind, g.credits, g.granted_at)
+
+
+
+    def _expire(self, g: Grant) -> None:
+        self.active.remove(g)
+        left = g.remaining
+        carried = min(left, g.rollover_max)
+        g.remaining = ZERO
+        if carried > 0:
+            # unused plan credits move into the next period on the same cost basis: out of this
+            # grant, into a new one; neither billed nor recognized
+            self._entry(g, "rollover", -carried, g.expires_at)
+            nxt = Period.containing(g.expires_at.date())
+            self._grant(Grant(f"{g.grant_id}/rollover", g.customer_id, g.subscription_id, "rollover", g.expires_at,
+                              nxt.end_at, carried, g.price * carried / g.credits if g.price else ZERO, g.currency))
+        if left - carried > 0:
+            self._entry(g, "expire", -(left - carried), g.expires_at)
+
+    def advance(self, to: datetime, inclusive: bool = True) -> None:
+        """Apply expiries and grants up to instant `to` (expiries first at one instant)."""
+        while True:
+            exp = min((g for g in self.active if g.expires_at is not None), key=lambda g: (g.expires_at, g.grant_id),
+                      default=None)
+            nxt = self.pending[0] if self.pending else None
+            exp_at = exp.expires_at if exp else None
+            grant_at = nxt.granted_at if nxt else None
+            candidates = [t for t in (exp_at, grant_at) if t is not None and (t <= to if inclusive else t < to)]
+            if not candidates:
+                return
+            t = min(candidates)
+            if exp_at == t:
+                self._expire(exp)
+            else:
+                self._grant(self.pending.pop(0))
+
+    def consume(self, ev: CreditEvent, plan: PlanFile) -> None:
+        spec = plan.plan.credits
+        period = Period.containing(ev.event_at.date())
+        need = credits_needed(plan, ev)
+        drawn = self._draw(need, ev)
+        if need - drawn > 0 and spec.top_up and spec.top_up.auto:
+            while need - drawn > 0 and self._buy_top_up(spec, plan, ev, period):
+                drawn += self._draw(need - drawn, ev)
+        if spec.top_up and spec.top_up.auto and self.balance < spec.top_up.below:
+            self._buy_top_up(spec, plan, ev, period)
+        low = spec.low_balance if spec.low_balance is not None else (spec.top_up.below if spec.top_up else None)
+        if low is not None and self.balance < low and period not in self.low_fired:
+            self.low_fired.add(period)
+            self.out.alerts.append((ev.customer_id, ev.subscription_id, "credits_low", str(low), str(self.balance),
+                                    ev.event_at))
+        uncovered = need - drawn
+        key = (ev.subscription_id, ev.segment_no, ev.meter, ev.dims)
+        units = ev.quantity * uncovered / need if need else ZERO
+        if uncovered > 0:
+            if period not in self.exhausted_fired:
+                self.exhausted_fired.add(period)
+                self.out.alerts.append((ev.customer_id, ev.subscription_id, "credits_exhausted", "0",
+                                        str(uncovered), ev.event_at))
+            if spec.when_exhausted == "block":
+                grace_key = (ev.subscription_id, period)
+                served = min(uncovered, spec.grace - self.grace_used[grace_key])
+                self.grace_used[grace_key] += served
+                billed_units = ev.quantity * served / need
+                self.out.blocked_units[key] += units - billed_units
+                units = billed_units
+        self.out.billable_units[key] += units
+
+    def _draw(self, need: Decimal, ev: CreditEvent) -> Decimal:
+        drawn = ZERO
+        for g in sorted(self.active, key=_draw_order):
+            if drawn >= need:
+                break
+            take = min(g.remaining, need - drawn)
+            if take > 0:
+                g.remaining -= take
+                drawn += take
+                self._entry(g, "consume", -take, ev.event_at, event_id=ev.event_id, meter=ev.meter)
+        return drawn
+
+    def _buy_top_up(self, spec: Credits, plan: PlanFile, ev: CreditEvent, period: Period) -> bool:
+        top = spec.top_up
+        if self.top_ups[period] >= top.max_per_period:
+            return False
+        self.top_ups[period] += 1
+        n = self.top_ups[period]
+        g = Grant(f"{ev.subscription_id}/{period}/top_up{n}", ev.customer_id, ev.subscription_id, "top_up",
+                  ev.event_at, expiry(top.expires, ev.event_at, period.end_at), top.credits, top.price,
+                  plan.plan.currency)
+        self._grant(g)
+        self.out.alerts.append((ev.customer_id, ev.subscription_id, "auto_top_up", str(n), str(top.price), ev.event_at))
+        return True
+
+
+def replay(customer_id: str, events: list[CreditEvent], grants: list[Grant], plans_of: dict[str, PlanFile],
+           until: datetime, outcome: Outcome) -> None:
+    """Replay one customer's wallet up to `until` (expiries at `until` included). `plans_of`
+    maps event_id to the plan version in force for that event."""
+    wallet = _Wallet(customer_id, grants, outcome)
+    for ev in sorted(events, key=lambda e: (e.event_at, e.event_id)):
+        wallet.advance(ev.event_at)
+        wallet.consume(ev, plans_of[ev.event_id])
+    wallet.advance(until)
+
+
+def wallet_history(subs: list[Subscription], catalog: Catalog, purchases: list[Purchase],
+                   events: list[CreditEvent], period: Period) -> Outcome:
+    """Every customer's wallet from its first grant or event through the end of `period`."""
+    grants = plan_grants(subs, catalog, period) + purchase_grants(
+        [p for p in purchases if p.purchased_at < period.end_at])
+    by_customer_grants: dict[str, list[Grant]] = defaultdict(list)
+    for g in grants:
+        by_customer_grants[g.customer_id].append(g)
+    subs_by_id = {s.subscription_id: s for s in subs}
+    by_customer_events: dict[str, list[CreditEvent]] = defaultdict(list)
+    plans_of: dict[str, PlanFile] = {}
+    for ev in events:
+        by_customer_events[ev.customer_id].append(ev)
+        plans_of[ev.event_id] = plan_on(subs_by_id[ev.subscription_id], catalog, ev.event_at.date())
+    outcome = Outcome()
+    for customer in sorted(set(by_customer_grants) | set(by_customer_events)):
+        replay(customer, by_customer_events.get(customer, []), by_customer_grants.get(customer, []), plans_of,
+               period.end_at, outcome)
+    return outcome
+
+
+def in_period(entry: Entry, period: Period) -> bool:
+    """Entries belong to the period that contains them; an expiry at a period's end instant
+    belongs to the period whose credits it ends."""
+    if entry.kind == "expire" or (entry.kind == "rollover" and entry.credits < 0):
+        return period.start_at < entry.occurred_at <= period.end_at
+    return period.start_at <= entry.occurred_at < period.end_at
+
+
+
+LEDGER_SCHEMA = {
+    "entry_id": pl.String, "customer_id": pl.String, "grant_id": pl.String, "kind": pl.String,
+    "credits": pl.String, "balance_after": pl.String, "occurred_at": pl.Datetime("us", "UTC"),
+    "expires_at": pl.Datetime("us", "UTC"), "cost_basis": pl.String, "subscription_id": pl.String,
+    "event_id": pl.String, "meter": pl.String, "period": pl.String,
+}
+
+
+def ledger_table(outcome: Outcome, period: Period) -> pl.DataFrame:
+    """One row per wallet movement in `period`, in replay order (customer, then time), numbered
+    L-2026-10-00000001..."""
+    rows = []
+    for entry in (e for e in outcome.entries if in_period(e, period)):
+        rows.append({"entry_id": f"L-{period}-{len(rows) + 1:08d}", "customer_id": entry.customer_id,
+                     "grant_id": entry.grant_id, "kind": entry.kind, "credits": decimal_text(entry.credits),
+                     "balance_after": decimal_text(entry.balance_after), "occurred_at": entry.occurred_at,
+                     "expires_at": entry.expires_at, "cost_basis": decimal_text(entry.cost_basis),
+                     "subscription_id": entry.subscription_id, "event_id": entry.event_id, "meter": entry.meter,
+                     "period": str(period)})
+    return pl.DataFrame(rows, schema=LEDGER_SCHEMA)
+
+
+def credit_lines(period: Period, outcome: Outcome, purchases: list[Purchase], subs: list[Subscription],
+                 currency_of: dict[str, str], rounding_of: dict[str, str]) -> dict[str, list[Line]]:
+    """Invoice lines for credits bought in `period`: auto top-ups on the subscription that
+    bought them, and purchases on the invoice of the customer's subscription active at
+    purchased_at."""
+    lines: dict[str, list[Line]] = defaultdict(list)
+    for g in sorted(outcome.grants.values(), key=lambda g: (g.granted_at, g.grant_id)):
+        if g.kind == "top_up" and period.start_at <= g.granted_at < period.end_at:
+            lines[g.subscription_id].append(Line(
+                kind="top_up", description=f"Credit top-up, {fmt_units(g.credits)} credits ({g.granted_at:%b %d %H:%M} UTC)",
+                quantity=g.credits, unit="credits", amount=g.price,
+                amount_minor=to_minor(g.price, g.currency, rounding_of[g.subscription_id])))
+    for p in sorted(purchases, key=lambda p: (p.purchased_at, p.purchase_id)):
+        if not period.start_at <= p.purchased_at < period.end_at:
+            continue
+        sub = next((s for s in subs if s.customer_id == p.customer_id and s.active_on(p.purchased_at.date())), None)
+        if sub is None:
+            raise InputError(f"credit_purchases {p.purchase_id}: customer {p.customer_id!r} has no subscription "
+                             f"active at {p.purchased_at:%Y-%m-%d} to bill it on")
+        if currency_of.get(sub.subscription_id, p.currency) != p.currency:
+            raise InputError(f"credit_purchases {p.purchase_id}: currency {p.currency} but subscription "
+                             f"{sub.subscription_id} bills in {currency_of[sub.subscription_id]}")
+        lines[sub.subscription_id].append(Line(
+            kind="credit_purchase", description=f"Credit pack {p.purchase_id}, {fmt_units(p.credits)} credits",
+            quantity=p.credits, unit="credits", amount=p.price,
+            amount_minor=to_minor(p.price, p.currency, rounding_of.get(sub.subscription_id, "half_up"))))
+    return lines
+
+
+def purchases_from(frame: pl.DataFrame, source: str, customers: set[str]) -> list[Purchase]:
+    """Checked credit_purchases rows; a bad row fails the run naming the file, row and field."""
+    required = ("purchase_id", "customer_id", "credits", "price", "currency", "purchased_at")
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise InputError(f"{source}: missing column(s) {', '.join(missing)}")
+    out, seen = [], set()
+    for i, row in enumerate(frame.cast({c: pl.String for c in frame.columns}).iter_rows(named=True), start=1):
+        where = f"{source} row {i}"
+
+        def parse(column, fn, optional=False):
+            text = (row.get(column) or "").strip()
+            if not text and optional:
+                return None
+            try:
+                return fn(text)
+            except (ValueError, ArithmeticError):
+                raise InputError(f"{where}, {column}: {text!r} is not valid") from None
+        purchase = Purchase(
+            purchase_id=parse("purchase_id", lambda t: t or _raise()),
+            customer_id=parse("customer_id", lambda t: t if t in customers else _raise()),
+            credits=parse("credits", lambda t: _positive(Decimal(t))),
+            price=parse("price", lambda t: _not_negative(Decimal(t))),
+            currency=parse("currency", lambda t: t if is_known_currency(t) else _raise()),
+            purchased_at=parse("purchased_at", _instant),
+            expires_at=parse("expires_at", _instant, optional=True))
+        if purchase.purchase_id in seen:
+            raise InputError(f"{where}, purchase_id: {purchase.purchase_id!r} appears more than once")
+        if purchase.expires_at is not None and purchase.expires_at <= purchase.purchased_at:
+            raise InputError(f"{where}, expires_at: not after purchased_at")
+        seen.add(purchase.purchase_id)
+        out.append(purchase)
+    return out
+
+
+def _raise():
+    raise ValueError
+
+
+def _positive(value: Decimal) -> Decimal:
+    if not value.is_finite() or value <= 0:
+        raise ValueError
+    return value
+
+
+def _not_negative(value: Decimal) -> Decimal:
+    if not value.is_finite() or value < 0:
+        raise ValueError
+    return value
+
+
+def _instant(text: str) -> datetime:
+    value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def period_credit_events(per_event_usage: pl.DataFrame, segments: list) -> list[CreditEvent]:
+    """The period's billed events that their segment's plan pays with credits."""
+    plan_of = {(s.subscription.subscription_id, s.segment_no): s.plan.plan for s in segments}
+    return [CreditEvent(customer_id, sub, seg, event_id, event_at, meter, dims, quantity)
+            for sub, seg, meter, dims, quantity, customer_id, event_id, event_at in per_event_usage.select(
+                "subscription_id", "segment_no", "meter", "dims", "quantity", "customer_id", "event_id",
+                "event_at").iter_rows()
+            if plan_of[(sub, seg)].consumes(meter)]
+
+
+def credit_meters(segments: list) -> set[tuple[str, int, str]]:
+    """(subscription_id, segment_no, meter) of every segment x meter paid with credits."""
+    out = set()
+    for s in segments:
+        plan = s.plan.plan
+        if plan.credits is not None:
+            meters = [c.meter for c in plan.charges] if plan.credits.unit == "money" else plan.credits.consume
+            out |= {(s.subscription.subscription_id, s.segment_no, m) for m in meters}
+    return out
+
+
+def credit_report(outcome: Outcome, period: Period, plan_of_sub: dict) -> list[dict]:
+    """Per plan (or `purchases`): credits granted, consumed, expired in `period`, and the cost of
+    what expired (breakage at expiry), so pricing can see whether allocations fit customers' use."""
+    totals: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO])
+    for e in outcome.entries:
+        if not in_period(e, period):
+            continue
+        g = outcome.grants[e.grant_id]
+        plan = plan_of_sub.get(g.subscription_id)
+        key = ("purchases" if g.kind == "purchase" or plan is None else f"{plan.plan} v{plan.version}", g.currency)
+        acc = totals[key]
+        if e.kind in ("grant", "purchase", "top_up"):
+            acc[0] += e.credits
+        elif e.kind == "consume":
+            acc[1] -= e.credits
+        elif e.kind == "expire":
+            acc[2] -= e.credits
+            acc[3] -= e.credits * e.cost_basis
+    return [{"plan": plan, "currency": currency, "granted": decimal_text(v[0]), "consumed": decimal_text(v[1]),
+             "expired": decimal_text(v[2]), "breakage_minor": to_minor(v[3], currency)}
+            for (plan, currency), v in sorted(totals.items())]
