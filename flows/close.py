@@ -43,6 +43,7 @@ from transforms.reference import (Segment, Subscription, checked_customers, chec
 from transforms.render import invoice_html
 from transforms.revenue import journal, proportional_rates, revenue_rows
 from transforms.settle import Settlement, settled_usage
+from transforms.spend import spend_alerts
 from transforms.usage import normalized_usage
 
 MANIFEST = "manifest.json"
@@ -329,8 +330,12 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     write("usage_summary.parquet", settlement.usage_by_dims)
     quarantine = quarantine_table(settlement, normalized)
     write("quarantine.parquet", quarantine)
-    write("alerts.parquet", alerts_table(price_change_notices(period, list(reference.subscriptions), catalog)
-                                         + credit_alerts(outcome, period)))
+    spend = {inv.subscription_id: sum(l.amount_minor for l in inv.lines if l.kind in ("usage", "overage"))
+             for inv in invoices}
+    write("alerts.parquet", alerts_table(
+        price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period)
+        + spend_alerts(period, list(reference.segments), settlement.usage_by_day, settlement.per_event_usage,
+                       outcome.billable_by_day, credit_meters(list(reference.segments)), spend)))
     write("credit_ledger.parquet", ledger_table(outcome, period))
     plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
     revenue = revenue_rows(period, invoices, outcome, proportional_rates(outcome, plan_of_sub))
@@ -413,7 +418,7 @@ def publish(store_uri: str, period: Period, run_id: str, out_dir: Path, names: l
                            f"nothing of this run was published as the result")
     fault_point("manifest-written")
     store.delete_prefix(f"billing/_state/runs/{run_id}/")
-    get_run_logger().info("publish: %d outputs and the manifest to %s%s in %.2fs", len(names), store.uri,
+    get_run_logger().info("publish: %d outputs and the manifest to %s/%s in %.2fs", len(names), store.uri.rstrip("/"),
                           prefix, time.perf_counter() - started)
 
 

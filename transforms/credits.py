@@ -98,6 +98,8 @@ class Outcome:
     # per (subscription_id, segment_no, meter, dims): units left for the charges (uncovered, or
     # covered by grace) and units blocked (not billed)
     billable_units: dict[tuple, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    # the same by UTC day of the event (key + (day,)), for spend replayed in event time
+    billable_by_day: dict[tuple, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     blocked_units: dict[tuple, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     grants: dict[str, Grant] = field(default_factory=dict)
     alerts: list[tuple] = field(default_factory=list)  # (customer, subscription, kind, threshold, value, at)
@@ -236,7 +238,8 @@ class _Wallet:
         low = spec.low_balance if spec.low_balance is not None else (spec.top_up.below if spec.top_up else None)
         if low is not None and self.balance < low and period not in self.low_fired:
             self.low_fired.add(period)
-            self.out.alerts.append((ev.customer_id, ev.subscription_id, "credits_low", str(low), str(self.balance),
+            self.out.alerts.append((ev.customer_id, ev.subscription_id, "credits_low", decimal_text(low),
+                                    decimal_text(self.balance),
                                     ev.event_at))
         uncovered = need - drawn
         key = (ev.subscription_id, ev.segment_no, ev.meter, ev.dims)
@@ -245,7 +248,7 @@ class _Wallet:
             if period not in self.exhausted_fired:
                 self.exhausted_fired.add(period)
                 self.out.alerts.append((ev.customer_id, ev.subscription_id, "credits_exhausted", "0",
-                                        str(uncovered), ev.event_at))
+                                        decimal_text(uncovered), ev.event_at))
             if spec.when_exhausted == "block":
                 grace_key = (ev.subscription_id, period)
                 served = min(uncovered, spec.grace - self.grace_used[grace_key])
@@ -254,6 +257,7 @@ class _Wallet:
                 self.out.blocked_units[key] += units - billed_units
                 units = billed_units
         self.out.billable_units[key] += units
+        self.out.billable_by_day[key + (ev.event_at.date(),)] += units
 
     def _draw(self, need: Decimal, ev: CreditEvent) -> Decimal:
         drawn = ZERO
@@ -277,7 +281,8 @@ class _Wallet:
                   ev.event_at, expiry(top.expires, ev.event_at, period.end_at), top.credits, top.price,
                   plan.plan.currency)
         self._grant(g)
-        self.out.alerts.append((ev.customer_id, ev.subscription_id, "auto_top_up", str(n), str(top.price), ev.event_at))
+        self.out.alerts.append((ev.customer_id, ev.subscription_id, "auto_top_up", str(n), decimal_text(top.price),
+                                ev.event_at))
         return True
 
 

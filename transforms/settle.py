@@ -31,6 +31,7 @@ class Settlement:
     counts: dict[str, int]
     quarantine: pl.DataFrame
     usage_by_dims: pl.DataFrame
+    usage_by_day: pl.DataFrame
     per_event_usage: pl.DataFrame
     credit_history: list[CreditEvent]
 
@@ -161,5 +162,6 @@ def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
         counts=counts,
         quarantine=con.sql(sql["quarantine"]).pl(),
         usage_by_dims=con.sql(sql["usage_by_dims"]).pl(),
+        usage_by_day=con.sql(sql["usage_by_day"]).pl(),
         per_event_usage=con.sql(sql["per_event_usage"]).pl(),
     )

@@ -113,6 +113,16 @@ WHERE outcome = 'billed'
 GROUP BY ALL
 ORDER BY ALL;
 
+-- name: usage_by_day
+-- One row per subscription segment x meter x distinct dimensions x UTC day: the billed units,
+-- for spend alerts replayed in event time.
+SELECT subscription_id, segment_no, meter, dims, CAST(event_at AS DATE) AS day,
+       sum(quantity) AS units, count(*) AS events
+FROM settled
+WHERE outcome = 'billed'
+GROUP BY ALL
+ORDER BY ALL;
+
 -- name: per_event_usage
 -- One row per billed event of a meter that some charge prices per event (percentage fees),
 -- in event-time order within its segment.

@@ -1,0 +1,63 @@
+"""Thin flows for Prefect schedules: they turn "when the run was scheduled" into the parameters of
+the real flows and call them as subflows. No billing logic lives here.
+
+A scheduled run that starts late (the worker was down over the night of the 1st) still closes the
+month before its *scheduled* time, never the month it happens to start in; that is why the clock
+comes from the flow run, not the wall.
+"""
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.backfill import backfill
+from flows.close import close_period
+from transforms.periods import Period
+
+
+def period_to_close(scheduled_at: datetime) -> Period:
+    """The calendar month (UTC) before the one a run is scheduled in: the run scheduled
+    2026-11-01T02:00Z closes 2026-10. A naive time is taken as UTC."""
+    return Period.containing(_utc(scheduled_at).date()).previous()
+
+
+def scheduled_on(scheduled_at: datetime) -> date:
+    """The UTC date of a run's scheduled start: a scheduled backfill's `issued_on`."""
+    return _utc(scheduled_at).date()
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def _scheduled_start() -> datetime:
+    """When this flow run was scheduled to start. A run created by hand or called outside a
+    deployment is scheduled for the moment it was created, which is now."""
+    return flow_run.scheduled_start_time or datetime.now(timezone.utc)
+
+
+@flow(name="monthly-close", log_prints=False)
+def monthly_close(store: str = "./billing-data", plans: str = "./plans", period: str | None = None) -> dict:
+    """Close the month before the run's scheduled start (or `period`, YYYY-MM, when given)."""
+    logger = get_run_logger()
+    if period is None:
+        scheduled_at = _scheduled_start()
+        period = str(period_to_close(scheduled_at))
+        logger.info("closing %s, the month before this run's scheduled start %s", period,
+                    _utc(scheduled_at).isoformat(timespec="seconds"))
+    else:
+        logger.info("closing %s (given as a parameter)", period)
+    return close_period(store=store, plans=plans, period=period)
+
+
+@flow(name="backfill-range", log_prints=False)
+def backfill_range(store: str, plans: str, from_period: str, to_period: str, reason: str,
+                   as_of: str | None = None) -> dict:
+    """Re-rate the closed periods from_period..to_period and issue correction documents dated
+    `as_of` (YYYY-MM-DD; default: the UTC date of the run's scheduled start)."""
+    if as_of is None:
+        as_of = scheduled_on(_scheduled_start()).isoformat()
+    get_run_logger().info("backfill %s..%s as of %s: %s", from_period, to_period, as_of, reason)
+    return backfill(store=store, plans=plans, first=from_period, last=to_period, reason=reason, as_of=as_of)
