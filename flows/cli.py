@@ -179,6 +179,33 @@ def status(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[
         out.print(f"inputs or plans changed since the close: run `{report['backfill']}`")
 
 
+@app.command(epilog="Example: billrun nightly --date 2026-10-14 --webhook https://hooks.example.com/billing")
+def nightly(ctx: typer.Context,
+            day: str = typer.Option(..., "--date", help="The night's date, YYYY-MM-DD (usage up to and including it)."),
+            webhook: Optional[str] = typer.Option(None, "--webhook", help="POST the night's new alerts here as JSON."),
+            store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
+    """Take in new usage and bring the period to date: estimates, credit balances, alerts.
+
+    Only objects new or rewritten since the last night are read. An alert fires once per
+    customer, period, kind and threshold; re-running a night changes nothing."""
+    from flows.nightly import nightly as nightly_flow
+
+    store, plans = _opts(ctx, store, plans)
+    _quiet_user_errors()
+    result = _run(nightly_flow, store=store, plans=plans, day=day, webhook=webhook)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    if result["status"] == "already_ran":
+        out.print(f"{day}: already ran; nothing changed")
+        return
+    intake = result["intake"]
+    out.print(f"{day} ({result['period']} to date): {intake['objects']} new objects, {intake['read']} rows read, "
+              f"{intake['billed']} taken in, {intake['duplicates']} duplicates, {intake['quarantined']} quarantined; "
+              f"{result['alerts_fired']} alerts fired; {len(result['over_80_percent_of_budget'])} customers over "
+              f"80% of budget")
+
+
 @app.command(epilog="Example: billrun backfill --from 2026-08 --to 2026-10 --reason 'gpt-4o price fix'")
 def backfill(ctx: typer.Context,
              first: str = typer.Option(..., "--from", help="First period to re-rate, YYYY-MM."),

@@ -31,7 +31,7 @@ from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, UNREADABLE, is_pur
 from flows.locks import fault_point, period_lock
 from flows.store import open_store
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
-from transforms.credits import (Outcome, Purchase, credit_lines, credit_meters, credit_report, ledger_table,
+from transforms.credits import (Outcome, Purchase, balances_table, credit_lines, credit_meters, credit_report, ledger_table,
                                period_credit_events, purchases_from, wallet_history)
 from transforms.errors import BillrunError, InputError
 from transforms.invoices import (Invoice, apply_credits, invoices_table, lines_table, period_invoices,
@@ -337,6 +337,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         + spend_alerts(period, list(reference.segments), settlement.usage_by_day, settlement.per_event_usage,
                        outcome.billable_by_day, credit_meters(list(reference.segments)), spend)))
     write("credit_ledger.parquet", ledger_table(outcome, period))
+    write("credit_balances.parquet", balances_table(outcome, period))
     plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
     revenue = revenue_rows(period, invoices, outcome, proportional_rates(outcome, plan_of_sub))
     write("revenue.parquet", revenue)

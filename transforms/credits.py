@@ -476,3 +476,93 @@ def credit_report(outcome: Outcome, period: Period, plan_of_sub: dict) -> list[d
     return [{"plan": plan, "currency": currency, "granted": decimal_text(v[0]), "consumed": decimal_text(v[1]),
              "expired": decimal_text(v[2]), "breakage_minor": to_minor(v[3], currency)}
             for (plan, currency), v in sorted(totals.items())]
+
+
+BALANCES_SCHEMA = {
+    "customer_id": pl.String, "grant_id": pl.String, "kind": pl.String, "subscription_id": pl.String,
+    "granted_at": pl.Datetime("us", "UTC"), "expires_at": pl.Datetime("us", "UTC"), "credits": pl.String,
+    "price": pl.String, "currency": pl.String, "cost_basis": pl.String, "opening": pl.String,
+    "granted": pl.String, "consumed": pl.String, "expired": pl.String, "rolled_over": pl.String,
+    "closing": pl.String, "period": pl.String,
+}
+
+
+def balances_table(outcome: Outcome, period: Period) -> pl.DataFrame:
+    """One row per grant alive at some point in `period`: opening + granted - consumed - expired
+    - rolled over = closing. The closing balances of one period are the opening of the next."""
+    moves: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])  # open, +, use, exp, roll
+    for e in outcome.entries:
+        acc = moves[e.grant_id]
+        if in_period(e, period):
+            if e.kind in ("grant", "purchase", "top_up") or (e.kind == "rollover" and e.credits > 0):
+                acc[1] += e.credits
+            elif e.kind == "consume":
+                acc[2] -= e.credits
+            elif e.kind == "expire":
+                acc[3] -= e.credits
+            else:
+                acc[4] -= e.credits
+        elif _before(e, period):
+            acc[0] += e.credits
+    rows = []
+    for grant_id in sorted(moves):
+        opening, granted, consumed, expired, rolled = moves[grant_id]
+        closing = opening + granted - consumed - expired - rolled
+        if opening == granted == consumed == expired == rolled == closing == 0:
+            continue
+        g = outcome.grants[grant_id]
+        rows.append({"customer_id": g.customer_id, "grant_id": grant_id, "kind": g.kind,
+                     "subscription_id": g.subscription_id, "granted_at": g.granted_at, "expires_at": g.expires_at,
+                     "credits": decimal_text(g.credits), "price": decimal_text(g.price), "currency": g.currency,
+                     "cost_basis": decimal_text(g.cost_basis), "opening": decimal_text(opening),
+                     "granted": decimal_text(granted), "consumed": decimal_text(consumed),
+                     "expired": decimal_text(expired), "rolled_over": decimal_text(rolled),
+                     "closing": decimal_text(closing), "period": str(period)})
+    return pl.DataFrame(rows, schema=BALANCES_SCHEMA)
+
+
+def _before(entry: Entry, period: Period) -> bool:
+    if entry.kind == "expire" or (entry.kind == "rollover" and entry.credits < 0):
+        return entry.occurred_at <= period.start_at
+    return entry.occurred_at < period.start_at
+
+
+def grants_from_balances(balances: pl.DataFrame) -> list[Grant]:
+    """Grants still holding credits at the end of a closed period (its credit_balances), ready to
+    open the next period's wallets."""
+    out = []
+    for row in balances.iter_rows(named=True):
+        closing = Decimal(row["closing"])
+        if closing > 0:
+            g = Grant(row["grant_id"], row["customer_id"], row["subscription_id"], row["kind"], row["granted_at"],
+                      row["expires_at"], Decimal(row["credits"]), Decimal(row["price"]), row["currency"])
+            out.append(g)
+            g.opening = closing  # type: ignore[attr-defined]
+    return out
+
+
+def wallets_from_opening(opening: list[Grant], subs: list[Subscription], catalog: Catalog,
+                         purchases: list[Purchase], events: list[CreditEvent], period: Period) -> Outcome:
+    """Wallets of `period` started from the previous close's closing grants instead of a replay
+    of all history: the plan grants and purchases of the period are added, then the period's
+    events replayed. Opening grants enter at the period start with their remaining credits, as
+    entries of kind `opening` (a balance brought forward, never billed again)."""
+    fresh = [g for g in plan_grants(subs, catalog, period) + purchase_grants(purchases)
+             if period.start_at <= g.granted_at < period.end_at]
+    carried = [Grant(g.grant_id, g.customer_id, g.subscription_id, "opening", period.start_at, g.expires_at,
+                     g.opening, g.price * g.opening / g.credits if g.price else ZERO, g.currency)
+               for g in opening]
+    by_customer: dict[str, list[Grant]] = defaultdict(list)
+    for g in carried + fresh:
+        by_customer[g.customer_id].append(g)
+    subs_by_id = {s.subscription_id: s for s in subs}
+    events_by_customer: dict[str, list[CreditEvent]] = defaultdict(list)
+    plans_of = {}
+    for ev in events:
+        events_by_customer[ev.customer_id].append(ev)
+        plans_of[ev.event_id] = plan_on(subs_by_id[ev.subscription_id], catalog, ev.event_at.date())
+    outcome = Outcome()
+    for customer in sorted(set(by_customer) | set(events_by_customer)):
+        replay(customer, events_by_customer.get(customer, []), by_customer.get(customer, []), plans_of,
+               period.end_at, outcome)
+    return outcome
