@@ -14,7 +14,7 @@ import io
 import json
 import re
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -29,10 +29,12 @@ from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _sha256, check_reference
 from flows.locks import period_lock
 from flows.status import checked_key
 from flows.store import open_store
-from transforms.corrections import correction_documents, issued_lines
+from transforms.corrections import correction_documents, issued_lines, ledger_adjustments, revenue_adjustments
+from transforms.credits import balances_table
+from transforms.revenue import journal, proportional_rates, revenue_rows
 from transforms.errors import InputError
 from transforms.invoices import Invoice, invoices_table, lines_table
-from transforms.periods import Period
+from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
 from transforms.render import invoice_html
 
@@ -58,15 +60,46 @@ def load_issued(store_uri: str, periods: list[Period]) -> dict[str, tuple[pl.Dat
     store = open_store(store_uri)
     corrections = sorted(m.group(1) for o in store.list("billing/corrections/")
                          if (m := _CORRECTION_MANIFEST.match(o.key)))
-    extra_docs = [_read_parquet(store, f"billing/corrections/run={r}/invoices.parquet") for r in corrections]
-    extra_lines = [_read_parquet(store, f"billing/corrections/run={r}/invoice_lines.parquet") for r in corrections]
+    def every(name: str) -> list[pl.DataFrame]:
+        keys = [f"billing/corrections/run={r}/{name}" for r in corrections]
+        return [_read_parquet(store, k) for k in keys if store.exists(k)]
+
+    extra = {name: every(name) for name in ("invoices.parquet", "invoice_lines.parquet", "revenue.parquet",
+                                             "credit_ledger.parquet")}
     issued = {}
     for period in periods:
-        docs = [_read_parquet(store, f"billing/period={period}/invoices.parquet")] + extra_docs
-        lines = [_read_parquet(store, f"billing/period={period}/invoice_lines.parquet")] + extra_lines
-        issued[str(period)] = (pl.concat(docs, how="diagonal_relaxed").filter(pl.col("period") == str(period)),
-                               pl.concat(lines, how="diagonal_relaxed").filter(pl.col("period") == str(period)))
+        def recorded(name: str, close_name: str, column: str) -> pl.DataFrame:
+            frames = [_read_parquet(store, f"billing/period={period}/{close_name}")] + extra[name]
+            return pl.concat(frames, how="diagonal_relaxed").filter(pl.col(column) == str(period))
+        issued[str(period)] = Issued(recorded("invoices.parquet", "invoices.parquet", "period"),
+                                     recorded("invoice_lines.parquet", "invoice_lines.parquet", "period"),
+                                     _recorded_revenue(store, period, extra["revenue.parquet"]),
+                                     _recorded_balances(store, period, extra["credit_ledger.parquet"]))
     return issued
+
+
+@dataclass(frozen=True)
+class Issued:
+    """What is on record for one closed period: documents, lines, revenue and credit balances."""
+
+    docs: pl.DataFrame
+    lines: pl.DataFrame
+    revenue: pl.DataFrame
+    balances: pl.DataFrame
+
+
+def _recorded_revenue(store, period: Period, adjustments: list[pl.DataFrame]) -> pl.DataFrame:
+    frames = [_read_parquet(store, f"billing/period={period}/revenue.parquet")]
+    frames += [a.filter(pl.col("corrected_period") == str(period)) for a in adjustments]
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def _recorded_balances(store, period: Period, adjustments: list[pl.DataFrame]) -> pl.DataFrame:
+    frames = [_read_parquet(store, f"billing/period={period}/credit_balances.parquet").select(
+        "grant_id", "customer_id", "closing")]
+    frames += [a.filter(pl.col("corrected_period") == str(period)).select("grant_id", "customer_id", "credits")
+               for a in adjustments]
+    return pl.concat(frames, how="diagonal_relaxed")
 
 
 def _originals(docs: pl.DataFrame) -> dict[str, dict]:
@@ -128,33 +161,45 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             documents: list[Invoice] = []
             plan_entries: dict[tuple, dict] = {}
             customers = None
+            revenue_changes, ledger_changes = [], []
+            booked = str(Period.containing(issued_on))
             for period in closed:
                 reference = check_reference(inputs, catalog, period)
                 customers = reference.customers
                 settlement = settle_usage(normalized, reference, catalog, period, work_dir)
-                rerated = rate_invoices(settlement, reference, replay_credits(settlement, reference, catalog, period),
-                                        period)
+                outcome = replay_credits(settlement, reference, catalog, period)
+                rerated = rate_invoices(settlement, reference, outcome, period)
                 plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
-                docs, lines = issued[str(period)]
-                documents += correction_documents(str(period), rerated, issued_lines(lines), _originals(docs),
-                                                  _next_numbers(docs), issued_on)
+                record = issued[str(period)]
+                documents += correction_documents(str(period), rerated, issued_lines(record.lines),
+                                                  _originals(record.docs), _next_numbers(record.docs), issued_on)
+                plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
+                revenue_changes.append(revenue_adjustments(
+                    revenue_rows(period, rerated, outcome, proportional_rates(outcome, plan_of_sub)),
+                    record.revenue, str(period), booked))
+                ledger_changes.append(ledger_adjustments(balances_table(outcome, period), record.balances,
+                                                         str(period), booked, utc_midnight(issued_on)))
+            revenue_changes = pl.concat(revenue_changes)
+            ledger_changes = pl.concat(ledger_changes)
             input_hashes = [f"{o.key}|{o.sha256}" for o in inputs.all]
-            issued_ids = sorted(i for docs, _ in issued.values() for i in docs["invoice_id"].to_list())
+            issued_ids = sorted(i for record in issued.values() for i in record.docs["invoice_id"].to_list())
             plan_entries = [plan_entries[k] for k in sorted(plan_entries)]
             plan_hashes = [f"{e['plan']}|{e['version']}|{e['sha256']}" for e in plan_entries]
             run_id = backfill_run_id(closed, issued_on, reason, input_hashes, plan_hashes, issued_ids)
-            if documents:
+            if documents or revenue_changes.height or ledger_changes.height:
                 documents = [replace(d, run_id=run_id, reason=reason) for d in documents]
-                names, manifest = _write(documents, customers, inputs, run_id, reason, issued_on, closed,
-                                         plan_entries, work_dir / "out")
+                names, manifest = _write(documents, revenue_changes, ledger_changes, customers, inputs, run_id,
+                                         reason, issued_on, closed, plan_entries, work_dir / "out")
                 publish_corrections(store, run_id, work_dir / "out", names, manifest)
             record_checked(store, closed, run_id, inputs, plan_entries)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
     logger.info("backfill %s..%s: %d documents in run %s", first, last, len(documents), run_id)
-    return {"status": "corrected" if documents else "nothing_to_correct", "run_id": run_id, "skipped": skipped, "store": store,
-            "plans": plan_entries,
-        "documents": [{"invoice_id": d.invoice_id, "kind": d.kind, "period": d.period,
+    changed = bool(documents) or revenue_changes.height > 0 or ledger_changes.height > 0
+    return {"status": "corrected" if changed else "nothing_to_correct", "run_id": run_id, "skipped": skipped,
+            "store": store, "revenue_adjustments": revenue_changes.height,
+            "ledger_adjustments": ledger_changes.height,
+            "documents": [{"invoice_id": d.invoice_id, "kind": d.kind, "period": d.period,
                            "subscription_id": d.subscription_id, "corrects_invoice_id": d.corrects_invoice_id,
                            "currency": d.currency, "total_minor": d.total_minor} for d in documents]}
 
@@ -171,13 +216,17 @@ def record_checked(store_uri: str, periods: list[Period], run_id: str, inputs, p
         store.put_bytes(checked_key(period), body)
 
 
-def _write(documents: list[Invoice], customers: pl.DataFrame, inputs, run_id: str, reason: str, as_of: date,
-           periods: list[Period], plan_entries: list[dict], out_dir: Path) -> tuple[list[str], bytes]:
+def _write(documents: list[Invoice], revenue_changes: pl.DataFrame, ledger_changes: pl.DataFrame,
+           customers: pl.DataFrame, inputs, run_id: str, reason: str, as_of: date, periods: list[Period],
+           plan_entries: list[dict], out_dir: Path) -> tuple[list[str], bytes]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "documents").mkdir()
-    names = ["invoices.parquet", "invoice_lines.parquet"]
-    invoices_table(documents).write_parquet(out_dir / names[0], **PARQUET)
-    lines_table(documents).write_parquet(out_dir / names[1], **PARQUET)
+    tables = {"invoices.parquet": invoices_table(documents), "invoice_lines.parquet": lines_table(documents),
+              "revenue.parquet": revenue_changes, "credit_ledger.parquet": ledger_changes,
+              "journal.parquet": journal(revenue_changes)}
+    names = list(tables)
+    for name, frame in tables.items():
+        frame.write_parquet(out_dir / name, **PARQUET)
     by_customer = {row["customer_id"]: row for row in customers.iter_rows(named=True)}
     seller = seller_block(inputs)
     for doc in documents:

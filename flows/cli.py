@@ -239,9 +239,12 @@ def backfill(ctx: typer.Context,
         return
     for period in result["skipped"]:
         out.print(f"{period}: not closed, skipped (run `billrun close --period {period}`)")
-    if not result["documents"]:
+    if result["status"] == "nothing_to_correct":
         out.print("nothing to correct: every closed period in the range matches what was issued")
         return
+    if result["revenue_adjustments"] or result["ledger_adjustments"]:
+        out.print(f"{result['revenue_adjustments']} revenue and {result['ledger_adjustments']} credit ledger "
+                  f"adjustments (run {result['run_id']})")
     from transforms.money import format_money
 
     out.print(f"issued {len(result['documents'])} documents (run {result['run_id']}):")
@@ -299,6 +302,145 @@ def unlock(ctx: typer.Context,
     store, _ = _opts(ctx, store, plans)
     holder = _run(lambda: remove_lock(open_store(store), Period.parse(period)))
     out.print(f"{period}: removed the lock held by {holder}" if holder else f"{period}: not locked")
+
+
+def _money(minor, currency: str) -> str:
+    from transforms.money import format_money
+
+    return "unknown" if minor is None else format_money(minor, currency)
+
+
+def _csv_option(text: Optional[str]) -> Optional[list[str]]:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def _signed_pct(text: Optional[str]) -> str:
+    return "new" if text is None else (text if text.startswith("-") else f"+{text}") + "%"
+
+
+def _print_simulation(result: dict, top: int = 10) -> None:
+    out.print(f"[bold]{result['period']}[/bold] simulated with {', '.join(result['plan_map'])}: "
+              f"{result['moved']['customers']} customers moved ({result['moved']['subscriptions']} subscriptions)")
+    for t in result["totals"]:
+        c = t["currency"]
+        out.print(f"  {c}: billed {_money(t['paid_minor'], c)}, would be billed {_money(t['would_pay_minor'], c)} "
+                  f"({_signed_pct(t['change_pct'])}); revenue {_money(t['revenue_current_minor'], c)} -> "
+                  f"{_money(t['revenue_candidate_minor'], c)}; breakage {_money(t['breakage_current_minor'], c)} -> "
+                  f"{_money(t['breakage_candidate_minor'], c)}; margin {_money(t['margin_current_minor'], c)} -> "
+                  f"{_money(t['margin_candidate_minor'], c)}")
+        out.print(f"  {c}: {t['shock']} bill shocks (above +{result['shock_pct']}%), {t['up']} up within it, "
+                  f"{t['same']} unchanged, {t['down']} down")
+    changes = sorted(result["customers"], key=lambda r: (-abs(r["difference_minor"]), r["customer_id"]))[:top]
+    if changes:
+        out.print(f"largest changes (of {len(result['customers'])}):")
+        for r in changes:
+            out.print(f"  {r['customer_id']}  {r['plans_before']} -> {r['plans_after']}: "
+                      f"{_money(r['paid_minor'], r['currency'])} -> {_money(r['would_pay_minor'], r['currency'])} "
+                      f"({_signed_pct(r['change_pct'])}, {r['outcome']})", markup=False)
+    for note in result["notes"]:
+        out.print(f"note: {note}", markup=False)
+    if result["report"]:
+        out.print(f"report: {result['store'].rstrip('/')}/{result['report']}")
+
+
+@app.command(epilog="Example: billrun simulate --period 2026-10 --plan-map images=api --plan-map api:1=api:2")
+def simulate(ctx: typer.Context,
+             period: str = typer.Option(..., "--period", help="A closed month to re-rate, YYYY-MM."),
+             plan_map: list[str] = typer.Option(..., "--plan-map", help="OLD=NEW: move subscriptions on plan OLD "
+                                                "to NEW (plan, or plan:version to pin one). Repeatable."),
+             shock: str = typer.Option("0.2", "--shock", help="A rise above this fraction of the bill is a bill shock."),
+             customers: Optional[str] = typer.Option(None, "--customers", help="Only these customers (c1,c2,...)."),
+             candidates: Optional[str] = typer.Option(None, "--candidates", help="A folder of candidate plan files "
+                                                      "that only simulations see (never billed)."),
+             no_report: bool = typer.Option(False, "--no-report", help="Write nothing to the store (no HTML report "
+                                            "under billing/simulations/)."),
+             store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
+    """What would a closed month have billed with some customers on other plans?
+
+    Re-rates the period's usage with the close's own steps and compares, per moved customer and
+    in total: billed vs would be billed, breakage and margin under both, bill shocks and drops.
+    Nothing in billing/period=P/ changes."""
+    from flows.simulate import simulate as simulate_flow
+
+    store, plans = _opts(ctx, store, plans)
+    _quiet_user_errors()
+    result = _run(simulate_flow, store=store, plans=plans, period=period, plan_map=plan_map, shock=shock,
+                  customers=_csv_option(customers), candidates=candidates, report=not no_report)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    _print_simulation(result)
+
+
+@app.command(epilog="Example: billrun migrate --plan images --to images-usage --on 2026-12-01 --dry-run")
+def migrate(ctx: typer.Context,
+            plan: str = typer.Option(..., "--plan", help="The plan to move from (plan or plan:version)."),
+            to: str = typer.Option(..., "--to", help="The plan to move to (plan, or plan:version to pin one)."),
+            on: str = typer.Option(..., "--on", help="First day on the new plan, YYYY-MM-DD, after every closed period."),
+            customers: Optional[str] = typer.Option(None, "--customers", help="Only these customers (c1,c2,...)."),
+            notice_days: int = typer.Option(30, "--notice-days", help="Refuse a date fewer days than this after --as-of."),
+            as_of: Optional[str] = typer.Option(None, "--as-of", help="Today, for the notice, YYYY-MM-DD "
+                                                "[default: today, UTC]."),
+            dry_run: bool = typer.Option(False, "--dry-run", help="Preview only: the subscriptions file is not changed."),
+            no_report: bool = typer.Option(False, "--no-report", help="No HTML report for the preview."),
+            store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
+    """Move subscriptions to another plan from a date.
+
+    Previews the move on the last closed period, then ends each subscription on the date and
+    starts a new one on the new plan there. Closed periods are never changed."""
+    from datetime import datetime, timezone
+
+    from flows.simulate import migrate as migrate_flow
+
+    store, plans = _opts(ctx, store, plans)
+    _quiet_user_errors()
+    result = _run(migrate_flow, store=store, plans=plans, plan=plan, to=to, on=on,
+                  as_of=as_of or datetime.now(timezone.utc).date().isoformat(), customers=_csv_option(customers),
+                  notice_days=notice_days, dry_run=dry_run, report=not no_report)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    if result["status"] == "nothing_to_migrate":
+        out.print(f"nothing to migrate: no subscription on {result['plan']} is active on or after {result['on']}")
+        return
+    said = {"dry_run": "would move (dry run, nothing written)", "migrated": "moved"}[result["status"]]
+    out.print(f"{said} {len(result['changes'])} subscriptions from {result['plan']} to {result['to']} on "
+              f"{result['on']}; notify customers by {result['notify_by']}")
+    for c in result["changes"]:
+        out.print(f"  {c['customer_id']}  {c['subscription_id']} ({c['from']}) -> {c['new_subscription_id']} "
+                  f"({c['to']}), {c['action']}", markup=False)
+    preview = result["preview"]
+    if preview:
+        for t in preview["totals"]:
+            cur = t["currency"]
+            out.print(f"preview on {preview['period']}: {t['customers']} customers billed "
+                      f"{_money(t['paid_minor'], cur)}, would be {_money(t['would_pay_minor'], cur)} "
+                      f"({_signed_pct(t['change_pct'])}); breakage {_money(t['breakage_current_minor'], cur)} -> "
+                      f"{_money(t['breakage_candidate_minor'], cur)}; {t['shock']} bill shocks, {t['down']} drops")
+        for note in preview["notes"]:
+            out.print(f"note: {note}", markup=False)
+        if preview["report"]:
+            out.print(f"preview report: {result['store'].rstrip('/')}/{preview['report']}")
+    out.print(f"after the first close on the new plan: {result['after']}", markup=False)
+
+
+@app.command(epilog="Example: billrun report --period 2026-10 --out report-2026-10.html")
+def report(ctx: typer.Context,
+           period: str = typer.Option(..., "--period", help="A closed month, YYYY-MM."),
+           out_file: Optional[str] = typer.Option(None, "--out", help="Write the HTML here instead of the store's "
+                                                  "billing/reports/period=P/report.html."),
+           store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
+    """A closed month in pictures: revenue by plan and stream, breakage over the closed
+    periods, margin by meter. One self-contained HTML file."""
+    from flows.report import report_period
+
+    store, _ = _opts(ctx, store, plans)
+    _quiet_user_errors()
+    result = _run(report_period, store=store, period=period, out=out_file)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    out.print(f"{result['period']}: report with {result['charts']} charts at {result['report']}")
 
 
 def main() -> None:

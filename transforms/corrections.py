@@ -17,7 +17,7 @@ from decimal import Decimal
 import polars as pl
 
 from transforms.invoices import Invoice, Line
-from transforms.money import format_money
+from transforms.money import decimal_text, format_money
 from transforms.pricing.base import ZERO, fmt_units
 
 PREFIXES = {"credit_note": "CN", "debit_note": "DN"}
@@ -108,3 +108,58 @@ def correction_documents(period: str, rerated: list[Invoice], issued: dict[str, 
             service_start=source["service_start"], service_end=source["service_end"],
             corrects_invoice_id=original["invoice_id"] if original else None))
     return documents
+
+
+REVENUE_KEYS = ["customer_id", "stream", "currency"]
+REVENUE_AMOUNTS = ["billed_minor", "recognized_minor", "breakage_minor"]
+
+
+def revenue_adjustments(rerated: pl.DataFrame, recorded: pl.DataFrame, corrected: str, booked: str) -> pl.DataFrame:
+    """Rows that bring the revenue recorded for period `corrected` (its close plus earlier
+    adjustments) to the re-rated figures, booked in period `booked` (the correction's own: a
+    closed period's books are not reopened). Each row is a change: opening 0, and closing is the
+    change in deferred revenue (opening + billed - recognized - breakage = closing)."""
+    def totals(frame: pl.DataFrame) -> pl.DataFrame:
+        if frame.height == 0:
+            return pl.DataFrame(schema={**{k: pl.String for k in REVENUE_KEYS}, **{a: pl.Int64 for a in REVENUE_AMOUNTS}})
+        return frame.group_by(REVENUE_KEYS).agg([pl.col(a).sum() for a in REVENUE_AMOUNTS])
+
+    joined = totals(rerated).join(totals(recorded), on=REVENUE_KEYS, how="full", coalesce=True, suffix="_was")
+    delta = joined.select(
+        *REVENUE_KEYS,
+        *[(pl.col(a).fill_null(0) - pl.col(f"{a}_was").fill_null(0)).alias(a) for a in REVENUE_AMOUNTS])
+    delta = delta.filter(pl.any_horizontal([pl.col(a) != 0 for a in REVENUE_AMOUNTS])).sort(REVENUE_KEYS)
+    return delta.select(
+        "customer_id", pl.lit(booked).alias("period"), pl.lit(corrected).alias("corrected_period"), "stream",
+        "currency", pl.lit(0, dtype=pl.Int64).alias("opening_deferred_minor"), *REVENUE_AMOUNTS,
+        (pl.col("billed_minor") - pl.col("recognized_minor") - pl.col("breakage_minor")).alias("closing_deferred_minor"))
+
+
+BALANCE_AMOUNTS = ["granted", "consumed", "expired", "rolled_over", "closing"]
+
+
+def ledger_adjustments(rerated: pl.DataFrame, recorded: pl.DataFrame, corrected: str, booked: str,
+                       at) -> pl.DataFrame:
+    """One `adjustment` ledger entry per grant whose re-rated closing balance for `corrected`
+    differs from what was recorded (the close's credit_balances plus earlier adjustments)."""
+    def closing(frame: pl.DataFrame) -> dict[str, tuple[Decimal, str]]:
+        out: dict[str, tuple[Decimal, str]] = {}
+        for row in frame.iter_rows(named=True):
+            value = Decimal(row.get("closing") or row.get("credits") or "0")
+            prev = out.get(row["grant_id"], (ZERO, row["customer_id"]))
+            out[row["grant_id"]] = (prev[0] + value, row["customer_id"])
+        return out
+
+    new, was = closing(rerated), closing(recorded)
+    rows = []
+    for grant_id in sorted(set(new) | set(was)):
+        change = new.get(grant_id, (ZERO, None))[0] - was.get(grant_id, (ZERO, None))[0]
+        if change != 0:
+            customer = (new.get(grant_id) or was.get(grant_id))[1]
+            rows.append({"entry_id": f"A-{booked}-{corrected}-{len(rows) + 1:06d}", "customer_id": customer,
+                         "grant_id": grant_id, "kind": "adjustment", "credits": decimal_text(change),
+                         "occurred_at": at, "period": booked, "corrected_period": corrected})
+    return pl.DataFrame(rows, schema={"entry_id": pl.String, "customer_id": pl.String, "grant_id": pl.String,
+                                      "kind": pl.String, "credits": pl.String,
+                                      "occurred_at": pl.Datetime("us", "UTC"), "period": pl.String,
+                                      "corrected_period": pl.String})

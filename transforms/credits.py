@@ -357,8 +357,11 @@ def credit_lines(period: Period, outcome: Outcome, purchases: list[Purchase], su
     lines: dict[str, list[Line]] = defaultdict(list)
     for g in sorted(outcome.grants.values(), key=lambda g: (g.granted_at, g.grant_id)):
         if g.kind == "top_up" and period.start_at <= g.granted_at < period.end_at:
+            # numbered within the period, not timed: a correction that moves a top-up in time
+            # is not a different top-up
+            number = sum(1 for line in lines[g.subscription_id] if line.kind == "top_up") + 1
             lines[g.subscription_id].append(Line(
-                kind="top_up", description=f"Credit top-up, {fmt_units(g.credits)} credits ({g.granted_at:%b %d %H:%M} UTC)",
+                kind="top_up", description=f"Automatic credit top-up #{number}, {fmt_units(g.credits)} credits",
                 quantity=g.credits, unit="credits", amount=g.price,
                 amount_minor=to_minor(g.price, g.currency, rounding_of[g.subscription_id])))
     for p in sorted(purchases, key=lambda p: (p.purchased_at, p.purchase_id)):
