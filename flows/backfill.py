@@ -23,7 +23,7 @@ import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _sha256, check_reference, closed_manifest, fetch_inputs,
+from flows.close import (IO_RETRIES, catalog_entries, MANIFEST, PARQUET, _sha256, check_reference, closed_manifest, fetch_inputs,
                          normalize_usage, plan_entries_for, rate_invoices, replay_credits, seller_block, settle_usage,
                          work_dir_for)
 from flows.locks import period_lock
@@ -162,6 +162,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             plan_entries: dict[tuple, dict] = {}
             customers = None
             revenue_changes, ledger_changes = [], []
+            roundings: dict[str, str] = {}
             booked = str(Period.containing(issued_on))
             for period in closed:
                 reference = check_reference(inputs, catalog, period)
@@ -174,6 +175,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                 documents += correction_documents(str(period), rerated, issued_lines(record.lines),
                                                   _originals(record.docs), _next_numbers(record.docs), issued_on)
                 plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
+                roundings.update({sub: plan.rounding for sub, plan in plan_of_sub.items()})
                 revenue_changes.append(revenue_adjustments(
                     revenue_rows(period, rerated, outcome, proportional_rates(outcome, plan_of_sub)),
                     record.revenue, str(period), booked))
@@ -188,10 +190,10 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             run_id = backfill_run_id(closed, issued_on, reason, input_hashes, plan_hashes, issued_ids)
             if documents or revenue_changes.height or ledger_changes.height:
                 documents = [replace(d, run_id=run_id, reason=reason) for d in documents]
-                names, manifest = _write(documents, revenue_changes, ledger_changes, customers, inputs, run_id,
-                                         reason, issued_on, closed, plan_entries, work_dir / "out")
+                names, manifest = _write(documents, revenue_changes, ledger_changes, customers, roundings, inputs,
+                                         run_id, reason, issued_on, closed, plan_entries, work_dir / "out")
                 publish_corrections(store, run_id, work_dir / "out", names, manifest)
-            record_checked(store, closed, run_id, inputs, plan_entries)
+            record_checked(store, closed, run_id, inputs, plan_entries, catalog)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
     logger.info("backfill %s..%s: %d documents in run %s", first, last, len(documents), run_id)
@@ -205,11 +207,12 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
 
 
 @task(name="record-checked", cache_policy=NO_CACHE, **IO_RETRIES)
-def record_checked(store_uri: str, periods: list[Period], run_id: str, inputs, plan_entries: list[dict]) -> None:
+def record_checked(store_uri: str, periods: list[Period], run_id: str, inputs, plan_entries: list[dict],
+                   catalog) -> None:
     """Remember, per period, the inputs and plans it was last rated with, so `billrun status`
     stops reporting drift that this backfill has settled (documents or not)."""
     store = open_store(store_uri)
-    record = {"run_id": run_id, "plans": plan_entries,
+    record = {"run_id": run_id, "plans": plan_entries, "catalog": catalog_entries(catalog),
               "inputs": [o.manifest_entry() for o in inputs.all]}
     body = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
     for period in periods:
@@ -217,8 +220,8 @@ def record_checked(store_uri: str, periods: list[Period], run_id: str, inputs, p
 
 
 def _write(documents: list[Invoice], revenue_changes: pl.DataFrame, ledger_changes: pl.DataFrame,
-           customers: pl.DataFrame, inputs, run_id: str, reason: str, as_of: date, periods: list[Period],
-           plan_entries: list[dict], out_dir: Path) -> tuple[list[str], bytes]:
+           customers: pl.DataFrame, roundings: dict[str, str], inputs, run_id: str, reason: str, as_of: date,
+           periods: list[Period], plan_entries: list[dict], out_dir: Path) -> tuple[list[str], bytes]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "documents").mkdir()
     tables = {"invoices.parquet": invoices_table(documents), "invoice_lines.parquet": lines_table(documents),
@@ -233,7 +236,8 @@ def _write(documents: list[Invoice], revenue_changes: pl.DataFrame, ledger_chang
         name = f"documents/{doc.invoice_id}.html"
         customer = by_customer.get(doc.customer_id, {"name": doc.customer_id, "address": None, "email": None,
                                                      "tax_id": None})
-        (out_dir / name).write_text(invoice_html(doc, customer, seller, "half_up", run_id), encoding="utf-8")
+        (out_dir / name).write_text(invoice_html(doc, customer, seller, roundings.get(doc.subscription_id, "half_up"),
+                                                 run_id), encoding="utf-8")
         names.append(name)
     prefix = f"billing/corrections/run={run_id}/"
     manifest = {

@@ -304,6 +304,13 @@ def run_id_for(period: Period, inputs: Inputs, plan_entries: list[dict]) -> str:
     return f"close-{period}-{digest.hexdigest()[:12]}"
 
 
+def catalog_entries(catalog: Catalog) -> list[dict]:
+    """Every plan file loaded (not only those used): a new version of a plan can re-bind
+    subscriptions, so drift checks compare the whole catalog."""
+    return [{"plan": f.plan.plan, "version": f.plan.version, "file": Path(f.path).name, "sha256": f.sha256}
+            for _, f in sorted(catalog.files.items())]
+
+
 def plan_entries_for(segments: tuple[Segment, ...]) -> list[dict]:
     used = {seg.plan.key: seg.plan for seg in segments}
     return [{"plan": f.plan.plan, "version": f.plan.version, "file": Path(f.path).name, "sha256": f.sha256}
@@ -366,6 +373,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         "inputs": [o.manifest_entry() for o in inputs.all],
         "credits": credit_report(outcome, period, plan_of_sub),
         "plans": plan_entries,
+        "catalog": catalog_entries(catalog),
         "rows": rows,
         "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
         "quarantined_by_reason": dict(sorted(quarantine.group_by("reason").len().iter_rows())),

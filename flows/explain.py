@@ -40,7 +40,10 @@ def explain_invoice(store_uri: str, invoice_id: str) -> dict:
         raise InputError(f"{invoice_id!r} is not a document id (INV-, CN- or DN-YYYY-MM-NNNNNN)")
     store = open_store(store_uri)
     folder, manifest = _locate(store, invoice_id, match.group(2))
-    invoice = _read(store, folder + "invoices.parquet").filter(pl.col("invoice_id") == invoice_id).row(0, named=True)
+    found = _read(store, folder + "invoices.parquet").filter(pl.col("invoice_id") == invoice_id)
+    if found.height == 0:
+        raise InputError(f"{invoice_id}: no such document in {store.uri}")
+    invoice = found.row(0, named=True)
     lines = _read(store, folder + "invoice_lines.parquet").filter(pl.col("invoice_id") == invoice_id).sort("line_no")
     usage = pl.DataFrame()
     if invoice["kind"] == "invoice" and store.exists(folder + "usage_summary.parquet"):

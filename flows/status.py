@@ -53,12 +53,20 @@ def drift(basis: dict, prints: _Fingerprints, catalog: Catalog | None) -> list[s
     for what, keys in (("new", new), ("rewritten", rewritten), ("deleted", gone)):
         if keys:
             changes.append(f"{len(keys)} input object(s) {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
-    for entry in basis.get("plans", []) if catalog is not None else []:
-        now = catalog.get(entry["plan"], entry["version"])
+    if catalog is None:
+        return changes
+    used = {e["plan"] for e in basis.get("plans", [])}
+    recorded_plans = {(e["plan"], e["version"]): e for e in basis.get("catalog", basis.get("plans", []))}
+    for key in sorted(set(recorded_plans) | {k for k in catalog.files if k[0] in used}):
+        if key[0] not in used:
+            continue  # a plan no subscription of the period was on
+        entry, now = recorded_plans.get(key), catalog.get(*key)
         if now is None:
-            changes.append(f"plan {entry['plan']} v{entry['version']} removed")
+            changes.append(f"plan {key[0]} v{key[1]} removed")
+        elif entry is None:
+            changes.append(f"plan {key[0]} v{key[1]} added ({now.plan.effective_from}): it may re-bind subscriptions")
         elif now.sha256 != entry["sha256"]:
-            changes.append(f"plan {entry['plan']} v{entry['version']} changed")
+            changes.append(f"plan {key[0]} v{key[1]} changed")
     return changes
 
 

@@ -1,0 +1,363 @@
+"""Which billing model is right: simulation and migration as Prefect flows.
+
+`simulate` re-rates a closed period's usage with some subscriptions moved to candidate plans,
+using the close's own steps on the close's own inputs, and compares each moved customer's bill,
+breakage and margin with what the period's documents billed. It writes nothing into
+billing/period=P/; with a report it writes billing/simulations/<id>/ (report.html,
+customers.parquet, margins.parquet, summary.json last).
+
+`migrate` makes a move real from a date: after a preview (a simulation of the last closed period)
+it rewrites the subscriptions file, ending each moved row on the date and starting a new row on
+the new plan there. It refuses a date that a closed period covers, so closed periods keep the
+rows they were billed with.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from dataclasses import dataclass, replace
+from datetime import date, datetime, timezone
+from decimal import Decimal, InvalidOperation
+from importlib.metadata import version as package_version
+
+import polars as pl
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.close import (Inputs, Reference, check_reference, fetch_inputs, normalize_usage, plan_entries_for,
+                         rate_invoices, replay_credits, settle_usage, work_dir_for)
+from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, read_table
+from flows.locks import period_lock
+from flows.report import (IO_RETRIES, NO_COSTS_NOTE, Chart, ClosedPeriod, breakage_charts, changes_chart,
+                          closed_periods, fetch_costs, load_closed_period, load_revenue_history, margin_charts,
+                          revenue_charts, simulation_html)
+from flows.store import open_store
+from transforms.credits import Outcome
+from transforms.errors import InputError
+from transforms.invoices import Invoice, invoices_table, lines_table
+from transforms.margins import Costs, margins_table, segment_plans
+from transforms.money import decimal_text
+from transforms.periods import Period
+from transforms.plans import Catalog, load_catalog
+from transforms.reference import checked_customers, segments_in
+from transforms.revenue import proportional_rates, revenue_rows
+from transforms.settle import Settlement
+from transforms.simulate import (SHOCK_DEFAULT, Move, Outcomes, PlanRef, breakage_by_period, change_bins, compare,
+                                 customer_plans, drifted_customers, margin_by_meter, migration, moved_subscriptions,
+                                 newly_quarantined, plan_moves, plan_ref, revenue_by_plan_stream, summarize,
+                                 closed_period_problem, notice_problem)
+
+PARQUET = {"compression": "zstd", "statistics": True}
+
+
+def shock_threshold(text: str) -> Decimal:
+    """`--shock 0.2`: a bill that rises by more than this fraction is a bill shock."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        value = None
+    if value is None or not value.is_finite() or value < 0:
+        raise InputError(f"--shock {text!r} is not a fraction of at least 0 (0.2 means 20%)")
+    return value
+
+
+def simulation_catalog(plans: str, candidates: str | None) -> Catalog:
+    """The billing catalog plus candidate plan files that only simulations see (never billed)."""
+    catalog = load_catalog(plans)
+    if candidates is None:
+        return catalog
+    return Catalog.from_files(list(catalog.files.values()) + list(load_catalog(candidates).files.values()))
+
+
+@dataclass(frozen=True)
+class Rerated:
+    """The close's steps run on the candidate subscriptions."""
+
+    reference: Reference
+    moved: frozenset[str]          # subscription ids moved
+    settlement: Settlement
+    outcome: Outcome
+    invoices: list[Invoice]
+    inputs: Inputs
+
+
+@dataclass(frozen=True)
+class Simulation:
+    result: dict
+    comparison: pl.DataFrame
+    margins: pl.DataFrame
+    charts: list[Chart]
+
+
+def simulation_id(period: Period, moves: tuple[Move, ...], customers: frozenset[str] | None, shock: Decimal,
+                  rerated: Rerated, closed: ClosedPeriod, costs_source: dict | None) -> str:
+    """Deterministic: the same question about the same store and plans has the same id (and the
+    report the same bytes)."""
+    digest = hashlib.sha256(f"simulate|{period}|{','.join(map(str, moves))}|{sorted(customers or [])}|{shock}|"
+                            f"billrun {package_version('billrun')}|{closed.manifest['run_id']}".encode())
+    for obj in rerated.inputs.all:
+        digest.update(f"|{obj.key}|{obj.sha256}".encode())
+    for entry in plan_entries_for(rerated.reference.segments):
+        digest.update(f"|plan|{entry['plan']}|{entry['version']}|{entry['sha256']}".encode())
+    digest.update(f"|costs|{(costs_source or {}).get('sha256')}".encode())
+    return f"sim-{period}-{digest.hexdigest()[:12]}"
+
+
+@task(name="move-subscriptions", cache_policy=NO_CACHE)
+def candidate_reference(reference: Reference, moves: tuple[Move, ...], catalog: Catalog, period: Period,
+                        customers: frozenset[str] | None) -> tuple[Reference, frozenset[str]]:
+    """The close's reference data with the subscriptions moved, and the ids of those moved."""
+    subs, moved = moved_subscriptions(reference.subscriptions, moves, catalog, period, customers)
+    return replace(reference, subscriptions=subs, segments=tuple(segments_in(period, list(subs), catalog))), moved
+
+
+@task(name="compare-models", cache_policy=NO_CACHE)
+def compare_models(store: str, period: Period, moves: tuple[Move, ...], customers: frozenset[str] | None,
+                   shock: Decimal, original: Reference, rerated: Rerated, closed: ClosedPeriod, costs: Costs,
+                   costs_source: dict | None, history: dict[str, pl.DataFrame]) -> Simulation:
+    """Both models side by side: per customer, per currency, and what the charts draw."""
+    current_segments, candidate_segments = segment_plans(original.segments), segment_plans(rerated.reference.segments)
+    plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in rerated.reference.segments}
+    current = Outcomes(closed.documents, closed.revenue,
+                       margins_table(closed.lines, closed.usage_summary, current_segments, costs, period),
+                       current_segments)
+    candidate = Outcomes(invoices_table(rerated.invoices),
+                         revenue_rows(period, rerated.invoices, rerated.outcome,
+                                      proportional_rates(rerated.outcome, plan_of_sub)),
+                         margins_table(lines_table(rerated.invoices), rerated.settlement.usage_by_dims,
+                                       candidate_segments, costs, period),
+                         candidate_segments)
+    ever_moved = frozenset(s.customer_id for s in rerated.reference.subscriptions if s.subscription_id in rerated.moved)
+    in_period = frozenset(s.subscription.customer_id for s in rerated.reference.segments
+                          if s.subscription.subscription_id in rerated.moved)
+    names = dict(original.customers.select("customer_id", "name").iter_rows())
+    comparison = compare(current, candidate, in_period, names, shock)
+    totals = summarize(comparison, current, candidate)
+    quarantined = newly_quarantined(rerated.settlement.quarantine, closed.quarantine, in_period)
+    drift = drifted_customers(current, candidate, ever_moved)
+    shock_pct = decimal_text(shock * 100)
+    notes = []
+    if quarantined["rows"]:
+        meters = ", ".join(f"{m} {n}" for m, n in quarantined["by_meter"].items())
+        notes.append(f"{quarantined['rows']} usage rows the close billed would not be billed under the candidate "
+                     f"plans (they price no such meter or no charge fits: {meters}); they are left out of "
+                     f"\"would be billed\", so the candidate looks cheaper than it would be with prices for them.")
+    if drift:
+        notes.append(f"{len(drift)} customers who were not moved re-rate to a different bill than was issued "
+                     f"({', '.join(drift[:5])}{', ...' if len(drift) > 5 else ''}): the store or the plans changed "
+                     f"since the close, and the moved customers' figures include that change. Run `billrun status`.")
+    if costs_source is None:
+        notes.append(NO_COSTS_NOTE)
+    result = {
+        "simulation_id": simulation_id(period, moves, customers, shock, rerated, closed, costs_source),
+        "store": store, "period": str(period), "plan_map": [str(m) for m in moves],
+        "customers_filter": sorted(customers) if customers else [], "shock": str(shock), "shock_pct": shock_pct,
+        "closed_run_id": closed.manifest["run_id"], "costs": costs_source,
+        "moved": {"customers": len(in_period), "subscriptions": len(rerated.moved)},
+        "totals": totals, "quarantined": quarantined,
+        "drift": {"customers": len(drift), "examples": drift[:10]},
+        "notes": notes, "report": None,
+        "customers": comparison.to_dicts(),
+    }
+    margins = pl.concat([current.margins.filter(pl.col("customer_id").is_in(list(in_period)))
+                         .with_columns(pl.lit("current").alias("model")),
+                         candidate.margins.filter(pl.col("customer_id").is_in(list(in_period)))
+                         .with_columns(pl.lit("candidate").alias("model"))])
+    candidate_breakage = breakage_by_period({str(period): candidate.revenue})
+    charts = (revenue_charts(
+        [{**e, "model": "current"} for e in revenue_by_plan_stream(current.revenue, customer_plans(current_segments),
+                                                                   in_period)]
+        + [{**e, "model": "candidate"} for e in revenue_by_plan_stream(candidate.revenue,
+                                                                       customer_plans(candidate_segments), in_period)],
+        "of the moved customers")
+        + breakage_charts(breakage_by_period(history), candidate_breakage, str(period))
+        + [changes_chart(change_bins(comparison, shock), shock_pct)]
+        + margin_charts({"current": margin_by_meter(margins.filter(pl.col("model") == "current")),
+                         "candidate": margin_by_meter(margins.filter(pl.col("model") == "candidate"))}))
+    return Simulation(result, comparison, margins, charts)
+
+
+@task(name="publish-simulation", cache_policy=NO_CACHE, **IO_RETRIES)
+def publish_simulation(store_uri: str, simulation: Simulation) -> str:
+    """billing/simulations/<id>/: report.html, customers.parquet, margins.parquet, then
+    summary.json, written last: a folder without it is an interrupted write."""
+    store = open_store(store_uri)
+    prefix = f"billing/simulations/{simulation.result['simulation_id']}/"
+    result = {**simulation.result, "report": prefix + "report.html"}
+    for name, frame in (("customers.parquet", simulation.comparison), ("margins.parquet", simulation.margins)):
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer, **PARQUET)
+        store.put_bytes(prefix + name, buffer.getvalue())
+    store.put_bytes(prefix + "report.html", simulation_html(result, simulation.comparison, simulation.charts).encode())
+    store.put_bytes(prefix + "summary.json", (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    return prefix + "report.html"
+
+
+@flow(name="simulate", log_prints=False)
+def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: str = str(SHOCK_DEFAULT),
+             customers: list[str] | None = None, candidates: str | None = None, report: bool = True,
+             require_moves: bool = True) -> dict:
+    """Re-rate a closed period with the subscriptions of `plan_map` moved (OLD=NEW, plan or
+    plan:version) and compare bills, breakage and margins with what was billed."""
+    the_period = Period.parse(period)
+    threshold = shock_threshold(shock)
+    catalog = simulation_catalog(plans, candidates)
+    moves = plan_moves(plan_map, catalog)
+    wanted = frozenset(customers) if customers else None
+    closed = load_closed_period(store, the_period)
+    label = hashlib.sha256(f"{plan_map}|{sorted(wanted or [])}".encode()).hexdigest()[:10]
+    work_dir = work_dir_for(store, f"simulate-{the_period}-{label}")
+    try:
+        inputs = fetch_inputs(store, work_dir / "inputs")
+        original = check_reference(inputs, catalog, the_period)
+        reference, moved = candidate_reference(original, moves, catalog, the_period, wanted)
+        _check_moves(reference, moved, moves, the_period, wanted, original, require_moves)
+        normalized = normalize_usage(inputs, work_dir)
+        settlement = settle_usage(normalized, reference, catalog, the_period, work_dir)
+        outcome = replay_credits(settlement, reference, catalog, the_period)
+        invoices = rate_invoices(settlement, reference, outcome, the_period)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    costs, costs_source = fetch_costs(store)
+    history = load_revenue_history(store)
+    simulation = compare_models(store, the_period, moves, wanted, threshold, original,
+                                Rerated(reference, moved, settlement, outcome, invoices, inputs), closed, costs,
+                                costs_source, history)
+    result = simulation.result
+    if report:
+        result = {**result, "report": publish_simulation(store, simulation)}
+    _artifact(result)
+    get_run_logger().info("simulate %s %s: %d customers moved", the_period, ", ".join(result["plan_map"]),
+                          result["moved"]["customers"])
+    return result
+
+
+def _check_moves(reference: Reference, moved: frozenset[str], moves: tuple[Move, ...], period: Period,
+                 wanted: frozenset[str] | None, original: Reference, require_moves: bool) -> None:
+    """Refuse a simulation that moves nobody or names customers it cannot move (a typo)."""
+    known = set(original.customers["customer_id"].to_list())
+    unknown = sorted((wanted or frozenset()) - known)
+    if unknown:
+        raise InputError(f"--customers: {', '.join(unknown)} not in customers")
+    in_period = {s.subscription.customer_id for s in reference.segments if s.subscription.subscription_id in moved}
+    missing = sorted((wanted or frozenset()) - in_period)
+    if require_moves and missing:
+        raise InputError(f"--customers: {', '.join(missing)} has no subscription on "
+                         f"{' or '.join(str(m.old) for m in moves)} in {period}")
+    if require_moves and not in_period:
+        raise InputError(f"no subscription is on {' or '.join(str(m.old) for m in moves)} in {period}: "
+                         f"nothing to simulate")
+
+
+def _artifact(result: dict) -> None:
+    create_table_artifact(
+        key=f"simulate-{result['period']}",
+        table=[{"currency": t["currency"], "customers": t["customers"], "paid_minor": t["paid_minor"],
+                "would_pay_minor": t["would_pay_minor"], "breakage_current_minor": t["breakage_current_minor"],
+                "breakage_candidate_minor": t["breakage_candidate_minor"], "shock": t["shock"], "down": t["down"]}
+               for t in result["totals"]],
+        description=f"Simulation {result['simulation_id']} of {result['period']}: {', '.join(result['plan_map'])}")
+
+
+# --- migrate ----------------------------------------------------------------------------------
+
+def _day(text: str, option: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise InputError(f"{option} {text!r} is not a date (YYYY-MM-DD)") from None
+
+
+@dataclass(frozen=True)
+class SubscriptionsFile:
+    key: str
+    data: bytes
+    frame: pl.DataFrame
+    customers: pl.DataFrame
+
+
+@task(name="read-subscriptions", cache_policy=NO_CACHE, **IO_RETRIES)
+def read_subscriptions(store_uri: str) -> SubscriptionsFile:
+    store = open_store(store_uri)
+    work_dir = work_dir_for(store_uri, "migrate-read")
+    try:
+        keys = {}
+        for candidates, what in ((SUBSCRIPTIONS_KEYS, "subscriptions"), (CUSTOMERS_KEYS, "customers")):
+            present = [k for k in candidates if store.exists(k)]
+            if len(present) != 1:
+                raise InputError(f"{store.uri}: need exactly one of {' or '.join(candidates)} ({what})")
+            keys[what] = present[0]
+        local = store.fetch(list(keys.values()), work_dir)
+        customers = checked_customers(read_table(local[keys["customers"]], keys["customers"]), keys["customers"])
+        key = keys["subscriptions"]
+        return SubscriptionsFile(key, local[key].read_bytes(), read_table(local[key], key), customers)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _file_bytes(frame: pl.DataFrame, key: str) -> bytes:
+    buffer = io.BytesIO()
+    if key.endswith(".parquet"):
+        frame.write_parquet(buffer, **PARQUET)
+    else:
+        frame.write_csv(buffer)
+    return buffer.getvalue()
+
+
+@task(name="write-subscriptions", cache_policy=NO_CACHE)
+def write_subscriptions(store_uri: str, before: SubscriptionsFile, after: pl.DataFrame, on: date,
+                        command: str) -> None:
+    """Replace the subscriptions file, holding the lock of the period the migration starts in
+    (so that period's close reads the file before or after, never during), and only if no close
+    has covered the date and nobody changed the file since it was read."""
+    store = open_store(store_uri)
+    with period_lock(store, [Period.containing(on)], command, datetime.now(timezone.utc)):
+        problem = closed_period_problem(on, closed_periods(store_uri))
+        if problem:
+            raise InputError(problem)
+        if store.read_bytes(before.key) != before.data:
+            raise InputError(f"{before.key} changed while the migration was prepared; run it again")
+        store.put_bytes(before.key, _file_bytes(after, before.key))
+
+
+@flow(name="migrate-plan", log_prints=False)
+def migrate(store: str, plans: str, plan: str, to: str, on: str, as_of: str, customers: list[str] | None = None,
+            notice_days: int = 30, dry_run: bool = False, report: bool = True) -> dict:
+    """Move subscriptions on `plan` to `to` from `on`: preview on the last closed period, then
+    (unless `dry_run`) rewrite the subscriptions file."""
+    catalog = load_catalog(plans)
+    old, new = plan_ref(plan, catalog, "--plan"), plan_ref(to, catalog, "--to")
+    on_day, as_of_day = _day(on, "--on"), _day(as_of, "--as-of")
+    if notice_days < 0:
+        raise InputError("--notice-days must be 0 or more")
+    wanted = frozenset(customers) if customers else None
+    closed = closed_periods(store)
+    for problem in (closed_period_problem(on_day, closed), notice_problem(on_day, as_of_day, notice_days)):
+        if problem:
+            raise InputError(problem)
+    current = read_subscriptions(store)
+    planned = migration(current.frame, current.key, current.customers, catalog, old, new, on_day, wanted)
+    moved_customers = sorted({c["customer_id"] for c in planned.changes})
+    result = {"status": "nothing_to_migrate", "store": store, "plan": str(old), "to": str(new),
+              "on": on_day.isoformat(), "notify_by": date.fromordinal(on_day.toordinal() - notice_days).isoformat(),
+              "subscriptions": current.key, "changes": list(planned.changes), "preview": None, "after": None}
+    if not planned.changes:
+        return result
+    if closed:
+        # the preview prices the version customers will get: the one in force on the date
+        target = new if new.version else PlanRef(new.plan, catalog.in_force_on(new.plan, on_day).plan.version)
+        preview = simulate(store=store, plans=plans, period=str(max(closed)), plan_map=[f"{old}={target}"],
+                           customers=moved_customers, report=report, require_moves=False)
+        result["preview"] = {k: preview[k] for k in ("simulation_id", "period", "plan_map", "moved", "totals",
+                                                     "quarantined", "notes", "report")}
+    first = Period.containing(on_day) if on_day.day == 1 else Period.containing(on_day).next()
+    result["after"] = (f"billrun simulate --period {first} --plan-map {new.plan}={old} "
+                       f"--customers {','.join(moved_customers)}")
+    if dry_run:
+        return {**result, "status": "dry_run"}
+    write_subscriptions(store, current, planned.subscriptions, on_day, f"migrate {old} to {new} on {on_day}")
+    get_run_logger().info("migrate %s to %s on %s: %d subscriptions", old, new, on_day, len(planned.changes))
+    return {**result, "status": "migrated"}
