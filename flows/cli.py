@@ -287,6 +287,19 @@ def explain(ctx: typer.Context,
             out.print(f"     <- {row['units']} units in {row['events']} events with {row['dims']}", markup=False)
 
 
+@app.command(epilog="Example: billrun pdf --invoice INV-2026-10-000042 --out ./INV-2026-10-000042.pdf")
+def pdf(ctx: typer.Context,
+        invoice: str = typer.Option(..., "--invoice", help="An invoice, credit note or debit note id."),
+        out_path: Optional[Path] = typer.Option(None, "--out", help="Where to write the PDF [default: ./<id>.pdf]."),
+        store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt) -> None:
+    """Write the PDF of a published invoice, credit note or debit note (from its HTML)."""
+    from flows.documents import document_pdf
+
+    store, _ = _opts(ctx, store, plans)
+    written = _run(document_pdf, store, invoice, out_path or Path(f"{invoice}.pdf"))
+    out.print(f"{invoice}: {written}")
+
+
 @app.command(epilog="Example: billrun unlock --period 2026-10 --store s3://acme-billing/prod")
 def unlock(ctx: typer.Context,
            period: str = typer.Option(..., "--period", help="The period whose lock to remove, YYYY-MM."),

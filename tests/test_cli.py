@@ -113,3 +113,14 @@ def test_hostile_ids_never_become_paths(prefect_server, golden_store, tmp_path):
     created = {p for p in tmp_path.rglob("*")} - before
     assert all(Path(golden_store) in p.parents for p in created)
     assert not any("x3" in p.name or "sub3" in p.name for p in created)
+
+
+def test_pdf_of_a_published_invoice(prefect_server, golden_store, tmp_path):
+    assert run("close", "--period", "2026-10", "--store", golden_store, "--plans", str(GOLDEN / "plans")).exit_code == 0
+    out = tmp_path / "inv.pdf"
+    result = run("pdf", "--invoice", "INV-2026-10-000002", "--store", golden_store, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    data = out.read_bytes()
+    assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF") and len(data) > 5000
+    missing = run("pdf", "--invoice", "INV-2026-10-000009", "--store", golden_store, "--out", str(out))
+    assert_one_line_error(missing, "INV-2026-10-000009", "no such published document")

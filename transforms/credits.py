@@ -20,7 +20,7 @@ import polars as pl
 
 from transforms.errors import InputError
 from transforms.invoices import Line
-from transforms.money import decimal_text, is_known_currency, to_minor
+from transforms.money import decimal_text, from_minor, is_known_currency, to_minor
 from transforms.periods import Period, utc_midnight
 from transforms.pricing.base import fmt_units
 from transforms.plans import Catalog, ConsumeByDimension, Credits, PlanFile
@@ -150,7 +150,9 @@ def plan_grants(subs: list[Subscription], catalog: Catalog, until: Period) -> li
                     grant_id=f"{sub.subscription_id}/{period if g.every == 'period' else 'once'}/g{i + 1}",
                     customer_id=sub.customer_id, subscription_id=sub.subscription_id,
                     kind="grant", granted_at=granted_at, expires_at=expiry(g.expires, granted_at, period.end_at),
-                    credits=g.credits, price=g.allocated * days / period.days if g.every == "period" else g.allocated,
+                    credits=g.credits,
+                    price=_booked(g.allocated * days / period.days if g.every == "period" else g.allocated,
+                                  plan.plan.currency, plan.plan.rounding),
                     currency=plan.plan.currency, rollover_max=g.rollover_max))
             first = False
             period = period.next()
@@ -160,7 +162,13 @@ def plan_grants(subs: list[Subscription], catalog: Catalog, until: Period) -> li
 def purchase_grants(purchases: list[Purchase]) -> list[Grant]:
     return [Grant(grant_id=f"purchase/{p.purchase_id}", customer_id=p.customer_id, subscription_id=None,
                   kind="purchase", granted_at=p.purchased_at, expires_at=p.expires_at, credits=p.credits,
-                  price=p.price, currency=p.currency) for p in purchases]
+                  price=_booked(p.price, p.currency, "half_up"), currency=p.currency) for p in purchases]
+
+
+def _booked(amount: Decimal, currency: str, rounding: str) -> Decimal:
+    """What is paid for a grant, as its invoice line bills it (rounded once): the grant's price
+    and so its cost basis, so that revenue recognized from it adds up to the cent billed."""
+    return from_minor(to_minor(amount, currency, rounding), currency)
 
 
 def _draw_order(g: Grant) -> tuple:
@@ -203,8 +211,11 @@ class _Wallet:
             # grant, into a new one; neither billed nor recognized
             self._entry(g, "rollover", -carried, g.expires_at)
             nxt = Period.containing(g.expires_at.date())
-            self._grant(Grant(f"{g.grant_id}/rollover", g.customer_id, g.subscription_id, "rollover", g.expires_at,
-                              nxt.end_at, carried, g.price * carried / g.credits if g.price else ZERO, g.currency))
+            # granted like any grant, after every expiry of this instant
+            self.pending.append(Grant(f"{g.grant_id}/rollover", g.customer_id, g.subscription_id, "rollover",
+                                      g.expires_at, nxt.end_at, carried,
+                                      g.price * carried / g.credits if g.price else ZERO, g.currency))
+            self.pending.sort(key=lambda p: (p.granted_at, p.grant_id))
         if left - carried > 0:
             self._entry(g, "expire", -(left - carried), g.expires_at)
 
@@ -278,8 +289,8 @@ class _Wallet:
         self.top_ups[period] += 1
         n = self.top_ups[period]
         g = Grant(f"{ev.subscription_id}/{period}/top_up{n}", ev.customer_id, ev.subscription_id, "top_up",
-                  ev.event_at, expiry(top.expires, ev.event_at, period.end_at), top.credits, top.price,
-                  plan.plan.currency)
+                  ev.event_at, expiry(top.expires, ev.event_at, period.end_at), top.credits,
+                  _booked(top.price, plan.plan.currency, plan.plan.rounding), plan.plan.currency)
         self._grant(g)
         self.out.alerts.append((ev.customer_id, ev.subscription_id, "auto_top_up", str(n), decimal_text(top.price),
                                 ev.event_at))

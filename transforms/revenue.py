@@ -53,6 +53,7 @@ def _credit_amounts(outcome: Outcome, entries: list, proportional: dict[str, Dec
     """Per (customer, currency): exact [billed, recognized, breakage] of credits over `entries`."""
     out: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO])
     proportional_taken: dict[str, Decimal] = defaultdict(Decimal)
+    consumed_value: dict[str, Decimal] = defaultdict(Decimal)
     for e in entries:
         g = outcome.grants[e.grant_id]
         if g.currency is None:
@@ -62,12 +63,15 @@ def _credit_amounts(outcome: Outcome, entries: list, proportional: dict[str, Dec
         if e.kind in ("grant", "purchase", "top_up"):  # a rollover moves credits already paid for
             acc[0] += g.price
         elif e.kind == "consume":
-            acc[1] += -e.credits * e.cost_basis
-            if rate is not None:  # proportional breakage rides along with consumption
-                share = -e.credits * e.cost_basis * rate / (1 - rate)
-                share = min(share, g.price - proportional_taken[e.grant_id])  # never more than was paid
-                acc[2] += share
-                proportional_taken[e.grant_id] += share
+            value = -e.credits * e.cost_basis
+            acc[1] += value
+            consumed_value[e.grant_id] += value
+            if rate is not None:
+                # proportional breakage (ASC 606-10-55-48): the expected unused share rides along
+                # with use, never more than what is still unused, so deferred stays >= 0
+                target = min(consumed_value[e.grant_id] * rate / (1 - rate), g.price - consumed_value[e.grant_id])
+                acc[2] += target - proportional_taken[e.grant_id]
+                proportional_taken[e.grant_id] = target
         elif e.kind == "expire":
             # at expiry the breakage still due: what expires, less what was taken in proportion
             left = -e.credits * e.cost_basis
