@@ -22,8 +22,9 @@ from pathlib import Path
 import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
-from flows.close import (IO_RETRIES, catalog_entries, MANIFEST, PARQUET, _sha256, check_reference, closed_manifest, fetch_inputs,
+from flows.close import (IO_RETRIES, catalog_entries, in_parallel, MANIFEST, PARQUET, _sha256, check_reference, closed_manifest, fetch_inputs,
                          normalize_usage, plan_entries_for, rate_invoices, replay_credits, seller_block, settle_usage,
                          work_dir_for)
 from flows.locks import period_lock
@@ -131,10 +132,8 @@ def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[
     store = open_store(store_uri)
     staging = f"billing/_state/runs/{run_id}/out/"
     prefix = f"billing/corrections/run={run_id}/"
-    for name in names:
-        store.put_file(staging + name, out_dir / name)
-    for name in names:
-        store.copy(staging + name, prefix + name)
+    in_parallel(lambda name: store.put_file(staging + name, out_dir / name), names)
+    in_parallel(lambda name: store.copy(staging + name, prefix + name), names)
     store.put_if_absent(prefix + MANIFEST, manifest)  # same run id, same bytes: an existing one is ours
     store.delete_prefix(f"billing/_state/runs/{run_id}/")
 
@@ -156,7 +155,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
         work_dir = work_dir_for(store, f"backfill-{first}-{last}")
         try:
             inputs = fetch_inputs(store, work_dir / "inputs")
-            normalized = normalize_usage(inputs, work_dir)
+            normalized = normalize_usage(quote(inputs), work_dir)
             issued = load_issued(store, closed)
             documents: list[Invoice] = []
             plan_entries: dict[tuple, dict] = {}
@@ -165,11 +164,12 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             roundings: dict[str, str] = {}
             booked = str(Period.containing(issued_on))
             for period in closed:
-                reference = check_reference(inputs, catalog, period)
+                reference = check_reference(quote(inputs), quote(catalog), period)
                 customers = reference.customers
-                settlement = settle_usage(normalized, reference, catalog, period, work_dir)
-                outcome = replay_credits(settlement, reference, catalog, period)
-                rerated = rate_invoices(settlement, reference, outcome, period)
+                settlement = settle_usage(quote(normalized), quote(reference), quote(catalog), period,
+                                          work_dir)
+                outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)
+                rerated = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
                 plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
                 record = issued[str(period)]
                 documents += correction_documents(str(period), rerated, issued_lines(record.lines),
@@ -192,8 +192,8 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                 documents = [replace(d, run_id=run_id, reason=reason) for d in documents]
                 names, manifest = _write(documents, revenue_changes, ledger_changes, customers, roundings, inputs,
                                          run_id, reason, issued_on, closed, plan_entries, work_dir / "out")
-                publish_corrections(store, run_id, work_dir / "out", names, manifest)
-            record_checked(store, closed, run_id, inputs, plan_entries, catalog)
+                publish_corrections(store, run_id, work_dir / "out", quote(names), quote(manifest))
+            record_checked(store, closed, run_id, quote(inputs), plan_entries, quote(catalog))
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
     logger.info("backfill %s..%s: %d documents in run %s", first, last, len(documents), run_id)

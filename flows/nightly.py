@@ -27,6 +27,7 @@ import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from flows.close import (IO_RETRIES, MANIFEST, PARQUET, Inputs, InputObject, _one_of, _sha256, check_reference,
                          normalize_usage, work_dir_for)
@@ -271,11 +272,13 @@ def nightly(store: str, plans: str, day: str, webhook: str | None = None) -> dic
         work_dir = work_dir_for(store, f"nightly-{the_day}")
         try:
             intake = take_in(store, period, work_dir / "inputs")
-            reference = check_reference(intake.inputs, catalog, period)
-            normalized = normalize_usage(intake.inputs, work_dir)
-            usage = settle_night(normalized, intake, reference, catalog, period, work_dir)
-            result = estimate(store, usage, reference, catalog, period)
-            manifest = publish_night(store, period, the_day, intake, usage, result, reference, work_dir / "out")
+            reference = check_reference(quote(intake.inputs), quote(catalog), period)
+            normalized = normalize_usage(quote(intake.inputs), work_dir)
+            usage = settle_night(quote(normalized), quote(intake), quote(reference), quote(catalog), period,
+                                 work_dir)
+            result = estimate(store, quote(usage), quote(reference), quote(catalog), period)
+            manifest = publish_night(store, period, the_day, quote(intake), quote(usage), quote(result),
+                                     quote(reference), work_dir / "out")
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
     _report(manifest)
