@@ -48,7 +48,8 @@ from transforms.spend import spend_alerts, thresholds
 
 SQL_FILE = "nightly.sql"
 ACCEPTED_COLUMNS = {"event_id": pl.String, "customer_id": pl.String, "meter": pl.String, "dims": pl.String,
-                    "quantity": pl.Decimal(38, 9), "event_at": pl.Datetime("us", "UTC"), "source_key": pl.String}
+                    "quantity": pl.Decimal(38, 9), "event_at": pl.Datetime("us", "UTC"), "source_key": pl.String,
+                    "night": pl.Date}
 
 
 class DeliveryFailed(BillrunError):
@@ -121,7 +122,8 @@ class NightUsage:
 
 
 @task(name="settle-night", cache_policy=NO_CACHE)
-def settle_night(normalized, intake: Intake, reference, catalog, period: Period, work_dir: Path) -> NightUsage:
+def settle_night(normalized, intake: Intake, reference, catalog, period: Period, day: date,
+                 work_dir: Path) -> NightUsage:
     """Tonight's rows settled as a close would (scope, rules, duplicates among themselves), then
     against every event taken in before; then the period to date, per segment."""
     started = time.perf_counter()
@@ -135,16 +137,17 @@ def settle_night(normalized, intake: Intake, reference, catalog, period: Period,
             con.read_parquet(earlier).create_view("earlier")
         else:
             con.register("earlier", pl.DataFrame(schema=ACCEPTED_COLUMNS).to_arrow())
-        tonight = con.sql(sql["accepted_tonight"]).pl()
+        tonight = con.sql(sql["accepted_tonight"], params={"night": day}).pl()
         out_dir = work_dir / "accepted"
         out_dir.mkdir(exist_ok=True)
         accepted = {}
         for o in intake.inputs.usage:
-            path = out_dir / f"{o.sha256}.parquet"
+            path = out_dir / f"{hashlib.sha256(o.key.encode()).hexdigest()}.parquet"  # by key: two keys may share bytes
             tonight.filter(pl.col("source_key") == o.key).select(list(ACCEPTED_COLUMNS)).write_parquet(path, **PARQUET)
             accepted[o.key] = path
         all_files = earlier + [str(p) for p in accepted.values()]
-        con.read_parquet(all_files).create_view("to_date")
+        con.read_parquet(all_files).create_view("all_accepted")
+        con.execute(sql["first_copies"])
         con.register("segments", segments_frame(list(reference.segments)).to_arrow())
         per_meter = [m for m, per_event in _per_event_meters(catalog)]
         con.register("per_event_meters", pl.DataFrame({"meter": per_meter}, schema={"meter": pl.String}).to_arrow())
@@ -153,8 +156,9 @@ def settle_night(normalized, intake: Intake, reference, catalog, period: Period,
     finally:
         con.close()
     c = settlement.counts
-    counts = {"read": c["read"] + len(normalized.unreadable), "billed": tonight.height,
-              "duplicates": c["duplicates"] + c["billed"] - tonight.height,
+    new = int(tonight["is_new"].sum())
+    counts = {"read": c["read"] + len(normalized.unreadable), "billed": new,
+              "duplicates": c["duplicates"] + c["billed"] - new,
               "quarantined": c["quarantined"] + len(normalized.unreadable)}
     usage_by_dims = (usage_by_day.group_by("subscription_id", "segment_no", "meter", "dims")
                      .agg(pl.col("units").sum(), pl.col("events").sum())
@@ -275,7 +279,7 @@ def nightly(store: str, plans: str, day: str, webhook: str | None = None) -> dic
             reference = check_reference(quote(intake.inputs), quote(catalog), period)
             normalized = normalize_usage(quote(intake.inputs), work_dir)
             usage = settle_night(quote(normalized), quote(intake), quote(reference), quote(catalog), period,
-                                 work_dir)
+                                 the_day, work_dir)
             result = estimate(store, quote(usage), quote(reference), quote(catalog), period)
             manifest = publish_night(store, period, the_day, quote(intake), quote(usage), quote(result),
                                      quote(reference), work_dir / "out")
@@ -307,6 +311,8 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
         store.delete(_object_state_key(period, key))
     fired_key = prefix + "fired_alerts.parquet"
     fired = pl.read_parquet(io.BytesIO(store.read_bytes(fired_key))) if store.exists(fired_key) else None
+    if fired is not None:  # a retry of this task must find tonight's alerts new again
+        fired = fired.filter(pl.col("night") != day)
     every = alerts_table(result.alerts)
     identity = ["customer_id", "period", "kind", "threshold"]
     new = every if fired is None else every.join(fired.select(identity), on=identity, how="anti")
@@ -327,15 +333,17 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
     for name in names:
         store.put_file(f"billing/nightly/date={day}/{name}", out_dir / name)
     store.put_bytes(prefix + "intake.json", (json.dumps(intake.intake, indent=1, sort_keys=True) + "\n").encode())
-    merged = new if fired is None else pl.concat([fired, new])
+    tonight = new.with_columns(pl.lit(day).alias("night"))
+    merged = tonight if fired is None else pl.concat([fired, tonight])
     buffer = io.BytesIO()
     merged.write_parquet(buffer, **PARQUET)
     store.put_bytes(fired_key, buffer.getvalue())
     if new.height:
         pending = prefix + "pending_delivery.json"
         earlier = json.loads(store.read_bytes(pending))["alerts"] if store.exists(pending) else []
-        store.put_bytes(pending, json.dumps({"alerts": earlier + new.with_columns(
-            pl.col("occurred_on").cast(pl.String)).to_dicts()}, sort_keys=True).encode())
+        ours = new.with_columns(pl.col("occurred_on").cast(pl.String)).to_dicts()
+        earlier = [a for a in earlier if a not in ours]  # a retry does not queue them twice
+        store.put_bytes(pending, json.dumps({"alerts": earlier + ours}, sort_keys=True).encode())
     store.put_bytes(f"billing/nightly/date={day}/{MANIFEST}", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return manifest
 

@@ -3,13 +3,23 @@
 -- event of the period so far; `segments`, `per_event_meters` as in the close.
 
 -- name: accepted_tonight
--- One row per event of tonight's objects that bills: billed among tonight's rows, and not taken
--- in on an earlier night (first seen wins).
-SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key
+-- One row per event of tonight's objects that bills among tonight's rows, flagged `is_new` when
+-- no object taken in on an earlier night holds it (first seen wins). All of them are kept as
+-- their object's state: if the first copy's object is later rewritten without it, this copy
+-- becomes the first.
+SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, CAST($night AS DATE) AS night,
+       event_id NOT IN (SELECT event_id FROM earlier) AS is_new
 FROM settled
 WHERE outcome = 'billed'
-  AND event_id NOT IN (SELECT event_id FROM earlier)
 ORDER BY source_key, source_row;
+
+-- name: first_copies
+-- The period so far: one row per event_id, its first copy by the night it was taken in.
+CREATE OR REPLACE TEMP VIEW to_date AS
+SELECT * EXCLUDE (copy_no)
+FROM (SELECT *, row_number() OVER (PARTITION BY event_id ORDER BY night, source_key, event_at) AS copy_no
+      FROM all_accepted)
+WHERE copy_no = 1;
 
 -- name: to_date_by_day
 -- One row per subscription segment x meter x dimensions x UTC day: units so far this period.
