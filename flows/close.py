@@ -31,11 +31,13 @@ from prefect.utilities.annotations import quote
 from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, UNREADABLE, is_purchases_key, is_usage_key, read_table,
                           read_usage_object)
 from flows.locks import fault_point, period_lock
+from flows.report import fetch_costs
 from flows.store import open_store
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.credits import (Outcome, Purchase, balances_table, credit_lines, credit_meters, credit_report, ledger_table,
                                period_credit_events, purchases_from, wallet_history)
 from transforms.errors import BillrunError, InputError
+from transforms.margins import margins_table, segment_plans
 from transforms.invoices import (Invoice, apply_credits, invoices_table, lines_table, period_invoices,
                                  usage_by_segment)
 from transforms.periods import Period
@@ -322,7 +324,7 @@ def plan_entries_for(segments: tuple[Segment, ...]) -> list[dict]:
 @task(name="write-outputs", cache_policy=NO_CACHE)
 def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
                   reference: Reference, inputs: Inputs, catalog: Catalog, outcome: Outcome, period: Period,
-                  run_id: str,
+                  run_id: str, costs: tuple,
                   plan_entries: list[dict], out_dir: Path) -> tuple[list[str], bytes]:
     """Tables and HTML into `out_dir`; returns the relative names and the manifest's bytes."""
     started = time.perf_counter()
@@ -337,6 +339,8 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     write("invoices.parquet", invoices_table(invoices))
     write("invoice_lines.parquet", lines_table(invoices))
     write("usage_summary.parquet", settlement.usage_by_dims)
+    write("margins.parquet", margins_table(lines_table(invoices), settlement.usage_by_day,
+                                           segment_plans(reference.segments), costs[0], period))
     quarantine = quarantine_table(settlement, normalized)
     write("quarantine.parquet", quarantine)
     spend = {inv.subscription_id: sum(l.amount_minor for l in inv.lines if l.kind in ("usage", "overage"))
@@ -376,6 +380,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         "credits": credit_report(outcome, period, plan_of_sub),
         "plans": plan_entries,
         "catalog": catalog_entries(catalog),
+        "costs": costs[1],
         "rows": rows,
         "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
         "quarantined_by_reason": dict(sorted(quarantine.group_by("reason").len().iter_rows())),
@@ -507,6 +512,7 @@ def _close(store: str, catalog: Catalog, period: Period) -> dict:
     work_dir = work_dir_for(store, f"close-{period}")
     try:
         inputs = fetch_inputs(store, work_dir / "inputs")
+        costs = fetch_costs(store)
         fault_point("fetched")
         reference = check_reference(quote(inputs), quote(catalog), period)
         fault_point("checked")
@@ -523,7 +529,7 @@ def _close(store: str, catalog: Catalog, period: Period) -> dict:
         # dataclass in them looking for futures (minutes for 100k invoices)
         names, manifest = write_outputs(quote(invoices), quote(settlement), quote(normalized), quote(reference),
                                         quote(inputs), quote(catalog), quote(outcome),
-                                        period, run_id, plan_entries, work_dir / "out")
+                                        period, run_id, quote(costs), plan_entries, work_dir / "out")
         fault_point("written")
         publish(store, period, run_id, work_dir / "out", quote(names), quote(manifest))
     finally:

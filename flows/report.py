@@ -12,6 +12,7 @@ cost file); it imports nothing from the close, so the close can import `fetch_co
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -20,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import polars as pl
+from babel.numbers import format_currency
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 from prefect import flow, get_run_logger, task
@@ -27,7 +29,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.store import open_store
 from transforms.errors import BillrunError, InputError
-from transforms.margins import COSTS_KEY, NO_COSTS, Costs, costs_from, margins_table, segment_plans_from_lines
+from transforms.margins import (COSTS_KEY, NO_COSTS, Costs, costs_from, margin_pct, margins_table,
+                                segment_plans_from_lines)
 from transforms.money import format_money, from_minor
 from transforms.periods import Period
 from transforms.simulate import (NO_METER, breakage_by_period, customer_plans, margin_by_meter,
@@ -59,8 +62,6 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition
 @task(name="fetch-costs", cache_policy=NO_CACHE, **IO_RETRIES)
 def fetch_costs(store_uri: str) -> tuple[Costs, dict | None]:
     """The store's cost file, checked (no file: no costs), and its manifest entry (key, sha256)."""
-    import hashlib
-
     store = open_store(store_uri)
     if not store.exists(COSTS_KEY):
         return NO_COSTS, None
@@ -142,8 +143,6 @@ class Table:
 
 def _label(value: int, currency: str | None) -> str:
     """An axis or bar label: a count, or minor units in the currency ($1,234.5)."""
-    from babel.numbers import format_currency
-
     if currency is None:
         return f"{value:,}"
     return format_currency(from_minor(value, currency), currency, format="¤#,##0.##", currency_digits=False,
@@ -266,11 +265,11 @@ def breakage_charts(history: list[dict], candidate: list[dict] | None = None, pe
 
 def changes_chart(bins: list[dict], shock_pct: str) -> Chart:
     labels = [b["label"] for b in bins]
-    stacks = {"within threshold or lower": [b["customers"] - b["shock"] for b in bins],
+    stacks = {"down, same or within the threshold": [b["customers"] - b["shock"] for b in bins],
               f"bill shock (above +{shock_pct}%)": [b["shock"] for b in bins]}
     return stacked_bars("Distribution of bill changes",
                         "Moved customers by the change of their bill for the period, in bins of 10 points.",
-                        labels, stacks, None, {"within threshold or lower": MODEL_COLORS["candidate"],
+                        labels, stacks, None, {"down, same or within the threshold": MODEL_COLORS["candidate"],
                                                f"bill shock (above +{shock_pct}%)": SHOCK_COLOR})
 
 
@@ -344,7 +343,7 @@ def simulation_html(result: dict, comparison: pl.DataFrame, charts: list[Chart])
         numeric={4, 5, 6, 7, 9, 10, 11, 12},
         caption="Sorted by difference, largest increase first. Amounts are what the period's documents bill.")
     facts = [("store", result["store"]), ("period", result["period"]), ("plan map", ", ".join(result["plan_map"])),
-             ("customers", ", ".join(result["customers_filter"]) if result["customers_filter"] else "all on the mapped plans"),
+             ("customers", ", ".join(result["customers_filter"] or ["all on the mapped plans"])),
              ("closed by run", result["closed_run_id"]), ("simulation", result["simulation_id"])]
     return render_page(f"Simulation of {result['period']}: {', '.join(result['plan_map'])}", facts,
                        result["notes"], [summary], charts, [customers])
@@ -369,8 +368,6 @@ def period_html(period: ClosedPeriod, margins: pl.DataFrame, history: list[dict]
 
 
 def _margin_pct(entry: dict) -> str:
-    from transforms.margins import margin_pct
-
     value = margin_pct(entry["margin_minor"], entry["revenue_minor"])
     return "" if value is None else f"{value}%"
 

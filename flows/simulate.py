@@ -26,6 +26,7 @@ import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from flows.close import (Inputs, Reference, check_reference, fetch_inputs, normalize_usage, plan_entries_for,
                          rate_invoices, replay_credits, settle_usage, work_dir_for)
@@ -139,6 +140,27 @@ def compare_models(store: str, period: Period, moves: tuple[Move, ...], customer
     quarantined = newly_quarantined(rerated.settlement.quarantine, closed.quarantine, in_period)
     drift = drifted_customers(current, candidate, ever_moved)
     shock_pct = decimal_text(shock * 100)
+    result = {
+        "simulation_id": simulation_id(period, moves, customers, shock, rerated, closed, costs_source),
+        "store": store, "period": str(period), "plan_map": [str(m) for m in moves],
+        "customers_filter": sorted(customers) if customers else [], "shock": str(shock), "shock_pct": shock_pct,
+        "closed_run_id": closed.manifest["run_id"], "costs": costs_source,
+        "moved": {"customers": len(in_period), "subscriptions": len(rerated.moved)},
+        "totals": totals, "quarantined": quarantined,
+        "drift": {"customers": len(drift), "examples": drift[:10]},
+        "notes": _notes(quarantined, drift, costs_source), "report": None,
+        "customers": comparison.to_dicts(),
+    }
+    margins = pl.concat([current.margins.filter(pl.col("customer_id").is_in(list(in_period)))
+                         .with_columns(pl.lit("current").alias("model")),
+                         candidate.margins.filter(pl.col("customer_id").is_in(list(in_period)))
+                         .with_columns(pl.lit("candidate").alias("model"))])
+    charts = _charts(current, candidate, comparison, margins, in_period, history, period, shock)
+    return Simulation(result, comparison, margins, charts)
+
+
+def _notes(quarantined: dict, drift: list[str], costs_source: dict | None) -> list[str]:
+    """What a reader must know before trusting the figures."""
     notes = []
     if quarantined["rows"]:
         meters = ", ".join(f"{m} {n}" for m, n in quarantined["by_meter"].items())
@@ -151,33 +173,21 @@ def compare_models(store: str, period: Period, moves: tuple[Move, ...], customer
                      f"since the close, and the moved customers' figures include that change. Run `billrun status`.")
     if costs_source is None:
         notes.append(NO_COSTS_NOTE)
-    result = {
-        "simulation_id": simulation_id(period, moves, customers, shock, rerated, closed, costs_source),
-        "store": store, "period": str(period), "plan_map": [str(m) for m in moves],
-        "customers_filter": sorted(customers) if customers else [], "shock": str(shock), "shock_pct": shock_pct,
-        "closed_run_id": closed.manifest["run_id"], "costs": costs_source,
-        "moved": {"customers": len(in_period), "subscriptions": len(rerated.moved)},
-        "totals": totals, "quarantined": quarantined,
-        "drift": {"customers": len(drift), "examples": drift[:10]},
-        "notes": notes, "report": None,
-        "customers": comparison.to_dicts(),
-    }
-    margins = pl.concat([current.margins.filter(pl.col("customer_id").is_in(list(in_period)))
-                         .with_columns(pl.lit("current").alias("model")),
-                         candidate.margins.filter(pl.col("customer_id").is_in(list(in_period)))
-                         .with_columns(pl.lit("candidate").alias("model"))])
-    candidate_breakage = breakage_by_period({str(period): candidate.revenue})
-    charts = (revenue_charts(
-        [{**e, "model": "current"} for e in revenue_by_plan_stream(current.revenue, customer_plans(current_segments),
-                                                                   in_period)]
-        + [{**e, "model": "candidate"} for e in revenue_by_plan_stream(candidate.revenue,
-                                                                       customer_plans(candidate_segments), in_period)],
-        "of the moved customers")
-        + breakage_charts(breakage_by_period(history), candidate_breakage, str(period))
-        + [changes_chart(change_bins(comparison, shock), shock_pct)]
-        + margin_charts({"current": margin_by_meter(margins.filter(pl.col("model") == "current")),
-                         "candidate": margin_by_meter(margins.filter(pl.col("model") == "candidate"))}))
-    return Simulation(result, comparison, margins, charts)
+    return notes
+
+
+def _charts(current: Outcomes, candidate: Outcomes, comparison: pl.DataFrame, margins: pl.DataFrame,
+            moved: frozenset[str], history: dict[str, pl.DataFrame], period: Period, shock: Decimal) -> list[Chart]:
+    """Revenue by plan and stream, breakage over the closed periods, the distribution of bill
+    changes and margin by meter, each model beside the other."""
+    revenue = [{**e, "model": name} for name, outcomes in (("current", current), ("candidate", candidate))
+               for e in revenue_by_plan_stream(outcomes.revenue, customer_plans(outcomes.segments), moved)]
+    return (revenue_charts(revenue, "of the moved customers")
+            + breakage_charts(breakage_by_period(history), breakage_by_period({str(period): candidate.revenue}),
+                              str(period))
+            + [changes_chart(change_bins(comparison, shock), decimal_text(shock * 100))]
+            + margin_charts({name: margin_by_meter(margins.filter(pl.col("model") == name))
+                             for name in ("current", "candidate")}))
 
 
 @task(name="publish-simulation", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -211,24 +221,26 @@ def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: st
     label = hashlib.sha256(f"{plan_map}|{sorted(wanted or [])}".encode()).hexdigest()[:10]
     work_dir = work_dir_for(store, f"simulate-{the_period}-{label}")
     try:
+        # quote(): big values go to tasks as they are, as in the close (Prefect would otherwise
+        # walk every dataclass in them looking for futures)
         inputs = fetch_inputs(store, work_dir / "inputs")
-        original = check_reference(inputs, catalog, the_period)
-        reference, moved = candidate_reference(original, moves, catalog, the_period, wanted)
+        original = check_reference(quote(inputs), quote(catalog), the_period)
+        reference, moved = candidate_reference(quote(original), moves, quote(catalog), the_period, wanted)
         _check_moves(reference, moved, moves, the_period, wanted, original, require_moves)
-        normalized = normalize_usage(inputs, work_dir)
-        settlement = settle_usage(normalized, reference, catalog, the_period, work_dir)
-        outcome = replay_credits(settlement, reference, catalog, the_period)
-        invoices = rate_invoices(settlement, reference, outcome, the_period)
+        normalized = normalize_usage(quote(inputs), work_dir)
+        settlement = settle_usage(quote(normalized), quote(reference), quote(catalog), the_period, work_dir)
+        outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), the_period)
+        invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), the_period)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     costs, costs_source = fetch_costs(store)
     history = load_revenue_history(store)
-    simulation = compare_models(store, the_period, moves, wanted, threshold, original,
-                                Rerated(reference, moved, settlement, outcome, invoices, inputs), closed, costs,
-                                costs_source, history)
+    simulation = compare_models(store, the_period, moves, wanted, threshold, quote(original),
+                                quote(Rerated(reference, moved, settlement, outcome, invoices, inputs)),
+                                quote(closed), quote(costs), costs_source, quote(history))
     result = simulation.result
     if report:
-        result = {**result, "report": publish_simulation(store, simulation)}
+        result = {**result, "report": publish_simulation(store, quote(simulation))}
     _artifact(result)
     get_run_logger().info("simulate %s %s: %d customers moved", the_period, ", ".join(result["plan_map"]),
                           result["moved"]["customers"])
@@ -358,6 +370,7 @@ def migrate(store: str, plans: str, plan: str, to: str, on: str, as_of: str, cus
                        f"--customers {','.join(moved_customers)}")
     if dry_run:
         return {**result, "status": "dry_run"}
-    write_subscriptions(store, current, planned.subscriptions, on_day, f"migrate {old} to {new} on {on_day}")
+    write_subscriptions(store, quote(current), quote(planned.subscriptions), on_day,
+                        f"migrate {old} to {new} on {on_day}")
     get_run_logger().info("migrate %s to %s on %s: %d subscriptions", old, new, on_day, len(planned.changes))
     return {**result, "status": "migrated"}

@@ -22,7 +22,8 @@ Spend per customer, in event time (every amount is GPU minutes x $0.05; 20 min =
   Month: 31 x 20 + (99 - 20) - 20 = 679 min = 33.95.
 
 The tests after the month are smaller stores for the webhook, and for three ways the nightly
-state goes wrong today (marked xfail with the bug).
+state once went wrong: the same bytes under two keys, a first copy rewritten away, and a
+retried publish.
 """
 from __future__ import annotations
 
