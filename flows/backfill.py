@@ -24,9 +24,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.close import (IO_RETRIES, catalog_entries, in_parallel, MANIFEST, PARQUET, _sha256, check_reference, closed_manifest, fetch_inputs,
-                         normalize_usage, plan_entries_for, rate_invoices, replay_credits, seller_block, settle_usage,
-                         work_dir_for)
+from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _sha256, catalog_entries, check_reference,
+                         closed_manifest, fetch_inputs, in_parallel, normalize_usage, plan_entries_for,
+                         rate_invoices, replay_credits, seller_block, settle_usage, work_dir_for)
 from flows.locks import period_lock
 from flows.status import checked_key
 from flows.store import open_store

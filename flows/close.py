@@ -31,6 +31,7 @@ from prefect.utilities.annotations import quote
 from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, UNREADABLE, is_purchases_key, is_usage_key, read_table,
                           read_usage_object)
 from flows.locks import fault_point, period_lock
+from flows.retries import IO_RETRIES
 from flows.report import fetch_costs
 from flows.store import open_store
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
@@ -59,21 +60,6 @@ QUARANTINE_SCHEMA = {
     "meter": pl.String, "quantity": pl.String, "timestamp": pl.String, "dims": pl.String,
     "reason": pl.String, "detail": pl.String, "source": pl.String,
 }
-
-
-def _transient(task, task_run, state) -> bool:
-    """Retry an IO task on what may pass (network, throttling, a full disk freed), never on a
-    user's mistake: a missing customers file is still missing 40 seconds later."""
-    try:
-        state.result()
-    except BillrunError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": _transient}
 
 
 def period_prefix(period: Period | str) -> str:

@@ -27,6 +27,7 @@ from markupsafe import Markup
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.retries import IO_RETRIES
 from flows.store import open_store
 from transforms.errors import BillrunError, InputError
 from transforms.margins import (COSTS_KEY, NO_COSTS, Costs, costs_from, margin_pct, margins_table,
@@ -41,20 +42,6 @@ _CORRECTION_MANIFEST = re.compile(r"^billing/corrections/run=([^/]+)/manifest\.j
 STREAM_COLORS = {"usage": "#3b6ea8", "fixed_fee": "#8fb1d9", "credits": "#e0a33b"}
 MODEL_COLORS = {"current": "#7d8799", "candidate": "#3b6ea8", "closed": "#7d8799"}
 SHOCK_COLOR = "#c0392b"
-
-
-def _retry_io(task, task_run, state) -> bool:
-    """Retry what may pass (network, throttling), never a user's mistake (a bad cost row)."""
-    try:
-        state.result()
-    except BillrunError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": _retry_io}
 
 
 # --- reading a store --------------------------------------------------------------------------

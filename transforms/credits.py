@@ -313,6 +313,12 @@ def wallet_history(subs: list[Subscription], catalog: Catalog, purchases: list[P
     """Every customer's wallet from its first grant or event through the end of `period`."""
     grants = plan_grants(subs, catalog, period) + purchase_grants(
         [p for p in purchases if p.purchased_at < period.end_at])
+    return _replay_all(grants, subs, catalog, events, period)
+
+
+def _replay_all(grants: list[Grant], subs: list[Subscription], catalog: Catalog, events: list[CreditEvent],
+                period: Period) -> Outcome:
+    """Replay every customer's wallet, each with its grants and events, through `period`."""
     by_customer_grants: dict[str, list[Grant]] = defaultdict(list)
     for g in grants:
         by_customer_grants[g.customer_id].append(g)
@@ -566,17 +572,4 @@ def wallets_from_opening(opening: list[Grant], subs: list[Subscription], catalog
     carried = [Grant(g.grant_id, g.customer_id, g.subscription_id, "opening", period.start_at, g.expires_at,
                      g.opening, g.price * g.opening / g.credits if g.price else ZERO, g.currency)
                for g in opening]
-    by_customer: dict[str, list[Grant]] = defaultdict(list)
-    for g in carried + fresh:
-        by_customer[g.customer_id].append(g)
-    subs_by_id = {s.subscription_id: s for s in subs}
-    events_by_customer: dict[str, list[CreditEvent]] = defaultdict(list)
-    plans_of = {}
-    for ev in events:
-        events_by_customer[ev.customer_id].append(ev)
-        plans_of[ev.event_id] = plan_on(subs_by_id[ev.subscription_id], catalog, ev.event_at.date())
-    outcome = Outcome()
-    for customer in sorted(set(by_customer) | set(events_by_customer)):
-        replay(customer, events_by_customer.get(customer, []), by_customer.get(customer, []), plans_of,
-               period.end_at, outcome)
-    return outcome
+    return _replay_all(carried + fresh, subs, catalog, events, period)
