@@ -98,6 +98,14 @@ def _descendants(root: int) -> set[int]:
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _start_time(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return b""
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process (its own, not its children's)."""
     try:
@@ -129,6 +137,7 @@ class TreeSampler(threading.Thread):
         self.root, self.started, self.every = root_pid, started, every
         self.samples: list[tuple[float, int, int, float]] = []
         self._cpu: dict[int, float] = {}  # last CPU seen per process (exited ones keep theirs)
+        self._started: dict[int, bytes] = {}  # pid -> start time, to never signal a reused pid
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -137,6 +146,8 @@ class TreeSampler(threading.Thread):
             rss = [_rss_bytes(pid) for pid in tree]
             for pid in tree:
                 self._cpu[pid] = max(self._cpu.get(pid, 0.0), _cpu_seconds(pid))
+                if pid not in self._started:
+                    self._started[pid] = _start_time(pid)
             if rss:
                 self.samples.append((time.perf_counter() - self.started, sum(rss), max(rss),
                                      sum(self._cpu.values())))
@@ -145,6 +156,20 @@ class TreeSampler(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join()
+
+    def end_leftovers(self) -> None:
+        """SIGTERM (then SIGKILL) the processes of this tree that outlived its root."""
+        alive = [pid for pid, start in self._started.items() if start and _start_time(pid) == start]
+        for sig in (15, 9):
+            for pid in alive:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            time.sleep(3)
+            alive = [pid for pid in alive if _start_time(pid) == self._started[pid]]
+            if not alive:
+                return
 
     def cpu_at(self, t: float) -> float:
         """CPU seconds used by the tree up to the last sample at or before `t`."""
@@ -181,27 +206,47 @@ def run_child(cmd: list[str], env: dict, log_path: Path, timeout: float | None) 
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
-        reader.join()
-    wall = time.perf_counter() - started
+        wall = time.perf_counter() - started
+        reader.join(timeout=10)
+        if reader.is_alive():
+            # The child died and left children of its own (Prefect's temporary server) holding
+            # the output pipe: end exactly those processes, which this run started.
+            sampler.end_leftovers()
+            reader.join(timeout=10)
     sampler.stop()
     peak_kb = None
     if time_file.exists():
         found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_file.read_text())
         peak_kb = int(found.group(1)) if found else None
         exit_found = re.search(r"Exit status: (\d+)", time_file.read_text())
-        if exit_found and rc == 0:
+        if exit_found and rc == 0 and not killed:
             rc = int(exit_found.group(1))
     cpu = {}
+    killed = None
     if time_file.exists():
         text = time_file.read_text()
+        signal_found = re.search(r"Command terminated by signal (\d+)", text)
+        if signal_found:
+            rc = 128 + int(signal_found.group(1))
+            killed = f"signal {signal_found.group(1)}" + _oom_note()
         for key, pattern in (("user_s", r"User time \(seconds\): ([\d.]+)"), ("sys_s", r"System time \(seconds\): ([\d.]+)")):
             found = re.search(pattern, text)
             cpu[key] = float(found.group(1)) if found else None
     if peak_kb is None:  # no /usr/bin/time: RUSAGE_CHILDREN keeps the maximum over all children
         peak_kb = max(_children_maxrss(), before)
     return {"cmd": cmd, "rc": rc, "wall_s": wall, "peak_rss_mb": round(peak_kb * 1024 / MB, 1),
-            "tree_peak_rss_mb": round(sampler.peak() / MB, 1), **cpu, "lines": lines, "sampler": sampler,
+            "tree_peak_rss_mb": round(sampler.peak() / MB, 1), **cpu, "killed": killed, "lines": lines, "sampler": sampler,
             "log": _rel(log_path)}
+
+
+def _oom_note() -> str:
+    """The kernel's last OOM-kill line, if the kernel log can be read here."""
+    try:
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    kills = [line for line in out.splitlines() if "Out of memory: Killed process" in line]
+    return f" ({kills[-1].split('] ', 1)[-1]})" if kills else ""
 
 
 def _children_maxrss() -> int:
@@ -553,6 +598,7 @@ def summary(res: dict, rows: int) -> dict:
             "events_per_s": round(rows / res["wall_s"]) if res["rc"] == 0 else None,
             "peak_rss_mb": res["peak_rss_mb"], "tree_peak_rss_mb": res["tree_peak_rss_mb"],
             "cpu_s": round(res["user_s"] + res["sys_s"], 1) if res.get("user_s") is not None else None,
+            "killed": res.get("killed"),
             "log": res["log"]}
 
 
@@ -594,7 +640,8 @@ def print_report(report: dict) -> None:
                 print(f"{'(' + name[:-2].replace('_', ' ') + ')':18s} {ph[name]:9.1f} {100 * ph[name] / close['wall_s']:6.1f}")
         if close.get("stopped_in"):
             print(f"close stopped in {close['stopped_in']} (peak tree RSS there "
-                  f"{close['peak_rss_in_stopped_step_mb']} MB), exit {close['rc']}")
+                  f"{close['peak_rss_in_stopped_step_mb']} MB), exit {close['rc']}"
+                  + (f", killed: {close['killed']}" if close.get("killed") else ""))
     sampled = report.get("profile_sample")
     if sampled:
         print(f"\nSampled profile of the close in-process ({sampled['wall_s']:.1f}s wall): per step, seconds "
