@@ -134,7 +134,7 @@ def settle_night(normalized, intake: Intake, reference, catalog, period: Period,
                                    list(reference.segments), catalog, period)
         earlier = [str(p) for p in intake.state_files.values()]
         if earlier:
-            con.read_parquet(earlier).create_view("earlier")
+            con.read_parquet(earlier, union_by_name=True).create_view("earlier")
         else:
             con.register("earlier", pl.DataFrame(schema=ACCEPTED_COLUMNS).to_arrow())
         tonight = con.sql(sql["accepted_tonight"], params={"night": day}).pl()
@@ -146,7 +146,7 @@ def settle_night(normalized, intake: Intake, reference, catalog, period: Period,
             tonight.filter(pl.col("source_key") == o.key).select(list(ACCEPTED_COLUMNS)).write_parquet(path, **PARQUET)
             accepted[o.key] = path
         all_files = earlier + [str(p) for p in accepted.values()]
-        con.read_parquet(all_files).create_view("all_accepted")
+        con.read_parquet(all_files, union_by_name=True).create_view("all_accepted")
         con.execute(sql["first_copies"])
         con.register("segments", segments_frame(list(reference.segments)).to_arrow())
         per_meter = [m for m, per_event in _per_event_meters(catalog)]
@@ -312,7 +312,9 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
     fired_key = prefix + "fired_alerts.parquet"
     fired = pl.read_parquet(io.BytesIO(store.read_bytes(fired_key))) if store.exists(fired_key) else None
     if fired is not None:  # a retry of this task must find tonight's alerts new again
-        fired = fired.filter(pl.col("night") != day)
+        if "night" not in fired.columns:  # state written before alerts remembered their night
+            fired = fired.with_columns(pl.lit(None, dtype=pl.Date).alias("night"))
+        fired = fired.filter(pl.col("night").is_null() | (pl.col("night") != day))
     every = alerts_table(result.alerts)
     identity = ["customer_id", "period", "kind", "threshold"]
     new = every if fired is None else every.join(fired.select(identity), on=identity, how="anti")

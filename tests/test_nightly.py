@@ -408,7 +408,7 @@ def test_a_failing_webhook_keeps_alerts_pending_until_delivered_once(prefect_ser
         assert sorted(every) == sorted([FIFTY, EIGHTY, HUNDRED])           # each alert exactly once
 
 
-# --- nightly state: what must hold, and does not yet -------------------------------------------------
+# --- nightly state: what must hold (each of these found a bug) -----------------------------------
 
 def test_an_object_delivered_twice_under_two_keys_counts_once(prefect_server, tmp_path):
     """A producer that retries a whole upload under a new key: the same bytes twice, one night."""
@@ -459,3 +459,15 @@ def test_a_retried_publish_publishes_the_same_night(prefect_server, tmp_path, mo
         assert alert_rows(parquet(store, night_key(10, "alerts.parquet"))) == [
             ("c-runaway", "spend_threshold", D("100"), date(2026, 10, 10))]
         assert hook.delivered() == [[FIFTY]]
+
+
+def test_a_period_begun_before_the_state_gained_its_night_column_goes_on(prefect_server, tmp_path):
+    """State as billrun wrote it before 55775b8: the same files without `night`."""
+    store, plans = store_through(tmp_path, 1)
+    assert nightly(store, plans, 1).exit_code == 0
+    for path in Path(store, "billing/_state/nightly/period=2026-10").rglob("*.parquet"):
+        pl.read_parquet(path).drop("night", strict=False).write_parquet(path)
+    open_store(store).put_bytes(day_key(2), csv(day_rows(2)))
+    result = nightly(store, plans, 2)
+    assert result.exit_code == 0, result.output
+    assert estimated_minor(store, 2)["c-quiet"] == 2 * 20 * CENTS_PER_MINUTE

@@ -17,7 +17,9 @@ ORDER BY source_key, source_row;
 -- The period so far: one row per event_id, its first copy by the night it was taken in.
 CREATE OR REPLACE TEMP VIEW to_date AS
 SELECT * EXCLUDE (copy_no)
-FROM (SELECT *, row_number() OVER (PARTITION BY event_id ORDER BY night, source_key, event_at) AS copy_no
+FROM (SELECT *, row_number() OVER (PARTITION BY event_id
+                                            -- state from before nights were recorded comes first
+                                            ORDER BY COALESCE(night, DATE '0001-01-01'), source_key, event_at) AS copy_no
       FROM all_accepted)
 WHERE copy_no = 1;
 
