@@ -45,7 +45,9 @@ TASK_FUNCTIONS = {"fetch_inputs": "fetch-inputs", "check_reference": "check-refe
                   "normalize_usage": "normalize-usage", "settle_usage": "settle-usage",
                   "replay_credits": "replay-credits", "rate_invoices": "rate-invoices",
                   "write_outputs": "write-outputs", "publish": "publish"}
-TASK_LINE = re.compile(r"Task run '(?P<task>" + "|".join(STEPS) + r")-\w+' - (?P<msg>.*)$")
+# Prefect names a task run "<task name>-<3 hex digits>"; tasks added to the close later are
+# picked up too (they appear in the order they finish).
+TASK_LINE = re.compile(r"Task run '(?P<task>[a-z][a-z0-9-]*?)-[0-9a-f]{3}' - (?P<msg>.*)$")
 BODY_LINE = re.compile(r"^(?P<step>[a-z-]+): .* in (?P<seconds>\d+(\.\d+)?)s$")
 MB = 1024 * 1024
 
@@ -137,7 +139,7 @@ class TreeSampler(threading.Thread):
         self.root, self.started, self.every = root_pid, started, every
         self.samples: list[tuple[float, int, int, float]] = []
         self._cpu: dict[int, float] = {}  # last CPU seen per process (exited ones keep theirs)
-        self._started: dict[int, bytes] = {}  # pid -> start time, to never signal a reused pid
+        self._birth: dict[int, bytes] = {}  # pid -> start time, to never signal a reused pid
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -146,8 +148,8 @@ class TreeSampler(threading.Thread):
             rss = [_rss_bytes(pid) for pid in tree]
             for pid in tree:
                 self._cpu[pid] = max(self._cpu.get(pid, 0.0), _cpu_seconds(pid))
-                if pid not in self._started:
-                    self._started[pid] = _start_time(pid)
+                if pid not in self._birth:
+                    self._birth[pid] = _start_time(pid)
             if rss:
                 self.samples.append((time.perf_counter() - self.started, sum(rss), max(rss),
                                      sum(self._cpu.values())))
@@ -157,9 +159,13 @@ class TreeSampler(threading.Thread):
         self._halt.set()
         self.join()
 
+    def pids(self) -> list[int]:
+        """Every process seen in the tree."""
+        return list(self._birth)
+
     def end_leftovers(self) -> None:
         """SIGTERM (then SIGKILL) the processes of this tree that outlived its root."""
-        alive = [pid for pid, start in self._started.items() if start and _start_time(pid) == start]
+        alive = [pid for pid, start in self._birth.items() if start and _start_time(pid) == start]
         for sig in (15, 9):
             for pid in alive:
                 try:
@@ -167,7 +173,7 @@ class TreeSampler(threading.Thread):
                 except OSError:
                     pass
             time.sleep(3)
-            alive = [pid for pid in alive if _start_time(pid) == self._started[pid]]
+            alive = [pid for pid in alive if _start_time(pid) == self._birth[pid]]
             if not alive:
                 return
 
@@ -214,22 +220,21 @@ def run_child(cmd: list[str], env: dict, log_path: Path, timeout: float | None) 
             sampler.end_leftovers()
             reader.join(timeout=10)
     sampler.stop()
-    peak_kb = None
+    peak_kb, killed, cpu = None, None, {}
     if time_file.exists():
-        found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_file.read_text())
-        peak_kb = int(found.group(1)) if found else None
-        exit_found = re.search(r"Exit status: (\d+)", time_file.read_text())
-        if exit_found and rc == 0 and not killed:
-            rc = int(exit_found.group(1))
-    cpu = {}
-    killed = None
-    if time_file.exists():
+        # GNU time's report: peak RSS of the child's largest process, CPU, how it ended
         text = time_file.read_text()
+        found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+        peak_kb = int(found.group(1)) if found else None
         signal_found = re.search(r"Command terminated by signal (\d+)", text)
+        exit_found = re.search(r"Exit status: (\d+)", text)
         if signal_found:
             rc = 128 + int(signal_found.group(1))
-            killed = f"signal {signal_found.group(1)}" + _oom_note()
-        for key, pattern in (("user_s", r"User time \(seconds\): ([\d.]+)"), ("sys_s", r"System time \(seconds\): ([\d.]+)")):
+            killed = f"signal {signal_found.group(1)}" + _oom_note(set(sampler.pids()))
+        elif exit_found and rc == 0:
+            rc = int(exit_found.group(1))
+        for key, pattern in (("user_s", r"User time \(seconds\): ([\d.]+)"),
+                             ("sys_s", r"System time \(seconds\): ([\d.]+)")):
             found = re.search(pattern, text)
             cpu[key] = float(found.group(1)) if found else None
     if peak_kb is None:  # no /usr/bin/time: RUSAGE_CHILDREN keeps the maximum over all children
@@ -239,13 +244,14 @@ def run_child(cmd: list[str], env: dict, log_path: Path, timeout: float | None) 
             "log": _rel(log_path)}
 
 
-def _oom_note() -> str:
-    """The kernel's last OOM-kill line, if the kernel log can be read here."""
+def _oom_note(pids: set[int]) -> str:
+    """The kernel's OOM-kill line about one of `pids`, if the kernel log can be read here."""
     try:
         out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
-    kills = [line for line in out.splitlines() if "Out of memory: Killed process" in line]
+    kills = [line for line in out.splitlines()
+             if (m := re.search(r"Out of memory: Killed process (\d+)", line)) and int(m.group(1)) in pids]
     return f" ({kills[-1].split('] ', 1)[-1]})" if kills else ""
 
 
@@ -283,9 +289,7 @@ def close_steps(lines: list[tuple[float, str]], sampler: TreeSampler | None, wal
             if "Completed" not in msg:
                 failed[task] = msg
     steps, previous = [], flow_begin
-    for step in STEPS:
-        if step not in ends:
-            continue
+    for step in sorted(ends, key=ends.get):
         window = ends[step] - previous if previous is not None else None
         body = bodies.get(step)
         steps.append({
@@ -299,6 +303,8 @@ def close_steps(lines: list[tuple[float, str]], sampler: TreeSampler | None, wal
         previous = ends[step]
     done = [s["step"] for s in steps if not s["failed"]]
     running = next((s for s in STEPS if s not in done), None)
+    if any(s["failed"] for s in steps):
+        running = next(s["step"] for s in steps if s["failed"])
     last_end = max(ends.values(), default=flow_begin or 0.0)
     phases = {
         "startup_s": _r(flow_begin),  # interpreter, imports, Prefect's temporary server
@@ -308,10 +314,9 @@ def close_steps(lines: list[tuple[float, str]], sampler: TreeSampler | None, wal
         "after_last_step_s": _r((flow_end - last_end) if flow_end is not None else None),  # artifacts, flow end
         "shutdown_s": _r(wall - flow_end) if flow_end is not None else None,
     }
-    return {"steps": steps, "phases": phases, "completed": done,
-            "stopped_in": running if len(done) < len(STEPS) else None,
-            "peak_rss_in_stopped_step_mb": (round(sampler.peak(last_end) / MB, 1)
-                                            if sampler and len(done) < len(STEPS) else None)}
+    stopped = running if not set(STEPS) <= set(done) else None
+    return {"steps": steps, "phases": phases, "completed": done, "stopped_in": stopped,
+            "peak_rss_in_stopped_step_mb": round(sampler.peak(last_end) / MB, 1) if sampler and stopped else None}
 
 
 def _rel(path: Path) -> str:
@@ -354,6 +359,9 @@ def reset_store(store: Path) -> None:
 def run_close(args, label: str) -> dict:
     reset_store(args.store)
     cmd = [str(BILLRUN), "close", "--period", args.period, "--store", str(args.store), "--plans", str(args.plans)]
+    if args.duckdb_memory_limit:  # the experiment of bench/close_capped.py
+        cmd = [str(VENV_PYTHON), str(BENCH / "close_capped.py"), "--duckdb-memory-limit", args.duckdb_memory_limit,
+               *cmd[1:]]
     res = run_child(cmd, child_env(args.prefect_home), args.results / f"{label}-close.log", args.timeout)
     res.update(close_steps(res["lines"], res["sampler"], res["wall_s"]))
     manifest = args.store / "billing" / f"period={args.period}" / "manifest.json"
@@ -404,16 +412,18 @@ class StackSampler(threading.Thread):
                 seen, callee = set(), None
                 while frame is not None:
                     code = frame.f_code
-                    if ident == self.main and step in STEPS and code.co_name in TASK_FUNCTIONS:
-                        break  # the step's own function and its callers are the step itself
                     key = (code.co_filename, code.co_firstlineno, code.co_name)
                     mine = code.co_filename.startswith(self._roots)
-                    if mine and key not in seen:
+                    # the step's own function: what it calls counts, it and its callers do not
+                    is_step = ident == self.main and step != "(outside steps)" and code.co_name in TASK_FUNCTIONS
+                    if mine and key not in seen and not is_step:
                         seen.add(key)
                         self.seconds[(where, key)] = self.seconds.get((where, key), 0.0) + dt
                     if mine and callee is not None and not callee[1] and callee[0] not in seen:
                         seen.add(callee[0])  # a library function billrun called directly
                         self.seconds[(where, callee[0])] = self.seconds.get((where, callee[0]), 0.0) + dt
+                    if is_step:
+                        break
                     callee = (key, mine)
                     frame = frame.f_back
 
@@ -423,7 +433,8 @@ class StackSampler(threading.Thread):
 
     def report(self, top: int = 14) -> list[dict]:
         out = []
-        for step in list(STEPS) + ["(outside steps)"]:
+        order = list(STEPS) + sorted(set(self.step_seconds) - set(STEPS) - {"(outside steps)"}) + ["(outside steps)"]
+        for step in order:
             total = self.step_seconds.get(step)
             if not total:
                 continue
@@ -446,7 +457,12 @@ def profile_close(args, label: str, mode: str) -> dict:
     os.chdir(REPO)
     from flows.cli import prefect_defaults
     prefect_defaults()
+    import flows.close
+    from prefect import Task
     from flows.close import close_period
+
+    # every task of the close, whatever was added since this file was written
+    TASK_FUNCTIONS.update({v.fn.__name__: v.name for v in vars(flows.close).values() if isinstance(v, Task)})
 
     captured: list[tuple[float, str]] = []
     started = time.perf_counter()
@@ -680,6 +696,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--skip-close", action="store_true")
     ap.add_argument("--timeout", type=float, default=None, help="seconds before a child is killed")
+    ap.add_argument("--duckdb-memory-limit", help="experiment: run the close with DuckDB's memory_limit capped "
+                                                  "(bench/close_capped.py), e.g. 12GB; results get their own label")
     ap.add_argument("--prefect-home", type=Path, default=REPO / ".bench" / "prefect-home",
                     help="Prefect state for the benchmark's closes (kept apart from ./.prefect)")
     args = ap.parse_args(argv)
@@ -688,10 +706,10 @@ def main(argv: list[str] | None = None) -> None:
     args.prefect_home.mkdir(parents=True, exist_ok=True)
 
     rows = count_rows(args.store)
-    label = args.label or label_of(rows)
+    label = args.label or label_of(rows) + (f"-duckdb-{args.duckdb_memory_limit.lower()}" if args.duckdb_memory_limit else "")
     meta_path = args.store / "bench-store.json"
     store_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"rows": rows}
-    report = {"rows": rows, "period": args.period, "store": {k: v for k, v in store_meta.items() if k != "args"}
+    report = {"rows": rows, "period": args.period, "duckdb_memory_limit": args.duckdb_memory_limit, "store": {k: v for k, v in store_meta.items() if k != "args"}
               | {"path": str(args.store), "generator_args": store_meta.get("args")},
               "environment": environment()}
     out_path = args.results / f"{label}-events.json"
@@ -710,16 +728,20 @@ def main(argv: list[str] | None = None) -> None:
                                "cpu": round(c["cpu_s"] / b["cpu_s"], 1) if c.get("cpu_s") and b.get("cpu_s") else None}
         out_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
+    # Sections kept from an earlier run keep the code version and load they were measured with.
+    measured_with = {k: report["environment"][k] for k in ("when", "git_head", "uncommitted_in_flows_transforms",
+                                                           "close_code_sha256", "loadavg_at_start")}
     if not args.skip_baseline:
         print(f"(a) bare DuckDB on {rows:,} rows ...", flush=True)
         b = run_baseline(args, label)
-        report["baseline"] = summary(b, rows) | {"result": b["result"]}
+        report["baseline"] = summary(b, rows) | {"result": b["result"], "measured_with": measured_with}
         save()
     if not args.skip_close:
         print(f"(b) billrun close on {rows:,} rows ...", flush=True)
         c = run_close(args, label)
         report["close"] = summary(c, rows) | {k: c.get(k) for k in ("steps", "phases", "completed", "stopped_in",
                                                                     "peak_rss_in_stopped_step_mb", "manifest", "tail")}
+        report["close"]["measured_with"] = measured_with | {"loadavg_at_end": os.getloadavg()}
         report["close"]["timeline"] = [(round(t, 1), round(tree / MB), round(top / MB), round(cpu, 1))
                                        for t, tree, top, cpu in c["sampler"].samples[::max(1, len(c["sampler"].samples) // 400)]]
         if c.get("manifest"):
@@ -732,7 +754,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         print(f"(profile) billrun close in-process under {args.profile} ...", flush=True)
         key = "profile" if args.profile == "cprofile" else "profile_sample"
-        report[key] = profile_close(args, label, args.profile)
+        report[key] = profile_close(args, label, args.profile) | {"measured_with": measured_with}
     save()
     print_report(report)
     print(f"\nfigures: {_rel(out_path)}")
