@@ -193,6 +193,30 @@ def test_copy_duplicates_and_replaces(store: Store) -> None:
         store.copy("billing/_state/staging/missing.parquet", "billing/x.parquet")
 
 
+def test_put_files_and_copy_many_publish_every_file_and_replace(store: Store, tmp_path: Path) -> None:
+    files = []
+    for i in range(25):
+        path = tmp_path / f"inv-{i}.html"
+        path.write_bytes(f"invoice {i}".encode())
+        files.append((f"billing/_state/staging/invoices/INV-{i:03d}.html", path))
+    store.put_bytes("billing/period=2026-10/invoices/INV-003.html", b"older")
+
+    store.put_files(files)
+    store.copy_many([(key, key.replace("_state/staging", "period=2026-10")) for key, _ in files])
+    tmp_path.joinpath("inv-0.html").write_bytes(b"changed after publishing")
+
+    published = [o.key for o in store.list("billing/period=2026-10/")]
+    assert published == [f"billing/period=2026-10/invoices/INV-{i:03d}.html" for i in range(25)]
+    assert store.read_bytes("billing/period=2026-10/invoices/INV-003.html") == b"invoice 3"
+    assert store.read_bytes("billing/period=2026-10/invoices/INV-000.html") == b"invoice 0"
+    store.delete_prefix("billing/_state/staging/")  # the published copies outlive their staging
+    assert store.read_bytes("billing/period=2026-10/invoices/INV-024.html") == b"invoice 24"
+    assert [o.key for o in store.list("billing/_state/")] == []
+    with pytest.raises(StoreError, match="missing"):
+        store.copy_many([("billing/_state/staging/missing.html", "billing/x.html")])
+    assert not store.exists("billing/x.html")
+
+
 def test_delete_and_delete_prefix_stay_inside_the_folder(store: Store) -> None:
     put_many(store, {
         "billing/period=2026-1/invoices.parquet": b"1",
@@ -248,6 +272,9 @@ def test_hostile_keys_are_rejected_by_every_method(store: Store, key: str, tmp_p
         "put_if_absent": lambda: store.put_if_absent(key, b"x"),
         "copy from": lambda: store.copy(key, "copied.txt"),
         "copy to": lambda: store.copy("ok.txt", key),
+        "put_files": lambda: store.put_files([("fine.txt", source), (key, source)]),
+        "copy_many from": lambda: store.copy_many([(key, "copied.txt")]),
+        "copy_many to": lambda: store.copy_many([("ok.txt", key)]),
         "delete": lambda: store.delete(key),
         "delete_prefix": lambda: store.delete_prefix(key + "/"),
     }

@@ -3,18 +3,12 @@
 -- (one row per subscription segment in the period), `plan_meters` (one row per plan version x
 -- meter it prices). Parameters: $period_start, $period_end (UTC instants, half-open).
 
--- name: scoped
--- One row per usage row this close counts: rows whose event time falls in the period, and rows
--- with no usable event time (they belong to no period, so every close that reads them counts them).
-CREATE OR REPLACE TEMP TABLE scoped AS
-SELECT *
-FROM events
-WHERE event_at IS NULL
-   OR (event_at >= $period_start AND event_at < $period_end);
-
 -- name: checked
--- One row per scoped row, with its final reason: the row's own rule first, then the rules that
--- need other tables. Segments of one customer never overlap, so a row joins at most one.
+-- One row per usage row this close counts (scoped: rows whose event time falls in the period,
+-- and rows with no usable event time, which belong to no period, so every close that reads them
+-- counts them), with its final reason: the row's own rule first, then the rules that need other
+-- tables. Segments of one customer never overlap, so a row joins at most one. Only `checked`
+-- and `settled` are materialized, so a shard holds two copies of its rows at most.
 CREATE OR REPLACE TEMP TABLE checked AS
 SELECT s.*,
        seg.subscription_id,
@@ -24,7 +18,10 @@ SELECT s.*,
                      WHEN seg.subscription_id IS NULL THEN 'no_subscription'
                      WHEN pm.meter IS NULL THEN 'unknown_meter'
                 END) AS final_reason
-FROM scoped AS s
+FROM (SELECT *
+      FROM events
+      WHERE event_at IS NULL
+         OR (event_at >= $period_start AND event_at < $period_end)) AS s
 LEFT JOIN customers AS c
        ON c.customer_id = s.customer_id
 LEFT JOIN segments AS seg
@@ -45,8 +42,8 @@ ORDER BY ALL;
 
 -- name: priced
 -- One row per scoped row; a row that no charge of its plan version prices (its dimensions fit
--- no charge's filter) is quarantined rather than silently billed at nothing.
-CREATE OR REPLACE TEMP TABLE priced AS
+-- no charge's filter) is quarantined rather than silently billed at nothing. A view (see checked).
+CREATE OR REPLACE TEMP VIEW priced AS
 SELECT c.* REPLACE (COALESCE(c.final_reason,
                              CASE WHEN pd.meter IS NULL THEN 'no_matching_charge' END) AS final_reason)
 FROM checked AS c

@@ -1,0 +1,269 @@
+"""The close's row-level work, in shards: normalize per batch of objects, settle per shard.
+
+Every usage row goes to one of N shards by a hash of its event_id, so all copies of an event
+(in this period and in earlier ones) meet in one shard and deduplication never crosses shards.
+A shard is settled on its own DuckDB connection with a memory cap (it spills rather than grows),
+and the small results are merged (`transforms.settle.merged_settlement`) into exactly what one
+settlement of all rows gives. N only changes memory and parallelism, never a byte of output.
+
+Normalized shard files live in a scratch area addressed as a store: the close's local work
+folder, or, when tasks run on a Dask cluster and the store is on S3, a prefix of the store under
+`billing/_state/work/`, so that every worker reads what the others wrote.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+from pathlib import Path
+
+import duckdb
+import polars as pl
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
+
+from flows.ingest import UNREADABLE, read_usage_object
+from flows.retries import IO_RETRIES
+from flows.store import LocalStore, open_store
+from transforms.errors import InputError
+from transforms.periods import Period
+from transforms.plans import Catalog
+from transforms.settle import Settlement, merged_settlement, settled_usage
+from transforms.usage import normalized_usage
+
+PARQUET = {"compression": "zstd", "statistics": True}
+
+SHARDS_ENV = "BILLRUN_SHARDS"
+SHARD_INPUT_BYTES = 24 * 1024 * 1024
+"""Input bytes per shard: about a million Parquet rows, three times fewer as CSV or JSON."""
+MAX_SHARDS = 1024
+BATCH_INPUT_BYTES = 64 * 1024 * 1024
+"""Input bytes per normalize task: few, coarse tasks (a task run costs 5-15 ms in Prefect)."""
+
+MEMORY_ENV = "BILLRUN_DUCKDB_MEMORY"
+DEFAULT_SHARD_MEMORY = "1500MB"
+"""DuckDB's cap per shard connection: above it a shard spills to disk instead of growing."""
+
+
+def shard_count(usage_bytes: int) -> int:
+    """How many shards for this much input: BILLRUN_SHARDS if set, else one per 24 MB."""
+    configured = os.environ.get(SHARDS_ENV, "").strip()
+    if configured:
+        if not configured.isdigit() or not 1 <= int(configured) <= MAX_SHARDS:
+            raise InputError(f"{SHARDS_ENV}={configured!r}: expected a whole number from 1 to {MAX_SHARDS}")
+        return int(configured)
+    return max(1, min(MAX_SHARDS, math.ceil(usage_bytes / SHARD_INPUT_BYTES)))
+
+
+def batches(objects: list, max_bytes: int = BATCH_INPUT_BYTES, min_batches: int = 1) -> list[list]:
+    """Consecutive runs of `objects` (sorted by key) of about `max_bytes` each, and at least
+    `min_batches` of them when there are enough objects (so every core has work)."""
+    if not objects:
+        return []
+    total = sum(o.size for o in objects)
+    count = max(min(len(objects), min_batches), math.ceil(total / max_bytes))
+    target = total / count
+    out, current, filled = [], [], 0
+    for obj in objects:
+        current.append(obj)
+        filled += obj.size
+        if filled >= target * (len(out) + 1) and len(out) < count - 1:
+            out.append(current)
+            current = []
+    if current:
+        out.append(current)
+    return out
+
+
+@dataclass(frozen=True)
+class Normalized:
+    paths: tuple[Path, ...]  # local files (the nightly run's); the close's shards are in scratch
+    unreadable: tuple[tuple[str, str], ...]  # (key, why)
+    rows: int
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """Where shard files go: a store URI and a key prefix in it."""
+
+    uri: str
+    prefix: str
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+
+@dataclass(frozen=True)
+class NormalizedBatch:
+    shard_keys: dict[int, list[str]]  # shard -> scratch keys of its files
+    unreadable: list[tuple[str, str]]  # (object key, why)
+    rows: int
+
+
+def shard_name(shard: int) -> str:
+    return f"normalized/shard={shard:04d}/"
+
+
+def _write(scratch_store, key: str, frame: pl.DataFrame) -> None:
+    if isinstance(scratch_store, LocalStore):  # scratch needs no fsync: a killed close starts over
+        path = scratch_store.root.joinpath(*key.split("/"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.write_parquet(path, **PARQUET)
+        return
+    with tempfile.TemporaryDirectory(prefix="billrun-shard-") as tmp:
+        local = Path(tmp) / "part.parquet"
+        frame.write_parquet(local, **PARQUET)
+        scratch_store.put_file(key, local)
+
+
+def _local_copy(store_uri: str, obj, cache_dir: Path) -> Path:
+    """The object's bytes on this machine: the file fetch-inputs made if this is its machine,
+    else fetched again and checked against the hash the close recorded."""
+    if obj.path.is_file():
+        return obj.path
+    path = open_store(store_uri).fetch([obj.key], cache_dir)[obj.key]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != obj.sha256:
+        raise InputError(f"{obj.key}: changed while the close was running (sha256 {digest[:12]}, "
+                         f"was {obj.sha256[:12]}); run the close again")
+    return path
+
+
+@task(name="normalize-usage", cache_policy=NO_CACHE, **IO_RETRIES)
+def normalize_batch(store_uri: str, objects: list, scratch: Scratch, shards: int) -> NormalizedBatch:
+    """Each object of the batch read, validated and normalized (transforms.usage), its rows
+    split into shards by a hash of event_id; an object that cannot be read is set aside whole."""
+    started = time.perf_counter()
+    scratch_store = open_store(scratch.uri, create=True)
+    shard_keys: dict[int, list[str]] = {}
+    unreadable, rows = [], 0
+    with tempfile.TemporaryDirectory(prefix="billrun-fetch-") as tmp:
+        for obj in objects:
+            path = _local_copy(store_uri, obj, Path(tmp))
+            try:
+                raw = read_usage_object(path, obj.key)
+            except UNREADABLE as exc:  # a corrupt object is data, not a crash: quarantine it whole
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                unreadable.append((obj.key, why))
+                continue
+            frame = normalized_usage(raw, obj.key)
+            rows += frame.height
+            name = f"{obj.sha256}-{hashlib.sha256(obj.key.encode()).hexdigest()[:16]}.parquet"
+            keyed = frame.with_columns(
+                (pl.col("event_id").hash(seed=0) % shards).cast(pl.Int64).alias("_shard"))
+            for (shard,), part in keyed.partition_by("_shard", as_dict=True, maintain_order=True).items():
+                key = scratch.key(shard_name(int(shard)) + name)
+                _write(scratch_store, key, part.drop("_shard"))
+                shard_keys.setdefault(int(shard), []).append(key)
+    get_run_logger().info("normalize-usage: %d objects, %d rows, %d unreadable in %.2fs", len(objects), rows,
+                          len(unreadable), time.perf_counter() - started)
+    return NormalizedBatch(shard_keys, unreadable, rows)
+
+
+@task(name="settle-usage", cache_policy=NO_CACHE, **IO_RETRIES)
+def settle_shard(scratch: Scratch, shard: int, keys: list[str], reference, catalog: Catalog,
+                 period: Period) -> Settlement:
+    """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past its cap."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"billrun-shard{shard:04d}-") as tmp:
+        local = open_store(scratch.uri).fetch(sorted(keys), Path(tmp) / "in")
+        spill = Path(tmp) / "spill"
+        spill.mkdir()
+        con = duckdb.connect(config={"temp_directory": str(spill),
+                                     "memory_limit": os.environ.get(MEMORY_ENV, DEFAULT_SHARD_MEMORY),
+                                     "preserve_insertion_order": False})
+        try:
+            settlement = settled_usage(con, [local[k] for k in sorted(keys)], reference.customers,
+                                       list(reference.subscriptions), list(reference.segments), catalog, period)
+        finally:
+            con.close()
+    c = settlement.counts
+    get_run_logger().info("settle-usage: shard %d: read %d, billed %d, duplicates %d, quarantined %d in %.2fs",
+                          shard, c["read"], c["billed"], c["duplicates"], c["quarantined"],
+                          time.perf_counter() - started)
+    return settlement
+
+
+WORKERS_ENV = "BILLRUN_WORKERS"
+
+
+def local_workers() -> int:
+    """Threads for the shard tasks on this machine: BILLRUN_WORKERS, else one per core."""
+    configured = os.environ.get(WORKERS_ENV, "").strip()
+    if configured:
+        if not configured.isdigit() or int(configured) < 1:
+            raise InputError(f"{WORKERS_ENV}={configured!r}: expected a whole number of at least 1")
+        return int(configured)
+    return os.cpu_count() or 1
+
+
+@contextmanager
+def shard_runner(dask_address: str | None) -> Iterator:
+    """The task runner of the shard steps: a Dask cluster's, or a small thread pool."""
+    if dask_address:
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:  # pragma: no cover - a dependency of billrun
+            raise InputError("--dask needs the prefect-dask package; install billrun with its dependencies") from None
+        runner = DaskTaskRunner(address=dask_address)
+    else:
+        runner = ThreadPoolTaskRunner(max_workers=local_workers())
+    try:
+        with runner:
+            yield runner
+    except OSError as exc:
+        if dask_address:
+            raise InputError(f"Dask scheduler {dask_address}: cannot connect ({exc})") from None
+        raise
+
+
+def scratch_for(store_uri: str, work_dir: Path, label: str, distributed: bool) -> Scratch:
+    """The close's work folder, or, on a cluster with an S3 store, a prefix of the store that
+    every worker can reach (a local store is shared only by workers on this machine)."""
+    if distributed and store_uri.startswith("s3://"):
+        return Scratch(store_uri, f"billing/_state/work/{label}/")
+    folder = work_dir / "scratch"
+    folder.mkdir(parents=True, exist_ok=True)
+    return Scratch(str(folder), "")
+
+
+def drop_scratch(scratch: Scratch, work_dir: Path) -> None:
+    """Shard files are not needed once settled (a rerun normalizes again)."""
+    if scratch.prefix:
+        open_store(scratch.uri).delete_prefix(scratch.prefix)
+
+
+def _all(runner, task_, calls: list[dict]) -> list:
+    futures = [runner.submit(task_, params) for params in calls]
+    return [future.result() for future in futures]
+
+
+def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch) -> tuple[Normalized, dict[int, list[str]]]:
+    """Every usage object normalized into shards, in batches spread over the runner's workers."""
+    shards = shard_count(sum(o.size for o in inputs.usage))
+    work = batches(sorted(inputs.usage, key=lambda o: o.key), min_batches=2 * local_workers())
+    done = _all(runner, normalize_batch, [{"store_uri": store_uri, "objects": quote(b), "scratch": scratch,
+                                           "shards": shards} for b in work])
+    by_shard: dict[int, list[str]] = {}
+    for batch in done:
+        for shard, keys in batch.shard_keys.items():
+            by_shard.setdefault(shard, []).extend(keys)
+    normalized = Normalized((), tuple(u for b in done for u in b.unreadable), sum(b.rows for b in done))
+    return normalized, {k: sorted(v) for k, v in sorted(by_shard.items())}
+
+
+def settle_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]], reference, catalog: Catalog,
+                  period: Period) -> Settlement:
+    """Each shard settled on its own, then merged into the settlement of all rows."""
+    todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
+    parts = _all(runner, settle_shard, [{"scratch": scratch, "shard": shard, "keys": quote(keys),
+                                         "reference": quote(reference), "catalog": quote(catalog),
+                                         "period": period} for shard, keys in todo.items()])
+    return merged_settlement(parts)

@@ -1,0 +1,69 @@
+"""The close in shards: any number of shards, and the Dask cluster, give the same bytes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from closeutil import PLANS, close, output_bytes
+from flows.demo import write_demo_store
+from flows.shards import SHARDS_ENV, batches, shard_count
+from transforms.errors import InputError
+
+PERIOD = "2026-10"
+
+
+@dataclass(frozen=True)
+class Obj:
+    key: str
+    size: int
+
+
+def test_shard_count_follows_input_size_and_the_setting(monkeypatch):
+    monkeypatch.delenv(SHARDS_ENV, raising=False)
+    assert shard_count(0) == 1
+    assert shard_count(24 * 1024 * 1024) == 1
+    assert shard_count(24 * 1024 * 1024 + 1) == 2
+    assert shard_count(10**15) == 1024
+    monkeypatch.setenv(SHARDS_ENV, "7")
+    assert shard_count(0) == 7
+    for bad in ("0", "-1", "x", "1025"):
+        monkeypatch.setenv(SHARDS_ENV, bad)
+        with pytest.raises(InputError, match=SHARDS_ENV):
+            shard_count(1)
+
+
+@pytest.mark.parametrize("sizes,max_bytes,min_batches", [
+    ([10] * 10, 25, 1), ([10] * 10, 1000, 4), ([1, 100, 1, 1], 50, 1), ([5], 1, 8), ([], 10, 2),
+    ([3, 9, 27, 81, 243], 100, 2)])
+def test_batches_keep_order_cover_everything_and_spread(sizes, max_bytes, min_batches):
+    objects = [Obj(f"usage/{i:03d}", s) for i, s in enumerate(sizes)]
+    out = batches(objects, max_bytes, min_batches)
+    assert [o for b in out for o in b] == objects
+    assert all(out)
+    if objects:
+        assert len(out) >= min(min_batches, len(objects))
+
+
+@pytest.fixture(scope="module")
+def demo_written(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    stores = []
+    for name in ("one", "many"):
+        folder = str(root / name)
+        write_demo_store(folder, PLANS, PERIOD, 80, 5)
+        stores.append(folder)
+    return stores
+
+
+def test_shards_never_change_a_byte(prefect_server, demo_written, monkeypatch):
+    one, many = demo_written
+    monkeypatch.setenv(SHARDS_ENV, "1")
+    single = close(one, PLANS, PERIOD)
+    monkeypatch.setenv(SHARDS_ENV, "7")
+    sharded = close(many, PLANS, PERIOD)
+    assert single["rows"] == sharded["rows"] and single["rows"]["duplicates"] > 0
+    assert single["rows"]["quarantined"] > 0
+    a, b = output_bytes(one, single), output_bytes(many, sharded)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
