@@ -183,17 +183,22 @@ def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     _run(con, sql["checked"], params)
     con.register("priced_dims", priced_dims(con.sql(sql["dims_to_price"]).pl(), catalog).to_arrow())
     _run(con, sql["priced"], params)
-    earlier = con.sql(sql["earlier_copies"], params={"period_start": period.start_at}).pl()
-    con.register("billed_before", pl.DataFrame({"event_id": sorted(billed_elsewhere(earlier, subscriptions, catalog))},
+    billed_before: set[str] = set()
+    if _run(con, sql["any_earlier"], params)[0][0]:  # most closes read no earlier rows at all
+        earlier = con.sql(sql["earlier_copies"], params={"period_start": period.start_at}).pl()
+        billed_before = billed_elsewhere(earlier, subscriptions, catalog)
+    con.register("billed_before", pl.DataFrame({"event_id": sorted(billed_before)},
                                                schema={"event_id": pl.String}).to_arrow())
     _run(con, sql["settled"], params)
     counts = dict(zip(("read", "billed", "duplicates", "quarantined"),
                       (int(v) for v in _run(con, sql["counts"], params)[0])))
+    usage_by_day = con.sql(sql["usage_by_day"]).pl()
+    con.register("by_day", usage_by_day.to_arrow())
     return Settlement(
         credit_history=credit_history(con, subscriptions, catalog, period),
         counts=counts,
         quarantine=con.sql(sql["quarantine"]).pl(),
         usage_by_dims=con.sql(sql["usage_by_dims"]).pl(),
-        usage_by_day=con.sql(sql["usage_by_day"]).pl(),
+        usage_by_day=usage_by_day,
         per_event_usage=con.sql(sql["per_event_usage"]).pl(),
     )

@@ -52,6 +52,10 @@ LEFT JOIN priced_dims AS pd
        ON pd.plan = seg.plan AND pd.plan_version = seg.plan_version
       AND pd.meter = c.meter AND pd.dims = c.dims;
 
+-- name: any_earlier
+-- Whether any row of this usage is dated before the period (if none, no copy billed before).
+SELECT EXISTS (SELECT 1 FROM events WHERE reason IS NULL AND event_at < $period_start);
+
 -- name: earlier_copies
 -- One row per copy, earlier in time and in an earlier period, of an event_id that is clean here
 -- (valid on its own, known customer). Whether that copy really billed in its own period (a
@@ -101,15 +105,6 @@ FROM settled
 WHERE outcome = 'quarantined'
 ORDER BY source_key, source_row;
 
--- name: usage_by_dims
--- One row per subscription segment x meter x distinct dimensions: the billed units.
-SELECT subscription_id, segment_no, meter, dims,
-       sum(quantity) AS units, count(*) AS events
-FROM settled
-WHERE outcome = 'billed'
-GROUP BY ALL
-ORDER BY ALL;
-
 -- name: usage_by_day
 -- One row per subscription segment x meter x distinct dimensions x UTC day: the billed units,
 -- for spend alerts replayed in event time.
@@ -117,6 +112,15 @@ SELECT subscription_id, segment_no, meter, dims, CAST(event_at AS DATE) AS day,
        sum(quantity) AS units, count(*) AS events
 FROM settled
 WHERE outcome = 'billed'
+GROUP BY ALL
+ORDER BY ALL;
+
+-- name: usage_by_dims
+-- One row per subscription segment x meter x distinct dimensions: the billed units, summed from
+-- `by_day` (the result of usage_by_day) rather than from every row again.
+SELECT subscription_id, segment_no, meter, dims,
+       CAST(sum(units) AS DECIMAL(38, 9)) AS units, CAST(sum(events) AS BIGINT) AS events
+FROM by_day
 GROUP BY ALL
 ORDER BY ALL;
 
