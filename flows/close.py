@@ -32,13 +32,14 @@ from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, UNREADABLE, is_pur
                           read_usage_object)
 from flows.locks import fault_point, period_lock
 from flows.retries import IO_RETRIES
-from flows.shards import (Normalized, drop_scratch, normalize_shards, scratch_for, settle_shards,
+from flows.documents_out import write_invoice_documents
+from flows.shards import (Normalized, drop_scratch, local_workers, normalize_shards, scratch_for, settle_shards,
                           shard_runner)
 from flows.report import fetch_costs
 from flows.store import open_store
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
-from transforms.credits import (Outcome, Purchase, balances_table, credit_lines, credit_meters, credit_report, ledger_table,
-                               period_credit_events, purchases_from, wallet_history)
+from transforms.credits import (Outcome, Purchase, balances_table, credit_lines, credit_meters, credit_report,
+                               credit_summaries, ledger_table, period_credit_events, purchases_from, wallet_history)
 from transforms.errors import BillrunError, InputError
 from transforms.margins import margins_table, segment_plans
 from transforms.invoices import (Invoice, apply_credits, invoices_table, lines_table, period_invoices,
@@ -47,7 +48,6 @@ from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
 from transforms.reference import (Segment, Subscription, checked_customers, checked_subscriptions,
                                   segments_in)
-from transforms.render import invoice_html
 from transforms.revenue import journal, proportional_rates, revenue_rows
 from transforms.settle import Settlement, settled_usage
 from transforms.spend import spend_alerts
@@ -341,16 +341,12 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     seller = seller_block(inputs)
     customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
     roundings = {seg.subscription.subscription_id: seg.plan.plan.rounding for seg in reference.segments}
-    from transforms.credits import credit_summaries  # (lead: move into the module's credits import)
-    wallets = credit_summaries(outcome, period)
-    (out_dir / "invoices").mkdir(exist_ok=True)
-    for inv in invoices:
-        name = f"invoices/{inv.invoice_id}.html"
-        html = invoice_html(inv, customers[inv.customer_id], seller, roundings[inv.subscription_id], run_id,
-                            credits=wallets.get(inv.customer_id))
-        (out_dir / name).write_text(html, encoding="utf-8")
-        names.append(name)
+    documents = write_invoice_documents(invoices, customers, seller, roundings, credit_summaries(outcome, period),
+                                        run_id, out_dir, local_workers())
+    names.extend(name for name, _, _ in documents)
 
+    tables = [n for n in names if "/" not in n]
+    outputs = [(n, (out_dir / n).stat().st_size, _sha256(out_dir / n)) for n in tables] + documents
     unreadable = len(normalized.unreadable)
     rows = {k: settlement.counts[k] + (unreadable if k in ("read", "quarantined") else 0)
             for k in ("read", "billed", "duplicates", "quarantined")}
@@ -370,8 +366,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
         "quarantined_by_reason": dict(sorted(quarantine.group_by("reason").len().iter_rows())),
         "totals": _totals(invoices),
-        "outputs": [{"key": prefix + n, "size": (out_dir / n).stat().st_size, "sha256": _sha256(out_dir / n)}
-                    for n in sorted(names)],
+        "outputs": [{"key": prefix + n, "size": size, "sha256": digest} for n, size, digest in sorted(outputs)],
     }
     get_run_logger().info("write-outputs: %d files in %.2fs", len(names), time.perf_counter() - started)
     return sorted(names), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()

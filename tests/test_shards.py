@@ -67,3 +67,26 @@ def test_shards_never_change_a_byte(prefect_server, demo_written, monkeypatch):
     a, b = output_bytes(one, single), output_bytes(many, sharded)
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_invoices_rendered_in_worker_processes_are_the_same_bytes(tmp_path):
+    import hashlib
+    from dataclasses import replace
+
+    from flows.documents_out import write_invoice_documents
+    from renderutil import CUSTOMER, RUN_ID, SELLER, sample_credits, sample_invoice
+
+    base = sample_invoice()
+    invoices = [replace(base, invoice_id=f"INV-2026-10-{i:06d}", customer_id=f"c{i % 3}") for i in range(1, 26)]
+    customers = {f"c{i}": dict(CUSTOMER, customer_id=f"c{i}", name=f"Customer <{i}>") for i in range(3)}
+    roundings = {base.subscription_id: "half_up"}
+    wallets = {"c1": sample_credits()}
+    alone = write_invoice_documents(invoices, customers, SELLER, roundings, wallets, RUN_ID, tmp_path / "one", 1)
+    spread = write_invoice_documents(invoices, customers, SELLER, roundings, wallets, RUN_ID, tmp_path / "two", 2,
+                                     parallel_from=1)
+    assert alone == spread and len(alone) == 25
+    for name, size, digest in spread:
+        data = (tmp_path / "two" / name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (size, digest)
+        assert data == (tmp_path / "one" / name).read_bytes()
+    assert b"Customer &lt;1&gt;" in (tmp_path / "two" / "invoices/INV-2026-10-000001.html").read_bytes()

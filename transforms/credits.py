@@ -325,9 +325,13 @@ def _replay_all(grants: list[Grant], subs: list[Subscription], catalog: Catalog,
     subs_by_id = {s.subscription_id: s for s in subs}
     by_customer_events: dict[str, list[CreditEvent]] = defaultdict(list)
     plans_of: dict[str, PlanFile] = {}
+    plan_that_day: dict[tuple[str, object], PlanFile] = {}  # one lookup per subscription and day, not per event
     for ev in events:
         by_customer_events[ev.customer_id].append(ev)
-        plans_of[ev.event_id] = plan_on(subs_by_id[ev.subscription_id], catalog, ev.event_at.date())
+        key = (ev.subscription_id, ev.event_at.date())
+        if key not in plan_that_day:
+            plan_that_day[key] = plan_on(subs_by_id[ev.subscription_id], catalog, key[1])
+        plans_of[ev.event_id] = plan_that_day[key]
     outcome = Outcome()
     for customer in sorted(set(by_customer_grants) | set(by_customer_events)):
         replay(customer, by_customer_events.get(customer, []), by_customer_grants.get(customer, []), plans_of,
@@ -573,3 +577,78 @@ def wallets_from_opening(opening: list[Grant], subs: list[Subscription], catalog
                      g.opening, g.price * g.opening / g.credits if g.price else ZERO, g.currency)
                for g in opening]
     return _replay_all(carried + fresh, subs, catalog, events, period)
+
+
+@dataclass(frozen=True)
+class GrantMovement:
+    """One grant's credits over a period, as the invoice shows them:
+    opening + granted - used - expired - rolled over = closing."""
+
+    grant_id: str
+    kind: str                    # grant | purchase | top_up | rollover | opening
+    subscription_id: str | None
+    granted_at: datetime
+    expires_at: datetime | None
+    currency: str | None
+    cost_basis: Decimal
+    opening: Decimal
+    granted: Decimal
+    used: Decimal
+    expired: Decimal
+    rolled_over: Decimal
+
+    @property
+    def closing(self) -> Decimal:
+        return self.opening + self.granted - self.used - self.expired - self.rolled_over
+
+
+@dataclass(frozen=True)
+class CreditSummary:
+    """One customer's credit wallet over one period, grant by grant (oldest first). A wallet
+    belongs to the customer, not to a subscription: purchased packs serve every subscription."""
+
+    customer_id: str
+    grants: tuple[GrantMovement, ...]
+
+    def total(self, column: str) -> Decimal:
+        """The wallet's `opening`, `granted`, `used`, `expired`, `rolled_over` or `closing`."""
+        return sum((getattr(g, column) for g in self.grants), ZERO)
+
+    def value_minor(self, column: str, currency: str, rounding: str = "half_up") -> int:
+        """What the credits of `column` cost when they were bought (credits x cost basis), in
+        `currency`; free credits are worth nothing. Rounded once, for display."""
+        return to_minor(sum((getattr(g, column) * g.cost_basis for g in self.grants if g.currency == currency),
+                            ZERO), currency, rounding)
+
+
+def credit_summaries(outcome: Outcome, period: Period) -> dict[str, CreditSummary]:
+    """Per customer with credits moving or held in `period`: each grant's opening, granted, used,
+    expired, rolled over and closing credits. The same movements as `balances_table`, grouped for
+    the invoice; a balance brought forward (`opening` entries of a run started from a close) is
+    the grant's opening, not a new grant."""
+    moves: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])  # open, +, use, exp, roll
+    for e in outcome.entries:
+        if in_period(e, period):
+            acc = moves[e.grant_id]
+            if e.kind == "opening":
+                acc[0] += e.credits
+            elif e.kind in ("grant", "purchase", "top_up") or (e.kind == "rollover" and e.credits > 0):
+                acc[1] += e.credits
+            elif e.kind == "consume":
+                acc[2] -= e.credits
+            elif e.kind == "expire":
+                acc[3] -= e.credits
+            else:
+                acc[4] -= e.credits
+        elif _before(e, period):
+            moves[e.grant_id][0] += e.credits
+    by_customer: dict[str, list[GrantMovement]] = defaultdict(list)
+    for grant_id, (opening, granted, used, expired, rolled) in moves.items():
+        if opening == granted == used == expired == rolled == 0:
+            continue
+        g = outcome.grants[grant_id]
+        by_customer[g.customer_id].append(GrantMovement(
+            grant_id, g.kind, g.subscription_id, g.granted_at, g.expires_at, g.currency, g.cost_basis,
+            opening, granted, used, expired, rolled))
+    return {customer: CreditSummary(customer, tuple(sorted(rows, key=lambda m: (m.granted_at, m.grant_id))))
+            for customer, rows in sorted(by_customer.items())}

@@ -1,48 +1,241 @@
-"""HTML invoices: jinja2 with autoescaping and StrictUndefined, so a customer's name is always
-text and a missing field is an error, never a blank."""
+"""Customer documents as HTML: invoices, credit notes and debit notes, one jinja2 template family.
+
+Autoescaping and StrictUndefined: a customer's name is always text and a missing field is an
+error, never a blank. The close renders every invoice of a period (100k at scale), so the
+templates are compiled once per process and the views below are plain dicts built in one pass
+over the lines, with money formatted through a cache (Babel's formatter is most of the cost).
+"""
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import date, datetime, timedelta
+from decimal import Decimal
 from functools import lru_cache
 
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from babel.numbers import format_currency
+from jinja2 import Environment, PackageLoader, StrictUndefined, Template, select_autoescape
 
-from transforms.invoices import Invoice
-from transforms.money import format_money
+from transforms.credits import CreditSummary, GrantMovement
+from transforms.invoices import SPEND_KINDS, Invoice, Line
+from transforms.money import format_money, from_minor, minor_exponent
 from transforms.pricing.base import fmt_units
 
 TITLES = {"invoice": "Invoice", "credit_note": "Credit note", "debit_note": "Debit note"}
+TEMPLATES = {"invoice": "invoice.html.j2", "credit_note": "note.html.j2", "debit_note": "note.html.j2"}
+TOTAL_LABELS = {"invoice": "Total due", "credit_note": "Total credited", "debit_note": "Additional amount due"}
+
+# Invoice-level lines, grouped after the subscription's own lines, in this order.
+SECTIONS = (
+    (("cap_waiver", "commitment_true_up"), "Spend controls and commitments"),
+    (("top_up", "credit_purchase"), "Credits bought"),
+)
+BADGES = {"cap_waiver": "Hard cap", "commitment_true_up": "Commitment", "top_up": "Top-up",
+          "credit_purchase": "Credit pack"}
+GRANT_LABELS = {"grant": "Plan credits", "purchase": "Credit pack", "top_up": "Automatic top-up",
+                "rollover": "Rolled over", "opening": "Brought forward"}
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")
 
 
-@lru_cache(maxsize=1)
-def _environment() -> Environment:
-    return Environment(loader=PackageLoader("transforms", "templates"),
-                       autoescape=select_autoescape(default=True, default_for_string=True),
-                       undefined=StrictUndefined, keep_trailing_newline=True)
+@lru_cache(maxsize=None)
+def _template(name: str) -> Template:
+    """Compiled once per process; auto_reload off, so no file check per document."""
+    env = Environment(loader=PackageLoader("transforms", "templates"),
+                      autoescape=select_autoescape(default=True, default_for_string=True),
+                      undefined=StrictUndefined, keep_trailing_newline=True, auto_reload=False,
+                      trim_blocks=True, lstrip_blocks=True)
+    return env.get_template(name)
 
 
-def _line_view(no: int, line, currency: str) -> dict:
-    single = line.steps[0] if len(line.steps) == 1 else None
-    unit_price = single.price_text if single is not None and line.kind in ("usage", "overage") else ""
-    quantity = "" if line.kind in ("cap_waiver", "commitment_true_up") else (
-        f"{fmt_units(line.quantity)} {line.unit}".strip())
-    steps = [s.label for s in line.steps] if len(line.steps) > 1 else []
+@lru_cache(maxsize=None)
+def _money_shape(currency: str) -> tuple[str, str, str, str] | None:
+    """What format_money puts around the digits in `currency` (positive prefix and suffix,
+    negative prefix and suffix), read off Babel once per currency; None if its output is not
+    digits with text around them."""
+    exponent = minor_exponent(currency)
+    probe = 1234567 * 10 ** exponent + int("8" * exponent or "0")  # 1,234,567.888...
+    digits = _digits(probe, currency)
+    shape = []
+    for text in (format_money(probe, currency), format_money(-probe, currency)):
+        if text.count(digits) != 1:
+            return None
+        shape += text.split(digits)
+    return tuple(shape)
+
+
+def _digits(amount_minor: int, currency: str) -> str:
+    exponent = minor_exponent(currency)
+    return format(from_minor(abs(amount_minor), currency), f",.{exponent}f")
+
+
+def _money(amount_minor: int, currency: str) -> str:
+    """format_money, without Babel's pattern engine on every amount (16 us each, most of the
+    cost of a document): the currency's symbol and sign placement come from Babel once, the
+    digits from exact Decimal formatting. tests/test_render.py checks both agree."""
+    shape = _money_shape(currency)
+    if shape is None:
+        return format_money(amount_minor, currency)
+    prefix, suffix = (shape[0], shape[1]) if amount_minor >= 0 else (shape[2], shape[3])
+    return prefix + _digits(amount_minor, currency) + suffix
+
+
+def _exact_money(amount: Decimal, currency: str) -> str:
+    """A rating step's unrounded amount with all its digits ($0.0000025, never less than the
+    currency's own): the audit trail, not a line amount (lines are rounded once and shown with
+    _money). Babel's format_currency(..., decimal_quantization=False), in the same shape."""
+    shape = _money_shape(currency)
+    if shape is None:
+        return format_currency(amount, currency, locale="en_US", currency_digits=True, decimal_quantization=False)
+    exact = amount.normalize()
+    if -exact.as_tuple().exponent < minor_exponent(currency):
+        exact = exact.quantize(Decimal(1).scaleb(-minor_exponent(currency)))
+    prefix, suffix = (shape[0], shape[1]) if amount >= 0 else (shape[2], shape[3])
+    return prefix + format(abs(exact), ",f") + suffix
+
+
+def _period_text(period: str) -> str:
+    year, month = period.split("-")
+    return f"{MONTHS[int(month) - 1]} {year}"
+
+
+def _quantity(value: Decimal | None, unit: str) -> str:
+    return "" if value is None else f"{fmt_units(value)} {unit}".strip()
+
+
+def _usage_details(line: Line, currency: str) -> list[str]:
+    """What a usage line bills, in the customer's words: the meter and dimensions it counts,
+    the allowance, and the tiers (or packages, or rates) the units went through."""
+    details = []
+    dims = {**line.filter, **{k: v if v is not None else "(none)" for k, v in line.group.items()}}
+    if line.meter:
+        details.append(" · ".join([f"meter {line.meter}"] + [f"{k} {v}" for k, v in dims.items()]))
     if line.included_units is not None:
-        steps.insert(0, f"{fmt_units(line.total_units)} units used, {fmt_units(line.included_units)} included")
-    return {"no": no, "description": line.description, "quantity": quantity, "unit_price": unit_price,
-            "amount": format_money(line.amount_minor, currency), "steps": steps}
+        details.append(f"{fmt_units(line.total_units)} units used, {fmt_units(line.included_units)} included, "
+                       f"{fmt_units(line.quantity)} billed")
+    if len(line.steps) > 1:
+        details += [f"{s.label} = {_exact_money(s.amount, currency)}" for s in line.steps]
+    elif line.steps:
+        details.append(line.steps[0].label)
+    return details
 
 
-def invoice_html(invoice: Invoice, customer: dict, seller: dict, rounding: str, run_id: str) -> str:
-    """The document a customer receives for `invoice` (an invoice, credit note or debit note)."""
-    return _environment().get_template("invoice.html.j2").render(
+def _line_view(no: int, line: Line, currency: str, usage_minor: int, spend_minor: int) -> dict:
+    kind = line.kind
+    single = line.steps[0] if len(line.steps) == 1 else None
+    details: list[str] = []
+    if kind in ("usage", "overage"):
+        details = _usage_details(line, currency)
+    elif kind == "cap_waiver":
+        details = [f"Usage charges {_money(usage_minor, currency)}, billed up to the cap: "
+                   f"{_money(usage_minor + line.amount_minor, currency)}"]
+    elif kind == "commitment_true_up":
+        details = [f"Minimum spend {_money(spend_minor + line.amount_minor, currency)} for the period, "
+                   f"spend {_money(spend_minor, currency)}: the difference is billed"]
+    return {
+        "no": no, "kind": kind, "badge": BADGES.get(kind, ""), "description": line.description,
+        "quantity": "" if kind in ("cap_waiver", "commitment_true_up") else _quantity(line.quantity, line.unit),
+        "unit_price": single.price_text if single is not None and kind in ("usage", "overage") else "",
+        "amount": _money(line.amount_minor, currency), "details": details,
+    }
+
+
+def _group(title: str, subtitle: str, rows: list[tuple[int, Line]], currency: str, usage_minor: int,
+           spend_minor: int) -> dict:
+    return {"title": title, "subtitle": subtitle,
+            "lines": [_line_view(no, line, currency, usage_minor, spend_minor) for no, line in rows],
+            "subtotal": _money(sum(line.amount_minor for _, line in rows), currency)}
+
+
+def line_groups(invoice: Invoice) -> list[dict]:
+    """The invoice's lines grouped as the customer reads them: the subscription's lines per plan
+    version it ran on (a plan change mid-period gives two groups), then spend controls and
+    commitments, then credits bought. Line numbers stay those of invoice_lines."""
+    currency = invoice.currency
+    usage_minor = sum(line.amount_minor for line in invoice.lines if line.kind in ("usage", "overage"))
+    spend_minor = sum(line.amount_minor for line in invoice.lines if line.kind in SPEND_KINDS)
+    by_plan: dict[tuple, list] = {}
+    by_section: dict[str, list] = {}
+    section_of = {kind: title for kinds, title in SECTIONS for kind in kinds}
+    for no, line in enumerate(invoice.lines, start=1):
+        if line.plan is not None:
+            by_plan.setdefault((line.segment_no, line.plan, line.plan_version), []).append((no, line))
+        else:
+            by_section.setdefault(section_of.get(line.kind, "Other charges"), []).append((no, line))
+    groups = [_group(f"Subscription {invoice.subscription_id}", f"Plan {plan} v{version}", rows, currency,
+                     usage_minor, spend_minor)
+              for (_, plan, version), rows in by_plan.items()]
+    for title in [t for _, t in SECTIONS] + ["Other charges"]:
+        if title in by_section:
+            groups.append(_group(title, "", by_section[title], currency, usage_minor, spend_minor))
+    return groups
+
+
+def _adjustment_view(no: int, line: Line, currency: str) -> dict:
+    """A correction line: what was issued, what is due now, and the difference."""
+    known = line.old_amount_minor is not None and line.new_amount_minor is not None
+    counted = line.adjusts_kind not in ("cap_waiver", "commitment_true_up")  # amounts only, as on the invoice
+    if known and counted:
+        quantity = f"Quantity {_quantity(line.old_quantity, line.unit)} \u2192 {_quantity(line.new_quantity, line.unit)}"
+    else:
+        quantity = f"Quantity {_quantity(line.quantity, line.unit)}" if counted and line.quantity else ""
+    return {
+        "no": no, "description": line.adjusts_description or line.description, "quantity": quantity,
+        "was": _money(line.old_amount_minor, currency) if known else "",
+        "now": _money(line.new_amount_minor, currency) if known else "",
+        "change": _money(line.amount_minor, currency),
+    }
+
+
+def _day(at: datetime | None) -> str:
+    return "never" if at is None else at.date().isoformat()
+
+
+def _grant_label(g: GrantMovement) -> str:
+    label = GRANT_LABELS.get(g.kind, g.kind)
+    if g.kind == "purchase":
+        return f"{label} {g.grant_id.removeprefix('purchase/')}"
+    if g.kind == "grant" and "/once/" in g.grant_id:
+        return f"{label} (one-time)"
+    return label
+
+
+def credits_view(summary: CreditSummary, currency: str, rounding: str) -> dict:
+    """The credits section: per grant and in total, opening + added - used - expired - rolled
+    over = remaining, and what the used and remaining credits cost when they were bought."""
+    n = fmt_units
+    rolled = any(g.rolled_over for g in summary.grants)
+    rows = [{"label": _grant_label(g), "granted_on": g.granted_at.date().isoformat(), "expires": _day(g.expires_at),
+             "opening": n(g.opening), "granted": n(g.granted), "used": n(g.used), "expired": n(g.expired),
+             "rolled_over": n(g.rolled_over), "closing": n(g.closing)} for g in summary.grants]
+    total = {c: n(summary.total(c)) for c in ("opening", "granted", "used", "expired", "rolled_over", "closing")}
+    used_value = summary.value_minor("used", currency, rounding)
+    closing_value = summary.value_minor("closing", currency, rounding)
+    return {"rows": rows, "total": total, "rolled": rolled,
+            "used_value": _money(used_value, currency) if used_value or closing_value else "",
+            "closing_value": _money(closing_value, currency) if used_value or closing_value else ""}
+
+
+def invoice_html(invoice: Invoice, customer: dict, seller: dict, rounding: str, run_id: str, *,
+                 credits: CreditSummary | None = None, due_on: date | None = None) -> str:
+    """The document a customer receives for `invoice` (an invoice, credit note or debit note).
+
+    `credits`: the customer's wallet over the invoice's period (see credits.credit_summaries);
+    without it the credits section is left out. `due_on`: the payment due date, when known."""
+    currency = invoice.currency
+    note = invoice.kind != "invoice"
+    return _template(TEMPLATES[invoice.kind]).render(
         title=TITLES[invoice.kind],
         invoice=invoice,
         customer=customer,
         seller=seller,
-        lines=[_line_view(no, line, invoice.currency) for no, line in enumerate(invoice.lines, start=1)],
-        total=format_money(invoice.total_minor, invoice.currency),
+        period_text=_period_text(invoice.period),
         service_last_day=(invoice.service_end - timedelta(days=1)).isoformat(),
+        due_on=due_on.isoformat() if due_on else "",
+        groups=[] if note else line_groups(invoice),
+        adjustments=[_adjustment_view(no, line, currency) for no, line in enumerate(invoice.lines, start=1)]
+        if note else [],
+        credits=credits_view(credits, currency, rounding) if credits is not None and not note else None,
+        total_label=TOTAL_LABELS[invoice.kind],
+        total=_money(invoice.total_minor, currency),
         rounding=rounding.replace("_", " "),
         run_id=run_id,
     )

@@ -1,0 +1,49 @@
+"""The close's HTML invoices, rendered in worker processes.
+
+Rendering is pure Python (jinja2), so threads would share one core; a close of 100k invoices
+spreads them over processes instead, in contiguous chunks, each process writing its own files.
+The bytes do not depend on how the work is split. Each file's size and sha256 come back from the
+process that wrote it, so the manifest needs no second read of 100k files.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from transforms.render import invoice_html
+
+PARALLEL_FROM = 2000
+"""Fewer invoices than this render in the close's own process (a worker costs ~1 s to start)."""
+
+
+def _render_chunk(jobs: list[tuple], seller: dict, run_id: str, folder: str) -> list[tuple[str, int, str]]:
+    written = []
+    for invoice, customer, rounding, wallet in jobs:
+        name = f"invoices/{invoice.invoice_id}.html"
+        data = invoice_html(invoice, customer, seller, rounding, run_id, credits=wallet).encode("utf-8")
+        with open(os.path.join(folder, name), "wb") as handle:
+            handle.write(data)
+        written.append((name, len(data), hashlib.sha256(data).hexdigest()))
+    return written
+
+
+def write_invoice_documents(invoices: list, customers: dict, seller: dict, roundings: dict, wallets: dict,
+                            run_id: str, out_dir: Path, workers: int,
+                            parallel_from: int = PARALLEL_FROM) -> list[tuple[str, int, str]]:
+    """Every invoice as `invoices/<invoice_id>.html` under `out_dir`; (name, size, sha256) each,
+    in invoice order."""
+    (out_dir / "invoices").mkdir(parents=True, exist_ok=True)
+    jobs = [(inv, customers[inv.customer_id], roundings[inv.subscription_id], wallets.get(inv.customer_id))
+            for inv in invoices]
+    if workers <= 1 or len(jobs) < parallel_from:
+        return _render_chunk(jobs, seller, run_id, str(out_dir))
+    size = -(-len(jobs) // (workers * 4))  # a few chunks per worker, so one slow chunk does not idle the rest
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    # spawn, not fork: the close's process holds threads (Prefect, DuckDB, Polars) a fork would copy mid-flight
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_render_chunk, chunks, [seller] * len(chunks), [run_id] * len(chunks),
+                              [str(out_dir)] * len(chunks)))
+    return [entry for part in parts for entry in part]
