@@ -27,7 +27,6 @@ import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
 
 from flows.ingest import UNREADABLE, read_usage_object
 from flows.retries import IO_RETRIES
@@ -80,6 +79,17 @@ def batches(objects: list, max_bytes: int = BATCH_INPUT_BYTES, min_batches: int 
     if current:
         out.append(current)
     return out
+
+
+class Opaque:
+    """A value handed to a task as it is. Task runners walk their parameters looking for futures
+    (and rebuild what they walk): slow for 100k subscriptions, and Prefect's `quote()` does not
+    survive the Dask runner's walk. They do not look inside this."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
 
 
 @dataclass(frozen=True)
@@ -137,10 +147,11 @@ def _local_copy(store_uri: str, obj, cache_dir: Path) -> Path:
 
 
 @task(name="normalize-usage", cache_policy=NO_CACHE, **IO_RETRIES)
-def normalize_batch(store_uri: str, objects: list, scratch: Scratch, shards: int) -> NormalizedBatch:
+def normalize_batch(store_uri: str, batch: Opaque, scratch: Scratch, shards: int) -> NormalizedBatch:
     """Each object of the batch read, validated and normalized (transforms.usage), its rows
     split into shards by a hash of event_id; an object that cannot be read is set aside whole."""
     started = time.perf_counter()
+    objects = batch.value
     scratch_store = open_store(scratch.uri, create=True)
     shard_keys: dict[int, list[str]] = {}
     unreadable, rows = [], 0
@@ -168,10 +179,10 @@ def normalize_batch(store_uri: str, objects: list, scratch: Scratch, shards: int
 
 
 @task(name="settle-usage", cache_policy=NO_CACHE, **IO_RETRIES)
-def settle_shard(scratch: Scratch, shard: int, keys: list[str], reference, catalog: Catalog,
-                 period: Period) -> Settlement:
+def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period) -> Settlement:
     """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past its cap."""
     started = time.perf_counter()
+    reference, catalog = context.value
     with tempfile.TemporaryDirectory(prefix=f"billrun-shard{shard:04d}-") as tmp:
         local = open_store(scratch.uri).fetch(sorted(keys), Path(tmp) / "in")
         spill = Path(tmp) / "spill"
@@ -249,7 +260,7 @@ def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch) -> tuple[
     """Every usage object normalized into shards, in batches spread over the runner's workers."""
     shards = shard_count(sum(o.size for o in inputs.usage))
     work = batches(sorted(inputs.usage, key=lambda o: o.key), min_batches=2 * local_workers())
-    done = _all(runner, normalize_batch, [{"store_uri": store_uri, "objects": quote(b), "scratch": scratch,
+    done = _all(runner, normalize_batch, [{"store_uri": store_uri, "batch": Opaque(b), "scratch": scratch,
                                            "shards": shards} for b in work])
     by_shard: dict[int, list[str]] = {}
     for batch in done:
@@ -263,7 +274,7 @@ def settle_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]], re
                   period: Period) -> Settlement:
     """Each shard settled on its own, then merged into the settlement of all rows."""
     todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
-    parts = _all(runner, settle_shard, [{"scratch": scratch, "shard": shard, "keys": quote(keys),
-                                         "reference": quote(reference), "catalog": quote(catalog),
+    context = Opaque((reference, catalog))
+    parts = _all(runner, settle_shard, [{"scratch": scratch, "shard": shard, "keys": keys, "context": context,
                                          "period": period} for shard, keys in todo.items()])
     return merged_settlement(parts)

@@ -90,3 +90,29 @@ def test_invoices_rendered_in_worker_processes_are_the_same_bytes(tmp_path):
         assert (len(data), hashlib.sha256(data).hexdigest()) == (size, digest)
         assert data == (tmp_path / "one" / name).read_bytes()
     assert b"Customer &lt;1&gt;" in (tmp_path / "two" / "invoices/INV-2026-10-000001.html").read_bytes()
+
+
+def test_a_close_on_a_two_worker_dask_cluster_gives_the_same_bytes(prefect_server, tmp_path, monkeypatch):
+    """The shard tasks run in two Dask worker processes (they report to the same Prefect API)."""
+    import os
+
+    from distributed import LocalCluster
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.close import close_period
+
+    alone, spread = str(tmp_path / "alone"), str(tmp_path / "spread")
+    for folder in (alone, spread):
+        write_demo_store(folder, PLANS, PERIOD, 60, 9)
+    monkeypatch.setenv(SHARDS_ENV, "4")
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the workers' processes read it
+    single = close(alone, PLANS, PERIOD)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env={"PREFECT_API_URL": os.environ["PREFECT_API_URL"], SHARDS_ENV: "4"}) as cluster:
+        on_dask = close_period(store=spread, plans=PLANS, period=PERIOD, dask_address=cluster.scheduler_address)
+        workers = cluster.scheduler_info["workers"]
+        assert len(workers) == 2
+    assert on_dask["rows"] == single["rows"]
+    a, b = output_bytes(alone, single), output_bytes(spread, on_dask)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
