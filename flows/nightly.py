@@ -1,12 +1,23 @@
 """`billrun nightly --date D`: the period to date, kept current night by night.
 
 Each night takes in only the usage objects that are new or rewritten since the last run (by
-content: ETag, else size and sha256), validates and deduplicates them against everything taken
-in this period (first seen wins), and keeps each object's accepted events as state, so a
-rewritten object replaces its own contribution. From the period-to-date usage it writes what the
-close would bill if the period ended now, credit balances, and the alerts that fired for the
-first time (an alert fires once per customer, period, kind and threshold, however often nights
+content: ETag, else size and sha256), and only their events up to the end of D (an object that
+also holds later days is taken in again by a later night); it validates and deduplicates them
+against everything taken in this period (first seen wins). From the period-to-date usage it writes
+what the close would bill if the period ended now, credit balances, and the alerts that fired for
+the first time (an alert fires once per customer, period, kind and threshold, however often nights
 are run or re-run). The close derives the same alerts from the same events in event time.
+
+A night costs its new data. Its state, under billing/_state/nightly/period=P/:
+- objects/<key>-<night>.parquet: an object's accepted events as taken in (so that a rewritten or
+  removed object takes back exactly its own contribution), ids/<key>-<night>.parquet: their
+  event_ids (the index tonight's events are checked against);
+- to_date/night=D/: the period so far as units per customer x meter x dims x UTC day, the events
+  of meters handled event by event, and the spend through each (subscription, day) that spend
+  alerts replayed (reused while nothing on or before that day changes);
+- nights/night=D.json: the commit: which files make up the state after night D.
+Store-wide, usage_index.json keeps each object's fingerprint and event-time range, so a night
+leaves unread the objects that hold nothing of its period.
 """
 from __future__ import annotations
 
@@ -18,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -39,17 +50,26 @@ from transforms.credits import (balances_table, credit_lines, credit_meters, gra
                                 period_credit_events, wallet_history, wallets_from_opening)
 from transforms.errors import BillrunError, InputError
 from transforms.invoices import apply_credits, invoices_table, lines_table, period_invoices, usage_by_segment
-from transforms.periods import Period
+from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
 from transforms.queries import statements
 from transforms.reference import segments_frame
-from transforms.settle import settled_usage
-from transforms.spend import spend_alerts, thresholds
+from transforms.settle import plan_meters, settled_usage
+from transforms.spend import spend_alerts_resumed, thresholds
 
 SQL_FILE = "nightly.sql"
 ACCEPTED_COLUMNS = {"event_id": pl.String, "customer_id": pl.String, "meter": pl.String, "dims": pl.String,
                     "quantity": pl.Decimal(38, 9), "event_at": pl.Datetime("us", "UTC"), "source_key": pl.String,
                     "night": pl.Date}
+ID_COLUMNS = {"event_id": pl.String, "source_key": pl.String, "night": pl.Date}
+BY_DAY_COLUMNS = {"customer_id": pl.String, "meter": pl.String, "dims": pl.String, "day": pl.Date,
+                  "units": pl.Decimal(38, 9), "events": pl.Int64}
+EVENT_COLUMNS = {"customer_id": pl.String, "meter": pl.String, "dims": pl.String, "quantity": pl.Decimal(38, 9),
+                 "event_id": pl.String, "event_at": pl.Datetime("us", "UTC")}
+STATE_FORMAT = 2
+USAGE_INDEX_KEY = "billing/_state/nightly/usage_index.json"
+"""Store-wide: each usage object read by a night (fingerprint, event-time range), so a night
+skips, unread, the objects that hold nothing of its period."""
 
 
 class DeliveryFailed(BillrunError):
@@ -60,38 +80,121 @@ def state_prefix(period: Period) -> str:
     return f"billing/_state/nightly/period={period}/"
 
 
-def _object_state_key(period: Period, key: str) -> str:
-    return f"{state_prefix(period)}objects/{hashlib.sha256(key.encode()).hexdigest()[:24]}.parquet"
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _object_state_key(period: Period, key: str, night: date | None = None) -> str:
+    """An object's accepted events as the night `night` took them in (named by night, so a
+    night that has not committed yet never overwrites what the committed state points to)."""
+    suffix = f"-{night}" if night else ""  # without a night: state written before STATE_FORMAT 2
+    return f"{state_prefix(period)}objects/{_key_hash(key)}{suffix}.parquet"
+
+
+def _ids_key(period: Period, key: str, night: date | None) -> str:
+    suffix = f"-{night}" if night else ""
+    return f"{state_prefix(period)}ids/{_key_hash(key)}{suffix}.parquet"
+
+
+def _snapshot_key(period: Period, night: date) -> str:
+    return f"{state_prefix(period)}nights/night={night}.json"
+
+
+def _to_date_key(period: Period, night: date, name: str) -> str:
+    return f"{state_prefix(period)}to_date/night={night}/{name}"
+
+
+def base_snapshot(store, period: Period, day: date) -> dict:
+    """The committed state night `day` starts from: the last night before it (a night killed
+    after committing its own state but before its manifest starts again from the night before,
+    so it reruns to the same result), or the latest night if a later one already ran. State
+    from an earlier billrun (one `intake.json`) reads as a snapshot without period-to-date
+    tables; none at all is an empty period."""
+    prefix = state_prefix(period) + "nights/"
+    nights = sorted(date.fromisoformat(o.key[len(prefix) + len("night="):-len(".json")])
+                    for o in store.list(prefix) if o.key.endswith(".json"))
+    earlier = [n for n in nights if n < day]
+    pick = nights[-1] if nights and nights[-1] > day else (earlier[-1] if earlier else None)
+    if pick is not None:
+        return json.loads(store.read_bytes(_snapshot_key(period, pick)))
+    legacy = state_prefix(period) + "intake.json"
+    intake = json.loads(store.read_bytes(legacy)) if store.exists(legacy) else {}
+    return {"format": 1, "night": None, "intake": {
+        k: {**v, "night": None, "through": None, "state": _object_state_key(period, k), "ids": None}
+        for k, v in intake.items()}}
+
+
+def per_event_meters(catalog) -> list[str]:
+    """Meters some plan prices or pays with credits event by event (see transforms.settle.plan_meters)."""
+    frame = plan_meters(catalog).filter(pl.col("per_event"))
+    return sorted(set(frame["meter"].to_list()))
+
+
+def _night_end(day: date) -> datetime:
+    return utc_midnight(day + timedelta(days=1))
 
 
 @dataclass(frozen=True)
 class Intake:
     inputs: Inputs                 # only the usage objects to take in tonight
-    intake: dict[str, dict]        # every usage object taken in so far, with its fingerprint
+    base: dict                     # the committed state tonight starts from
+    kept: dict[str, dict]          # objects taken in on earlier nights and kept as they were
     removed: tuple[str, ...]       # objects gone from the store since the last night
-    state_files: dict[str, Path]   # accepted events of objects kept from earlier nights
+    replaced: tuple[str, ...]      # objects taken in before and again tonight (rewritten, or more of their days)
+    skipped: int                   # objects left unread: the usage index shows nothing of this period up to tonight
+    kept_files: dict[str, Path]    # each kept object's event_id index (its full rows when rebuilding)
+    gone: dict[str, Path]          # accepted events, as taken in, of the removed and replaced objects
+    state_files: dict[str, Path]   # the base's period-to-date tables (by_day, events), when it has them
+    rebuild: bool                  # no usable period-to-date tables: build them from every kept object
+    index: dict[str, dict]         # the store-wide usage index as read
+    meters: list[str]              # meters handled event by event, as the period-to-date tables hold them
+    terms: str                     # see spend_terms
+    known_spend: Path | None       # spend through each (subscription, day) as the base night left it
 
 
 @task(name="take-in", cache_policy=NO_CACHE, **IO_RETRIES)
-def take_in(store_uri: str, period: Period, cache_dir: Path) -> Intake:
-    """What is new since the last night, and the state of everything taken in before."""
+def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path) -> Intake:
+    """What arrived since the last night (new or rewritten objects, and objects that hold days
+    after the night that took them in), and the state of everything taken in before."""
     store = open_store(store_uri)
-    key = state_prefix(period) + "intake.json"
-    before = json.loads(store.read_bytes(key)) if store.exists(key) else {}
+    meters = per_event_meters(catalog)
+    base = base_snapshot(store, period, day)
+    before = base["intake"]
+    index = json.loads(store.read_bytes(USAGE_INDEX_KEY)) if store.exists(USAGE_INDEX_KEY) else {}
     listed = {o.key: o for o in store.list("usage/") if is_usage_key(o.key)}
     customers_key = _one_of(store, CUSTOMERS_KEYS, "customers")
     subscriptions_key = _one_of(store, SUBSCRIPTIONS_KEYS, "subscriptions")
     if customers_key is None or subscriptions_key is None:
         raise InputError(f"{store.uri}: customers and subscriptions are needed (see the store layout)")
     purchases = [o.key for o in store.list("credit_purchases/") if is_purchases_key(o.key)]
+    sha_of: dict[str, str] = {}
 
-    def unchanged(info, seen: dict) -> bool:
+    def unchanged(info, seen: dict | None) -> bool:
+        if not seen:
+            return False
         if info.etag and seen.get("etag"):
             return info.etag == seen["etag"]
-        return info.size == seen["size"] and store.sha256(info.key) == seen["sha256"]
+        if info.size != seen["size"]:
+            return False
+        if info.key not in sha_of:
+            sha_of[info.key] = store.sha256(info.key)
+        return sha_of[info.key] == seen["sha256"]
 
-    fresh = [k for k, info in sorted(listed.items()) if k not in before or not unchanged(info, before[k])]
+    window = (period.start_at, min(period.end_at, _night_end(day)))
+    fresh, kept, skipped = [], {}, 0
+    for k, info in sorted(listed.items()):
+        seen = before.get(k)
+        if unchanged(info, seen):
+            if _has_days_after(index.get(k), seen.get("through"), day):
+                fresh.append(k)
+            else:
+                kept[k] = seen
+        elif seen is None and unchanged(info, index.get(k)) and _nothing_in(index[k], window):
+            skipped += 1
+        else:
+            fresh.append(k)
     removed = tuple(sorted(set(before) - set(listed)))
+    replaced = tuple(k for k in fresh if k in before)
     local = store.fetch(fresh + [customers_key, subscriptions_key] + purchases, cache_dir)
 
     def obj(k: str) -> InputObject:
@@ -100,57 +203,143 @@ def take_in(store_uri: str, period: Period, cache_dir: Path) -> Intake:
         return InputObject(k, info.size if info else path.stat().st_size, _sha256(path), path,
                            info.etag if info else None)
 
-    kept = [k for k in before if k in listed and k not in fresh]
-    state = store.fetch([_object_state_key(period, k) for k in kept], cache_dir / "state")
+    rebuild = (base.get("format") != STATE_FORMAT or base.get("per_event_meters") != meters
+               or any(not v.get("ids") for v in kept.values()))
+    if rebuild:  # every kept object's full rows: the period is rebuilt from them
+        state = store.fetch([v["state"] for v in kept.values()], cache_dir / "state")
+        kept_files = {k: state[v["state"]] for k, v in kept.items()}
+        tables = {}
+    else:
+        state = store.fetch([v["ids"] for v in kept.values()] + [base["by_day"], base["events"]], cache_dir / "state")
+        kept_files = {k: state[v["ids"]] for k, v in kept.items()}
+        tables = {"by_day": state[base["by_day"]], "events": state[base["events"]]}
+    gone_keys = {} if rebuild else {k: before[k]["state"] for k in removed + replaced}
+    gone = store.fetch(list(gone_keys.values()), cache_dir / "gone")
     inputs = Inputs(tuple(obj(k) for k in fresh), obj(customers_key), obj(subscriptions_key), None,
                     tuple(obj(k) for k in purchases))
-    intake = {k: v for k, v in before.items() if k in kept}
-    for o in inputs.usage:
-        intake[o.key] = {"size": o.size, "sha256": o.sha256, "etag": o.etag}
-    get_run_logger().info("take-in: %d new or rewritten objects, %d removed, %d kept from earlier nights",
-                          len(fresh), len(removed), len(kept))
-    return Intake(inputs, intake, removed, {k: state[_object_state_key(period, k)] for k in kept})
+    previous = f"billing/period={period.previous()}/credit_balances.parquet"
+    terms = spend_terms(inputs, catalog, store.sha256(previous) if store.exists(previous) else None)
+    known_spend = None
+    if not rebuild and base.get("terms") == terms and base.get("spend"):
+        known_spend = store.fetch([base["spend"]], cache_dir / "state")[base["spend"]]
+    get_run_logger().info("take-in: %d new or rewritten objects, %d removed, %d kept from earlier nights, "
+                          "%d left unread (nothing of %s up to tonight)", len(fresh), len(removed), len(kept),
+                          skipped, period)
+    return Intake(inputs, base, kept, removed, replaced, skipped, kept_files,
+                  {k: gone[path] for k, path in gone_keys.items()}, tables, rebuild, index, meters, terms, known_spend)
+
+
+def spend_terms(inputs: Inputs, catalog, previous_balances_sha: str | None) -> str:
+    """A fingerprint of everything besides usage that spend so far depends on (subscriptions,
+    purchases, plans, the balances the period opens with): spend a night worked out is reused
+    only under the same terms."""
+    terms = [STATE_FORMAT, inputs.customers.sha256, inputs.subscriptions.sha256,
+             sorted(o.sha256 for o in inputs.purchases),
+             sorted([f.plan.plan, f.plan.version, f.sha256] for f in catalog.files.values()), previous_balances_sha]
+    return hashlib.sha256(json.dumps(terms).encode()).hexdigest()
+
+
+def _has_days_after(entry: dict | None, through: str | None, day: date) -> bool:
+    """Whether an object taken in through night `through` holds events of later days that
+    night `day` must now take in (the usage index knows its last event)."""
+    if entry is None or through is None or not entry.get("last_at") or date.fromisoformat(through) >= day:
+        return False
+    return datetime.fromisoformat(entry["last_at"]) >= _night_end(date.fromisoformat(through))
+
+
+def _nothing_in(entry: dict, window: tuple[datetime, datetime]) -> bool:
+    """An object whose every row has an event time outside `window` (rows without one belong to
+    every period, so such an object is always read)."""
+    if entry.get("undated", True):
+        return False
+    if not entry.get("first_at"):
+        return True  # no rows at all
+    first, last = datetime.fromisoformat(entry["first_at"]), datetime.fromisoformat(entry["last_at"])
+    return last < window[0] or first >= window[1]
 
 
 @dataclass(frozen=True)
 class NightUsage:
     counts: dict[str, int]
     accepted: dict[str, Path]          # tonight's accepted events, by object key
+    ids: dict[str, Path]               # their event_ids (the index kept objects are checked against)
+    rebuilt_ids: dict[str, Path]       # the index of kept objects whose state had none (older billrun)
+    nights: dict[str, str | None]      # the night each kept object was taken in, when the rebuild learned it
+    by_day: Path                       # the period to date: customer x meter x dims x day
+    events: Path                       # the period to date: events of per-event meters
+    ranges: dict[str, dict]            # tonight's objects: event-time range, for the usage index
+    not_yet: tuple[str, ...]           # objects read tonight whose every event is after the night: left for later
+    changed_from: dict[str, date] | None  # per customer, the first day whose usage changed tonight (None: all)
     usage_by_dims: pl.DataFrame
     usage_by_day: pl.DataFrame
     per_event_usage: pl.DataFrame
 
 
 @task(name="settle-night", cache_policy=NO_CACHE)
-def settle_night(normalized, intake: Intake, reference, catalog, period: Period, day: date,
+def settle_night(store_uri: str, normalized, intake: Intake, reference, catalog, period: Period, day: date,
                  work_dir: Path) -> NightUsage:
-    """Tonight's rows settled as a close would (scope, rules, duplicates among themselves), then
-    against every event taken in before; then the period to date, per segment."""
+    """Tonight's rows up to the night's end settled as a close would (scope, rules, duplicates
+    among themselves), then against the event_ids taken in before; the period to date moves by
+    the difference (or is rebuilt when there is no state to move from)."""
     started = time.perf_counter()
     sql = statements(SQL_FILE)
+    out_dir = work_dir / "night-state"
+    out_dir.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(config={"temp_directory": str(work_dir / "duckdb-spill")})
     try:
-        settlement = settled_usage(con, list(normalized.paths), reference.customers, list(reference.subscriptions),
+        con.execute("SET TimeZone = 'UTC'").fetchall()
+        ranges = _event_ranges(con, normalized)
+        paths = _through_night(list(normalized.paths), ranges, day, work_dir / "through-night")
+        settlement = settled_usage(con, paths, reference.customers, list(reference.subscriptions),
                                    list(reference.segments), catalog, period)
-        earlier = [str(p) for p in intake.state_files.values()]
-        if earlier:
-            con.read_parquet(earlier, union_by_name=True).create_view("earlier")
+        con.register("per_event_meters", pl.DataFrame({"meter": intake.meters}, schema={"meter": pl.String}).to_arrow())
+        if intake.rebuild:
+            kept_rows = _read_accepted(list(intake.kept_files.values()))
+            con.register("kept_rows_all", kept_rows.to_arrow())
+            con.sql("SELECT DISTINCT event_id, source_key, night FROM kept_rows_all").create_view("kept_ids")
         else:
-            con.register("earlier", pl.DataFrame(schema=ACCEPTED_COLUMNS).to_arrow())
-        tonight = con.sql(sql["accepted_tonight"], params={"night": day}).pl()
-        out_dir = work_dir / "accepted"
-        out_dir.mkdir(exist_ok=True)
-        accepted = {}
+            _register(con, "kept_ids", list(intake.kept_files.values()), ID_COLUMNS)
+        con.execute(sql["accepted_tonight"], {"night": day}).fetchall()
+        tonight = con.sql("SELECT * FROM tonight").pl()
+        accepted, ids = {}, {}
+        by_key = tonight.partition_by("source_key", as_dict=True)
         for o in intake.inputs.usage:
-            path = out_dir / f"{hashlib.sha256(o.key.encode()).hexdigest()}.parquet"  # by key: two keys may share bytes
-            tonight.filter(pl.col("source_key") == o.key).select(list(ACCEPTED_COLUMNS)).write_parquet(path, **PARQUET)
-            accepted[o.key] = path
-        all_files = earlier + [str(p) for p in accepted.values()]
-        con.read_parquet(all_files, union_by_name=True).create_view("all_accepted")
-        con.execute(sql["first_copies"])
+            name = hashlib.sha256(o.key.encode()).hexdigest()  # by key: two keys may share bytes
+            rows = by_key.get((o.key,), tonight.clear())
+            accepted[o.key] = out_dir / f"{name}.parquet"
+            rows.select(list(ACCEPTED_COLUMNS)).write_parquet(accepted[o.key], **PARQUET)
+            ids[o.key] = out_dir / f"{name}-ids.parquet"
+            rows.select(list(ID_COLUMNS)).write_parquet(ids[o.key], **PARQUET)
+        rebuilt_ids, nights = {}, {}
+        if intake.rebuild:
+            con.sql("SELECT * FROM kept_rows_all UNION ALL SELECT * EXCLUDE (is_new) FROM tonight"
+                    ).create_view("all_accepted")
+            con.execute(sql["first_copies"]).fetchall()
+            by_day, events = con.sql(sql["rebuilt_by_day"]).pl(), con.sql(sql["rebuilt_events"]).pl()
+            changed_from = None
+            for (key,), rows in kept_rows.partition_by("source_key", as_dict=True).items():
+                rebuilt_ids[key] = out_dir / f"{hashlib.sha256(key.encode()).hexdigest()}-kept-ids.parquet"
+                rows.select(list(ID_COLUMNS)).write_parquet(rebuilt_ids[key], **PARQUET)
+                night = rows["night"].min()
+                nights[key] = night.isoformat() if night else None
+        else:
+            con.register("gone", _read_accepted(list(intake.gone.values())).to_arrow())
+            con.execute(sql["first_copy_moves"]).fetchall()
+            needed = con.sql(sql["kept_rows_needed"]).pl()
+            con.register("kept_rows", _kept_rows(store_uri, intake, needed, work_dir).to_arrow())
+            con.execute(sql["delta"]).fetchall()
+            _register(con, "state_by_day", [intake.state_files["by_day"]], BY_DAY_COLUMNS)
+            _register(con, "state_events", [intake.state_files["events"]], EVENT_COLUMNS)
+            by_day, events = con.sql(sql["next_by_day"]).pl(), con.sql(sql["next_events"]).pl()
+            changed_from = dict(con.sql("SELECT customer_id, min(CAST(event_at AS DATE)) FROM delta GROUP BY ALL"
+                                        ).fetchall())
+        by_day, events = by_day.cast(BY_DAY_COLUMNS), events.cast(EVENT_COLUMNS)
+        by_day_path, events_path = out_dir / "by_day.parquet", out_dir / "events.parquet"
+        by_day.write_parquet(by_day_path, **PARQUET)
+        events.write_parquet(events_path, **PARQUET)
+        con.register("by_day", by_day.to_arrow())
+        con.register("events_to_date", events.to_arrow())
         con.register("segments", segments_frame(list(reference.segments)).to_arrow())
-        per_meter = [m for m, per_event in _per_event_meters(catalog)]
-        con.register("per_event_meters", pl.DataFrame({"meter": per_meter}, schema={"meter": pl.String}).to_arrow())
         usage_by_day = con.sql(sql["to_date_by_day"]).pl()
         per_event = con.sql(sql["to_date_per_event"]).pl()
     finally:
@@ -160,19 +349,82 @@ def settle_night(normalized, intake: Intake, reference, catalog, period: Period,
     counts = {"read": c["read"] + len(normalized.unreadable), "billed": new,
               "duplicates": c["duplicates"] + c["billed"] - new,
               "quarantined": c["quarantined"] + len(normalized.unreadable)}
+    for key, _ in normalized.unreadable:
+        ranges[key] = {"first_at": None, "last_at": None, "undated": True}
+    end = _night_end(day)
+    not_yet = tuple(sorted(k for k, r in ranges.items()
+                           if not r["undated"] and r["first_at"] and datetime.fromisoformat(r["first_at"]) >= end))
     usage_by_dims = (usage_by_day.group_by("subscription_id", "segment_no", "meter", "dims")
                      .agg(pl.col("units").sum(), pl.col("events").sum())
                      .sort("subscription_id", "segment_no", "meter", "dims"))
     get_run_logger().info("settle-night: read %d, accepted %d, duplicates %d, quarantined %d in %.2fs",
                           counts["read"], counts["billed"], counts["duplicates"], counts["quarantined"],
                           time.perf_counter() - started)
-    return NightUsage(counts, accepted, usage_by_dims, usage_by_day, per_event)
+    return NightUsage(counts, accepted, ids, rebuilt_ids, nights, by_day_path, events_path, ranges, not_yet,
+                      changed_from, usage_by_dims, usage_by_day, per_event)
 
 
-def _per_event_meters(catalog):
-    from transforms.settle import plan_meters
-    frame = plan_meters(catalog).filter(pl.col("per_event"))
-    return sorted({(m, True) for m in frame["meter"].to_list()})
+def _event_ranges(con: duckdb.DuckDBPyConnection, normalized) -> dict[str, dict]:
+    """Per object read tonight: its first and last event time, and whether a row has none."""
+    if not normalized.paths:
+        return {}
+    rows = con.sql("SELECT source_key, min(event_at), max(event_at), bool_or(event_at IS NULL) "
+                   "FROM read_parquet($paths) GROUP BY ALL",
+                   params={"paths": [str(p) for p in normalized.paths]}).fetchall()
+    return {key: {"first_at": first.isoformat() if first else None, "last_at": last.isoformat() if last else None,
+                  "undated": bool(undated)} for key, first, last, undated in rows}
+
+
+def _through_night(paths: list[Path], ranges: dict[str, dict], day: date, out_dir: Path) -> list[Path]:
+    """The normalized files without the rows of days after the night (a later night takes them
+    in); rows without an event time stay (every run that reads them quarantines them)."""
+    end = _night_end(day)
+    out = []
+    for path in paths:
+        frame = pl.read_parquet(path)
+        last = frame["event_at"].max() if frame.height else None
+        if last is None or last < end:
+            out.append(path)
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        kept = out_dir / path.name
+        frame.filter(pl.col("event_at").is_null() | (pl.col("event_at") < end)).write_parquet(kept, **PARQUET)
+        out.append(kept)
+    return out
+
+
+def _read_accepted(paths: list[Path]) -> pl.DataFrame:
+    """Accepted events of objects as their state files hold them (files from before nights were
+    recorded have no `night`: such a copy ranks before every recorded one)."""
+    frames = []
+    for path in paths:
+        frame = pl.read_parquet(path)
+        if "night" not in frame.columns:
+            frame = frame.with_columns(pl.lit(None, dtype=pl.Date).alias("night"))
+        frames.append(frame.select(list(ACCEPTED_COLUMNS)).cast(ACCEPTED_COLUMNS))
+    return pl.concat(frames) if frames else pl.DataFrame(schema=ACCEPTED_COLUMNS)
+
+
+def _register(con: duckdb.DuckDBPyConnection, name: str, paths: list[Path], schema: dict) -> None:
+    """A view of Parquet state files with the given columns (an empty table when there are none)."""
+    if paths:
+        con.read_parquet([str(p) for p in paths], union_by_name=True).select(*schema).create_view(name)
+    else:
+        con.register(name, pl.DataFrame(schema=schema).to_arrow())
+
+
+def _kept_rows(store_uri: str, intake: Intake, needed: pl.DataFrame, work_dir: Path) -> pl.DataFrame:
+    """Full rows of the kept copies that start or stop counting tonight, read only from the
+    objects that hold them."""
+    if needed.is_empty():
+        return pl.DataFrame(schema=ACCEPTED_COLUMNS)
+    wanted = {key: set(rows["event_id"].to_list())
+              for (key,), rows in needed.partition_by("source_key", as_dict=True).items()}
+    store = open_store(store_uri)
+    files = store.fetch([intake.kept[k]["state"] for k in sorted(wanted)], work_dir / "kept-state")
+    frames = [_read_accepted([files[intake.kept[k]["state"]]]).filter(pl.col("event_id").is_in(list(ids)))
+              for k, ids in sorted(wanted.items())]
+    return pl.concat(frames)
 
 
 @dataclass(frozen=True)
@@ -181,11 +433,17 @@ class NightResult:
     balances: pl.DataFrame
     alerts: list[Alert]
     balances_from: str
+    spend: pl.DataFrame            # spend through each (subscription, day) replayed tonight, for the next night
+
+
+SPEND_COLUMNS = {"subscription_id": pl.String, "day": pl.Date, "spend_minor": pl.Int64}
 
 
 @task(name="estimate", cache_policy=NO_CACHE, **IO_RETRIES)
-def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Period) -> NightResult:
-    """Credits, the draft invoices and every alert of the period so far."""
+def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Period,
+             known_spend: Path | None) -> NightResult:
+    """Credits, the draft invoices and every alert of the period so far. Spend alerts resume
+    from the spend the last night worked out (`known_spend`, None when its terms changed)."""
     store = open_store(store_uri)
     segments = list(reference.segments)
     events = period_credit_events(usage.per_event_usage, segments)
@@ -207,10 +465,14 @@ def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Peri
     invoices = [replace(i, kind="invoice") for i in period_invoices(period, segments, billable, extra)]
     spend = {i.subscription_id: sum(l.amount_minor for l in i.lines if l.kind in ("usage", "overage"))
              for i in invoices}
-    alerts = (price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period)
-              + spend_alerts(period, segments, usage.usage_by_day, usage.per_event_usage, outcome.billable_by_day,
-                             credit_meters(segments), spend))
-    return NightResult(invoices, balances_table(outcome, period), alerts, balances_from)
+    known = {} if known_spend is None else {(s, d): v for s, d, v in pl.read_parquet(known_spend).iter_rows()}
+    spent, spend_through = spend_alerts_resumed(period, segments, usage.usage_by_day, usage.per_event_usage,
+                                                outcome.billable_by_day, credit_meters(segments), spend, known,
+                                                usage.changed_from if known_spend is not None else None)
+    alerts = price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period) + spent
+    spend_frame = pl.DataFrame([(s, d, v) for (s, d), v in sorted(spend_through.items())], schema=SPEND_COLUMNS,
+                               orient="row")
+    return NightResult(invoices, balances_table(outcome, period), alerts, balances_from, spend_frame)
 
 
 def customers_over(invoices: list, segments: list, fraction: str = "0.8") -> list[dict]:
@@ -275,12 +537,12 @@ def nightly(store: str, plans: str, day: str, webhook: str | None = None) -> dic
     with period_lock(the_store, [period], f"nightly {the_day}", datetime.now(timezone.utc)):
         work_dir = work_dir_for(store, f"nightly-{the_day}")
         try:
-            intake = take_in(store, period, work_dir / "inputs")
+            intake = take_in(store, period, the_day, quote(catalog), work_dir / "inputs")
             reference = check_reference(quote(intake.inputs), quote(catalog), period)
             normalized = normalize_usage(quote(intake.inputs), work_dir)
-            usage = settle_night(quote(normalized), quote(intake), quote(reference), quote(catalog), period,
+            usage = settle_night(store, quote(normalized), quote(intake), quote(reference), quote(catalog), period,
                                  the_day, work_dir)
-            result = estimate(store, quote(usage), quote(reference), quote(catalog), period)
+            result = estimate(store, quote(usage), quote(reference), quote(catalog), period, intake.known_spend)
             manifest = publish_night(store, period, the_day, quote(intake), quote(usage), quote(result),
                                      quote(reference), work_dir / "out")
         finally:
@@ -301,14 +563,38 @@ def _deliver_pending(store, key: str, webhook: str | None) -> None:
 @task(name="publish-night", cache_policy=NO_CACHE, **IO_RETRIES)
 def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usage: NightUsage,
                   result: NightResult, reference, out_dir: Path) -> dict:
-    """State first (each object's accepted events), then the night's outputs, then the intake
-    and fired alerts, the manifest last: a night killed anywhere reruns to the same result."""
+    """State files first (tonight's objects, the period to date; all named by night, so nothing
+    the committed state points to is overwritten), then the night's outputs and the usage index,
+    then the commit (`nights/night=D.json`) and the fired alerts, the manifest last, then what
+    no state points to any more is cleared away. A night killed anywhere reruns from the night
+    before to the same result."""
     store = open_store(store_uri)
     prefix = state_prefix(period)
-    for key, path in usage.accepted.items():
-        store.put_file(_object_state_key(period, key), path)
-    for key in intake.removed:
-        store.delete(_object_state_key(period, key))
+    intake_now = {k: dict(v) for k, v in intake.kept.items()}
+    for key, path in usage.rebuilt_ids.items():
+        if not intake_now[key].get("ids"):  # state from an earlier billrun gets its event_id index
+            intake_now[key]["ids"] = _ids_key(period, key, None)
+            intake_now[key]["night"] = usage.nights.get(key)
+            store.put_file(intake_now[key]["ids"], path)
+    taken = [o for o in intake.inputs.usage if o.key not in usage.not_yet]
+    for o in taken:
+        entry = {"size": o.size, "sha256": o.sha256, "etag": o.etag, "night": day.isoformat(),
+                 "through": day.isoformat(), "state": _object_state_key(period, o.key, day),
+                 "ids": _ids_key(period, o.key, day)}
+        store.put_file(entry["state"], usage.accepted[o.key])
+        store.put_file(entry["ids"], usage.ids[o.key])
+        intake_now[o.key] = entry
+    tables = {"by_day": usage.by_day, "events": usage.events}
+    snapshot = {"format": STATE_FORMAT, "night": day.isoformat(), "intake": dict(sorted(intake_now.items())),
+                "per_event_meters": intake.meters, "terms": intake.terms}
+    for name, path in tables.items():
+        snapshot[name] = _to_date_key(period, day, f"{name}.parquet")
+        store.put_file(snapshot[name], path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.spend.write_parquet(out_dir / "spend.parquet", **PARQUET)
+    snapshot["spend"] = _to_date_key(period, day, "spend.parquet")
+    store.put_file(snapshot["spend"], out_dir / "spend.parquet")
+
     fired_key = prefix + "fired_alerts.parquet"
     fired = pl.read_parquet(io.BytesIO(store.read_bytes(fired_key))) if store.exists(fired_key) else None
     if fired is not None:  # a retry of this task must find tonight's alerts new again
@@ -318,7 +604,6 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
     every = alerts_table(result.alerts)
     identity = ["customer_id", "period", "kind", "threshold"]
     new = every if fired is None else every.join(fired.select(identity), on=identity, how="anti")
-    out_dir.mkdir(parents=True, exist_ok=True)
     names = {"alerts.parquet": new, "draft_invoices.parquet": invoices_table(result.invoices),
              "draft_invoice_lines.parquet": lines_table(result.invoices), "credit_balances.parquet": result.balances,
              "usage.parquet": _usage_per_customer(result.invoices)}
@@ -327,14 +612,19 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
     over = customers_over(result.invoices, list(reference.segments))
     manifest = {
         "billrun_version": package_version("billrun"), "date": day.isoformat(), "period": str(period),
-        "intake": {"objects": len(intake.inputs.usage), "removed": list(intake.removed), **usage.counts},
+        "intake": {"objects": len(taken), "removed": list(intake.removed), **usage.counts},
         "alerts_fired": new.height, "over_80_percent_of_budget": over,
         "credit_balances_from": result.balances_from,
         "outputs": [{"key": f"billing/nightly/date={day}/{n}", "sha256": _sha256(out_dir / n)} for n in sorted(names)],
     }
     for name in names:
         store.put_file(f"billing/nightly/date={day}/{name}", out_dir / name)
-    store.put_bytes(prefix + "intake.json", (json.dumps(intake.intake, indent=1, sort_keys=True) + "\n").encode())
+    index = json.loads(store.read_bytes(USAGE_INDEX_KEY)) if store.exists(USAGE_INDEX_KEY) else {}
+    for o in intake.inputs.usage:  # read again just now: nights of other periods write it too
+        index[o.key] = {"size": o.size, "sha256": o.sha256, "etag": o.etag, **usage.ranges.get(
+            o.key, {"first_at": None, "last_at": None, "undated": False})}
+    store.put_bytes(USAGE_INDEX_KEY, (json.dumps(dict(sorted(index.items())), indent=1) + "\n").encode())
+    store.put_bytes(_snapshot_key(period, day), (json.dumps(snapshot, indent=1) + "\n").encode())
     tonight = new.with_columns(pl.lit(day).alias("night"))
     merged = tonight if fired is None else pl.concat([fired, tonight])
     buffer = io.BytesIO()
@@ -347,7 +637,24 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
         earlier = [a for a in earlier if a not in ours]  # a retry does not queue them twice
         store.put_bytes(pending, json.dumps({"alerts": earlier + ours}, sort_keys=True).encode())
     store.put_bytes(f"billing/nightly/date={day}/{MANIFEST}", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    _clear_superseded(store, period, [intake.base, snapshot])
     return manifest
+
+
+def _clear_superseded(store, period: Period, snapshots: list[dict]) -> None:
+    """Delete the state files neither tonight's state nor the one it started from points to
+    (the latter stays, so that a night re-run from it still finds everything)."""
+    prefix = state_prefix(period)
+    keep = {_snapshot_key(period, date.fromisoformat(s["night"])) for s in snapshots if s.get("night")}
+    for s in snapshots:
+        keep |= {s[name] for name in ("by_day", "events", "spend") if s.get(name)}
+        keep |= {v[name] for v in s["intake"].values() for name in ("state", "ids") if v.get(name)}
+    for folder in ("objects/", "ids/", "to_date/", "nights/"):
+        for info in store.list(prefix + folder):
+            if info.key not in keep:
+                store.delete(info.key)
+    if snapshots[-1].get("night"):
+        store.delete(prefix + "intake.json")  # state from an earlier billrun, now carried by the snapshots
 
 
 def _usage_per_customer(invoices: list) -> pl.DataFrame:

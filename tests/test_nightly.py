@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import threading
 from dataclasses import dataclass, field
 from datetime import date
@@ -461,13 +462,182 @@ def test_a_retried_publish_publishes_the_same_night(prefect_server, tmp_path, mo
         assert hook.delivered() == [[FIFTY]]
 
 
-def test_a_period_begun_before_the_state_gained_its_night_column_goes_on(prefect_server, tmp_path):
-    """State as billrun wrote it before 55775b8: the same files without `night`."""
-    store, plans = store_through(tmp_path, 1)
+@pytest.mark.parametrize("with_night", [True, False], ids=["state of 55775b8", "state before 55775b8"])
+def test_a_period_begun_by_an_earlier_billrun_goes_on(prefect_server, tmp_path, with_night):
+    """State as earlier billruns wrote it: one intake.json, each object's accepted events under
+    objects/<hash>.parquet (with or without `night`), no event_id index, no period-to-date tables."""
+    store, plans = store_through(tmp_path, 2)
     assert nightly(store, plans, 1).exit_code == 0
-    for path in Path(store, "billing/_state/nightly/period=2026-10").rglob("*.parquet"):
-        pl.read_parquet(path).drop("night", strict=False).write_parquet(path)
-    open_store(store).put_bytes(day_key(2), csv(day_rows(2)))
-    result = nightly(store, plans, 2)
+    assert nightly(store, plans, 2).exit_code == 0
+    downgrade(store, with_night)
+    open_store(store).put_bytes(day_key(2), csv(day_rows(2, quiet_minutes=99)))   # rewritten: its old rows go
+    open_store(store).put_bytes(day_key(3), csv(day_rows(3) + [day_rows(1)[3]]))   # resends q-01-1
+    result = nightly(store, plans, 3, "--json")
     assert result.exit_code == 0, result.output
-    assert estimated_minor(store, 2)["c-quiet"] == 2 * 20 * CENTS_PER_MINUTE
+    assert json.loads(result.stdout)["intake"]["duplicates"] == 1
+    assert estimated_minor(store, 3)["c-quiet"] == (3 * 20 + 99 - 20) * CENTS_PER_MINUTE
+    open_store(store).put_bytes(day_key(4), csv(day_rows(4)))
+    assert nightly(store, plans, 4).exit_code == 0                                 # and on from the new state
+    assert estimated_minor(store, 4)["c-quiet"] == (4 * 20 + 99 - 20) * CENTS_PER_MINUTE
+    assert not Path(store, "billing/_state/nightly/period=2026-10/intake.json").exists()
+
+
+def downgrade(store: str, with_night: bool) -> None:
+    """Rewrite a period's nightly state into the layout billrun used before STATE_FORMAT 2."""
+    from flows.nightly import _object_state_key, base_snapshot
+    from transforms.periods import Period
+
+    period = Period.containing(date(2026, 10, 1))
+    the_store = open_store(store)
+    snapshot = base_snapshot(the_store, period, date(2026, 10, 31))
+    root = Path(store, "billing/_state/nightly/period=2026-10")
+    intake = {}
+    for key, entry in snapshot["intake"].items():
+        rows = pl.read_parquet(Path(store, entry["state"]))
+        rows.drop([] if with_night else ["night"]).write_parquet(Path(store, _object_state_key(period, key)))
+        intake[key] = {"size": entry["size"], "sha256": entry["sha256"], "etag": entry["etag"]}
+    for folder in ("ids", "to_date", "nights"):
+        shutil.rmtree(root / folder)
+    for path in (root / "objects").glob("*-*.parquet"):
+        path.unlink()
+    (root / "intake.json").write_text(json.dumps(intake, indent=1, sort_keys=True) + "\n")
+    if not with_night:
+        fired = root / "fired_alerts.parquet"
+        if fired.exists():
+            pl.read_parquet(fired).drop("night").write_parquet(fired)
+    Path(store, "billing/_state/nightly/usage_index.json").unlink()
+
+
+# --- the incremental state ------------------------------------------------------------------------
+
+def outputs(store: str) -> dict[str, bytes]:
+    """What nights publish (everything under billing/nightly/), by key."""
+    return {k: v for k, v in snapshot(store).items() if k.startswith("billing/nightly/")}
+
+
+@pytest.mark.parametrize("killed_after", ["state files", "commit"])
+def test_a_night_killed_midway_reruns_to_what_a_clean_night_gives(prefect_server, tmp_path, killed_after):
+    """Night 3 brings a rewritten first copy and a late duplicate. A copy of the store has night 3
+    killed just before its manifest (after its commit), or before its commit (its state files
+    written, nothing pointing to them): re-run, it and night 4 publish the same bytes."""
+    (tmp_path / "clean").mkdir()
+    clean, plans = store_through(tmp_path / "clean", 2)
+    assert nightly(clean, plans, 1).exit_code == 0
+    assert nightly(clean, plans, 2).exit_code == 0
+    the_store = open_store(clean)
+    the_store.put_bytes(day_key(1), csv(day_rows(1, quiet_minutes=None)))           # q-01-1 rewritten away
+    the_store.put_bytes(day_key(3), csv(day_rows(3) + [day_rows(2)[0], day_rows(1)[3]]))
+    killed = str(tmp_path / "killed")
+    shutil.copytree(clean, killed)
+    assert nightly(clean, plans, 3).exit_code == 0
+    assert nightly(killed, plans, 3).exit_code == 0
+    Path(killed, night_key(3, "manifest.json")).unlink()
+    if killed_after == "state files":
+        Path(killed, "billing/_state/nightly/period=2026-10/nights/night=2026-10-03.json").unlink()
+    for store in (clean, killed):
+        open_store(store).put_bytes(day_key(4), csv(day_rows(4)))
+    assert nightly(killed, plans, 3).exit_code == 0
+    for store in (clean, killed):
+        assert nightly(store, plans, 4).exit_code == 0
+    assert outputs(killed) == outputs(clean)
+    assert estimated_minor(clean, 4)["c-quiet"] == 4 * 20 * CENTS_PER_MINUTE       # q-01-1 lives on in day 3
+
+
+def test_the_state_moves_by_the_difference_and_equals_a_rebuild(prefect_server, tmp_path):
+    """After rewrites, a removed object and resent events, the period-to-date tables a night
+    moves to are the ones a rebuild from every object's rows gives."""
+    from flows.nightly import base_snapshot
+    from transforms.periods import Period
+
+    (tmp_path / "moved").mkdir()
+    store, plans = store_through(tmp_path / "moved", 3)
+    the_store = open_store(store)
+    for day in (1, 2, 3):
+        assert nightly(store, plans, day).exit_code == 0
+    the_store.put_bytes(day_key(4), csv(day_rows(4) + [day_rows(1)[0], day_rows(2)[3]]))
+    the_store.put_bytes(day_key(2), csv(day_rows(2, quiet_minutes=55)))               # rewritten
+    the_store.delete(day_key(1))                                                         # removed: r-01-1 lives on
+    assert nightly(store, plans, 4).exit_code == 0
+    rebuilt = str(tmp_path / "rebuilt")
+    shutil.copytree(store, rebuilt)
+    shutil.rmtree(Path(rebuilt, "billing/nightly/date=2026-10-04"))
+    Path(rebuilt, "billing/_state/nightly/period=2026-10/nights/night=2026-10-04.json").unlink()
+    downgrade(rebuilt, with_night=True)
+    assert nightly(rebuilt, plans, 4).exit_code == 0
+    period = Period.containing(date(2026, 10, 4))
+    tables = [{name: pl.read_parquet(Path(s, base_snapshot(open_store(s), period, date(2026, 10, 5))[name]))
+               for name in ("by_day", "events")} for s in (store, rebuilt)]
+    assert tables[0]["by_day"].equals(tables[1]["by_day"])
+    assert tables[0]["events"].equals(tables[1]["events"])
+    assert estimated_minor(store, 4) == estimated_minor(rebuilt, 4) == {
+        "c-runaway": (4 * 200 - 100) * CENTS_PER_MINUTE,                                 # r-01-2 gone with day 1
+        "c-steady": 3 * 60 * CENTS_PER_MINUTE,                                          # s-01-1 gone with day 1
+        "c-quiet": 3 * 20 * CENTS_PER_MINUTE}   # q-01-1 gone; of q-02-1's two copies tonight day 4's (20) bills
+
+
+def test_a_night_takes_in_its_own_days_and_leaves_later_ones_for_their_night(prefect_server, tmp_path):
+    """An object holding days 5 and 6 arrives before night 5: night 5 bills day 5, night 6 day 6."""
+    store, plans = store_through(tmp_path, 4)
+    for day in range(1, 5):
+        assert nightly(store, plans, day).exit_code == 0
+    open_store(store).put_bytes(day_key(5), csv(day_rows(5) + day_rows(6)))
+    five = nightly(store, plans, 5, "--json")
+    assert five.exit_code == 0, five.output
+    assert json.loads(five.stdout)["intake"]["read"] == 4
+    assert estimated_minor(store, 5)["c-steady"] == 5 * 60 * CENTS_PER_MINUTE
+    six = nightly(store, plans, 6, "--json")
+    assert six.exit_code == 0, six.output
+    assert json.loads(six.stdout)["intake"]["objects"] == 1                          # day 5's object again
+    assert estimated_minor(store, 6)["c-steady"] == 6 * 60 * CENTS_PER_MINUTE
+
+
+def test_the_first_night_of_a_month_leaves_the_last_months_objects_unread(prefect_server, tmp_path):
+    store, plans = store_through(tmp_path, 2)
+    for day in (1, 2):
+        assert nightly(store, plans, day).exit_code == 0
+    open_store(store).put_bytes("usage/date=2026-11-01/part-0.csv", csv(
+        [r.replace("2026-10-01", "2026-11-01").replace("-01-", "-n01-") for r in day_rows(1)]))
+    result = billrun("nightly", "--date", "2026-11-01", "--store", store, "--plans", plans, "--json")
+    assert result.exit_code == 0, result.output
+    intake = json.loads(result.stdout)["intake"]
+    assert (intake["objects"], intake["read"], intake["billed"]) == (1, 4, 4)
+
+
+def test_spend_resumed_from_an_earlier_night_fires_what_a_full_replay_fires(tmp_path):
+    """transforms.spend: spend through days no usage changed is reused, every other day re-rated."""
+    from transforms.plans import load_catalog
+    from transforms.reference import checked_subscriptions, segments_in
+    from transforms.periods import Period
+    from transforms.spend import spend_alerts, spend_alerts_resumed
+
+    period = Period.containing(date(2026, 10, 1))
+    (tmp_path / "gpu-v1.yaml").write_text(PLAN, encoding="utf-8")
+    catalog = load_catalog(str(tmp_path))
+    customers = pl.DataFrame({"customer_id": list(CUSTOMERS)})
+    subs = checked_subscriptions(pl.DataFrame({
+        "subscription_id": [f"sub-{c}" for c in CUSTOMERS], "customer_id": list(CUSTOMERS), "plan": ["gpu"] * 3,
+        "plan_version": [""] * 3, "start_date": ["2026-09-01"] * 3, "end_date": [""] * 3, "budget": [""] * 3,
+        "hard_cap": [""] * 3}), "subscriptions.csv", customers, catalog)
+    segments = segments_in(period, subs, catalog)
+
+    def by_day(last: int) -> pl.DataFrame:
+        rows = [(f"sub-{c}", 1, "gpu_minutes", "{}", date(2026, 10, d), D(m), n)
+                for d in range(1, last + 1)
+                for c, m, n in (("c-runaway", 200 if d <= 9 else 800, 2), ("c-steady", 60, 1))]
+        return pl.DataFrame(rows, orient="row", schema={
+            "subscription_id": pl.String, "segment_no": pl.Int32, "meter": pl.String, "dims": pl.String,
+            "day": pl.Date, "units": pl.Decimal(38, 9), "events": pl.Int64})
+
+    no_events = pl.DataFrame(schema={"subscription_id": pl.String, "segment_no": pl.Int32, "meter": pl.String,
+                                     "dims": pl.String, "quantity": pl.Decimal(38, 9),
+                                     "event_at": pl.Datetime("us", "UTC")})
+    final = {"sub-c-runaway": 100_000, "sub-c-steady": 100_000}
+    full = spend_alerts(period, segments, by_day(14), no_events, {}, set(), final)
+    _, known = spend_alerts_resumed(period, segments, by_day(11), no_events, {}, set(), final, {}, None)
+    poisoned = {k: (0 if k[1] >= date(2026, 10, 10) else v) for k, v in known.items()}   # stale from day 10
+    resumed, spend = spend_alerts_resumed(period, segments, by_day(14), no_events, {}, set(), final, poisoned,
+                                          {"c-runaway": date(2026, 10, 10), "c-steady": date(2026, 10, 10)})
+    assert resumed == full
+    assert [(a.threshold, a.occurred_on.day) for a in full] == [("100", 10), ("160", 11), ("200", 12)]  # 130, 170, 210
+    assert spend[("sub-c-runaway", date(2026, 10, 9))] == known[("sub-c-runaway", date(2026, 10, 9))] == 9000
+    assert spend[("sub-c-runaway", date(2026, 10, 12))] == 21000

@@ -13,6 +13,8 @@ from collections import defaultdict
 from datetime import date
 from decimal import Decimal
 
+import polars as pl
+
 from transforms.alerts import Alert
 from transforms.invoices import SegmentUsage, charge_lines
 from transforms.money import decimal_text, from_minor, to_minor
@@ -85,24 +87,93 @@ def spend_alerts(period: Period, segments: list[Segment], usage_by_day, per_even
             per_event[sub][seg].append((meter, dims, quantity, event_at.date()))
     alerts = []
     for sub_id in sorted(by_sub):
-        segs = by_sub[sub_id]
-        watch = thresholds(segs[-1])
-        if not watch:
-            continue
-        currency, rounding = segs[-1].plan.plan.currency, segs[-1].plan.plan.rounding
-        watch = [(kind, to_minor(amount, currency, rounding), label) for kind, amount, label in watch]
-        if final_spend_minor.get(sub_id, 0) < min(minor for _, minor, _ in watch):
-            continue
-        pending = sorted(watch, key=lambda w: w[1])
-        for day in sorted({d for seg_days in days[sub_id].values() for (_, _, d) in seg_days}):
-            spend = _spend_minor(segs, days[sub_id], per_event[sub_id], day)
-            while pending and spend >= pending[0][1]:
-                kind, minor, label = pending.pop(0)
-                sub = segs[-1].subscription
-                amount, spent = from_minor(minor, currency), from_minor(spend, currency)
-                alerts.append(Alert(sub.customer_id, sub_id, str(period), kind, decimal_text(amount),
-                                    decimal_text(spent), day,
-                                    f"Spend {decimal_text(spent)} {currency} reached {label} on {day}"))
-            if not pending:
-                break
+        day_list = sorted({d for seg_days in days[sub_id].values() for (_, _, d) in seg_days})
+        alerts += _crossings(period, by_sub[sub_id], day_list, final_spend_minor.get(sub_id, 0),
+                             lambda day, s=sub_id: _spend_minor(by_sub[s], days[s], per_event[s], day))
     return alerts
+
+
+def _crossings(period: Period, segs: list[Segment], day_list: list[date], final_minor: int, spend_through) -> list[Alert]:
+    """The spend alerts of one subscription: its days with usage in order, each threshold firing
+    on the first day whose spend so far (`spend_through(day)`) reaches it, lowest first."""
+    watch = thresholds(segs[-1])
+    if not watch:
+        return []
+    currency, rounding = segs[-1].plan.plan.currency, segs[-1].plan.plan.rounding
+    watch = [(kind, to_minor(amount, currency, rounding), label) for kind, amount, label in watch]
+    if final_minor < min(minor for _, minor, _ in watch):
+        return []
+    alerts = []
+    sub = segs[-1].subscription
+    pending = sorted(watch, key=lambda w: w[1])
+    for day in day_list:
+        spend = spend_through(day)
+        while pending and spend >= pending[0][1]:
+            kind, minor, label = pending.pop(0)
+            amount, spent = from_minor(minor, currency), from_minor(spend, currency)
+            alerts.append(Alert(sub.customer_id, sub.subscription_id, str(period), kind, decimal_text(amount),
+                                decimal_text(spent), day,
+                                f"Spend {decimal_text(spent)} {currency} reached {label} on {day}"))
+        if not pending:
+            break
+    return alerts
+
+
+def _usage_of(by_day_rows, per_event_rows, billable_by_day: dict[tuple, Decimal],
+              credit_meters: set[tuple[str, int, str]]) -> tuple[dict, dict]:
+    """One subscription's usage as `_spend_minor` reads it: per segment, units and events by
+    (meter, dims, day) (units after credits for meters paid with credits), and the per-event
+    quantities of meters not paid with credits."""
+    days: dict[int, dict] = defaultdict(dict)
+    for sub, seg, meter, dims, day, units, events in by_day_rows:
+        if (sub, seg, meter) in credit_meters:
+            units = billable_by_day.get((sub, seg, meter, dims, day), ZERO)
+        days[seg][(meter, dims, day)] = (units, events)
+    per_event: dict[int, list] = defaultdict(list)
+    for sub, seg, meter, dims, quantity, event_at in per_event_rows:
+        if (sub, seg, meter) not in credit_meters:
+            per_event[seg].append((meter, dims, quantity, event_at.date()))
+    return days, per_event
+
+
+def spend_alerts_resumed(period: Period, segments: list[Segment], usage_by_day, per_event_usage,
+                         billable_by_day: dict[tuple, Decimal], credit_meters: set[tuple[str, int, str]],
+                         final_spend_minor: dict[str, int], known_spend: dict[tuple[str, date], int],
+                         changed_from: dict[str, date] | None) -> tuple[list[Alert], dict[tuple[str, date], int]]:
+    """`spend_alerts`, resumed from what an earlier night worked out: the same alerts, and the
+    spend through each (subscription, day) replayed, for the next night.
+
+    Spend through a day depends only on the usage (and credits drawn) up to that day, so a
+    subscription's spend through `day` in `known_spend` still holds when no usage of its
+    customer changed on or before that day (`changed_from`: per customer, the first day that
+    changed; None when anything may have). Only the other days are rated again."""
+    by_sub: dict[str, list[Segment]] = defaultdict(list)
+    for seg in segments:
+        by_sub[seg.subscription.subscription_id].append(seg)
+    day_lists = {sub: sorted(days) for sub, days in usage_by_day.group_by("subscription_id").agg(
+        pl.col("day").unique()).iter_rows()}
+    by_day_of = usage_by_day.select("subscription_id", "segment_no", "meter", "dims", "day", "units", "events"
+                                    ).partition_by("subscription_id", as_dict=True)
+    per_event_of = per_event_usage.select("subscription_id", "segment_no", "meter", "dims", "quantity", "event_at"
+                                          ).partition_by("subscription_id", as_dict=True)
+    spend: dict[tuple[str, date], int] = {}
+    alerts = []
+    for sub_id in sorted(by_sub):
+        segs = by_sub[sub_id]
+        customer = segs[-1].subscription.customer_id
+        changed = date.min if changed_from is None else changed_from.get(customer, date.max)
+        usage: list = []  # the subscription's usage as _spend_minor reads it, built the first time a day is rated
+
+        def spend_through(day: date, sub_id=sub_id, segs=segs, changed=changed, usage=usage) -> int:
+            if day < changed and (sub_id, day) in known_spend:
+                spend[(sub_id, day)] = known_spend[(sub_id, day)]
+            else:
+                if not usage:
+                    usage.extend(_usage_of(by_day_of[(sub_id,)].iter_rows() if (sub_id,) in by_day_of else (),
+                                           per_event_of[(sub_id,)].iter_rows() if (sub_id,) in per_event_of else (),
+                                           billable_by_day, credit_meters))
+                spend[(sub_id, day)] = _spend_minor(segs, usage[0], usage[1], day)
+            return spend[(sub_id, day)]
+
+        alerts += _crossings(period, segs, day_lists.get(sub_id, []), final_spend_minor.get(sub_id, 0), spend_through)
+    return alerts, spend

@@ -1,43 +1,149 @@
 -- Nightly intake on top of settle_usage.sql's `settled` table (tonight's objects only).
--- `earlier`: accepted events of objects taken in on earlier nights; `to_date`: every accepted
--- event of the period so far; `segments`, `per_event_meters` as in the close.
+-- A night costs its new data: it never windows over the period so far. The state keeps, per
+-- object taken in, its accepted events (full rows) and their event_ids (a compact index), and
+-- for the period to date two small tables: units per customer x meter x dims x UTC day
+-- (`to_date_by_day`), and the events of meters handled event by event (`to_date_events`).
+-- Tonight only the event_ids of tonight's objects and of the objects they replace can change
+-- their first copy, so only those are looked up (a semi-join against the index), and the
+-- period-to-date tables move by the difference.
+--
+-- Inputs: `settled`; `kept_ids` (event_id, source_key, night of every object kept from earlier
+-- nights); `gone` (accepted events of objects rewritten or removed since, as they were taken
+-- in); `state_by_day`, `state_events` (the period to date as the last night left it);
+-- `segments`, `per_event_meters` as in the close. First seen wins: a copy's rank is its night
+-- (state from before nights were recorded first), then its object key.
 
 -- name: accepted_tonight
 -- One row per event of tonight's objects that bills among tonight's rows, flagged `is_new` when
--- no object taken in on an earlier night holds it (first seen wins). All of them are kept as
--- their object's state: if the first copy's object is later rewritten without it, this copy
--- becomes the first.
+-- no object kept from an earlier night holds it. All of them are kept as their object's state:
+-- if the first copy's object is later rewritten without it, this copy becomes the first.
+CREATE OR REPLACE TEMP TABLE tonight AS
 SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, CAST($night AS DATE) AS night,
-       event_id NOT IN (SELECT event_id FROM earlier) AS is_new
+       event_id NOT IN (SELECT event_id FROM kept_ids) AS is_new
 FROM settled
 WHERE outcome = 'billed'
 ORDER BY source_key, source_row;
 
+-- name: first_copy_moves
+-- One row per event_id whose first copy changes tonight: the copy that counted until now
+-- (`before_*`, among kept and gone objects) and the one that counts from tonight (`after_*`,
+-- among kept objects and tonight's). Only event_ids of tonight's and of gone objects can move.
+CREATE OR REPLACE TEMP TABLE moves AS
+WITH affected AS (
+    SELECT event_id FROM tonight
+    UNION
+    SELECT event_id FROM gone
+),
+copies AS (
+    SELECT event_id, source_key, night, 'kept' AS side FROM kept_ids WHERE event_id IN (SELECT event_id FROM affected)
+    UNION ALL
+    SELECT event_id, source_key, night, 'gone' FROM gone
+    UNION ALL
+    SELECT event_id, source_key, night, 'tonight' FROM tonight
+),
+ranked AS (
+    SELECT event_id, side, source_key, (COALESCE(night, DATE '0001-01-01'), source_key) AS rank FROM copies
+),
+firsts AS (
+    SELECT event_id,
+           arg_min({'side': side, 'source_key': source_key}, rank) FILTER (WHERE side <> 'tonight') AS before_copy,
+           arg_min({'side': side, 'source_key': source_key}, rank) FILTER (WHERE side <> 'gone') AS after_copy
+    FROM ranked
+    GROUP BY event_id
+)
+SELECT event_id, before_copy.side AS before_side, before_copy.source_key AS before_key,
+       after_copy.side AS after_side, after_copy.source_key AS after_key
+FROM firsts
+WHERE before_copy IS DISTINCT FROM after_copy;
+
+-- name: kept_rows_needed
+-- One row per (object kept from an earlier night, event_id) whose full row tonight's moves
+-- need: a kept copy that stops or starts counting. Rare: a rewritten or removed first copy.
+SELECT before_key AS source_key, event_id FROM moves WHERE before_side = 'kept'
+UNION
+SELECT after_key, event_id FROM moves WHERE after_side = 'kept'
+ORDER BY ALL;
+
+-- name: delta
+-- One row per event entering (+1) or leaving (-1) the period to date tonight.
+CREATE OR REPLACE TEMP TABLE delta AS
+SELECT -1 AS sign, r.event_id, r.customer_id, r.meter, r.dims, r.quantity, r.event_at
+FROM moves AS m
+JOIN (SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'gone' AS side FROM gone
+      UNION ALL
+      SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'kept' FROM kept_rows) AS r
+  ON r.event_id = m.event_id AND r.side = m.before_side AND r.source_key = m.before_key
+UNION ALL
+SELECT 1, r.event_id, r.customer_id, r.meter, r.dims, r.quantity, r.event_at
+FROM moves AS m
+JOIN (SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'tonight' AS side FROM tonight
+      UNION ALL
+      SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'kept' FROM kept_rows) AS r
+  ON r.event_id = m.event_id AND r.side = m.after_side AND r.source_key = m.after_key;
+
+-- name: next_by_day
+-- One row per customer x meter x dimensions x UTC day: units and events of the period to date,
+-- the last night's table moved by tonight's delta (a group that empties disappears).
+SELECT customer_id, meter, dims, day, sum(units) AS units, CAST(sum(events) AS BIGINT) AS events
+FROM (SELECT customer_id, meter, dims, day, units, events FROM state_by_day
+      UNION ALL
+      SELECT customer_id, meter, dims, CAST(event_at AS DATE), sign * quantity, sign FROM delta)
+GROUP BY ALL
+HAVING sum(events) <> 0
+ORDER BY ALL;
+
+-- name: next_events
+-- One row per event of the period to date of a meter handled event by event: the last night's
+-- rows less the events that left or moved tonight, plus those that entered.
+SELECT customer_id, meter, dims, quantity, event_id, event_at
+FROM state_events
+WHERE event_id NOT IN (SELECT event_id FROM delta)
+UNION ALL
+SELECT customer_id, meter, dims, quantity, event_id, event_at
+FROM delta
+WHERE sign = 1 AND meter IN (SELECT meter FROM per_event_meters)
+ORDER BY customer_id, meter, event_at, event_id;
+
 -- name: first_copies
--- The period so far: one row per event_id, its first copy by the night it was taken in.
-CREATE OR REPLACE TEMP VIEW to_date AS
+-- The period so far from every accepted row, one row per event_id (its first copy): how a
+-- period's tables are built when there is no state to move from (its first night, state written
+-- by an earlier billrun, or plans that changed which meters are handled event by event).
+CREATE OR REPLACE TEMP TABLE to_date AS
 SELECT * EXCLUDE (copy_no)
 FROM (SELECT *, row_number() OVER (PARTITION BY event_id
-                                            -- state from before nights were recorded comes first
                                             ORDER BY COALESCE(night, DATE '0001-01-01'), source_key, event_at) AS copy_no
       FROM all_accepted)
 WHERE copy_no = 1;
 
+-- name: rebuilt_by_day
+-- One row per customer x meter x dimensions x UTC day of the period so far, from `to_date`.
+SELECT customer_id, meter, dims, CAST(event_at AS DATE) AS day, sum(quantity) AS units,
+       CAST(count(*) AS BIGINT) AS events
+FROM to_date
+GROUP BY ALL
+ORDER BY ALL;
+
+-- name: rebuilt_events
+-- One row per event of the period so far of a meter handled event by event, from `to_date`.
+SELECT customer_id, meter, dims, quantity, event_id, event_at
+FROM to_date
+WHERE meter IN (SELECT meter FROM per_event_meters)
+ORDER BY customer_id, meter, event_at, event_id;
+
 -- name: to_date_by_day
 -- One row per subscription segment x meter x dimensions x UTC day: units so far this period.
-SELECT seg.subscription_id, seg.segment_no, t.meter, t.dims, CAST(t.event_at AS DATE) AS day,
-       sum(t.quantity) AS units, count(*) AS events
-FROM to_date AS t
+-- Segments start and end at UTC midnights, so a day belongs to one segment of its customer.
+SELECT seg.subscription_id, seg.segment_no, t.meter, t.dims, t.day, t.units, t.events
+FROM by_day AS t
 JOIN segments AS seg
-  ON seg.customer_id = t.customer_id AND t.event_at >= seg.start_at AND t.event_at < seg.end_at
-GROUP BY ALL
+  ON seg.customer_id = t.customer_id AND CAST(t.day AS TIMESTAMPTZ) >= seg.start_at
+ AND CAST(t.day AS TIMESTAMPTZ) < seg.end_at
 ORDER BY ALL;
 
 -- name: to_date_per_event
 -- One row per event so far of a meter priced or paid event by event, in event-time order.
 SELECT seg.subscription_id, seg.segment_no, t.meter, t.dims, t.quantity, t.customer_id, t.event_id, t.event_at
-FROM to_date AS t
+FROM events_to_date AS t
 JOIN segments AS seg
   ON seg.customer_id = t.customer_id AND t.event_at >= seg.start_at AND t.event_at < seg.end_at
-WHERE t.meter IN (SELECT meter FROM per_event_meters)
 ORDER BY seg.subscription_id, seg.segment_no, t.meter, t.event_at, t.event_id;
