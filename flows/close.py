@@ -312,10 +312,12 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     shutil.rmtree(out_dir, ignore_errors=True)  # a killed run's partial outputs
     out_dir.mkdir(parents=True)
     names: list[str] = []
+    spent: dict[str, float] = {}  # seconds per table, for the step's log line
 
     def write(name: str, frame: pl.DataFrame) -> None:
         frame.write_parquet(out_dir / name, **PARQUET)
         names.append(name)
+        spent[name] = time.perf_counter() - started - sum(spent.values())
 
     invoices = [replace(inv, run_id=run_id) for inv in invoices]
     write("invoices.parquet", invoices_table(invoices))
@@ -341,6 +343,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     seller = seller_block(inputs)
     customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
     roundings = {seg.subscription.subscription_id: seg.plan.plan.rounding for seg in reference.segments}
+    tables_done = time.perf_counter()
     documents = write_invoice_documents(invoices, customers, seller, roundings, credit_summaries(outcome, period),
                                         run_id, out_dir, local_workers())
     names.extend(name for name, _, _ in documents)
@@ -368,7 +371,10 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         "totals": _totals(invoices),
         "outputs": [{"key": prefix + n, "size": size, "sha256": digest} for n, size, digest in sorted(outputs)],
     }
-    get_run_logger().info("write-outputs: %d files in %.2fs", len(names), time.perf_counter() - started)
+    get_run_logger().info("write-outputs: tables %.2fs (%s), documents %.2fs; %d files in %.2fs",
+                          tables_done - started,
+                          ", ".join(f"{n.removesuffix('.parquet')} {t:.1f}" for n, t in spent.items()),
+                          time.perf_counter() - tables_done, len(names), time.perf_counter() - started)
     return sorted(names), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
 
