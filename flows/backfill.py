@@ -21,6 +21,7 @@ from pathlib import Path
 
 import polars as pl
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
@@ -35,6 +36,7 @@ from transforms.credits import balances_table
 from transforms.revenue import journal, proportional_rates, revenue_rows
 from transforms.errors import InputError
 from transforms.invoices import Invoice, invoices_table, lines_table
+from transforms.money import format_money
 from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
 from transforms.render import invoice_html
@@ -150,7 +152,9 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
     skipped = [str(p) for p in periods if p not in closed]
     logger = get_run_logger()
     if not closed:
-        return {"status": "nothing_closed", "run_id": None, "documents": [], "skipped": skipped, "store": store}
+        result = {"status": "nothing_closed", "run_id": None, "documents": [], "skipped": skipped, "store": store}
+        _report(result, first, last, reason, issued_on)
+        return result
     with period_lock(open_store(store), closed, f"backfill {first}..{last}", datetime.now(timezone.utc)):
         work_dir = work_dir_for(store, f"backfill-{first}-{last}")
         try:
@@ -198,12 +202,54 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             shutil.rmtree(work_dir, ignore_errors=True)
     logger.info("backfill %s..%s: %d documents in run %s", first, last, len(documents), run_id)
     changed = bool(documents) or revenue_changes.height > 0 or ledger_changes.height > 0
-    return {"status": "corrected" if changed else "nothing_to_correct", "run_id": run_id, "skipped": skipped,
-            "store": store, "revenue_adjustments": revenue_changes.height,
-            "ledger_adjustments": ledger_changes.height,
-            "documents": [{"invoice_id": d.invoice_id, "kind": d.kind, "period": d.period,
-                           "subscription_id": d.subscription_id, "corrects_invoice_id": d.corrects_invoice_id,
-                           "currency": d.currency, "total_minor": d.total_minor} for d in documents]}
+    result = {"status": "corrected" if changed else "nothing_to_correct", "run_id": run_id, "skipped": skipped,
+              "store": store, "revenue_adjustments": revenue_changes.height,
+              "ledger_adjustments": ledger_changes.height,
+              "documents": [{"invoice_id": d.invoice_id, "kind": d.kind, "period": d.period,
+                             "subscription_id": d.subscription_id, "corrects_invoice_id": d.corrects_invoice_id,
+                             "currency": d.currency, "total_minor": d.total_minor} for d in documents]}
+    _report(result, first, last, reason, issued_on)
+    return result
+
+
+def _report(result: dict, first: str, last: str, reason: str, as_of: date, shown: int = 50) -> None:
+    """The run in Prefect: a summary table and a markdown report linking what it published."""
+    docs = result["documents"]
+    totals: dict[str, int] = {}
+    for d in docs:
+        totals[d["currency"]] = totals.get(d["currency"], 0) + d["total_minor"]
+    key = f"backfill-{first}-{last}"
+    title = f"Backfill of {first}..{last} as of {as_of}"
+    create_table_artifact(
+        key=key,
+        table=[{"measure": "status", "value": result["status"]},
+               {"measure": "credit notes", "value": sum(d["kind"] == "credit_note" for d in docs)},
+               {"measure": "debit notes", "value": sum(d["kind"] == "debit_note" for d in docs)}]
+        + [{"measure": f"net {c} (minor units)", "value": t} for c, t in sorted(totals.items())]
+        + [{"measure": k.replace("_", " "), "value": result.get(k, 0)}
+           for k in ("revenue_adjustments", "ledger_adjustments")]
+        + [{"measure": f"skipped (not closed): {p}", "value": ""} for p in result["skipped"]],
+        description=f"{title}: {result['status']}, run {result['run_id']}")
+    store = open_store(result["store"])
+    root = store.uri.rstrip("/")  # a folder store's absolute path: the report is read far from the run
+    lines = [f"# {title}", "", f"Status: **{result['status']}**, run `{result['run_id']}`. Reason: {reason}", ""]
+    if result["skipped"]:
+        lines += [f"Skipped, not closed: {', '.join(result['skipped'])} (close them first).", ""]
+    folder = f"billing/corrections/run={result['run_id']}/"
+    if result["run_id"] and store.exists(folder + MANIFEST):
+        outputs = [o["key"] for o in json.loads(store.read_bytes(folder + MANIFEST))["outputs"]]
+        lines += ["Outputs:", ""] + [f"- `{root}/{o}`" for o in outputs + [folder + MANIFEST] if "/documents/" not in o]
+        lines += ["", f"Documents ({len(docs)}, HTML under `{root}/{folder}documents/`):", ""] + [
+            f"- `{d['invoice_id']}` {d['kind'].replace('_', ' ')} for {d['period']} correcting "
+            f"`{d['corrects_invoice_id'] or '-'}`: {format_money(d['total_minor'], d['currency'])}"
+            for d in docs[:shown]]
+        if len(docs) > shown:
+            lines.append(f"- and {len(docs) - shown} more (`invoices.parquet`)")
+    elif result["status"] == "nothing_closed":
+        lines += ["No period in the range is closed: nothing to re-rate."]
+    else:
+        lines += ["Nothing issued: every closed period in the range matches what was issued."]
+    create_markdown_artifact(key=f"{key}-report", markdown="\n".join(lines), description=title)
 
 
 @task(name="record-checked", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -51,6 +51,7 @@ class _OneLineUserErrors(logging.Filter):
             record.exc_info = None
             record.exc_text = None
             record.msg, record.args = f"{type(exc).__name__}: {exc}", ()
+            record.billrun_user_error = True  # the live list of steps leaves it to `billrun: error:`
         return True
 
 
@@ -75,14 +76,40 @@ def _run(fn, *args, **kwargs):
         _fail(str(exc))
 
 
+def _shown(ctx: typer.Context, as_json: bool, fn, own_step: str | None = None):
+    """`fn` with the steps of the flow it runs shown live on the terminal, when a person is
+    watching (flows/progress.py); the display is gone before `_run` prints an error."""
+    from flows.progress import show_steps, wanted
+
+    options = ctx.obj or {}
+    on = wanted(as_json=as_json, verbose=options.get("verbose", False), enabled=options.get("progress", True))
+
+    def shown(*args, **kwargs):
+        with show_steps(err, on, flow=own_step is None) as steps:
+            if steps is None or own_step is None:
+                return fn(*args, **kwargs)
+            with steps.step(own_step):
+                return fn(*args, **kwargs)
+    return shown
+
+
 StoreOpt = typer.Option(None, "--store", help="Store: a local folder or s3://bucket/prefix [default: ./billing-data]")
 PlansOpt = typer.Option(None, "--plans", help="Folder of plan files (*.yaml) [default: ./plans]")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON (for scripts).")
 
 
 @app.callback()
-def main_options(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt) -> None:
-    ctx.obj = {"store": store, "plans": plans}
+def main_options(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt,
+                 verbose: bool = typer.Option(False, "--verbose", "-v", help="Log one line per step (Prefect's "
+                                              "INFO logs) instead of the live list of steps."),
+                 progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the steps of close, "
+                                               "nightly, backfill and demo live in a terminal (never with --json, "
+                                               "in CI or when stderr is not a terminal).")) -> None:
+    ctx.obj = {"store": store, "plans": plans, "verbose": verbose, "progress": progress}
+    if verbose:
+        import prefect.main  # noqa: F401 - configures Prefect's logging (once), which -v then opens up to INFO
+
+        logging.getLogger("prefect").setLevel(logging.INFO)
 
 
 def _opts(ctx: typer.Context, store: str | None, plans: str | None) -> tuple[str, str]:
@@ -118,7 +145,11 @@ def _print_close(result: dict, as_json: bool) -> None:
 @app.command(epilog="Example: billrun close --period 2026-10 --store s3://acme-billing/prod")
 def close(ctx: typer.Context,
           period: str = typer.Option(..., "--period", help="The month to close, YYYY-MM (UTC)."),
-          store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
+          store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt,
+          dask: Optional[str] = typer.Option(
+              None, "--dask", envvar="BILLRUN_DASK_ADDRESS", metavar="ADDRESS",
+              help="Run the shard steps on this Dask scheduler (tcp://scheduler:8786); the store must "
+                   "be on S3 for workers on other machines. Default: threads on this machine.")) -> None:
     """Close a month: final invoices, lines, quarantine, HTML invoices and the manifest.
 
     Re-running a failed close resumes it; re-running a closed period changes nothing and says so."""
@@ -126,7 +157,8 @@ def close(ctx: typer.Context,
 
     store, plans = _opts(ctx, store, plans)
     _quiet_user_errors()
-    _print_close(_run(close_period, store=store, plans=plans, period=period), as_json)
+    _print_close(_run(_shown(ctx, as_json, close_period), store=store, plans=plans, period=period,
+                      dask_address=dask), as_json)
 
 
 @app.command(epilog="Example: billrun demo --store ./billing-data --customers 300")
@@ -141,11 +173,12 @@ def demo(ctx: typer.Context,
 
     store, plans = _opts(ctx, store, plans)
     _quiet_user_errors()
-    written = _run(write_demo_store, store, plans, period, customers, seed)
+    written = _run(_shown(ctx, as_json, write_demo_store, own_step="sample-store"), store, plans, period, customers,
+                   seed)
     if not as_json:
         out.print(f"sample store at {store}: {written['customers']} customers, "
                   f"{written['subscriptions']} subscriptions, {written['usage_objects']} usage objects")
-    _print_close(_run(close_period, store=store, plans=plans, period=period), as_json)
+    _print_close(_run(_shown(ctx, as_json, close_period), store=store, plans=plans, period=period), as_json)
 
 
 @app.command(epilog="Example: billrun status --store s3://acme-billing/prod --json")
@@ -181,18 +214,21 @@ def status(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[
 
 @app.command(epilog="Example: billrun nightly --date 2026-10-14 --webhook https://hooks.example.com/billing")
 def nightly(ctx: typer.Context,
-            day: str = typer.Option(..., "--date", help="The night's date, YYYY-MM-DD (usage up to and including it)."),
+            day: str = typer.Option(..., "--date", help="The night's date, YYYY-MM-DD: takes in the usage that "
+                                    "arrived since the last run, up to and including this day (later days wait "
+                                    "for their night)."),
             webhook: Optional[str] = typer.Option(None, "--webhook", help="POST the night's new alerts here as JSON."),
             store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
     """Take in new usage and bring the period to date: estimates, credit balances, alerts.
 
-    Only objects new or rewritten since the last night are read. An alert fires once per
+    Only objects new or rewritten since the last night (or holding days a night has not taken in
+    yet) are read, and only their events up to the end of --date count. An alert fires once per
     customer, period, kind and threshold; re-running a night changes nothing."""
     from flows.nightly import nightly as nightly_flow
 
     store, plans = _opts(ctx, store, plans)
     _quiet_user_errors()
-    result = _run(nightly_flow, store=store, plans=plans, day=day, webhook=webhook)
+    result = _run(_shown(ctx, as_json, nightly_flow), store=store, plans=plans, day=day, webhook=webhook)
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -233,7 +269,8 @@ def backfill(ctx: typer.Context,
             date.fromisoformat(as_of)
         except ValueError:
             _fail(f"--as-of {as_of!r} is not a date (YYYY-MM-DD)")
-    result = _run(backfill_flow, store=store, plans=plans, first=first, last=last, reason=reason, as_of=as_of)
+    result = _run(_shown(ctx, as_json, backfill_flow), store=store, plans=plans, first=first, last=last, reason=reason,
+                  as_of=as_of)
     if as_json:
         out.print_json(json.dumps(result))
         return

@@ -482,7 +482,7 @@ def _report(result: CloseResult) -> None:
         markdown="\n".join(
             [f"# Close of {result.period}", "", f"Status: **{result.status}**, run `{result.run_id}`.", "",
              f"Rows: {result.rows}", "", "Outputs:", ""]
-            + [f"- `{result.store.rstrip('/')}/{o}`" for o in result.outputs if not o.endswith(".html")]
+            + [f"- `{open_store(result.store).uri.rstrip('/')}/{o}`" for o in result.outputs if not o.endswith(".html")]
             + [f"- {result.invoices} HTML invoices under `{period_prefix(result.period)}invoices/`"]),
         description=f"Close of {result.period}")
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
@@ -547,7 +547,7 @@ def nightly(store: str, plans: str, day: str, webhook: str | None = None) -> dic
                                      quote(reference), work_dir / "out")
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
-    _report(manifest)
+    _report(manifest, the_store.uri)
     _deliver_pending(the_store, pending_key, webhook)
     return {**manifest, "status": "ran"}
 
@@ -671,8 +671,16 @@ def _usage_per_customer(invoices: list) -> pl.DataFrame:
                                 "estimated_minor": pl.Int64})
 
 
-def _report(manifest: dict) -> None:
+def _report(manifest: dict, store_uri: str) -> None:
     intake = manifest["intake"]
+    root = store_uri.rstrip("/")
+    create_markdown_artifact(
+        key=f"nightly-{manifest['date']}-report",
+        markdown="\n".join(
+            [f"# Nightly run of {manifest['date']}", "", f"Period {manifest['period']} to date.", "",
+             f"Intake: {intake}", "", f"Alerts fired: {manifest['alerts_fired']}", "", "Outputs:", ""]
+            + [f"- `{root}/{o['key']}`" for o in manifest["outputs"]]),
+        description=f"Nightly run of {manifest['date']}")
     create_table_artifact(
         key=f"nightly-{manifest['date']}",
         table=[{"measure": k, "value": str(v)} for k, v in intake.items() if k != "removed"]

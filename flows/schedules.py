@@ -2,18 +2,20 @@
 the real flows and call them as subflows. No billing logic lives here.
 
 A scheduled run that starts late (the worker was down over the night of the 1st) still closes the
-month before its *scheduled* time, never the month it happens to start in; that is why the clock
-comes from the flow run, not the wall.
+month before its *scheduled* time, never the month it happens to start in, and a nightly run
+scheduled for 00:30 on the 15th still brings the 14th to date when it starts at noon; that is why
+the clock comes from the flow run, not the wall.
 """
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.backfill import backfill
 from flows.close import close_period
+from flows.nightly import nightly
 from transforms.periods import Period
 
 
@@ -26,6 +28,12 @@ def period_to_close(scheduled_at: datetime) -> Period:
 def scheduled_on(scheduled_at: datetime) -> date:
     """The UTC date of a run's scheduled start: a scheduled backfill's `issued_on`."""
     return _utc(scheduled_at).date()
+
+
+def night_to_run(scheduled_at: datetime) -> date:
+    """The UTC day before the one a run is scheduled in: the night scheduled 2026-11-01T00:30Z
+    brings 2026-10-31 (and with it October) to date. A naive time is taken as UTC."""
+    return scheduled_on(scheduled_at) - timedelta(days=1)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -61,3 +69,22 @@ def backfill_range(store: str, plans: str, from_period: str, to_period: str, rea
         as_of = scheduled_on(_scheduled_start()).isoformat()
     get_run_logger().info("backfill %s..%s as of %s: %s", from_period, to_period, as_of, reason)
     return backfill(store=store, plans=plans, first=from_period, last=to_period, reason=reason, as_of=as_of)
+
+
+# A night that failed on something passing (the store unreachable for a while, a backfill holding
+# the period's lock) is tried again; a rerun of a night is safe (it changes nothing that is done)
+# and a retry also redelivers alerts a webhook refused.
+@flow(name="nightly-run", log_prints=False, retries=2, retry_delay_seconds=600)
+def nightly_run(store: str = "./billing-data", plans: str = "./plans", day: str | None = None,
+                webhook: str | None = None) -> dict:
+    """Bring the period to date for the UTC day before the run's scheduled start (or `day`,
+    YYYY-MM-DD, when given)."""
+    logger = get_run_logger()
+    if day is None:
+        scheduled_at = _scheduled_start()
+        day = night_to_run(scheduled_at).isoformat()
+        logger.info("nightly run for %s, the day before this run's scheduled start %s", day,
+                    _utc(scheduled_at).isoformat(timespec="seconds"))
+    else:
+        logger.info("nightly run for %s (given as a parameter)", day)
+    return nightly(store=store, plans=plans, day=day, webhook=webhook)

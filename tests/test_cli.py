@@ -124,3 +124,12 @@ def test_pdf_of_a_published_invoice(prefect_server, golden_store, tmp_path):
     assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF") and len(data) > 5000
     missing = run("pdf", "--invoice", "INV-2026-10-000009", "--store", golden_store, "--out", str(out))
     assert_one_line_error(missing, "INV-2026-10-000009", "no such published document")
+
+
+def test_no_progress_when_stderr_is_not_a_terminal(prefect_server, golden_store):
+    """Scripts and logs get the summary only: the live list of steps is for a terminal."""
+    result = run("close", "--period", "2026-10", "--store", golden_store, "--plans", str(GOLDEN / "plans"))
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert "fetch-inputs" not in result.stdout and "✓" not in result.stdout
+    assert result.stdout.startswith("2026-10 closed")

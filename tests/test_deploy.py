@@ -135,7 +135,8 @@ def _wait_final(client: SyncPrefectClient, run_id: UUID, deployed: Deployed) -> 
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline:
         run = client.read_flow_run(run_id)
-        if run.state is not None and run.state.is_final():
+        # a failed nightly run waits 10 minutes to retry: report its first failure instead
+        if run.state is not None and (run.state.is_final() or run.state.name == "AwaitingRetry"):
             return run
         time.sleep(0.5)
     raise AssertionError(f"flow run {run_id} not finished after {RUN_TIMEOUT_S}s "
@@ -151,11 +152,14 @@ def test_deploy_all_registers_the_deployments_with_pull_step_schedule_and_limits
         monthly = client.read_deployment_by_name("monthly-close/monthly-close")
         close = client.read_deployment_by_name("close-period/close")
         backfill = client.read_deployment_by_name("backfill-range/backfill")
+        nightly = client.read_deployment_by_name("nightly-run/nightly")
 
     [schedule] = monthly.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 1 * *", "UTC", True)
+    [schedule] = nightly.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("30 0 * * *", "UTC", True)
     assert close.schedules == [] and backfill.schedules == []
-    for deployment in (monthly, close, backfill):
+    for deployment in (monthly, close, backfill, nightly):
         assert deployment.work_pool_name == "billrun"
         [step] = deployment.pull_steps
         directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
@@ -163,12 +167,13 @@ def test_deploy_all_registers_the_deployments_with_pull_step_schedule_and_limits
         assert deployment.global_concurrency_limit.limit == 1
         assert deployment.parameters == {"store": "./billing-data", "plans": "./plans"}
     assert set(monthly.tags) == {"billrun", "close"}
+    assert set(nightly.tags) == {"billrun", "nightly"}
 
 
-def test_worker_runs_a_close_triggered_from_the_cli_and_a_late_scheduled_monthly_close(
+def test_worker_runs_a_close_triggered_from_the_cli_and_late_scheduled_monthly_close_and_nightly(
         deployed: Deployed, tmp_path: Path) -> None:
-    close_store, monthly_store = tmp_path / "close-store", tmp_path / "monthly-store"
-    for store in (close_store, monthly_store):
+    close_store, monthly_store, nightly_store = tmp_path / "close-store", tmp_path / "monthly-store", tmp_path / "nightly-store"
+    for store in (close_store, monthly_store, nightly_store):
         shutil.copytree(GOLDEN / "store", store)
     plans = str(GOLDEN / "plans")
 
@@ -188,11 +193,21 @@ def test_worker_runs_a_close_triggered_from_the_cli_and_a_late_scheduled_monthly
         monthly_run = client.create_flow_run_from_deployment(
             monthly.id, parameters={"store": str(monthly_store), "plans": plans},
             state=Scheduled(scheduled_time=scheduled_at))
+        # A nightly run scheduled for 00:30 on 2026-10-16 (long past) brings the day before to date.
+        nightly = client.read_deployment_by_name("nightly-run/nightly")
+        nightly_run = client.create_flow_run_from_deployment(
+            nightly.id, parameters={"store": str(nightly_store), "plans": plans},
+            state=Scheduled(scheduled_time=datetime(2026, 10, 16, 0, 30, tzinfo=timezone.utc)))
         close_run = _wait_final(client, close_run_id, deployed)
         monthly_run = _wait_final(client, monthly_run.id, deployed)
+        nightly_run = _wait_final(client, nightly_run.id, deployed)
 
     assert close_run.state.is_completed(), f"{close_run.state}\n{deployed.log_tails()}"
     assert monthly_run.state.is_completed(), f"{monthly_run.state}\n{deployed.log_tails()}"
     assert _manifest(close_store, "2026-10")["period"] == "2026-10"
     assert _manifest(monthly_store, str(expected))["period"] == str(expected)
     assert sorted(p.name for p in (monthly_store / "billing").glob("period=*")) == [f"period={expected}"]
+    assert nightly_run.state.is_completed(), f"{nightly_run.state}\n{deployed.log_tails()}"
+    night = json.loads((nightly_store / "billing" / "nightly" / "date=2026-10-15" / "manifest.json").read_text())
+    assert (night["date"], night["period"]) == ("2026-10-15", "2026-10")
+    assert [p.name for p in (nightly_store / "billing" / "nightly").iterdir()] == ["date=2026-10-15"]
