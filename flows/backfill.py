@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _sha256, catalog_entries, check_reference,
-                         closed_manifest, fetch_inputs, in_parallel, normalize_usage, plan_entries_for,
+                         closed_manifest, fetch_inputs, normalize_usage, plan_entries_for,
                          rate_invoices, replay_credits, seller_block, settle_usage, work_dir_for)
 from flows.locks import period_lock
 from flows.status import checked_key
@@ -134,8 +134,8 @@ def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[
     store = open_store(store_uri)
     staging = f"billing/_state/runs/{run_id}/out/"
     prefix = f"billing/corrections/run={run_id}/"
-    in_parallel(lambda name: store.put_file(staging + name, out_dir / name), names)
-    in_parallel(lambda name: store.copy(staging + name, prefix + name), names)
+    store.put_files([(staging + name, out_dir / name) for name in names])
+    store.copy_many([(staging + name, prefix + name) for name in names])
     store.put_if_absent(prefix + MANIFEST, manifest)  # same run id, same bytes: an existing one is ours
     store.delete_prefix(f"billing/_state/runs/{run_id}/")
 

@@ -14,7 +14,6 @@ import json
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import version as package_version
@@ -445,14 +444,6 @@ def output_folder(store_uri: str, run_id: str, work_dir: Path) -> Path:
 def in_place(store, run_id: str, out_dir: Path) -> bool:
     folder = store.local_folder(staging_prefix(run_id))
     return folder is not None and folder.resolve() == Path(out_dir).resolve()
-
-
-def in_parallel(action, items: list, workers: int = 8) -> None:
-    """Apply an IO action to every item with a few threads (object stores and fsyncs wait far
-    more than they compute); the first error is raised once all have finished."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for future in [pool.submit(action, item) for item in items]:
-            future.result()
 
 
 def closed_manifest(store_uri: str, period: Period) -> dict | None:
