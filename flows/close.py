@@ -526,7 +526,7 @@ def _close(store: str, catalog: Catalog, period: Period, dask_address: str | Non
             normalized, shard_keys = normalize_shards(runner, store, inputs, scratch)
             fault_point("normalized")
             settlement = settle_shards(runner, scratch, shard_keys, reference, catalog, period)
-        drop_scratch(scratch, work_dir)
+        drop_scratch(scratch)
         fault_point("settled")
         outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)
         invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)

@@ -227,12 +227,13 @@ def shard_runner(dask_address: str | None) -> Iterator:
     else:
         runner = ThreadPoolTaskRunner(max_workers=local_workers())
     try:
-        with runner:
-            yield runner
-    except OSError as exc:
-        if dask_address:
-            raise InputError(f"Dask scheduler {dask_address}: cannot connect ({exc})") from None
-        raise
+        runner.__enter__()
+    except OSError as exc:  # only connecting is the scheduler's fault; errors of the work are not
+        raise InputError(f"Dask scheduler {dask_address}: cannot connect ({exc})") from None
+    try:
+        yield runner
+    finally:
+        runner.__exit__(None, None, None)
 
 
 def scratch_for(store_uri: str, work_dir: Path, label: str, distributed: bool) -> Scratch:
@@ -245,7 +246,7 @@ def scratch_for(store_uri: str, work_dir: Path, label: str, distributed: bool) -
     return Scratch(str(folder), "")
 
 
-def drop_scratch(scratch: Scratch, work_dir: Path) -> None:
+def drop_scratch(scratch: Scratch) -> None:
     """Shard files are not needed once settled (a rerun normalizes again)."""
     if scratch.prefix:
         open_store(scratch.uri).delete_prefix(scratch.prefix)
