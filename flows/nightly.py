@@ -11,10 +11,13 @@ are run or re-run). The close derives the same alerts from the same events in ev
 A night costs its new data. Its state, under billing/_state/nightly/period=P/:
 - objects/<key>-<night>.parquet: an object's accepted events as taken in (so that a rewritten or
   removed object takes back exactly its own contribution), ids/<key>-<night>.parquet: their
-  event_ids (the index tonight's events are checked against);
+  event_ids and a 64-bit hash of each (the index tonight's events are checked against: read
+  whole as hashes only, by event_id only in the objects whose hashes match);
 - to_date/night=D/: the period so far as units per customer x meter x dims x UTC day, the events
   of meters handled event by event, and the spend through each (subscription, day) that spend
-  alerts replayed (reused while nothing on or before that day changes);
+  alerts replayed (reused while nothing on or before that day changes), and wallets.json: each
+  customer's credit wallet after its last consumed event (resumed while nothing on or before
+  that event's day changes);
 - nights/night=D.json: the commit: which files make up the state after night D.
 Store-wide, usage_index.json keeps each object's fingerprint and event-time range, so a night
 leaves unread the objects that hold nothing of its period.
@@ -46,8 +49,9 @@ from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, i
 from flows.locks import period_lock
 from flows.store import open_store
 from transforms.alerts import Alert, alerts_table, credit_alerts, price_change_notices
-from transforms.credits import (balances_table, credit_lines, credit_meters, grants_from_balances,
-                                period_credit_events, wallet_history, wallets_from_opening)
+from transforms.credits import (balances_table, checkpoint_bytes, checkpoint_from, credit_events_since, credit_lines,
+                                credit_meters, grants_from_balances, history_grants, opening_grants, per_event_charged,
+                                resume_days, wallets_resumed)
 from transforms.errors import BillrunError, InputError
 from transforms.invoices import apply_credits, invoices_table, lines_table, period_invoices, usage_by_segment
 from transforms.periods import Period, utc_midnight
@@ -61,12 +65,12 @@ SQL_FILE = "nightly.sql"
 ACCEPTED_COLUMNS = {"event_id": pl.String, "customer_id": pl.String, "meter": pl.String, "dims": pl.String,
                     "quantity": pl.Decimal(38, 9), "event_at": pl.Datetime("us", "UTC"), "source_key": pl.String,
                     "night": pl.Date}
-ID_COLUMNS = {"event_id": pl.String, "source_key": pl.String, "night": pl.Date}
+ID_COLUMNS = {"event_id": pl.String, "source_key": pl.String, "night": pl.Date, "id_hash": pl.UInt64}
 BY_DAY_COLUMNS = {"customer_id": pl.String, "meter": pl.String, "dims": pl.String, "day": pl.Date,
                   "units": pl.Decimal(38, 9), "events": pl.Int64}
 EVENT_COLUMNS = {"customer_id": pl.String, "meter": pl.String, "dims": pl.String, "quantity": pl.Decimal(38, 9),
                  "event_id": pl.String, "event_at": pl.Datetime("us", "UTC")}
-STATE_FORMAT = 2
+STATE_FORMAT = 3  # 3: the event_id index carries id_hash (see nightly.sql)
 USAGE_INDEX_KEY = "billing/_state/nightly/usage_index.json"
 """Store-wide: each usage object read by a night (fingerprint, event-time range), so a night
 skips, unread, the objects that hold nothing of its period."""
@@ -209,6 +213,8 @@ def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path)
         state = store.fetch([v["state"] for v in kept.values()], cache_dir / "state")
         kept_files = {k: state[v["state"]] for k, v in kept.items()}
         tables = {}
+        # the rebuild writes each kept object's index afresh, in tonight's format
+        kept = {k: {**v, "ids": None} for k, v in kept.items()}
     else:
         state = store.fetch([v["ids"] for v in kept.values()] + [base["by_day"], base["events"]], cache_dir / "state")
         kept_files = {k: state[v["ids"]] for k, v in kept.items()}
@@ -293,12 +299,14 @@ def settle_night(store_uri: str, normalized, intake: Intake, reference, catalog,
         settlement = settled_usage(con, paths, reference.customers, list(reference.subscriptions),
                                    list(reference.segments), catalog, period)
         con.register("per_event_meters", pl.DataFrame({"meter": intake.meters}, schema={"meter": pl.String}).to_arrow())
+        con.execute(sql["id_hash_macro"]).fetchall()
         if intake.rebuild:
             kept_rows = _read_accepted(list(intake.kept_files.values()))
             con.register("kept_rows_all", kept_rows.to_arrow())
             con.sql("SELECT DISTINCT event_id, source_key, night FROM kept_rows_all").create_view("kept_ids")
         else:
-            _register(con, "kept_ids", list(intake.kept_files.values()), ID_COLUMNS)
+            con.register("gone", _read_accepted(list(intake.gone.values())).to_arrow())
+            _kept_copies(con, sql, intake.kept_files)
         con.execute(sql["accepted_tonight"], {"night": day}).fetchall()
         tonight = con.sql("SELECT * FROM tonight").pl()
         accepted, ids = {}, {}
@@ -312,38 +320,37 @@ def settle_night(store_uri: str, normalized, intake: Intake, reference, catalog,
             rows.select(list(ID_COLUMNS)).write_parquet(ids[o.key], **PARQUET)
         rebuilt_ids, nights = {}, {}
         if intake.rebuild:
-            con.sql("SELECT * FROM kept_rows_all UNION ALL SELECT * EXCLUDE (is_new) FROM tonight"
+            con.sql("SELECT * FROM kept_rows_all UNION ALL SELECT * EXCLUDE (id_hash, is_new) FROM tonight"
                     ).create_view("all_accepted")
             con.execute(sql["first_copies"]).fetchall()
             by_day, events = con.sql(sql["rebuilt_by_day"]).pl(), con.sql(sql["rebuilt_events"]).pl()
             changed_from = None
-            for (key,), rows in kept_rows.partition_by("source_key", as_dict=True).items():
+            kept_index = con.sql("SELECT *, id_hash(event_id) AS id_hash FROM kept_rows_all").pl()
+            for (key,), rows in kept_index.partition_by("source_key", as_dict=True).items():
                 rebuilt_ids[key] = out_dir / f"{hashlib.sha256(key.encode()).hexdigest()}-kept-ids.parquet"
                 rows.select(list(ID_COLUMNS)).write_parquet(rebuilt_ids[key], **PARQUET)
                 night = rows["night"].min()
                 nights[key] = night.isoformat() if night else None
         else:
-            con.register("gone", _read_accepted(list(intake.gone.values())).to_arrow())
             con.execute(sql["first_copy_moves"]).fetchall()
             needed = con.sql(sql["kept_rows_needed"]).pl()
             con.register("kept_rows", _kept_rows(store_uri, intake, needed, work_dir).to_arrow())
             con.execute(sql["delta"]).fetchall()
-            _register(con, "state_by_day", [intake.state_files["by_day"]], BY_DAY_COLUMNS)
-            _register(con, "state_events", [intake.state_files["events"]], EVENT_COLUMNS)
-            by_day, events = con.sql(sql["next_by_day"]).pl(), con.sql(sql["next_events"]).pl()
+            by_day = _moved_by_day(pl.read_parquet(intake.state_files["by_day"], columns=list(BY_DAY_COLUMNS)),
+                                   con.sql(sql["delta_by_day"]).pl())
+            events = _moved_events(pl.read_parquet(intake.state_files["events"], columns=list(EVENT_COLUMNS)),
+                                   con.sql(sql["delta_leaving_ids"]).pl(), con.sql(sql["delta_entering_events"]).pl())
             changed_from = dict(con.sql("SELECT customer_id, min(CAST(event_at AS DATE)) FROM delta GROUP BY ALL"
                                         ).fetchall())
-        by_day, events = by_day.cast(BY_DAY_COLUMNS), events.cast(EVENT_COLUMNS)
-        by_day_path, events_path = out_dir / "by_day.parquet", out_dir / "events.parquet"
-        by_day.write_parquet(by_day_path, **PARQUET)
-        events.write_parquet(events_path, **PARQUET)
-        con.register("by_day", by_day.to_arrow())
-        con.register("events_to_date", events.to_arrow())
-        con.register("segments", segments_frame(list(reference.segments)).to_arrow())
-        usage_by_day = con.sql(sql["to_date_by_day"]).pl()
-        per_event = con.sql(sql["to_date_per_event"]).pl()
     finally:
         con.close()
+    by_day, events = by_day.cast(BY_DAY_COLUMNS), events.cast(EVENT_COLUMNS)
+    by_day_path, events_path = out_dir / "by_day.parquet", out_dir / "events.parquet"
+    by_day.write_parquet(by_day_path, **PARQUET)
+    events.write_parquet(events_path, **PARQUET)
+    segments = segments_frame(list(reference.segments))
+    usage_by_day = _usage_by_day(by_day, segments)
+    per_event = _per_event_usage(events, segments)
     c = settlement.counts
     new = int(tonight["is_new"].sum())
     counts = {"read": c["read"] + len(normalized.unreadable), "billed": new,
@@ -413,6 +420,65 @@ def _register(con: duckdb.DuckDBPyConnection, name: str, paths: list[Path], sche
         con.register(name, pl.DataFrame(schema=schema).to_arrow())
 
 
+BY_DAY_KEYS = ["customer_id", "meter", "dims", "day"]
+
+
+def _moved_by_day(state: pl.DataFrame, moves: pl.DataFrame) -> pl.DataFrame:
+    """One row per customer x meter x dims x UTC day of the period to date: the last night's
+    table moved by tonight's `moves` (nightly.sql `delta_by_day`; a group that empties
+    disappears). Only the groups tonight touches are summed again; the month's other groups are
+    carried as they are, so the work beyond tonight's rows is one sort of the table."""
+    state, moves = state.cast(BY_DAY_COLUMNS), moves.cast(BY_DAY_COLUMNS)
+    on_days = pl.col("day").is_in(moves["day"].unique().implode())  # a night moves few days
+    nearby, carried = state.filter(on_days), state.filter(~on_days)
+    touched = moves.select(BY_DAY_KEYS)
+    summed = (pl.concat([nearby.join(touched, on=BY_DAY_KEYS, how="semi", nulls_equal=True), moves])
+              .group_by(BY_DAY_KEYS).agg(pl.col("units").sum(), pl.col("events").sum())
+              .filter(pl.col("events") != 0))
+    carried = pl.concat([carried, nearby.join(touched, on=BY_DAY_KEYS, how="anti", nulls_equal=True)])
+    return pl.concat([carried, summed.cast(BY_DAY_COLUMNS)]).sort(BY_DAY_KEYS, nulls_last=True)
+
+
+def _moved_events(state: pl.DataFrame, leaving: pl.DataFrame, entering: pl.DataFrame) -> pl.DataFrame:
+    """One row per event of the period to date of a meter handled event by event: the last
+    night's rows less those whose event_id left or moved tonight, plus those that entered."""
+    kept = state.cast(EVENT_COLUMNS).join(leaving.cast({"event_id": pl.String}), on="event_id", how="anti")
+    return (pl.concat([kept, entering.cast(EVENT_COLUMNS)])
+            .sort("customer_id", "meter", "event_at", "event_id", nulls_last=True))
+
+
+def _in_segment(frame: pl.DataFrame, segments: pl.DataFrame, at: pl.Expr) -> pl.DataFrame:
+    """`frame`'s rows with the subscription segment of their customer that holds `at`."""
+    spans = segments.select("customer_id", "subscription_id", "segment_no", "start_at", "end_at")
+    return frame.join(spans, on="customer_id").filter((at >= pl.col("start_at")) & (at < pl.col("end_at")))
+
+
+def _usage_by_day(by_day: pl.DataFrame, segments: pl.DataFrame) -> pl.DataFrame:
+    """One row per subscription segment x meter x dimensions x UTC day: units so far this period.
+    Segments start and end at UTC midnights, so a day belongs to one segment of its customer."""
+    keys = ["subscription_id", "segment_no", "meter", "dims", "day"]  # unique: one segment per customer and day
+    return (_in_segment(by_day, segments, pl.col("day").cast(pl.Datetime("us", "UTC")))
+            .select(*keys, "units", "events").sort(keys, nulls_last=True))
+
+
+def _per_event_usage(events: pl.DataFrame, segments: pl.DataFrame) -> pl.DataFrame:
+    """One row per event so far of a meter priced or paid event by event, in event-time order."""
+    return (_in_segment(events, segments, pl.col("event_at"))
+            .select("subscription_id", "segment_no", "meter", "dims", "quantity", "customer_id", "event_id", "event_at")
+            .sort("subscription_id", "segment_no", "meter", "event_at", "event_id", nulls_last=True))
+
+
+def _kept_copies(con: duckdb.DuckDBPyConnection, sql: dict[str, str], kept_files: dict[str, Path]) -> None:
+    """`kept_ids`: every copy, among the objects kept from earlier nights, of an event_id that
+    tonight's rows or the gone objects hold. The whole index is read as hashes only; event_ids
+    are compared in the objects whose hashes match."""
+    con.execute(sql["probe_ids"]).fetchall()
+    _register(con, "kept_hashes", list(kept_files.values()), {"id_hash": pl.UInt64, "source_key": pl.String})
+    holding = [key for (key,) in con.sql(sql["objects_to_check"]).fetchall()]
+    _register(con, "kept_candidates", [kept_files[k] for k in holding], ID_COLUMNS)
+    con.execute(sql["kept_copies"]).fetchall()
+
+
 def _kept_rows(store_uri: str, intake: Intake, needed: pl.DataFrame, work_dir: Path) -> pl.DataFrame:
     """Full rows of the kept copies that start or stop counting tonight, read only from the
     objects that hold them."""
@@ -434,6 +500,7 @@ class NightResult:
     alerts: list[Alert]
     balances_from: str
     spend: pl.DataFrame            # spend through each (subscription, day) replayed tonight, for the next night
+    wallets: bytes                 # each customer's wallet after its last event, for the next night to resume
 
 
 SPEND_COLUMNS = {"subscription_id": pl.String, "day": pl.Date, "spend_minor": pl.Int64}
@@ -441,23 +508,29 @@ SPEND_COLUMNS = {"subscription_id": pl.String, "day": pl.Date, "spend_minor": pl
 
 @task(name="estimate", cache_policy=NO_CACHE, **IO_RETRIES)
 def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Period,
-             known_spend: Path | None) -> NightResult:
+             known_spend: Path | None, known_wallets: str | None = None) -> NightResult:
     """Credits, the draft invoices and every alert of the period so far. Spend alerts resume
-    from the spend the last night worked out (`known_spend`, None when its terms changed)."""
+    from the spend the last night worked out (`known_spend`, None when its terms changed);
+    wallets from the last night's checkpoint (`known_wallets`, a store key, used under the same
+    terms) for the customers whose usage changed only after their last event."""
     store = open_store(store_uri)
     segments = list(reference.segments)
-    events = period_credit_events(usage.per_event_usage, segments)
+    subs, purchases = list(reference.subscriptions), list(reference.purchases)
+    checkpoint = (checkpoint_from(store.read_bytes(known_wallets), period)
+                  if known_wallets and known_spend is not None and store.exists(known_wallets) else None)
+    since = resume_days(checkpoint, usage.changed_from)
+    events = credit_events_since(usage.per_event_usage, segments, since)
     previous = f"billing/period={period.previous()}/credit_balances.parquet"
     if store.exists(previous):
         opening = grants_from_balances(pl.read_parquet(io.BytesIO(store.read_bytes(previous))))
-        outcome = wallets_from_opening(opening, list(reference.subscriptions), catalog, list(reference.purchases),
-                                       events, period)
+        grants = opening_grants(opening, subs, catalog, purchases, period)
         balances_from = f"the {period.previous()} close"
     else:
-        outcome = wallet_history(list(reference.subscriptions), catalog, list(reference.purchases), events, period)
+        grants = history_grants(subs, catalog, purchases, period)
         balances_from = f"grants only ({period.previous()} is not closed: earlier consumption is not known)"
-    billable = apply_credits(usage_by_segment(usage.usage_by_dims, usage.per_event_usage), outcome.billable_units,
-                             credit_meters(segments))
+    outcome, wallets = wallets_resumed(grants, subs, catalog, events, period, checkpoint, since)
+    billable = apply_credits(usage_by_segment(usage.usage_by_dims, per_event_charged(usage.per_event_usage, segments)),
+                             outcome.billable_units, credit_meters(segments))
     currency_of = {s.subscription.subscription_id: s.plan.plan.currency for s in segments}
     rounding_of = {s.subscription.subscription_id: s.plan.plan.rounding for s in segments}
     extra = credit_lines(period, outcome, list(reference.purchases), list(reference.subscriptions), currency_of,
@@ -472,7 +545,8 @@ def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Peri
     alerts = price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period) + spent
     spend_frame = pl.DataFrame([(s, d, v) for (s, d), v in sorted(spend_through.items())], schema=SPEND_COLUMNS,
                                orient="row")
-    return NightResult(invoices, balances_table(outcome, period), alerts, balances_from, spend_frame)
+    return NightResult(invoices, balances_table(outcome, period), alerts, balances_from, spend_frame,
+                       checkpoint_bytes(wallets))
 
 
 def customers_over(invoices: list, segments: list, fraction: str = "0.8") -> list[dict]:
@@ -542,7 +616,8 @@ def nightly(store: str, plans: str, day: str, webhook: str | None = None) -> dic
             normalized = normalize_usage(quote(intake.inputs), work_dir)
             usage = settle_night(store, quote(normalized), quote(intake), quote(reference), quote(catalog), period,
                                  the_day, work_dir)
-            result = estimate(store, quote(usage), quote(reference), quote(catalog), period, intake.known_spend)
+            result = estimate(store, quote(usage), quote(reference), quote(catalog), period, intake.known_spend,
+                              intake.base.get("wallets"))
             manifest = publish_night(store, period, the_day, quote(intake), quote(usage), quote(result),
                                      quote(reference), work_dir / "out")
         finally:
@@ -594,6 +669,8 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
     result.spend.write_parquet(out_dir / "spend.parquet", **PARQUET)
     snapshot["spend"] = _to_date_key(period, day, "spend.parquet")
     store.put_file(snapshot["spend"], out_dir / "spend.parquet")
+    snapshot["wallets"] = _to_date_key(period, day, "wallets.json")
+    store.put_bytes(snapshot["wallets"], result.wallets)
 
     fired_key = prefix + "fired_alerts.parquet"
     fired = pl.read_parquet(io.BytesIO(store.read_bytes(fired_key))) if store.exists(fired_key) else None
@@ -647,7 +724,7 @@ def _clear_superseded(store, period: Period, snapshots: list[dict]) -> None:
     prefix = state_prefix(period)
     keep = {_snapshot_key(period, date.fromisoformat(s["night"])) for s in snapshots if s.get("night")}
     for s in snapshots:
-        keep |= {s[name] for name in ("by_day", "events", "spend") if s.get(name)}
+        keep |= {s[name] for name in ("by_day", "events", "spend", "wallets") if s.get(name)}
         keep |= {v[name] for v in s["intake"].values() for name in ("state", "ids") if v.get(name)}
     for folder in ("objects/", "ids/", "to_date/", "nights/"):
         for info in store.list(prefix + folder):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timezone
 from decimal import Decimal
 
 import isodate
@@ -311,9 +311,14 @@ def replay(customer_id: str, events: list[CreditEvent], grants: list[Grant], pla
 def wallet_history(subs: list[Subscription], catalog: Catalog, purchases: list[Purchase],
                    events: list[CreditEvent], period: Period) -> Outcome:
     """Every customer's wallet from its first grant or event through the end of `period`."""
-    grants = plan_grants(subs, catalog, period) + purchase_grants(
+    return _replay_all(history_grants(subs, catalog, purchases, period), subs, catalog, events, period)
+
+
+def history_grants(subs: list[Subscription], catalog: Catalog, purchases: list[Purchase],
+                   period: Period) -> list[Grant]:
+    """Every grant and purchase from each subscription's start through `period` (see wallet_history)."""
+    return plan_grants(subs, catalog, period) + purchase_grants(
         [p for p in purchases if p.purchased_at < period.end_at])
-    return _replay_all(grants, subs, catalog, events, period)
 
 
 def _replay_all(grants: list[Grant], subs: list[Subscription], catalog: Catalog, events: list[CreditEvent],
@@ -322,21 +327,28 @@ def _replay_all(grants: list[Grant], subs: list[Subscription], catalog: Catalog,
     by_customer_grants: dict[str, list[Grant]] = defaultdict(list)
     for g in grants:
         by_customer_grants[g.customer_id].append(g)
-    subs_by_id = {s.subscription_id: s for s in subs}
     by_customer_events: dict[str, list[CreditEvent]] = defaultdict(list)
-    plans_of: dict[str, PlanFile] = {}
-    plan_that_day: dict[tuple[str, object], PlanFile] = {}  # one lookup per subscription and day, not per event
     for ev in events:
         by_customer_events[ev.customer_id].append(ev)
-        key = (ev.subscription_id, ev.event_at.date())
-        if key not in plan_that_day:
-            plan_that_day[key] = plan_on(subs_by_id[ev.subscription_id], catalog, key[1])
-        plans_of[ev.event_id] = plan_that_day[key]
+    plans_of = _plans_of(events, subs, catalog)
     outcome = Outcome()
     for customer in sorted(set(by_customer_grants) | set(by_customer_events)):
         replay(customer, by_customer_events.get(customer, []), by_customer_grants.get(customer, []), plans_of,
                period.end_at, outcome)
     return outcome
+
+
+def _plans_of(events: list[CreditEvent], subs: list[Subscription], catalog: Catalog) -> dict[str, PlanFile]:
+    """event_id -> the plan version in force for the event."""
+    subs_by_id = {s.subscription_id: s for s in subs}
+    plans_of: dict[str, PlanFile] = {}
+    plan_that_day: dict[tuple[str, object], PlanFile] = {}  # one lookup per subscription and day, not per event
+    for ev in events:
+        key = (ev.subscription_id, ev.event_at.date())
+        if key not in plan_that_day:
+            plan_that_day[key] = plan_on(subs_by_id[ev.subscription_id], catalog, key[1])
+        plans_of[ev.event_id] = plan_that_day[key]
+    return plans_of
 
 
 def in_period(entry: Entry, period: Period) -> bool:
@@ -479,6 +491,20 @@ def credit_meters(segments: list) -> set[tuple[str, int, str]]:
     return out
 
 
+def per_event_charged(per_event_usage: pl.DataFrame, segments: list) -> pl.DataFrame:
+    """The per-event rows the charges price: those of meters their segment does not pay with
+    credits (what the wallet leaves of those is billed by units, see invoices.apply_credits)."""
+    return per_event_usage.join(_credit_meters_frame(segments, per_event_usage), on=["subscription_id", "segment_no",
+                                "meter"], how="anti", maintain_order="left")
+
+
+def _credit_meters_frame(segments: list, like: pl.DataFrame) -> pl.DataFrame:
+    """credit_meters as a frame, typed like the per-event table `like`."""
+    return pl.DataFrame(sorted(credit_meters(segments)), schema={"subscription_id": pl.String,
+                                                                 "segment_no": pl.Int64, "meter": pl.String},
+                        orient="row").cast({"segment_no": like.schema["segment_no"]})
+
+
 def credit_report(outcome: Outcome, period: Period, plan_of_sub: dict) -> list[dict]:
     """Per plan (or `purchases`): credits granted, consumed, expired in `period`, and the cost of
     what expired (breakage at expiry), so pricing can see whether allocations fit customers' use."""
@@ -571,12 +597,19 @@ def wallets_from_opening(opening: list[Grant], subs: list[Subscription], catalog
     of all history: the plan grants and purchases of the period are added, then the period's
     events replayed. Opening grants enter at the period start with their remaining credits, as
     entries of kind `opening` (a balance brought forward, never billed again)."""
+    return _replay_all(opening_grants(opening, subs, catalog, purchases, period), subs, catalog, events, period)
+
+
+def opening_grants(opening: list[Grant], subs: list[Subscription], catalog: Catalog, purchases: list[Purchase],
+                   period: Period) -> list[Grant]:
+    """The previous close's closing grants brought forward, then the period's plan grants and
+    purchases (see wallets_from_opening)."""
     fresh = [g for g in plan_grants(subs, catalog, period) + purchase_grants(purchases)
              if period.start_at <= g.granted_at < period.end_at]
     carried = [Grant(g.grant_id, g.customer_id, g.subscription_id, "opening", period.start_at, g.expires_at,
                      g.opening, g.price * g.opening / g.credits if g.price else ZERO, g.currency)
                for g in opening]
-    return _replay_all(carried + fresh, subs, catalog, events, period)
+    return carried + fresh
 
 
 @dataclass(frozen=True)
@@ -652,3 +685,191 @@ def credit_summaries(outcome: Outcome, period: Period) -> dict[str, CreditSummar
             opening, granted, used, expired, rolled))
     return {customer: CreditSummary(customer, tuple(sorted(rows, key=lambda m: (m.granted_at, m.grant_id))))
             for customer, rows in sorted(by_customer.items())}
+
+
+# Night by night: each customer's wallet resumes from where the previous night left it.
+#
+# A customer's replay is a function of its grants and its events in (event_at, event_id) order,
+# so the state after its last consumed event (a checkpoint) plus the events after it gives what
+# a replay from the start gives. The checkpoint is taken before the wallet is advanced to the
+# period's end: expiries and grants between the last event and the next one are applied when the
+# next one arrives, exactly as in one replay. It also carries what the replay produced so far,
+# with the consumption entries summed per grant: the nightly outputs (balances, credit lines,
+# alerts, units left for the charges) read only those sums, never the per-event ledger.
+
+CHECKPOINT_FORMAT = 1
+
+
+def resume_days(checkpoint: dict | None, changed_from: dict[str, date] | None) -> dict[str, date | None]:
+    """Per customer whose checkpointed wallet tonight's changes leave intact: the first day whose
+    credit events it still has to consume (None: none, its usage did not change). A customer is
+    left out, and replayed from the start, when its usage changed on or before the day of its
+    last consumed event (a late event), or when there is no checkpoint or `changed_from` is None
+    (anything may have changed)."""
+    if checkpoint is None or changed_from is None:
+        return {}
+    out: dict[str, date | None] = {}
+    for customer, state in checkpoint["customers"].items():
+        day = changed_from.get(customer)
+        last = state["last"]
+        if day is None or last is None or day > datetime.fromisoformat(last[0]).date():
+            out[customer] = day
+    return out
+
+
+def credit_events_since(per_event_usage: pl.DataFrame, segments: list,
+                        since: dict[str, date | None]) -> list[CreditEvent]:
+    """The period's credit events still to replay: a resumed customer's (in `since`) from its
+    day on (none when its day is None), every other customer's all of them."""
+    frame = per_event_usage.select("subscription_id", "segment_no", "meter", "dims", "quantity", "customer_id",
+                                   "event_id", "event_at")
+    frame = frame.join(_credit_meters_frame(segments, frame), on=["subscription_id", "segment_no", "meter"],
+                       how="semi", maintain_order="left")
+    if since:
+        never = datetime.max.replace(tzinfo=timezone.utc)
+        starts = pl.DataFrame({"customer_id": list(since),
+                               "since_at": [utc_midnight(d) if d is not None else never for d in since.values()]},
+                              schema={"customer_id": pl.String, "since_at": pl.Datetime("us", "UTC")})
+        frame = (frame.join(starts, on="customer_id", how="left", maintain_order="left")
+                 .filter(pl.col("since_at").is_null() | (pl.col("event_at") >= pl.col("since_at")))
+                 .drop("since_at"))
+    return period_credit_events(frame, segments)
+
+
+def wallets_resumed(grants: list[Grant], subs: list[Subscription], catalog: Catalog, events: list[CreditEvent],
+                    period: Period, checkpoint: dict | None, since: dict[str, date | None]
+                    ) -> tuple[Outcome, dict]:
+    """Every customer's wallet through `period`, as `_replay_all` gives it (with consumption
+    entries summed per grant), and tonight's checkpoint. Customers in `since` continue from
+    `checkpoint` with `events` (only their events after it); the others replay `grants` and
+    `events` from the start."""
+    by_customer_grants: dict[str, list[Grant]] = defaultdict(list)
+    for g in grants:
+        by_customer_grants[g.customer_id].append(g)
+    by_customer_events: dict[str, list[CreditEvent]] = defaultdict(list)
+    for ev in events:
+        by_customer_events[ev.customer_id].append(ev)
+    plans_of = _plans_of(events, subs, catalog)
+    outcome = Outcome()
+    states = {}
+    for customer in sorted(set(by_customer_grants) | set(by_customer_events) | set(since)):
+        part = Outcome()
+        if customer in since:
+            wallet, last = _wallet_restored(customer, checkpoint["customers"][customer], part)
+        else:
+            wallet, last = _Wallet(customer, by_customer_grants.get(customer, []), part), None
+        for ev in sorted(by_customer_events.get(customer, []), key=lambda e: (e.event_at, e.event_id)):
+            wallet.advance(ev.event_at)
+            wallet.consume(ev, plans_of[ev.event_id])
+            last = (ev.event_at, ev.event_id)
+        part.entries = _consumption_summed(part.entries, period)
+        states[customer] = _wallet_saved(wallet, last)
+        wallet.advance(period.end_at)  # on the wallet as tonight leaves it, after the checkpoint
+        outcome.entries.extend(part.entries)
+        outcome.billable_units.update(part.billable_units)  # keyed by subscription: one customer's
+        outcome.billable_by_day.update(part.billable_by_day)
+        outcome.blocked_units.update(part.blocked_units)
+        outcome.grants.update(part.grants)
+        outcome.alerts.extend(part.alerts)
+    return outcome, {"format": CHECKPOINT_FORMAT, "period": str(period), "customers": states}
+
+
+def checkpoint_bytes(checkpoint: dict) -> bytes:
+    """The checkpoint as stored: JSON, decimals as exact strings, same inputs same bytes."""
+    return (json.dumps(checkpoint, separators=(",", ":")) + "\n").encode()
+
+
+def checkpoint_from(data: bytes, period: Period) -> dict | None:
+    """A stored checkpoint, or None when it is of another format or period."""
+    checkpoint = json.loads(data)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("period") != str(period):
+        return None
+    return checkpoint
+
+
+def _consumption_summed(entries: list[Entry], period: Period) -> list[Entry]:
+    """The entries with each grant's consumption in `period` summed into one entry, at the place
+    of its first. Sums are taken in replay order, so the per-grant totals are the ones the single
+    entries give (negation is exact). Applied again to its own output plus later entries, it
+    gives what it gives on all of them at once."""
+    out: list[Entry] = []
+    at: dict[str, int] = {}
+    for e in entries:
+        if e.kind != "consume" or not in_period(e, period):
+            out.append(e)
+        elif e.grant_id not in at:
+            at[e.grant_id] = len(out)
+            out.append(replace(e, event_id=None, meter=None))
+        else:
+            first = out[at[e.grant_id]]
+            out[at[e.grant_id]] = replace(first, credits=first.credits + e.credits, balance_after=e.balance_after)
+    return out
+
+
+def _grant_saved(g: Grant) -> list:
+    return [g.grant_id, g.customer_id, g.subscription_id, g.kind, _at_text(g.granted_at), _at_text(g.expires_at),
+            str(g.credits), str(g.price), g.currency, str(g.remaining), str(g.rollover_max)]
+
+
+def _grant_restored(row: list) -> Grant:
+    gid, customer, sub, kind, granted_at, expires_at, credits, price, currency, remaining, rollover_max = row
+    return Grant(gid, customer, sub, kind, _at(granted_at), _at(expires_at), Decimal(credits), Decimal(price),
+                 currency, Decimal(remaining), Decimal(rollover_max))
+
+
+def _wallet_saved(w: _Wallet, last: tuple[datetime, str] | None) -> dict:
+    out = w.out
+    return {
+        "last": None if last is None else [_at_text(last[0]), last[1]],
+        "balance": str(w.balance),
+        "grants": [_grant_saved(g) for g in out.grants.values()],
+        "active": [g.grant_id for g in w.active],
+        "pending": [_grant_saved(g) for g in w.pending],
+        "top_ups": [[str(p), n] for p, n in w.top_ups.items()],
+        "low_fired": sorted(str(p) for p in w.low_fired),
+        "exhausted_fired": sorted(str(p) for p in w.exhausted_fired),
+        "grace_used": [[sub, str(p), str(v)] for (sub, p), v in w.grace_used.items()],
+        "entries": [[e.customer_id, e.grant_id, e.kind, str(e.credits), str(e.balance_after), _at_text(e.occurred_at),
+                     _at_text(e.expires_at), str(e.cost_basis), e.subscription_id, e.event_id, e.meter]
+                    for e in out.entries],
+        "billable_units": [[*k, str(v)] for k, v in out.billable_units.items()],
+        "billable_by_day": [[*k[:4], k[4].isoformat(), str(v)] for k, v in out.billable_by_day.items()],
+        "blocked_units": [[*k, str(v)] for k, v in out.blocked_units.items()],
+        "alerts": [[*a[:5], _at_text(a[5])] for a in out.alerts],
+    }
+
+
+def _wallet_restored(customer_id: str, state: dict, out: Outcome) -> tuple[_Wallet, tuple[datetime, str] | None]:
+    w = _Wallet(customer_id, [], out)
+    for row in state["grants"]:
+        g = _grant_restored(row)
+        out.grants[g.grant_id] = g
+    w.active = [out.grants[gid] for gid in state["active"]]
+    w.pending = [_grant_restored(row) for row in state["pending"]]
+    w.balance = Decimal(state["balance"])
+    for p, n in state["top_ups"]:
+        w.top_ups[Period.parse(p)] = n
+    w.low_fired = {Period.parse(p) for p in state["low_fired"]}
+    w.exhausted_fired = {Period.parse(p) for p in state["exhausted_fired"]}
+    for sub, p, v in state["grace_used"]:
+        w.grace_used[(sub, Period.parse(p))] = Decimal(v)
+    out.entries = [Entry(c, gid, kind, Decimal(credits), Decimal(after), _at(at), _at(expires), Decimal(basis), sub,
+                         event_id, meter)
+                   for c, gid, kind, credits, after, at, expires, basis, sub, event_id, meter in state["entries"]]
+    for *k, v in state["billable_units"]:
+        out.billable_units[tuple(k)] = Decimal(v)
+    for sub, seg, meter, dims, day, v in state["billable_by_day"]:
+        out.billable_by_day[(sub, seg, meter, dims, date.fromisoformat(day))] = Decimal(v)
+    for *k, v in state["blocked_units"]:
+        out.blocked_units[tuple(k)] = Decimal(v)
+    out.alerts = [(*a[:5], _at(a[5])) for a in state["alerts"]]
+    last = state["last"]
+    return w, None if last is None else (_at(last[0]), last[1])
+
+
+def _at_text(at: datetime | None) -> str | None:
+    return None if at is None else at.astimezone(timezone.utc).isoformat()
+
+
+def _at(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)

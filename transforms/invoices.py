@@ -86,15 +86,14 @@ class SegmentUsage:
 
 def usage_by_segment(usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame
                      ) -> dict[tuple[str, int], SegmentUsage]:
-    """Regroup the settled usage tables by (subscription_id, segment_no)."""
-    by_dims: dict[tuple[str, int], list] = defaultdict(list)
-    for sub, seg, meter, dims, units, events in usage_by_dims.iter_rows():
-        by_dims[(sub, seg)].append((meter, dims, units, events))
-    per_event: dict[tuple[str, int], list] = defaultdict(list)
-    for sub, seg, meter, dims, quantity in per_event_usage.select(
-            "subscription_id", "segment_no", "meter", "dims", "quantity").iter_rows():
-        per_event[(sub, seg)].append((meter, dims, quantity))
-    return {key: SegmentUsage(tuple(by_dims.get(key, ())), tuple(per_event.get(key, ())))
+    """Regroup the settled usage tables by (subscription_id, segment_no), rows in table order.
+    Grouped in Polars, column by column: Python only builds the tuples."""
+    def grouped(frame: pl.DataFrame, columns: list[str]) -> dict[tuple[str, int], tuple]:
+        lists = frame.group_by("subscription_id", "segment_no", maintain_order=True).agg(columns)
+        return {(sub, seg): tuple(zip(*rows)) for sub, seg, *rows in lists.iter_rows()}
+    by_dims = grouped(usage_by_dims, ["meter", "dims", "units", "events"])
+    per_event = grouped(per_event_usage, ["meter", "dims", "quantity"])
+    return {key: SegmentUsage(by_dims.get(key, ()), per_event.get(key, ()))
             for key in set(by_dims) | set(per_event)}
 
 

@@ -1,17 +1,52 @@
 -- Nightly intake on top of settle_usage.sql's `settled` table (tonight's objects only).
 -- A night costs its new data: it never windows over the period so far. The state keeps, per
 -- object taken in, its accepted events (full rows) and their event_ids (a compact index), and
--- for the period to date two small tables: units per customer x meter x dims x UTC day
--- (`to_date_by_day`), and the events of meters handled event by event (`to_date_events`).
+-- for the period to date two small tables: units per customer x meter x dims x UTC day, and the
+-- events of meters handled event by event.
 -- Tonight only the event_ids of tonight's objects and of the objects they replace can change
 -- their first copy, so only those are looked up (a semi-join against the index), and the
 -- period-to-date tables move by the difference.
 --
--- Inputs: `settled`; `kept_ids` (event_id, source_key, night of every object kept from earlier
--- nights); `gone` (accepted events of objects rewritten or removed since, as they were taken
--- in); `state_by_day`, `state_events` (the period to date as the last night left it);
--- `segments`, `per_event_meters` as in the close. First seen wins: a copy's rank is its night
--- (state from before nights were recorded first), then its object key.
+-- Inputs: `settled`; `kept_hashes` (id_hash, source_key of every event_id kept from earlier
+-- nights: the index, read for its hash column only); `gone` (accepted events of objects
+-- rewritten or removed since, as they were taken in); `per_event_meters` as in the close. The
+-- period-to-date tables are moved by `delta_*` in flows/nightly.py (Polars). First seen
+-- wins: a copy's rank is its night (state from before nights were recorded first), then its
+-- object key.
+--
+-- The index is checked in two steps, so that a night reads the month's event_ids only as 8-byte
+-- hashes: tonight's ids are matched on `id_hash` (which objects may hold one of them), then
+-- exactly, on event_id, in those objects alone (`kept_ids`: every kept copy of tonight's and the
+-- gone objects' event_ids, and only those). A hash never decides alone that an event is a copy.
+
+-- name: id_hash_macro
+-- The index's hash of an event_id: the first 64 bits of its MD5 (a standard digest, so the
+-- index written by one version of billrun or DuckDB reads the same in the next).
+CREATE OR REPLACE TEMP MACRO id_hash(event_id) AS CAST('0x' || left(md5(event_id), 16) AS UBIGINT);
+
+-- name: probe_ids
+-- One row per event_id whose first copy tonight may decide or move: tonight's billed rows and
+-- the rows of gone objects.
+CREATE OR REPLACE TEMP TABLE probe AS
+SELECT event_id, id_hash(event_id) AS id_hash
+FROM (SELECT event_id FROM settled WHERE outcome = 'billed'
+      UNION
+      SELECT event_id FROM gone);
+
+-- name: objects_to_check
+-- One row per kept object whose index holds the hash of a probed event_id (a true copy, or,
+-- rarely, another id with the same hash: the exact check below tells them apart).
+SELECT DISTINCT source_key
+FROM kept_hashes
+WHERE id_hash IN (SELECT id_hash FROM probe)
+ORDER BY source_key;
+
+-- name: kept_copies
+-- One row per kept copy of a probed event_id, read from the objects found above only.
+CREATE OR REPLACE TEMP TABLE kept_ids AS
+SELECT event_id, source_key, night
+FROM kept_candidates
+WHERE event_id IN (SELECT event_id FROM probe);
 
 -- name: accepted_tonight
 -- One row per event of tonight's objects that bills among tonight's rows, flagged `is_new` when
@@ -19,7 +54,7 @@
 -- if the first copy's object is later rewritten without it, this copy becomes the first.
 CREATE OR REPLACE TEMP TABLE tonight AS
 SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, CAST($night AS DATE) AS night,
-       event_id NOT IN (SELECT event_id FROM kept_ids) AS is_new
+       id_hash(event_id) AS id_hash, event_id NOT IN (SELECT event_id FROM kept_ids) AS is_new
 FROM settled
 WHERE outcome = 'billed'
 ORDER BY source_key, source_row;
@@ -81,28 +116,25 @@ JOIN (SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key,
       SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'kept' FROM kept_rows) AS r
   ON r.event_id = m.event_id AND r.side = m.after_side AND r.source_key = m.after_key;
 
--- name: next_by_day
--- One row per customer x meter x dimensions x UTC day: units and events of the period to date,
--- the last night's table moved by tonight's delta (a group that empties disappears).
-SELECT customer_id, meter, dims, day, sum(units) AS units, CAST(sum(events) AS BIGINT) AS events
-FROM (SELECT customer_id, meter, dims, day, units, events FROM state_by_day
-      UNION ALL
-      SELECT customer_id, meter, dims, CAST(event_at AS DATE), sign * quantity, sign FROM delta)
-GROUP BY ALL
-HAVING sum(events) <> 0
-ORDER BY ALL;
+-- name: delta_by_day
+-- One row per customer x meter x dimensions x UTC day that tonight's delta touches: the units and
+-- events it adds (negative: takes back). The period-to-date table moves by these rows only; the
+-- groups it does not touch are carried as they are (flows/nightly.py `_moved_by_day`).
+SELECT customer_id, meter, dims, CAST(event_at AS DATE) AS day, sum(sign * quantity) AS units,
+       CAST(sum(sign) AS BIGINT) AS events
+FROM delta
+GROUP BY ALL;
 
--- name: next_events
--- One row per event of the period to date of a meter handled event by event: the last night's
--- rows less the events that left or moved tonight, plus those that entered.
-SELECT customer_id, meter, dims, quantity, event_id, event_at
-FROM state_events
-WHERE event_id NOT IN (SELECT event_id FROM delta)
-UNION ALL
+-- name: delta_leaving_ids
+-- One row per event_id whose row in the per-event table leaves or is replaced tonight: only an
+-- event that counted until now is in the table, and each such move takes its old copy out (-1).
+SELECT DISTINCT event_id FROM delta WHERE sign = -1;
+
+-- name: delta_entering_events
+-- One row per event of a meter handled event by event that enters the period to date tonight.
 SELECT customer_id, meter, dims, quantity, event_id, event_at
 FROM delta
-WHERE sign = 1 AND meter IN (SELECT meter FROM per_event_meters)
-ORDER BY customer_id, meter, event_at, event_id;
+WHERE sign = 1 AND meter IN (SELECT meter FROM per_event_meters);
 
 -- name: first_copies
 -- The period so far from every accepted row, one row per event_id (its first copy): how a
@@ -129,21 +161,3 @@ SELECT customer_id, meter, dims, quantity, event_id, event_at
 FROM to_date
 WHERE meter IN (SELECT meter FROM per_event_meters)
 ORDER BY customer_id, meter, event_at, event_id;
-
--- name: to_date_by_day
--- One row per subscription segment x meter x dimensions x UTC day: units so far this period.
--- Segments start and end at UTC midnights, so a day belongs to one segment of its customer.
-SELECT seg.subscription_id, seg.segment_no, t.meter, t.dims, t.day, t.units, t.events
-FROM by_day AS t
-JOIN segments AS seg
-  ON seg.customer_id = t.customer_id AND CAST(t.day AS TIMESTAMPTZ) >= seg.start_at
- AND CAST(t.day AS TIMESTAMPTZ) < seg.end_at
-ORDER BY ALL;
-
--- name: to_date_per_event
--- One row per event so far of a meter priced or paid event by event, in event-time order.
-SELECT seg.subscription_id, seg.segment_no, t.meter, t.dims, t.quantity, t.customer_id, t.event_id, t.event_at
-FROM events_to_date AS t
-JOIN segments AS seg
-  ON seg.customer_id = t.customer_id AND t.event_at >= seg.start_at AND t.event_at < seg.end_at
-ORDER BY seg.subscription_id, seg.segment_no, t.meter, t.event_at, t.event_id;

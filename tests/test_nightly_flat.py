@@ -1,0 +1,86 @@
+"""A night's settle step costs its new data: the event_id index is read as hashes, then checked
+exactly in the objects whose hashes match; the period-to-date tables move by tonight's delta."""
+from __future__ import annotations
+
+import hashlib
+from datetime import date, datetime, timezone
+from decimal import Decimal
+
+import duckdb
+import polars as pl
+
+from flows.nightly import (BY_DAY_COLUMNS, EVENT_COLUMNS, ID_COLUMNS, PARQUET, _kept_copies, _moved_by_day,
+                           _moved_events)
+from transforms.queries import statements
+
+SQL = statements("nightly.sql")
+DAY1, DAY2 = date(2026, 10, 1), date(2026, 10, 2)
+
+
+def id_hash(event_id: str) -> int:
+    """The index's hash, as the spec says: the first 64 bits of the event_id's MD5."""
+    return int(hashlib.md5(event_id.encode()).hexdigest()[:16], 16)
+
+
+def connection() -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute(SQL["id_hash_macro"]).fetchall()
+    return con
+
+
+def test_the_id_hash_is_the_first_64_bits_of_md5():
+    con = connection()
+    got = con.sql("SELECT id_hash('evt_1'), id_hash('e-\u00e9')").fetchall()[0]
+    assert got == (id_hash("evt_1"), id_hash("e-\u00e9"))
+
+
+def ids_file(path, rows: list[tuple[str, str, date, int]]):
+    pl.DataFrame(rows, schema=ID_COLUMNS, orient="row").write_parquet(path, **PARQUET)
+    return path
+
+
+def test_a_matching_hash_is_checked_on_the_event_id_and_only_matching_objects_are_read(tmp_path):
+    """Tonight bills e-1 and e-2. Object a holds a true copy of e-1; object b holds another id
+    whose stored hash equals e-2's (a collision, forged here): only e-1's copy is kept. Object c
+    shares no hash with tonight, so its event_ids are never read (its file has none to read)."""
+    con = connection()
+    con.register("settled", pl.DataFrame({"event_id": ["e-1", "e-2", "e-3"],
+                                          "outcome": ["billed", "billed", "duplicate"]}).to_arrow())
+    con.register("gone", pl.DataFrame(schema={"event_id": pl.String}).to_arrow())
+    files = {"a": ids_file(tmp_path / "a.parquet", [("e-1", "a", DAY1, id_hash("e-1")), ("x", "a", DAY1, id_hash("x"))]),
+             "b": ids_file(tmp_path / "b.parquet", [("other", "b", DAY1, id_hash("e-2"))]),
+             "c": tmp_path / "c.parquet"}
+    pl.DataFrame({"id_hash": [id_hash("e-3")], "source_key": ["c"]},
+                 schema={"id_hash": pl.UInt64, "source_key": pl.String}).write_parquet(files["c"])
+    _kept_copies(con, SQL, files)
+    assert con.sql("SELECT * FROM kept_ids").fetchall() == [("e-1", "a", DAY1)]
+
+
+def by_day(rows: list[tuple]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=BY_DAY_COLUMNS, orient="row")
+
+
+def test_the_by_day_table_moves_only_the_groups_tonight_touches():
+    """c1 api on day 1: 5 units (3 events), minus a rewritten event of 2 units, plus 4 units
+    tonight on day 2; c2's only group on day 1 empties; c3 (no dimensions) is carried."""
+    state = by_day([("c1", "api", "{}", DAY1, Decimal("5"), 3), ("c2", "api", "{}", DAY1, Decimal("1"), 1),
+                    ("c3", "api", None, DAY1, Decimal("7"), 2)])
+    moves = by_day([("c1", "api", "{}", DAY1, Decimal("-2"), -1), ("c2", "api", "{}", DAY1, Decimal("-1"), -1),
+                    ("c1", "api", "{}", DAY2, Decimal("4"), 1), ("c3", "api", None, DAY2, Decimal("1"), 1)])
+    assert _moved_by_day(state, moves).rows() == [
+        ("c1", "api", "{}", DAY1, Decimal("3"), 2),       # 5 - 2 units, 3 - 1 events
+        ("c1", "api", "{}", DAY2, Decimal("4"), 1),
+        ("c3", "api", None, DAY1, Decimal("7"), 2),
+        ("c3", "api", None, DAY2, Decimal("1"), 1),
+    ]
+
+
+def test_the_per_event_table_drops_what_left_and_adds_what_entered():
+    at = datetime(2026, 10, 1, 12, tzinfo=timezone.utc)
+    state = pl.DataFrame([("c1", "img", "{}", Decimal("1"), "e-1", at), ("c1", "img", "{}", Decimal("2"), "e-2", at)],
+                         schema=EVENT_COLUMNS, orient="row")
+    entering = pl.DataFrame([("c1", "img", "{}", Decimal("3"), "e-2", at), ("c0", "img", "{}", Decimal("1"), "e-9", at)],
+                            schema=EVENT_COLUMNS, orient="row")
+    moved = _moved_events(state, pl.DataFrame({"event_id": ["e-2"]}), entering)
+    assert moved.select("customer_id", "event_id", "quantity").rows() == [
+        ("c0", "e-9", Decimal("1")), ("c1", "e-1", Decimal("1")), ("c1", "e-2", Decimal("3"))]
