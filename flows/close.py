@@ -320,10 +320,12 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
 
     invoices = [replace(inv, run_id=run_id) for inv in invoices]
     write("invoices.parquet", invoices_table(invoices))
-    write("invoice_lines.parquet", lines_table(invoices))
+    lines = lines_table(invoices)
+    write("invoice_lines.parquet", lines)
     write("usage_summary.parquet", settlement.usage_by_dims)
-    write("margins.parquet", margins_table(lines_table(invoices), settlement.usage_by_day,
-                                           segment_plans(reference.segments), costs[0], period))
+    write("margins.parquet", margins_table(lines, settlement.usage_by_day, segment_plans(reference.segments),
+                                           costs[0], period))
+    del lines
     quarantine = quarantine_table(settlement, normalized)
     write("quarantine.parquet", quarantine)
     spend = {inv.subscription_id: sum(l.amount_minor for l in inv.lines if l.kind in ("usage", "overage"))

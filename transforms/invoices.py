@@ -292,32 +292,60 @@ def invoices_table(invoices: list[Invoice]) -> pl.DataFrame:
          for i in invoices], schema=INVOICE_SCHEMA)
 
 
-def _opt_text(value: Decimal | None) -> str | None:
-    return None if value is None else decimal_text(value)
-
-
 def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
-    """One row per invoice line, numbered from 1 within its invoice."""
-    rows = []
-    for inv in invoices:
-        for no, line in enumerate(inv.lines, start=1):
-            rows.append({
-                "invoice_id": inv.invoice_id, "line_no": no, "customer_id": inv.customer_id,
-                "subscription_id": inv.subscription_id, "period": inv.period, "kind": line.kind,
-                "description": line.description, "meter": line.meter, "quantity": decimal_text(line.quantity),
-                "unit": line.unit, "amount_minor": line.amount_minor, "currency": inv.currency,
-                "segment_no": line.segment_no, "plan": line.plan, "plan_version": line.plan_version,
-                "group": json.dumps(line.group, sort_keys=True) if line.group else None,
-                "filter": json.dumps(line.filter, sort_keys=True) if line.filter else None,
-                "total_units": _opt_text(line.total_units), "included_units": _opt_text(line.included_units),
-                "amount": _opt_text(line.amount),
-                "details": json.dumps([s.as_dict() for s in line.steps]) if line.steps else None,
-                "adjusts_kind": line.adjusts_kind, "adjusts_description": line.adjusts_description,
-                "old_quantity": _opt_text(line.old_quantity),
-                "new_quantity": _opt_text(line.new_quantity), "old_amount_minor": line.old_amount_minor,
-                "new_amount_minor": line.new_amount_minor,
-            })
-    return pl.DataFrame(rows, schema=LINE_SCHEMA)
+    """One row per invoice line, numbered from 1 within its invoice.
+
+    Built column by column from flat comprehensions: no per-line row objects (a million small
+    containers keep Python's cycle collector walking the whole heap), and texts that repeat
+    across invoices (filters, groups, the tier details of equal ratings) are formatted once."""
+    jsons: dict = {}
+
+    def as_json(mapping: dict) -> str | None:
+        if not mapping:
+            return None
+        key = tuple(mapping.items())
+        out = jsons.get(key)
+        if out is None:
+            out = jsons[key] = json.dumps(mapping, sort_keys=True)
+        return out
+
+    details_of: dict = {}
+
+    def details(steps: tuple[Step, ...]) -> str | None:
+        if not steps:
+            return None
+        out = details_of.get(steps)
+        if out is None:
+            out = details_of[steps] = json.dumps([s.as_dict() for s in steps])
+        return out
+
+    lines = [line for inv in invoices for line in inv.lines]
+
+    def per_invoice(name: str) -> list:
+        return [getattr(inv, name) for inv in invoices for _ in inv.lines]
+
+    def per_line(name: str) -> list:
+        return [getattr(line, name) for line in lines]
+
+    def texts(name: str) -> list:
+        return [None if v is None else decimal_text(v) for v in per_line(name)]
+
+    columns = {
+        "invoice_id": per_invoice("invoice_id"),
+        "line_no": [no for inv in invoices for no in range(1, len(inv.lines) + 1)],
+        "customer_id": per_invoice("customer_id"), "subscription_id": per_invoice("subscription_id"),
+        "period": per_invoice("period"), "kind": per_line("kind"), "description": per_line("description"),
+        "meter": per_line("meter"), "quantity": texts("quantity"), "unit": per_line("unit"),
+        "amount_minor": per_line("amount_minor"), "currency": per_invoice("currency"),
+        "segment_no": per_line("segment_no"), "plan": per_line("plan"), "plan_version": per_line("plan_version"),
+        "group": [as_json(line.group) for line in lines], "filter": [as_json(line.filter) for line in lines],
+        "total_units": texts("total_units"), "included_units": texts("included_units"), "amount": texts("amount"),
+        "details": [details(line.steps) for line in lines],
+        "adjusts_kind": per_line("adjusts_kind"), "adjusts_description": per_line("adjusts_description"),
+        "old_quantity": texts("old_quantity"), "new_quantity": texts("new_quantity"),
+        "old_amount_minor": per_line("old_amount_minor"), "new_amount_minor": per_line("new_amount_minor"),
+    }
+    return pl.DataFrame(columns, schema=LINE_SCHEMA)
 
 
 def apply_credits(usage: dict[tuple[str, int], SegmentUsage], billable: dict[tuple, Decimal],

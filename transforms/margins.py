@@ -21,7 +21,6 @@ a plan sold on credits that row carries most of the revenue: credits are bought,
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
@@ -29,7 +28,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 import polars as pl
 
 from transforms.errors import InputError
-from transforms.money import decimal_text, is_known_currency, to_minor
+from transforms.money import is_known_currency, to_minor
 from transforms.periods import Period
 from transforms.plans import IDENTIFIER
 
@@ -207,52 +206,109 @@ def margins_table(lines: pl.DataFrame, usage: pl.DataFrame, segments: pl.DataFra
     `cost_minor` (and so the margin) is empty where the cost file prices only part of the row's
     usage or none of it: an unknown cost is not a zero cost. `margin_pct` is the margin as a
     percent of revenue, one decimal, empty without revenue.
+
+    Revenue and units are summed in Polars; Python only looks up the cost in force once per
+    distinct meter x dims x currency x day, and multiplies once per row and cost.
     """
-    seg_rows = list(segments.iter_rows(named=True))
-    of_segment = {(r["subscription_id"], r["segment_no"]): r for r in seg_rows}
-    last_segment = {r["subscription_id"]: r for r in sorted(seg_rows, key=lambda r: r["segment_no"])}
+    segs = segments.select(pl.col("subscription_id").cast(pl.String), pl.col("segment_no").cast(pl.Int64),
+                           pl.col("customer_id").cast(pl.String), pl.col("plan").cast(pl.String),
+                           pl.col("plan_version").cast(pl.Int64), pl.col("currency").cast(pl.String))
+    revenue = _revenue(lines, segs)
+    billed = _billed_units(usage, segs, costs, period)
+    rows = (revenue.join(billed, on=MARGIN_KEY, how="full", coalesce=True, nulls_equal=True)
+            .with_columns(pl.col("revenue_minor").fill_null(0))
+            .with_columns(pl.when(pl.col("meter").is_null()).then(pl.lit(None, dtype=pl.String))
+                          .otherwise(_decimal_text(pl.col("units"))).fill_null(pl.when(pl.col("meter").is_not_null())
+                                                                               .then(pl.lit("0"))).alias("units"),
+                          pl.when(pl.col("meter").is_null() | pl.col("priced").is_null()).then(pl.lit(0, dtype=pl.Int64))
+                          .otherwise(pl.col("cost_minor")).alias("cost_minor")))
+    rows = (rows.with_columns((pl.col("revenue_minor") - pl.col("cost_minor")).alias("margin_minor"))
+            .with_columns(_margin_pct(pl.col("margin_minor"), pl.col("revenue_minor")).alias("margin_pct"),
+                          pl.lit(str(period)).alias("period"))
+            .sort(pl.col("customer_id"), pl.col("plan").fill_null(""), pl.col("plan_version").fill_null(0),
+                  pl.col("meter").fill_null(""), pl.col("currency")))
+    return rows.select([pl.col(c).cast(t) for c, t in MARGINS_SCHEMA.items()])
 
-    revenue: dict[tuple, int] = defaultdict(int)
-    for line in lines.iter_rows(named=True):
-        seg = of_segment.get((line["subscription_id"], line["segment_no"])) or last_segment.get(line["subscription_id"])
-        plan, version = (line["plan"], line["plan_version"]) if line["plan"] is not None else (
-            (seg["plan"], seg["plan_version"]) if seg else (None, None))
-        revenue[(line["customer_id"], plan, version, line["meter"], line["currency"])] += line["amount_minor"]
 
-    units: dict[tuple, Decimal] = defaultdict(Decimal)
-    cost: dict[tuple, Decimal | None] = {}
-    by_day = "day" in usage.columns
-    found_costs: dict[tuple, Cost | None] = {}
-    for sub, seg_no, meter, dims, used, day in usage.select(
-            "subscription_id", "segment_no", "meter", "dims", "units",
-            pl.col("day") if by_day else pl.lit(period.start).alias("day")).iter_rows():
-        seg = of_segment.get((sub, seg_no))
-        if seg is None:
-            continue  # no segment, no invoice: nothing was billed for it
-        key = (seg["customer_id"], seg["plan"], seg["plan_version"], meter, seg["currency"])
-        units[key] += used
-        lookup = (meter, dims, seg["currency"], day)
-        if lookup not in found_costs:  # usage repeats few (meter, dims, day) values many times
-            found_costs[lookup] = costs.in_force(meter, json.loads(dims), seg["currency"], day)
-        found = found_costs[lookup]
-        known = cost.get(key, ZERO)
-        cost[key] = None if found is None or known is None else known + found.cost_of(used)
+MARGIN_KEY = ["customer_id", "plan", "plan_version", "meter", "currency"]
 
-    rows = []
-    for key in set(revenue) | set(units):
-        customer, plan, version, meter, currency = key
-        rev = revenue.get(key, 0)
-        exact = cost.get(key, ZERO) if meter is not None else ZERO
-        cost_minor = None if exact is None else to_minor(exact, currency)
-        margin = None if cost_minor is None else rev - cost_minor
-        rows.append({"customer_id": customer, "period": str(period), "plan": plan, "plan_version": version,
-                     "meter": meter, "currency": currency,
-                     "units": None if meter is None else decimal_text(units.get(key, ZERO)),
-                     "revenue_minor": rev, "cost_minor": cost_minor, "margin_minor": margin,
-                     "margin_pct": margin_pct(margin, rev)})
-    rows.sort(key=lambda r: (r["customer_id"], r["plan"] or "", r["plan_version"] or 0, r["meter"] or "",
-                             r["currency"]))
-    return pl.DataFrame(rows, schema=MARGINS_SCHEMA)
+
+def _revenue(lines: pl.DataFrame, segs: pl.DataFrame) -> pl.DataFrame:
+    """Billed revenue per margins row. A line carries its plan version; one that does not (a
+    top-up, a cap waiver) takes its segment's, else the subscription's last segment's."""
+    last = (segs.sort("segment_no").group_by("subscription_id").agg(pl.all().last())
+            .select("subscription_id", pl.col("plan").alias("_last_plan"), pl.col("plan_version").alias("_last_version")))
+    exact = segs.select("subscription_id", "segment_no", pl.lit(True).alias("_exact"),
+                        pl.col("plan").alias("_seg_plan"), pl.col("plan_version").alias("_seg_version"))
+    frame = lines.select(pl.col("customer_id").cast(pl.String), pl.col("subscription_id").cast(pl.String),
+                         pl.col("segment_no").cast(pl.Int64), pl.col("plan").cast(pl.String),
+                         pl.col("plan_version").cast(pl.Int64), pl.col("meter").cast(pl.String),
+                         pl.col("currency").cast(pl.String), pl.col("amount_minor").cast(pl.Int64))
+    own = pl.col("plan").is_not_null()
+    return (frame.join(exact, on=["subscription_id", "segment_no"], how="left")
+            .join(last, on="subscription_id", how="left")
+            .with_columns(
+                pl.when(own).then(pl.col("plan")).when(pl.col("_exact")).then(pl.col("_seg_plan"))
+                .otherwise(pl.col("_last_plan")).alias("plan"),
+                pl.when(own).then(pl.col("plan_version")).when(pl.col("_exact")).then(pl.col("_seg_version"))
+                .otherwise(pl.col("_last_version")).alias("plan_version"))
+            .group_by(MARGIN_KEY).agg(pl.col("amount_minor").sum().alias("revenue_minor")))
+
+
+def _billed_units(usage: pl.DataFrame, segs: pl.DataFrame, costs: Costs, period: Period) -> pl.DataFrame:
+    """Units and cost per margins row of the usage billed to a known segment (no segment, no
+    invoice: nothing was billed for it). `priced` marks the rows with usage; `cost_minor` is
+    empty where some of their usage has no cost in force.
+
+    The usage (a row per segment x meter x dims x day) is only streamed through: it is summed
+    per segment, meter and cost row before any text of the margins key is attached."""
+    day = pl.col("day") if "day" in usage.columns else pl.lit(period.start, dtype=pl.Date).alias("day")
+    numbered = segs.with_row_index("_segment")
+    used = (usage.lazy().select(pl.col("subscription_id").cast(pl.String), pl.col("segment_no").cast(pl.Int64),
+                                pl.col("meter").cast(pl.String), pl.col("dims").cast(pl.String), "units", day)
+            .join(numbered.lazy().select("subscription_id", "segment_no", "_segment", "currency"),
+                  on=["subscription_id", "segment_no"], how="inner")
+            .drop("subscription_id", "segment_no"))
+    lookups = used.select("meter", "dims", "currency", "day").unique().collect(engine="streaming")
+    found = []
+    for meter, dims, currency, on in lookups.iter_rows():  # usage repeats few (meter, dims, day) values
+        cost = costs.in_force(meter, json.loads(dims), currency, on)
+        found.append(None if cost is None else costs.rows.index(cost))
+    lookups = lookups.with_columns(pl.Series("cost_row", found, dtype=pl.Int64))
+    by_segment = (used.join(lookups.lazy(), on=["meter", "dims", "currency", "day"], how="left", nulls_equal=True)
+                  .group_by("_segment", "meter", "cost_row").agg(pl.col("units").sum())
+                  .collect(engine="streaming"))
+    per_row = (by_segment.join(numbered, on="_segment")
+               .group_by(*MARGIN_KEY, "cost_row").agg(pl.col("units").sum())
+               .group_by(MARGIN_KEY).agg(pl.col("cost_row"), pl.col("units")))
+    cost_minor = []
+    for currency, rows_of_cost, units in per_row.select("currency", "cost_row", "units").iter_rows():
+        if any(r is None for r in rows_of_cost):
+            cost_minor.append(None)
+        else:
+            exact = sum((costs.rows[r].cost_of(u) for r, u in zip(rows_of_cost, units)), ZERO)
+            cost_minor.append(to_minor(exact, currency))
+    return per_row.select(*MARGIN_KEY, pl.col("units").list.sum().alias("units"),
+                          pl.Series("cost_minor", cost_minor, dtype=pl.Int64), pl.lit(True).alias("priced"))
+
+
+def _decimal_text(units: pl.Expr) -> pl.Expr:
+    """`decimal_text` of a Decimal column: plain digits, no trailing zeros (100, 0.5, 0)."""
+    text = units.cast(pl.String)
+    trimmed = pl.when(text.str.contains(".", literal=True)).then(
+        text.str.strip_chars_end("0").str.strip_chars_end(".")).otherwise(text)
+    return pl.when(trimmed == "-0").then(pl.lit("0")).otherwise(trimmed)
+
+
+def _margin_pct(margin: pl.Expr, revenue: pl.Expr) -> pl.Expr:
+    """`margin_pct` in integers: tenths of a percent = margin x 1000 / revenue, rounded half up
+    (away from zero), as `decimal_text_fixed` rounds."""
+    size, over = margin.abs() * 2000 + revenue.abs(), revenue.abs() * 2
+    tenths = size // over
+    negative = ((margin < 0) != (revenue < 0)) & (tenths > 0)
+    text = (pl.when(negative).then(pl.lit("-")).otherwise(pl.lit(""))
+            + (tenths // 10).cast(pl.String) + pl.lit(".") + (tenths % 10).cast(pl.String))
+    return pl.when(margin.is_null() | (revenue == 0)).then(pl.lit(None, dtype=pl.String)).otherwise(text)
 
 
 def margin_pct(margin_minor: int | None, revenue_minor: int) -> str | None:

@@ -6,10 +6,17 @@ the budget (subscription override, else the plan's `spend_controls.budget`); wit
 usage plans alert at DEFAULT_AMOUNTS of their currency. `hard_cap_reached` fires on the day spend
 reaches the cap. The close and the nightly runs call the same function on the same days, so they
 fire the same alerts; an alert is identified by (customer, period, kind, threshold).
+
+Only subscriptions whose whole-period spend reaches their lowest threshold are replayed. Their
+per-day usage is summed cumulatively in Polars, so rating a day reads each (segment, meter,
+dims)'s units so far instead of re-adding the month; and when every price of the subscription
+can only grow with its units, the day a threshold was crossed is found by bisection.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 
@@ -25,6 +32,12 @@ DEFAULT_AMOUNTS = (Decimal(100), Decimal(1000), Decimal(10000))
 """Alerts for a usage plan with no budget: when spend reaches 100, 1,000 and 10,000 of its currency."""
 
 ZERO = Decimal(0)
+
+MONOTONE_MODELS = frozenset({"standard", "package", "graduated", "graduated_percentage", "percentage"})
+"""Charge models whose amount never falls as units or events are added (prices are checked
+non-negative on load). Volume is not one: crossing a bound reprices every unit, lower."""
+
+USAGE_KEY = ["subscription_id", "segment_no", "meter", "dims"]
 
 
 def thresholds(segment: Segment) -> list[tuple[str, Decimal, str]]:
@@ -45,22 +58,132 @@ def thresholds(segment: Segment) -> list[tuple[str, Decimal, str]]:
     return out
 
 
-def _spend_minor(segments: list[Segment], by_day: dict, per_event: dict, through: date) -> int:
+def _watched(segs: list[Segment]) -> list[tuple[str, int, str]]:
+    """The subscription's thresholds in minor units, lowest first (ties keep their order)."""
+    currency, rounding = segs[-1].plan.plan.currency, segs[-1].plan.plan.rounding
+    return sorted(((kind, to_minor(amount, currency, rounding), label) for kind, amount, label in thresholds(segs[-1])),
+                  key=lambda w: w[1])
+
+
+def _may_alert(segs: list[Segment], final_minor: int) -> bool:
+    """Whether the subscription can fire a spend alert: spend only ever reaches a threshold if
+    the period's whole spend reaches its lowest."""
+    watch = _watched(segs)
+    return bool(watch) and final_minor >= watch[0][1]
+
+
+def _monotone(segs: list[Segment]) -> bool:
+    """Whether spend through a day can only grow with the day: every charge of every segment
+    is priced by a model whose amount never falls as usage is added (allowances only move
+    units from free to billable, and rounding keeps order)."""
+    return all(charge.price.model in MONOTONE_MODELS for seg in segs for charge in seg.plan.plan.charges)
+
+
+@dataclass
+class _SubscriptionUsage:
+    """One subscription's usage as rating a day reads it, per segment: for each (meter, dims),
+    its days with usage and the units and events summed through each of them (units after
+    credits for meters paid with credits); and the per-event quantities, with their days, in
+    the order of the per-event table."""
+
+    by_key: dict[int, dict[tuple[str, str], tuple[list, list, list]]] = field(
+        default_factory=lambda: defaultdict(dict))
+    per_event: dict[int, list[tuple[date, tuple]]] = field(default_factory=lambda: defaultdict(list))
+
+    def segment_usage(self, segment_no: int, through: date) -> SegmentUsage:
+        rows = []
+        for (meter, dims), (days, units, events) in sorted(self.by_key.get(segment_no, {}).items()):
+            i = bisect_right(days, through)
+            if i:
+                rows.append((meter, dims, units[i - 1], events[i - 1]))
+        return SegmentUsage(tuple(rows), tuple(e for day, e in self.per_event.get(segment_no, ()) if day <= through))
+
+
+def _spend_minor(segments: list[Segment], usage: _SubscriptionUsage, through: date) -> int:
     """Usage charges of the subscription for its usage up to and including `through`."""
     total = 0
     allowance_used: dict[tuple, Decimal] = {}
     for seg in segments:
-        rows: dict[tuple, list] = {}
-        for (meter, dims, day), (units, events) in by_day.get(seg.segment_no, {}).items():
-            if day <= through:
-                acc = rows.setdefault((meter, dims), [ZERO, 0])
-                acc[0] += units
-                acc[1] += events
-        usage = SegmentUsage(tuple((m, d, u, n) for (m, d), (u, n) in sorted(rows.items())),
-                             tuple((m, d, q) for m, d, q, day in per_event.get(seg.segment_no, ()) if day <= through))
-        total += sum(l.amount_minor for l in charge_lines(seg, usage, "", allowance_used)
+        total += sum(l.amount_minor for l in charge_lines(seg, usage.segment_usage(seg.segment_no, through), "",
+                                                          allowance_used)
                      if l.kind in ("usage", "overage"))
     return total
+
+
+def _usage_from(usage_by_day: pl.DataFrame, per_event_usage: pl.DataFrame, since: dict[str, date],
+                billable_by_day: dict[tuple, Decimal], credit_meters: set[tuple[str, int, str]]
+                ) -> dict[str, _SubscriptionUsage]:
+    """The usage of the subscriptions of `since`, for rating any day on or after their day in
+    `since`: units and events are summed per (segment, meter, dims) through each day in Polars,
+    and of the days before `since` only each key's last is kept (it carries the sums so far).
+
+    Units of meters paid with credits are the units the wallet left (`billable_by_day`, which
+    the wallet replay computed with Decimal division): they are summed here in Python, in day
+    order, as rating them one day at a time would."""
+    usage: dict[str, _SubscriptionUsage] = defaultdict(_SubscriptionUsage)
+    if not since:
+        return usage
+    sub_dtype = usage_by_day.schema["segment_no"]
+    starts = pl.DataFrame({"subscription_id": list(since), "_from": list(since.values())},
+                          schema={"subscription_id": pl.String, "_from": pl.Date})
+    paid_with_credits = pl.DataFrame(sorted(credit_meters), orient="row",
+                                     schema={"subscription_id": pl.String, "segment_no": sub_dtype,
+                                             "meter": pl.String}).with_columns(pl.lit(True).alias("_credits"))
+    rows = (usage_by_day.lazy().select(*USAGE_KEY, "day", "units", "events")
+            .join(starts.lazy(), on="subscription_id")
+            .join(paid_with_credits.lazy(), on=["subscription_id", "segment_no", "meter"], how="left")
+            .with_columns(pl.col("_credits").fill_null(False))
+            .sort(*USAGE_KEY, "day")
+            .with_columns(pl.col("units").cum_sum().over(USAGE_KEY).alias("units_so_far"),
+                          pl.col("events").cum_sum().over(USAGE_KEY).alias("events_so_far"),
+                          pl.col("day").shift(-1).over(USAGE_KEY).alias("_next"))
+            .filter(pl.col("_credits") | (pl.col("day") >= pl.col("_from")) | pl.col("_next").is_null()
+                    | (pl.col("_next") >= pl.col("_from")))
+            .collect())
+    for sub, seg, meter, dims, day, so_far, events in rows.filter(~pl.col("_credits")).select(
+            *USAGE_KEY, "day", "units_so_far", "events_so_far").iter_rows():
+        days, units, counts = usage[sub].by_key[seg].setdefault((meter, dims), ([], [], []))
+        days.append(day)
+        units.append(so_far)
+        counts.append(events)
+    for sub, seg, meter, dims, day, events in rows.filter(pl.col("_credits")).select(
+            *USAGE_KEY, "day", "events_so_far").iter_rows():
+        days, units, counts = usage[sub].by_key[seg].setdefault((meter, dims), ([], [], []))
+        days.append(day)
+        units.append((units[-1] if units else ZERO) + billable_by_day.get((sub, seg, meter, dims, day), ZERO))
+        counts.append(events)
+    events_of = (per_event_usage.lazy()
+                 .select(*USAGE_KEY, "quantity", pl.col("event_at").dt.date().alias("day"))
+                 .join(starts.lazy().select("subscription_id"), on="subscription_id", how="semi",
+                       maintain_order="left")
+                 .join(paid_with_credits.lazy(), on=["subscription_id", "segment_no", "meter"], how="anti",
+                       maintain_order="left")
+                 .collect())
+    for sub, seg, meter, dims, quantity, day in events_of.iter_rows():
+        usage[sub].per_event[seg].append((day, (meter, dims, quantity)))
+    return usage
+
+
+def _days_with_usage(usage_by_day: pl.DataFrame, subs: list[str]) -> dict[str, list[date]]:
+    """Each subscription's days with usage, in order."""
+    return {sub: days for sub, days in usage_by_day.lazy()
+            .filter(pl.col("subscription_id").is_in(pl.Series(subs, dtype=pl.String)))
+            .group_by("subscription_id").agg(pl.col("day").unique().sort())
+            .collect().iter_rows()}
+
+
+def _with_negative_usage(usage_by_day: pl.DataFrame, per_event_usage: pl.DataFrame) -> set[str]:
+    """Subscriptions with a negative quantity somewhere (settlement quarantines them, but a
+    spend that can fall from one day to the next must be walked, not bisected)."""
+    return (set(usage_by_day.filter(pl.col("units") < 0)["subscription_id"].to_list())
+            | set(per_event_usage.filter(pl.col("quantity") < 0)["subscription_id"].to_list()))
+
+
+def _by_subscription(segments: list[Segment]) -> dict[str, list[Segment]]:
+    by_sub: dict[str, list[Segment]] = defaultdict(list)
+    for seg in segments:
+        by_sub[seg.subscription.subscription_id].append(seg)
+    return by_sub
 
 
 def spend_alerts(period: Period, segments: list[Segment], usage_by_day, per_event_usage,
@@ -71,69 +194,81 @@ def spend_alerts(period: Period, segments: list[Segment], usage_by_day, per_even
     `billable_by_day`: units left after credits by (sub, seg, meter, dims, day) for meters paid
     with credits; `final_spend_minor`: each subscription's usage charges for the whole period
     (a subscription that never reaches its lowest threshold is not replayed day by day)."""
-    by_sub: dict[str, list[Segment]] = defaultdict(list)
-    for seg in segments:
-        by_sub[seg.subscription.subscription_id].append(seg)
-    days: dict[str, dict[int, dict]] = defaultdict(lambda: defaultdict(dict))
-    for sub, seg, meter, dims, day, units, events in usage_by_day.select(
-            "subscription_id", "segment_no", "meter", "dims", "day", "units", "events").iter_rows():
-        if (sub, seg, meter) in credit_meters:
-            units = billable_by_day.get((sub, seg, meter, dims, day), ZERO)
-        days[sub][seg][(meter, dims, day)] = (units, events)
-    per_event: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
-    for sub, seg, meter, dims, quantity, event_at in per_event_usage.select(
-            "subscription_id", "segment_no", "meter", "dims", "quantity", "event_at").iter_rows():
-        if (sub, seg, meter) not in credit_meters:
-            per_event[sub][seg].append((meter, dims, quantity, event_at.date()))
+    by_sub = _by_subscription(segments)
+    replayed = sorted(s for s, segs in by_sub.items() if _may_alert(segs, final_spend_minor.get(s, 0)))
+    day_lists = _days_with_usage(usage_by_day, replayed)
+    usage = _usage_from(usage_by_day, per_event_usage, {s: day_lists[s][0] for s in replayed if s in day_lists},
+                        billable_by_day, credit_meters)
+    falling = _with_negative_usage(usage_by_day, per_event_usage)
     alerts = []
-    for sub_id in sorted(by_sub):
-        day_list = sorted({d for seg_days in days[sub_id].values() for (_, _, d) in seg_days})
-        alerts += _crossings(period, by_sub[sub_id], day_list, final_spend_minor.get(sub_id, 0),
-                             lambda day, s=sub_id: _spend_minor(by_sub[s], days[s], per_event[s], day))
+    for sub_id in replayed:
+        segs, rated = by_sub[sub_id], {}
+
+        def spend_through(day: date, segs=segs, usage=usage[sub_id], rated=rated) -> int:
+            if day not in rated:
+                rated[day] = _spend_minor(segs, usage, day)
+            return rated[day]
+
+        alerts += _crossings(period, segs, day_lists.get(sub_id, []), final_spend_minor.get(sub_id, 0),
+                             spend_through, bisect=_monotone(segs) and sub_id not in falling)
     return alerts
 
 
-def _crossings(period: Period, segs: list[Segment], day_list: list[date], final_minor: int, spend_through) -> list[Alert]:
+def _crossings(period: Period, segs: list[Segment], day_list: list[date], final_minor: int, spend_through,
+               bisect: bool = False) -> list[Alert]:
     """The spend alerts of one subscription: its days with usage in order, each threshold firing
-    on the first day whose spend so far (`spend_through(day)`) reaches it, lowest first."""
-    watch = thresholds(segs[-1])
-    if not watch:
+    on the first day whose spend so far (`spend_through(day)`) reaches it, lowest first.
+
+    With `bisect` (spend never falls from one day to the next) the last day tells which
+    thresholds are crossed at all, and each crossing day is searched for (`_first_reaching`),
+    rating a few days instead of every day up to the last crossing."""
+    if not _may_alert(segs, final_minor):
         return []
-    currency, rounding = segs[-1].plan.plan.currency, segs[-1].plan.plan.rounding
-    watch = [(kind, to_minor(amount, currency, rounding), label) for kind, amount, label in watch]
-    if final_minor < min(minor for _, minor, _ in watch):
-        return []
-    alerts = []
+    currency = segs[-1].plan.plan.currency
     sub = segs[-1].subscription
-    pending = sorted(watch, key=lambda w: w[1])
-    for day in day_list:
-        spend = spend_through(day)
-        while pending and spend >= pending[0][1]:
-            kind, minor, label = pending.pop(0)
-            amount, spent = from_minor(minor, currency), from_minor(spend, currency)
-            alerts.append(Alert(sub.customer_id, sub.subscription_id, str(period), kind, decimal_text(amount),
-                                decimal_text(spent), day,
-                                f"Spend {decimal_text(spent)} {currency} reached {label} on {day}"))
-        if not pending:
-            break
+    crossed: list[tuple[tuple[str, int, str], date, int]] = []
+    pending = _watched(segs)
+    if bisect:
+        first = 0  # thresholds are sorted, so each crossing is on or after the one before
+        for watch in pending:
+            if not day_list or spend_through(day_list[-1]) < watch[1]:
+                break
+            first = _first_reaching(day_list, first, watch[1], spend_through)
+            crossed.append((watch, day_list[first], spend_through(day_list[first])))
+    else:
+        for day in day_list:
+            spend = spend_through(day)
+            while pending and spend >= pending[0][1]:
+                crossed.append((pending.pop(0), day, spend))
+            if not pending:
+                break
+    alerts = []
+    for (kind, minor, label), day, spend in crossed:
+        amount, spent = from_minor(minor, currency), from_minor(spend, currency)
+        alerts.append(Alert(sub.customer_id, sub.subscription_id, str(period), kind, decimal_text(amount),
+                            decimal_text(spent), day, f"Spend {decimal_text(spent)} {currency} reached {label} on {day}"))
     return alerts
 
 
-def _usage_of(by_day_rows, per_event_rows, billable_by_day: dict[tuple, Decimal],
-              credit_meters: set[tuple[str, int, str]]) -> tuple[dict, dict]:
-    """One subscription's usage as `_spend_minor` reads it: per segment, units and events by
-    (meter, dims, day) (units after credits for meters paid with credits), and the per-event
-    quantities of meters not paid with credits."""
-    days: dict[int, dict] = defaultdict(dict)
-    for sub, seg, meter, dims, day, units, events in by_day_rows:
-        if (sub, seg, meter) in credit_meters:
-            units = billable_by_day.get((sub, seg, meter, dims, day), ZERO)
-        days[seg][(meter, dims, day)] = (units, events)
-    per_event: dict[int, list] = defaultdict(list)
-    for sub, seg, meter, dims, quantity, event_at in per_event_rows:
-        if (sub, seg, meter) not in credit_meters:
-            per_event[seg].append((meter, dims, quantity, event_at.date()))
-    return days, per_event
+def _first_reaching(day_list: list[date], start: int, minor: int, spend_through) -> int:
+    """The index of the first day from `start` whose spend reaches `minor`, when spend never
+    falls and the last day's reaches it: gallop from `start` (crossings are often close
+    together, early in the month), then bisect the last stride."""
+    if spend_through(day_list[start]) >= minor:
+        return start
+    low, high, stride = start, len(day_list) - 1, 1  # spend at low is below, at high reaches it
+    while low + stride < high:
+        if spend_through(day_list[low + stride]) >= minor:
+            high = low + stride
+            break
+        low, stride = low + stride, stride * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if spend_through(day_list[middle]) >= minor:
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def spend_alerts_resumed(period: Period, segments: list[Segment], usage_by_day, per_event_usage,
@@ -146,33 +281,44 @@ def spend_alerts_resumed(period: Period, segments: list[Segment], usage_by_day, 
     Spend through a day depends only on the usage (and credits drawn) up to that day, so a
     subscription's spend through `day` in `known_spend` still holds when no usage of its
     customer changed on or before that day (`changed_from`: per customer, the first day that
-    changed; None when anything may have). Only the other days are rated again."""
-    by_sub: dict[str, list[Segment]] = defaultdict(list)
-    for seg in segments:
-        by_sub[seg.subscription.subscription_id].append(seg)
-    day_lists = {sub: sorted(days) for sub, days in usage_by_day.group_by("subscription_id").agg(
-        pl.col("day").unique()).iter_rows()}
-    by_day_of = usage_by_day.select("subscription_id", "segment_no", "meter", "dims", "day", "units", "events"
-                                    ).partition_by("subscription_id", as_dict=True)
-    per_event_of = per_event_usage.select("subscription_id", "segment_no", "meter", "dims", "quantity", "event_at"
-                                          ).partition_by("subscription_id", as_dict=True)
+    changed; None when anything may have). Only the other days are rated again, from the usage
+    of their day on (and each key's sums just before it), so a night's cost follows what
+    changed, not the length of the month. Days are walked in order, as every night did, so the
+    spend handed to the next night covers the same days."""
+    by_sub = _by_subscription(segments)
+    replayed = sorted(s for s, segs in by_sub.items() if _may_alert(segs, final_spend_minor.get(s, 0)))
+    day_lists = _days_with_usage(usage_by_day, replayed)
+
+    def still_known(sub_id: str, day: date) -> bool:
+        customer = by_sub[sub_id][-1].subscription.customer_id
+        changed = date.min if changed_from is None else changed_from.get(customer, date.max)
+        return day < changed and (sub_id, day) in known_spend
+
+    # first pass: where each walk leaves what the last night knew (None: it never does)
+    rate_from: dict[str, date] = {}
+    for sub_id in replayed:
+        first_unknown: list[date] = []
+
+        def from_known(day: date, sub_id=sub_id, first_unknown=first_unknown) -> int:
+            if not first_unknown and still_known(sub_id, day):
+                return known_spend[(sub_id, day)]
+            first_unknown.append(day)
+            return -1  # below every threshold: the walk goes on to the next day, unrated
+        _crossings(period, by_sub[sub_id], day_lists.get(sub_id, []), final_spend_minor.get(sub_id, 0), from_known)
+        if first_unknown:
+            rate_from[sub_id] = first_unknown[0]
+    usage = _usage_from(usage_by_day, per_event_usage, rate_from, billable_by_day, credit_meters)
+
     spend: dict[tuple[str, date], int] = {}
     alerts = []
-    for sub_id in sorted(by_sub):
+    for sub_id in replayed:
         segs = by_sub[sub_id]
-        customer = segs[-1].subscription.customer_id
-        changed = date.min if changed_from is None else changed_from.get(customer, date.max)
-        usage: list = []  # the subscription's usage as _spend_minor reads it, built the first time a day is rated
 
-        def spend_through(day: date, sub_id=sub_id, segs=segs, changed=changed, usage=usage) -> int:
-            if day < changed and (sub_id, day) in known_spend:
+        def spend_through(day: date, sub_id=sub_id, segs=segs) -> int:
+            if still_known(sub_id, day):
                 spend[(sub_id, day)] = known_spend[(sub_id, day)]
             else:
-                if not usage:
-                    usage.extend(_usage_of(by_day_of[(sub_id,)].iter_rows() if (sub_id,) in by_day_of else (),
-                                           per_event_of[(sub_id,)].iter_rows() if (sub_id,) in per_event_of else (),
-                                           billable_by_day, credit_meters))
-                spend[(sub_id, day)] = _spend_minor(segs, usage[0], usage[1], day)
+                spend[(sub_id, day)] = _spend_minor(segs, usage[sub_id], day)
             return spend[(sub_id, day)]
 
         alerts += _crossings(period, segs, day_lists.get(sub_id, []), final_spend_minor.get(sub_id, 0), spend_through)

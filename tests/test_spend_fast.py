@@ -1,0 +1,211 @@
+"""Spend alerts fired from pre-summed usage, bisected where spend cannot fall, equal the plain
+replay: every day with usage rated from scratch, in order, each threshold on its first day."""
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from decimal import Decimal as D
+
+import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import transforms.spend as spend
+from transforms.invoices import SegmentUsage, charge_lines
+from transforms.money import decimal_text, from_minor, to_minor
+from transforms.periods import Period
+from transforms.plans import Catalog, parse_plan
+from transforms.reference import Subscription, segments_in
+from transforms.spend import spend_alerts, spend_alerts_resumed, thresholds
+
+PERIOD = Period.parse("2026-10")
+ZERO = D(0)
+
+MIX = """plan: mix
+version: 1
+effective_from: 2026-01-01
+currency: USD
+charges:
+  - {name: Tokens, meter: tokens, group_by: [region],
+     price: {model: graduated, tiers: [{up_to: 100, unit_price: "0.05"}, {up_to: null, unit_price: "0.02"}]}}
+  - {name: Calls, meter: calls, included: 15, price: {model: package, package_size: 10, package_price: "0.50"}}
+  - {name: Payments, meter: pay,
+     price: {model: percentage, rate: "2", fixed_fee: "0.10", free_events: 2, min_fee: "0.15"}}
+"""
+VOLUME = """plan: vol
+version: 1
+effective_from: 2026-01-01
+currency: USD
+charges:
+  - {name: Tokens, meter: tokens,
+     price: {model: volume, tiers: [{up_to: 100, unit_price: "1.20"}, {up_to: null, unit_price: "0.10"}]}}
+"""
+CATALOG = Catalog.from_files([parse_plan(MIX, "mix-v1.yaml"), parse_plan(VOLUME, "vol-v1.yaml")])
+KEYS = (("tokens", '{"region": "eu"}'), ("tokens", '{"region": "us"}'), ("calls", "{}"), ("pay", "{}"))
+BY_DAY = {"subscription_id": pl.String, "segment_no": pl.Int32, "meter": pl.String, "dims": pl.String,
+          "day": pl.Date, "units": pl.Decimal(38, 9), "events": pl.Int64}
+PER_EVENT = {"subscription_id": pl.String, "segment_no": pl.Int32, "meter": pl.String, "dims": pl.String,
+             "quantity": pl.Decimal(38, 9), "event_at": pl.Datetime("us", "UTC")}
+
+
+def subscription(sid: str, plan: str = "mix", budget: str | None = "10.00", cap: str | None = "12.00") -> Subscription:
+    return Subscription(sid, "c-" + sid, plan, None, date(2026, 1, 1), None, D(budget) if budget else None,
+                        D(cap) if cap else None, 1)
+
+
+def plain_replay(segments, rows, events, billable, credit_meters, final) -> list[tuple]:
+    """The rule, spelled out: each day with usage, every row through that day summed again."""
+    by_sub: dict[str, list] = {}
+    for seg in segments:
+        by_sub.setdefault(seg.subscription.subscription_id, []).append(seg)
+    fired = []
+    for sub in sorted(by_sub):
+        segs = by_sub[sub]
+        plan = segs[-1].plan.plan
+        watch = sorted(((k, to_minor(a, plan.currency, plan.rounding), label) for k, a, label in thresholds(segs[-1])),
+                       key=lambda w: w[1])
+        if not watch or final.get(sub, 0) < watch[0][1]:
+            continue
+        for day in sorted({r[4] for r in rows if r[0] == sub}):
+            total, used = 0, {}
+            for seg in segs:
+                sums: dict[tuple, list] = {}
+                for s, n, meter, dims, on, units, count in rows:
+                    if (s, n) == (sub, seg.segment_no) and on <= day:
+                        if (s, n, meter) in credit_meters:
+                            units = billable.get((s, n, meter, dims, on), ZERO)
+                        acc = sums.setdefault((meter, dims), [ZERO, 0])
+                        acc[0] += units
+                        acc[1] += count
+                usage = SegmentUsage(tuple((m, d, u, c) for (m, d), (u, c) in sorted(sums.items())),
+                                     tuple((m, d, q) for s, n, m, d, q, at in events
+                                           if (s, n) == (sub, seg.segment_no) and at.date() <= day
+                                           and (s, n, m) not in credit_meters))
+                total += sum(l.amount_minor for l in charge_lines(seg, usage, "", used) if l.kind in ("usage", "overage"))
+            while watch and total >= watch[0][1]:
+                kind, minor, _ = watch.pop(0)
+                fired.append((sub, kind, decimal_text(from_minor(minor, plan.currency)),
+                              decimal_text(from_minor(total, plan.currency)), day))
+            if not watch:
+                break
+    return fired
+
+
+def as_fired(alerts) -> list[tuple]:
+    return [(a.subscription_id, a.kind, a.threshold, a.value, a.occurred_on) for a in alerts]
+
+
+@st.composite
+def months(draw):
+    """Usage of a few subscriptions over a few days: by-day rows, and the events of `pay`."""
+    subs = [subscription(f"s{i}", budget=draw(st.sampled_from(["2.00", "10.00", None])),
+                         cap=draw(st.sampled_from(["12.00", None])))
+            for i in range(draw(st.integers(1, 3)))]
+    rows, events, billable, credit = [], [], {}, set()
+    for sub in subs:
+        sid = sub.subscription_id
+        if draw(st.booleans()):
+            credit.add((sid, 1, "calls"))
+        for day in sorted(draw(st.sets(st.integers(1, 12), min_size=1, max_size=8))):
+            on = date(2026, 10, day)
+            for meter, dims in draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=4, unique=True)):
+                if meter == "pay":
+                    amounts = draw(st.lists(st.integers(1, 400), min_size=1, max_size=3))
+                    events += [(sid, 1, meter, dims, D(a), datetime(2026, 10, day, i, tzinfo=timezone.utc))
+                               for i, a in enumerate(amounts)]
+                    rows.append((sid, 1, meter, dims, on, D(sum(amounts)), len(amounts)))
+                else:
+                    units = draw(st.integers(0, 300))
+                    rows.append((sid, 1, meter, dims, on, D(units), draw(st.integers(1, 3))))
+                    if meter == "calls":
+                        billable[(sid, 1, meter, dims, on)] = D(draw(st.integers(0, units))) / 4
+    final = {s.subscription_id: draw(st.sampled_from([0, 10**9])) for s in subs}
+    return subs, rows, sorted(events, key=lambda e: (e[0], e[1], e[2], e[5])), billable, credit, final
+
+
+def frames(rows, events):
+    return (pl.DataFrame(sorted(rows), schema=BY_DAY, orient="row"),
+            pl.DataFrame(events, schema=PER_EVENT, orient="row"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(month=months())
+def test_fast_alerts_equal_the_plain_replay(month):
+    subs, rows, events, billable, credit, final = month
+    segments = segments_in(PERIOD, subs, CATALOG)
+    by_day, per_event = frames(rows, events)
+    expected = plain_replay(segments, rows, events, billable, credit, final)
+    assert as_fired(spend_alerts(PERIOD, segments, by_day, per_event, billable, credit, final)) == expected
+    resumed, _ = spend_alerts_resumed(PERIOD, segments, by_day, per_event, billable, credit, final, {}, None)
+    assert as_fired(resumed) == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(month=months(), changed_day=st.integers(1, 13))
+def test_a_resumed_night_fires_the_full_replays_alerts_and_hands_on_the_same_days(month, changed_day):
+    subs, rows, events, billable, credit, final = month
+    segments = segments_in(PERIOD, subs, CATALOG)
+    by_day, per_event = frames(rows, events)
+    full, full_spend = spend_alerts_resumed(PERIOD, segments, by_day, per_event, billable, credit, final, {}, None)
+    changed = date(2026, 10, changed_day)
+    known = {k: v for k, v in full_spend.items() if k[1] < changed}
+    resumed, resumed_spend = spend_alerts_resumed(PERIOD, segments, by_day, per_event, billable, credit, final,
+                                                  known, {s.customer_id: changed for s in subs})
+    assert resumed == full
+    assert resumed_spend == full_spend
+
+
+def test_volume_pricing_is_walked_day_by_day_not_bisected():
+    """Volume at 1.20 up to 100, then 0.10 for every unit: 100 units cost 120.00 (Oct 1), 300
+    cost 30.00 (Oct 2), 301 cost 30.10 (Oct 3), 2,301 cost 230.10 (Oct 4). The 100 USD alert
+    fires on Oct 1; a bisection would look at Oct 2 and 3, see 30, and answer Oct 4."""
+    segments = segments_in(PERIOD, [subscription("v", plan="vol", budget=None, cap=None)], CATALOG)
+    rows = [("v", 1, "tokens", "{}", date(2026, 10, d), D(u), 1) for d, u in ((1, 100), (2, 200), (3, 1), (4, 2000))]
+    by_day, per_event = frames(rows, [])
+    alerts = spend_alerts(PERIOD, segments, by_day, per_event, {}, set(), {"v": 23010})
+    assert [(a.threshold, a.value, a.occurred_on) for a in alerts] == [("100", "120", date(2026, 10, 1))]
+
+
+def rated_days(monkeypatch) -> list[date]:
+    days: list[date] = []
+    real = spend._spend_minor
+
+    def counting(segments, usage, through):
+        days.append(through)
+        return real(segments, usage, through)
+    monkeypatch.setattr(spend, "_spend_minor", counting)
+    return days
+
+
+def test_a_subscription_below_its_lowest_threshold_is_not_replayed(monkeypatch):
+    days = rated_days(monkeypatch)
+    segments = segments_in(PERIOD, [subscription("s")], CATALOG)
+    rows = [("s", 1, "tokens", '{"region": "eu"}', date(2026, 10, d), D(1000), 1) for d in range(1, 31)]
+    by_day, per_event = frames(rows, [])
+    assert spend_alerts(PERIOD, segments, by_day, per_event, {}, set(), {"s": 499}) == []  # lowest: 5.00
+    assert days == []
+
+
+def test_a_monotone_month_is_bisected(monkeypatch):
+    """30 days of 100 eu tokens: 100 x 0.05 = 5.00 on Oct 1, then 2.00 a day (0.02 past the first
+    100): 7, 9, 11, 13. Thresholds 5.00, 8.00, 10.00 and the 12.00 cap cross on Oct 1, 3, 4 and 5;
+    the search rates the month's last day, then galloping from Oct 1: Oct 2, 4, 3, 5."""
+    days = rated_days(monkeypatch)
+    segments = segments_in(PERIOD, [subscription("s")], CATALOG)
+    rows = [("s", 1, "tokens", '{"region": "eu"}', date(2026, 10, d), D(100), 1) for d in range(1, 31)]
+    by_day, per_event = frames(rows, [])
+    alerts = spend_alerts(PERIOD, segments, by_day, per_event, {}, set(), {"s": 10**6})
+    assert [(a.threshold, a.value, a.occurred_on.day) for a in alerts] == [
+        ("5", "5", 1), ("8", "9", 3), ("10", "11", 4), ("12", "13", 5)]
+    assert sorted(days) == [date(2026, 10, d) for d in (1, 2, 3, 4, 5, 30)]  # each once, not all 30
+
+
+def test_a_resumed_night_rates_only_the_days_that_changed(monkeypatch):
+    segments = segments_in(PERIOD, [subscription("s", budget="1000.00", cap=None)], CATALOG)
+    rows = [("s", 1, "tokens", '{"region": "eu"}', date(2026, 10, d), D(100), 1) for d in range(1, 29)]
+    by_day, per_event = frames(rows, [])
+    final = {"s": 10**6}
+    _, known = spend_alerts_resumed(PERIOD, segments, by_day, per_event, {}, set(), final, {}, None)
+    days = rated_days(monkeypatch)
+    _, again = spend_alerts_resumed(PERIOD, segments, by_day, per_event, {}, set(), final, known,
+                                    {"c-s": date(2026, 10, 28)})
+    assert days == [date(2026, 10, 28)] and again == known
