@@ -10,14 +10,19 @@ publish, and a close killed before it leaves no manifest, so the period stays op
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import shutil
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import version as package_version
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
+from typing import Iterator
 
 import duckdb
 import polars as pl
@@ -37,18 +42,18 @@ from flows.shards import (Normalized, drop_scratch, local_workers, normalize_sha
 from flows.report import fetch_costs
 from flows.store import open_store
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
-from transforms.credits import (Outcome, Purchase, balances_table, credit_lines, credit_meters, credit_report,
-                               credit_summaries, ledger_table, period_credit_events, purchases_from, wallet_history)
+from transforms.credits import (CreditEvent, Outcome, Purchase, balances_table, credit_lines, credit_meters,
+                               credit_report, credit_summaries, history_grants, ledger_table, purchases_from, replay)
 from transforms.errors import BillrunError, InputError
 from transforms.margins import margins_table, segment_plans
 from transforms.invoices import (Invoice, apply_credits, invoices_table, lines_table, period_invoices,
                                  usage_by_segment)
 from transforms.periods import Period
-from transforms.plans import Catalog, load_catalog
-from transforms.reference import (Segment, Subscription, checked_customers, checked_subscriptions,
+from transforms.plans import Catalog, PlanFile, load_catalog
+from transforms.reference import (Segment, Subscription, checked_customers, checked_subscriptions, plan_on,
                                   segments_in)
 from transforms.revenue import journal, proportional_rates, revenue_rows
-from transforms.settle import Settlement, settled_usage
+from transforms.settle import Settlement, settled_usage, split_at_replay
 from transforms.spend import spend_alerts
 from transforms.usage import normalized_usage
 
@@ -235,13 +240,64 @@ def settle_usage(normalized: Normalized, reference: Reference, catalog: Catalog,
     return settlement
 
 
+CREDIT_EVENT_COLUMNS = ("customer_id", "subscription_id", "segment_no", "event_id", "event_at", "meter", "dims",
+                        "quantity")
+"""The per-event usage columns a CreditEvent is made of, in the order of its fields."""
+
+
+def credit_events_by_customer(per_event_usage: pl.DataFrame, segments: list[Segment]
+                              ) -> Iterator[tuple[str, list[CreditEvent]]]:
+    """Per customer (in customer_id order), the period's billed events that their segment's plan
+    pays with credits: the events of one customer at a time, never a list of millions."""
+    keys = pl.DataFrame(sorted(credit_meters(segments)), orient="row",
+                        schema={"subscription_id": pl.String, "segment_no": pl.Int64, "meter": pl.String})
+    keys = keys.cast({c: per_event_usage.schema[c] for c in keys.columns})
+    rows = (per_event_usage.join(keys, on=list(keys.columns), how="semi", maintain_order="left")
+            .select(pl.col("customer_id").cast(pl.String), *CREDIT_EVENT_COLUMNS[1:])
+            .sort("customer_id", maintain_order=True))  # within a customer, settlement order
+    for customer_id, group in groupby(rows.iter_rows(), key=itemgetter(0)):
+        yield customer_id, [CreditEvent(*row) for row in group]
+
+
+def replayed_wallets(subs: list[Subscription], catalog: Catalog, purchases: list[Purchase],
+                     history: list[CreditEvent], period_events: Iterator[tuple[str, list[CreditEvent]]],
+                     period: Period) -> tuple[Outcome, int]:
+    """`transforms.credits.wallet_history`, fed one customer at a time: each customer's grants,
+    earlier events (`history`) and period events (`period_events`, by customer in customer_id
+    order) replayed through `period`, customers in order. The same entries in the same order as
+    `wallet_history` of all events at once; returns the outcome and the number of events."""
+    grants: dict[str, list] = defaultdict(list)
+    for g in history_grants(subs, catalog, purchases, period):
+        grants[g.customer_id].append(g)
+    earlier: dict[str, list[CreditEvent]] = defaultdict(list)
+    for ev in history:
+        earlier[ev.customer_id].append(ev)
+    subs_by_id = {s.subscription_id: s for s in subs}
+    plan_that_day: dict[tuple[str, object], PlanFile] = {}  # one lookup per subscription and day, not per event
+    outcome, count = Outcome(), 0
+    without_events = ((customer, []) for customer in sorted(set(grants) | set(earlier)))
+    every_customer = heapq.merge(without_events, period_events, key=itemgetter(0))
+    for customer, lists in groupby(every_customer, key=itemgetter(0)):
+        events = earlier.pop(customer, []) + [ev for _, period_list in lists for ev in period_list]
+        plans_of = {}
+        for ev in events:
+            key = (ev.subscription_id, ev.event_at.date())
+            if key not in plan_that_day:
+                plan_that_day[key] = plan_on(subs_by_id[ev.subscription_id], catalog, key[1])
+            plans_of[ev.event_id] = plan_that_day[key]
+        replay(customer, events, grants.pop(customer, []), plans_of, period.end_at, outcome)
+        count += len(events)
+    return outcome, count
+
+
 @task(name="replay-credits", cache_policy=NO_CACHE)
 def replay_credits(settlement: Settlement, reference: Reference, catalog: Catalog, period: Period) -> Outcome:
     """Every wallet from its first grant through the period, in event time."""
     started = time.perf_counter()
-    events = settlement.credit_history + period_credit_events(settlement.per_event_usage, list(reference.segments))
-    outcome = wallet_history(list(reference.subscriptions), catalog, list(reference.purchases), events, period)
-    get_run_logger().info("replay-credits: %d credit events, %d ledger entries in %.2fs", len(events),
+    outcome, events = replayed_wallets(
+        list(reference.subscriptions), catalog, list(reference.purchases), settlement.credit_history,
+        credit_events_by_customer(settlement.per_event_usage, list(reference.segments)), period)
+    get_run_logger().info("replay-credits: %d credit events, %d ledger entries in %.2fs", events,
                           len(outcome.entries), time.perf_counter() - started)
     return outcome
 
@@ -530,7 +586,10 @@ def _close(store: str, catalog: Catalog, period: Period, dask_address: str | Non
             settlement = settle_shards(runner, scratch, shard_keys, reference, catalog, period)
         drop_scratch(scratch)
         fault_point("settled")
-        outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)
+        # the per-event rows of credit meters (millions at 100M events) go to the replay only;
+        # Prefect keeps a task's arguments until the flow ends, so the whole settlement is not one
+        for_replay, settlement = split_at_replay(settlement, credit_meters(list(reference.segments)))
+        outcome = replay_credits(quote(for_replay), quote(reference), quote(catalog), period)
         invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
         fault_point("rated")
         plan_entries = plan_entries_for(reference.segments)

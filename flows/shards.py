@@ -179,8 +179,11 @@ def normalize_batch(store_uri: str, batch: Opaque, scratch: Scratch, shards: int
 
 
 @task(name="settle-usage", cache_policy=NO_CACHE, **IO_RETRIES)
-def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period) -> Settlement:
-    """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past its cap."""
+def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period) -> Opaque:
+    """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past its cap.
+    The Settlement comes back in an Opaque, which `settle_shards` empties once merged: Prefect
+    keeps every task run's result until the flow ends, and the shards' results together are as
+    large as the merged settlement."""
     started = time.perf_counter()
     reference, catalog = context.value
     with tempfile.TemporaryDirectory(prefix=f"billrun-shard{shard:04d}-") as tmp:
@@ -199,7 +202,7 @@ def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque,
     get_run_logger().info("settle-usage: shard %d: read %d, billed %d, duplicates %d, quarantined %d in %.2fs",
                           shard, c["read"], c["billed"], c["duplicates"], c["quarantined"],
                           time.perf_counter() - started)
-    return settlement
+    return Opaque(settlement)
 
 
 WORKERS_ENV = "BILLRUN_WORKERS"
@@ -278,4 +281,7 @@ def settle_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]], re
     context = Opaque((reference, catalog))
     parts = _all(runner, settle_shard, [{"scratch": scratch, "shard": shard, "keys": keys, "context": context,
                                          "period": period} for shard, keys in todo.items()])
-    return merged_settlement(parts)
+    merged = merged_settlement([part.value for part in parts])
+    for part in parts:  # the merged settlement replaces them (Prefect still holds the empty boxes)
+        part.value = None
+    return merged

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import duckdb
@@ -34,6 +34,25 @@ class Settlement:
     usage_by_day: pl.DataFrame
     per_event_usage: pl.DataFrame
     credit_history: list[CreditEvent]
+
+
+def split_at_replay(settlement: Settlement, credit_meters: set[tuple[str, int, str]]
+                    ) -> tuple[Settlement, Settlement]:
+    """The settlement in two: what the wallet replay reads (the per-event rows of meters paid
+    with credits, and the credit history) and what rating and the outputs read (everything
+    else: what the credit rows bill is in the replay's billable units, and rating and spend
+    alerts skip them). Each part holds its own rows once, so that neither keeps the other alive."""
+    keys = pl.DataFrame(sorted(credit_meters), schema={"subscription_id": pl.String, "segment_no": pl.Int64,
+                                                       "meter": pl.String}, orient="row")
+    events = settlement.per_event_usage
+    keys = keys.cast({c: events.schema[c] for c in keys.columns})
+    on = list(keys.columns)
+    for_replay = replace(settlement, quarantine=settlement.quarantine.clear(),
+                         usage_by_dims=settlement.usage_by_dims.clear(), usage_by_day=settlement.usage_by_day.clear(),
+                         per_event_usage=events.join(keys, on=on, how="semi", maintain_order="left"))
+    for_rating = replace(settlement, credit_history=[],
+                         per_event_usage=events.join(keys, on=on, how="anti", maintain_order="left"))
+    return for_replay, for_rating
 
 
 def plan_meters(catalog: Catalog) -> pl.DataFrame:

@@ -1,0 +1,185 @@
+"""Peak RSS, wall and CPU time per close step, measured inside the close's own process.
+
+    python bench/memory_profile.py --store .bench/store-10m --period 2026-10 [--out figures.json]
+
+Runs `close_period` in this process (after removing the store's billing/ folder, as bench/run.py
+does) while a thread samples every 0.1 s: the RSS of this process and of its children (the
+spawned render workers), and which step the close is in (the step entered last; each
+step is timed around its task's body, without Prefect). After settlement it also prints what the
+Settlement's frames take (Polars' estimated size), so a peak can be told apart from the frames.
+The code measured is whatever `flows` and `transforms` import: set PYTHONPATH to a copy of the
+repository to measure another version.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+STEPS = {  # module: (task or function, step)
+    "flows.close": (("fetch_inputs", "fetch-inputs"), ("check_reference", "check-reference"),
+                    ("replay_credits", "replay-credits"), ("rate_invoices", "rate-invoices"),
+                    ("write_outputs", "write-outputs"), ("publish", "publish")),
+    "flows.shards": (("normalize_batch", "normalize-usage"), ("settle_shard", "settle-usage"),
+                     ("merged_settlement", "settle-merge")),
+}
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MB = 1024 * 1024
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def children(pid: int) -> list[int]:
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as fh:
+                    kids = [int(k) for k in fh.read().split()]
+                out += kids
+                frontier += kids
+        except OSError:
+            continue
+    return out
+
+
+def cpu_seconds() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class Sampler(threading.Thread):
+    """Samples RSS every `interval` seconds and adds it to the step the close is in: the step
+    entered last among those running (shard tasks run several at once)."""
+
+    def __init__(self, interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.steps: dict[str, dict] = {}
+        self.active: list[str] = []
+        self.peak = 0
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+
+    def enter(self, step: str) -> None:
+        with self._lock:
+            self.active.append(step)
+            entry = self.steps.setdefault(step, {"wall": 0.0, "cpu": 0.0, "peak": 0, "tree_peak": 0, "open": 0})
+            if entry["open"] == 0:
+                entry["since"], entry["cpu_since"] = time.perf_counter(), cpu_seconds()
+            entry["open"] += 1
+
+    def leave(self, step: str) -> None:
+        with self._lock:
+            self.active.remove(step)
+            entry = self.steps[step]
+            entry["open"] -= 1
+            if entry["open"] == 0:
+                entry["wall"] += time.perf_counter() - entry["since"]
+                entry["cpu"] += cpu_seconds() - entry["cpu_since"]
+
+    def wrap(self, step: str, fn):
+        def measured(*a, **k):
+            self.enter(step)
+            try:
+                return fn(*a, **k)
+            finally:
+                self.leave(step)
+        measured.__name__, measured.__qualname__, measured.__wrapped__ = fn.__name__, fn.__qualname__, fn
+        return measured
+
+    def run(self) -> None:
+        pid = os.getpid()
+        while not self._halt.wait(self.interval):
+            rss = rss_bytes(pid)
+            tree = rss + sum(rss_bytes(k) for k in children(pid))
+            self.peak = max(self.peak, tree)
+            with self._lock:
+                step = self.active[-1] if self.active else "(between steps)"
+                entry = self.steps.setdefault(step, {"wall": 0.0, "cpu": 0.0, "peak": 0, "tree_peak": 0, "open": 0})
+                entry["peak"] = max(entry["peak"], rss)
+                entry["tree_peak"] = max(entry["tree_peak"], tree)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def frame_sizes(settlement) -> dict[str, float]:
+    sizes = {name: getattr(settlement, name).estimated_size() / MB
+             for name in ("quarantine", "usage_by_dims", "usage_by_day", "per_event_usage")}
+    sizes["per_event_rows"] = settlement.per_event_usage.height
+    sizes["usage_by_day_rows"] = settlement.usage_by_day.height
+    sizes["credit_history_events"] = len(settlement.credit_history)
+    return sizes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", type=Path, required=True)
+    ap.add_argument("--period", required=True)
+    ap.add_argument("--plans", type=Path, default=Path(__file__).resolve().parent.parent / "plans")
+    ap.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    args = ap.parse_args()
+    shutil.rmtree(args.store / "billing", ignore_errors=True)
+
+    import importlib
+
+    import flows.close as close
+
+    sampler = Sampler()
+    for module_name, steps in STEPS.items():
+        module = importlib.import_module(module_name)
+        for attr, step in steps:
+            target = getattr(module, attr)
+            if hasattr(target, "fn"):  # a Prefect task: time its body, not Prefect around it
+                target.fn = sampler.wrap(step, target.fn)
+            else:
+                setattr(module, attr, sampler.wrap(step, target))
+
+    settled = {}
+    settle_shards = close.settle_shards
+
+    def measured_settle_shards(*a, **k):
+        settlement = settle_shards(*a, **k)
+        settled.update(frame_sizes(settlement))
+        return settlement
+
+    close.settle_shards = measured_settle_shards
+    started, cpu0 = time.perf_counter(), cpu_seconds()
+    sampler.start()
+    result = close.close_period(store=str(args.store.resolve()), plans=str(args.plans.resolve()), period=args.period)
+    sampler.stop()
+    wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu0
+
+    print(f"\nclose {result['status']} {result['run_id']}: {wall:.1f} s wall, {cpu:.1f} s CPU, "
+          f"peak RSS (with workers) {sampler.peak / MB:,.0f} MB, ru_maxrss "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+    print(f"{'step':18s} {'wall s':>8s} {'CPU s':>8s} {'peak MB':>9s} {'w/ workers':>11s}")
+    rows = []
+    for step, e in sampler.steps.items():
+        row = {"step": step, "wall_s": round(e["wall"], 1), "cpu_s": round(e["cpu"], 1),
+               "peak_mb": round(e["peak"] / MB), "tree_peak_mb": round(e["tree_peak"] / MB)}
+        rows.append(row)
+        print(f"{step:18s} {row['wall_s']:8.1f} {row['cpu_s']:8.1f} {row['peak_mb']:9,} {row['tree_peak_mb']:11,}")
+    print("settlement frames (MB, rows):", json.dumps({k: round(v, 1) for k, v in settled.items()}))
+    if args.out:
+        args.out.write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_mb": sampler.peak / MB, "steps": rows,
+                                        "settlement": settled, "run_id": result["run_id"]}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

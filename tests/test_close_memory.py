@@ -1,0 +1,105 @@
+"""The close's large-volume shapes give the results of the simple ones (issue #7).
+
+- The wallet replay fed one customer at a time from the per-event frame equals
+  `wallet_history` of every credit event at once: same ledger, same billable units, same alerts.
+- The settlement splits into the replay's rows (credit meters) and the rest, each row once.
+"""
+from __future__ import annotations
+
+import random
+from datetime import date, timedelta
+from decimal import Decimal as D
+from pathlib import Path
+
+import polars as pl
+
+from creditutil import at, event, purchase, subscription
+from flows.close import credit_events_by_customer, replayed_wallets
+from transforms.credits import credit_meters, period_credit_events, wallet_history
+from transforms.periods import Period
+from transforms.plans import load_catalog
+from transforms.reference import segments_in
+from transforms.settle import Settlement, split_at_replay
+
+PLANS = Path(__file__).resolve().parent.parent / "plans"
+OCT = Period(2026, 10)
+PER_EVENT_SCHEMA = {"subscription_id": pl.String, "segment_no": pl.Int32, "meter": pl.String, "dims": pl.String,
+                    "quantity": pl.Decimal(38, 9), "customer_id": pl.String, "event_id": pl.String,
+                    "event_at": pl.Datetime("us", "UTC")}
+
+
+def world(seed: int, customers: int = 40):
+    """Subscriptions on the repository's plans (credits with top-ups, percentage fees, tokens),
+    started on different days and listed out of order, with credit purchases, events of
+    September (history) and October, of credit and other meters."""
+    rng = random.Random(seed)
+    subs, purchases, history, period_rows = [], [], [], []
+    for n in rng.sample(range(customers), customers):
+        customer = f"cus_{n:03d}"
+        plan_id = rng.choice(["images", "images", "payments", "api"])
+        start = date(2026, rng.choice([8, 9, 10]), rng.randint(1, 28))
+        sub_id = f"sub_{n:03d}"
+        subs.append(subscription(sub_id, customer, plan_id, start=start))
+        if rng.random() < 0.3:
+            purchases.append(purchase(f"p{n}", customer, rng.randint(5, 80), "3.00", at(rng.choice([9, 10]), 5)))
+        meters = {"images": ["images", "upscales"], "payments": ["payments"], "api": ["api_calls"]}[plan_id]
+        for k in range(rng.randint(0, 60)):
+            when = at(10, rng.randint(1, 31), rng.randint(0, 23), rng.randint(0, 59))
+            if rng.random() < 0.25:
+                when -= timedelta(days=31)
+            if when.date() < start:
+                continue
+            meter = rng.choice(meters)
+            quantity = D(rng.randint(1, 400)) if meter != "images" else D(rng.randint(1, 30))
+            ev = event(customer, sub_id, f"evt_{n:03d}_{k:03d}", when, quantity, meter=meter)
+            if when < OCT.start_at:  # the credit history holds only events that drew credits
+                if plan_id == "images":
+                    history.append(ev)
+            else:
+                period_rows.append(ev)
+    return subs, purchases, sorted(history, key=lambda e: e.event_id), period_rows
+
+
+def per_event_frame(events) -> pl.DataFrame:
+    """The settlement's per_event_usage of `events`, in its order (segment, meter, time)."""
+    rows = [(e.subscription_id, e.segment_no, e.meter, e.dims, e.quantity, e.customer_id, e.event_id, e.event_at)
+            for e in events]
+    frame = pl.DataFrame(rows, schema=PER_EVENT_SCHEMA, orient="row")
+    return frame.sort("subscription_id", "segment_no", "meter", "event_at", "event_id")
+
+
+def test_wallets_fed_per_customer_equal_the_replay_of_every_event_at_once():
+    catalog = load_catalog(str(PLANS))
+    for seed in range(5):
+        subs, purchases, history, period_rows = world(seed)
+        segments = segments_in(OCT, subs, catalog)
+        frame = per_event_frame(period_rows)
+        expected = wallet_history(subs, catalog, purchases, history + period_credit_events(frame, segments), OCT)
+        outcome, count = replayed_wallets(subs, catalog, purchases, history,
+                                          credit_events_by_customer(frame, segments), OCT)
+        assert outcome.entries == expected.entries
+        assert outcome.entries, "the scenario replays some wallet"
+        assert dict(outcome.billable_units) == dict(expected.billable_units)
+        assert dict(outcome.billable_by_day) == dict(expected.billable_by_day)
+        assert dict(outcome.blocked_units) == dict(expected.blocked_units)
+        assert outcome.alerts == expected.alerts
+        assert outcome.grants == expected.grants
+        assert count == len(history) + len(period_credit_events(frame, segments))
+
+
+def test_the_settlement_splits_into_the_replays_rows_and_the_rest_each_row_once():
+    catalog = load_catalog(str(PLANS))
+    subs, _, history, period_rows = world(1)
+    segments = segments_in(OCT, subs, catalog)
+    frame = per_event_frame(period_rows)
+    credit = credit_meters(segments)
+    by_day = pl.DataFrame({"subscription_id": ["sub_001"], "units": [D(1)]})
+    settlement = Settlement({"read": 1}, pl.DataFrame(), pl.DataFrame(), by_day, frame, history)
+    for_replay, for_rating = split_at_replay(settlement, credit)
+    assert for_replay.per_event_usage.rows() == [r for r in frame.rows() if (r[0], r[1], r[2]) in credit]
+    assert for_rating.per_event_usage.rows() == [r for r in frame.rows() if (r[0], r[1], r[2]) not in credit]
+    assert "payments" in for_rating.per_event_usage["meter"] and not {"images", "upscales"} & set(
+        for_rating.per_event_usage["meter"])
+    assert for_replay.credit_history == history and for_rating.credit_history == []
+    assert for_replay.usage_by_day.height == 0 and for_rating.usage_by_day.equals(by_day)
+    assert period_credit_events(for_replay.per_event_usage, segments) == period_credit_events(frame, segments)
