@@ -279,9 +279,18 @@ def settle_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]], re
     """Each shard settled on its own, then merged into the settlement of all rows."""
     todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
     context = Opaque((reference, catalog))
-    parts = _all(runner, settle_shard, [{"scratch": scratch, "shard": shard, "keys": keys, "context": context,
-                                         "period": period} for shard, keys in todo.items()])
-    merged = merged_settlement([part.value for part in parts])
-    for part in parts:  # the merged settlement replaces them (Prefect still holds the empty boxes)
-        part.value = None
-    return merged
+    futures = [runner.submit(settle_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,
+                                            "period": period}) for shard, keys in todo.items()]
+    # Folded in as they come, FOLD_SHARDS at a time: each shard's per-day units span most
+    # customers, so all shards' results at once would hold many times the merged table.
+    pending: list[Settlement] = []
+    for future in futures:
+        box = future.result()
+        if len(pending) >= FOLD_SHARDS:  # the last part is never folded: the final merge has two parts or more
+            pending = [merged_settlement(pending, partial=True)]
+        pending.append(box.value)
+        box.value = None  # Prefect keeps the (now empty) box until the flow ends
+    return merged_settlement(pending)
+
+
+FOLD_SHARDS = 8

@@ -42,7 +42,7 @@ class Purchase:
     expires_at: datetime | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CreditEvent:
     """A billed usage event of a meter its plan pays with credits."""
 
@@ -75,7 +75,7 @@ class Grant:
         return self.price / self.credits if self.price else ZERO
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     customer_id: str
     grant_id: str

@@ -155,33 +155,39 @@ def billed_elsewhere(copies: pl.DataFrame, subscriptions: list[Subscription], ca
 USAGE_KEYS = ("subscription_id", "segment_no", "meter", "dims")
 
 
-def merged_settlement(parts: list[Settlement]) -> Settlement:
+def merged_settlement(parts: list[Settlement], partial: bool = False) -> Settlement:
     """One settlement from the settlements of disjoint shards of the usage.
 
     Shards split the rows by a hash of event_id, so every copy of an event_id, and every earlier
     copy of it, is settled in the same shard: deduplication never crosses shards, counts add up,
     aggregates re-add, and per-row outputs are put back in the order one settlement gives them.
     The result is the same, byte for byte, whatever the number of shards.
+
+    `partial`: a fold of some shards, to be merged again with at least one other part: aggregates
+    are summed but nothing is sorted (the final merge, of two parts or more, sorts once).
     """
-    if len(parts) == 1:
+    if len(parts) == 1 and not partial:
         return parts[0]
 
     def summed(frames: list[pl.DataFrame], keys: tuple[str, ...]) -> pl.DataFrame:
         schema = frames[0].schema
-        return (pl.concat(frames).group_by(list(keys))
-                .agg(pl.col("units").sum(), pl.col("events").sum())
-                .sort(list(keys)).select([pl.col(c).cast(t) for c, t in schema.items()]))
+        grouped = pl.concat(frames).group_by(list(keys)).agg(pl.col("units").sum(), pl.col("events").sum())
+        return (grouped if partial else grouped.sort(list(keys))).select([pl.col(c).cast(t) for c, t in schema.items()])
 
+    def ordered(frame: pl.DataFrame, *keys: str) -> pl.DataFrame:
+        return frame if partial else frame.sort(*keys)
+
+    history = [e for p in parts for e in p.credit_history]
     return Settlement(
         counts={k: sum(p.counts[k] for p in parts) for k in parts[0].counts},
-        quarantine=pl.concat([p.quarantine for p in parts]).sort("source_key", "source_row"),
+        quarantine=ordered(pl.concat([p.quarantine for p in parts]), "source_key", "source_row"),
         usage_by_dims=summed([p.usage_by_dims for p in parts], USAGE_KEYS),
         usage_by_day=summed([p.usage_by_day for p in parts], USAGE_KEYS + ("day",)),
-        per_event_usage=pl.concat([p.per_event_usage for p in parts]).sort(
-            "subscription_id", "segment_no", "meter", "event_at", "event_id"),
-        # within a shard the history is in event_id order already; a stable sort keeps the
-        # order of each event_id's copies
-        credit_history=sorted((e for p in parts for e in p.credit_history), key=lambda e: e.event_id),
+        per_event_usage=ordered(pl.concat([p.per_event_usage for p in parts]),
+                                "subscription_id", "segment_no", "meter", "event_at", "event_id"),
+        # within a shard the history is in event_id order already, and a fold keeps each shard's
+        # rows in order; a stable sort keeps the order of each event_id's copies
+        credit_history=history if partial else sorted(history, key=lambda e: e.event_id),
     )
 
 
