@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
@@ -78,23 +79,59 @@ def _dims(dims_json: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class SegmentUsage:
-    """Billed usage of one segment: units per meter x dims, and per-event quantities in order."""
+    """Billed usage of one segment: units per meter x dims, and the per-event quantities.
+
+    `per_event` holds either one row per event, (meter, dims, quantity) in event-time order, or
+    (as `usage_by_segment` builds it) one row per meter, (meter, the distinct dims, events), whose
+    `events` frame holds each event's dims and quantity in event-time order: a month of events
+    never becomes a Python object per event."""
 
     by_dims: tuple[tuple[str, str, Decimal, int], ...]           # meter, dims, units, events
-    per_event: tuple[tuple[str, str, Decimal], ...] = ()         # meter, dims, quantity
+    per_event: tuple[tuple[str, str | tuple[str, ...], Decimal | pl.DataFrame], ...] = ()  # meter, dims, quantity
 
 
 def usage_by_segment(usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame
                      ) -> dict[tuple[str, int], SegmentUsage]:
     """Regroup the settled usage tables by (subscription_id, segment_no), rows in table order.
-    Grouped in Polars, column by column: Python only builds the tuples."""
-    def grouped(frame: pl.DataFrame, columns: list[str]) -> dict[tuple[str, int], tuple]:
-        lists = frame.group_by("subscription_id", "segment_no", maintain_order=True).agg(columns)
-        return {(sub, seg): tuple(zip(*rows)) for sub, seg, *rows in lists.iter_rows()}
-    by_dims = grouped(usage_by_dims, ["meter", "dims", "units", "events"])
-    per_event = grouped(per_event_usage, ["meter", "dims", "quantity"])
-    return {key: SegmentUsage(by_dims.get(key, ()), per_event.get(key, ()))
+    Grouped in Polars: the per-event table stays columns, one slice per segment x meter."""
+    lists = usage_by_dims.group_by("subscription_id", "segment_no", maintain_order=True).agg(
+        "meter", "dims", "units", "events")
+    by_dims = {(sub, seg): tuple(zip(*rows)) for sub, seg, *rows in lists.iter_rows()}
+    keys = ["subscription_id", "segment_no", "meter"]
+    events = per_event_usage.select(*keys, "dims", "quantity").sort(keys, maintain_order=True)
+    per_event: dict[tuple[str, int], list] = defaultdict(list)
+    offset = 0
+    groups = events.group_by(keys, maintain_order=True).agg(pl.len(), pl.col("dims").unique(maintain_order=True))
+    for sub, seg, meter, count, dims in groups.iter_rows():
+        per_event[(sub, seg)].append((meter, tuple(dims), events.slice(offset, count).select("dims", "quantity")))
+        offset += count
+    return {key: SegmentUsage(by_dims.get(key, ()), tuple(per_event.get(key, ())))
             for key in set(by_dims) | set(per_event)}
+
+
+def _group_keys(charge) -> Callable[[str], tuple | None]:
+    """The group (values of `group_by`) of `charge` that a row of its meter falls in, by the
+    row's dims; None when the charge's filter leaves the row out. Worked out once per dims."""
+    known: dict[str, tuple | None] = {}
+
+    def group_of(dims_json: str) -> tuple | None:
+        if dims_json not in known:
+            dims = _dims(dims_json)
+            known[dims_json] = (tuple(dims.get(g) for g in charge.group_by)
+                                if charge.prices(charge.meter, dims) else None)
+        return known[dims_json]
+    return group_of
+
+
+def _event_columns(events: pl.DataFrame, dims_seen: tuple[str, ...], group_of: Callable[[str], tuple | None]
+                   ) -> dict[tuple, pl.Series]:
+    """The quantities of one meter's events that a charge prices, per group, in event-time order."""
+    key_of = {d: group_of(d) for d in dims_seen}
+    keys = set(key_of.values())
+    if len(keys) == 1 and None not in keys:
+        return {keys.pop(): events["quantity"]}
+    return {key: events.filter(pl.col("dims").is_in([d for d, k in key_of.items() if k == key]))["quantity"]
+            for key in keys if key is not None}
 
 
 def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
@@ -107,20 +144,29 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
     """
     plan = segment.plan.plan
     lines = []
+    # a charge prices one meter: each charge looks only at its meter's rows
+    by_dims_of, per_event_of = defaultdict(list), defaultdict(list)
+    for row in usage.by_dims:
+        by_dims_of[row[0]].append(row)
+    for row in usage.per_event:
+        per_event_of[row[0]].append(row)
     for charge in plan.charges:
         groups: dict[tuple, list] = {}
-        events: dict[tuple, list[Decimal]] = defaultdict(list)
-        for meter, dims_json, units, count in usage.by_dims:
-            dims = _dims(dims_json)
-            if charge.prices(meter, dims):
-                key = tuple(dims.get(g) for g in charge.group_by)
+        events: dict[tuple, list[Decimal] | pl.Series] = defaultdict(list)
+        group_of = _group_keys(charge)
+        for _, dims_json, units, count in by_dims_of.get(charge.meter, ()):
+            key = group_of(dims_json)
+            if key is not None:
                 total = groups.setdefault(key, [ZERO, 0])
                 total[0] += units
                 total[1] += count
-        for meter, dims_json, quantity in usage.per_event:
-            dims = _dims(dims_json)
-            if charge.prices(meter, dims):
-                events[tuple(dims.get(g) for g in charge.group_by)].append(quantity)
+        for _, dims_json, quantity in per_event_of.get(charge.meter, ()):
+            if isinstance(quantity, pl.DataFrame):  # all of the meter's events, see usage_by_segment
+                events.update(_event_columns(quantity, dims_json, group_of))
+                continue
+            key = group_of(dims_json)
+            if key is not None:
+                events[key].append(quantity)
         if not charge.group_by and not groups:
             groups[()] = [ZERO, 0]  # a metered charge shows on the invoice even when unused
         for key in sorted(groups, key=lambda k: tuple((v is None, v or "") for v in k)):
@@ -131,7 +177,9 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
             if charge.included > 0:
                 allowance_used[pool] = allowance_used.get(pool, ZERO) + used
             billable = units - used
-            rating = rate(charge.price, Usage(billable, count, tuple(events.get(key, ()))))
+            quantities = events.get(key, ())
+            rating = rate(charge.price, Usage(billable, count, quantities if isinstance(quantities, pl.Series)
+                                              else tuple(quantities)))
             group = dict(zip(charge.group_by, key))
             group_text = ", ".join(f"{k}: {v if v is not None else '(none)'}" for k, v in group.items())
             description = charge.title + (f" ({group_text})" if group_text else "") + label_suffix
