@@ -84,3 +84,13 @@ def test_the_per_event_table_drops_what_left_and_adds_what_entered():
     moved = _moved_events(state, pl.DataFrame({"event_id": ["e-2"]}), entering)
     assert moved.select("customer_id", "event_id", "quantity").rows() == [
         ("c0", "e-9", Decimal("1")), ("c1", "e-1", Decimal("1")), ("c1", "e-2", Decimal("3"))]
+
+
+def test_with_nothing_leaving_the_per_event_table_only_gains_what_entered():
+    """Most nights no event leaves: the month's rows are carried, tonight's slot in by order."""
+    at = datetime(2026, 10, 1, 12, tzinfo=timezone.utc)
+    state = pl.DataFrame([("c1", "img", "{}", Decimal("1"), "e-1", at), ("c2", "img", "{}", Decimal("2"), "e-2", at)],
+                         schema=EVENT_COLUMNS, orient="row")
+    entering = pl.DataFrame([("c1", "img", "{}", Decimal("3"), "e-3", at)], schema=EVENT_COLUMNS, orient="row")
+    moved = _moved_events(state, pl.DataFrame(schema={"event_id": pl.String}), entering)
+    assert moved.select("customer_id", "event_id").rows() == [("c1", "e-1"), ("c1", "e-3"), ("c2", "e-2")]
