@@ -933,3 +933,22 @@ def test_one_top_up_line_per_pack_and_none_in_november(closed):
         top_ups = closed[period]["invoice_lines"].filter(pl.col("kind") == "top_up")
         assert top_ups["customer_id"].sort().to_list() == expected
         assert set(top_ups["amount_minor"]) <= {400}
+
+
+def test_a_balance_brought_forward_is_the_grants_opening_in_the_balances_table():
+    # A nightly run started from the previous close carries each grant in as an `opening` entry:
+    # the balances table must show it as opening (as the invoice's credit summary does), not as
+    # a negative roll-over.
+    from transforms.credits import Grant, balances_table, credit_summaries
+    start = OCT.start_at
+    carried = Grant("s1/2026-09/g1", "c1", "s1", "opening", start, None, D(40), D(0), "USD")
+    outcome = Outcome()
+    outcome.grants[carried.grant_id] = carried
+    outcome.entries += [Entry("c1", carried.grant_id, "opening", D(40), D(40), start, None, D(0), "s1"),
+                        Entry("c1", carried.grant_id, "consume", D(-15), D(25), start + timedelta(days=3), None,
+                              D(0), "s1", "e1", "images")]
+    row = balances_table(outcome, OCT).row(0, named=True)
+    assert (row["opening"], row["granted"], row["consumed"], row["rolled_over"], row["closing"]) == (
+        "40", "0", "15", "0", "25")
+    movement = credit_summaries(outcome, OCT)["c1"].grants[0]
+    assert (movement.opening, movement.used, movement.closing) == (D(40), D(15), D(25))

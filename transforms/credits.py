@@ -537,14 +537,16 @@ BALANCES_SCHEMA = {
 }
 
 
-def balances_table(outcome: Outcome, period: Period) -> pl.DataFrame:
-    """One row per grant alive at some point in `period`: opening + granted - consumed - expired
-    - rolled over = closing. The closing balances of one period are the opening of the next."""
-    moves: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])  # open, +, use, exp, roll
+def _grant_moves(outcome: Outcome, period: Period) -> dict[str, list[Decimal]]:
+    """Per grant: [opening, granted, used, expired, rolled over] credits in `period`. A balance
+    brought forward (`opening` entries of a run started from a close) is the grant's opening."""
+    moves: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])
     for e in outcome.entries:
-        acc = moves[e.grant_id]
         if in_period(e, period):
-            if e.kind in ("grant", "purchase", "top_up") or (e.kind == "rollover" and e.credits > 0):
+            acc = moves[e.grant_id]
+            if e.kind == "opening":
+                acc[0] += e.credits
+            elif e.kind in ("grant", "purchase", "top_up") or (e.kind == "rollover" and e.credits > 0):
                 acc[1] += e.credits
             elif e.kind == "consume":
                 acc[2] -= e.credits
@@ -553,7 +555,14 @@ def balances_table(outcome: Outcome, period: Period) -> pl.DataFrame:
             else:
                 acc[4] -= e.credits
         elif _before(e, period):
-            acc[0] += e.credits
+            moves[e.grant_id][0] += e.credits
+    return moves
+
+
+def balances_table(outcome: Outcome, period: Period) -> pl.DataFrame:
+    """One row per grant alive at some point in `period`: opening + granted - consumed - expired
+    - rolled over = closing. The closing balances of one period are the opening of the next."""
+    moves = _grant_moves(outcome, period)
     rows = []
     for grant_id in sorted(moves):
         opening, granted, consumed, expired, rolled = moves[grant_id]
@@ -659,22 +668,7 @@ def credit_summaries(outcome: Outcome, period: Period) -> dict[str, CreditSummar
     expired, rolled over and closing credits. The same movements as `balances_table`, grouped for
     the invoice; a balance brought forward (`opening` entries of a run started from a close) is
     the grant's opening, not a new grant."""
-    moves: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])  # open, +, use, exp, roll
-    for e in outcome.entries:
-        if in_period(e, period):
-            acc = moves[e.grant_id]
-            if e.kind == "opening":
-                acc[0] += e.credits
-            elif e.kind in ("grant", "purchase", "top_up") or (e.kind == "rollover" and e.credits > 0):
-                acc[1] += e.credits
-            elif e.kind == "consume":
-                acc[2] -= e.credits
-            elif e.kind == "expire":
-                acc[3] -= e.credits
-            else:
-                acc[4] -= e.credits
-        elif _before(e, period):
-            moves[e.grant_id][0] += e.credits
+    moves = _grant_moves(outcome, period)
     by_customer: dict[str, list[GrantMovement]] = defaultdict(list)
     for grant_id, (opening, granted, used, expired, rolled) in moves.items():
         if opening == granted == used == expired == rolled == 0:
