@@ -128,6 +128,15 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+def _check_move(src_prefix: str, dst_prefix: str, keys: Sequence[str]) -> None:
+    """Both prefixes are folder prefixes, and every key to move is under the source."""
+    _check_folder_prefix(src_prefix)
+    _check_folder_prefix(dst_prefix)
+    for key in keys:
+        if not key.startswith(src_prefix):
+            raise InvalidKeyError(f"{key}: not under {src_prefix}")
+
+
 def _check_folder_prefix(prefix: str) -> str:
     # delete_prefix("billing/period=2026-1") would also take 2026-10, -11 and -12 on S3, whose
     # prefixes are plain strings; requiring a folder ('/' at the end) rules that out.
@@ -381,11 +390,7 @@ class LocalStore:
         os.sync()
 
     def move_prefix(self, src_prefix: str, dst_prefix: str, keys: Sequence[str]) -> None:
-        _check_folder_prefix(src_prefix)
-        _check_folder_prefix(dst_prefix)
-        for key in keys:
-            if not key.startswith(src_prefix):
-                raise InvalidKeyError(f"{key}: not under {src_prefix}")
+        _check_move(src_prefix, dst_prefix, keys)
         source, target = self._path(src_prefix.rstrip("/")), self._path(dst_prefix.rstrip("/"))
         if not target.exists() and source.is_dir():
             with _local_errors(self._where(dst_prefix), "write"):
@@ -670,11 +675,7 @@ class S3Store:
         pass
 
     def move_prefix(self, src_prefix: str, dst_prefix: str, keys: Sequence[str]) -> None:
-        _check_folder_prefix(src_prefix)
-        _check_folder_prefix(dst_prefix)
-        for key in keys:
-            if not key.startswith(src_prefix):
-                raise InvalidKeyError(f"{key}: not under {src_prefix}")
+        _check_move(src_prefix, dst_prefix, keys)
         self.copy_many([(key, dst_prefix + key[len(src_prefix):]) for key in keys])
 
     def copy_many(self, pairs: Sequence[tuple[str, str]]) -> None:
