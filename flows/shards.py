@@ -37,7 +37,10 @@ from transforms.plans import Catalog
 from transforms.settle import Settlement, merged_settlement, settled_usage
 from transforms.usage import normalized_usage
 
-PARQUET = {"compression": "zstd", "statistics": True}
+SCRATCH_PARQUET = {"compression": "lz4", "statistics": True}
+"""Shard files live minutes and are read once: lz4 writes and reads them about twice as cheaply
+in CPU as zstd, for 1.7x the bytes. Statistics stay: they let a settlement skip the files of
+other months by event time."""
 
 SHARDS_ENV = "BILLRUN_SHARDS"
 SHARD_INPUT_BYTES = 24 * 1024 * 1024
@@ -125,11 +128,11 @@ def _write(scratch_store, key: str, frame: pl.DataFrame) -> None:
     if isinstance(scratch_store, LocalStore):  # scratch needs no fsync: a killed close starts over
         path = scratch_store.root.joinpath(*key.split("/"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        frame.write_parquet(path, **PARQUET)
+        frame.write_parquet(path, **SCRATCH_PARQUET)
         return
     with tempfile.TemporaryDirectory(prefix="billrun-shard-") as tmp:
         local = Path(tmp) / "part.parquet"
-        frame.write_parquet(local, **PARQUET)
+        frame.write_parquet(local, **SCRATCH_PARQUET)
         scratch_store.put_file(key, local)
 
 

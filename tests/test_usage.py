@@ -12,7 +12,11 @@ from decimal import Decimal as D
 import duckdb
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
 
+import transforms.usage as usage_module
 from transforms.usage import NORMALIZED_COLUMNS, ROW_REASONS, normalized_usage
 
 UTC = timezone.utc
@@ -306,3 +310,30 @@ def test_output_schema_is_the_normalized_schema():
     out = normalized_usage(frame(GOOD, {**GOOD, "quantity": "bad", "region": "eu"}), "k")
     assert dict(out.schema) == NORMALIZED_COLUMNS
     assert not any(dtype in (pl.Float32, pl.Float64) for dtype in out.schema.values())
+
+
+# The plain-quantity shortcut: rows with a typed timestamp and a quantity of digits (at most 9
+# decimal places) skip DuckDB. Whatever the mix, the frame must equal the one DuckDB alone gives.
+_QUANTITY_TEXT = st.one_of(
+    st.from_regex(r"[0-9]{1,20}(\.[0-9]{0,11})?", fullmatch=True),
+    st.sampled_from(["0", "007", "1e3", "-1", "+2", "1.", ".5", "1,5", "abc", "", " 3 ", "٣",
+                     "999999999999999999", "9999999999999999999", "0.000000001", "0.0000000001",
+                     "1.0123456789", "123456789012345678.123456789", "1.1234567890"]),
+    st.none(),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(quantities=st.lists(_QUANTITY_TEXT, min_size=1, max_size=30),
+       typed=st.lists(st.booleans(), min_size=30, max_size=30))
+def test_the_plain_quantity_shortcut_gives_what_duckdb_gives(quantities, typed):
+    n = len(quantities)
+    stamps = [datetime(2026, 10, 5, 12, i, tzinfo=UTC) if typed[i] else None for i in range(n)]
+    raw = pl.DataFrame({"event_id": [f"e{i}" for i in range(n)], "customer_id": ["c1"] * n,
+                        "meter": ["calls"] * n, "quantity": quantities,
+                        "timestamp": pl.Series(stamps, dtype=pl.Datetime("us", "UTC"))},
+                       schema_overrides={"quantity": pl.String})
+    text = normalized_usage(raw, "usage/x.parquet").select(
+        "source_key", "source_row", "event_id", "customer_id", "meter", "quantity_raw", "timestamp_raw", "dims",
+        pl.Series("timestamp_typed", stamps, dtype=pl.Datetime("us", "UTC")))
+    assert_frame_equal(usage_module._parse(text), usage_module._parsed_in_duckdb(text))
