@@ -337,3 +337,28 @@ def test_the_plain_quantity_shortcut_gives_what_duckdb_gives(quantities, typed):
         "source_key", "source_row", "event_id", "customer_id", "meter", "quantity_raw", "timestamp_raw", "dims",
         pl.Series("timestamp_typed", stamps, dtype=pl.Datetime("us", "UTC")))
     assert_frame_equal(usage_module._parse(text), usage_module._parsed_in_duckdb(text))
+
+
+def test_dimensions_encoded_once_per_value_equal_the_row_by_row_encoding():
+    """A large object's dimension values are JSON-encoded once each and looked up per row; an
+    object under 10,000 rows is encoded row by row. Both must give the same text."""
+    import random
+    rng = random.Random(7)
+    words = ["gpt-4o", 'a "quoted" model', "back\\slash", "ünïcode ✓", "tab\there", "", "  spaced  "]
+    n = 20_000
+    raw = pl.DataFrame({
+        "event_id": [f"e{i}" for i in range(n)], "customer_id": ["c1"] * n, "meter": ["calls"] * n,
+        "quantity": ["1"] * n, "timestamp": ["2026-10-05T12:00:00Z"] * n,
+        "model": [rng.choice(words + [None]) for _ in range(n)],
+        "tier": pl.Series([rng.choice([1, 2, -3, None]) for _ in range(n)], dtype=pl.Int64),
+        "beta": [rng.choice([True, False, None]) for _ in range(n)],
+        "id_like": [f"r{i}" for i in range(n)],  # a value per row: encoded row by row
+    })
+    whole = normalized_usage(raw, "usage/x.jsonl")["dims"]
+    in_small_parts = pl.concat([normalized_usage(raw.slice(i, 5_000), "usage/x.jsonl")["dims"]
+                                for i in range(0, n, 5_000)])
+    assert whole.equals(in_small_parts)
+    row = raw.row(0, named=True)  # dimension values are text: 2 -> "2", True -> "true"
+    text = {"beta": None if row["beta"] is None else str(row["beta"]).lower(), "id_like": row["id_like"],
+            "model": row["model"], "tier": None if row["tier"] is None else str(row["tier"])}
+    assert json.loads(whole[0]) == {k: v for k, v in text.items() if v is not None}

@@ -130,14 +130,30 @@ def _dims_json(frame: pl.DataFrame) -> pl.Expr:
     """Every non-core column as canonical JSON: keys sorted, null values left out, so the same
     dimensions written by files with other column orders or missing columns group together."""
     names = sorted(c for c in frame.columns if c not in CORE_FIELDS)
-    pairs = []
-    for name in names:
-        single = pl.struct(_as_text(frame, name)).struct.json_encode()  # {"model":"gpt-4o"}
-        pairs.append(pl.when(pl.col(name).is_not_null())
-                     .then(single.str.slice(1, single.str.len_chars() - 2)))
+    pairs = [pl.when(pl.col(name).is_not_null()).then(_dim_pair(frame, name)) for name in names]
     if not pairs:
         return pl.lit("{}").alias("dims")
     return pl.format("{{{}}}", pl.concat_str(pairs, separator=",", ignore_nulls=True)).alias("dims")
+
+
+_FEW_VALUES = (pl.String, pl.Boolean, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32,
+               pl.UInt64)
+"""Types whose distinct values can stand for their rows (equal values, equal text; no NaN)."""
+
+
+def _dim_pair(frame: pl.DataFrame, name: str) -> pl.Expr:
+    """`"name":value` as JSON for each row of a dimension column. A dimension usually has few
+    values (a model, a region): each distinct value is encoded once and looked up per row."""
+    def pair(source: pl.DataFrame) -> pl.Expr:
+        single = pl.struct(_as_text(source, name)).struct.json_encode()  # {"model":"gpt-4o"}
+        return single.str.slice(1, single.str.len_chars() - 2)
+
+    if frame.schema[name] in _FEW_VALUES and frame.height >= 10_000:
+        values = frame.get_column(name).drop_nulls().unique()
+        if values.len() * 8 <= frame.height:
+            encoded = values.to_frame().select(pair(values.to_frame())).to_series()
+            return pl.col(name).replace_strict(values, encoded, default=None, return_dtype=pl.String)
+    return pair(frame)
 
 
 def normalized_usage(raw: pl.DataFrame, source_key: str) -> pl.DataFrame:
