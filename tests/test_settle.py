@@ -199,6 +199,17 @@ def test_a_quarantined_copy_does_not_hide_a_clean_one(write):
                                     ("e1", "usage/b.jsonl"): ("billed", None)}
 
 
+def test_a_copy_no_charge_prices_does_not_hide_a_later_clean_one(write):
+    # The earlier copy is clean until pricing finds no charge for its dimensions: the later copy,
+    # the only clean one left, bills; its quarantined twin keeps its fields as read.
+    result, outcomes = settle([write("a", ev("e1", "2026-10-05T00:00:00Z", "1.50", "tokens", model="gpt-3")),
+                               write("b", ev("e1", "2026-10-06T00:00:00Z", "2", "tokens", model="gpt-4o"))])
+    assert outcome_of(outcomes) == {("e1", "usage/a.jsonl"): ("quarantined", "no_matching_charge"),
+                                    ("e1", "usage/b.jsonl"): ("billed", None)}
+    assert result.quarantine.select("source_key", "quantity", "timestamp").rows() == [
+        ("usage/a.jsonl", "1.50", "2026-10-05T00:00:00Z")]
+
+
 def test_event_valid_in_an_earlier_period_is_a_duplicate_in_this_one(write):
     late = write("late", ev("e1", "2026-10-02T00:00:00Z"))
     early = write("early", ev("e1", "2026-09-30T23:00:00Z"))

@@ -73,20 +73,40 @@ ORDER BY ALL;
 -- name: settled
 -- One row per scoped row with its outcome: billed, duplicate or quarantined. Among clean copies
 -- of one event_id the earliest bills; ties are broken by content, then by source, so the outcome
--- never depends on the order objects were listed or read.
+-- never depends on the order objects were listed or read. Only the event_ids with two clean
+-- copies or more in `checked` (a few in a hundred; `priced` only quarantines more) are ranked:
+-- any other clean row is the only clean copy of its event_id. The fields as read are kept for
+-- quarantined rows only (the quarantine's), and the row's own reason only as its final_reason.
 CREATE OR REPLACE TEMP TABLE settled AS
+WITH copied AS (
+    SELECT event_id
+    FROM checked
+    WHERE final_reason IS NULL
+    GROUP BY event_id
+    HAVING count(*) > 1
+)
 SELECT *,
        CASE WHEN final_reason IS NOT NULL THEN 'quarantined'
             WHEN copy_no = 1 AND event_id NOT IN (SELECT event_id FROM billed_before) THEN 'billed'
             ELSE 'duplicate'
        END AS outcome
 FROM (
-    SELECT *,
+    SELECT * EXCLUDE (reason)
+             REPLACE (CASE WHEN final_reason IS NOT NULL THEN quantity_raw END AS quantity_raw,
+                      CASE WHEN final_reason IS NOT NULL THEN timestamp_raw END AS timestamp_raw),
+           CASE WHEN final_reason IS NULL THEN 1 END AS copy_no
+    FROM priced
+    WHERE NOT EXISTS (SELECT 1 FROM copied WHERE copied.event_id = priced.event_id)
+    UNION ALL
+    SELECT * EXCLUDE (reason)
+             REPLACE (CASE WHEN final_reason IS NOT NULL THEN quantity_raw END AS quantity_raw,
+                      CASE WHEN final_reason IS NOT NULL THEN timestamp_raw END AS timestamp_raw),
            CASE WHEN final_reason IS NULL THEN
                row_number() OVER (PARTITION BY event_id, final_reason IS NULL
                                   ORDER BY event_at, customer_id, meter, quantity, dims, source_key, source_row)
            END AS copy_no
     FROM priced
+    WHERE event_id IN (SELECT event_id FROM copied)
 );
 
 -- name: counts
