@@ -7,9 +7,12 @@ process that wrote it, so the manifest needs no second read of 100k files.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import multiprocessing
 import os
+import pickle
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -30,6 +33,18 @@ def _render_chunk(jobs: list[tuple], seller: dict, run_id: str, folder: str) -> 
     return written
 
 
+def _render_packed(packed: bytes, seller: dict, run_id: str, folder: str) -> list[tuple[str, int, str]]:
+    """A chunk pickled by the close, unpickled here with the cycle collector paused: its objects
+    (~120 per invoice) hold no cycles, and the collector's full passes while they are built cost
+    twice the unpickling itself (1.7 s against 0.5 s CPU for 12,500 invoices)."""
+    gc.disable()
+    try:
+        jobs = pickle.loads(packed)
+    finally:
+        gc.enable()
+    return _render_chunk(jobs, seller, run_id, folder)
+
+
 def write_invoice_documents(invoices: list, customers: dict, seller: dict, roundings: dict, wallets: dict,
                             run_id: str, out_dir: Path, workers: int,
                             parallel_from: int = PARALLEL_FROM) -> list[tuple[str, int, str]]:
@@ -44,6 +59,11 @@ def write_invoice_documents(invoices: list, customers: dict, seller: dict, round
     chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
     # spawn, not fork: the close's process holds threads (Prefect, DuckDB, Polars) a fork would copy mid-flight
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = list(pool.map(_render_chunk, chunks, [seller] * len(chunks), [run_id] * len(chunks),
-                              [str(out_dir)] * len(chunks)))
+        parts, pending = [], deque()
+        for chunk in chunks:  # pickled here, a few chunks ahead of the workers, as pool.map's feeder would
+            if len(pending) > workers:
+                parts.append(pending.popleft().result())
+            packed = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
+            pending.append(pool.submit(_render_packed, packed, seller, run_id, str(out_dir)))
+        parts += [future.result() for future in pending]
     return [entry for part in parts for entry in part]

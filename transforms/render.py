@@ -16,7 +16,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, Template, select
 
 from transforms.credits import CreditSummary, GrantMovement
 from transforms.invoices import SPEND_KINDS, Invoice, Line
-from transforms.money import format_money, from_minor, minor_exponent
+from transforms.money import format_money, minor_exponent
 from transforms.pricing.base import fmt_units
 
 TITLES = {"invoice": "Invoice", "credit_note": "Credit note", "debit_note": "Debit note"}
@@ -36,13 +36,31 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
           "November", "December")
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+class _Environment(Environment):
+    """jinja2 reads `line.amount` as getattr(line, "amount") first and as the key only once that
+    has raised; the views here are dicts, and that raise (~1 us, ~80 per document) was a third of
+    the template's time. A plain dict's key is read first unless the name is a dict attribute
+    (`items`, `keys`...), which gives what jinja2 gives."""
+
+    def getattr(self, obj, attribute):
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
+
+
 @lru_cache(maxsize=None)
 def _template(name: str) -> Template:
     """Compiled once per process; auto_reload off, so no file check per document."""
-    env = Environment(loader=PackageLoader("transforms", "templates"),
-                      autoescape=select_autoescape(default=True, default_for_string=True),
-                      undefined=StrictUndefined, keep_trailing_newline=True, auto_reload=False,
-                      trim_blocks=True, lstrip_blocks=True)
+    env = _Environment(loader=PackageLoader("transforms", "templates"),
+                       autoescape=select_autoescape(default=True, default_for_string=True),
+                       undefined=StrictUndefined, keep_trailing_newline=True, auto_reload=False,
+                       trim_blocks=True, lstrip_blocks=True)
     return env.get_template(name)
 
 
@@ -63,8 +81,13 @@ def _money_shape(currency: str) -> tuple[str, str, str, str] | None:
 
 
 def _digits(amount_minor: int, currency: str) -> str:
+    """`123456789` USD -> `1,234,567.89`: integer arithmetic on the minor units, exact like the
+    Decimal formatting it replaces (format(from_minor(...), ",.2f")) at a third of its cost."""
     exponent = minor_exponent(currency)
-    return format(from_minor(abs(amount_minor), currency), f",.{exponent}f")
+    if not exponent:
+        return f"{abs(amount_minor):,}"
+    major, minor = divmod(abs(amount_minor), 10 ** exponent)
+    return f"{major:,}.{minor:0{exponent}d}"
 
 
 def _money(amount_minor: int, currency: str) -> str:
@@ -228,6 +251,8 @@ def invoice_html(invoice: Invoice, customer: dict, seller: dict, rounding: str, 
         customer=customer,
         seller=seller,
         period_text=_period_text(invoice.period),
+        issued_on=invoice.issued_on.isoformat(),
+        service_first_day=invoice.service_start.isoformat(),
         service_last_day=(invoice.service_end - timedelta(days=1)).isoformat(),
         due_on=due_on.isoformat() if due_on else "",
         groups=[] if note else line_groups(invoice),
