@@ -7,9 +7,10 @@ time, CPU time (all threads) and peak RSS growth over the piece's start (sampled
 
     .venv/bin/python bench/post_settle.py --store .bench/store-10m --period 2026-10 --out .bench/post-10m
 
-Each table is written to `--out` as the close writes it; `--baseline REV` also times the
-tables of `transforms/{spend,margins,invoices}.py` as they were at git revision REV, in the
-same process on the same state, and checks that both write the same Parquet bytes.
+Each table is written to `--out` as the close writes it; `--baseline REV` also runs
+replay-credits, rate-invoices and the tables as they were at git revision REV
+(`transforms/{invoices,margins,spend,credits,revenue}.py` and those steps of `flows/close.py`),
+in the same process on the same state, and checks that both write the same Parquet bytes.
 """
 from __future__ import annotations
 
@@ -117,23 +118,56 @@ def settle(store: str, plans: str, period: Period, work: Path) -> dict:
     return {"catalog": catalog, "inputs": inputs, "costs": costs, "reference": reference, "settlement": settlement}
 
 
-def module_at(rev: str, name: str):
-    """`transforms/<name>.py` as it was at git revision `rev`, loaded as its own module."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:transforms/{name}.py"], check=True,
+def module_at(rev: str, path: str, uses: dict | None = None):
+    """`path` (e.g. `transforms/spend.py`) as it was at git revision `rev`, loaded as its own
+    module; `uses` maps module names to the (baseline) modules its imports get instead."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True,
                             capture_output=True, text=True).stdout
-    spec = importlib.util.spec_from_loader(f"baseline_{name}", loader=None)
+    spec = importlib.util.spec_from_loader(f"baseline_{Path(path).stem}", loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    exec(compile(source, f"{rev}:transforms/{name}.py", "exec"), module.__dict__)
+    saved = {name: sys.modules.get(name) for name in uses or {}}
+    sys.modules.update(uses or {})
+    try:
+        exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+    finally:
+        for name, was in saved.items():
+            if was is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = was
     return module
 
 
-def tables(impl: dict, state: dict, outcome, invoices, lines: pl.DataFrame, period: Period) -> dict:
-    """The write-outputs tables this bench times: name -> a function building the frame."""
+BASELINE_MODULES = ("invoices", "margins", "spend", "credits", "revenue")
+
+
+def modules_at(rev: str) -> dict:
+    """The transforms this bench times and `flows/close.py`, as they were at `rev`, each
+    importing the others' baseline versions."""
+    out: dict = {}
+    for name in BASELINE_MODULES:
+        out[name] = module_at(rev, f"transforms/{name}.py", {f"transforms.{n}": m for n, m in out.items()})
+    out["close"] = module_at(rev, "flows/close.py", {f"transforms.{n}": m for n, m in out.items()})
+    out["close"].get_run_logger = _logger
+    return out
+
+
+def tables(impl: dict, state: dict, outcome, invoices, lines: pl.DataFrame, period: Period,
+           revenue: dict) -> dict:
+    """The write-outputs tables this bench times: name -> a function building the frame.
+    `revenue` keeps the revenue frame built, as journal's input."""
     reference, settlement = state["reference"], state["settlement"]
     segments = list(reference.segments)
     spend = {inv.subscription_id: sum(l.amount_minor for l in inv.lines if l.kind in ("usage", "overage"))
              for inv in invoices}
+    plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
+
+    def revenue_table():
+        revenue["frame"] = impl["revenue"].revenue_rows(
+            period, invoices, outcome, impl["revenue"].proportional_rates(outcome, plan_of_sub))
+        return revenue["frame"]
+
     return {
         "invoices": lambda: impl["invoices"].invoices_table(invoices),
         "invoice_lines": lambda: impl["invoices"].lines_table(invoices),
@@ -148,6 +182,10 @@ def tables(impl: dict, state: dict, outcome, invoices, lines: pl.DataFrame, peri
             + credit_alerts(outcome, period)
             + impl["spend"].spend_alerts(period, segments, settlement.usage_by_day, settlement.per_event_usage,
                                          outcome.billable_by_day, credit_meters(segments), spend)),
+        "credit_ledger": lambda: impl["credits"].ledger_table(outcome, period),
+        "credit_balances": lambda: impl["credits"].balances_table(outcome, period),
+        "revenue": revenue_table,
+        "journal": lambda: impl["revenue"].journal(revenue["frame"] if "frame" in revenue else revenue_table()),
     }
 
 
@@ -165,7 +203,8 @@ def main() -> None:
     parser.add_argument("--out", help="folder for the tables written (default .bench/post-settle-<store>-out)")
     parser.add_argument("--baseline", help="git revision whose transforms to time as well, e.g. HEAD")
     parser.add_argument("--only", nargs="*", help="tables to time (default: invoices invoice_lines margins "
-                                                  "spend_alerts; also: alerts, the whole alerts table)")
+                                                  "spend_alerts alerts credit_ledger credit_balances revenue "
+                                                  "journal; alerts is the whole alerts table)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     period = Period.parse(args.period)
@@ -189,31 +228,38 @@ def main() -> None:
     report_rows.append({"piece": "load state", **m.row()})
     reference, settlement, catalog = state["reference"], state["settlement"], state["catalog"]
 
-    with Measured() as m:
-        outcome = close.replay_credits.fn(settlement, reference, catalog, period)
-    report_rows.append({"piece": "replay-credits", **m.row()})
-    with Measured() as m:
-        invoices = close.rate_invoices.fn(settlement, reference, outcome, period)
-    report_rows.append({"piece": "rate-invoices", **m.row()})
-    invoices = [replace(inv, run_id="bench") for inv in invoices]
-
+    import transforms.credits as credits_now
     import transforms.invoices as invoices_now
     import transforms.margins as margins_now
+    import transforms.revenue as revenue_now
     import transforms.spend as spend_now
-    impls = {"now": {"invoices": invoices_now, "margins": margins_now, "spend": spend_now}}
+    impls = {"now": {"invoices": invoices_now, "margins": margins_now, "spend": spend_now, "credits": credits_now,
+                     "revenue": revenue_now, "close": close}}
     if args.baseline:
-        impls[args.baseline] = {n: module_at(args.baseline, n) for n in ("invoices", "margins", "spend")}
-    lines = invoices_now.lines_table(invoices)  # margins' input, built once
-    wanted = args.only or ["invoices", "invoice_lines", "margins", "spend_alerts"]
+        impls[args.baseline] = modules_at(args.baseline)
+    wanted = args.only or ["invoices", "invoice_lines", "margins", "spend_alerts", "alerts", "credit_ledger",
+                           "credit_balances", "revenue", "journal"]
     digests: dict[str, dict[str, str]] = {}
-    for table in wanted:
-        for label, impl in impls.items():
-            build = tables(impl, state, outcome, invoices, lines, period)[table]
+    for label, impl in impls.items():
+        with Measured() as m:
+            outcome = impl["close"].replay_credits.fn(settlement, reference, catalog, period)
+        report_rows.append({"piece": f"replay-credits [{label}]", **m.row()})
+        with Measured() as m:
+            invoices = impl["close"].rate_invoices.fn(settlement, reference, outcome, period)
+        report_rows.append({"piece": f"rate-invoices [{label}]", **m.row()})
+        invoices = [replace(inv, run_id="bench") for inv in invoices]
+        lines = invoices_now.lines_table(invoices)  # margins' input, built once
+        revenue: dict = {}
+        built = tables(impl, state, outcome, invoices, lines, period, revenue)
+        digests.setdefault("invoices (rated)", {})[label] = digest(invoices_now.invoices_table(invoices),
+                                                                   out / f"rated.{label}.parquet")
+        for table in wanted:
             with Measured() as m:
-                frame = build()
+                frame = built[table]()
             digests.setdefault(table, {})[label] = digest(frame, out / f"{table}.{label}.parquet")
             report_rows.append({"piece": f"{table} [{label}]", "rows": frame.height, **m.row()})
             del frame
+        del outcome, invoices, lines, revenue, built
     for row in report_rows:
         print(json.dumps(row))
     for table, by_label in digests.items():

@@ -14,17 +14,18 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timezone
 from decimal import Decimal
+from functools import lru_cache
 
 import isodate
 import polars as pl
 
 from transforms.errors import InputError
-from transforms.invoices import Line
+from transforms.invoices import Line, cycle_collector_paused
 from transforms.money import decimal_text, from_minor, is_known_currency, to_minor
 from transforms.periods import Period, utc_midnight
 from transforms.pricing.base import fmt_units
 from transforms.plans import Catalog, ConsumeByDimension, Credits, PlanFile
-from transforms.reference import Subscription, plan_on
+from transforms.reference import Subscription, bound_versions, plan_on
 
 ZERO = Decimal(0)
 
@@ -113,16 +114,23 @@ def expiry(spec: str, granted_at: datetime, period_end: datetime) -> datetime | 
     return granted_at + isodate.parse_duration(spec)
 
 
+@lru_cache(maxsize=65536)
+def _dims(dims_json: str) -> dict[str, str]:
+    """An event's dims, parsed once per distinct text (a few per meter, read once per event);
+    read only, never changed."""
+    return json.loads(dims_json)
+
+
 def credits_needed(plan: PlanFile, event: CreditEvent) -> Decimal:
     """Credits one event draws: `consume` per unit, or the event's rated amount for a money wallet."""
     credits = plan.plan.credits
     if credits.unit == "money":
-        dims = json.loads(event.dims)
+        dims = _dims(event.dims)
         charge = next(c for c in plan.plan.charges if c.prices(event.meter, dims))
         return event.quantity * charge.price.unit_price / charge.price.per
     rate = credits.consume[event.meter]
     if isinstance(rate, ConsumeByDimension):
-        value = json.loads(event.dims).get(rate.by)
+        value = _dims(event.dims).get(rate.by)
         rate = rate.rates.get(value, rate.default)
         if rate is None:
             raise ValueError(f"no credit rate for {event.meter} with {rate.by}={value!r}")  # checked upstream
@@ -132,14 +140,21 @@ def credits_needed(plan: PlanFile, event: CreditEvent) -> Decimal:
 def plan_grants(subs: list[Subscription], catalog: Catalog, until: Period) -> list[Grant]:
     """The grants plans give each subscription from its start through `until`."""
     out = []
+    timelines: dict[tuple, list] = {}  # bound_versions depends on these three fields only
     for sub in subs:
         if sub.start_date >= until.end:
             continue
+        key = (sub.plan, sub.plan_version, sub.start_date)
+        timeline = timelines.get(key)
+        if timeline is None:
+            timeline = timelines[key] = bound_versions(sub, catalog)  # plan_on's, once per key
+        if all(plan.plan.credits is None for _, plan in timeline):
+            continue  # no version of its plan grants credits: nothing to walk month by month
         period = Period.containing(sub.start_date)
         first = True
         while period <= until and (sub.end_date is None or period.start < sub.end_date):
             start = max(period.start, sub.start_date)
-            plan = plan_on(sub, catalog, start)
+            plan = [plan for starts_on, plan in timeline if starts_on <= start][-1]  # plan_on(sub, catalog, start)
             spec: Credits | None = plan.plan.credits
             for i, g in enumerate(spec.grants if spec else ()):
                 if g.every == "once" and not first:
@@ -187,6 +202,7 @@ class _Wallet:
         self.low_fired: set[Period] = set()
         self.exhausted_fired: set[Period] = set()
         self.grace_used: dict[tuple, Decimal] = defaultdict(Decimal)
+        self._drawn_from: list[Grant] | None = None  # active in draw order, until active changes
 
     def _entry(self, g: Grant, kind: str, credits: Decimal, at: datetime, **extra) -> None:
         self.balance += credits
@@ -196,6 +212,7 @@ class _Wallet:
     def _grant(self, g: Grant) -> None:
         g.remaining = g.credits
         self.active.append(g)
+        self._drawn_from = None
         self.out.grants[g.grant_id] = g
         self._entry(g, g.kind, g.credits, g.granted_at)
 
@@ -203,6 +220,7 @@ class _Wallet:
 
     def _expire(self, g: Grant) -> None:
         self.active.remove(g)
+        self._drawn_from = None
         left = g.remaining
         carried = min(left, g.rollover_max)
         g.remaining = ZERO
@@ -221,6 +239,11 @@ class _Wallet:
 
     def advance(self, to: datetime, inclusive: bool = True) -> None:
         """Apply expiries and grants up to instant `to` (expiries first at one instant)."""
+        def due(at: datetime | None) -> bool:
+            return at is not None and (at <= to if inclusive else at < to)
+
+        if not (self.pending and due(self.pending[0].granted_at)) and not any(due(g.expires_at) for g in self.active):
+            return  # nothing happens by `to`: the common case, once per event
         while True:
             exp = min((g for g in self.active if g.expires_at is not None), key=lambda g: (g.expires_at, g.grant_id),
                       default=None)
@@ -272,7 +295,9 @@ class _Wallet:
 
     def _draw(self, need: Decimal, ev: CreditEvent) -> Decimal:
         drawn = ZERO
-        for g in sorted(self.active, key=_draw_order):
+        if self._drawn_from is None:  # sorted once per change of the active grants, not per event
+            self._drawn_from = sorted(self.active, key=_draw_order)
+        for g in self._drawn_from:
             if drawn >= need:
                 break
             take = min(g.remaining, need - drawn)
@@ -354,9 +379,14 @@ def _plans_of(events: list[CreditEvent], subs: list[Subscription], catalog: Cata
 def in_period(entry: Entry, period: Period) -> bool:
     """Entries belong to the period that contains them; an expiry at a period's end instant
     belongs to the period whose credits it ends."""
+    return _within(entry, period.start_at, period.end_at)
+
+
+def _within(entry: Entry, start_at: datetime, end_at: datetime) -> bool:
+    """`in_period` with the period's bounds worked out once, for loops over every entry."""
     if entry.kind == "expire" or (entry.kind == "rollover" and entry.credits < 0):
-        return period.start_at < entry.occurred_at <= period.end_at
-    return period.start_at <= entry.occurred_at < period.end_at
+        return start_at < entry.occurred_at <= end_at
+    return start_at <= entry.occurred_at < end_at
 
 
 
@@ -368,18 +398,36 @@ LEDGER_SCHEMA = {
 }
 
 
+@cycle_collector_paused()  # see transforms.invoices
 def ledger_table(outcome: Outcome, period: Period) -> pl.DataFrame:
     """One row per wallet movement in `period`, in replay order (customer, then time), numbered
-    L-2026-10-00000001..."""
-    rows = []
-    for entry in (e for e in outcome.entries if in_period(e, period)):
-        rows.append({"entry_id": f"L-{period}-{len(rows) + 1:08d}", "customer_id": entry.customer_id,
-                     "grant_id": entry.grant_id, "kind": entry.kind, "credits": decimal_text(entry.credits),
-                     "balance_after": decimal_text(entry.balance_after), "occurred_at": entry.occurred_at,
-                     "expires_at": entry.expires_at, "cost_basis": decimal_text(entry.cost_basis),
-                     "subscription_id": entry.subscription_id, "event_id": entry.event_id, "meter": entry.meter,
-                     "period": str(period)})
-    return pl.DataFrame(rows, schema=LEDGER_SCHEMA)
+    L-2026-10-00000001...
+
+    Built column by column (no dict per entry; a 50M-event close has millions of entries), the
+    numbers and the period in Polars, and each distinct cost basis formatted once."""
+    start_at, end_at = period.start_at, period.end_at
+    entries = [e for e in outcome.entries if _within(e, start_at, end_at)]
+    bases: dict[Decimal, str] = {}
+
+    def basis_text(value: Decimal) -> str:
+        text = bases.get(value)
+        if text is None:
+            text = bases[value] = decimal_text(value)
+        return text
+
+    columns = {
+        "customer_id": [e.customer_id for e in entries], "grant_id": [e.grant_id for e in entries],
+        "kind": [e.kind for e in entries], "credits": [decimal_text(e.credits) for e in entries],
+        "balance_after": [decimal_text(e.balance_after) for e in entries],
+        "occurred_at": [e.occurred_at for e in entries], "expires_at": [e.expires_at for e in entries],
+        "cost_basis": [basis_text(e.cost_basis) for e in entries],
+        "subscription_id": [e.subscription_id for e in entries], "event_id": [e.event_id for e in entries],
+        "meter": [e.meter for e in entries],
+    }
+    schema = {c: t for c, t in LEDGER_SCHEMA.items() if c in columns}
+    return pl.DataFrame(columns, schema=schema).select(
+        pl.format(f"L-{period}-{{}}", (pl.int_range(1, pl.len() + 1)).cast(pl.String).str.zfill(8))
+        .alias("entry_id"), *columns, pl.lit(str(period), dtype=pl.String).alias("period"))
 
 
 def credit_lines(period: Period, outcome: Outcome, purchases: list[Purchase], subs: list[Subscription],
@@ -541,24 +589,28 @@ def _grant_moves(outcome: Outcome, period: Period) -> dict[str, list[Decimal]]:
     """Per grant: [opening, granted, used, expired, rolled over] credits in `period`. A balance
     brought forward (`opening` entries of a run started from a close) is the grant's opening."""
     moves: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])
+    start_at, end_at = period.start_at, period.end_at  # once, not per entry
     for e in outcome.entries:
-        if in_period(e, period):
+        kind, at = e.kind, e.occurred_at
+        ends = kind == "expire" or (kind == "rollover" and e.credits < 0)  # see in_period
+        if start_at < at <= end_at if ends else start_at <= at < end_at:
             acc = moves[e.grant_id]
-            if e.kind == "opening":
-                acc[0] += e.credits
-            elif e.kind in ("grant", "purchase", "top_up") or (e.kind == "rollover" and e.credits > 0):
-                acc[1] += e.credits
-            elif e.kind == "consume":
+            if kind == "consume":
                 acc[2] -= e.credits
-            elif e.kind == "expire":
+            elif kind == "opening":
+                acc[0] += e.credits
+            elif kind in ("grant", "purchase", "top_up") or (kind == "rollover" and e.credits > 0):
+                acc[1] += e.credits
+            elif kind == "expire":
                 acc[3] -= e.credits
             else:
                 acc[4] -= e.credits
-        elif _before(e, period):
+        elif at <= start_at if ends else at < start_at:  # see _before
             moves[e.grant_id][0] += e.credits
     return moves
 
 
+@cycle_collector_paused()  # see transforms.invoices
 def balances_table(outcome: Outcome, period: Period) -> pl.DataFrame:
     """One row per grant alive at some point in `period`: opening + granted - consumed - expired
     - rolled over = closing. The closing balances of one period are the opening of the next."""

@@ -25,7 +25,7 @@ from decimal import Decimal
 import polars as pl
 
 from transforms.credits import Outcome, in_period
-from transforms.invoices import SPEND_KINDS, Invoice
+from transforms.invoices import SPEND_KINDS, Invoice, cycle_collector_paused
 from transforms.money import to_minor
 from transforms.periods import Period
 
@@ -90,6 +90,7 @@ def proportional_rates(outcome: Outcome, plan_of: dict[str, object]) -> dict[str
     return rates
 
 
+@cycle_collector_paused()  # a dict per row and per customer's credits (see transforms.invoices)
 def revenue_rows(period: Period, invoices: list[Invoice], outcome: Outcome,
                  proportional: dict[str, Decimal]) -> pl.DataFrame:
     """The period's revenue table. `proportional` maps grant ids under `breakage: proportional`
@@ -115,8 +116,9 @@ def revenue_rows(period: Period, invoices: list[Invoice], outcome: Outcome,
             r["billed_minor"] += billed
             r["recognized_minor"] += billed
 
-    through = [e for e in outcome.entries if _until(e, period)]
-    before = [e for e in outcome.entries if _until(e, period.previous())]
+    end_now, end_before = period.end_at, period.previous().end_at  # once, not per entry
+    through = [e for e in outcome.entries if _until_at(e, end_now)]
+    before = [e for e in through if _until_at(e, end_before)]
     cum_now = _credit_amounts(outcome, through, proportional)
     cum_before = _credit_amounts(outcome, before, proportional)
     for key in sorted(set(cum_now) | set(cum_before)):
@@ -152,6 +154,14 @@ def _rounded(amounts: list[Decimal] | None, currency: str) -> tuple[int, int, in
 def _until(entry, period: Period) -> bool:
     """Whether a ledger entry falls in `period` or before it."""
     return entry.occurred_at < period.end_at or (in_period(entry, period))
+
+
+def _until_at(entry, end_at) -> bool:
+    """`_until` of the period ending at `end_at`: before its end, or an expiry (or rollover out)
+    at its end instant, which in_period gives to the period it ends."""
+    at = entry.occurred_at
+    return at < end_at or (at == end_at and (entry.kind == "expire"
+                                             or (entry.kind == "rollover" and entry.credits < 0)))
 
 
 def reconcile(revenue: pl.DataFrame) -> None:

@@ -23,7 +23,7 @@ from decimal import Decimal
 import polars as pl
 
 from transforms.alerts import Alert
-from transforms.invoices import SegmentUsage, charge_lines
+from transforms.invoices import SegmentUsage, charge_lines, cycle_collector_paused
 from transforms.money import decimal_text, from_minor, to_minor
 from transforms.periods import Period
 from transforms.reference import Segment
@@ -58,11 +58,24 @@ def thresholds(segment: Segment) -> list[tuple[str, Decimal, str]]:
     return out
 
 
+_WATCHED: dict[tuple, tuple] = {}
+"""_watched's answers by (plan, budget, hard cap), the only things they depend on: a close asks
+for 100k subscriptions' thresholds, and most share a few plans and no overrides."""
+
+
 def _watched(segs: list[Segment]) -> list[tuple[str, int, str]]:
     """The subscription's thresholds in minor units, lowest first (ties keep their order)."""
-    currency, rounding = segs[-1].plan.plan.currency, segs[-1].plan.plan.rounding
-    return sorted(((kind, to_minor(amount, currency, rounding), label) for kind, amount, label in thresholds(segs[-1])),
-                  key=lambda w: w[1])
+    plan, sub = segs[-1].plan.plan, segs[-1].subscription
+    key = (id(plan), str(sub.budget), str(sub.hard_cap))  # as text: labels print 10.0 and 10 apart
+    known = _WATCHED.get(key)
+    if known is None or known[0] is not plan:  # the plan object itself is held, so its id stays its own
+        if len(_WATCHED) > 4096:
+            _WATCHED.clear()
+        currency, rounding = plan.currency, plan.rounding
+        known = _WATCHED[key] = (plan, sorted(
+            ((kind, to_minor(amount, currency, rounding), label) for kind, amount, label in thresholds(segs[-1])),
+            key=lambda w: w[1]))
+    return list(known[1])  # a copy: the caller pops from it
 
 
 def _may_alert(segs: list[Segment], final_minor: int) -> bool:
@@ -186,6 +199,7 @@ def _by_subscription(segments: list[Segment]) -> dict[str, list[Segment]]:
     return by_sub
 
 
+@cycle_collector_paused()  # rating day after day builds lines by the million, none of them a cycle
 def spend_alerts(period: Period, segments: list[Segment], usage_by_day, per_event_usage,
                  billable_by_day: dict[tuple, Decimal], credit_meters: set[tuple[str, int, str]],
                  final_spend_minor: dict[str, int]) -> list[Alert]:
