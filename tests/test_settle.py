@@ -261,3 +261,35 @@ def test_per_event_usage_lists_percentage_events_in_event_time_order(write):
                               ev("p1", "2026-10-05T00:00:00Z", quantity="50", meter="payments"),
                               ev("c1"))])
     assert result.per_event_usage.select("meter", "quantity").rows() == [("payments", D("50")), ("payments", D("20"))]
+
+
+def test_merged_aggregates_come_out_in_text_order_whatever_order_categories_were_met():
+    # Folds group on categorical codes; the final sort must still be the texts' order, even when
+    # the categories were first seen in another order (here: reverse, in two partial folds).
+    from transforms.settle import Settlement, merged_settlement
+
+    def part(subs: list[str], day: int) -> Settlement:
+        n = len(subs)
+        by_day = pl.DataFrame({"subscription_id": subs, "segment_no": [0] * n, "meter": ["m-b", "m-a"] * (n // 2),
+                               "dims": ['{"r":"z"}', "{}"] * (n // 2), "day": [date(2026, 10, day)] * n,
+                               "units": pl.Series([D(i) for i in range(1, n + 1)], dtype=pl.Decimal(38, 9)),
+                               "events": list(range(1, n + 1))})
+        by_dims = by_day.drop("day")
+        quarantine = pl.DataFrame(schema={"source_key": pl.String, "source_row": pl.Int64})
+        return Settlement({"read": n, "billed": n, "duplicates": 0, "quarantined": 0}, quarantine, by_dims,
+                          by_day, pl.DataFrame({"subscription_id": [], "segment_no": [], "meter": [], "event_at": [],
+                                                "event_id": []}, schema={"subscription_id": pl.String,
+                                                                         "segment_no": pl.Int64, "meter": pl.String,
+                                                                         "event_at": pl.Datetime("us", "UTC"),
+                                                                         "event_id": pl.String}), [])
+
+    names = [f"merge-order-sub-{i:02d}" for i in range(20)][::-1]  # first met in reverse order
+    parts = [part(names, 2), part(names[::2] + names[1::2], 1)]
+    folded = [merged_settlement(parts[:1], partial=True), merged_settlement(parts[1:], partial=True)]
+    merged = merged_settlement(folded + [part(names[:10], 3)])
+    keys = ["subscription_id", "segment_no", "meter", "dims", "day"]
+    assert merged.usage_by_day.schema["subscription_id"] == pl.String
+    assert merged.usage_by_day.equals(merged.usage_by_day.sort(keys))
+    assert merged.usage_by_dims.equals(merged.usage_by_dims.sort(keys[:4]))
+    assert merged.usage_by_day.height == 20 * 2 + 10
+    assert merged.usage_by_dims["units"].sum() == sum(range(1, 21)) * 2 + sum(range(1, 11))
