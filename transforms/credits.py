@@ -14,13 +14,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timezone
 from decimal import Decimal
-from functools import lru_cache
 
 import isodate
 import polars as pl
 
 from transforms.errors import InputError
-from transforms.invoices import Line, cycle_collector_paused
+from transforms.invoices import Line, cycle_collector_paused, parsed_dims
 from transforms.money import decimal_text, from_minor, is_known_currency, to_minor
 from transforms.periods import Period, utc_midnight
 from transforms.pricing.base import fmt_units
@@ -114,23 +113,16 @@ def expiry(spec: str, granted_at: datetime, period_end: datetime) -> datetime | 
     return granted_at + isodate.parse_duration(spec)
 
 
-@lru_cache(maxsize=65536)
-def _dims(dims_json: str) -> dict[str, str]:
-    """An event's dims, parsed once per distinct text (a few per meter, read once per event);
-    read only, never changed."""
-    return json.loads(dims_json)
-
-
 def credits_needed(plan: PlanFile, event: CreditEvent) -> Decimal:
     """Credits one event draws: `consume` per unit, or the event's rated amount for a money wallet."""
     credits = plan.plan.credits
     if credits.unit == "money":
-        dims = _dims(event.dims)
+        dims = parsed_dims(event.dims)
         charge = next(c for c in plan.plan.charges if c.prices(event.meter, dims))
         return event.quantity * charge.price.unit_price / charge.price.per
     rate = credits.consume[event.meter]
     if isinstance(rate, ConsumeByDimension):
-        value = _dims(event.dims).get(rate.by)
+        value = parsed_dims(event.dims).get(rate.by)
         rate = rate.rates.get(value, rate.default)
         if rate is None:
             raise ValueError(f"no credit rate for {event.meter} with {rate.by}={value!r}")  # checked upstream
@@ -346,15 +338,18 @@ def history_grants(subs: list[Subscription], catalog: Catalog, purchases: list[P
         [p for p in purchases if p.purchased_at < period.end_at])
 
 
+def _by_customer(items: list) -> dict[str, list]:
+    """Grants or events grouped by customer_id, each customer's in their given order."""
+    out: dict[str, list] = defaultdict(list)
+    for item in items:
+        out[item.customer_id].append(item)
+    return out
+
+
 def _replay_all(grants: list[Grant], subs: list[Subscription], catalog: Catalog, events: list[CreditEvent],
                 period: Period) -> Outcome:
     """Replay every customer's wallet, each with its grants and events, through `period`."""
-    by_customer_grants: dict[str, list[Grant]] = defaultdict(list)
-    for g in grants:
-        by_customer_grants[g.customer_id].append(g)
-    by_customer_events: dict[str, list[CreditEvent]] = defaultdict(list)
-    for ev in events:
-        by_customer_events[ev.customer_id].append(ev)
+    by_customer_grants, by_customer_events = _by_customer(grants), _by_customer(events)
     plans_of = _plans_of(events, subs, catalog)
     outcome = Outcome()
     for customer in sorted(set(by_customer_grants) | set(by_customer_events)):
@@ -789,12 +784,7 @@ def wallets_resumed(grants: list[Grant], subs: list[Subscription], catalog: Cata
     entries summed per grant), and tonight's checkpoint. Customers in `since` continue from
     `checkpoint` with `events` (only their events after it); the others replay `grants` and
     `events` from the start."""
-    by_customer_grants: dict[str, list[Grant]] = defaultdict(list)
-    for g in grants:
-        by_customer_grants[g.customer_id].append(g)
-    by_customer_events: dict[str, list[CreditEvent]] = defaultdict(list)
-    for ev in events:
-        by_customer_events[ev.customer_id].append(ev)
+    by_customer_grants, by_customer_events = _by_customer(grants), _by_customer(events)
     plans_of = _plans_of(events, subs, catalog)
     outcome = Outcome()
     states = {}

@@ -92,7 +92,9 @@ def cycle_collector_paused():
 
 
 @lru_cache(maxsize=65536)
-def _dims(dims_json: str) -> dict[str, str]:
+def parsed_dims(dims_json: str) -> dict[str, str]:
+    """An event's dims, parsed once per distinct text (a few per meter, read once per row or
+    event); shared, so read only, never changed."""
     return json.loads(dims_json)
 
 
@@ -151,7 +153,7 @@ def _group_keys(charge, known: dict | None = None) -> Callable[[str], tuple | No
 
     def group_of(dims_json: str) -> tuple | None:
         if dims_json not in known:
-            dims = _dims(dims_json)
+            dims = parsed_dims(dims_json)
             known[dims_json] = (tuple(dims.get(g) for g in charge.group_by)
                                 if charge.prices(charge.meter, dims) else None)
         return known[dims_json]

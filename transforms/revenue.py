@@ -24,7 +24,7 @@ from decimal import Decimal
 
 import polars as pl
 
-from transforms.credits import Outcome, in_period
+from transforms.credits import Outcome
 from transforms.invoices import SPEND_KINDS, Invoice, cycle_collector_paused
 from transforms.money import to_minor
 from transforms.periods import Period
@@ -151,14 +151,10 @@ def _rounded(amounts: list[Decimal] | None, currency: str) -> tuple[int, int, in
     return to_minor(billed, currency), recognized_minor, both - recognized_minor
 
 
-def _until(entry, period: Period) -> bool:
-    """Whether a ledger entry falls in `period` or before it."""
-    return entry.occurred_at < period.end_at or (in_period(entry, period))
-
-
 def _until_at(entry, end_at) -> bool:
-    """`_until` of the period ending at `end_at`: before its end, or an expiry (or rollover out)
-    at its end instant, which in_period gives to the period it ends."""
+    """Whether a ledger entry falls in the period ending at `end_at` or before it: before its
+    end, or an expiry (or rollover out) at its end instant, which in_period gives to the period
+    it ends."""
     at = entry.occurred_at
     return at < end_at or (at == end_at and (entry.kind == "expire"
                                              or (entry.kind == "rollover" and entry.credits < 0)))
