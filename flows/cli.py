@@ -178,7 +178,30 @@ def demo(ctx: typer.Context,
     if not as_json:
         out.print(f"sample store at {store}: {written['customers']} customers, "
                   f"{written['subscriptions']} subscriptions, {written['usage_objects']} usage objects")
-    _print_close(_run(_shown(ctx, as_json, close_period), store=store, plans=plans, period=period), as_json)
+    closed = _run(_shown(ctx, as_json, close_period), store=store, plans=plans, period=period)
+    _print_close(closed, as_json)
+    if not as_json:
+        _print_showcase(store, plans, period, written["showcase"])
+
+
+def _print_showcase(store: str, plans: str, period: str, features: list[dict]) -> None:
+    """What the demo's showcase customers show, and what to open or run next."""
+    from flows.demo import showcase_invoices
+
+    where = "" if (store, plans) == (DEFAULT_STORE, DEFAULT_PLANS) else f" --store {store} --plans {plans}"
+    shown = _run(showcase_invoices, store, period, features)
+    if shown:
+        out.print("what to look at:")
+    for feature in shown:
+        out.print(f"  {', '.join(feature['invoices'])}  {feature['name']}: {feature['shows']}", markup=False)
+    first = next((f["invoices"][0] for f in shown if f["invoices"]), None)
+    out.print("next:")
+    if first:
+        out.print(f"  billrun{where} explain --invoice {first}    (how each line was computed)", markup=False)
+        out.print(f"  billrun{where} pdf --invoice {first}        (the invoice as a PDF)", markup=False)
+    out.print(f"  billrun{where} report --period {period}       (the month in charts: revenue, breakage, margins)",
+              markup=False)
+    out.print(f"  billrun{where} status                       (closed periods and what changed since)", markup=False)
 
 
 @app.command(epilog="Example: billrun status --store s3://acme-billing/prod --json")

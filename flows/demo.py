@@ -1,5 +1,7 @@
 """`billrun demo`: write a seeded sample store (customers, subscriptions, a month of usage with
-the usual dirt: duplicates, bad rows, one corrupt object) for the plans in --plans."""
+the usual dirt: duplicates, bad rows, one corrupt object) for the plans in --plans, plus the
+showcase customers (a tier crossing, a hard cap, a plan-version split, a credit pack) and a cost
+file, so every part of an invoice can be seen in one close."""
 from __future__ import annotations
 
 import io
@@ -8,7 +10,10 @@ import polars as pl
 import yaml
 
 from flows.store import open_store
+from transforms.margins import COSTS_KEY
+from transforms.periods import Period
 from transforms.plans import load_catalog
+from transforms.showcase import PURCHASES_KEY, USAGE_KEY, showcase
 from transforms.synth import synth_store, write_bytes
 
 DEMO_SELLER = {
@@ -30,11 +35,32 @@ def write_demo_store(store_uri: str, plans_dir: str, period: str, customers: int
     demo twice leaves the store as it was."""
     catalog = load_catalog(plans_dir)
     sample = synth_store(catalog, period, customers, seed)
+    shown = showcase(catalog, Period.parse(period))
     store = open_store(store_uri, create=True)
-    store.put_bytes("customers/customers.csv", _csv(sample.customers))
-    store.put_bytes("subscriptions/subscriptions.csv", _csv(sample.subscriptions))
+    store.put_bytes("customers/customers.csv", _csv(pl.concat([sample.customers, shown.customers], how="diagonal")))
+    store.put_bytes("subscriptions/subscriptions.csv",
+                    _csv(pl.concat([sample.subscriptions, shown.subscriptions], how="diagonal")))
     store.put_bytes("seller.yaml", yaml.safe_dump(DEMO_SELLER, sort_keys=True, allow_unicode=True).encode())
     for obj in sample.usage_objects:
         store.put_bytes(obj.key, write_bytes(obj))
-    return {"customers": sample.customers.height, "subscriptions": sample.subscriptions.height,
-            "usage_objects": len(sample.usage_objects), "expected": sample.expected}
+    if shown.usage.height:
+        store.put_bytes(USAGE_KEY, shown.usage_jsonl)
+    if shown.purchases.height:
+        store.put_bytes(PURCHASES_KEY, _csv(shown.purchases))
+    store.put_bytes(COSTS_KEY, _csv(shown.costs))
+    expected = dict(sample.expected)
+    expected["rows_in_period_valid_unique"] += shown.usage.height
+    return {"customers": sample.customers.height + shown.customers.height,
+            "subscriptions": sample.subscriptions.height + shown.subscriptions.height,
+            "usage_objects": len(sample.usage_objects) + bool(shown.usage.height), "expected": expected,
+            "showcase": [{"customer_id": f.customer_id, "name": f.name, "shows": f.shows} for f in shown.features]}
+
+
+def showcase_invoices(store_uri: str, period: str, features: list[dict]) -> list[dict]:
+    """Each showcase feature with the invoices its customer got in the closed period."""
+    from flows.close import period_prefix
+
+    key = period_prefix(Period.parse(period)) + "invoices.parquet"
+    invoices = pl.read_parquet(io.BytesIO(open_store(store_uri).read_bytes(key))).sort("invoice_id")
+    return [dict(f, invoices=invoices.filter(pl.col("customer_id") == f["customer_id"])["invoice_id"].to_list())
+            for f in features]

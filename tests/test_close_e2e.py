@@ -108,3 +108,33 @@ def test_same_inputs_in_another_store_and_file_order_give_the_same_bytes(folder_
         ours, theirs = (table(s, PERIOD, name).drop("run_id", strict=False) for s in (copy, folder))
         assert ours.equals(theirs), name
     assert second["rows"] == first["rows"]
+
+
+def test_the_demo_shows_a_tier_crossing_a_hard_cap_a_version_split_and_a_credit_pack(folder_and_s3):
+    """The showcase customers (transforms/showcase.py) on the demo plans, worked by hand."""
+    folder, *_ = folder_and_s3
+    lines = table(folder, PERIOD, "invoice_lines.parquet").filter(pl.col("amount_minor") != 0)
+
+    def amounts(customer: str) -> list[tuple[str, str, int]]:
+        return sorted(lines.filter(pl.col("customer_id") == customer)
+                      .select("kind", "quantity", "amount_minor").iter_rows())
+
+    # api gpt-4o output, graduated per 1M: 10,000,000 x 10.00 + 2,000,000 x 8.00 = 116.00
+    assert amounts("cus_showcase_tiers") == [("usage", "12000000", 11600)]
+    # 20,000,000 gpt-4o input x 2.50 per 1M = 50.00 against a 25.00 hard cap: 25.00 waived
+    assert amounts("cus_showcase_cap") == [("cap_waiver", "1", -2500), ("usage", "20000000", 5000)]
+    alerts = table(folder, PERIOD, "alerts.parquet").filter(pl.col("customer_id") == "cus_showcase_cap")
+    assert "hard_cap_reached" in alerts["kind"].to_list()
+    # api v1 until Oct 15 (2.50 per 1M gpt-4o input), v2 from then (2.00): 4M tokens on each
+    by_invoice = (lines.filter(pl.col("customer_id") == "cus_showcase_versions")
+                  .group_by("invoice_id").agg(pl.col("amount_minor").sum()).sort("invoice_id"))
+    assert by_invoice["amount_minor"].to_list() == [1000, 800]
+    # images: the 10.00 plan fee, the 500-credit pack at 15.00; 450 images drawn from 200 + 500 credits
+    assert amounts("cus_showcase_credits") == [("credit_purchase", "500", 1500), ("fixed_fee", "31", 1000)]
+    ledger = table(folder, PERIOD, "credit_ledger.parquet").filter(pl.col("customer_id") == "cus_showcase_credits")
+    drawn = ledger.filter(pl.col("kind") == "consume")
+    assert {g.split("/")[0] for g in drawn["grant_id"].to_list()} == {"sub_showcase_credits", "purchase"}
+    # the demo's cost file costs the showcase's tokens: 20M gpt-4o input at 40% of 2.50 per 1M = 20.00
+    margins = table(folder, PERIOD, "margins.parquet").filter(
+        (pl.col("customer_id") == "cus_showcase_cap") & (pl.col("revenue_minor") == 5000))
+    assert margins["cost_minor"].to_list() == [2000]
