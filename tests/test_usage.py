@@ -117,6 +117,9 @@ TIMESTAMPS = [
     pytest.param("2026-10-05T12:00:00.123Z", datetime(2026, 10, 5, 12, 0, 0, 123000, tzinfo=UTC),
                  id="milliseconds kept"),
     pytest.param("2026-10-05", datetime(2026, 10, 5, tzinfo=UTC), id="a date = its UTC midnight"),
+    # ISO 8601 and RFC 3339 let the separator and the UTC designator be lower case
+    pytest.param("2026-10-10t10:00:00z", datetime(2026, 10, 10, 10, tzinfo=UTC), id="lower-case t and z = UTC"),
+    pytest.param("2026-10-10t10:00:00+02:00", datetime(2026, 10, 10, 8, tzinfo=UTC), id="lower-case t, offset"),
 ]
 
 

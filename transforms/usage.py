@@ -49,8 +49,9 @@ SELECT *,
                - coalesce(TRY_CAST(regexp_extract(quantity_raw, '[eE]([+-]?\d+)', 1) AS INTEGER), 0) <= 9,
            FALSE) AS quantity_inexact,
        CASE WHEN timestamp_typed IS NOT NULL THEN timestamp_typed
-            -- RFC 3339 allows a lower-case z for UTC
-            ELSE TRY_CAST(regexp_replace(timestamp_raw, 'z$', 'Z') AS TIMESTAMPTZ) END AS event_at
+            -- ISO 8601 (RFC 3339 section 5.6) allows a lower-case t separator and z for UTC
+            ELSE TRY_CAST(regexp_replace(regexp_replace(timestamp_raw, '^(\d{4}-\d{2}-\d{2})t', '\1T'),
+                                         'z$', 'Z') AS TIMESTAMPTZ) END AS event_at
 FROM raw
 """
 
