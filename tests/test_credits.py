@@ -346,7 +346,7 @@ def test_auto_top_up_500_images_vs_200_grant_buys_2_packs_max_per_period_100_bil
     ]
     assert october.billable_units[("s-mj", 1, "images", "{}")] == 100
     assert [(kind, threshold, D(value)) for _, _, kind, threshold, value, _ in october.alerts] == [
-        ("auto_top_up", "1", D("4.00")), ("auto_top_up", "2", D("4.00")),
+        ("auto_top_up", "1", D("4.00")), ("auto_top_up", "2", D("4.00")), ("top_up_limit_reached", "2", D(0)),
         ("credits_low", "10", D(0)), ("credits_exhausted", "0", D(100))]
     # November: the new grant's 200 + the month's first pack (the count resets) cover the 250;
     # 50 of the pack are left and the spent grant has nothing to expire

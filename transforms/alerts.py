@@ -55,8 +55,9 @@ def price_change_notices(period: Period, subs: list[Subscription], catalog: Cata
 
 
 def credit_alerts(outcome, period: Period) -> list[Alert]:
-    """`credits_low`, `credits_exhausted` and `auto_top_up` alerts the wallet replay fired in
-    `period` (at most one low and one exhausted per customer and period; one per top-up)."""
+    """`credits_low`, `credits_exhausted`, `auto_top_up` and `top_up_limit_reached` alerts the
+    wallet replay fired in `period` (at most one low, one exhausted and one limit per customer
+    and period; one per top-up)."""
     return [Alert(customer, sub, str(period), kind, threshold, value, at.date(), _CREDIT_MESSAGES[kind].format(
                 threshold=threshold, value=value))
             for customer, sub, kind, threshold, value, at in outcome.alerts
@@ -67,6 +68,8 @@ _CREDIT_MESSAGES = {
     "credits_low": "Credit balance {value} fell below {threshold}",
     "credits_exhausted": "Credits ran out: {value} credits of usage were not covered",
     "auto_top_up": "Automatic top-up number {threshold} bought ({value})",
+    "top_up_limit_reached": "The plan's limit of {threshold} automatic top-ups this period was reached; "
+                            "no pack was bought at a balance of {value}",
 }
 
 

@@ -193,6 +193,7 @@ class _Wallet:
         self.top_ups: dict[Period, int] = defaultdict(int)
         self.low_fired: set[Period] = set()
         self.exhausted_fired: set[Period] = set()
+        self.limit_fired: set[Period] = set()
         self.grace_used: dict[tuple, Decimal] = defaultdict(Decimal)
         self._drawn_from: list[Grant] | None = None  # active in draw order, until active changes
 
@@ -259,7 +260,7 @@ class _Wallet:
         if need - drawn > 0 and spec.top_up and spec.top_up.auto:
             while need - drawn > 0 and self._buy_top_up(spec, plan, ev, period):
                 drawn += self._draw(need - drawn, ev)
-        if spec.top_up and spec.top_up.auto and self.balance < spec.top_up.below:
+        if need > 0 and spec.top_up and spec.top_up.auto and self.balance < spec.top_up.below:
             self._buy_top_up(spec, plan, ev, period)
         low = spec.low_balance if spec.low_balance is not None else (spec.top_up.below if spec.top_up else None)
         if low is not None and self.balance < low and period not in self.low_fired:
@@ -301,7 +302,12 @@ class _Wallet:
 
     def _buy_top_up(self, spec: Credits, plan: PlanFile, ev: CreditEvent, period: Period) -> bool:
         top = spec.top_up
-        if self.top_ups[period] >= top.max_per_period:
+        if top.max_per_period is not None and self.top_ups[period] >= top.max_per_period:
+            # the plan's cap binds: said once per period, on the first pack it keeps back
+            if period not in self.limit_fired:
+                self.limit_fired.add(period)
+                self.out.alerts.append((ev.customer_id, ev.subscription_id, "top_up_limit_reached",
+                                        str(top.max_per_period), decimal_text(self.balance), ev.event_at))
             return False
         self.top_ups[period] += 1
         n = self.top_ups[period]
@@ -864,6 +870,7 @@ def _wallet_saved(w: _Wallet, last: tuple[datetime, str] | None) -> dict:
         "top_ups": [[str(p), n] for p, n in w.top_ups.items()],
         "low_fired": sorted(str(p) for p in w.low_fired),
         "exhausted_fired": sorted(str(p) for p in w.exhausted_fired),
+        "limit_fired": sorted(str(p) for p in w.limit_fired),
         "grace_used": [[sub, str(p), str(v)] for (sub, p), v in w.grace_used.items()],
         "entries": [[e.customer_id, e.grant_id, e.kind, str(e.credits), str(e.balance_after), _at_text(e.occurred_at),
                      _at_text(e.expires_at), str(e.cost_basis), e.subscription_id, e.event_id, e.meter]
@@ -887,6 +894,7 @@ def _wallet_restored(customer_id: str, state: dict, out: Outcome) -> tuple[_Wall
         w.top_ups[Period.parse(p)] = n
     w.low_fired = {Period.parse(p) for p in state["low_fired"]}
     w.exhausted_fired = {Period.parse(p) for p in state["exhausted_fired"]}
+    w.limit_fired = {Period.parse(p) for p in state.get("limit_fired", ())}  # absent in older checkpoints
     for sub, p, v in state["grace_used"]:
         w.grace_used[(sub, Period.parse(p))] = Decimal(v)
     out.entries = [Entry(c, gid, kind, Decimal(credits), Decimal(after), _at(at), _at(expires), Decimal(basis), sub,

@@ -168,13 +168,15 @@ class Grant(Strict):
 
 
 class TopUp(Strict):
-    """A pack of credits bought when the balance falls below `below` (auto) at `price`."""
+    """A pack of credits bought when the balance falls below `below` (auto) at `price`. As many
+    packs as the history needs are bought; `max_per_period` (none by default) caps the automatic
+    packs of one period, and the replay alerts `top_up_limit_reached` when the cap keeps one back."""
 
     credits: Units
     price: Money
     auto: bool = False
     below: Units = Decimal(0)
-    max_per_period: int = Field(default=3, ge=1)
+    max_per_period: int | None = Field(default=None, ge=1)
     expires: Expiry = "never"
 
     @model_validator(mode="after")
