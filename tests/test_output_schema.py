@@ -25,8 +25,9 @@ PERIOD = "2026-10"
 
 def path_pattern(path: str) -> re.Pattern:
     """A documented path (billing/period=YYYY-MM/invoices.parquet) as a regular expression."""
-    placeholders = {"YYYY-MM-DD": r"\d{4}-\d{2}-\d{2}", "YYYY-MM": r"\d{4}-\d{2}", "RUN_ID": r"[^/]+"}
-    parts = re.split("(YYYY-MM-DD|YYYY-MM|RUN_ID)", path)
+    placeholders = {"YYYY-MM-DD": r"\d{4}-\d{2}-\d{2}", "YYYY-MM": r"\d{4}-\d{2}", "RUN_ID": r"[^/]+",
+                    "SIMULATION_ID": r"[^/]+"}
+    parts = re.split("(YYYY-MM-DD|YYYY-MM|RUN_ID|SIMULATION_ID)", path)
     return re.compile("".join(placeholders.get(p, re.escape(p)) for p in parts) + "$")
 
 
@@ -76,11 +77,13 @@ def test_each_published_key_maps_to_one_table():
 
 @pytest.fixture(scope="module")
 def story(prefect_server, tmp_path_factory) -> Path:
-    """A small demo store: a night, the close, a price cut and the backfill that corrects it."""
+    """A small demo store: a night, the close, a price cut and the backfill that corrects it,
+    and a simulation of the credit customers on a usage plan."""
     from flows.backfill import backfill
     from flows.close import close_period
     from flows.demo import write_demo_store
     from flows.nightly import nightly
+    from flows.simulate import simulate
 
     tmp = tmp_path_factory.mktemp("schema")
     store, plans = tmp / "store", tmp / "plans"
@@ -95,6 +98,8 @@ def story(prefect_server, tmp_path_factory) -> Path:
     result = backfill(store=str(store), plans=str(plans), first=PERIOD, last=PERIOD, reason="price cut",
                       as_of="2026-11-20")
     assert result["status"] == "corrected", result
+    simulate(store=str(store), plans=str(plans), period=PERIOD, plan_map=["images=images-usage"],
+             candidates=str(REPO / "plans" / "candidates"))
     return store
 
 
@@ -135,7 +140,7 @@ def test_no_null_where_the_schema_promises_none(story):
     # the tables that carry the story hold rows, so the null checks above are not vacuous
     for table in ("invoices", "invoice_lines", "usage_summary", "margins", "quarantine", "alerts", "credit_ledger",
                   "credit_balances", "revenue", "journal", "correction_revenue", "draft_invoices",
-                  "draft_invoice_lines", "nightly_usage"):
+                  "draft_invoice_lines", "nightly_usage", "simulation_customers", "simulation_margins"):
         assert rows.get(table, 0) > 0, f"{table}: no rows written, nothing checked"
 
 

@@ -120,3 +120,21 @@ def arrow_schema(table: str) -> pa.Schema:
 def polars_schema(table: str) -> pl.Schema:
     """The table's columns in file order as Polars types (what `pl.read_parquet` gives)."""
     return pl.Schema({name: dtype for name, dtype in pl.from_arrow(arrow_schema(table).empty_table()).schema.items()})
+
+
+def data_dictionary() -> str:
+    """The tables as markdown, one section each (grain, keys, where, columns): the generated
+    part of docs/outputs.md, so the page says what this file says."""
+    parts = []
+    for spec in output_tables().values():
+        where = ", ".join(f"`{p}`" for p in spec.paths)
+        parts.append(
+            f"### {spec.name}\n\n"
+            f"{spec.grain}\n\n"
+            f"- written by: {', '.join(spec.written_by)}\n"
+            f"- where: {where}\n"
+            f"- keys: {', '.join(f'`{k}`' for k in spec.keys)}\n\n"
+            "| column | type | empty? | meaning |\n|---|---|---|---|\n"
+            + "".join(f"| `{c.name}` | `{c.type}` | {'may be empty' if c.nullable else 'never'} | "
+                      f"{c.description.replace('|', '/')} |\n" for c in spec.columns))
+    return "\n".join(parts)
