@@ -165,3 +165,163 @@ def test_the_worked_examples_reader_reads_what_the_page_says():
         ("input_tokens", {"model": "gpt-4o", "region": "eu"}, Decimal(2), date(2026, 10, 20))]
     assert subscription_of("from 2026-09-01, pinned to version 1", "api").plan_version == 1
     assert len(worked_examples()) >= 20
+
+
+# -- docs/outputs.md ----------------------------------------------------------------------------
+
+OUTPUTS_MD = DOCS / "outputs.md"
+GENERATED = re.compile(r"(<!-- generated from transforms/schema/outputs.yaml[^>]*-->\n)(.*?)(<!-- end of generated tables -->)",
+                       re.S)
+
+
+def test_the_data_dictionary_is_the_one_the_schema_file_generates():
+    from transforms.schema import data_dictionary
+
+    text = OUTPUTS_MD.read_text(encoding="utf-8")
+    match = GENERATED.search(text)
+    assert match, "docs/outputs.md lost its generated-tables markers"
+    wanted = "\n" + data_dictionary() + "\n"
+    if UPDATE:
+        OUTPUTS_MD.write_text(text[:match.start(2)] + wanted + text[match.end(2):], encoding="utf-8")
+        return
+    assert match.group(2) == wanted, ("docs/outputs.md is out of date with transforms/schema/outputs.yaml; "
+                                      "regenerate it with BILLRUN_UPDATE_DOCS=1 pytest tests/test_docs.py")
+
+
+def test_every_table_and_column_of_the_schema_is_in_the_data_dictionary_and_only_those():
+    from transforms.schema import output_tables
+
+    text = OUTPUTS_MD.read_text(encoding="utf-8").split("<!-- end of generated tables -->")[0]
+    documented: dict[str, list[str]] = {}
+    for section in re.split(r"^### ", text, flags=re.M)[1:]:
+        name = section.split("\n", 1)[0].strip()
+        documented[name] = re.findall(r"^\| `([^`]+)` \| `", section, flags=re.M)
+    schema = {name: [c.name for c in spec.columns] for name, spec in output_tables().items()}
+    assert documented == schema
+
+
+# -- docs/inputs.md -----------------------------------------------------------------------------
+
+INPUTS_MD = DOCS / "inputs.md"
+
+
+def input_example(header_starts: str, language: str = "csv") -> str:
+    found = [body for _, body in blocks(INPUTS_MD.read_text(encoding="utf-8"), language)
+             if body.startswith(header_starts)]
+    assert len(found) == 1, f"docs/inputs.md: expected one {language} example starting {header_starts!r}"
+    return found[0]
+
+
+def test_the_usage_examples_are_valid_rows_and_the_quantity_forms_parse():
+    import polars as pl
+
+    from transforms.usage import normalized_usage
+
+    csv_rows = normalized_usage(pl.read_csv(input_example("event_id,").encode(), infer_schema=False), "usage/a.csv")
+    jsonl_rows = normalized_usage(pl.read_ndjson(input_example('{"event_id"', "jsonl").encode()), "usage/a.jsonl")
+    for rows in (csv_rows, jsonl_rows):
+        assert rows["reason"].null_count() == rows.height, rows.filter(pl.col("reason").is_not_null())
+    assert csv_rows["dims"].to_list()[:3] == ['{"model":"gpt-4o","region":"eu"}'] * 2 + ["{}"]
+    # the quantity and timestamp forms the page names
+    text = pl.DataFrame({"event_id": ["a", "b", "c", "d", "e"], "customer_id": ["c"] * 5, "meter": ["m"] * 5,
+                         "quantity": ["1520", "0.5", "1.5e3", "+2", "0.0000000001"],
+                         "timestamp": ["2026-10-03T14:02:11Z", "2026-10-03T14:02:11.250+02:00", "2026-10-03 14:02:11",
+                                       "2026-10-03T14:02:11z", "2026-10-03T14:02:11Z"]})
+    rows = normalized_usage(text, "usage/b.csv")
+    assert rows["reason"].to_list() == [None, None, None, None, "bad_quantity"]
+    assert [str(q) for q in rows["quantity"].to_list()[:4]] == ["1520.000000000", "0.500000000", "1500.000000000",
+                                                                "2.000000000"]
+
+
+def test_the_reference_examples_pass_the_checks_a_close_makes():
+    import polars as pl
+    import yaml
+
+    from transforms.credits import purchases_from
+    from transforms.margins import costs_from
+    from transforms.plans import load_catalog
+    from transforms.reference import checked_customers, checked_subscriptions
+
+    def frame(header: str) -> pl.DataFrame:
+        return pl.read_csv(input_example(header).encode(), infer_schema=False)
+
+    customers = checked_customers(frame("customer_id,name"), "customers/customers.csv")
+    subs = checked_subscriptions(frame("subscription_id,"), "subscriptions/subscriptions.csv", customers,
+                                 load_catalog(REPO / "plans"))
+    assert [s.plan_version for s in subs] == [None, None, 1]
+    assert len(purchases_from(frame("purchase_id,"), "credit_purchases/p.csv", set(customers["customer_id"]))) == 1
+    assert len(costs_from(frame("meter,filter,")).rows) == 3
+    seller = yaml.safe_load(input_example("name:", "yaml"))
+    assert set(seller) == {"name", "address", "email", "tax_id"}
+
+
+def test_every_quarantine_reason_the_code_emits_is_documented_and_only_those():
+    from transforms.usage import ROW_REASONS
+
+    sql = (REPO / "transforms" / "sql" / "settle_usage.sql").read_text(encoding="utf-8")
+    emitted = set(ROW_REASONS) | set(re.findall(r"THEN '([a-z_]+)'", sql)) - {"billed", "quarantined"}
+    emitted.add("unreadable_object")  # flows/close.py: one row per object that cannot be read
+    text = INPUTS_MD.read_text(encoding="utf-8")
+    table = text.split("### Quarantine reason codes")[1].split("\n\n")[2]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M))
+    assert documented == emitted
+
+
+# -- docs/warehouse.md: the DuckDB recipe, for real -----------------------------------------------
+
+WAREHOUSE_MD = DOCS / "warehouse.md"
+GOLDEN = Path(__file__).parent / "golden"
+
+# The warehouse table the recipe reads: golden customers on golden plans (tok: input_tokens by
+# model and region, api_calls; jp: images), one event a few hours apart over the month.
+WAREHOUSE_ROWS = [
+    ("w-01", "c1", "input_tokens", "1500000", "2026-10-01 08:00:00+00", "gpt-4o", "eu"),
+    ("w-02", "c1", "input_tokens", "250000.5", "2026-10-01 23:59:59.999+00", "gpt-4o-mini", None),
+    ("w-03", "c3", "images", "3", "2026-10-01 12:00:00+09", None, None),
+    ("w-04", "c1", "api_calls", "120", "2026-10-02 00:00:00+00", None, None),
+    ("w-05", "c1", "input_tokens", "2000000", "2026-10-15 10:00:00+00", "gpt-4o", "us"),
+    ("w-06", "c2", "api_calls", "60", "2026-10-20 10:00:00+00", None, None),
+    ("w-07", "c3", "images", "2", "2026-10-31 23:00:00+00", None, None),
+]
+
+
+@pytest.fixture(scope="module")
+def warehouse_close(prefect_server, tmp_path_factory):
+    import shutil
+
+    import duckdb
+
+    from closeutil import close
+
+    root = tmp_path_factory.mktemp("warehouse")
+    store = root / "billing-data"
+    for folder in ("customers", "subscriptions"):
+        shutil.copytree(GOLDEN / "store" / folder, store / folder)
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA analytics")
+    con.execute("CREATE TABLE analytics.usage_events (event_id VARCHAR, account_id VARCHAR, meter VARCHAR, "
+                "quantity DECIMAL(18, 3), occurred_at TIMESTAMPTZ, model VARCHAR, region VARCHAR)")
+    con.executemany("INSERT INTO analytics.usage_events VALUES (?, ?, ?, CAST(? AS DECIMAL(18, 3)), "
+                    "CAST(? AS TIMESTAMPTZ), ?, ?)", WAREHOUSE_ROWS)
+    text = WAREHOUSE_MD.read_text(encoding="utf-8")
+    (mkdir,) = [body for _, body in blocks(text, "bash") if body.startswith("mkdir -p ")]
+    (store / mkdir.split()[-1].removeprefix("billing-data/")).mkdir(parents=True)
+    statements = [body for _, body in blocks(text, "sql")]
+    assert len(statements) == 2
+    for sql in statements:
+        con.execute(sql.replace("'billing-data/", f"'{store}/").replace("'billing-data'", f"'{store}'"))
+    return store, close(str(store), str(GOLDEN / "plans"), "2026-10")
+
+
+@pytest.mark.slow
+def test_the_duckdb_export_recipe_bills_every_event_once(warehouse_close):
+    import pyarrow.parquet as pq
+
+    store, result = warehouse_close
+    day_one = ["w-01", "w-02", "w-03"]  # October 1 in UTC (w-03 is noon in Tokyo, 03:00 UTC)
+    parts = sorted(p.relative_to(store).as_posix() for p in (store / "usage").rglob("*.parquet"))
+    assert "usage/date=2026-10-01/part-0.parquet" in parts and "usage/date=2026-10-31/data_0.parquet" in parts
+    assert "date" not in pq.read_schema(store / "usage/date=2026-10-31/data_0.parquet").names
+    # every event billed once; the day exported twice (both recipes) is all duplicates
+    assert result["rows"] == {"read": len(WAREHOUSE_ROWS) + len(day_one), "billed": len(WAREHOUSE_ROWS),
+                              "duplicates": len(day_one), "quarantined": 0}
