@@ -360,7 +360,7 @@ def _margin_pct(entry: dict) -> str:
 
 
 NO_COSTS_NOTE = (f"The store has no {COSTS_KEY}: margins are unknown where there is usage "
-                 "(see the README for the cost file).")
+                 "(see docs/inputs.md for the cost file).")
 
 
 # --- the period report ------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def test_the_usage_examples_are_valid_rows_and_the_quantity_forms_parse():
     text = pl.DataFrame({"event_id": ["a", "b", "c", "d", "e"], "customer_id": ["c"] * 5, "meter": ["m"] * 5,
                          "quantity": ["1520", "0.5", "1.5e3", "+2", "0.0000000001"],
                          "timestamp": ["2026-10-03T14:02:11Z", "2026-10-03T14:02:11.250+02:00", "2026-10-03 14:02:11",
-                                       "2026-10-03T14:02:11z", "2026-10-03T14:02:11Z"]})
+                                       "2026-10-03t14:02:11z", "2026-10-03T14:02:11Z"]})
     rows = normalized_usage(text, "usage/b.csv")
     assert rows["reason"].to_list() == [None, None, None, None, "bad_quantity"]
     assert [str(q) for q in rows["quantity"].to_list()[:4]] == ["1520.000000000", "0.500000000", "1500.000000000",
@@ -325,3 +325,32 @@ def test_the_duckdb_export_recipe_bills_every_event_once(warehouse_close):
     # every event billed once; the day exported twice (both recipes) is all duplicates
     assert result["rows"] == {"read": len(WAREHOUSE_ROWS) + len(day_one), "billed": len(WAREHOUSE_ROWS),
                               "duplicates": len(day_one), "quarantined": 0}
+
+
+# -- links --------------------------------------------------------------------------------------
+
+def slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", sorted(p.relative_to(REPO).as_posix() for p in DOCS.glob("*.md")) + ["README.md"])
+def test_every_relative_link_leads_to_a_file_and_heading_that_exist(page):
+    source = REPO / page
+    text = FENCE.sub("", source.read_text(encoding="utf-8"))
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (source.parent / path).resolve() if path else source
+        assert linked.exists(), f"{page}: link to {target}: no such file"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", FENCE.sub("", linked.read_text(encoding="utf-8")), flags=re.M)
+            assert anchor in {slug(h) for h in headings}, f"{page}: link to {target}: no such heading"
+
+
+def test_the_index_links_every_page():
+    index = (DOCS / "README.md").read_text(encoding="utf-8")
+    for page in DOCS.glob("*.md"):
+        if page.name != "README.md":
+            assert f"]({page.name})" in index, f"docs/README.md does not link {page.name}"

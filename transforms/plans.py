@@ -362,7 +362,7 @@ def parse_plan(text: str, path: str) -> PlanFile:
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown field (check its spelling against the plan reference in the README)"
+            msg = "unknown field (check its spelling against the plan reference, docs/plans.md)"
         elif err["type"] == "missing":
             msg = "required field is missing"
         elif err["type"] == "union_tag_invalid":
