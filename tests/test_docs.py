@@ -354,3 +354,41 @@ def test_the_index_links_every_page():
     for page in DOCS.glob("*.md"):
         if page.name != "README.md":
             assert f"]({page.name})" in index, f"docs/README.md does not link {page.name}"
+
+
+# -- docs/exit-codes.md -------------------------------------------------------------------------
+
+def test_the_exit_codes_page_names_the_codes_the_command_line_gives(monkeypatch, capsys):
+    from typer.testing import CliRunner
+
+    from flows import cli
+
+    text = (DOCS / "exit-codes.md").read_text(encoding="utf-8")
+    assert set(re.findall(r"^\| `(\d+)` \|", text, flags=re.M)) == {"0", "1", "2", "130"}
+    runner = CliRunner()
+    assert runner.invoke(cli.app, ["close"]).exit_code == 2  # a required option left out
+    assert runner.invoke(cli.app, ["close", "--period", "2026-10", "--no-such-option"]).exit_code == 2
+    mistake = runner.invoke(cli.app, ["backfill", "--from", "2026-10", "--to", "2026-10", "--as-of", "soon"])
+    assert mistake.exit_code == 1 and "billrun: error:" in mistake.output
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "app", interrupted)
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 130
+
+
+def test_every_field_a_plan_file_accepts_is_documented():
+    from transforms import plans
+    from transforms.pricing import PRICE_MODELS
+    from transforms.pricing.graduated_percentage import PercentTier
+    from transforms.pricing.tiers import UnitTier
+
+    text = PLANS_MD.read_text(encoding="utf-8")
+    models = [plans.Plan, plans.FixedFee, plans.Charge, plans.Commitment, plans.SpendControls, plans.Grant,
+              plans.TopUp, plans.ConsumeByDimension, plans.Credits, UnitTier, PercentTier]
+    models += [module.Price for module in PRICE_MODELS.values()]
+    missing = sorted({f"{m.__name__}.{name}" for m in models for name in m.model_fields
+                      if f"`{name}`" not in text and f"{name}:" not in text})
+    assert not missing, f"docs/plans.md does not document {missing}"
