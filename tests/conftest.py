@@ -53,3 +53,15 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+# The fast lane (`pytest -m "not slow"`): a test that needs the Prefect server or the S3 server,
+# itself or through a fixture it uses, is slow without having to say so; tests that start other
+# processes (a subprocess CLI, Chromium) carry @pytest.mark.slow themselves.
+SLOW_FIXTURES = frozenset({"prefect_server", "s3_endpoint", "s3_bucket"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
