@@ -392,3 +392,18 @@ def test_every_field_a_plan_file_accepts_is_documented():
     missing = sorted({f"{m.__name__}.{name}" for m in models for name in m.model_fields
                       if f"`{name}`" not in text and f"{name}:" not in text})
     assert not missing, f"docs/plans.md does not document {missing}"
+
+
+def test_the_parquet_usage_example_writes_rows_billrun_accepts(tmp_path, monkeypatch):
+    import polars as pl
+
+    from transforms.usage import normalized_usage
+
+    (code,) = [body for _, body in blocks(INPUTS_MD.read_text(encoding="utf-8"), "python")]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "billing-data/usage/date=2026-10-03").mkdir(parents=True)
+    exec(compile(code, "docs/inputs.md", "exec"), {})
+    key = "usage/date=2026-10-03/part-0.parquet"
+    rows = normalized_usage(pl.read_parquet(tmp_path / "billing-data" / key), key)
+    assert rows["reason"].to_list() == [None, None]
+    assert [str(q) for q in rows["quantity"]] == ["1520.000000000", "311.500000000"]
