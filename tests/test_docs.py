@@ -231,6 +231,9 @@ def test_the_usage_examples_are_valid_rows_and_the_quantity_forms_parse():
     assert rows["reason"].to_list() == [None, None, None, None, "bad_quantity"]
     assert [str(q) for q in rows["quantity"].to_list()[:4]] == ["1520.000000000", "0.500000000", "1500.000000000",
                                                                 "2.000000000"]
+    # what a Parquet DOUBLE column holds when a producer computed 0.1 + 0.2 (the input a user sends)
+    floats = text.head(2).with_columns(pl.Series("quantity", ["0.1", "0.30000000000000004"]).cast(pl.Float64))
+    assert normalized_usage(floats, "usage/c.parquet")["reason"].to_list() == [None, "bad_quantity"]
 
 
 def test_the_reference_examples_pass_the_checks_a_close_makes():
