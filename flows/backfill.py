@@ -31,9 +31,11 @@ from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _sha256, catalog_entries
 from flows.locks import period_lock
 from flows.status import checked_key
 from flows.store import open_store
-from transforms.corrections import correction_documents, issued_lines, ledger_adjustments, revenue_adjustments
+from transforms.corrections import (correction_documents, issued_lines, issued_taxes, ledger_adjustments,
+                                   revenue_adjustments)
 from transforms.credits import balances_table
-from transforms.revenue import journal, proportional_rates, revenue_rows
+from transforms.revenue import journal, proportional_rates, revenue_rows, tax_rows
+from transforms.terms import due_on
 from transforms.errors import InputError
 from transforms.invoices import Invoice, invoices_table, lines_table
 from transforms.money import format_money
@@ -176,10 +178,13 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                 rerated = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
                 plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
                 record = issued[str(period)]
-                documents += correction_documents(str(period), rerated, issued_lines(record.lines),
-                                                  _originals(record.docs), _next_numbers(record.docs), issued_on)
                 plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
                 roundings.update({sub: plan.rounding for sub, plan in plan_of_sub.items()})
+                due = {row["customer_id"]: due_on(issued_on, reference.seller, row)
+                       for row in reference.customers.iter_rows(named=True)}
+                documents += [replace(doc, due_on=due.get(doc.customer_id)) for doc in correction_documents(
+                    str(period), rerated, issued_lines(record.lines), _originals(record.docs),
+                    _next_numbers(record.docs), issued_on, issued_taxes(record.lines), roundings)]
                 revenue_changes.append(revenue_adjustments(
                     revenue_rows(period, rerated, outcome, proportional_rates(outcome, plan_of_sub)),
                     record.revenue, str(period), booked))
@@ -195,7 +200,8 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             if documents or revenue_changes.height or ledger_changes.height:
                 documents = [replace(d, run_id=run_id, reason=reason) for d in documents]
                 names, manifest = _write(documents, revenue_changes, ledger_changes, customers, roundings, inputs,
-                                         run_id, reason, issued_on, closed, plan_entries, work_dir / "out")
+                                         run_id, reason, issued_on, closed, plan_entries, work_dir / "out",
+                                         booked)
                 publish_corrections(store, run_id, work_dir / "out", quote(names), quote(manifest))
             record_checked(store, closed, run_id, quote(inputs), plan_entries, quote(catalog))
         finally:
@@ -267,12 +273,13 @@ def record_checked(store_uri: str, periods: list[Period], run_id: str, inputs, p
 
 def _write(documents: list[Invoice], revenue_changes: pl.DataFrame, ledger_changes: pl.DataFrame,
            customers: pl.DataFrame, roundings: dict[str, str], inputs, run_id: str, reason: str, as_of: date,
-           periods: list[Period], plan_entries: list[dict], out_dir: Path) -> tuple[list[str], bytes]:
+           periods: list[Period], plan_entries: list[dict], out_dir: Path, booked: str
+           ) -> tuple[list[str], bytes]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "documents").mkdir()
     tables = {"invoices.parquet": invoices_table(documents), "invoice_lines.parquet": lines_table(documents),
               "revenue.parquet": revenue_changes, "credit_ledger.parquet": ledger_changes,
-              "journal.parquet": journal(revenue_changes)}
+              "journal.parquet": journal(revenue_changes, tax_rows(documents, booked))}
     names = list(tables)
     for name, frame in tables.items():
         frame.write_parquet(out_dir / name, **PARQUET)

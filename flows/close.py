@@ -52,9 +52,12 @@ from transforms.periods import Period
 from transforms.plans import Catalog, PlanFile, load_catalog
 from transforms.reference import (Segment, Subscription, checked_customers, checked_subscriptions, plan_on,
                                   segments_in)
-from transforms.revenue import journal, proportional_rates, revenue_rows
+from transforms.revenue import journal, proportional_rates, revenue_rows, tax_rows
 from transforms.settle import Settlement, settled_usage, split_at_replay
 from transforms.spend import spend_alerts
+from transforms.tax import Party, customer_parties, taxed_invoices
+from transforms.tax.rules import RULES_KEY, RulesProvider, load_rules
+from transforms.terms import due_on, seller_block as terms_seller_block
 from transforms.usage import normalized_usage
 
 MANIFEST = "manifest.json"
@@ -102,11 +105,13 @@ class Inputs:
     subscriptions: InputObject
     seller: InputObject | None
     purchases: tuple[InputObject, ...] = ()
+    tax_rules: InputObject | None = None
 
     @property
     def all(self) -> tuple[InputObject, ...]:
         """Every input object, ordered by key (for manifests and run ids)."""
-        rest = (self.customers, self.subscriptions) + ((self.seller,) if self.seller else ())
+        rest = ((self.customers, self.subscriptions) + ((self.seller,) if self.seller else ())
+                + ((self.tax_rules,) if self.tax_rules else ()))
         return tuple(sorted(self.usage + self.purchases + rest, key=lambda o: o.key))
 
 
@@ -116,6 +121,8 @@ class Reference:
     subscriptions: tuple[Subscription, ...]
     segments: tuple[Segment, ...]
     purchases: tuple[Purchase, ...] = ()
+    seller: dict = field(default_factory=dict)       # transforms.terms.seller_block
+    tax: RulesProvider | None = None                  # None: the store bills no tax
 
 
 @dataclass
@@ -162,10 +169,11 @@ def fetch_inputs(store_uri: str, cache_dir: Path) -> Inputs:
             raise InputError(f"{store.uri}: {keys[0]} (or .parquet) not found; "
                              f"every store needs customers and subscriptions")
     seller_key = SELLER_KEY if store.exists(SELLER_KEY) else None
+    rules_key = RULES_KEY if store.exists(RULES_KEY) else None
     usage_infos = [o for o in store.list("usage/") if is_usage_key(o.key)]
     purchase_infos = [o for o in store.list("credit_purchases/") if is_purchases_key(o.key)]
     keys = ([o.key for o in usage_infos + purchase_infos] + [customers_key, subscriptions_key]
-            + ([seller_key] if seller_key else []))
+            + ([seller_key] if seller_key else []) + ([rules_key] if rules_key else []))
     local = store.fetch(keys, cache_dir)
     sizes = {o.key: (o.size, o.etag) for o in usage_infos + purchase_infos}
 
@@ -175,7 +183,8 @@ def fetch_inputs(store_uri: str, cache_dir: Path) -> Inputs:
         return InputObject(key, size, _sha256(path), path, etag)
 
     inputs = Inputs(tuple(obj(o.key) for o in usage_infos), obj(customers_key), obj(subscriptions_key),
-                    obj(seller_key) if seller_key else None, tuple(obj(o.key) for o in purchase_infos))
+                    obj(seller_key) if seller_key else None, tuple(obj(o.key) for o in purchase_infos),
+                    obj(rules_key) if rules_key else None)
     logger.info("fetch-inputs: %d usage objects, %d bytes in %.2fs", len(inputs.usage),
                 sum(o.size for o in inputs.usage), time.perf_counter() - started)
     return inputs
@@ -191,9 +200,40 @@ def check_reference(inputs: Inputs, catalog: Catalog, period: Period) -> Referen
     known = set(customers["customer_id"].to_list())
     purchases = [p for obj in inputs.purchases
                  for p in purchases_from(read_table(obj.path, obj.key), obj.key, known)]
+    tax = tax_rules(inputs, customers)
     get_run_logger().info("check-reference: %d customers, %d subscriptions, %d segments, %d credit purchases in %s",
                           customers.height, len(subs), len(segments), len(purchases), period)
-    return Reference(customers, tuple(subs), tuple(segments), tuple(purchases))
+    return Reference(customers, tuple(subs), tuple(segments), tuple(purchases), seller_block(inputs), tax)
+
+
+def tax_rules(inputs: Inputs, customers: pl.DataFrame) -> RulesProvider | None:
+    """The store's tax rules (None without tax/rules.yaml); with rules, every customer needs a
+    country, or its tax could not be decided."""
+    if inputs.tax_rules is None:
+        return None
+    provider = load_rules(inputs.tax_rules.path.read_text(encoding="utf-8"), inputs.tax_rules.key)
+    missing = customers.with_row_index("row", 1).filter(pl.col("country").is_null())
+    if missing.height:
+        row = missing.row(0, named=True)
+        raise InputError(f"{inputs.customers.key} row {row['row']}, country: required when {RULES_KEY} exists "
+                         f"(customer {row['customer_id']!r}; two letters, e.g. NL, US)")
+    return provider
+
+
+def invoices_to_send(invoices: list[Invoice], reference: Reference) -> list[Invoice]:
+    """Rated invoices made ready to send: tax lines from the store's tax rules (none without
+    them), then each document's due date from the payment terms."""
+    segments = list(reference.segments)
+    customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
+    if reference.tax is not None:
+        last_plan = {s.subscription.subscription_id: (s.plan.plan.plan, s.plan.plan.version) for s in segments}
+        inclusive = frozenset((s.plan.plan.plan, s.plan.plan.version) for s in segments if s.plan.plan.tax_inclusive)
+        rounding = {s.subscription.subscription_id: s.plan.plan.rounding for s in segments}
+        invoices = taxed_invoices(invoices, reference.tax, Party(reference.tax.country, None,
+                                                                 reference.seller.get("tax_id")),
+                                  customer_parties(reference.customers), inclusive, last_plan, rounding)
+    return [replace(inv, due_on=due_on(inv.issued_on, reference.seller, customers.get(inv.customer_id)))
+            for inv in invoices]
 
 
 @task(name="normalize-usage", cache_policy=NO_CACHE)
@@ -316,7 +356,7 @@ def rate_invoices(settlement: Settlement, reference: Reference, outcome: Outcome
         rounding_of = {s.subscription.subscription_id: s.plan.plan.rounding for s in segments}
         extra = credit_lines(period, outcome, list(reference.purchases), list(reference.subscriptions),
                              currency_of, rounding_of)
-        invoices = period_invoices(period, segments, usage, extra)
+        invoices = invoices_to_send(period_invoices(period, segments, usage, extra), reference)
     get_run_logger().info("rate-invoices: %d invoices, %d lines in %.2fs", len(invoices),
                           sum(len(i.lines) for i in invoices), time.perf_counter() - started)
     return invoices
@@ -399,9 +439,9 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
     revenue = revenue_rows(period, invoices, outcome, proportional_rates(outcome, plan_of_sub))
     write("revenue.parquet", revenue)
-    write("journal.parquet", journal(revenue))
+    write("journal.parquet", journal(revenue, tax_rows(invoices, str(period))))
 
-    seller = seller_block(inputs)
+    seller = reference.seller
     customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
     roundings = {seg.subscription.subscription_id: seg.plan.plan.rounding for seg in reference.segments}
     tables_done = time.perf_counter()
@@ -440,11 +480,15 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
 
 
 def seller_block(inputs: Inputs) -> dict:
-    """The seller shown on documents, from the store's optional seller.yaml."""
-    loaded = yaml.safe_load(inputs.seller.path.read_text(encoding="utf-8")) if inputs.seller else {}
-    seller = {k: loaded.get(k) for k in ("name", "address", "email", "tax_id")} if isinstance(loaded, dict) else {}
-    seller["name"] = seller.get("name") or "(seller not configured: add seller.yaml to the store)"
-    return seller
+    """The seller shown on documents, with payment terms and instructions, from the store's
+    optional seller.yaml (see transforms.terms)."""
+    if inputs.seller is None:
+        return terms_seller_block({})
+    try:
+        loaded = yaml.safe_load(inputs.seller.path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{inputs.seller.key}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return terms_seller_block(loaded, inputs.seller.key)
 
 
 def _totals(invoices: list[Invoice]) -> list[dict]:

@@ -43,8 +43,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.close import (IO_RETRIES, MANIFEST, PARQUET, Inputs, InputObject, _one_of, _sha256, check_reference,
-                         normalize_usage, work_dir_for)
+from flows.close import (IO_RETRIES, MANIFEST, PARQUET, RULES_KEY, SELLER_KEY, Inputs, InputObject, _one_of, _sha256,
+                         check_reference, invoices_to_send, normalize_usage, work_dir_for)
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key
 from flows.locks import period_lock
 from flows.store import open_store
@@ -202,7 +202,9 @@ def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path)
             fresh.append(k)
     removed = tuple(sorted(set(before) - set(listed)))
     replaced = tuple(k for k in fresh if k in before)
-    local = store.fetch(fresh + [customers_key, subscriptions_key] + purchases, cache_dir)
+    # seller.yaml and tax/rules.yaml: the drafts are taxed and dated as the close's invoices
+    extras = [k for k in (SELLER_KEY, RULES_KEY) if store.exists(k)]
+    local = store.fetch(fresh + [customers_key, subscriptions_key] + purchases + extras, cache_dir)
 
     def obj(k: str) -> InputObject:
         path = local[k]
@@ -224,8 +226,9 @@ def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path)
         tables = {"by_day": state[base["by_day"]], "events": state[base["events"]]}
     gone_keys = {} if rebuild else {k: before[k]["state"] for k in removed + replaced}
     gone = store.fetch(list(gone_keys.values()), cache_dir / "gone")
-    inputs = Inputs(tuple(obj(k) for k in fresh), obj(customers_key), obj(subscriptions_key), None,
-                    tuple(obj(k) for k in purchases))
+    inputs = Inputs(tuple(obj(k) for k in fresh), obj(customers_key), obj(subscriptions_key),
+                    obj(SELLER_KEY) if SELLER_KEY in extras else None, tuple(obj(k) for k in purchases),
+                    obj(RULES_KEY) if RULES_KEY in extras else None)
     previous = f"billing/period={period.previous()}/credit_balances.parquet"
     terms = spend_terms(inputs, catalog, store.sha256(previous) if store.exists(previous) else None)
     known_spend = None
@@ -540,7 +543,8 @@ def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Peri
     rounding_of = {s.subscription.subscription_id: s.plan.plan.rounding for s in segments}
     extra = credit_lines(period, outcome, list(reference.purchases), list(reference.subscriptions), currency_of,
                          rounding_of)
-    invoices = [replace(i, kind="invoice") for i in period_invoices(period, segments, billable, extra)]
+    invoices = [replace(i, kind="invoice") for i in invoices_to_send(period_invoices(period, segments, billable, extra),
+                                                                      reference)]
     spend = {i.subscription_id: sum(l.amount_minor for l in i.lines if l.kind in ("usage", "overage"))
              for i in invoices}
     known = {} if known_spend is None else {(s, d): v for s, d, v in pl.read_parquet(known_spend).iter_rows()}

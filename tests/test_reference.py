@@ -86,9 +86,11 @@ def shape(segments) -> list[tuple]:
 
 def test_customers_pass_with_optional_columns_filled_in():
     out = customers()
-    assert out.columns == ["customer_id", "name", "email", "address", "tax_id"]
+    assert out.columns == ["customer_id", "name", "email", "address", "tax_id", "country", "region", "tax_exempt",
+                           "payment_terms_days"]
     assert out.row(1, named=True) == {"customer_id": "c2", "name": "Globex", "email": None, "address": None,
-                                      "tax_id": None}
+                                      "tax_id": None, "country": None, "region": None, "tax_exempt": None,
+                                      "payment_terms_days": None}
 
 
 def test_customers_missing_column_is_named():

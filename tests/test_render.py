@@ -289,7 +289,7 @@ def test_commitment_true_up_is_shown_under_commitments():
 def test_summary_and_total_agree_and_due_date_shows_when_known():
     assert SAMPLE_HTML.count("$357.00") == 2  # the summary box and the total row
     assert "Due" not in _text(SAMPLE_HTML)
-    due = invoice_html(SAMPLE, renderutil.CUSTOMER, renderutil.SELLER, "half_up", "r", due_on=date(2026, 12, 1))
+    due = invoice_html(replace(SAMPLE, due_on=date(2026, 12, 1)), renderutil.CUSTOMER, renderutil.SELLER, "half_up", "r")
     assert "<td class=\"k\">Due</td><td>2026-12-01</td>" in due and "Due 2026-12-01" in due
 
 

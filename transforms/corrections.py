@@ -6,6 +6,11 @@ due now (a fresh rating with today's usage and plans) are compared with the line
 difference becomes a line of one correction document: a `credit_note` when the total goes down,
 a `debit_note` when it goes up. No difference, no document; so a second identical backfill
 issues nothing.
+
+Tax lines are not compared: a correction carries its own tax, on its adjustment lines, at the
+rate the original invoice applied to the line adjusted (so a rate changed since the invoice
+does not change what the correction reverses or adds); a line new to the period takes the
+original invoice's rate for the same treatment when it had one, else the re-rating's.
 """
 from __future__ import annotations
 
@@ -16,9 +21,10 @@ from decimal import Decimal
 
 import polars as pl
 
-from transforms.invoices import Invoice, Line
+from transforms.invoices import TAX_LINE_KINDS, Invoice, Line
 from transforms.money import decimal_text, format_money
 from transforms.pricing.base import ZERO, fmt_units
+from transforms.tax import tax_document_lines, tax_line
 
 PREFIXES = {"credit_note": "CN", "debit_note": "DN"}
 
@@ -31,6 +37,28 @@ class Issued:
     amount_minor: int
     meter: str | None
     unit: str
+    tax_rate: Decimal | None = None     # the rate the original invoice taxed the line at
+    tax_inclusive: bool | None = None
+
+
+@dataclass(frozen=True)
+class IssuedTax:
+    """A rate an invoice of the period was taxed at: its label and legal mention."""
+
+    label: str
+    note: str | None
+
+
+def issued_taxes(lines: pl.DataFrame) -> dict[str, dict[tuple[Decimal, bool], IssuedTax]]:
+    """Per subscription, the tax rates its documents of the period carry, (rate, inclusive) ->
+    label and mention, the first document's first (the original invoice's)."""
+    out: dict[str, dict[tuple[Decimal, bool], IssuedTax]] = defaultdict(dict)
+    if "tax_rate" not in lines.columns:  # a period closed before billrun knew tax
+        return {}
+    for row in lines.filter(pl.col("kind") == "tax").iter_rows(named=True):
+        key = (Decimal(row["tax_rate"]), bool(row["tax_inclusive"]))
+        out[row["subscription_id"]].setdefault(key, IssuedTax(row["description"], row["tax_note"]))
+    return dict(out)
 
 
 def issued_lines(lines: pl.DataFrame) -> dict[str, dict[tuple[str, str], Issued]]:
@@ -39,25 +67,54 @@ def issued_lines(lines: pl.DataFrame) -> dict[str, dict[tuple[str, str], Issued]
     line counts toward the line it adjusts (`adjusts_kind`, `adjusts_description`)."""
     net: dict[str, dict[tuple[str, str], list]] = defaultdict(dict)
     for row in lines.iter_rows(named=True):
+        if row["kind"] in TAX_LINE_KINDS:
+            continue
         key = (row.get("adjusts_kind") or row["kind"], row.get("adjusts_description") or row["description"])
-        entry = net[row["subscription_id"]].setdefault(key, [ZERO, 0, row["meter"], row["unit"] or ""])
+        rate = row.get("tax_rate")
+        entry = net[row["subscription_id"]].setdefault(
+            key, [ZERO, 0, row["meter"], row["unit"] or "", Decimal(rate) if rate is not None else None,
+                  row.get("tax_inclusive")])
         entry[0] += Decimal(row["quantity"])
         entry[1] += int(row["amount_minor"])
-    return {sub: {k: Issued(q, a, m, u) for k, (q, a, m, u) in keys.items()} for sub, keys in net.items()}
+    return {sub: {k: Issued(*entry) for k, entry in keys.items()} for sub, keys in net.items()}
 
 
 def _fmt_quantity(value: Decimal, unit: str) -> str:
     return f"{fmt_units(value)} {unit}".strip()
 
 
+def _tax_of(was: Issued | None, now: Line | None, original: dict[tuple[Decimal, bool], IssuedTax],
+            rerated: dict[tuple[Decimal, bool], IssuedTax]) -> tuple | None:
+    """(label, rate, inclusive, note) a correction of one line is taxed at, None if untaxed."""
+    if was is not None and was.tax_rate is not None:
+        key = (was.tax_rate, bool(was.tax_inclusive))
+        tax = original.get(key) or rerated.get(key)
+    elif now is not None and now.tax_rate is not None:
+        key = (now.tax_rate, bool(now.tax_inclusive))
+        tax = rerated.get(key)
+        same = [k for k, t in original.items() if k[1] == key[1] and tax is not None and t.note == tax.note]
+        if len(same) == 1:  # the original invoice's rate for this treatment
+            key, tax = same[0], original[same[0]]
+    else:
+        return None
+    if tax is None:
+        return None
+    return tax.label, key[0], key[1], tax.note
+
+
 def correction_documents(period: str, rerated: list[Invoice], issued: dict[str, dict[tuple[str, str], Issued]],
-                         originals: dict[str, dict], next_number: dict[str, int], as_of: date) -> list[Invoice]:
+                         originals: dict[str, dict], next_number: dict[str, int], as_of: date,
+                         taxes: dict[str, dict[tuple[Decimal, bool], IssuedTax]] | None = None,
+                         rounding_of: dict[str, str] | None = None) -> list[Invoice]:
     """One document per subscription whose lines differ from what was issued.
 
     `rerated`: the period's invoices as they would be issued now. `originals`: the invoices
     issued at the close (rows of invoices.parquet) by subscription. `next_number`: the next free
     number per document kind in this period (gap-free series CN-P-000001 and DN-P-000001).
+    `taxes`: the rates issued per subscription (issued_taxes); `rounding_of`: per subscription.
     """
+    taxes = taxes or {}
+    rounding_of = rounding_of or {}
     by_sub = {inv.subscription_id: inv for inv in rerated}
     numbers = dict(next_number)
     documents = []
@@ -66,12 +123,18 @@ def correction_documents(period: str, rerated: list[Invoice], issued: dict[str, 
         before = issued.get(sub_id, {})
         due: dict[tuple[str, str], Line] = {}
         for line in new.lines if new else ():
+            if line.kind in TAX_LINE_KINDS:
+                continue
             key = (line.kind, line.description)
             if key in due:  # two lines of one key: compare their sum
                 old = due[key]
                 line = Line(kind=line.kind, description=line.description, quantity=old.quantity + line.quantity,
-                            amount_minor=old.amount_minor + line.amount_minor, meter=line.meter, unit=line.unit)
+                            amount_minor=old.amount_minor + line.amount_minor, meter=line.meter, unit=line.unit,
+                            tax_rate=line.tax_rate, tax_inclusive=line.tax_inclusive)
             due[key] = line
+        rerated_taxes = {(l.tax_rate, bool(l.tax_inclusive)): IssuedTax(l.description, l.tax_note)
+                         for l in (new.lines if new else ()) if l.kind == "tax"}
+        tax_groups: dict[tuple, int] = {}
         lines = []
         for key in list(due) + sorted(k for k in before if k not in due):
             now = due.get(key)
@@ -84,14 +147,22 @@ def correction_documents(period: str, rerated: list[Invoice], issued: dict[str, 
             unit = (now.unit if now else was.unit) or ""
             meter = now.meter if now else was.meter
             money = lambda m: format_money(m, currency)  # noqa: E731
+            tax = _tax_of(was, now, taxes.get(sub_id, {}), rerated_taxes)
+            if tax is not None:
+                tax_groups[tax] = tax_groups.get(tax, 0) + new_a - old_a
             lines.append(Line(
                 kind="adjustment", adjusts_kind=key[0], adjusts_description=key[1], meter=meter, unit=unit,
                 description=f"{key[1]}: {_fmt_quantity(old_q, unit)} -> {_fmt_quantity(new_q, unit)}, "
                             f"{money(old_a)} -> {money(new_a)}",
                 quantity=new_q - old_q, amount_minor=new_a - old_a,
-                old_quantity=old_q, new_quantity=new_q, old_amount_minor=old_a, new_amount_minor=new_a))
+                old_quantity=old_q, new_quantity=new_q, old_amount_minor=old_a, new_amount_minor=new_a,
+                tax_rate=tax[1] if tax else None, tax_inclusive=tax[2] if tax else None))
         if not lines:
             continue
+        currency = new.currency if new else originals[sub_id]["currency"]
+        for (label, rate, inclusive, note), amount in tax_groups.items():
+            lines += tax_document_lines(tax_line(label, rate, amount, inclusive, currency,
+                                                 rounding_of.get(sub_id, "half_up"), note))
         total = sum(line.amount_minor for line in lines)
         kind = "credit_note" if total < 0 else "debit_note"
         number = numbers.get(kind, 1)

@@ -52,6 +52,15 @@ class Line:
     new_quantity: Decimal | None = None
     old_amount_minor: int | None = None
     new_amount_minor: int | None = None
+    # tax (see transforms.tax): on a taxed line, the rate it was taxed at; on a `tax` line, also
+    # the taxable base and the legal mention; tax_inclusive: the line's price contains the tax
+    tax_rate: Decimal | None = None
+    taxable_base_minor: int | None = None
+    tax_note: str | None = None
+    tax_inclusive: bool | None = None
+
+
+TAX_LINE_KINDS = ("tax", "tax_included")
 
 
 @dataclass(frozen=True)
@@ -69,10 +78,22 @@ class Invoice:
     corrects_invoice_id: str | None = None
     run_id: str | None = None
     reason: str | None = None
+    due_on: date | None = None
 
     @property
     def total_minor(self) -> int:
         return sum(line.amount_minor for line in self.lines)
+
+    @property
+    def tax_minor(self) -> int:
+        """The tax on the invoice: its `tax` lines (a `tax_included` line is the same tax backed
+        out of tax-inclusive prices, so it belongs to the subtotal)."""
+        return sum(line.amount_minor for line in self.lines if line.kind == "tax")
+
+    @property
+    def subtotal_minor(self) -> int:
+        """Net of tax: total = subtotal + tax."""
+        return self.total_minor - self.tax_minor
 
 
 @contextmanager
@@ -354,6 +375,7 @@ INVOICE_SCHEMA = {
     "period": pl.String, "currency": pl.String, "total_minor": pl.Int64, "issued_on": pl.Date,
     "corrects_invoice_id": pl.String, "service_start": pl.Date, "service_end": pl.Date,
     "line_count": pl.Int32, "run_id": pl.String, "reason": pl.String,
+    "subtotal_minor": pl.Int64, "tax_minor": pl.Int64, "due_on": pl.Date,
 }
 
 LINE_SCHEMA = {
@@ -364,6 +386,7 @@ LINE_SCHEMA = {
     "total_units": pl.String, "included_units": pl.String, "amount": pl.String, "details": pl.String,
     "adjusts_kind": pl.String, "adjusts_description": pl.String, "old_quantity": pl.String, "new_quantity": pl.String,
     "old_amount_minor": pl.Int64, "new_amount_minor": pl.Int64,
+    "tax_rate": pl.String, "taxable_base_minor": pl.Int64, "tax_note": pl.String, "tax_inclusive": pl.Boolean,
 }
 
 
@@ -374,7 +397,8 @@ def invoices_table(invoices: list[Invoice]) -> pl.DataFrame:
           "subscription_id": i.subscription_id, "period": i.period, "currency": i.currency,
           "total_minor": i.total_minor, "issued_on": i.issued_on, "corrects_invoice_id": i.corrects_invoice_id,
           "service_start": i.service_start, "service_end": i.service_end, "line_count": len(i.lines),
-          "run_id": i.run_id, "reason": i.reason}
+          "run_id": i.run_id, "reason": i.reason, "subtotal_minor": i.subtotal_minor, "tax_minor": i.tax_minor,
+          "due_on": i.due_on}
          for i in invoices], schema=INVOICE_SCHEMA)
 
 
@@ -432,6 +456,8 @@ def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
         "adjusts_kind": per_line("adjusts_kind"), "adjusts_description": per_line("adjusts_description"),
         "old_quantity": texts("old_quantity"), "new_quantity": texts("new_quantity"),
         "old_amount_minor": per_line("old_amount_minor"), "new_amount_minor": per_line("new_amount_minor"),
+        "tax_rate": texts("tax_rate"), "taxable_base_minor": per_line("taxable_base_minor"),
+        "tax_note": per_line("tax_note"), "tax_inclusive": per_line("tax_inclusive"),
     }
     return pl.DataFrame(columns, schema=LINE_SCHEMA)
 

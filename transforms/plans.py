@@ -229,6 +229,7 @@ class Plan(Strict):
     notice_days: int | None = Field(default=None, ge=0)
     currency: Currency
     rounding: Literal["half_up", "half_even"] = "half_up"
+    tax_inclusive: bool = False  # prices contain tax; the tax is backed out of them (transforms.tax)
     description: str | None = None
     fixed_fees: list[FixedFee] = Field(default_factory=list)
     charges: list[Charge] = Field(default_factory=list)

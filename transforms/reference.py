@@ -57,6 +57,10 @@ class CustomerRows(pa.DataFrameModel):
     email: str = pa.Field(nullable=True)
     address: str = pa.Field(nullable=True)
     tax_id: str = pa.Field(nullable=True)
+    country: str = pa.Field(nullable=True, str_matches=r"^[A-Z]{2}$")            # ISO 3166 alpha-2
+    region: str = pa.Field(nullable=True, str_matches=r"^[A-Z0-9]{1,3}$")         # e.g. a US state: CA
+    tax_exempt: str = pa.Field(nullable=True, isin=["true", "false", "yes", "no", "1", "0"])
+    payment_terms_days: str = pa.Field(nullable=True, str_matches=r"^\d{1,4}$")
 
 
 class SubscriptionRows(pa.DataFrameModel):
@@ -71,8 +75,12 @@ class SubscriptionRows(pa.DataFrameModel):
 
 
 def checked_customers(frame: pl.DataFrame, source: str) -> pl.DataFrame:
-    """One row per customer: customer_id, name, email, address, tax_id (text)."""
-    text = _text_frame(frame, ("customer_id", "name"), ("email", "address", "tax_id"), source)
+    """One row per customer: customer_id, name, email, address, tax_id, and for tax and payment
+    terms country, region, tax_exempt, payment_terms_days (text; all but the first two optional)."""
+    text = _text_frame(frame, ("customer_id", "name"),
+                       ("email", "address", "tax_id", "country", "region", "tax_exempt", "payment_terms_days"),
+                       source)
+    text = text.with_columns(pl.col("tax_exempt").str.to_lowercase())
     try:
         return CustomerRows.validate(text, lazy=True)
     except SchemaErrors as exc:

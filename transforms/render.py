@@ -15,7 +15,7 @@ from babel.numbers import format_currency
 from jinja2 import Environment, PackageLoader, StrictUndefined, Template, select_autoescape
 
 from transforms.credits import CreditSummary, GrantMovement
-from transforms.invoices import SPEND_KINDS, Invoice, Line
+from transforms.invoices import SPEND_KINDS, TAX_LINE_KINDS, Invoice, Line
 from transforms.money import format_money, minor_exponent
 from transforms.pricing.base import fmt_units
 
@@ -179,6 +179,8 @@ def line_groups(invoice: Invoice) -> list[dict]:
     by_section: dict[str, list] = {}
     section_of = {kind: title for kinds, title in SECTIONS for kind in kinds}
     for no, line in enumerate(invoice.lines, start=1):
+        if line.kind in TAX_LINE_KINDS:  # shown with the totals (tax_view)
+            continue
         if line.plan is not None:
             by_plan.setdefault((line.segment_no, line.plan, line.plan_version), []).append((no, line))
         else:
@@ -206,6 +208,21 @@ def _adjustment_view(no: int, line: Line, currency: str) -> dict:
         "now": _money(line.new_amount_minor, currency) if known else "",
         "change": _money(line.amount_minor, currency),
     }
+
+
+def tax_view(invoice: Invoice) -> dict | None:
+    """Subtotal, each rate with its base and amount, and the legal mentions (reverse charge,
+    exemption); None for a document without tax lines, which shows its total alone."""
+    taxes = [line for line in invoice.lines if line.kind == "tax"]
+    if not taxes:
+        return None
+    currency = invoice.currency
+    rows = [{"label": line.description + (", included in the prices" if line.tax_inclusive else ""),
+             "base": _money(line.taxable_base_minor or 0, currency), "amount": _money(line.amount_minor, currency)}
+            for line in taxes]
+    notes = list(dict.fromkeys(line.tax_note for line in taxes if line.tax_note))
+    return {"subtotal": _money(invoice.subtotal_minor, currency), "rows": rows, "notes": notes,
+            "inclusive": any(line.tax_inclusive for line in taxes)}
 
 
 def _day(at: datetime | None) -> str:
@@ -238,13 +255,16 @@ def credits_view(summary: CreditSummary, currency: str, rounding: str) -> dict:
 
 
 def invoice_html(invoice: Invoice, customer: dict, seller: dict, rounding: str, run_id: str, *,
-                 credits: CreditSummary | None = None, due_on: date | None = None) -> str:
+                 credits: CreditSummary | None = None) -> str:
     """The document a customer receives for `invoice` (an invoice, credit note or debit note).
 
     `credits`: the customer's wallet over the invoice's period (see credits.credit_summaries);
-    without it the credits section is left out. `due_on`: the payment due date, when known."""
+    without it the credits section is left out. The due date is the invoice's `due_on`; the
+    payment instructions (seller.yaml's `payment`) are printed on what the customer pays."""
     currency = invoice.currency
     note = invoice.kind != "invoice"
+    due_on = invoice.due_on
+    payment = (seller.get("payment") or []) if invoice.kind != "credit_note" else []
     return _template(TEMPLATES[invoice.kind]).render(
         title=TITLES[invoice.kind],
         invoice=invoice,
@@ -256,8 +276,10 @@ def invoice_html(invoice: Invoice, customer: dict, seller: dict, rounding: str, 
         service_last_day=(invoice.service_end - timedelta(days=1)).isoformat(),
         due_on=due_on.isoformat() if due_on else "",
         groups=[] if note else line_groups(invoice),
-        adjustments=[_adjustment_view(no, line, currency) for no, line in enumerate(invoice.lines, start=1)]
-        if note else [],
+        adjustments=[_adjustment_view(no, line, currency) for no, line in enumerate(invoice.lines, start=1)
+                     if line.kind not in TAX_LINE_KINDS] if note else [],
+        tax=tax_view(invoice),
+        payment=payment,
         credits=credits_view(credits, currency, rounding) if credits is not None and not note else None,
         total_label=TOTAL_LABELS[invoice.kind],
         total=_money(invoice.total_minor, currency),

@@ -8,6 +8,9 @@ opening deferred + billed - recognized - breakage = closing deferred.
 - `fixed_fee`: billed for the period it covers and recognized over it (monthly fees: in full).
   The part of a fee allocated to bundled credits is not fixed-fee revenue: it is billed into
   the `credits` stream.
+- tax is never revenue: `tax` lines are left out, and on tax-inclusive prices the tax backed
+  out of them (`tax_included` lines) comes off the streams it was in, in proportion; the
+  journal books tax as a liability (`tax_payable`).
 - `credits`: what was paid for credits (packs, top-ups, allocated fees) is deferred; it is
   recognized at each grant's cost basis as credits are consumed, and as breakage when they
   expire unused (`at_expiry`), or, with `breakage: proportional` (ASC 606-10-55-48), breakage
@@ -20,7 +23,7 @@ lost or invented between periods.
 from __future__ import annotations
 
 from collections import defaultdict
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 import polars as pl
 
@@ -110,6 +113,9 @@ def revenue_rows(period: Period, invoices: list[Invoice], outcome: Outcome,
         usage = sum(l.amount_minor for l in inv.lines if l.kind in SPEND_KINDS and l.kind != "fixed_fee"
                     or l.kind == "commitment_true_up")
         fixed = sum(l.amount_minor for l in inv.lines if l.kind == "fixed_fee")
+        backed = sum(l.amount_minor for l in inv.lines if l.kind == "tax_included")
+        if backed:
+            usage, fixed = _net_of_included_tax(usage, fixed, backed)
         fixed -= allocated.pop((inv.subscription_id, inv.currency), 0)
         for stream, billed in (("usage", usage), ("fixed_fee", fixed)):
             r = row(inv.customer_id, stream, inv.currency)
@@ -141,6 +147,28 @@ def revenue_rows(period: Period, invoices: list[Invoice], outcome: Outcome,
     return table
 
 
+def _net_of_included_tax(usage: int, fixed: int, backed: int) -> tuple[int, int]:
+    """Usage and fixed-fee amounts without the tax that tax-inclusive prices held (`backed`,
+    negative), shared in proportion to each stream's gross; usage takes the remainder cent."""
+    gross = usage + fixed
+    fixed_part = int((Decimal(backed) * fixed / gross).to_integral_value(ROUND_HALF_UP)) if gross else 0
+    return usage + backed - fixed_part, fixed + fixed_part
+
+
+TAX_SCHEMA = {"customer_id": pl.String, "period": pl.String, "currency": pl.String, "tax_minor": pl.Int64}
+
+
+def tax_rows(invoices: list[Invoice], period: str) -> pl.DataFrame:
+    """One row per customer x currency: the tax its documents carry, booked in `period`."""
+    totals: dict[tuple[str, str], int] = defaultdict(int)
+    for inv in invoices:
+        tax = inv.tax_minor
+        if tax:
+            totals[(inv.customer_id, inv.currency)] += tax
+    return pl.DataFrame([{"customer_id": c, "period": period, "currency": cur, "tax_minor": t}
+                         for (c, cur), t in sorted(totals.items()) if t], schema=TAX_SCHEMA)
+
+
 def _rounded(amounts: list[Decimal] | None, currency: str) -> tuple[int, int, int]:
     """Cumulative billed, recognized and breakage in minor units. Recognized and breakage are
     rounded together and breakage takes the remainder, so once everything paid for is used or
@@ -170,8 +198,10 @@ def reconcile(revenue: pl.DataFrame) -> None:
         raise ReconciliationError(f"revenue does not reconcile: {bad.row(0, named=True)}")
 
 
-def journal(revenue: pl.DataFrame) -> pl.DataFrame:
-    """Double entry for the period's revenue rows; debits equal credits per period."""
+def journal(revenue: pl.DataFrame, tax: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Double entry for the period's revenue rows and the tax billed (`tax_rows`): tax is owed
+    to the tax authority, a liability (`tax_payable`), never revenue. Debits equal credits per
+    period and currency."""
     rows = []
 
     def post(r: dict, account: str, debit: int, credit: int, memo: str) -> None:
@@ -192,6 +222,10 @@ def journal(revenue: pl.DataFrame) -> pl.DataFrame:
         else:
             post(r, "accounts_receivable", max(billed, 0), max(-billed, 0), f"{r['stream']} billed")
             post(r, "revenue", max(-billed, 0), max(billed, 0), f"{r['stream']} billed")
+    for t in (tax.iter_rows(named=True) if tax is not None else ()):
+        r = {**t, "stream": "tax"}
+        post(r, "accounts_receivable", max(t["tax_minor"], 0), max(-t["tax_minor"], 0), "tax billed")
+        post(r, "tax_payable", max(-t["tax_minor"], 0), max(t["tax_minor"], 0), "tax billed")
     table = pl.DataFrame(rows, schema=JOURNAL_SCHEMA)
     for (period, currency), group in table.group_by(["period", "currency"]):
         if group["debit_minor"].sum() != group["credit_minor"].sum():
