@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from flows.close import MANIFEST
+from flows.fonts import check_glyphs
 from flows.store import open_store
 from transforms.errors import InputError
 
@@ -30,11 +31,13 @@ def document_html_key(store, invoice_id: str) -> str:
 
 
 def document_pdf(store_uri: str, invoice_id: str, out: Path) -> Path:
-    """Render the document to `out` as PDF and return the path."""
+    """Render the document to `out` as PDF and return the path; a character no installed font
+    can draw fails the command (flows.fonts) before anything is written."""
     from weasyprint import HTML
 
     store = open_store(store_uri)
     html = store.read_bytes(document_html_key(store, invoice_id)).decode("utf-8")
+    check_glyphs(html, invoice_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     HTML(string=html).write_pdf(out)
     return out

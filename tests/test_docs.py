@@ -255,7 +255,9 @@ def test_the_reference_examples_pass_the_checks_a_close_makes():
     assert len(purchases_from(frame("purchase_id,"), "credit_purchases/p.csv", set(customers["customer_id"]))) == 1
     assert len(costs_from(frame("meter,filter,")).rows) == 3
     seller = yaml.safe_load(input_example("name:", "yaml"))
-    assert set(seller) == {"name", "address", "email", "tax_id"}
+    assert set(seller) == {"name", "address", "email", "tax_id", "payment_terms_days", "payment"}
+    from transforms.terms import seller_block
+    assert seller_block(seller)["payment_terms_days"] == 30
 
 
 def test_every_quarantine_reason_the_code_emits_is_documented_and_only_those():

@@ -96,11 +96,39 @@ def _credit_note() -> str:
                         "backfill-20261205-0123456789ab")
 
 
+def _cjk_invoice() -> str:
+    """Every name prints: a Japanese customer's name and address in the Noto CJK font the
+    documents' font stack names (set-up: fonts-noto-cjk), never empty boxes."""
+    customer = {**renderutil.CUSTOMER, "name": "東京データ株式会社", "address": "東京都千代田区丸の内1-1"}
+    return invoice_html(renderutil.sample_invoice(), customer, renderutil.SELLER, "half_up", renderutil.RUN_ID)
+
+
+def _taxed_invoice() -> str:
+    """The sample invoice taxed in California at 7.25% (subtotal, rate with its base, total),
+    due 30 days after issue, with payment instructions."""
+    from dataclasses import replace
+    from datetime import date
+
+    from transforms.tax import Party, invoice_with_tax, taxable_lines
+    from transforms.tax.rules import load_rules
+
+    rules = load_rules('seller: {country: US, registrations: [US-CA]}\n'
+                       'rates: [{country: US, region: CA, rate: "7.25", label: Sales tax}]\n')
+    invoice = renderutil.sample_invoice()
+    taxes = rules.tax_lines(taxable_lines(invoice, frozenset(), None), Party("US"), Party("US", "CA"), "USD",
+                            "half_up")
+    invoice = replace(invoice_with_tax(invoice, taxes), due_on=date(2026, 12, 1))
+    seller = {**renderutil.SELLER, "payment": [("Bank", "First Example Bank"), ("Account number", "000123456789"),
+                                               ("Routing number", "121000248")]}
+    return invoice_html(invoice, renderutil.CUSTOMER, seller, "half_up", renderutil.RUN_ID)
+
+
 # name -> (html, window height); the invoice's sheet is about 1,560 px tall and the window leaves
 # room below it, so growth shows. `invoice-without-credits` proves the comparison sees a change.
 PAGES = {"invoice": (_invoice, 1800), "credit_note": (_credit_note, 1000),
-         "invoice-without-credits": (lambda: _invoice(credits=False), 1800)}
-BASELINED = ("credit_note", "invoice")
+         "invoice-without-credits": (lambda: _invoice(credits=False), 1800),
+         "invoice-cjk": (_cjk_invoice, 1800), "invoice-taxed": (_taxed_invoice, 1900)}
+BASELINED = ("credit_note", "invoice", "invoice-cjk", "invoice-taxed")
 
 
 @pytest.fixture(scope="module")
