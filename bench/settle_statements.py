@@ -23,13 +23,12 @@ import duckdb
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flows.ingest import read_table, read_usage_object  # noqa: E402
+from flows.ingest import normalized_object, read_table  # noqa: E402
 from transforms.periods import Period  # noqa: E402
 from transforms.plans import load_catalog  # noqa: E402
 from transforms.queries import statements  # noqa: E402
 from transforms.reference import checked_customers, checked_subscriptions, segments_in  # noqa: E402
 from transforms.settle import SQL_FILE, settled_usage  # noqa: E402
-from transforms.usage import normalized_usage  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         for i, path in enumerate(usage):
             key = path.relative_to(args.store).as_posix()
             out = Path(tmp) / f"{i:04d}.parquet"
-            normalized_usage(read_usage_object(path, key), key).write_parquet(out, compression="zstd", statistics=True)
+            normalized_object(path, key)[0].write_parquet(out, compression="zstd", statistics=True)
             paths.append(out)
         report["normalize_s"] = round(time.perf_counter() - started, 2)
         report["normalized_mb"] = round(sum(p.stat().st_size for p in paths) / 2**20)

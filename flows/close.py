@@ -32,8 +32,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, UNREADABLE, is_purchases_key, is_usage_key, read_table,
-                          read_usage_object)
+from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key, normalized_object,
+                          read_table)
 from flows.locks import fault_point, period_lock
 from flows.retries import IO_RETRIES
 from flows.documents_out import write_invoice_documents
@@ -58,7 +58,6 @@ from transforms.spend import spend_alerts
 from transforms.tax import Party, customer_parties, taxed_invoices
 from transforms.tax.rules import RULES_KEY, RulesProvider, load_rules
 from transforms.terms import due_on, seller_block as terms_seller_block
-from transforms.usage import normalized_usage
 
 MANIFEST = "manifest.json"
 SELLER_KEY = "seller.yaml"
@@ -245,13 +244,10 @@ def normalize_usage(inputs: Inputs, work_dir: Path) -> Normalized:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, unreadable, rows = [], [], 0
     for obj in inputs.usage:
-        try:
-            raw = read_usage_object(obj.path, obj.key)
-        except UNREADABLE as exc:  # a corrupt object is data, not a crash: quarantine it whole
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        frame, why = normalized_object(obj.path, obj.key)
+        if frame is None:  # a corrupt object is data, not a crash: quarantine it whole
             unreadable.append((obj.key, why))
             continue
-        frame = normalized_usage(raw, obj.key)
         path = out_dir / f"{obj.sha256}-{hashlib.sha256(obj.key.encode()).hexdigest()[:16]}.parquet"
         frame.write_parquet(path, **PARQUET)
         paths.append(path)
@@ -364,7 +360,7 @@ def rate_invoices(settlement: Settlement, reference: Reference, outcome: Outcome
 
 def quarantine_table(settlement: Settlement, normalized: Normalized) -> pl.DataFrame:
     """One row per quarantined row, plus one per unreadable object (source_row empty)."""
-    rows = settlement.quarantine.with_columns(pl.lit(None, dtype=pl.String).alias("detail"))
+    rows = settlement.quarantine
     whole = pl.DataFrame([{"source_key": key, "source_row": None, "reason": "unreadable_object", "detail": why}
                           for key, why in normalized.unreadable],
                          schema={"source_key": pl.String, "source_row": pl.Int64, "reason": pl.String,

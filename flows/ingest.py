@@ -1,15 +1,25 @@
 """Reading input objects from local files (fetched from the store) into frames.
 
-Only this module knows file formats; everything downstream sees frames. A usage object that
-cannot be read is reported, not raised: it is quarantined as a whole and the run goes on.
+Only this module knows file formats; everything downstream sees frames. A usage object is never
+a reason to stop a close: a CSV or JSON line that does not parse is quarantined alone (reason
+`malformed_line`, with its line number and what is wrong where), and an object that cannot be
+read at all (corrupt Parquet, an unsupported column type, a reader that fails or panics) is set
+aside whole as `unreadable_object`, while every other object bills.
 """
 from __future__ import annotations
 
+import csv
+import decimal
+import io
+import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from transforms.errors import InputError
+from transforms.usage import malformed_usage, normalized_usage
 
 USAGE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
 CUSTOMERS_KEYS = ("customers/customers.csv", "customers/customers.parquet")
@@ -20,23 +30,162 @@ def is_usage_key(key: str) -> bool:
     return key.startswith("usage/") and key.lower().endswith(USAGE_SUFFIXES)
 
 
-UNREADABLE = (pl.exceptions.PolarsError, OSError, UnicodeDecodeError, ValueError)
-"""What a malformed object raises while being read; anything else is a bug and is not swallowed."""
-
-
 def is_purchases_key(key: str) -> bool:
     return key.startswith("credit_purchases/") and key.lower().endswith((".csv", ".parquet"))
 
 
-def read_usage_object(path: Path, key: str) -> pl.DataFrame:
+LINE_SEARCH_MAX_BYTES = 512 * 1024 * 1024
+"""Above this size an object that fails to parse whole is set aside whole, unsearched: finding
+its bad lines would hold several copies of it in memory (a 1 GB object of junk, say)."""
+
+PARSE_BUDGET = 20_000
+"""Parses of parts allowed to find the bad lines of one object (a few seconds). An object that
+needs more (junk, or lines that each parse but conflict in type) is set aside whole."""
+
+MALFORMED = pl.DataFrame(schema={"source_row": pl.Int64, "line": pl.Int64, "detail": pl.String})
+
+
+@dataclass(frozen=True)
+class UsageRead:
+    """One usage object as read: the records that parsed and the lines that did not."""
+
+    rows: pl.DataFrame               # records in input order, typed as the format gives them
+    source_rows: pl.Series | None    # their row numbers, when some rows were set aside (else 1..n)
+    malformed: pl.DataFrame          # MALFORMED: one row per record that does not parse
+
+
+def read_usage_object(path: Path, key: str) -> UsageRead:
     """The rows of one usage object. CSV is read as text (parsing is the boundary's job);
-    Parquet and JSON lines keep their types. Raises on anything unreadable."""
-    suffix = key.lower().rsplit(".", 1)[-1]
-    if suffix == "parquet":
-        return pl.read_parquet(path)
-    if suffix == "csv":
-        return pl.read_csv(path, infer_schema=False)
-    return pl.read_ndjson(path, infer_schema_length=None)
+    Parquet and JSON lines keep their types. A CSV or JSON lines object is parsed whole (the
+    fast path); only if that fails is it parsed again in parts to find the lines at fault.
+    Raises on a Parquet object that cannot be read."""
+    fmt = key.lower().rsplit(".", 1)[-1]
+    if fmt == "parquet":
+        return UsageRead(pl.read_parquet(path), None, MALFORMED)
+    try:
+        return UsageRead(_parse(fmt, path), None, MALFORMED)
+    except pl.exceptions.PolarsError as whole:
+        if path.stat().st_size > LINE_SEARCH_MAX_BYTES:
+            raise
+        return _read_around_bad_lines(fmt, path.read_bytes(), whole)
+
+
+def _parse(fmt: str, source) -> pl.DataFrame:
+    if fmt == "csv":
+        return pl.read_csv(source, infer_schema=False)
+    return pl.read_ndjson(source, infer_schema_length=None)
+
+
+def _read_around_bad_lines(fmt: str, data: bytes, whole: Exception) -> UsageRead:
+    """The object's records without the lines that do not parse, found by halving: a part that
+    parses is kept whole, a part that fails is split in two, down to single lines. One bad line
+    among n costs about 2 log2(n) parses of shrinking parts (about twice the whole object's
+    parse); no Python object per row until a line is known to be bad.
+
+    Row numbers stay what the fast path gives a clean object: the record's position among the
+    data lines (after the CSV header; blank JSON lines are not records). A CSV record quoted over
+    several lines in an object that also has a bad line may be split by the halving and is then
+    quarantined line by line, never billed half."""
+    lines = data.split(b"\n")
+    if lines and lines[-1].strip() == b"":
+        lines.pop()  # the newline that ends the last line starts no record
+    header = b""
+    first_line = 1
+    if fmt == "csv":
+        if not lines:
+            raise whole
+        header, lines, first_line = lines[0] + b"\n", lines[1:], 2
+    numbered = [(first_line + i, line) for i, line in enumerate(lines)
+                if fmt == "csv" or line.strip()]  # blank JSON lines are no records, as in the fast path
+
+    budget = [PARSE_BUDGET]
+
+    def parses(part: list[tuple[int, bytes]]) -> Exception | None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise whole
+        try:
+            frame = _parse(fmt, io.BytesIO(header + b"\n".join(line for _, line in part) + b"\n"))
+        except (pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
+            return exc
+        return None if frame.height == len(part) else ValueError(f"{frame.height} records in {len(part)} lines")
+
+    good: list[tuple[int, int]] = []  # (index in numbered, file line)
+    bad: list[tuple[int, int, str]] = []
+
+    def sort_out(lo: int, hi: int) -> None:
+        error = parses(numbered[lo:hi])
+        if error is None:
+            good.extend((i, numbered[i][0]) for i in range(lo, hi))
+        elif hi - lo == 1:
+            bad.append((lo, numbered[lo][0], _what_is_wrong(fmt, header, numbered[lo][1], error)))
+        else:
+            mid = (lo + hi) // 2
+            sort_out(lo, mid)
+            sort_out(mid, hi)
+
+    if numbered:
+        sort_out(0, len(numbered))
+    kept = [numbered[i][1] for i, _ in good]
+    rows = _parse(fmt, io.BytesIO(header + b"\n".join(kept) + b"\n")) if kept else _parse(fmt, io.BytesIO(header))
+    if rows.height != len(kept):  # every part parsed alone but not together: no one line is at fault
+        raise whole
+    return UsageRead(rows, pl.Series("source_row", [i + 1 for i, _ in good], dtype=pl.Int64),
+                     pl.DataFrame({"source_row": [i + 1 for i, _, _ in bad], "line": [n for _, n, _ in bad],
+                                   "detail": [d for _, _, d in bad]}, schema=MALFORMED.schema))
+
+
+def _what_is_wrong(fmt: str, header: bytes, line: bytes, error: Exception) -> str:
+    """What is wrong with one line, and where in it when the parser says so."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text at character {exc.start}"
+    if fmt == "csv":
+        names = next(csv.reader([header.decode("utf-8", "replace").rstrip("\r\n")]), [])
+        fields = next(csv.reader([text.rstrip("\r")]), [])
+        if len(fields) > len(names):
+            where = len(",".join(fields[:len(names)])) + 1 if '"' not in text else None
+            at = f", the first extra one at character {where}" if where is not None else ""
+            return f"{len(fields)} fields where the header has {len(names)}{at}"
+    else:
+        try:
+            value = json.loads(text, parse_float=_finite, parse_constant=_finite)
+        except json.JSONDecodeError as exc:
+            return f"{exc.msg}: character {exc.pos}"
+        except NotFinite as exc:
+            return f"number {exc} at character {text.find(str(exc))} is not finite (send it as a string)"
+        if not isinstance(value, dict):
+            return f"a JSON {type(value).__name__.replace('NoneType', 'null')} where an object was expected"
+    # characters count from 0, as the parsers count them
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+class NotFinite(ValueError):
+    """A JSON number that is no finite decimal (1e400, NaN, Infinity): no quantity can be read from it."""
+
+
+def _finite(text: str) -> str:
+    if not decimal.Decimal(text).is_finite() or math.isinf(float(text)):
+        raise NotFinite(text)
+    return text
+
+
+def normalized_object(path: Path, key: str) -> tuple[pl.DataFrame | None, str | None]:
+    """One usage object read and normalized (transforms.usage), its malformed lines included as
+    quarantined rows; or (None, why) for an object that cannot be read at all. Whatever the
+    reader or the normalization meets in the object's bytes (a Polars or DuckDB error, an
+    unsupported column type, a panic in a Rust reader) is the object's fault, not the close's."""
+    try:
+        read = read_usage_object(path, key)
+        frame = normalized_usage(read.rows, key, read.source_rows)
+        if read.malformed.height:
+            frame = pl.concat([frame, malformed_usage(read.malformed, key)]).sort("source_row")
+        return frame, None
+    except (MemoryError, RecursionError):
+        raise  # the machine's limits, not the object's content
+    except (Exception, pl.exceptions.PanicException) as exc:  # a panic is a BaseException (pyo3)
+        return None, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def read_table(path: Path, key: str) -> pl.DataFrame:

@@ -28,14 +28,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.ingest import UNREADABLE, read_usage_object
+from flows.ingest import normalized_object
 from flows.retries import IO_RETRIES
 from flows.store import LocalStore, open_store
 from transforms.errors import InputError
 from transforms.periods import Period
 from transforms.plans import Catalog
 from transforms.settle import Settlement, merged_settlement, settled_usage
-from transforms.usage import normalized_usage
 
 SCRATCH_PARQUET = {"compression": "lz4", "statistics": True}
 """Shard files live minutes and are read once: lz4 writes and reads them about twice as cheaply
@@ -161,13 +160,10 @@ def normalize_batch(store_uri: str, batch: Opaque, scratch: Scratch, shards: int
     with tempfile.TemporaryDirectory(prefix="billrun-fetch-") as tmp:
         for obj in objects:
             path = _local_copy(store_uri, obj, Path(tmp))
-            try:
-                raw = read_usage_object(path, obj.key)
-            except UNREADABLE as exc:  # a corrupt object is data, not a crash: quarantine it whole
-                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            frame, why = normalized_object(path, obj.key)
+            if frame is None:  # a corrupt object is data, not a crash: quarantine it whole
                 unreadable.append((obj.key, why))
                 continue
-            frame = normalized_usage(raw, obj.key)
             rows += frame.height
             name = f"{obj.sha256}-{hashlib.sha256(obj.key.encode()).hexdigest()[:16]}.parquet"
             keyed = frame.with_columns(

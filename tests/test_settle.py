@@ -132,6 +132,41 @@ REASONS = [
 ]
 
 
+# Amounts that cannot be represented -------------------------------------------------------------
+# calls cost $1.00 each: ROW_AMOUNT_LIMIT_MINOR (10^13 cents) is 10^11 calls in one event.
+
+AMOUNTS = [
+    pytest.param("100000000000", "billed", None, id="10^11 calls x $1.00 = $10^11 = the limit -> billed"),
+    pytest.param("100000000001", "quarantined", "amount_out_of_range", id="10^11 + 1 calls -> amount_out_of_range"),
+    pytest.param("100000000000000000000", "quarantined", "amount_out_of_range",
+                 id="10^20 calls (10^22 cents, beyond int64) -> amount_out_of_range"),
+    pytest.param("99999999999999999999999999999", "quarantined", "amount_out_of_range",
+                 id="29 digits (sums overflow DECIMAL(38,9)) -> amount_out_of_range"),
+]
+
+
+@pytest.mark.parametrize("quantity, outcome, reason", AMOUNTS)
+def test_a_row_whose_amount_cannot_be_represented_is_quarantined_alone(write, quantity, outcome, reason):
+    result, outcomes = settle([write("a", ev("big", quantity=quantity), ev("small", quantity="2"))])
+    assert outcome_of(outcomes) == {("big", "usage/a.jsonl"): (outcome, reason),
+                                    ("small", "usage/a.jsonl"): ("billed", None)}
+
+
+def test_two_29_digit_quantities_do_not_overflow_the_sum_the_rest_bills(write):
+    huge = "9" * 29
+    result, outcomes = settle([write("a", ev("h1", quantity=huge), ev("h2", quantity=huge), ev("ok", quantity="3"))])
+    assert result.counts == {"read": 3, "billed": 1, "duplicates": 0, "quarantined": 2}
+    assert set(result.quarantine["reason"]) == {"amount_out_of_range"}
+    assert result.usage_by_dims["units"].to_list() == [D("3")]
+
+
+def test_many_rows_at_the_largest_legal_quantity_sum_exactly(write):
+    """A sum of legal rows stays representable: 2,000 events of 10^11 calls add up exactly."""
+    rows = [ev(f"e{i}", quantity="100000000000") for i in range(2000)]
+    result, _ = settle([write("a", *rows)])
+    assert result.usage_by_dims["units"].to_list() == [D("200000000000000")]
+
+
 @pytest.mark.parametrize("row, reason", REASONS)
 def test_quarantine_reason(write, row, reason):
     result, _ = settle([write("a", row)])

@@ -77,7 +77,12 @@ QUANTITIES = [
     pytest.param(" 7 ", None, D("7"), id="' 7 ' stripped = 7"),
     pytest.param("1e3", None, D("1000"), id="1e3 = 1000"),
     pytest.param("0.1", None, D("0.1"), id="'0.1' = 0.1 exactly (no binary float on the way)"),
-    pytest.param("99999999999999999999", None, D("99999999999999999999"), id="20 integer digits kept exactly"),
+    pytest.param("999999999999999999.999999999", None, D("999999999999999999.999999999"),
+                 id="just below 10^18 is a quantity"),
+    pytest.param("1000000000000000000", "amount_out_of_range", D("1000000000000000000"),
+                 id="10^18 -> amount_out_of_range (10^11 of them would not sum in DECIMAL(38,9))"),
+    pytest.param("99999999999999999999", "amount_out_of_range", D("99999999999999999999"),
+                 id="20 integer digits kept exactly -> amount_out_of_range"),
 ]
 
 
@@ -88,15 +93,15 @@ def test_quantity_text(text, reason, quantity):
     assert row["quantity_raw"] == text.strip()
     if reason is None:
         assert row["quantity"] == quantity
-    elif reason == "negative_quantity":
+    elif reason in ("negative_quantity", "amount_out_of_range"):
         assert row["quantity"] == quantity
 
 
 @pytest.mark.parametrize("text", ["123456789012345678901", "12345678901234567890123456789"],
                          ids=["21 integer digits", "29 integer digits (DECIMAL(38,9)'s limit)"])
-def test_a_huge_but_exact_quantity_is_kept_not_a_crash(text):
+def test_a_huge_but_exact_quantity_is_kept_and_quarantined_not_a_crash(text):
     row = one(frame({**GOOD, "quantity": text}))
-    assert row["reason"] is None
+    assert row["reason"] == "amount_out_of_range"
     assert row["quantity"] == D(text)
 
 
@@ -155,7 +160,7 @@ def test_a_row_breaking_several_rules_gets_the_most_telling(broken, reason):
 
 
 def test_reason_codes_are_ranked_as_documented():
-    assert ROW_REASONS == ("missing_field", "bad_timestamp", "bad_quantity", "negative_quantity")
+    assert ROW_REASONS == ("missing_field", "bad_timestamp", "bad_quantity", "negative_quantity", "amount_out_of_range")
 
 
 def test_a_clean_row_has_no_reason_and_keeps_its_text():
@@ -163,7 +168,8 @@ def test_a_clean_row_has_no_reason_and_keeps_its_text():
     assert row == {
         "source_key": "usage/date=2026-10-05/part-0.jsonl", "source_row": 1, "event_id": "e1",
         "customer_id": "c1", "meter": "calls", "quantity_raw": "5", "timestamp_raw": "2026-10-05T12:00:00Z",
-        "dims": "{}", "quantity": D("5"), "event_at": datetime(2026, 10, 5, 12, tzinfo=UTC), "reason": None}
+        "dims": "{}", "quantity": D("5"), "event_at": datetime(2026, 10, 5, 12, tzinfo=UTC), "reason": None,
+        "detail": None}
 
 
 def test_core_fields_are_stripped_of_spaces():

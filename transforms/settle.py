@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from transforms.plans import Catalog
 from transforms.queries import statements
 from transforms.credits import CreditEvent
 from transforms.reference import Segment, Subscription, plan_on, segments_frame
-from transforms.usage import NORMALIZED_COLUMNS
+from transforms.money import minor_exponent
+from transforms.pricing import Usage, rate
+from transforms.usage import MAX_QUANTITY, NORMALIZED_COLUMNS
 
 _PARAM = re.compile(r"\$(\w+)")
 
@@ -55,21 +58,62 @@ def split_at_replay(settlement: Settlement, credit_meters: set[tuple[str, int, s
     return for_replay, for_rating
 
 
+ROW_AMOUNT_LIMIT_MINOR = 10 ** 13
+"""The most one usage event may bill, in minor units (100 billion dollars, 10 trillion yen). An
+invoice line is an int64 of minor units (at most about 9.2 x 10^18): it takes more than 900,000
+events at this limit, for one subscription, meter and line in one period, to overflow it. A row
+whose amount at its plan's price would exceed the limit is `amount_out_of_range`."""
+
+
+_LARGEST: dict[tuple[str, str], Decimal] = {}  # every shard settles with the same catalog: bound each price once
+
+
+def largest_quantity(price, currency: str) -> Decimal:
+    """The largest quantity (a whole number of units, below MAX_QUANTITY) one event may have for
+    its amount at `price` to stay within ROW_AMOUNT_LIMIT_MINOR. Found by halving with the charge
+    model's own rating, so every model (tiers, packages, percentages and their fees) bounds itself."""
+    key = (price.model_dump_json(), currency)
+    if key not in _LARGEST:
+        _LARGEST[key] = _largest_quantity(price, currency)
+    return _LARGEST[key]
+
+
+def _largest_quantity(price, currency: str) -> Decimal:
+    limit = Decimal(ROW_AMOUNT_LIMIT_MINOR).scaleb(-minor_exponent(currency))
+
+    def fits(units: int) -> bool:
+        quantity = Decimal(units)
+        return rate(price, Usage(quantity, 1, (quantity,))).amount <= limit
+
+    low, high = 0, MAX_QUANTITY  # fits(low); a quantity of MAX_QUANTITY is refused anyway
+    if fits(high - 1):
+        return Decimal(high - 1)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return Decimal(low)
+
+
 def plan_meters(catalog: Catalog) -> pl.DataFrame:
     """One row per plan version x meter it prices or pays with credits, flagged when it must be
-    handled event by event (per-event fees, credit draws)."""
-    rows = {}
+    handled event by event (per-event fees, credit draws), with the largest quantity one event
+    may have for every charge of the meter to bill it within ROW_AMOUNT_LIMIT_MINOR (null: only
+    the quantity's own bound, for a meter no charge prices)."""
+    rows, largest = {}, {}
     for f in catalog.files.values():
         for charge in f.plan.charges:
             key = (f.plan.plan, f.plan.version, charge.meter)
             rows[key] = rows.get(key, False) or charge.price.model in PER_EVENT_MODELS or f.plan.consumes(charge.meter)
+            bound = largest_quantity(charge.price, f.plan.currency)
+            largest[key] = min(largest.get(key, bound), bound)
         for meter in (f.plan.credits.consume if f.plan.credits else ()):
             rows[(f.plan.plan, f.plan.version, meter)] = True  # credits are drawn event by event
     keys = sorted(rows)
     return pl.DataFrame({"plan": [k[0] for k in keys], "plan_version": [k[1] for k in keys],
-                         "meter": [k[2] for k in keys], "per_event": [rows[k] for k in keys]},
+                         "meter": [k[2] for k in keys], "per_event": [rows[k] for k in keys],
+                         "max_quantity": [largest.get(k) for k in keys]},
                         schema={"plan": pl.String, "plan_version": pl.Int32, "meter": pl.String,
-                                "per_event": pl.Boolean})
+                                "per_event": pl.Boolean, "max_quantity": pl.Decimal(38, 9)})
 
 
 PER_EVENT_MODELS = frozenset({"percentage"})

@@ -3,7 +3,9 @@
 One row per input row, in input order, whatever the object's format: the core fields as text,
 the parsed `quantity` (DECIMAL(38,9)) and `event_at` (UTC instant), every other column folded into
 `dims` (canonical JSON, keys sorted, nulls left out), and `reason`, the quarantine code of a row
-that breaks a rule of its own (missing_field, bad_timestamp, bad_quantity, negative_quantity).
+that breaks a rule of its own (missing_field, bad_timestamp, bad_quantity, negative_quantity,
+amount_out_of_range), with `detail` where more is useful. A line of the object that does not
+parse at all is a row of its own with reason `malformed_line` (`malformed_usage`).
 Rules that need other tables (unknown_customer, unknown_meter, ...) are settled later, in SQL.
 """
 from __future__ import annotations
@@ -20,8 +22,20 @@ CORE_FIELDS = ("event_id", "customer_id", "meter", "quantity", "timestamp")
 QUANTITY = pl.Decimal(38, 9)
 """Quantities keep 9 decimal places; a row that needs more is refused, never silently rounded."""
 
+MAX_QUANTITY = 10 ** 18
+"""Quantities stay below 10^18 units, so a sum of up to 10^11 of them (100 billion events of one
+subscription, meter and dimensions in a shard) fits DECIMAL(38, 9), the type DuckDB sums them in.
+A larger quantity is `amount_out_of_range`: it could not be added up, let alone billed. The
+amount a quantity bills at its plan's prices is bounded in settlement (`transforms.settle`)."""
+
 # Reason codes of the row-level rules, most telling first: a row is quarantined with the first.
-ROW_REASONS = ("missing_field", "bad_timestamp", "bad_quantity", "negative_quantity")
+ROW_REASONS = ("missing_field", "bad_timestamp", "bad_quantity", "negative_quantity", "amount_out_of_range")
+
+MALFORMED_LINE = "malformed_line"
+"""The reason of a CSV or JSON line that does not parse (a row with no fields to check)."""
+
+UNSUPPORTED_LEAVES = (pl.Duration, pl.Object)
+"""Column types a dimension cannot be written from as text: the object is set aside whole."""
 
 NORMALIZED_COLUMNS = {
     "source_key": pl.String,
@@ -35,7 +49,12 @@ NORMALIZED_COLUMNS = {
     "quantity": QUANTITY,
     "event_at": pl.Datetime("us", "UTC"),
     "reason": pl.String,
+    "detail": pl.String,
 }
+
+
+class UnreadableUsage(ValueError):
+    """A usage object whose columns billrun cannot read as usage (the whole object is set aside)."""
 
 _PARSE_SQL = r"""
 -- One row per input row: parse quantity and timestamp exactly, never guessing.
@@ -91,6 +110,10 @@ class RowRules(pa.DataFrameModel):
     @pa.dataframe_check(name="negative_quantity")
     def _quantity_not_negative(cls, data: pa.PolarsData) -> pl.LazyFrame:
         return data.lazyframe.select(pl.col("quantity").is_null() | (pl.col("quantity") >= 0))
+
+    @pa.dataframe_check(name="amount_out_of_range")
+    def _quantity_can_be_summed(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("quantity").is_null() | (pl.col("quantity") < MAX_QUANTITY))
 
     class Config:
         strict = "filter"
@@ -157,12 +180,47 @@ def _dim_pair(frame: pl.DataFrame, name: str) -> pl.Expr:
     return pair(frame)
 
 
-def normalized_usage(raw: pl.DataFrame, source_key: str) -> pl.DataFrame:
+def _supported(dtype: pl.DataType, top: bool = True) -> bool:
+    """Whether a column of `dtype` can be read as usage text: binary only at the top (as UTF-8
+    text; Polars cannot write binary nested in a list or struct as JSON), no durations."""
+    if isinstance(dtype, (pl.List, pl.Array)):
+        return _supported(dtype.inner, top=False)
+    if isinstance(dtype, pl.Struct):
+        return all(_supported(f.dtype, top=False) for f in dtype.fields)
+    if isinstance(dtype, pl.Binary):
+        return top
+    return not isinstance(dtype, UNSUPPORTED_LEAVES)
+
+
+def readable_columns(raw: pl.DataFrame) -> pl.DataFrame:
+    """`raw` with binary columns as text; raises UnreadableUsage naming a column of a type
+    billrun does not read (a duration, binary inside a list or struct, binary that is not UTF-8)."""
+    for name, dtype in raw.schema.items():
+        if not _supported(dtype):
+            raise UnreadableUsage(f"column {name!r}: type {dtype} is not supported in usage "
+                                  f"(send text, numbers, booleans, dates or timestamps)")
+    binary = [n for n, t in raw.schema.items() if isinstance(t, pl.Binary)]
+    if not binary:
+        return raw
+    for name in binary:
+        try:
+            raw = raw.with_columns(pl.col(name).cast(pl.String))
+        except pl.exceptions.ComputeError:
+            raise UnreadableUsage(f"column {name!r}: binary values that are not UTF-8 text") from None
+    return raw
+
+
+def normalized_usage(raw: pl.DataFrame, source_key: str, source_rows: pl.Series | None = None) -> pl.DataFrame:
     """One row per row of `raw` (one usage object), in order, with `reason` set on the rows
-    that break a row-level rule. See the module docstring for the columns."""
+    that break a row-level rule. See the module docstring for the columns. `source_rows`: the
+    rows' numbers in the object when some of its lines were set aside (default 1..n).
+    Raises UnreadableUsage for columns billrun cannot read."""
+    raw = readable_columns(raw)
+    rows = (pl.int_range(pl.len(), dtype=pl.Int64) + 1 if source_rows is None
+            else pl.lit(source_rows.cast(pl.Int64)))
     text = raw.select(
         pl.lit(source_key).alias("source_key"),
-        (pl.int_range(pl.len(), dtype=pl.Int64) + 1).alias("source_row"),
+        rows.alias("source_row"),
         *[_as_text(raw, c).str.strip_chars() for c in ("event_id", "customer_id", "meter")],
         _as_text(raw, "quantity").str.strip_chars().alias("quantity_raw"),
         _as_text(raw, "timestamp").str.strip_chars().alias("timestamp_raw"),
@@ -170,8 +228,21 @@ def normalized_usage(raw: pl.DataFrame, source_key: str) -> pl.DataFrame:
         _dims_json(raw),
     )
     parsed = _parse(text)
-    return parsed.with_columns(_reasons(parsed)).select(
+    return parsed.with_columns(_reasons(parsed), pl.lit(None, dtype=pl.String).alias("detail")).select(
         [pl.col(c).cast(t) for c, t in NORMALIZED_COLUMNS.items()])
+
+
+def malformed_usage(malformed: pl.DataFrame, source_key: str) -> pl.DataFrame:
+    """One normalized row per line of an object that does not parse (`malformed`: source_row,
+    line, detail): no fields, reason `malformed_line`, `detail` naming the line and what is wrong
+    where. Without an event time it belongs to no period, so every close that reads it counts it."""
+    return malformed.select(
+        pl.lit(source_key).alias("source_key"),
+        pl.col("source_row").cast(pl.Int64),
+        pl.lit(MALFORMED_LINE).alias("reason"),
+        pl.format("line {}: {}", pl.col("line"), pl.col("detail")).alias("detail"),
+    ).select([(pl.col(c) if c in ("source_key", "source_row", "reason", "detail") else pl.lit(None)).cast(t).alias(c)
+              for c, t in NORMALIZED_COLUMNS.items()])
 
 
 PLAIN_QUANTITY = r"^[0-9]{1,18}(\.[0-9]{1,9})?$"

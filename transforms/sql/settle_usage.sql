@@ -17,6 +17,8 @@ SELECT s.*,
                 CASE WHEN c.customer_id IS NULL THEN 'unknown_customer'
                      WHEN seg.subscription_id IS NULL THEN 'no_subscription'
                      WHEN pm.meter IS NULL THEN 'unknown_meter'
+                     -- its amount at the plan's price would not fit (transforms.settle.plan_meters)
+                     WHEN s.quantity > pm.max_quantity THEN 'amount_out_of_range'
                 END) AS final_reason
 FROM (SELECT *
       FROM events
@@ -120,7 +122,7 @@ FROM settled;
 -- name: quarantine
 -- One row per quarantined row: its fields as read, where it came from and why.
 SELECT source_key, source_row, event_id, customer_id, meter,
-       quantity_raw AS quantity, timestamp_raw AS timestamp, dims, final_reason AS reason
+       quantity_raw AS quantity, timestamp_raw AS timestamp, dims, final_reason AS reason, detail
 FROM settled
 WHERE outcome = 'quarantined'
 ORDER BY source_key, source_row;
