@@ -233,6 +233,41 @@ def status(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[
                       f"run `billrun close --period {p['period']}` to finish it{lock}")
     if report["backfill"]:
         out.print(f"inputs or plans changed since the close: run `{report['backfill']}`")
+    _print_tables_lag(report.get("tables"), store)
+
+
+def _print_tables_lag(lake: dict | None, store: str) -> None:
+    """Runs whose lakehouse tables lag their manifest, one line each."""
+    if not lake:
+        return
+    for lag in lake["lagging"]:
+        what = f"{lag['period']} (close run {lag['run_id']})" if lag["kind"] == "close" else f"backfill run {lag['run_id']}"
+        shown = ", ".join(lag["tables"][:4]) + (f" and {len(lag['tables']) - 4} more" if len(lag["tables"]) > 4 else "")
+        out.print(f"tables behind the manifest of {what}: {shown}", markup=False)
+    if lake["lagging"]:
+        out.print(f"run `billrun sync-tables --store {store}` to catch up ({', '.join(lake['formats'])} tables at "
+                  f"{lake['location']})", markup=False)
+
+
+@app.command(name="sync-tables", epilog="Example: billrun sync-tables --store s3://acme-billing/prod")
+def sync_tables(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt,
+                as_json: bool = JsonOpt) -> None:
+    """Commit every closed period and backfill to the lakehouse tables that lack it.
+
+    The tables are configured in the store's billrun.yaml (`tables:`); each run is committed
+    once, however often this runs. `billrun status` shows which tables lag."""
+    from flows.tables import sync_tables as sync
+
+    store, _ = _opts(ctx, store, plans)
+    result = _run(sync, store)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    if not result["enabled"]:
+        out.print(f"{store}: tables are off (no `tables:` formats in {store.rstrip('/')}/billrun.yaml)", markup=False)
+        return
+    out.print(f"{len(result['commits'])} table commits ({', '.join(result['formats'])} tables at "
+              f"{result['location']})" + ("" if result["commits"] else ": every table is up to date"), markup=False)
 
 
 @app.command(epilog="Example: billrun nightly --date 2026-10-14 --webhook https://hooks.example.com/billing")

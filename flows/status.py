@@ -9,6 +9,7 @@ from flows.close import MANIFEST, SELLER_KEY
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key
 from flows.locks import lock_key
 from flows.store import ObjectInfo, Store, open_store
+from flows.tables import tables_lag
 from transforms.plans import Catalog, load_catalog
 
 _PERIOD_KEY = re.compile(r"^billing/period=(\d{4}-\d{2})/(.+)$")
@@ -95,4 +96,4 @@ def store_status(store_uri: str, plans_dir: str | None = None) -> dict:
                         "changes": drift(basis, prints, catalog)})
     drifted = [p["period"] for p in periods if p.get("changes")]
     advice = (f"billrun backfill --from {drifted[0]} --to {drifted[-1]}" if drifted else None)
-    return {"store": store.uri, "periods": periods, "backfill": advice}
+    return {"store": store.uri, "periods": periods, "backfill": advice, "tables": tables_lag(store)}
