@@ -179,3 +179,172 @@ def test_status_shows_lagging_tables_and_sync_tables_catches_up(tiny):
     assert synced.exit_code == 0 and synced.output.startswith("6 table commits"), synced.output
     assert "tables behind" not in after.output
     assert "every table is up to date" in again.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow: real closes and backfills through the command line
+
+
+def cli(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def golden_store(tmp: Path, backend: str, config: str = BOTH) -> str:
+    if backend == "s3":
+        bucket = f"billrun-tables-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        store = f"s3://{bucket}/billing-data"
+        # Iceberg's SQL catalog is a local SQLite file here (the tables themselves are on S3)
+        config += f"  catalog: {{type: sql, uri: 'sqlite:///{tmp / 'catalog.db'}'}}\n"
+    else:
+        store = str(tmp / "store")
+    copy_tree_to_store(GOLDEN / "store", store)
+    open_store(store).put_bytes("billrun.yaml", config.encode())
+    return store
+
+
+def published(store: str, prefix: str, table: str) -> pl.DataFrame:
+    return pl.read_parquet(io.BytesIO(open_store(store).read_bytes(f"{prefix}{table}.parquet")))
+
+
+def as_published(frame: pl.DataFrame, like: pl.DataFrame, run_id: str) -> pl.DataFrame:
+    """A table's rows of one run, in the published file's columns and types, sorted."""
+    rows = frame.filter(pl.col(RUN_ID) == run_id).select(like.columns)
+    rows = rows.cast({c: t for c, t in like.schema.items() if rows.schema[c] != t})
+    return rows.sort(like.columns, nulls_last=True)
+
+
+@pytest.fixture(scope="module", params=["folder", "s3"])
+def lake_close(request, prefect_server, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp(f"lake-{request.param}")
+    if request.param == "s3":
+        request.getfixturevalue("s3_endpoint")
+    store = golden_store(tmp, request.param)
+    closed = cli("close", "--period", PERIOD, "--store", store, "--plans", str(GOLDEN / "plans"), "--json")
+    assert closed.exit_code == 0, closed.output
+    return {"store": store, "run_id": json.loads(closed.stdout)["run_id"], "backend": request.param}
+
+
+@pytest.mark.slow
+def test_a_close_commits_every_output_to_delta_and_iceberg_as_published(lake_close):
+    store, run_id = lake_close["store"], lake_close["run_id"]
+    settings = tables_settings(open_store(store))
+    for table in TABLES:
+        expected = published(store, f"billing/period={PERIOD}/", table)
+        for fmt, frame in read_all(store, settings, table).items():
+            assert frame.height == expected.height, (fmt, table)
+            assert set(frame[RUN_ID].unique()) <= {run_id}
+            assert set(frame["period"].unique()) <= {PERIOD}
+            assert as_published(frame, expected, run_id).equals(expected.sort(expected.columns, nulls_last=True)), \
+                (fmt, table)
+    if lake_close["backend"] == "s3":  # the tables live in the store's bucket, under billing/tables/
+        keys = [o.key for o in open_store(store).list("billing/tables/")]
+        assert any(k.startswith("billing/tables/delta/invoices/_delta_log/") for k in keys)
+        iceberg = [f for f in open_formats(open_store(store), settings) if f.name == "iceberg"][0]
+        assert iceberg._open("invoices").location().startswith(f"{store}/billing/tables/iceberg/")
+        assert any(k.startswith("billing/tables/iceberg/") and "/metadata/" in k for k in keys)
+
+
+@pytest.mark.slow
+def test_duckdb_reads_the_delta_tables_as_polars_does(lake_close):
+    """What a warehouse reader sees: the Delta table's Parquet files through DuckDB hold the
+    published invoices (a close's files only, as nothing was replaced yet)."""
+    if lake_close["backend"] != "folder":
+        pytest.skip("DuckDB reads local files only (no httpfs offline)")
+    import duckdb
+    from deltalake import DeltaTable
+
+    store = lake_close["store"]
+    files = DeltaTable(f"{store}/billing/tables/delta/invoices").file_uris()
+    got = duckdb.sql("select invoice_id, total_minor from read_parquet($files) order by invoice_id",
+                     params={"files": files}).fetchall()
+    expected = published(store, f"billing/period={PERIOD}/", "invoices")
+    assert got == expected.sort("invoice_id").select("invoice_id", "total_minor").rows()
+
+
+def close_process(store: str, fault: str | None) -> subprocess.CompletedProcess:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "ERROR"}
+    env.pop("BILLRUN_FAULT_AT", None)
+    if fault:
+        env["BILLRUN_FAULT_AT"] = fault
+    return subprocess.run([sys.executable, "-m", "flows.cli", "--no-progress", "close", "--period", PERIOD,
+                           "--store", store, "--plans", str(GOLDEN / "plans")], env=env,
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_close_killed_between_its_manifest_and_its_tables_leaves_one_copy_after_reruns(prefect_server, tmp_path):
+    store = golden_store(tmp_path, "folder")
+    killed = close_process(store, "manifest-written")  # SIGKILL right after the manifest
+    assert killed.returncode == -9, killed.stderr
+    lag = cli("status", "--store", store)
+    assert "tables behind the manifest of 2026-10" in lag.output, lag.output
+
+    # the rerun catches up, and is itself killed after its first table commit
+    killed_again = close_process(store, "table-committed")
+    assert killed_again.returncode == -9, killed_again.stderr
+    rerun = close_process(store, None)
+    assert rerun.returncode == 0 and "already closed" in rerun.stdout, rerun.stderr
+    rerun = close_process(store, None)
+    assert rerun.returncode == 0, rerun.stderr
+
+    settings = tables_settings(open_store(store))
+    run_id = json.loads(open_store(store).read_bytes(f"billing/period={PERIOD}/manifest.json"))["run_id"]
+    for table in TABLES:
+        expected = published(store, f"billing/period={PERIOD}/", table)
+        for fmt, frame in read_all(store, settings, table).items():
+            assert frame.height == expected.height, (fmt, table)
+        for fmt in open_formats(open_store(store), settings):
+            assert fmt.committed_runs(table) == {run_id}
+    assert "tables behind" not in cli("status", "--store", store).output
+
+
+@pytest.mark.slow
+def test_a_backfill_appends_its_corrections_once(lake_close, tmp_path):
+    if lake_close["backend"] != "folder":
+        pytest.skip("one backend is enough for the backfill's commit")
+    store = str(shutil.copytree(lake_close["store"], tmp_path / "store"))
+    plans = Path(shutil.copytree(GOLDEN / "plans", tmp_path / "plans"))
+    for path in plans.glob("*.yaml"):
+        path.write_text(path.read_text().replace('"2.50"', '"2.00"'))
+    args = ["--from", PERIOD, "--to", PERIOD, "--reason", "gpt-4o price fix", "--as-of", "2026-12-05",
+            "--store", store, "--plans", str(plans)]
+
+    first = cli("backfill", *args, "--json")
+    assert first.exit_code == 0, first.output
+    run_id = json.loads(first.stdout)["run_id"]
+    again = cli("backfill", *args)
+    synced = cli("sync-tables", "--store", store)
+
+    assert again.exit_code == 0 and "nothing to correct" in again.output
+    assert "every table is up to date" in synced.output
+    settings = tables_settings(open_store(store))
+    for table in ("invoices", "invoice_lines", "revenue", "journal"):
+        expected = published(store, f"billing/corrections/run={run_id}/", table)
+        for fmt, frame in read_all(store, settings, table).items():
+            assert frame.filter(pl.col(RUN_KIND) == "backfill").height == expected.height, (fmt, table)
+            assert as_published(frame, expected, run_id).equals(expected.sort(expected.columns, nulls_last=True))
+            assert frame.filter(pl.col(RUN_KIND) == "close").height == \
+                published(store, f"billing/period={PERIOD}/", table).height
+    notes = read_all(store, settings, "invoices")
+    assert all(f.filter(pl.col("kind") == "credit_note").height == 1 for f in notes.values())
+
+
+@pytest.mark.slow
+def test_a_table_commit_that_fails_leaves_the_period_closed_and_says_so(lake_close, tmp_path, monkeypatch):
+    if lake_close["backend"] != "folder":
+        pytest.skip("one backend is enough")
+    store = str(shutil.copytree(lake_close["store"], tmp_path / "store"))
+    shutil.rmtree(Path(store) / "billing" / "tables")
+    open_store(store).put_bytes("billrun.yaml", b"tables:\n  formats: [iceberg]\n"
+                                                b"  catalog: {type: rest, uri: 'http://127.0.0.1:9'}\n")
+    monkeypatch.setattr(tables, "commit_tables", tables.commit_tables.with_options(retries=0))
+
+    failed = cli("close", "--period", PERIOD, "--store", store, "--plans", str(GOLDEN / "plans"))
+
+    line = one_line_error(failed)
+    assert f"2026-10 is closed (run {lake_close['run_id']}), but its tables were not committed" in line
+    assert "billrun sync-tables" in line
+    assert open_store(store).exists(f"billing/period={PERIOD}/manifest.json")

@@ -1,0 +1,104 @@
+"""The dbt package in transforms/dbt: its sources agree with the output schema file, and
+`dbt build` (models and every invariant test) passes against a real demo close with a backfill's
+credit notes, and fails when an invariant is broken."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+import yaml
+
+from closeutil import PLANS
+from flows.backfill import backfill
+from flows.close import close_period
+from flows.demo import write_demo_store
+
+REPO = Path(__file__).resolve().parent.parent
+PROJECT = REPO / "transforms" / "dbt"
+SCHEMA_FILE = REPO / "transforms" / "schema" / "outputs.yaml"
+PERIOD = "2026-10"
+DBT = Path(sys.executable).parent / "dbt"
+
+
+def test_the_dbt_sources_are_generated_from_the_schema_file():
+    if not SCHEMA_FILE.exists():
+        pytest.skip("no output schema file yet")
+    checked = subprocess.run([sys.executable, str(PROJECT / "generate_sources.py"), "--check"],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    sources = yaml.safe_load((PROJECT / "models" / "sources.yml").read_text())
+    schema = yaml.safe_load(SCHEMA_FILE.read_text())["tables"]
+    close_tables = {t["name"]: [c["name"] for c in t["columns"]] for t in sources["sources"][0]["tables"]}
+    assert close_tables["invoices"] == [c["name"] for c in schema["invoices"]["columns"]]
+    assert set(close_tables) == {name for name, spec in schema.items()
+                                 if any(p.startswith("billing/period=") for p in spec["paths"])}
+
+
+def dbt(command: str, store: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    """dbt in its own process, with a profile and a DuckDB file in `tmp`."""
+    profiles = tmp / "profiles"
+    profiles.mkdir(exist_ok=True)
+    (profiles / "profiles.yml").write_text(yaml.safe_dump({"billrun": {"target": "test", "outputs": {
+        "test": {"type": "duckdb", "path": str(tmp / "billrun.duckdb"), "threads": 2}}}}))
+    env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "DO_NOT_TRACK": "1"}
+    return subprocess.run([str(DBT), command, "--project-dir", str(PROJECT), "--profiles-dir", str(profiles),
+                           "--target-path", str(tmp / "target"), "--log-path", str(tmp / "logs"),
+                           "--vars", yaml.safe_dump({"store": str(store)}, default_flow_style=True).strip(),
+                           *extra], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def demo_with_corrections(prefect_server, tmp_path_factory) -> Path:
+    """The demo store closed for 2026-10, then a price cut on the api plan backfilled: the
+    invoices of a real close and the credit notes of a real backfill."""
+    tmp = tmp_path_factory.mktemp("dbt-demo")
+    store, plans = tmp / "store", Path(shutil.copytree(PLANS, tmp / "plans"))
+    write_demo_store(str(store), str(plans), PERIOD, 300, 7)
+    close_period(store=str(store), plans=str(plans), period=PERIOD)
+    api = plans / "api-v1.yaml"
+    api.write_text(api.read_text().replace('unit_price: "2.50"', 'unit_price: "2.25"'))
+    result = backfill(store=str(store), plans=str(plans), first=PERIOD, last=PERIOD, reason="api price fix",
+                      as_of="2026-12-01")
+    assert result["status"] == "corrected" and result["documents"]
+    return store
+
+
+@pytest.mark.slow
+def test_dbt_build_passes_against_a_demo_close_with_corrections(demo_with_corrections, tmp_path):
+    built = dbt("build", demo_with_corrections, tmp_path)
+
+    assert built.returncode == 0, built.stdout[-3000:]
+    assert "ERROR=0" in built.stdout and "WARN=0" in built.stdout
+    con = duckdb.connect(str(tmp_path / "billrun.duckdb"), read_only=True)
+    net = pl.from_arrow(con.sql("select * from net_billed_by_period").arrow())
+    invoices = pl.read_parquet(demo_with_corrections / "billing" / f"period={PERIOD}" / "invoices.parquet")
+    notes = pl.read_parquet(demo_with_corrections / "billing" / "corrections" / "*" / "invoices.parquet")
+    for row in net.iter_rows(named=True):
+        assert row["invoiced_minor"] == invoices.filter(pl.col("currency") == row["currency"])["total_minor"].sum()
+        assert row["net_billed_minor"] == row["invoiced_minor"] + notes.filter(
+            pl.col("currency") == row["currency"])["total_minor"].sum()
+    assert net["corrections"].sum() == notes.height > 0
+    for model in ("recurring_and_usage_revenue_by_plan", "deferred_revenue", "top_customers_by_usage"):
+        assert con.sql(f"select count(*) from {model}").fetchone()[0] > 0, model
+
+
+@pytest.mark.slow
+def test_dbt_tests_fail_when_an_invoice_total_disagrees_with_its_lines(demo_with_corrections, tmp_path):
+    store = Path(shutil.copytree(demo_with_corrections, tmp_path / "store",
+                                 ignore=shutil.ignore_patterns("*.html")))
+    path = store / "billing" / f"period={PERIOD}" / "invoices.parquet"
+    invoices = pl.read_parquet(path)
+    invoices.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.col("total_minor") + 1)
+                          .otherwise(pl.col("total_minor")).alias("total_minor")).write_parquet(path)
+
+    tested = dbt("build", store, tmp_path, "--select", "assert_invoice_total_equals_its_lines+",
+                 "stg_billrun__invoices", "stg_billrun__invoice_lines")
+
+    assert tested.returncode == 1
+    assert "FAIL 1 assert_invoice_total_equals_its_lines" in tested.stdout
