@@ -31,7 +31,7 @@ from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _sha256, catalog_entries
 from flows.locks import period_lock
 from flows.status import checked_key
 from flows.store import open_store
-from flows import tables
+from flows import tables as lakehouse
 from transforms.corrections import (correction_documents, issued_lines, issued_taxes, ledger_adjustments,
                                    revenue_adjustments)
 from transforms.credits import balances_table
@@ -151,7 +151,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
     if not reason.strip():
         raise InputError("--reason must say why (it is printed on every document and kept in the manifest)")
     catalog = load_catalog(plans)
-    lake = tables.tables_settings(open_store(store))  # a bad tables: section fails before any work
+    lake = lakehouse.tables_settings(open_store(store))  # a bad tables: section fails before any work
     closed = [p for p in periods if closed_manifest(store, p) is not None]
     skipped = [str(p) for p in periods if p not in closed]
     logger = get_run_logger()
@@ -211,7 +211,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
     logger.info("backfill %s..%s: %d documents in run %s", first, last, len(documents), run_id)
     changed = bool(documents) or revenue_changes.height > 0 or ledger_changes.height > 0
     if changed:  # after its manifest, like a close: the corrections stay issued whatever happens here
-        tables.commit_published(store, lake, [f"billing/corrections/run={run_id}/{MANIFEST}"],
+        lakehouse.commit_published(store, lake, [f"billing/corrections/run={run_id}/{MANIFEST}"],
                                 f"the corrections of run {run_id} are issued")
     result = {"status": "corrected" if changed else "nothing_to_correct", "run_id": run_id, "skipped": skipped,
               "store": store, "revenue_adjustments": revenue_changes.height,

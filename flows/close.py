@@ -41,7 +41,7 @@ from flows.shards import (Normalized, drop_scratch, local_workers, normalize_sha
                           shard_runner)
 from flows.report import fetch_costs
 from flows.store import open_store
-from flows import tables
+from flows import tables as lakehouse
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.credits import (CreditEvent, Outcome, Purchase, balances_table, credit_lines, credit_meters,
                                credit_report, credit_summaries, history_grants, ledger_table, purchases_from, replay)
@@ -605,7 +605,7 @@ def close_period(store: str, plans: str, period: str, dask_address: str | None =
     (tcp://scheduler:8786): the outputs are the same bytes either way."""
     the_period = Period.parse(period)
     catalog = load_catalog(plans)
-    lake = tables.tables_settings(open_store(store))  # a bad tables: section fails before any work
+    lake = lakehouse.tables_settings(open_store(store))  # a bad tables: section fails before any work
     existing = closed_manifest(store, the_period)
     if existing is None:
         with period_lock(open_store(store), [the_period], f"close {the_period}", datetime.now(timezone.utc)):
@@ -620,10 +620,10 @@ def close_period(store: str, plans: str, period: str, dask_address: str | None =
     return _result_from_manifest(existing, store, "already_closed").as_dict()
 
 
-def _commit_tables(store: str, lake: tables.TablesSettings, period: Period, run_id: str) -> None:
+def _commit_tables(store: str, lake: lakehouse.TablesSettings, period: Period, run_id: str) -> None:
     """After the manifest: the period's outputs to the lakehouse tables, when configured. The
     period stays closed whatever happens here."""
-    tables.commit_published(store, lake, [period_prefix(period) + MANIFEST],
+    lakehouse.commit_published(store, lake, [period_prefix(period) + MANIFEST],
                             f"{period} is closed (run {run_id})")
 
 
