@@ -29,6 +29,7 @@ from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _sha256, catalog_entries
                          closed_manifest, fetch_inputs, normalize_usage, plan_entries_for,
                          rate_invoices, replay_credits, seller_block, settle_usage, work_dir_for)
 from flows.locks import period_lock
+from flows.secrets import keep_secrets_out_of_logs
 from flows.status import checked_key
 from flows.store import open_store
 from flows import tables as lakehouse
@@ -146,6 +147,7 @@ def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[
 @flow(name="backfill", log_prints=False)
 def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: str) -> dict:
     """Re-rate the closed periods first..last and issue credit/debit notes for the differences."""
+    keep_secrets_out_of_logs()
     periods = periods_between(Period.parse(first), Period.parse(last))
     issued_on = date.fromisoformat(as_of)
     if not reason.strip():

@@ -19,6 +19,7 @@ from rich.table import Table
 
 DEFAULT_STORE = "./billing-data"
 DEFAULT_PLANS = "./plans"
+WEBHOOK_ENV = "BILLRUN_WEBHOOK_URL"  # where `--webhook URL` is put for the nightly flow to read
 
 app = typer.Typer(
     help="billrun: batch billing for AI and API products (usage, credits and hybrids), exact to the cent.",
@@ -56,6 +57,9 @@ class _OneLineUserErrors(logging.Filter):
 
 
 def _quiet_user_errors() -> None:
+    from flows.secrets import keep_secrets_out_of_logs
+
+    keep_secrets_out_of_logs()
     for handler in logging.getLogger("prefect").handlers + logging.getLogger().handlers:
         handler.addFilter(_OneLineUserErrors())
 
@@ -270,12 +274,19 @@ def sync_tables(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Opti
               f"{result['location']})" + ("" if result["commits"] else ": every table is up to date"), markup=False)
 
 
-@app.command(epilog="Example: billrun nightly --date 2026-10-14 --webhook https://hooks.example.com/billing")
+@app.command(epilog="Example: BILLING_HOOK=https://hooks.example.com/billing?token=... "
+                     "billrun nightly --date 2026-10-14 --webhook-env BILLING_HOOK")
 def nightly(ctx: typer.Context,
             day: str = typer.Option(..., "--date", help="The night's date, YYYY-MM-DD: takes in the usage that "
                                     "arrived since the last run, up to and including this day (later days wait "
                                     "for their night)."),
-            webhook: Optional[str] = typer.Option(None, "--webhook", help="POST the night's new alerts here as JSON."),
+            webhook_env: Optional[str] = typer.Option(None, "--webhook-env", metavar="NAME", help="POST the night's "
+                                                      "new alerts as JSON to the URL this environment variable holds."),
+            webhook_secret: Optional[str] = typer.Option(None, "--webhook-secret", metavar="BLOCK", help="... or to "
+                                                         "the URL this Prefect Secret block holds."),
+            webhook: Optional[str] = typer.Option(None, "--webhook", metavar="URL", help="... or to this URL (kept out "
+                                                  "of Prefect; prefer --webhook-env: a command line is visible to "
+                                                  "every user of the machine)."),
             store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
     """Take in new usage and bring the period to date: estimates, credit balances, alerts.
 
@@ -286,7 +297,14 @@ def nightly(ctx: typer.Context,
 
     store, plans = _opts(ctx, store, plans)
     _quiet_user_errors()
-    result = _run(_shown(ctx, as_json, nightly_flow), store=store, plans=plans, day=day, webhook=webhook)
+    if sum(1 for given in (webhook_env, webhook_secret, webhook) if given) > 1:
+        _fail("--webhook-env, --webhook-secret and --webhook name one webhook: give one of them")
+    if webhook:
+        # the flow gets the reference, never the URL: its parameters are stored in Prefect
+        os.environ[WEBHOOK_ENV] = webhook
+        webhook_env = WEBHOOK_ENV
+    result = _run(_shown(ctx, as_json, nightly_flow), store=store, plans=plans, day=day, webhook_env=webhook_env,
+                  webhook_secret=webhook_secret)
     if as_json:
         out.print_json(json.dumps(result))
         return

@@ -40,6 +40,7 @@ from flows.documents_out import write_invoice_documents
 from flows.shards import (Normalized, drop_scratch, local_workers, normalize_shards, scratch_for, settle_shards,
                           shard_runner)
 from flows.report import fetch_costs
+from flows.secrets import keep_secrets_out_of_logs
 from flows.store import open_store
 from flows import tables as lakehouse
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
@@ -603,6 +604,7 @@ def close_period(store: str, plans: str, period: str, dask_address: str | None =
 
     The row-level steps run in shards on a thread pool, or on the Dask cluster at `dask_address`
     (tcp://scheduler:8786): the outputs are the same bytes either way."""
+    keep_secrets_out_of_logs()
     the_period = Period.parse(period)
     catalog = load_catalog(plans)
     lake = lakehouse.tables_settings(open_store(store))  # a bad tables: section fails before any work

@@ -47,6 +47,7 @@ from flows.close import (IO_RETRIES, MANIFEST, PARQUET, RULES_KEY, SELLER_KEY, I
                          check_reference, invoices_to_send, normalize_usage, work_dir_for)
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key
 from flows.locks import period_lock
+from flows.secrets import keep_secrets_out_of_logs, webhook_url
 from flows.store import open_store
 from transforms.alerts import Alert, alerts_table, credit_alerts, price_change_notices
 from transforms.credits import (balances_table, checkpoint_bytes, checkpoint_from, credit_events_since, credit_lines,
@@ -602,8 +603,15 @@ def deliver(webhook: str, payload: dict, attempts: int = 3) -> None:
 
 
 @flow(name="nightly", log_prints=False)
-def nightly(store: str, plans: str, day: str, webhook: str | None = None) -> dict:
-    """Take in the day's usage and bring the period to date: estimates, balances, alerts."""
+def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
+            webhook_secret: str | None = None) -> dict:
+    """Take in the day's usage and bring the period to date: estimates, balances, alerts.
+
+    The webhook that new alerts are POSTed to is given by reference, never as a value (a flow
+    run's parameters are stored in Prefect): `webhook_env` names an environment variable holding
+    its URL, `webhook_secret` a Prefect Secret block."""
+    keep_secrets_out_of_logs()
+    webhook = webhook_url(webhook_env, webhook_secret)
     try:
         the_day = date.fromisoformat(day)
     except ValueError:

@@ -76,9 +76,10 @@ def backfill_range(store: str, plans: str, from_period: str, to_period: str, rea
 # and a retry also redelivers alerts a webhook refused.
 @flow(name="nightly-run", log_prints=False, retries=2, retry_delay_seconds=600)
 def nightly_run(store: str = "./billing-data", plans: str = "./plans", day: str | None = None,
-                webhook: str | None = None) -> dict:
+                webhook_env: str | None = None, webhook_secret: str | None = None) -> dict:
     """Bring the period to date for the UTC day before the run's scheduled start (or `day`,
-    YYYY-MM-DD, when given)."""
+    YYYY-MM-DD, when given). The webhook is named by reference: `webhook_env` (an environment
+    variable of the worker holding its URL) or `webhook_secret` (a Prefect Secret block)."""
     logger = get_run_logger()
     if day is None:
         scheduled_at = _scheduled_start()
@@ -87,4 +88,4 @@ def nightly_run(store: str = "./billing-data", plans: str = "./plans", day: str 
                     _utc(scheduled_at).isoformat(timespec="seconds"))
     else:
         logger.info("nightly run for %s (given as a parameter)", day)
-    return nightly(store=store, plans=plans, day=day, webhook=webhook)
+    return nightly(store=store, plans=plans, day=day, webhook_env=webhook_env, webhook_secret=webhook_secret)
