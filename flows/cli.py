@@ -44,11 +44,12 @@ class _OneLineUserErrors(logging.Filter):
     whole story, so drop the traceback (a bug keeps its traceback)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from flows.diskfull import full_disk_message
         from flows.store import StoreError
         from transforms.errors import BillrunError
 
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, (BillrunError, StoreError)):
+        if isinstance(exc, (BillrunError, StoreError)) or (exc is not None and full_disk_message(exc)):
             record.exc_info = None
             record.exc_text = None
             record.msg, record.args = f"{type(exc).__name__}: {exc}", ()
@@ -70,14 +71,20 @@ def _fail(message: str) -> None:
 
 
 def _run(fn, *args, **kwargs):
-    """Call into billrun; a user error becomes one line and exit 1."""
+    """Call into billrun; a user error (or a full disk) becomes one line and exit 1."""
+    from flows.diskfull import full_disk_message, watch_store
     from flows.store import StoreError
     from transforms.errors import BillrunError
 
+    watch_store(kwargs.get("store"))
     try:
         return fn(*args, **kwargs)
     except (BillrunError, StoreError) as exc:
         _fail(str(exc))
+    except Exception as exc:
+        if (message := full_disk_message(exc)) is None:
+            raise
+        _fail(message)
 
 
 def _shown(ctx: typer.Context, as_json: bool, fn, own_step: str | None = None):

@@ -40,6 +40,7 @@ from botocore.exceptions import (
     HTTPClientError,
     NoCredentialsError,
     PartialCredentialsError,
+    ProfileNotFound,
     ReadTimeoutError,
     SSLError,
 )
@@ -515,8 +516,8 @@ class S3Store:
         )
         # One session per store: boto3's default session is not safe to create clients from
         # concurrently, and clients (unlike sessions) are safe to share between threads.
-        session = boto3.session.Session()
         with self._s3_errors(None, "configure the S3 client"):
+            session = boto3.session.Session()  # reads AWS_PROFILE: a missing profile fails here
             self._client = session.client("s3", config=S3_CLIENT_CONFIG)
             self._probe_client = session.client("s3", config=S3_PROBE_CONFIG)
 
@@ -719,6 +720,9 @@ class S3Store:
             exc = exc.__context__
         if isinstance(exc, (BotoConnectionError, HTTPClientError)):
             return StoreError(f"{where}: cannot reach the S3 endpoint {self.endpoint}: {_short_reason(exc)}")
+        if isinstance(exc, ProfileNotFound):
+            return StoreError(f"{where}: AWS profile {exc.kwargs.get('profile')!r} not found in the AWS config "
+                              f"files (check AWS_PROFILE)")
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return StoreError(f"{where}: no usable AWS credentials (set AWS_PROFILE, or "
                               f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
