@@ -34,6 +34,7 @@ from transforms.margins import (COSTS_KEY, NO_COSTS, Costs, costs_from, margin_p
                                 segment_plans_from_lines)
 from transforms.money import format_money, from_minor
 from transforms.periods import Period
+from transforms.render import visible_bidi
 from transforms.simulate import (NO_METER, breakage_by_period, customer_plans, margin_by_meter,
                                  revenue_by_plan_stream)
 
@@ -282,7 +283,7 @@ def margin_charts(by_model: dict[str, list[dict]]) -> list[Chart]:
 def _environment() -> Environment:
     return Environment(loader=PackageLoader("transforms", "templates"),
                        autoescape=select_autoescape(default=True, default_for_string=True),
-                       undefined=StrictUndefined, keep_trailing_newline=True)
+                       undefined=StrictUndefined, keep_trailing_newline=True, finalize=visible_bidi)
 
 
 def render_page(title: str, facts: list[tuple[str, str]], notes: list[str], tables_before: list[Table],

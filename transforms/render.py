@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from babel.numbers import format_currency
 from jinja2 import Environment, PackageLoader, StrictUndefined, Template, select_autoescape
+from markupsafe import Markup
 
 from transforms.credits import CreditSummary, GrantMovement
 from transforms.invoices import SPEND_KINDS, TAX_LINE_KINDS, Invoice, Line
@@ -34,6 +35,22 @@ GRANT_LABELS = {"grant": "Plan credits", "purchase": "Credit pack", "top_up": "A
                 "rollover": "Rolled over", "opening": "Brought forward"}
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
+
+
+# Unicode bidi embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069) reorder the
+# text after them: "Acme\u202eFDP.exe" displays as "Acmeexe.PDF". A document shows them
+# visibly ([U+202E]) instead, wherever they come from: names, addresses, descriptions, dimensions.
+_BIDI_VISIBLE = {c: f"[U+{c:04X}]" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+_BIDI = frozenset(chr(c) for c in _BIDI_VISIBLE)
+
+
+def visible_bidi(value):
+    """`value` with every bidi control written out as [U+XXXX]; anything but text unchanged.
+    The templates' finalize: it sees every printed value before it is escaped."""
+    if isinstance(value, str) and not _BIDI.isdisjoint(value):
+        marked = str.translate(value, _BIDI_VISIBLE)
+        return Markup(marked) if isinstance(value, Markup) else marked
+    return value
 
 
 _DICT_ATTRIBUTES = frozenset(dir(dict))
@@ -60,7 +77,7 @@ def _template(name: str) -> Template:
     env = _Environment(loader=PackageLoader("transforms", "templates"),
                        autoescape=select_autoescape(default=True, default_for_string=True),
                        undefined=StrictUndefined, keep_trailing_newline=True, auto_reload=False,
-                       trim_blocks=True, lstrip_blocks=True)
+                       trim_blocks=True, lstrip_blocks=True, finalize=visible_bidi)
     return env.get_template(name)
 
 
