@@ -235,7 +235,11 @@ MARGIN_KEY = ["customer_id", "plan", "plan_version", "meter", "currency"]
 
 def _revenue(lines: pl.DataFrame, segs: pl.DataFrame) -> pl.DataFrame:
     """Billed revenue per margins row. A line carries its plan version; one that does not (a
-    top-up, a cap waiver) takes its segment's, else the subscription's last segment's."""
+    top-up, a cap waiver) takes its segment's, else the subscription's last segment's. Tax is
+    not revenue: `tax` lines are left out (a `tax_included` line, the tax inside tax-inclusive
+    prices, stays in, taking it back out of the plan's row)."""
+    if "kind" in lines.columns:
+        lines = lines.filter(pl.col("kind") != "tax")
     last = (segs.sort("segment_no").group_by("subscription_id").agg(pl.all().last())
             .select("subscription_id", pl.col("plan").alias("_last_plan"), pl.col("plan_version").alias("_last_version")))
     exact = segs.select("subscription_id", "segment_no", pl.lit(True).alias("_exact"),
