@@ -14,7 +14,8 @@ from transforms.margins import COSTS_KEY
 from transforms.periods import Period
 from transforms.plans import load_catalog
 from transforms.showcase import PURCHASES_KEY, USAGE_KEY, showcase
-from transforms.synth import synth_store, write_bytes
+from transforms.synth import DEMO_TAX_RULES, DEMO_TERMS, synth_store, write_bytes
+from transforms.tax.rules import RULES_KEY
 
 DEMO_SELLER = {
     "name": "Lumen AI, Inc.",
@@ -40,7 +41,9 @@ def write_demo_store(store_uri: str, plans_dir: str, period: str, customers: int
     store.put_bytes("customers/customers.csv", _csv(pl.concat([sample.customers, shown.customers], how="diagonal")))
     store.put_bytes("subscriptions/subscriptions.csv",
                     _csv(pl.concat([sample.subscriptions, shown.subscriptions], how="diagonal")))
-    store.put_bytes("seller.yaml", yaml.safe_dump(DEMO_SELLER, sort_keys=True, allow_unicode=True).encode())
+    store.put_bytes("seller.yaml", yaml.safe_dump({**DEMO_SELLER, **DEMO_TERMS}, sort_keys=True,
+                                                  allow_unicode=True).encode())
+    store.put_bytes(RULES_KEY, DEMO_TAX_RULES.encode())
     for obj in sample.usage_objects:
         store.put_bytes(obj.key, write_bytes(obj))
     if shown.usage.height:

@@ -329,7 +329,7 @@ def test_activity_is_skewed(catalog, store):
 
 def test_customers(store):
     c = store.customers
-    assert c.columns == ["customer_id", "name", "email", "address"]
+    assert c.columns == ["customer_id", "name", "email", "address", "tax_id", "country", "region"]
     assert c.height == 300 and c["customer_id"].is_unique().all()
     assert c["customer_id"].str.contains(r"^cus_\d{6}$").all()
     names = set(c["name"])

@@ -269,3 +269,27 @@ def test_inclusive_tax_is_backed_out_and_rounded_once():
     assert tax_line("VAT", Decimal(20), 9999, True, "EUR", "half_up").amount_minor == 1667
     assert tax_line("VAT", Decimal(20), 9999, True, "EUR", "half_even").amount_minor == 1666
     assert tax_line("VAT", Decimal(20), 9999, True, "EUR", "half_up").base_minor == 8332
+
+
+def test_the_demo_store_bills_tax_by_its_customers_countries():
+    """The demo's rules and customers: EU businesses carry valid-looking VAT IDs of their own
+    country (reverse charge), EU consumers pay their country's rate, New York customers New York
+    City's sales tax, and customers where the seller is not registered pay none."""
+    from transforms.plans import load_catalog
+    from transforms.reference import checked_customers
+    from transforms.synth import DEMO_TAX_RULES, synth_store
+    from transforms.tax import customer_parties
+
+    rules = load_rules(DEMO_TAX_RULES)
+    sample = synth_store(load_catalog(str(Path(__file__).parent.parent / "plans")), PERIOD, 80, 7)
+    parties = customer_parties(checked_customers(sample.customers, "customers/customers.csv"))
+    line = [TaxableLine(1, "fixed_fee", "api", None, 10000)]
+    seen = {}
+    for party in parties.values():
+        taxes = rules.tax_lines(line, Party("US"), party, "USD", "half_up")
+        kind = ("none" if not taxes else "reverse_charge" if taxes[0].note == REVERSE_CHARGE
+                else f"{taxes[0].rate}%")
+        seen.setdefault((party.country, party.region), set()).add(kind)
+    assert seen[("FR", None)] >= {"20%"} and seen[("US", "NY")] == {"8.875%"}  # 100.00 x 8.875% = 8.88
+    assert seen[("US", "CA")] == {"none"} and seen[("GB", None)] == {"none"}
+    assert any("reverse_charge" in kinds for (country, _), kinds in seen.items() if country in ("FR", "NL", "ES", "SE"))

@@ -96,7 +96,7 @@ def showcase(catalog: Catalog, period: Period) -> Showcase:
         customer_id = f"cus_showcase_{key}"
         features.append(Feature(customer_id, name, shows))
         customers.append({"customer_id": customer_id, "name": name, "email": f"billing@{key}.example",
-                          "address": "1 Demo Street, 94105 San Francisco, US"})
+                          "address": "1 Demo Street, 94105 San Francisco, US", "country": "US", "region": "CA"})
         return customer_id
 
     def subscribe(customer_id: str, plan: str, begins: date, ends: date | None = None, hard_cap: str | None = None,

@@ -77,6 +77,28 @@ CITIES = [("San Francisco", "94105", "US"), ("New York", "10001", "US"), ("Züri
           ("Paris", "75001", "FR"), ("London", "SW1A 1AA", "GB"), ("Amsterdam", "1015", "NL"),
           ("Madrid", "28013", "ES"), ("Austin", "78701", "US"), ("Sydney", "2000", "AU"),
           ("Stockholm", "111 57", "SE")]
+US_STATES = {"San Francisco": "CA", "New York": "NY", "Austin": "TX"}
+DEMO_VAT_IDS = {"FR": "FR03552081317", "NL": "NL800000018B01", "ES": "ESB00000018", "SE": "SE550000001201"}
+"""Valid-looking VAT IDs (format and check digits) of the demo's EU business customers."""
+DEMO_TAX_RULES = """\
+# The demo seller's tax rules (see docs/tax-and-terms.md). Lumen AI, Inc. is a US company that
+# collects New York sales tax and EU VAT under the One-Stop-Shop (non-Union scheme): EU
+# businesses with a VAT ID are reverse-charged, EU consumers pay their country's rate, and
+# customers elsewhere (California, Texas, the UK, Switzerland, Australia) are not taxed.
+seller:
+  country: US
+  registrations: [US-NY, EU-OSS]
+rates:
+  - {country: US, region: NY, rate: "8.875", label: Sales tax}   # New York City: state 4 + city 4.5 + MCTD 0.375
+  - {country: FR, rate: "20"}
+  - {country: NL, rate: "21"}
+  - {country: ES, rate: "21"}
+  - {country: SE, rate: "25"}
+"""
+DEMO_TERMS = {"payment_terms_days": 30,
+              "payment": {"bank": "First Example Bank", "account_name": "Lumen AI, Inc.",
+                          "account_number": "000123456789", "routing_number": "121000248"}}
+"""Payment terms and instructions merged into the demo's seller.yaml."""
 DIMENSION_VALUES = {
     "model": ["gpt-4o", "gpt-4o-mini", "claude-sonnet", "llama-3-70b"],
     "region": ["us-east-1", "eu-west-1", "ap-southeast-1"],
@@ -306,11 +328,17 @@ def _customers(n: int, seed: int) -> pl.DataFrame:
     # "Zürich Labs AG" -> zurich-labs-ag: accents dropped, anything else non-alphanumeric a dash
     slug = (pl.col("name").str.normalize("NFKD").str.replace_all(r"\p{M}", "").str.to_lowercase()
             .str.replace_all(r"[^a-z0-9]+", "-").str.strip_chars("-"))
+    # Tax: the city's country (and US state); every other EU customer is a business with a VAT
+    # ID of its country (reverse charge), the rest are consumers taxed at their country's rate.
+    business = (idx % 2 == 0) & pl.col("country").is_in(list(DEMO_VAT_IDS))
     return frame.select(
         customer_id=_customer_id(pl.col("idx")),
         name=pl.col("name"),
         email=pl.format("billing@{}.example", pl.when(slug == "").then(pl.lit("customer")).otherwise(slug)),
         address=pl.format("{} {}, {} {}, {}", "number", "street", "postcode", "city", "country"),
+        tax_id=pl.when(business).then(pl.col("country").replace_strict(DEMO_VAT_IDS, default=None)),
+        country=pl.col("country"),
+        region=pl.col("city").replace_strict(US_STATES, default=None),
     )
 
 
