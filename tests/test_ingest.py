@@ -146,3 +146,16 @@ def test_a_large_object_that_fails_whole_is_set_aside_unsearched(tmp_path, monke
     data = "\n".join([json_line(1), json_line(2, "1e400"), json_line(3)]) + "\n"
     frame, why = read(tmp_path, "a.jsonl", data.encode())
     assert frame is None and "InvalidNumber" in why
+
+
+def test_parts_read_apart_are_typed_as_one_read_would_type_them(tmp_path, monkeypatch):
+    """Parts inferred apart (an integer quantity in one, a decimal in another, a dimension only
+    in the last) come together as one parse of the good lines would read them."""
+    monkeypatch.setattr(ingest, "FANOUT", 2)
+    lines = [json_line(1), json_line(2, "1e400"), json_line(3, "2.5"),
+             json_line(4).replace('"meter"', '"region": "eu", "meter"')]
+    frame, why = read(tmp_path, "a.jsonl", ("\n".join(lines) + "\n").encode())
+    assert why is None
+    assert frame.select("source_row", "quantity_raw", "dims", "reason").rows() == [
+        (1, "1.0", "{}", None), (2, None, None, "malformed_line"), (3, "2.5", "{}", None),
+        (4, "1.0", '{"region":"eu"}', None)]
