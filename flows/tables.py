@@ -169,11 +169,8 @@ class PublishedRun:
 def published_runs(store: Store) -> list[PublishedRun]:
     """Every close and backfill with a manifest, closes by period, then backfills by run id."""
     runs = []
-    for obj in store.list("billing/"):
-        match = _MANIFEST.match(obj.key)
-        if not match:
-            continue
-        runs.append(published_run(store, obj.key))
+    for prefix in ("billing/period=", "billing/corrections/"):  # not billing/tables/: its files pile up
+        runs += [published_run(store, obj.key) for obj in store.list(prefix) if _MANIFEST.match(obj.key)]
     return sorted(runs, key=lambda r: (r.kind != "close", r.period or "", r.run_id))
 
 

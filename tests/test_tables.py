@@ -23,6 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from closeutil import copy_tree_to_store
+from tablesutil import as_published, published, read_all
 from flows import tables
 from flows.cli import app
 from flows.store import open_store
@@ -58,10 +59,6 @@ def invoices(*rows: tuple[str, str, int], extra: dict | None = None) -> pl.DataF
                           "total_minor": [r[2] for r in rows]}, schema={"invoice_id": pl.String, "period": pl.String,
                                                                         "total_minor": pl.Int64})
     return frame.with_columns(**{k: pl.lit(v) for k, v in (extra or {}).items()})
-
-
-def read_all(store_uri: str, settings: TablesSettings, table: str) -> dict[str, pl.DataFrame]:
-    return {fmt.name: pl.from_arrow(fmt.read(table)) for fmt in open_formats(open_store(store_uri), settings)}
 
 
 def one_line_error(result) -> str:
@@ -201,17 +198,6 @@ def golden_store(tmp: Path, backend: str, config: str = BOTH) -> str:
     copy_tree_to_store(GOLDEN / "store", store)
     open_store(store).put_bytes("billrun.yaml", config.encode())
     return store
-
-
-def published(store: str, prefix: str, table: str) -> pl.DataFrame:
-    return pl.read_parquet(io.BytesIO(open_store(store).read_bytes(f"{prefix}{table}.parquet")))
-
-
-def as_published(frame: pl.DataFrame, like: pl.DataFrame, run_id: str) -> pl.DataFrame:
-    """A table's rows of one run, in the published file's columns and types, sorted."""
-    rows = frame.filter(pl.col(RUN_ID) == run_id).select(like.columns)
-    rows = rows.cast({c: t for c, t in like.schema.items() if rows.schema[c] != t})
-    return rows.sort(like.columns, nulls_last=True)
 
 
 @pytest.fixture(scope="module", params=["folder", "s3"])
