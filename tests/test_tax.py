@@ -19,6 +19,7 @@ from hypothesis import given, settings, strategies as st
 
 from closeutil import close, table
 from flows.backfill import backfill
+from flows.nightly import nightly
 from flows.store import open_store
 from transforms.errors import InputError
 from transforms.invoices import Invoice, Line
@@ -89,7 +90,9 @@ def taxed(prefect_server, tmp_path_factory):
     for key, text in (("seller.yaml", SELLER), ("tax/rules.yaml", RULES), ("customers/customers.csv", CUSTOMERS),
                       ("subscriptions/subscriptions.csv", SUBS), ("usage/date=2026-10-05/u.csv", USAGE)):
         s.put_bytes(key, text.encode())
-    result = close(store, _plans(root / "plans", "100.00"), PERIOD)
+    plans = _plans(root / "plans", "100.00")
+    nightly(store=store, plans=plans, day="2026-10-31")  # drafts first: the same tax path as the close
+    result = close(store, plans, PERIOD)
     invoices = table(store, PERIOD, "invoices.parquet")
     by_customer = {r["customer_id"]: r for r in invoices.iter_rows(named=True)}
     return store, root, result, by_customer
@@ -141,6 +144,15 @@ def test_tax_lines_carry_rate_base_and_mentions(taxed):
     [ex] = _tax_lines(store, "nl_exempt")
     assert ex["tax_note"] == EXEMPT
     assert _tax_lines(store, "jp") == []
+
+
+@pytest.mark.slow
+def test_nightly_drafts_are_taxed_and_dated_like_the_close(taxed):
+    store, _, _, invoices = taxed
+    drafts = pl.read_parquet(io.BytesIO(open_store(store).read_bytes(
+        "billing/nightly/date=2026-10-31/draft_invoices.parquet")))
+    assert {r["customer_id"]: (r["subtotal_minor"], r["tax_minor"], r["due_on"]) for r in drafts.iter_rows(named=True)} \
+        == {c: (i["subtotal_minor"], i["tax_minor"], i["due_on"]) for c, i in invoices.items()}
 
 
 @pytest.mark.slow
@@ -218,6 +230,16 @@ def test_a_registered_place_without_a_rate_is_an_error_not_zero():
                         "half_up")
 
 
+def test_a_product_category_takes_its_own_rate():
+    # NL reduced rate 9% for the images plan: 100.00 x 9% = 9.00; api stays at 21%: 50.00 x 21% = 10.50
+    rules = load_rules(RULES.replace('rates:\n', 'rates:\n  - {country: NL, category: reduced, rate: "9"}\n')
+                       + "categories:\n  - {plan: images, category: reduced}\n")
+    lines = [TaxableLine(1, "fixed_fee", "images", None, 10000), TaxableLine(2, "usage", "api", "calls", 5000)]
+    taxes = rules.tax_lines(lines, Party("NL"), Party("NL"), "EUR", "half_up")
+    assert [(t.rate, t.base_minor, t.amount_minor, t.line_nos) for t in taxes] == [
+        (Decimal(21), 5000, 1050, (2,)), (Decimal(9), 10000, 900, (1,))]
+
+
 def test_an_invalid_vat_id_is_b2c_not_reverse_charge():
     rules = load_rules(RULES)
     lines = [TaxableLine(1, "fixed_fee", "svc", None, 10000)]
@@ -293,3 +315,25 @@ def test_the_demo_store_bills_tax_by_its_customers_countries():
     assert seen[("FR", None)] >= {"20%"} and seen[("US", "NY")] == {"8.875%"}  # 100.00 x 8.875% = 8.88
     assert seen[("US", "CA")] == {"none"} and seen[("GB", None)] == {"none"}
     assert any("reverse_charge" in kinds for (country, _), kinds in seen.items() if country in ("FR", "NL", "ES", "SE"))
+
+
+def test_a_debit_note_adds_tax_at_the_original_rate():
+    # invoiced 100.00 + 20% = 120.00; re-rated 120.00 at a new 21%: the debit note adds
+    # 20.00 + 20% of it = 4.00 (not 4.20), 24.00 in all
+    from transforms.corrections import correction_documents, issued_lines, issued_taxes
+    from transforms.invoices import lines_table
+
+    def invoice(fee: int, rate: str) -> Invoice:
+        inv = Invoice("INV-2026-10-000001", "invoice", "fr_b2c", "s1", PERIOD, "EUR", date(2026, 11, 1),
+                      (Line("fixed_fee", "Platform fee", Decimal(31), fee, plan="svc", plan_version=1),),
+                      date(2026, 10, 1), date(2026, 11, 1))
+        return invoice_with_tax(inv, [tax_line(f"VAT {rate}% (FR)", Decimal(rate), fee, False, "EUR", "half_up",
+                                               line_nos=(1,))])
+
+    issued = lines_table([invoice(10000, "20")])
+    original = {"s1": {"invoice_id": "INV-2026-10-000001", "currency": "EUR", "customer_id": "fr_b2c"}}
+    [note] = correction_documents(PERIOD, [invoice(12000, "21")], issued_lines(issued), original, {},
+                                  date(2026, 12, 5), issued_taxes(issued), {"s1": "half_up"})
+    assert (note.kind, note.subtotal_minor, note.tax_minor, note.total_minor) == ("debit_note", 2000, 400, 2400)
+    [tax] = [l for l in note.lines if l.kind == "tax"]
+    assert (tax.description, tax.tax_rate, tax.taxable_base_minor) == ("VAT 20% (FR)", Decimal(20), 2000)
