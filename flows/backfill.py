@@ -39,6 +39,7 @@ from transforms.credits import balances_table
 from transforms.revenue import journal, proportional_rates, revenue_rows, tax_rows
 from transforms.terms import due_on
 from transforms.errors import InputError
+from transforms.guards import backfill_dated_too_early
 from transforms.invoices import Invoice, invoices_table, lines_table
 from transforms.money import format_money
 from transforms.periods import Period, utc_midnight
@@ -156,6 +157,9 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
     lake = lakehouse.tables_settings(open_store(store))  # a bad tables: section fails before any work
     closed = [p for p in periods if closed_manifest(store, p) is not None]
     skipped = [str(p) for p in periods if p not in closed]
+    too_early = backfill_dated_too_early(issued_on, closed)
+    if too_early:
+        raise InputError(too_early)
     logger = get_run_logger()
     if not closed:
         result = {"status": "nothing_closed", "run_id": None, "documents": [], "skipped": skipped, "store": store}

@@ -10,20 +10,40 @@ import json
 import logging
 import os
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 from rich.table import Table
 
 DEFAULT_STORE = "./billing-data"
 DEFAULT_PLANS = "./plans"
 WEBHOOK_ENV = "BILLRUN_WEBHOOK_URL"  # where `--webhook URL` is put for the nightly flow to read
 
+class _PlainHelp:
+    """--help shows no type placeholder (typer would print `<bool>` beside it)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_PlainHelp, TyperCommand):
+    pass
+
+
+class _Group(_PlainHelp, TyperGroup):
+    pass
+
+
 app = typer.Typer(
     help="billrun: batch billing for AI and API products (usage, credits and hybrids), exact to the cent.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group)
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
@@ -65,6 +85,19 @@ def _quiet_user_errors() -> None:
         handler.addFilter(_OneLineUserErrors())
 
 
+def _now() -> datetime:
+    """The one read of the clock per command; everything downstream gets it as a parameter."""
+    return datetime.now(timezone.utc)
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import version
+
+        out.print(f"billrun {version('billrun')}")
+        raise typer.Exit(0)
+
+
 def _fail(message: str) -> None:
     err.print(f"billrun: error: {message}", markup=False, soft_wrap=True)
     raise typer.Exit(1)
@@ -104,18 +137,24 @@ def _shown(ctx: typer.Context, as_json: bool, fn, own_step: str | None = None):
     return shown
 
 
-StoreOpt = typer.Option(None, "--store", help="Store: a local folder or s3://bucket/prefix [default: ./billing-data]")
-PlansOpt = typer.Option(None, "--plans", help="Folder of plan files (*.yaml) [default: ./plans]")
-JsonOpt = typer.Option(False, "--json", help="Print the result as JSON (for scripts).")
+StoreOpt = typer.Option(None, "--store", metavar="URI", show_default=False,
+                        help="Store: a local folder or s3://bucket/prefix \\[default: ./billing-data]")
+PlansOpt = typer.Option(None, "--plans", metavar="DIR", show_default=False,
+                        help="Folder of plan files (*.yaml) \\[default: ./plans]")
+JsonOpt = typer.Option(False, "--json", metavar="", help="Print the result as JSON (for scripts).")
+PERIOD = "YYYY-MM"
+DAY = "YYYY-MM-DD"
 
 
 @app.callback()
 def main_options(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt,
-                 verbose: bool = typer.Option(False, "--verbose", "-v", help="Log one line per step (Prefect's "
-                                              "INFO logs) instead of the live list of steps."),
-                 progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the steps of close, "
-                                               "nightly, backfill and demo live in a terminal (never with --json, "
-                                               "in CI or when stderr is not a terminal).")) -> None:
+                 verbose: bool = typer.Option(False, "--verbose", "-v", metavar="", help="Log one line per step "
+                                              "(Prefect's INFO logs) instead of the live list of steps."),
+                 progress: bool = typer.Option(True, "--progress/--no-progress", metavar="", help="Show the steps "
+                                               "of close, nightly, backfill and demo live in a terminal (never with "
+                                               "--json, in CI or when stderr is not a terminal)."),
+                 version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True,
+                                              help="Print billrun's version and exit.")) -> None:
     ctx.obj = {"store": store, "plans": plans, "verbose": verbose, "progress": progress}
     if verbose:
         import prefect.main  # noqa: F401 - configures Prefect's logging (once), which -v then opens up to INFO
@@ -126,6 +165,27 @@ def main_options(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Opt
 def _opts(ctx: typer.Context, store: str | None, plans: str | None) -> tuple[str, str]:
     base = ctx.obj or {}
     return (store or base.get("store") or DEFAULT_STORE, plans or base.get("plans") or DEFAULT_PLANS)
+
+
+def _checked(check, *args, **kwargs):
+    """A check of the arguments and the store made before Prefect starts (flows/preflight.py):
+    a mistake answers at once, as one line."""
+    from transforms.errors import BillrunError
+
+    try:
+        return check(*args, **kwargs)
+    except Exception as exc:
+        store = sys.modules.get("flows.store")  # a StoreError needs the store module; never import it for this
+        if isinstance(exc, BillrunError) or (store is not None and isinstance(exc, store.StoreError)):
+            _fail(str(exc))
+        raise
+
+
+def _where(store: str, plans: str) -> str:
+    """The --store/--plans to repeat in a command printed for the user (when not the defaults)."""
+    return "".join(f" {flag} {value}" for flag, value, default in (("--store", store, DEFAULT_STORE),
+                                                                    ("--plans", plans, DEFAULT_PLANS))
+                   if value != default)
 
 
 def _print_close(result: dict, as_json: bool) -> None:
@@ -153,43 +213,88 @@ def _print_close(result: dict, as_json: bool) -> None:
         out.print(f"  invoices: {result['store'].rstrip('/')}/{html[0]} (and {len(html) - 1} more)")
 
 
-@app.command(epilog="Example: billrun close --period 2026-10 --store s3://acme-billing/prod")
+@app.command(cls=_Command, epilog="Example: billrun close --period 2026-10 --store s3://acme-billing/prod")
 def close(ctx: typer.Context,
-          period: str = typer.Option(..., "--period", help="The month to close, YYYY-MM (UTC)."),
+          period: str = typer.Option(..., "--period", metavar=PERIOD, help="The month to close (UTC)."),
+          before_period_end: bool = typer.Option(False, "--before-period-end", metavar="",
+                                                 help="Close a month that has not ended yet (its invoices are "
+                                                      "final and miss the days still to come)."),
+          allow_empty: bool = typer.Option(False, "--allow-empty", metavar="",
+                                           help="Close a month without a single usage row although "
+                                                "subscriptions in it are on plans that meter usage."),
           store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt,
           dask: Optional[str] = typer.Option(
-              None, "--dask", envvar="BILLRUN_DASK_ADDRESS", metavar="ADDRESS",
+              None, "--dask", envvar="BILLRUN_DASK_ADDRESS", metavar="ADDRESS", show_default=False,
               help="Run the shard steps on this Dask scheduler (tcp://scheduler:8786); the store must "
                    "be on S3 for workers on other machines. Default: threads on this machine.")) -> None:
     """Close a month: final invoices, lines, quarantine, HTML invoices and the manifest.
 
-    Re-running a failed close resumes it; re-running a closed period changes nothing and says so."""
+    A close is final: a month that has not ended, or one without usage while its subscriptions
+    meter usage, is refused unless forced. Re-running a failed close resumes it; re-running a
+    closed period changes nothing and says so."""
+    store, plans = _opts(ctx, store, plans)
+    now = _now()
+    closed = _checked(_close_checks, store, plans, period, now, before_period_end, allow_empty)
+    if closed is not None:
+        _print_close(closed, as_json)
+        return
     from flows.close import close_period
 
-    store, plans = _opts(ctx, store, plans)
     _quiet_user_errors()
     _print_close(_run(_shown(ctx, as_json, close_period), store=store, plans=plans, period=period,
-                      dask_address=dask), as_json)
+                      dask_address=dask, now=now, before_period_end=before_period_end, allow_empty=allow_empty),
+                 as_json)
 
 
-@app.command(epilog="Example: billrun demo --store ./billing-data --customers 300")
+def _close_checks(store: str, plans: str, period: str, now: datetime, before_period_end: bool,
+                  allow_empty: bool) -> dict | None:
+    """What a close can answer without Prefect: a malformed month, missing folders, a closed
+    period (answered from its manifest), a month not ended, a store without any usage."""
+    from flows import preflight
+    from transforms.guards import close_too_early
+    from transforms.periods import Period
+
+    the_period = Period.parse(period)
+    preflight.plans_folder(plans)
+    preflight.store_folder(store)
+    manifest = preflight.closed_manifest(store, the_period)
+    if manifest is not None:
+        return preflight.close_summary(manifest, store, "already_closed")
+    refusal = close_too_early(the_period, now)
+    if refusal and not before_period_end:
+        raise preflight.InputError(refusal)
+    refusal = None if allow_empty else preflight.usage_missing_refusal(store, plans, the_period)
+    if refusal:
+        raise preflight.InputError(refusal)
+    return None
+
+
+@app.command(cls=_Command, epilog="Example: billrun demo --store ./billing-data --customers 300")
 def demo(ctx: typer.Context,
-         period: str = typer.Option("2026-10", "--period", help="The month the sample usage falls in."),
-         customers: int = typer.Option(300, "--customers", min=1, help="How many sample customers."),
-         seed: int = typer.Option(7, "--seed", help="Seed of the sample generator (same seed, same store)."),
+         period: str = typer.Option("2026-10", "--period", metavar=PERIOD,
+                                    help="The month the sample usage falls in."),
+         customers: int = typer.Option(300, "--customers", min=1, metavar="N", help="How many sample customers."),
+         seed: int = typer.Option(7, "--seed", metavar="N", help="Seed of the sample generator (same seed, same store)."),
+         overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Write the sample over the "
+                                        "customers, subscriptions and usage the store already holds."),
          store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
-    """Make a realistic sample store from the plans in --plans, then close one month of it."""
+    """Make a realistic sample store from the plans in --plans, then close one month of it.
+
+    A store that already holds customers, subscriptions or usage is left alone (pass another
+    --store, or --overwrite). The sample month is closed whenever it is: it is a sample."""
+    store, plans = _opts(ctx, store, plans)
+    _checked(_demo_checks, store, plans, period, overwrite)
     from flows.close import close_period
     from flows.demo import write_demo_store
 
-    store, plans = _opts(ctx, store, plans)
     _quiet_user_errors()
     written = _run(_shown(ctx, as_json, write_demo_store, own_step="sample-store"), store, plans, period, customers,
                    seed)
     if not as_json:
         out.print(f"sample store at {store}: {written['customers']} customers, "
                   f"{written['subscriptions']} subscriptions, {written['usage_objects']} usage objects")
-    closed = _run(_shown(ctx, as_json, close_period), store=store, plans=plans, period=period)
+    closed = _run(_shown(ctx, as_json, close_period), store=store, plans=plans, period=period,
+                  before_period_end=True, allow_empty=True)
     _print_close(closed, as_json)
     if not as_json:
         _print_showcase(store, plans, period, written["showcase"])
@@ -215,16 +320,32 @@ def _print_showcase(store: str, plans: str, period: str, features: list[dict]) -
     out.print(f"  billrun{where} status                       (closed periods and what changed since)", markup=False)
 
 
-@app.command(epilog="Example: billrun status --store s3://acme-billing/prod --json")
+def _demo_checks(store: str, plans: str, period: str, overwrite: bool) -> None:
+    from flows import preflight
+    from transforms.periods import Period
+
+    Period.parse(period)
+    preflight.plans_folder(plans)
+    if overwrite or store.startswith("s3://") or not Path(store).exists():
+        return
+    held = preflight.has_inputs(store)
+    if held:
+        raise preflight.InputError(
+            f"store {store} already holds {', '.join(p.rstrip('/') for p in held)}: the demo never overwrites a "
+            f"store's inputs; pass another --store (e.g. --store ./billing-demo), or --overwrite to replace them")
+
+
+@app.command(cls=_Command, epilog="Example: billrun status --store s3://acme-billing/prod --json")
 def status(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt,
            as_json: bool = JsonOpt) -> None:
     """Closed, incomplete and locked periods, and what changed since each was closed.
 
     The first thing to run on call: it names the backfill that would bring drifted periods up
     to date and the close that would finish an incomplete one."""
+    store, plans = _opts(ctx, store, plans)
+    _checked(lambda: (_checked_folders(store, plans)))
     from flows.status import store_status
 
-    store, plans = _opts(ctx, store, plans)
     report = _run(store_status, store, plans)
     if as_json:
         out.print_json(json.dumps(report))
@@ -241,9 +362,12 @@ def status(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[
                 out.print(f"           changed since rated by {p['last_rated_by']}: {change}")
         else:
             out.print(f"{p['period']}  incomplete  outputs without a manifest: "
-                      f"run `billrun close --period {p['period']}` to finish it{lock}")
+                      f"run `billrun close --period {p['period']}{_where(store, plans)}` to finish it{lock}")
+    for gap in report.get("gaps", []):
+        out.print(f"{gap}  not closed  (between closed periods): run `billrun close --period {gap}"
+                  f"{_where(store, plans)}` once its usage is in")
     if report["backfill"]:
-        out.print(f"inputs or plans changed since the close: run `{report['backfill']}`")
+        out.print(f"inputs or plans changed since the close: run `{report['backfill']}{_where(store, plans)}`")
     _print_tables_lag(report.get("tables"), store)
 
 
@@ -281,10 +405,10 @@ def sync_tables(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Opti
               f"{result['location']})" + ("" if result["commits"] else ": every table is up to date"), markup=False)
 
 
-@app.command(epilog="Example: BILLING_HOOK=https://hooks.example.com/billing?token=... "
+@app.command(cls=_Command, epilog="Example: BILLING_HOOK=https://hooks.example.com/billing?token=... "
                      "billrun nightly --date 2026-10-14 --webhook-env BILLING_HOOK")
 def nightly(ctx: typer.Context,
-            day: str = typer.Option(..., "--date", help="The night's date, YYYY-MM-DD: takes in the usage that "
+            day: str = typer.Option(..., "--date", metavar=DAY, help="The night's date: takes in the usage that "
                                     "arrived since the last run, up to and including this day (later days wait "
                                     "for their night)."),
             webhook_env: Optional[str] = typer.Option(None, "--webhook-env", metavar="NAME", help="POST the night's "
@@ -300,9 +424,10 @@ def nightly(ctx: typer.Context,
     Only objects new or rewritten since the last night (or holding days a night has not taken in
     yet) are read, and only their events up to the end of --date count. An alert fires once per
     customer, period, kind and threshold; re-running a night changes nothing."""
+    store, plans = _opts(ctx, store, plans)
+    _checked(_nightly_checks, store, plans, day)
     from flows.nightly import nightly as nightly_flow
 
-    store, plans = _opts(ctx, store, plans)
     _quiet_user_errors()
     if sum(1 for given in (webhook_env, webhook_secret, webhook) if given) > 1:
         _fail("--webhook-env, --webhook-secret and --webhook name one webhook: give one of them")
@@ -325,33 +450,38 @@ def nightly(ctx: typer.Context,
               f"80% of budget")
 
 
-@app.command(epilog="Example: billrun backfill --from 2026-08 --to 2026-10 --reason 'gpt-4o price fix'")
+def _nightly_checks(store: str, plans: str, day: str) -> None:
+    from flows import preflight
+    from transforms.guards import night_of_closed_period
+    from transforms.periods import Period, parse_day
+
+    the_day = parse_day(day, "--date")
+    _checked_folders(store, plans)
+    if preflight.closed_manifest(store, Period.containing(the_day)) is not None \
+            and not preflight.night_already_ran(store, the_day):
+        raise preflight.InputError(night_of_closed_period(the_day))
+
+
+@app.command(cls=_Command, epilog="Example: billrun backfill --from 2026-08 --to 2026-10 --reason 'gpt-4o price fix'")
 def backfill(ctx: typer.Context,
-             first: str = typer.Option(..., "--from", help="First period to re-rate, YYYY-MM."),
-             last: str = typer.Option(..., "--to", help="Last period to re-rate, YYYY-MM."),
-             reason: str = typer.Option("re-rated with current usage and plans", "--reason",
+             first: str = typer.Option(..., "--from", metavar=PERIOD, help="First period to re-rate."),
+             last: str = typer.Option(..., "--to", metavar=PERIOD, help="Last period to re-rate."),
+             reason: str = typer.Option("re-rated with current usage and plans", "--reason", metavar="TEXT",
                                         help="Why: printed on every document and kept in the manifest."),
-             as_of: Optional[str] = typer.Option(None, "--as-of", help="issued_on of the documents, YYYY-MM-DD "
-                                                 "[default: today, UTC]."),
+             as_of: Optional[str] = typer.Option(None, "--as-of", metavar=DAY, show_default=False,
+                                                 help="issued_on of the documents, on or after the day the "
+                                                      "corrected invoices were issued \\[default: today, UTC]."),
              store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
     """Re-rate closed periods and issue credit and debit notes for the differences.
 
     Finalized invoices are never rewritten. No difference, no document; running it twice issues
     nothing the second time. Periods in the range that are not closed are skipped (close them)."""
-    from datetime import date, datetime, timezone
-
-    from flows.backfill import backfill as backfill_flow
-    from transforms.errors import InputError
-
     store, plans = _opts(ctx, store, plans)
+    as_of = as_of or _now().date().isoformat()
+    _checked(_backfill_checks, store, plans, first, last, as_of)
+    from flows.backfill import backfill as backfill_flow
+
     _quiet_user_errors()
-    if as_of is None:
-        as_of = datetime.now(timezone.utc).date().isoformat()
-    else:
-        try:
-            date.fromisoformat(as_of)
-        except ValueError:
-            _fail(f"--as-of {as_of!r} is not a date (YYYY-MM-DD)")
     result = _run(_shown(ctx, as_json, backfill_flow), store=store, plans=plans, first=first, last=last, reason=reason,
                   as_of=as_of)
     if as_json:
@@ -373,16 +503,34 @@ def backfill(ctx: typer.Context,
                   f"{doc['corrects_invoice_id'] or '-'}  {format_money(doc['total_minor'], doc['currency'])}")
 
 
-@app.command(epilog="Example: billrun explain --invoice INV-2026-10-000042")
+def _backfill_checks(store: str, plans: str, first: str, last: str, as_of: str) -> None:
+    from flows import preflight
+    from transforms.guards import backfill_dated_too_early, periods_in_order
+    from transforms.periods import Period, parse_day
+
+    start, end = Period.parse(first, "--from"), Period.parse(last, "--to")
+    issued_on = parse_day(as_of, "--as-of")
+    for refusal in (periods_in_order(start, end),):
+        if refusal:
+            raise preflight.InputError(refusal)
+    _checked_folders(store, plans)
+    closed = [p for p in preflight.closed_periods(store) if start <= p <= end]
+    refusal = backfill_dated_too_early(issued_on, closed)
+    if refusal:
+        raise preflight.InputError(refusal)
+
+
+@app.command(cls=_Command, epilog="Example: billrun explain --invoice INV-2026-10-000042")
 def explain(ctx: typer.Context,
-            invoice: str = typer.Option(..., "--invoice", help="An invoice, credit note or debit note id."),
+            invoice: str = typer.Option(..., "--invoice", metavar="ID", help="An invoice, credit note or debit note id."),
             store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
     """How each line of a document was computed: the rating steps, the usage behind it (by
     dimensions), the plan version file and hash, and the run and manifest that issued it."""
+    store, _ = _opts(ctx, store, plans)
+    _checked(_checked_folders, store, None)
     from flows.explain import explain_invoice
     from transforms.money import format_money
 
-    store, _ = _opts(ctx, store, plans)
     report = _run(explain_invoice, store, invoice)
     if as_json:
         out.print_json(json.dumps(report))
@@ -407,22 +555,24 @@ def explain(ctx: typer.Context,
             out.print(f"     <- {row['units']} units in {row['events']} events with {row['dims']}", markup=False)
 
 
-@app.command(epilog="Example: billrun pdf --invoice INV-2026-10-000042 --out ./INV-2026-10-000042.pdf")
+@app.command(cls=_Command, epilog="Example: billrun pdf --invoice INV-2026-10-000042 --out ./INV-2026-10-000042.pdf")
 def pdf(ctx: typer.Context,
-        invoice: str = typer.Option(..., "--invoice", help="An invoice, credit note or debit note id."),
-        out_path: Optional[Path] = typer.Option(None, "--out", help="Where to write the PDF [default: ./<id>.pdf]."),
+        invoice: str = typer.Option(..., "--invoice", metavar="ID", help="An invoice, credit note or debit note id."),
+        out_path: Optional[Path] = typer.Option(None, "--out", metavar="FILE", show_default=False,
+                                                help="Where to write the PDF \\[default: ./<ID>.pdf]."),
         store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt) -> None:
     """Write the PDF of a published invoice, credit note or debit note (from its HTML)."""
+    store, _ = _opts(ctx, store, plans)
+    _checked(_checked_folders, store, None)
     from flows.documents import document_pdf
 
-    store, _ = _opts(ctx, store, plans)
     written = _run(document_pdf, store, invoice, out_path or Path(f"{invoice}.pdf"))
     out.print(f"{invoice}: {written}")
 
 
-@app.command(epilog="Example: billrun unlock --period 2026-10 --store s3://acme-billing/prod")
+@app.command(cls=_Command, epilog="Example: billrun unlock --period 2026-10 --store s3://acme-billing/prod")
 def unlock(ctx: typer.Context,
-           period: str = typer.Option(..., "--period", help="The period whose lock to remove, YYYY-MM."),
+           period: str = typer.Option(..., "--period", metavar=PERIOD, help="The period whose lock to remove."),
            store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt) -> None:
     """Remove the lock a killed close or backfill left on a period.
 
@@ -433,8 +583,24 @@ def unlock(ctx: typer.Context,
     from transforms.periods import Period
 
     store, _ = _opts(ctx, store, plans)
-    holder = _run(lambda: remove_lock(open_store(store), Period.parse(period)))
+    the_period = _checked(Period.parse, period)
+    holder = _run(lambda: remove_lock(open_store(store), the_period))
     out.print(f"{period}: removed the lock held by {holder}" if holder else f"{period}: not locked")
+
+
+def _checked_folders(store: str, plans: str | None) -> None:
+    from flows import preflight
+
+    if plans is not None:
+        preflight.plans_folder(plans)
+    preflight.store_folder(store)
+
+
+def _report_checks(store: str, period: str) -> None:
+    from transforms.periods import Period
+
+    Period.parse(period)
+    _checked_folders(store, None)
 
 
 def _money(minor, currency: str) -> str:
@@ -476,26 +642,30 @@ def _print_simulation(result: dict, top: int = 10) -> None:
         out.print(f"report: {result['store'].rstrip('/')}/{result['report']}")
 
 
-@app.command(epilog="Example: billrun simulate --period 2026-10 --plan-map images=api --plan-map api:1=api:2")
+@app.command(cls=_Command, epilog="Example: billrun simulate --period 2026-10 --plan-map images=api --plan-map api:1=api:2")
 def simulate(ctx: typer.Context,
-             period: str = typer.Option(..., "--period", help="A closed month to re-rate, YYYY-MM."),
-             plan_map: list[str] = typer.Option(..., "--plan-map", help="OLD=NEW: move subscriptions on plan OLD "
-                                                "to NEW (plan, or plan:version to pin one). Repeatable."),
-             shock: str = typer.Option("0.2", "--shock", help="A rise above this fraction of the bill is a bill shock."),
-             customers: Optional[str] = typer.Option(None, "--customers", help="Only these customers (c1,c2,...)."),
-             candidates: Optional[str] = typer.Option(None, "--candidates", help="A folder of candidate plan files "
-                                                      "that only simulations see (never billed)."),
-             no_report: bool = typer.Option(False, "--no-report", help="Write nothing to the store (no HTML report "
-                                            "under billing/simulations/)."),
+             period: str = typer.Option(..., "--period", metavar=PERIOD, help="A closed month to re-rate."),
+             plan_map: list[str] = typer.Option(..., "--plan-map", metavar="OLD=NEW", help="Move subscriptions on "
+                                                "plan OLD to NEW (plan, or plan:version to pin one). Repeatable."),
+             shock: str = typer.Option("0.2", "--shock", metavar="FRACTION",
+                                       help="A rise above this fraction of the bill is a bill shock."),
+             customers: Optional[str] = typer.Option(None, "--customers", metavar="IDS", show_default=False,
+                                                     help="Only these customers (c1,c2,...)."),
+             candidates: Optional[str] = typer.Option(None, "--candidates", metavar="DIR", show_default=False,
+                                                      help="A folder of candidate plan files that only simulations "
+                                                           "see (never billed)."),
+             no_report: bool = typer.Option(False, "--no-report", metavar="", help="Write nothing to the store (no "
+                                            "HTML report under billing/simulations/)."),
              store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
     """What would a closed month have billed with some customers on other plans?
 
     Re-rates the period's usage with the close's own steps and compares, per moved customer and
     in total: billed vs would be billed, breakage and margin under both, bill shocks and drops.
     Nothing in billing/period=P/ changes."""
+    store, plans = _opts(ctx, store, plans)
+    _checked(_simulate_checks, store, plans, period, plan_map, candidates)
     from flows.simulate import simulate as simulate_flow
 
-    store, plans = _opts(ctx, store, plans)
     _quiet_user_errors()
     result = _run(simulate_flow, store=store, plans=plans, period=period, plan_map=plan_map, shock=shock,
                   customers=_csv_option(customers), candidates=candidates, report=not no_report)
@@ -505,30 +675,47 @@ def simulate(ctx: typer.Context,
     _print_simulation(result)
 
 
-@app.command(epilog="Example: billrun migrate --plan images --to images-usage --on 2026-12-01 --dry-run")
+def _simulate_checks(store: str, plans: str, period: str, plan_map: list[str], candidates: str | None) -> None:
+    from flows import preflight
+    from transforms.periods import Period
+
+    Period.parse(period)
+    _checked_folders(store, plans)
+    if candidates is not None:
+        preflight.plans_folder(candidates)
+    preflight.plan_map_names(plan_map, plans, candidates)
+
+
+@app.command(cls=_Command, epilog="Example (on the demo store): billrun migrate --plan api:1 --to api:2 --on 2026-12-01 "
+                    "--as-of 2026-10-25 --dry-run")
 def migrate(ctx: typer.Context,
-            plan: str = typer.Option(..., "--plan", help="The plan to move from (plan or plan:version)."),
-            to: str = typer.Option(..., "--to", help="The plan to move to (plan, or plan:version to pin one)."),
-            on: str = typer.Option(..., "--on", help="First day on the new plan, YYYY-MM-DD, after every closed period."),
-            customers: Optional[str] = typer.Option(None, "--customers", help="Only these customers (c1,c2,...)."),
-            notice_days: int = typer.Option(30, "--notice-days", help="Refuse a date fewer days than this after --as-of."),
-            as_of: Optional[str] = typer.Option(None, "--as-of", help="Today, for the notice, YYYY-MM-DD "
-                                                "[default: today, UTC]."),
-            dry_run: bool = typer.Option(False, "--dry-run", help="Preview only: the subscriptions file is not changed."),
-            no_report: bool = typer.Option(False, "--no-report", help="No HTML report for the preview."),
+            plan: str = typer.Option(..., "--plan", metavar="PLAN[:VERSION]", help="The plan to move from."),
+            to: str = typer.Option(..., "--to", metavar="PLAN[:VERSION]",
+                                   help="The plan to move to (a version pins it; without, the one in force)."),
+            on: str = typer.Option(..., "--on", metavar=DAY, help="First day on the new plan, after every closed "
+                                   "period and at least --notice-days after --as-of."),
+            customers: Optional[str] = typer.Option(None, "--customers", metavar="IDS", show_default=False,
+                                                    help="Only these customers (c1,c2,...)."),
+            notice_days: int = typer.Option(30, "--notice-days", metavar="DAYS", min=0,
+                                            help="Refuse a date fewer days than this after --as-of."),
+            as_of: Optional[str] = typer.Option(None, "--as-of", metavar=DAY, show_default=False,
+                                                help="Today, for the notice \\[default: today, UTC]."),
+            dry_run: bool = typer.Option(False, "--dry-run", metavar="",
+                                         help="Preview only: the subscriptions file is not changed."),
+            no_report: bool = typer.Option(False, "--no-report", metavar="", help="No HTML report for the preview."),
             store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
     """Move subscriptions to another plan from a date.
 
     Previews the move on the last closed period, then ends each subscription on the date and
     starts a new one on the new plan there. Closed periods are never changed."""
-    from datetime import datetime, timezone
-
+    store, plans = _opts(ctx, store, plans)
+    as_of = as_of or _now().date().isoformat()
+    _checked(_migrate_checks, store, plans, plan, to, on, as_of, notice_days)
     from flows.simulate import migrate as migrate_flow
 
-    store, plans = _opts(ctx, store, plans)
     _quiet_user_errors()
     result = _run(migrate_flow, store=store, plans=plans, plan=plan, to=to, on=on,
-                  as_of=as_of or datetime.now(timezone.utc).date().isoformat(), customers=_csv_option(customers),
+                  as_of=as_of, customers=_csv_option(customers),
                   notice_days=notice_days, dry_run=dry_run, report=not no_report)
     if as_json:
         out.print_json(json.dumps(result))
@@ -557,17 +744,34 @@ def migrate(ctx: typer.Context,
     out.print(f"after the first close on the new plan: {result['after']}", markup=False)
 
 
-@app.command(epilog="Example: billrun report --period 2026-10 --out report-2026-10.html")
+def _migrate_checks(store: str, plans: str, plan: str, to: str, on: str, as_of: str, notice_days: int) -> None:
+    from flows import preflight
+    from transforms.periods import parse_day
+    from transforms.guards import closed_period_problem, notice_problem
+
+    on_day, as_of_day = parse_day(on, "--on"), parse_day(as_of, "--as-of")
+    _checked_folders(store, plans)
+    preflight.known_plan(plan, f"--plan {plan}", plans)
+    preflight.known_plan(to, f"--to {to}", plans)
+    for problem in (notice_problem(on_day, as_of_day, notice_days),
+                    closed_period_problem(on_day, preflight.closed_periods(store))):
+        if problem:
+            raise preflight.InputError(problem)
+
+
+@app.command(cls=_Command, epilog="Example: billrun report --period 2026-10 --out report-2026-10.html")
 def report(ctx: typer.Context,
-           period: str = typer.Option(..., "--period", help="A closed month, YYYY-MM."),
-           out_file: Optional[str] = typer.Option(None, "--out", help="Write the HTML here instead of the store's "
-                                                  "billing/reports/period=P/report.html."),
+           period: str = typer.Option(..., "--period", metavar=PERIOD, help="A closed month."),
+           out_file: Optional[str] = typer.Option(None, "--out", metavar="FILE", show_default=False,
+                                                  help="Write the HTML here instead of the store's "
+                                                       "billing/reports/period=P/report.html."),
            store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
     """A closed month in pictures: revenue by plan and stream, breakage over the closed
     periods, margin by meter. One self-contained HTML file."""
+    store, _ = _opts(ctx, store, plans)
+    _checked(_report_checks, store, period)
     from flows.report import report_period
 
-    store, _ = _opts(ctx, store, plans)
     _quiet_user_errors()
     result = _run(report_period, store=store, period=period, out=out_file)
     if as_json:

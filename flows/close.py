@@ -35,6 +35,7 @@ from prefect.utilities.annotations import quote
 from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key, normalized_object,
                           read_table)
 from flows.locks import fault_point, period_lock
+from flows.preflight import close_summary
 from flows.retries import IO_RETRIES
 from flows.documents_out import write_invoice_documents
 from flows.shards import (Normalized, drop_scratch, local_workers, normalize_shards, scratch_for, settle_shards,
@@ -47,6 +48,7 @@ from transforms.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.credits import (CreditEvent, Outcome, Purchase, balances_table, credit_lines, credit_meters,
                                credit_report, credit_summaries, history_grants, ledger_table, purchases_from, replay)
 from transforms.errors import BillrunError, InputError
+from transforms.guards import close_too_early, close_without_usage, rows_in_period
 from transforms.margins import margins_table, segment_plans
 from transforms.invoices import (Invoice, apply_credits, invoices_table, lines_table, period_invoices,
                                  usage_by_segment)
@@ -560,11 +562,7 @@ def closed_manifest(store_uri: str, period: Period) -> dict | None:
 
 
 def _result_from_manifest(manifest: dict, store_uri: str, status: str) -> CloseResult:
-    return CloseResult(period=manifest["period"], status=status, run_id=manifest["run_id"], store=store_uri,
-                       rows=manifest["rows"], totals=manifest["totals"],
-                       invoices=sum(t["invoices"] for t in manifest["totals"]),
-                       outputs=[o["key"] for o in manifest["outputs"]],
-                       quarantined_by_reason=manifest.get("quarantined_by_reason", {}))
+    return CloseResult(**close_summary(manifest, store_uri, status))
 
 
 def _report(result: CloseResult) -> None:
@@ -575,14 +573,24 @@ def _report(result: CloseResult) -> None:
         + [{"measure": f"total {t['currency']} (minor units)", "value": t["total_minor"]} for t in result.totals]
         + [{"measure": f"quarantined: {r}", "value": n} for r, n in result.quarantined_by_reason.items()],
         description=f"Close of {result.period}: {result.status}, run {result.run_id}")
-    create_markdown_artifact(
-        key=f"{key}-report",
-        markdown="\n".join(
-            [f"# Close of {result.period}", "", f"Status: **{result.status}**, run `{result.run_id}`.", "",
-             f"Rows: {result.rows}", "", "Outputs:", ""]
-            + [f"- `{open_store(result.store).uri.rstrip('/')}/{o}`" for o in result.outputs if not o.endswith(".html")]
-            + [f"- {result.invoices} HTML invoices under `{period_prefix(result.period)}invoices/`"]),
-        description=f"Close of {result.period}")
+    create_markdown_artifact(key=f"{key}-report", markdown=close_report(result, open_store(result.store).uri),
+                             description=f"Close of {result.period}")
+
+
+def close_report(result: CloseResult, store_uri: str) -> str:
+    """The close's markdown report: the manifest's row counts and totals as tables, then the
+    outputs with their full paths (the report is read far from the run)."""
+    rows = ["| usage rows | count |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in result.rows.items()]
+    totals = ["| currency | invoices | total (minor units) |", "|---|---:|---:|"] + [
+        f"| {t['currency']} | {t['invoices']} | {t['total_minor']} |" for t in result.totals]
+    quarantined = (["| quarantine reason | rows |", "|---|---:|"]
+                   + [f"| {r} | {n} |" for r, n in result.quarantined_by_reason.items()]
+                   if result.quarantined_by_reason else [])
+    return "\n".join(
+        [f"# Close of {result.period}", "", f"Status: **{result.status}**, run `{result.run_id}`.", ""]
+        + rows + [""] + totals + [""] + (quarantined + [""] if quarantined else []) + ["Outputs:", ""]
+        + [f"- `{store_uri.rstrip('/')}/{o}`" for o in result.outputs if not o.endswith(".html")]
+        + [f"- {result.invoices} HTML invoices under `{period_prefix(result.period)}invoices/`"])
 
 
 FAULT_POINTS = ("locked", "fetched", "checked", "normalized", "settled", "rated", "written", "staged",
@@ -602,22 +610,30 @@ def work_dir_for(store: str, label: str) -> Path:
 
 
 @flow(name="close-period", log_prints=False)
-def close_period(store: str, plans: str, period: str, dask_address: str | None = None) -> dict:
+def close_period(store: str, plans: str, period: str, dask_address: str | None = None, now: datetime | None = None,
+                 before_period_end: bool = False, allow_empty: bool = False) -> dict:
     """Close one calendar month: final invoices, lines, quarantine, alerts, HTML invoices, manifest.
 
-    The row-level steps run in shards on a thread pool, or on the Dask cluster at `dask_address`
-    (tcp://scheduler:8786): the outputs are the same bytes either way."""
+    A close is final, so it refuses a month that has not ended at `now` (default: the clock, read
+    here once) unless `before_period_end`, and a month without a single usage row while
+    subscriptions in it meter usage unless `allow_empty`. The row-level steps run in shards on a
+    thread pool, or on the Dask cluster at `dask_address` (tcp://scheduler:8786): the outputs
+    are the same bytes either way."""
     keep_secrets_out_of_logs()
     the_period = Period.parse(period)
+    now = now or datetime.now(timezone.utc)
     catalog = load_catalog(plans)
     lake = lakehouse.tables_settings(open_store(store))  # a bad tables: section fails before any work
     existing = closed_manifest(store, the_period)
     if existing is None:
+        too_early = close_too_early(the_period, now)
+        if too_early and not before_period_end:
+            raise InputError(too_early)
         with period_lock(open_store(store), [the_period], f"close {the_period}", datetime.now(timezone.utc)):
             fault_point("locked")
             existing = closed_manifest(store, the_period)  # closed while we waited for the lock?
             if existing is None:
-                result = _close(store, catalog, the_period, dask_address)
+                result = _close(store, catalog, the_period, dask_address, allow_empty)
                 _commit_tables(store, lake, the_period, result["run_id"])
                 return result
     get_run_logger().info("%s is already closed by %s; nothing to do", the_period, existing["run_id"])
@@ -632,7 +648,8 @@ def _commit_tables(store: str, lake: lakehouse.TablesSettings, period: Period, r
                             f"{period} is closed (run {run_id})")
 
 
-def _close(store: str, catalog: Catalog, period: Period, dask_address: str | None = None) -> dict:
+def _close(store: str, catalog: Catalog, period: Period, dask_address: str | None = None,
+           allow_empty: bool = False) -> dict:
     work_dir = work_dir_for(store, f"close-{period}")
     try:
         inputs = fetch_inputs(store, work_dir / "inputs")
@@ -647,6 +664,11 @@ def _close(store: str, catalog: Catalog, period: Period, dask_address: str | Non
             settlement = settle_shards(runner, scratch, shard_keys, reference, catalog, period)
         drop_scratch(scratch)
         fault_point("settled")
+        no_usage = close_without_usage(
+            period, rows_in_period(settlement.counts["read"], settlement.quarantine) + len(normalized.unreadable),
+            list(reference.segments))
+        if no_usage and not allow_empty:
+            raise InputError(no_usage)
         # the per-event rows of credit meters (millions at 100M events) go to the replay only;
         # Prefect keeps a task's arguments until the flow ends, so the whole settlement is not one
         for_replay, settlement = split_at_replay(settlement, credit_meters(list(reference.segments)))

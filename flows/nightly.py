@@ -54,6 +54,7 @@ from transforms.credits import (balances_table, checkpoint_bytes, checkpoint_fro
                                 credit_meters, grants_from_balances, history_grants, opening_grants, per_event_charged,
                                 resume_days, wallets_resumed)
 from transforms.errors import BillrunError, InputError
+from transforms.guards import night_of_closed_period
 from transforms.invoices import apply_credits, invoices_table, lines_table, period_invoices, usage_by_segment
 from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
@@ -625,6 +626,8 @@ def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
         manifest = json.loads(the_store.read_bytes(out_prefix + MANIFEST))
         _deliver_pending(the_store, pending_key, webhook)
         return {**manifest, "status": "already_ran"}
+    if the_store.exists(f"billing/period={period}/{MANIFEST}"):
+        raise InputError(night_of_closed_period(the_day))
     with period_lock(the_store, [period], f"nightly {the_day}", datetime.now(timezone.utc)):
         work_dir = work_dir_for(store, f"nightly-{the_day}")
         try:

@@ -48,16 +48,18 @@ def _scheduled_start() -> datetime:
 
 @flow(name="monthly-close", log_prints=False)
 def monthly_close(store: str = "./billing-data", plans: str = "./plans", period: str | None = None) -> dict:
-    """Close the month before the run's scheduled start (or `period`, YYYY-MM, when given)."""
+    """Close the month before the run's scheduled start (or `period`, YYYY-MM, when given).
+    Only a month that has ended by the scheduled start is closed: a `period` still running
+    then is refused."""
     logger = get_run_logger()
+    scheduled_at = _scheduled_start()
     if period is None:
-        scheduled_at = _scheduled_start()
         period = str(period_to_close(scheduled_at))
         logger.info("closing %s, the month before this run's scheduled start %s", period,
                     _utc(scheduled_at).isoformat(timespec="seconds"))
     else:
         logger.info("closing %s (given as a parameter)", period)
-    return close_period(store=store, plans=plans, period=period)
+    return close_period(store=store, plans=plans, period=period, now=_utc(scheduled_at))
 
 
 @flow(name="backfill-range", log_prints=False)

@@ -335,6 +335,19 @@ def write_subscriptions(store_uri: str, before: SubscriptionsFile, after: pl.Dat
         store.put_bytes(before.key, _file_bytes(after, before.key))
 
 
+def meters_used(store_uri: str, period: Period) -> dict[str, set[str]]:
+    """Subscription -> the meters it was billed usage of in a closed period."""
+    key = f"billing/period={period}/usage_summary.parquet"
+    store = open_store(store_uri)
+    if not store.exists(key):
+        return {}
+    frame = pl.read_parquet(io.BytesIO(store.read_bytes(key)), columns=["subscription_id", "meter"]).unique()
+    used: dict[str, set[str]] = {}
+    for subscription_id, meter in frame.cast(pl.String).iter_rows():
+        used.setdefault(subscription_id, set()).add(meter)
+    return used
+
+
 @flow(name="migrate-plan", log_prints=False)
 def migrate(store: str, plans: str, plan: str, to: str, on: str, as_of: str, customers: list[str] | None = None,
             notice_days: int = 30, dry_run: bool = False, report: bool = True) -> dict:
@@ -351,7 +364,8 @@ def migrate(store: str, plans: str, plan: str, to: str, on: str, as_of: str, cus
         if problem:
             raise InputError(problem)
     current = read_subscriptions(store)
-    planned = migration(current.frame, current.key, current.customers, catalog, old, new, on_day, wanted)
+    used = meters_used(store, max(closed)) if closed else {}
+    planned = migration(current.frame, current.key, current.customers, catalog, old, new, on_day, wanted, used)
     moved_customers = sorted({c["customer_id"] for c in planned.changes})
     result = {"status": "nothing_to_migrate", "store": store, "plan": str(old), "to": str(new),
               "on": on_day.isoformat(), "notify_by": date.fromordinal(on_day.toordinal() - notice_days).isoformat(),

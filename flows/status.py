@@ -10,6 +10,7 @@ from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, i
 from flows.locks import lock_key
 from flows.store import ObjectInfo, Store, open_store
 from flows.tables import tables_lag
+from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
 
 _PERIOD_KEY = re.compile(r"^billing/period=(\d{4}-\d{2})/(.+)$")
@@ -96,4 +97,18 @@ def store_status(store_uri: str, plans_dir: str | None = None) -> dict:
                         "changes": drift(basis, prints, catalog)})
     drifted = [p["period"] for p in periods if p.get("changes")]
     advice = (f"billrun backfill --from {drifted[0]} --to {drifted[-1]}" if drifted else None)
-    return {"store": store.uri, "periods": periods, "backfill": advice, "tables": tables_lag(store)}
+    return {"store": store.uri, "periods": periods, "backfill": advice, "tables": tables_lag(store),
+            "gaps": gaps([Period.parse(p) for p, closed in seen.items() if closed], set(map(Period.parse, seen)))}
+
+
+def gaps(closed: list[Period], listed: set[Period]) -> list[str]:
+    """Months between the first and the last closed period with no outputs at all: never
+    closed, although later months are (an incomplete close is listed as such, not here)."""
+    if not closed:
+        return []
+    out, month = [], min(closed)
+    while month < max(closed):
+        if month not in listed:
+            out.append(str(month))
+        month = month.next()
+    return out

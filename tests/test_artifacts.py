@@ -59,6 +59,8 @@ def test_a_close_leaves_a_table_and_a_report_linking_its_outputs(story):
     assert (rows["read"], rows["billed"], rows["quarantined"]) == ("14", "8", "5")
     report = artifact("close-2026-10-report").data
     assert f"{story['store']}/billing/period=2026-10/invoices.parquet" in report
+    assert "| billed | 8 |" in report and "| quarantined | 5 |" in report  # a table, not a Python dict
+    assert "{" not in report
 
 
 def test_a_backfill_leaves_a_table_and_a_report_linking_its_documents(story):

@@ -36,10 +36,10 @@ from flows.store import open_store
 from transforms.errors import InputError
 from transforms.margins import Costs, CostsError, costs_from, margins_table
 from transforms.periods import Period
-from transforms.plans import Catalog, parse_plan
+from transforms.plans import Catalog, load_catalog, parse_plan
 from transforms.reference import Subscription
-from transforms.simulate import (change_bins, closed_period_problem, moved_subscriptions, notice_problem, outcome,
-                                 plan_moves)
+from transforms.simulate import (PlanRef, change_bins, closed_period_problem, migration, moved_subscriptions,
+                                 notice_problem, outcome, plan_moves)
 
 PERIOD = "2026-10"
 EVIL = "<b>Evil & Co</b>"
@@ -457,6 +457,33 @@ def test_a_migration_into_a_closed_period_or_without_notice_is_refused(world, co
     with pytest.raises(InputError, match=message):
         migrate(store=copy_of_store, plans=world["plans"], plan="images", to="images-usage", on=on, as_of=as_of)
     assert open_store(copy_of_store).read_bytes("subscriptions/subscriptions.csv") == before
+
+
+def test_a_migration_that_would_leave_metered_usage_unpriced_is_refused(world, copy_of_store):
+    """tok prices only tokens: the images customers' images and upscales would go unbilled."""
+    before = open_store(copy_of_store).read_bytes("subscriptions/subscriptions.csv")
+    with pytest.raises(InputError, match=r"--to tok: the plan neither prices nor pays with credits images, upscales, "
+                                         r"metered by 6 subscription\(s\) on images \(e.g. sub-c1\)"):
+        migrate(store=copy_of_store, plans=world["plans"], plan="images", to="tok", on="2026-11-01",
+                as_of="2026-10-01", report=False)
+    assert open_store(copy_of_store).read_bytes("subscriptions/subscriptions.csv") == before
+
+
+def test_a_migration_refuses_a_meter_the_closed_period_billed_that_the_target_does_not_price(world):
+    """Usage of the last closed period counts too, not only the current plan's charges."""
+    frame = pl.DataFrame({"subscription_id": ["s1"], "customer_id": ["c1"], "plan": ["images-usage"],
+                          "plan_version": [None], "start_date": ["2026-10-01"], "end_date": [None],
+                          "budget": [None], "hard_cap": [None]}, schema={c: pl.String for c in (
+                              "subscription_id", "customer_id", "plan", "plan_version", "start_date", "end_date",
+                              "budget", "hard_cap")})
+    catalog = load_catalog(world["plans"])
+    customers = pl.DataFrame({"customer_id": ["c1"], "name": ["C1"], "email": ["c1@example.com"]})
+    ok = migration(frame, "subscriptions.csv", customers, catalog, PlanRef("images-usage"), PlanRef("images"),
+                   date(2026, 11, 1), None, {"s1": {"images"}})
+    assert len(ok.changes) == 1
+    with pytest.raises(InputError, match="neither prices nor pays with credits tokens"):
+        migration(frame, "subscriptions.csv", customers, catalog, PlanRef("images-usage"), PlanRef("images"),
+                  date(2026, 11, 1), None, {"s1": {"images", "tokens"}})
 
 
 # Reports --------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ from datetime import date, datetime, time, timezone
 from transforms.errors import InputError
 
 _PERIOD = re.compile(r"^(\d{4})-(\d{2})$")
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+LAST_YEAR = 9998
+"""The last year billrun bills: every period has an end date (9999-12 would end in year 10000)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -15,11 +18,16 @@ class Period:
     year: int
     month: int
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.year <= LAST_YEAR:
+            raise InputError(f"period {self.year:04d}-{self.month:02d} is out of range: "
+                             f"billrun bills months from 0001-01 to {LAST_YEAR}-12")
+
     @classmethod
-    def parse(cls, text: str) -> "Period":
+    def parse(cls, text: str, option: str = "period") -> "Period":
         match = _PERIOD.match(text or "")
         if not match or not 1 <= int(match.group(2)) <= 12:
-            raise InputError(f"period {text!r} is not a month; write it as YYYY-MM, e.g. 2026-10")
+            raise InputError(f"{option} {text!r} is not a month; write it as YYYY-MM, e.g. 2026-10")
         return cls(int(match.group(1)), int(match.group(2)))
 
     @classmethod
@@ -55,6 +63,20 @@ class Period:
 
     def previous(self) -> "Period":
         return Period(self.year - (self.month == 1), 12 if self.month == 1 else self.month - 1)
+
+
+def parse_day(text: str, option: str) -> date:
+    """A command's date argument (`--date`, `--as-of`, `--on`), YYYY-MM-DD, inside the months
+    billrun bills."""
+    try:
+        if not _DAY.match(text or ""):
+            raise ValueError(text)
+        day = date.fromisoformat(text)
+    except ValueError:
+        raise InputError(f"{option} {text!r} is not a date; write it as YYYY-MM-DD, e.g. 2026-10-14") from None
+    if day.year > LAST_YEAR:
+        raise InputError(f"{option} {text} is out of range: billrun bills days up to {LAST_YEAR}-12-31")
+    return day
 
 
 def utc_midnight(day: date) -> datetime:

@@ -19,6 +19,7 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 import polars as pl
 
 from transforms.errors import InputError
+from transforms.guards import closed_period_problem, notice_problem  # noqa: F401 - the migration's date rules
 from transforms.margins import decimal_text_fixed
 from transforms.periods import Period
 from transforms.plans import Catalog
@@ -355,13 +356,17 @@ def new_subscription_id(subscription_id: str, plan: str, on: date) -> str:
 
 
 def migration(frame: pl.DataFrame, source: str, customers_table: pl.DataFrame, catalog: Catalog, old: PlanRef,
-              new: PlanRef, on: date, customers: frozenset[str] | None) -> Migration:
+              new: PlanRef, on: date, customers: frozenset[str] | None,
+              used_meters: dict[str, set[str]] | None = None) -> Migration:
     """Move the subscriptions on `old` (of `customers`, when given) to `new` from `on`.
 
     A subscription active on `on` ends there (end_date is exclusive) and a new row, on `new`,
     starts there and keeps its end date, budget and hard cap (those two only if the currency
     stays). One that starts on or after `on` has no billed past: its row changes plan in place.
     `frame` is the subscriptions file as read; every other row and column is kept as it is.
+    A move is refused when `new` neither prices nor pays with credits a meter the subscription
+    uses: one its current plan bills, or one in `used_meters` (subscription -> meters of its
+    usage in the last closed period); its usage would be quarantined, never billed.
     """
     subs = checked_subscriptions(frame, source, customers_table, catalog)
     if customers is not None:
@@ -373,7 +378,7 @@ def migration(frame: pl.DataFrame, source: str, customers_table: pl.DataFrame, c
     move = Move(old, new)
     existing = set(frame["subscription_id"].cast(pl.String).to_list())
     rows = frame.cast({c: pl.String for c in frame.columns}).to_dicts()
-    out, changes = [], []
+    out, changes, unpriced = [], [], {}
     for row, sub in zip(rows, subs):
         takes = ((customers is None or sub.customer_id in customers) and move.takes(sub, catalog, Period.containing(on))
                  and (sub.end_date is None or sub.end_date > on))
@@ -384,6 +389,9 @@ def migration(frame: pl.DataFrame, source: str, customers_table: pl.DataFrame, c
         new_plan = (catalog.get(new.plan, new.version) if new.version
                     else catalog.in_force_on(new.plan, max(on, sub.start_date)))
         keep_money = old_plan.plan.currency == new_plan.plan.currency
+        needed = billed_meters(old_plan.plan) | (used_meters or {}).get(sub.subscription_id, set())
+        for meter in needed - billed_meters(new_plan.plan):
+            unpriced.setdefault(meter, set()).add(sub.subscription_id)
         moved = {**row, "plan": new.plan, "plan_version": str(new.version) if new.version else None}
         if not keep_money:
             moved.update({k: None for k in ("budget", "hard_cap") if k in moved})
@@ -403,6 +411,11 @@ def migration(frame: pl.DataFrame, source: str, customers_table: pl.DataFrame, c
         out.append({**row, "end_date": on.isoformat()})
         out.append({**moved, "subscription_id": new_id, "start_date": on.isoformat()})
         changes.append({**change, "action": "split", "new_subscription_id": new_id})
+    if unpriced:
+        subscriptions = set().union(*unpriced.values())
+        raise InputError(f"--to {new}: the plan neither prices nor pays with credits {', '.join(sorted(unpriced))}, "
+                         f"metered by {len(subscriptions)} subscription(s) on {old} (e.g. {min(subscriptions)}); "
+                         f"their usage would go unbilled: move them to a plan that prices these meters")
     if customers is not None:
         missing = sorted(customers - {c["customer_id"] for c in changes})
         if missing:
@@ -412,24 +425,8 @@ def migration(frame: pl.DataFrame, source: str, customers_table: pl.DataFrame, c
     return Migration(after, tuple(changes))
 
 
-def notice_problem(on: date, as_of: date, notice_days: int) -> str | None:
-    """Why a migration on `on`, decided on `as_of`, gives too little notice (None if it does not)."""
-    if (on - as_of).days >= notice_days:
-        return None
-    earliest = date.fromordinal(as_of.toordinal() + notice_days)
-    return (f"--on {on} gives customers {(on - as_of).days} days' notice, less than --notice-days {notice_days}: "
-            f"move on {earliest} or later, or pass a shorter --notice-days")
+def billed_meters(plan) -> set[str]:
+    """The meters a plan prices (charges) or pays with credits (consume)."""
+    return {c.meter for c in plan.charges} | (set(plan.credits.consume) if plan.credits else set())
 
 
-def closed_period_problem(on: date, closed: list[Period]) -> str | None:
-    """Why `on` would change a closed period (None if it would not): a new row may only start
-    once every closed period has ended, so the rows a closed period was billed with stay as
-    they were."""
-    blocking = [p for p in closed if p.end > on]
-    if not blocking:
-        return None
-    latest = max(closed)
-    p = min(blocking)
-    where = f"falls in closed period {p}" if p.start <= on else f"is before closed period {p} ends"
-    return (f"--on {on} {where}; a migration may start on {latest.end} at the earliest "
-            f"(closed periods are never changed)")

@@ -1,0 +1,138 @@
+"""What the command line checks before Prefect starts, so that a user's mistake answers at once.
+
+Starting Prefect (its server, its database, its imports) costs seconds; a typo in a period, a
+folder that does not exist, a plan name that no file defines or a period that is already closed
+needs none of it. Nothing here imports Prefect, DuckDB or the flows: the heavy modules are
+imported inside the one check that needs them. The flows keep their own checks (deployments
+call them without this module).
+"""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from datetime import date
+from pathlib import Path
+
+from transforms.errors import InputError
+from transforms.periods import Period
+
+_MANIFEST_KEY = re.compile(r"^billing/period=(\d{4}-\d{2})/manifest\.json$")
+
+
+def plans_folder(plans: str) -> None:
+    folder = Path(plans)
+    if not folder.is_dir():
+        reason = "not a folder" if folder.exists() else "no such folder"
+        raise InputError(f"--plans {plans}: {reason} (pass --plans with the folder of plan files, *.yaml)")
+
+
+def store_folder(uri: str) -> None:
+    """A local store must exist (an S3 store is reached when the command opens it)."""
+    if uri.startswith("s3://"):
+        return
+    from flows.store import open_store
+
+    open_store(uri)
+
+
+def plan_names(plans: str) -> set[str]:
+    """The plan ids the folder's files define (read with YAML's safe loader only: a file that
+    does not parse is left to the full check of the plans, which names its mistake)."""
+    import yaml
+
+    names = set()
+    for path in sorted(Path(plans).glob("*.y*ml")):
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            continue
+        if isinstance(loaded, dict) and isinstance(loaded.get("plan"), str):
+            names.add(loaded["plan"])
+    return names
+
+
+def known_plan(text: str, where: str, *folders: str | None) -> None:
+    """`plan` or `plan:version` names a plan some file in `folders` defines (`where`: the
+    argument, for the message)."""
+    name = text.strip().partition(":")[0]
+    known = set().union(*(plan_names(f) for f in folders if f))
+    if name not in known:
+        raise InputError(f"{where}: no plan file defines plan {name!r} (plans in {' and '.join(f for f in folders if f)}: "
+                         f"{', '.join(sorted(known)) or 'none'})")
+
+
+def plan_map_names(texts: list[str], plans: str, candidates: str | None) -> None:
+    for text in texts:
+        old, sep, new = text.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise InputError(f"--plan-map {text!r} is not OLD=NEW (e.g. images=api, or api:1=api:2 for versions)")
+        known_plan(old, f"--plan-map {text}", plans)
+        known_plan(new, f"--plan-map {text}", plans, candidates)
+
+
+def closed_periods(store_uri: str) -> list[Period]:
+    from flows.store import open_store
+
+    return sorted(Period.parse(m.group(1)) for o in open_store(store_uri).list("billing/period=")
+                  if (m := _MANIFEST_KEY.match(o.key)))
+
+
+def closed_manifest(store_uri: str, period: Period) -> dict | None:
+    """The manifest of a closed period (None while it is open)."""
+    from flows.store import open_store
+
+    store = open_store(store_uri)
+    key = f"billing/period={period}/manifest.json"
+    return json.loads(store.read_bytes(key)) if store.exists(key) else None
+
+
+def close_summary(manifest: dict, store_uri: str, status: str) -> dict:
+    """What a close prints and returns, read from a closed period's manifest."""
+    return {"period": manifest["period"], "status": status, "run_id": manifest["run_id"], "store": store_uri,
+            "rows": manifest["rows"], "totals": manifest["totals"],
+            "invoices": sum(t["invoices"] for t in manifest["totals"]),
+            "outputs": [o["key"] for o in manifest["outputs"]],
+            "quarantined_by_reason": manifest.get("quarantined_by_reason", {})}
+
+
+def night_already_ran(store_uri: str, day: date) -> bool:
+    from flows.store import open_store
+
+    return open_store(store_uri).exists(f"billing/nightly/date={day}/manifest.json")
+
+
+def has_inputs(store_uri: str) -> list[str]:
+    """The demo's inputs (customers, subscriptions, usage) the store already holds."""
+    from flows.store import open_store
+
+    store = open_store(store_uri)
+    return [prefix for prefix in ("customers/", "subscriptions/", "usage/") if any(True for _ in store.list(prefix))]
+
+
+def usage_missing_refusal(store_uri: str, plans: str, period: Period) -> str | None:
+    """The no-usage guard of a close, answered without Prefect when it is cheap: a store with
+    no usage object at all. (With usage objects, whether a row falls in the period is only known
+    once the close has read them: the close refuses then, before it publishes anything.)"""
+    from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_usage_key, read_table
+    from flows.store import open_store
+
+    store = open_store(store_uri)
+    if any(is_usage_key(o.key) for o in store.list("usage/")):
+        return None
+    present = {k for k in CUSTOMERS_KEYS + SUBSCRIPTIONS_KEYS if store.exists(k)}
+    customers_key = next((k for k in CUSTOMERS_KEYS if k in present), None)
+    subscriptions_key = next((k for k in SUBSCRIPTIONS_KEYS if k in present), None)
+    if customers_key is None or subscriptions_key is None:
+        return None  # the close names what is missing
+    from transforms.guards import close_without_usage
+    from transforms.plans import load_catalog
+    from transforms.reference import checked_customers, checked_subscriptions, segments_in
+
+    catalog = load_catalog(plans)
+    with tempfile.TemporaryDirectory(prefix="billrun-preflight-") as tmp:
+        local = store.fetch([customers_key, subscriptions_key], Path(tmp))
+        customers = checked_customers(read_table(local[customers_key], customers_key), customers_key)
+        subs = checked_subscriptions(read_table(local[subscriptions_key], subscriptions_key), subscriptions_key,
+                                     customers, catalog)
+    return close_without_usage(period, 0, segments_in(period, subs, catalog))
