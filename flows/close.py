@@ -34,6 +34,7 @@ from prefect.utilities.annotations import quote
 
 from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key, normalized_object,
                           read_table)
+from flows.keys import MANIFEST, SELLER_KEY, period_prefix  # noqa: F401 - the close's layout, shared
 from flows.locks import fault_point, period_lock
 from flows.preflight import close_summary
 from flows.retries import IO_RETRIES
@@ -63,8 +64,6 @@ from transforms.tax import Party, customer_parties, taxed_invoices
 from transforms.tax.rules import RULES_KEY, RulesProvider, load_rules
 from transforms.terms import due_on, seller_block as terms_seller_block
 
-MANIFEST = "manifest.json"
-SELLER_KEY = "seller.yaml"
 PARQUET = {"compression": "zstd", "statistics": True}
 
 QUARANTINE_SCHEMA = {
@@ -72,10 +71,6 @@ QUARANTINE_SCHEMA = {
     "meter": pl.String, "quantity": pl.String, "timestamp": pl.String, "dims": pl.String,
     "reason": pl.String, "detail": pl.String, "source": pl.String,
 }
-
-
-def period_prefix(period: Period | str) -> str:
-    return f"billing/period={period}/"
 
 
 class AlreadyClosed(BillrunError):

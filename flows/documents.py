@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from flows.close import MANIFEST
 from flows.fonts import check_glyphs
+from flows.keys import MANIFEST
 from flows.store import open_store
 from transforms.errors import InputError
 

@@ -8,7 +8,7 @@ import re
 
 import polars as pl
 
-from flows.close import MANIFEST
+from flows.keys import MANIFEST
 from flows.store import open_store
 from transforms.errors import InputError
 

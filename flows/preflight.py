@@ -14,6 +14,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
+from flows.keys import manifest_key
 from transforms.errors import InputError
 from transforms.periods import Period
 
@@ -83,7 +84,7 @@ def closed_manifest(store_uri: str, period: Period) -> dict | None:
     from flows.store import open_store
 
     store = open_store(store_uri)
-    key = f"billing/period={period}/manifest.json"
+    key = manifest_key(period)
     return json.loads(store.read_bytes(key)) if store.exists(key) else None
 
 

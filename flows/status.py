@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from flows.close import MANIFEST, SELLER_KEY
+from flows.keys import MANIFEST, SELLER_KEY
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key
 from flows.locks import lock_key
 from flows.store import ObjectInfo, Store, open_store

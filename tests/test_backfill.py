@@ -340,7 +340,8 @@ def test_a_backfill_is_refused_while_another_run_holds_the_period(story):
 def test_status_right_after_the_close_reports_no_change(story):
     report, text = story["status_closed"]
     manifest = story["manifest"]
-    assert set(report) == {"store", "periods", "backfill"} and report["backfill"] is None
+    assert set(report) == {"store", "periods", "backfill", "gaps"}
+    assert report["backfill"] is None and report["gaps"] == []
     (period,) = report["periods"]
     expected = {"period": PERIOD, "locked": False, "status": "closed", "run_id": manifest["run_id"], "invoices": 3,
                 "totals": manifest["totals"], "rows": {"read": 14, "billed": 8, "duplicates": 1, "quarantined": 5},
@@ -360,7 +361,7 @@ def test_status_names_a_change_and_the_backfill_that_settles_it(story, step, cha
     report, text = story[step]
     assert report["periods"][0]["changes"] == [change]
     assert report["backfill"] == ADVICE
-    assert change in text and f"run `{ADVICE}`" in text
+    assert change in text and f"run `{ADVICE} --store {story['store']} --plans {story['plans']}`" in text
 
 
 @pytest.mark.parametrize("step, rated_by", [("status_after_price_cut", "price_cut"), ("status_end", "second_cut")])

@@ -198,30 +198,45 @@ def test_a_local_store_that_does_not_exist_is_refused(tmp_path):
         refused(run(*args, "--store", str(tmp_path / "nope"), "--plans", PLANS), "nope", "no such folder")
 
 
-@pytest.mark.slow
-def test_a_malformed_period_answers_without_starting_prefect(tmp_path):
-    """In a process of its own, as a user runs it: no Prefect imported, no Prefect home (its
-    database) created, and well under a second of work."""
-    home = tmp_path / "prefect-home"
+def run_alone(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[str], float, float]:
+    """The command in a process of its own, as a user runs it, with a Prefect home of its own:
+    the result, the heavy modules it imported, its CPU seconds and its wall seconds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO))
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
     program = ("import sys\nfrom flows.cli import main\nsys.argv = ['billrun', *sys.argv[1:]]\ntry:\n    main()\n"
                "finally:\n    print(sorted(m for m in ('prefect', 'duckdb', 'polars', 'flows.close', 'boto3') "
                "if m in sys.modules))\n")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", program, "close", "--period", "2026-13"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", program, *args], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    imported = json.loads(result.stdout.strip().splitlines()[-1].replace("'", '"'))
+    return result, imported, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
+
+
+@pytest.mark.slow
+def test_a_malformed_period_answers_without_starting_prefect(tmp_path):
+    """No Prefect imported, no Prefect home (its database) created, well under a second of work."""
+    result, imported, cpu, wall = run_alone(tmp_path, "close", "--period", "2026-13")
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip() == ("billrun: error: period '2026-13' is not a month; write it as YYYY-MM, "
                                      "e.g. 2026-10")
-    assert result.stdout.strip() == "[]"  # none of the heavy modules was imported
-    assert not home.exists() and not (tmp_path / ".prefect").exists()
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    assert cpu < 2, cpu  # the work itself (wall time on a busy machine also counts waiting for a core)
+    assert imported == []
+    assert not (tmp_path / "prefect-home").exists() and not (tmp_path / ".prefect").exists()
+    assert cpu < 2, cpu  # the work itself (the wall time of a busy machine adds waiting for a core)
     assert wall < 10, wall
+
+
+@pytest.mark.slow
+def test_status_and_a_closed_period_need_no_prefect(tmp_path, store):
+    mark_closed(store, "2026-10")
+    for args in (("close", "--period", "2026-10", "--store", store, "--plans", PLANS), ("status", "--store", store, "--plans", PLANS)):
+        result, imported, cpu, _ = run_alone(tmp_path, *args)
+        assert result.returncode == 0, result.stderr
+        assert "prefect" not in imported and "flows.close" not in imported, (args, imported)
+        assert not (tmp_path / "prefect-home").exists()
 
 
 # status, demo ----------------------------------------------------------------------------------
