@@ -329,8 +329,11 @@ def test_the_demo_overwrites_only_when_told(prefect_server, tmp_path):
     store = str(tmp_path / "demo")
     args = ("demo", "--customers", "4", "--store", store, "--plans", str(REPO / "plans"), "--json")
     assert run(*args).exit_code == 0
-    (Path(store) / "customers" / "customers.csv").write_text("customer_id,name,email\n")
+    customers = Path(store) / "customers" / "customers.csv"
+    sample = customers.read_bytes()
+    customers.write_text("customer_id,name,email\n")
     refused(run(*args), "already holds customers")
+    assert customers.read_text() == "customer_id,name,email\n"
     result = run(*args, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert (Path(store) / "customers" / "customers.csv").read_text().count("\n") == 5
+    assert customers.read_bytes() == sample
