@@ -33,7 +33,7 @@ from transforms.periods import Period
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "tests" / "golden"
 PREFECT = str(Path(sys.executable).parent / "prefect")
-SERVER_STARTUP_S = 60
+SERVER_STARTUP_S = 180  # generous: a loaded 2-core machine answers its first health check late
 RUN_TIMEOUT_S = 180
 
 
