@@ -686,7 +686,7 @@ def _simulate_checks(store: str, plans: str, period: str, plan_map: list[str], c
     preflight.plan_map_names(plan_map, plans, candidates)
 
 
-@app.command(cls=_Command, epilog="Example (on the demo store): billrun migrate --plan api:1 --to api:2 --on 2026-12-01 "
+@app.command(cls=_Command, epilog="Example (on the demo store): billrun migrate --plan enterprise --to api --on 2026-12-01 "
                     "--as-of 2026-10-25 --dry-run")
 def migrate(ctx: typer.Context,
             plan: str = typer.Option(..., "--plan", metavar="PLAN[:VERSION]", help="The plan to move from."),
