@@ -12,6 +12,7 @@ from flows.store import ObjectInfo, Store, open_store
 from flows.tables import tables_lag
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
+from transforms.tax.rules import RULES_KEY
 
 _PERIOD_KEY = re.compile(r"^billing/period=(\d{4}-\d{2})/(.+)$")
 
@@ -22,7 +23,8 @@ def checked_key(period: str) -> str:
 
 
 def _is_input(key: str) -> bool:
-    return is_usage_key(key) or is_purchases_key(key) or key in CUSTOMERS_KEYS or key in SUBSCRIPTIONS_KEYS or key == SELLER_KEY
+    return (is_usage_key(key) or is_purchases_key(key) or key in CUSTOMERS_KEYS or key in SUBSCRIPTIONS_KEYS
+            or key in (SELLER_KEY, RULES_KEY))
 
 
 class _Fingerprints:

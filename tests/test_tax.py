@@ -20,6 +20,7 @@ from hypothesis import given, settings, strategies as st
 from closeutil import close, table
 from flows.backfill import backfill
 from flows.nightly import nightly
+from flows.status import store_status
 from flows.store import open_store
 from transforms.errors import InputError
 from transforms.invoices import Invoice, Line
@@ -198,6 +199,7 @@ def test_a_credit_note_reverses_tax_at_the_original_rate(taxed):
     store, root, _, invoices = taxed
     s = open_store(store)
     s.put_bytes("tax/rules.yaml", RULES.replace('{country: FR, rate: "20"}', '{country: FR, rate: "21"}').encode())
+    assert "rewritten (tax/rules.yaml)" in str(store_status(store))  # status reports the new rates as drift
     result = backfill(store=store, plans=_plans(root / "plans-fixed", "90.00"), first=PERIOD, last=PERIOD,
                       reason="fee fix", as_of="2026-12-05")
     docs = {d["subscription_id"]: d for d in result["documents"]}
