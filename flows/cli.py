@@ -274,7 +274,8 @@ def demo(ctx: typer.Context,
          period: str = typer.Option("2026-10", "--period", metavar=PERIOD,
                                     help="The month the sample usage falls in."),
          customers: int = typer.Option(300, "--customers", min=1, metavar="N", help="How many sample customers."),
-         seed: int = typer.Option(7, "--seed", metavar="N", help="Seed of the sample generator (same seed, same store)."),
+         seed: int = typer.Option(7, "--seed", metavar="N",
+                                  help="Seed of the sample generator (same seed, same store)."),
          overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Write the sample over the "
                                         "customers, subscriptions and usage the store already holds."),
          store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
@@ -343,7 +344,7 @@ def status(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[
     The first thing to run on call: it names the backfill that would bring drifted periods up
     to date and the close that would finish an incomplete one."""
     store, plans = _opts(ctx, store, plans)
-    _checked(lambda: (_checked_folders(store, plans)))
+    _checked(_checked_folders, store, plans)
     from flows.status import store_status
 
     report = _run(store_status, store, plans)

@@ -59,7 +59,8 @@ def known_plan(text: str, where: str, *folders: str | None) -> None:
     name = text.strip().partition(":")[0]
     known = set().union(*(plan_names(f) for f in folders if f))
     if name not in known:
-        raise InputError(f"{where}: no plan file defines plan {name!r} (plans in {' and '.join(f for f in folders if f)}: "
+        searched = " and ".join(f for f in folders if f)
+        raise InputError(f"{where}: no plan file defines plan {name!r} (plans in {searched}: "
                          f"{', '.join(sorted(known)) or 'none'})")
 
 

@@ -178,7 +178,8 @@ def test_close_of_a_closed_period_answers_from_its_manifest_without_prefect(stor
     (["nightly", "--date", "2026-10-20"], ["2026-10 is already closed", "billrun backfill --from 2026-10"]),
     (["close", "--period", "2026-10", "--plans", "/nonexistent/plans"], ["--plans /nonexistent/plans: no such folder"]),
     (["simulate", "--period", "2026-10", "--plan-map", "tok=nope"], ["--plan-map tok=nope", "'nope'"]),
-    (["migrate", "--plan", "tok", "--to", "nope", "--on", "2027-02-01"], ["--to nope: no plan file defines plan 'nope'", ": jp, tok)"]),
+    (["migrate", "--plan", "tok", "--to", "nope", "--on", "2027-02-01"],
+     ["--to nope: no plan file defines plan 'nope'", ": jp, tok)"]),
     (["migrate", "--plan", "tok", "--to", "jp", "--on", "2026-12-02"],
      ["is 5 days before --as-of 2026-12-07", "2027-01-06 or later"]),
     (["migrate", "--plan", "tok", "--to", "jp", "--on", "2026-10-20", "--as-of", "2026-09-01"],
@@ -232,7 +233,8 @@ def test_a_malformed_period_answers_without_starting_prefect(tmp_path):
 @pytest.mark.slow
 def test_status_and_a_closed_period_need_no_prefect(tmp_path, store):
     mark_closed(store, "2026-10")
-    for args in (("close", "--period", "2026-10", "--store", store, "--plans", PLANS), ("status", "--store", store, "--plans", PLANS)):
+    for args in (("close", "--period", "2026-10", "--store", store, "--plans", PLANS),
+                 ("status", "--store", store, "--plans", PLANS)):
         result, imported, cpu, _ = run_alone(tmp_path, *args)
         assert result.returncode == 0, result.stderr
         assert "flows.close" not in imported, (args, imported)
