@@ -524,11 +524,21 @@ def _backfill_checks(store: str, plans: str, first: str, last: str, as_of: str) 
 @app.command(cls=_Command, epilog="Example: billrun explain --invoice INV-2026-10-000042")
 def explain(ctx: typer.Context,
             invoice: str = typer.Option(..., "--invoice", metavar="ID", help="An invoice, credit note or debit note id."),
+            line: Optional[int] = typer.Option(None, "--line", metavar="N", show_default=False,
+                                               help="With --events: only the events of line N."),
+            events: bool = typer.Option(False, "--events", metavar="",
+                                        help="List the events behind the invoice's usage lines, and the "
+                                             "customer's duplicate and quarantined rows with why."),
             store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
     """How each line of a document was computed: the rating steps, the usage behind it (by
     dimensions), the plan version file and hash, and the run and manifest that issued it."""
     store, _ = _opts(ctx, store, plans)
     _checked(_checked_folders, store, None)
+    if line is not None and not events:
+        _fail(f"--line {line}: needs --events (the events of that line)")
+    if events:
+        _explain_events(store, invoice, line, as_json)
+        return
     from flows.explain import explain_invoice
     from transforms.money import format_money
 
@@ -554,6 +564,51 @@ def explain(ctx: typer.Context,
             out.print(f"     = {step['label']}: {step['amount']}", markup=False)
         for row in line.get("usage", []):
             out.print(f"     <- {row['units']} units in {row['events']} events with {row['dims']}", markup=False)
+
+
+def _explain_events(store: str, invoice: str, line: int | None, as_json: bool) -> None:
+    from flows.statement import explain_events
+    from transforms.money import format_money
+
+    report = _run(explain_events, store, invoice, line)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    out.print(f"{report['invoice_id']}: events of {report['customer_id']} in {report['period']}", markup=False)
+    for entry in report["lines"]:
+        if "events" in entry and "description" not in entry:
+            out.print(f"\n  {entry['line_no']}. [{entry['kind']}] bills no events", markup=False)
+            continue
+        out.print(f"\n  {entry['line_no']}. {entry['description']}: {len(entry['events'])} events, "
+                  f"{entry['event_units']} units, {entry['total_units']} after credits, "
+                  f"{entry['included_units'] or 0} included, billed {entry['quantity']}: "
+                  f"{format_money(entry['amount_minor'], report['currency'])}", markup=False)
+        for e in entry["events"]:
+            paid = f"  credits: {e['grant_id']}" if e["grant_id"] else ""
+            out.print(f"     {e['event_id']}  {e['event_at']}  {e['quantity']}  {e['dims']}{paid}", markup=False)
+    if line is None:
+        out.print(f"\n  not billed: {len(report['not_billed'])} rows", markup=False)
+        for r in report["not_billed"]:
+            why = r["reason"] + (f" of {r['duplicate_of']}" if r["duplicate_of"] else "") + \
+                (f" ({r['detail']})" if r["detail"] else "")
+            out.print(f"     [{r['status']}] {r['event_id']}  {r['event_at']}  {r['quantity']}  {why}  "
+                      f"<- {r['source_key']}#row={r['source_row']}", markup=False)
+
+
+@app.command(cls=_Command, epilog="Example: billrun statement --invoice INV-2026-10-000042 --out statement.csv")
+def statement(ctx: typer.Context,
+              invoice: str = typer.Option(..., "--invoice", metavar="ID", help="An invoice id of a close."),
+              out_path: Optional[Path] = typer.Option(None, "--out", metavar="FILE", show_default=False,
+                                                      help="Where to write the CSV \\[default: ./<ID>-statement.csv]."),
+              store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt) -> None:
+    """Write the customer's usage statement of an invoice as CSV: the events behind each line,
+    then the line's total row (events, allowance, credits, billed quantity and amount)."""
+    store, _ = _opts(ctx, store, plans)
+    _checked(_checked_folders, store, None)
+    from flows.statement import write_statement
+
+    written = _run(write_statement, store, invoice, out_path or Path(f"{invoice}-statement.csv"))
+    out.print(f"{invoice}: {written['out']} ({written['events']} events on {written['lines']} lines)", markup=False)
 
 
 @app.command(cls=_Command, epilog="Example: billrun pdf --invoice INV-2026-10-000042 --out ./INV-2026-10-000042.pdf")

@@ -43,6 +43,7 @@ from flows.shards import (Normalized, drop_scratch, local_workers, normalize_sha
                           shard_runner)
 from flows.report import fetch_costs
 from flows.secrets import keep_secrets_out_of_logs
+from flows.statement import lineage_rows, with_local_lineage
 from flows.store import open_store
 from flows import tables as lakehouse
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
@@ -51,6 +52,7 @@ from transforms.credits import (CreditEvent, Outcome, Purchase, balances_table, 
 from transforms.errors import BillrunError, InputError
 from transforms.guards import close_too_early, close_without_usage, rows_in_period
 from transforms.margins import margins_table, segment_plans
+from transforms.lineage import billed_events
 from transforms.invoices import (Invoice, apply_credits, invoices_table, lines_table, period_invoices,
                                  usage_by_segment)
 from transforms.periods import Period
@@ -423,7 +425,6 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     write("usage_summary.parquet", settlement.usage_by_dims)
     write("margins.parquet", margins_table(lines, settlement.usage_by_day, segment_plans(reference.segments),
                                            costs[0], period))
-    del lines
     quarantine = quarantine_table(settlement, normalized)
     write("quarantine.parquet", quarantine)
     spend = {inv.subscription_id: sum(l.amount_minor for l in inv.lines if l.kind in ("usage", "overage"))
@@ -432,8 +433,12 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period)
         + spend_alerts(period, list(reference.segments), settlement.usage_by_day, settlement.per_event_usage,
                        outcome.billable_by_day, credit_meters(list(reference.segments)), spend)))
-    write("credit_ledger.parquet", ledger_table(outcome, period))
+    ledger = ledger_table(outcome, period)
+    write("credit_ledger.parquet", ledger)
+    write("billed_events.parquet", billed_events(lineage_rows(settlement), lines, quarantine, ledger))
+    del ledger
     write("credit_balances.parquet", balances_table(outcome, period))
+    del lines
     plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
     revenue = revenue_rows(period, invoices, outcome, proportional_rates(outcome, plan_of_sub))
     write("revenue.parquet", revenue)
@@ -657,6 +662,7 @@ def _close(store: str, catalog: Catalog, period: Period, dask_address: str | Non
             normalized, shard_keys = normalize_shards(runner, store, inputs, scratch)
             fault_point("normalized")
             settlement = settle_shards(runner, scratch, shard_keys, reference, catalog, period)
+            settlement = with_local_lineage(settlement, scratch, work_dir)
         drop_scratch(scratch)
         fault_point("settled")
         no_usage = close_without_usage(

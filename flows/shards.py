@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 from pathlib import Path
 
@@ -194,9 +194,13 @@ def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque,
                                      "preserve_insertion_order": False})
         try:
             settlement = settled_usage(con, [local[k] for k in sorted(keys)], reference.customers,
-                                       list(reference.subscriptions), list(reference.segments), catalog, period)
+                                       list(reference.subscriptions), list(reference.segments), catalog, period,
+                                       lineage_to=Path(tmp) / "lineage.parquet")
         finally:
             con.close()
+        lineage_key = scratch.key(f"lineage/shard={shard:04d}.parquet")
+        open_store(scratch.uri).put_file(lineage_key, Path(tmp) / "lineage.parquet")
+        settlement = replace(settlement, lineage=(lineage_key,))
     c = settlement.counts
     get_run_logger().info("settle-usage: shard %d: read %d, billed %d, duplicates %d, quarantined %d in %.2fs",
                           shard, c["read"], c["billed"], c["duplicates"], c["quarantined"],

@@ -37,6 +37,7 @@ class Settlement:
     usage_by_day: pl.DataFrame
     per_event_usage: pl.DataFrame
     credit_history: list[CreditEvent]
+    lineage: tuple[str, ...] = ()  # Parquet files of the billed and duplicate rows (see `lineage` in the SQL)
 
 
 def split_at_replay(settlement: Settlement, credit_meters: set[tuple[str, int, str]]
@@ -241,13 +242,16 @@ def merged_settlement(parts: list[Settlement], partial: bool = False) -> Settlem
         # within a shard the history is in event_id order already, and a fold keeps each shard's
         # rows in order; a stable sort keeps the order of each event_id's copies
         credit_history=history if partial else sorted(history, key=lambda e: e.event_id),
+        lineage=tuple(f for p in parts for f in p.lineage),
     )
 
 
 def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], customers: pl.DataFrame,
                   subscriptions: list[Subscription], segments: list[Segment], catalog: Catalog,
-                  period: Period) -> Settlement:
-    """Settle the rows of `normalized` (Parquet files of `transforms.usage.NORMALIZED_COLUMNS`)."""
+                  period: Period, lineage_to: Path | None = None) -> Settlement:
+    """Settle the rows of `normalized` (Parquet files of `transforms.usage.NORMALIZED_COLUMNS`).
+    With `lineage_to`, also write there the billed and duplicate rows, one row each (the
+    lineage of the billed_events output), straight from DuckDB: never a frame in memory."""
     sql = statements(SQL_FILE)
     con.execute("SET TimeZone = 'UTC'")
     if normalized:
@@ -271,6 +275,8 @@ def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     counts = dict(zip(("read", "billed", "duplicates", "quarantined"),
                       (int(v) for v in _run(con, sql["counts"], params)[0])))
     usage_by_day = con.sql(sql["usage_by_day"]).pl()
+    if lineage_to is not None:
+        con.sql(sql["lineage"]).write_parquet(str(lineage_to), compression="zstd")
     con.register("by_day", usage_by_day.to_arrow())
     return Settlement(
         credit_history=credit_history(con, subscriptions, catalog, period),
@@ -279,4 +285,5 @@ def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
         usage_by_dims=con.sql(sql["usage_by_dims"]).pl(),
         usage_by_day=usage_by_day,
         per_event_usage=con.sql(sql["per_event_usage"]).pl(),
+        lineage=(str(lineage_to),) if lineage_to is not None else (),
     )

@@ -169,3 +169,16 @@ WHERE reason IS NULL
   AND meter IN (SELECT unnest($meters::VARCHAR[]))
   AND customer_id IN (SELECT customer_id FROM customers)
 ORDER BY event_id, event_at, customer_id, meter, quantity, dims, source_key, source_row;
+
+-- name: lineage
+-- One row per billed or duplicate row (the quarantined ones are in `quarantine`): what the
+-- billed_events output is made of. A duplicate names the copy that billed in its place: the
+-- billed copy of its event_id in this period (same shard: copies of an event_id meet in one),
+-- or, when none billed here, a copy that billed in an earlier period.
+SELECT s.customer_id, s.event_at, s.event_id, s.meter, s.dims, s.quantity, s.subscription_id, s.segment_no,
+       s.outcome, s.source_key, s.source_row,
+       b.source_key AS duplicate_of_source_key, b.source_row AS duplicate_of_source_row
+FROM settled AS s
+LEFT JOIN (SELECT event_id, source_key, source_row FROM settled WHERE outcome = 'billed') AS b
+       ON s.outcome = 'duplicate' AND b.event_id = s.event_id
+WHERE s.outcome IN ('billed', 'duplicate');

@@ -1,0 +1,123 @@
+"""Lineage IO: the settlement's per-shard lineage files brought to this machine for the close's
+billed_events output, and the readers behind `billrun explain --events` and `billrun statement`."""
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from pathlib import Path
+
+import polars as pl
+
+from flows.explain import _ID, _locate, _read
+from flows.store import open_store
+from transforms.errors import InputError
+from transforms.lineage import USAGE_LINE_KINDS, decimal_text, statement_rows
+from transforms.settle import Settlement
+
+LINEAGE_COLUMNS = {
+    "customer_id": pl.String, "event_at": pl.Datetime("us", "UTC"), "event_id": pl.String, "meter": pl.String,
+    "dims": pl.String, "quantity": pl.Decimal(38, 9), "subscription_id": pl.String, "segment_no": pl.Int64,
+    "outcome": pl.String, "source_key": pl.String, "source_row": pl.Int64,
+    "duplicate_of_source_key": pl.String, "duplicate_of_source_row": pl.Int64,
+}
+
+
+def with_local_lineage(settlement: Settlement, scratch, work_dir: Path) -> Settlement:
+    """The settlement with its lineage files on this machine (the shards wrote them to the
+    scratch area, which a cluster's workers share and which is dropped after settling)."""
+    if not settlement.lineage:
+        return settlement
+    local = open_store(scratch.uri).fetch(sorted(settlement.lineage), work_dir / "lineage")
+    return replace(settlement, lineage=tuple(str(local[k]) for k in sorted(settlement.lineage)))
+
+
+def lineage_rows(settlement: Settlement) -> pl.LazyFrame:
+    """The settlement's billed and duplicate rows, read lazily from its lineage files."""
+    if not settlement.lineage:
+        return pl.LazyFrame(schema=LINEAGE_COLUMNS)
+    return pl.scan_parquet(list(settlement.lineage)).cast(LINEAGE_COLUMNS)
+
+
+BILLED_EVENTS = "billed_events.parquet"
+
+
+def _customer_events(store, folder: str, customer_id: str) -> pl.DataFrame:
+    """One customer's rows of the period's billed_events: read with its row groups' statistics
+    (the table is sorted by customer), so the rest of the file is skipped on a folder store."""
+    key = folder + BILLED_EVENTS
+    if not store.exists(key):
+        raise InputError(f"{store.uri}: {key} not found; it is written by closes of this billrun version "
+                         f"(close the period again into a fresh store to get it)")
+    local = store.local_folder(folder)
+    source = local / BILLED_EVENTS if local is not None else io.BytesIO(store.read_bytes(key))
+    return pl.scan_parquet(source).filter(pl.col("customer_id") == customer_id).collect()
+
+
+def _invoice(store_uri: str, invoice_id: str) -> tuple:
+    """The store, the period's folder, the invoice row and its lines, for an invoice of a close."""
+    match = _ID.match(invoice_id)
+    if not match or match.group(1) != "INV":
+        raise InputError(f"{invoice_id!r} is not an invoice id (INV-YYYY-MM-NNNNNN); lineage is kept for "
+                         f"the invoices of a close")
+    store = open_store(store_uri)
+    folder, _ = _locate(store, invoice_id, match.group(2))
+    found = _read(store, folder + "invoices.parquet").filter(pl.col("invoice_id") == invoice_id)
+    if found.height == 0:
+        raise InputError(f"{invoice_id}: no such invoice in {store.uri}")
+    lines = _read(store, folder + "invoice_lines.parquet").filter(pl.col("invoice_id") == invoice_id).sort("line_no")
+    return store, folder, found.row(0, named=True), lines
+
+
+EVENT_FIELDS = ("event_id", "event_at", "quantity", "dims", "meter", "grant_id")
+NOT_BILLED_FIELDS = ("status", "reason", "duplicate_of", "detail", "event_id", "event_at", "meter", "quantity",
+                     "dims", "source_key", "source_row")
+
+
+def _texts(frame: pl.DataFrame, fields: tuple[str, ...]) -> list[dict]:
+    """Rows as JSON-ready dicts: instants in ISO 8601, quantities as exact decimal text."""
+    return frame.select([pl.col(c).dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ") if frame.schema[c] == pl.Datetime("us", "UTC")
+                         else pl.col(c).cast(pl.String) if isinstance(frame.schema[c], pl.Decimal)
+                         else pl.col(c) for c in fields]).with_columns(
+        pl.col("quantity").str.replace(r"\.?0+$", "") if "quantity" in fields else pl.lit(None)
+    ).select(fields).to_dicts()
+
+
+def explain_events(store_uri: str, invoice_id: str, line_no: int | None) -> dict:
+    """The events behind one line of an invoice (or every usage line of it), and, for the whole
+    invoice, the customer's rows of the period that did not bill, with why."""
+    store, folder, invoice, lines = _invoice(store_uri, invoice_id)
+    events = _customer_events(store, folder, invoice["customer_id"])
+    usage_lines = lines.filter(pl.col("kind").is_in(USAGE_LINE_KINDS))
+    if line_no is not None:
+        if lines.filter(pl.col("line_no") == line_no).height == 0:
+            raise InputError(f"--line {line_no}: {invoice_id} has lines 1 to {lines.height}")
+        usage_lines = usage_lines.filter(pl.col("line_no") == line_no)
+    billed = events.filter(pl.col("invoice_id") == invoice_id).sort("line_no", "event_at", "event_id")
+    out_lines = []
+    for line in usage_lines.iter_rows(named=True):
+        rows = billed.filter(pl.col("line_no") == line["line_no"])
+        out_lines.append({"line_no": line["line_no"], "description": line["description"], "meter": line["meter"],
+                          "quantity": line["quantity"], "total_units": line["total_units"],
+                          "included_units": line["included_units"], "amount_minor": line["amount_minor"],
+                          "event_units": rows.select(decimal_text(pl.col("quantity").sum()))[0, 0]
+                          if rows.height else "0",
+                          "events": _texts(rows, EVENT_FIELDS)})
+    if line_no is not None and not out_lines:
+        kind = lines.filter(pl.col("line_no") == line_no)["kind"][0]
+        out_lines.append({"line_no": line_no, "kind": kind, "events": []})  # a fee, tax or waiver: no events
+    not_billed = (events.filter(pl.col("status") != "billed").sort("event_at", "event_id", nulls_last=True)
+                  if line_no is None else events.clear())
+    return {"invoice_id": invoice_id, "customer_id": invoice["customer_id"], "period": invoice["period"],
+            "currency": invoice["currency"], "lines": out_lines,
+            "not_billed": _texts(not_billed, NOT_BILLED_FIELDS)}
+
+
+def write_statement(store_uri: str, invoice_id: str, out: Path) -> dict:
+    """The customer's usage statement of one invoice as CSV (see transforms.lineage.statement_rows)."""
+    store, folder, invoice, lines = _invoice(store_uri, invoice_id)
+    events = _customer_events(store, folder, invoice["customer_id"])
+    table = statement_rows(events.filter(pl.col("invoice_id") == invoice_id), lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.write_csv(out)
+    return {"invoice_id": invoice_id, "out": str(out), "rows": table.height,
+            "events": int((table["row"] == "event").sum()), "lines": lines.height}

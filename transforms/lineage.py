@@ -1,0 +1,141 @@
+"""Lineage from invoice line to event: which line billed each usage row, or why it did not bill.
+
+One row per usage row the close counted (the manifest's `rows.read`): a billed row with the
+invoice and line that billed it (and the credit grants that paid for it, on a meter paid with
+credits), a duplicate with the copy that billed in its place, a quarantined row with its reason.
+Per-event work is joins in Polars; only the distinct (meter, dims) texts and the distinct line
+keys are looked at in Python.
+
+Which line bills an event is the invoice's own rule (transforms.invoices.charge_lines): the
+usage or overage line of the event's subscription segment whose charge has the event's meter,
+whose filter the event's dims match, and whose group (the charge's group_by values) is the
+event's. Plans refuse two charges that could bill one event, so an event has at most one line.
+"""
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+BILLED_EVENTS_SCHEMA = {
+    "customer_id": pl.String, "event_at": pl.Datetime("us", "UTC"), "event_id": pl.String, "meter": pl.String,
+    "dims": pl.String, "quantity": pl.Decimal(38, 9), "status": pl.String, "invoice_id": pl.String,
+    "line_no": pl.Int32, "grant_id": pl.String, "subscription_id": pl.String, "segment_no": pl.Int32,
+    "reason": pl.String, "detail": pl.String, "duplicate_of": pl.String, "source_key": pl.String,
+    "source_row": pl.Int64,
+}
+
+USAGE_LINE_KINDS = ("usage", "overage")
+
+
+def _line_key(meter: str, dims_json: str, filter_json: str, group_json: str) -> str | None:
+    """The group text a line with this filter and group would have for an event of `dims`, or
+    None when the filter leaves the event out."""
+    dims = json.loads(dims_json)
+    wanted = json.loads(filter_json) if filter_json else {}
+    if any(dims.get(k) != v for k, v in wanted.items()):
+        return None
+    group_by = list(json.loads(group_json)) if group_json else []
+    return json.dumps({g: dims.get(g) for g in group_by}, sort_keys=True) if group_by else ""
+
+
+def line_of_dims(event_dims: pl.DataFrame, lines: pl.DataFrame) -> pl.DataFrame:
+    """One row per distinct (meter, dims) of the events x distinct (filter, group keys) of that
+    meter's usage lines whose filter matches: the `group` text the event falls in for that filter."""
+    shapes = (lines.select("meter", pl.col("filter").fill_null(""),
+                           pl.col("group").fill_null("").alias("group_shape")).unique())
+    candidates = event_dims.join(shapes, on="meter", how="inner")
+    keys = [_line_key(*row) for row in candidates.select("meter", "dims", "filter", "group_shape").iter_rows()]
+    return (candidates.with_columns(pl.Series("group", keys, dtype=pl.String))
+            .filter(pl.col("group").is_not_null()).select("meter", "dims", "filter", "group").unique())
+
+
+def billed_events(lineage: pl.LazyFrame, lines: pl.DataFrame, quarantine: pl.DataFrame,
+                  ledger: pl.DataFrame) -> pl.DataFrame:
+    """One row per usage row of the period, sorted by customer, event time, event_id and source.
+
+    `lineage`: the settlement's billed and duplicate rows (transforms/sql/settle_usage.sql,
+    `lineage`); `lines`: the invoice_lines table; `quarantine`: the quarantine table; `ledger`:
+    the credit ledger (its `consume` entries name the event each credit draw paid for)."""
+    usage_lines = (lines.filter(pl.col("kind").is_in(USAGE_LINE_KINDS))
+                   .select("invoice_id", "line_no", "subscription_id", pl.col("segment_no").cast(pl.Int32), "meter",
+                           pl.col("filter").fill_null(""), pl.col("group").fill_null("")))
+    rows = lineage.with_columns(pl.col("segment_no").cast(pl.Int32)).collect()
+    event_dims = rows.filter(pl.col("outcome") == "billed").select("meter", "dims").unique()
+    keyed = line_of_dims(event_dims, usage_lines)
+    placed = (rows.filter(pl.col("outcome") == "billed").select("source_key", "source_row", *usage_lines.columns[2:5],
+                                                                "dims")
+              .join(keyed, on=["meter", "dims"], how="inner")
+              .join(usage_lines, on=["subscription_id", "segment_no", "meter", "filter", "group"], how="inner")
+              .select("source_key", "source_row", "invoice_id", "line_no"))
+    billed = rows.join(placed, on=["source_key", "source_row"], how="left", maintain_order="left")
+    grants = (ledger.filter((pl.col("kind") == "consume") & pl.col("event_id").is_not_null())
+              .group_by("event_id").agg(pl.col("grant_id").unique().sort().str.join(",")))
+    settled = (billed.join(grants, on="event_id", how="left")
+               .with_columns(pl.when(pl.col("outcome") == "billed").then(pl.col("grant_id")).alias("grant_id"))
+               .select(
+                   "customer_id", "event_at", "event_id", "meter", "dims", "quantity",
+                   pl.col("outcome").alias("status"), "invoice_id", "line_no", "grant_id", "subscription_id",
+                   "segment_no",
+                   pl.when(pl.col("outcome") == "duplicate").then(pl.lit("duplicate_event_id")).alias("reason"),
+                   pl.lit(None, dtype=pl.String).alias("detail"),
+                   pl.when(pl.col("outcome") != "duplicate").then(None)
+                   .when(pl.col("duplicate_of_source_key").is_not_null())
+                   .then(pl.format("{}#row={}", "duplicate_of_source_key", "duplicate_of_source_row"))
+                   .otherwise(pl.lit("a copy billed in an earlier period")).alias("duplicate_of"),
+                   "source_key", "source_row"))
+    set_aside = quarantine.select(
+        "customer_id",
+        pl.col("timestamp").str.to_datetime(time_zone="UTC", strict=False).alias("event_at"),
+        "event_id", "meter", "dims", pl.col("quantity").cast(pl.Decimal(38, 9), strict=False),
+        pl.lit("quarantined").alias("status"), "reason", "detail", "source_key", "source_row")
+    return (pl.concat([settled.cast(BILLED_EVENTS_SCHEMA), set_aside], how="diagonal_relaxed")
+            .select([pl.col(c).cast(t) for c, t in BILLED_EVENTS_SCHEMA.items()])
+            .sort("customer_id", "event_at", "event_id", "source_key", "source_row", nulls_last=True))
+
+
+STATEMENT_COLUMNS = ("row", "line_no", "kind", "description", "meter", "event_id", "event_at", "dims", "quantity",
+                     "grant_id", "event_units", "included_units", "credited_units", "billed_quantity",
+                     "amount_minor", "currency")
+
+
+def decimal_text(expr: pl.Expr) -> pl.Expr:
+    """An exact decimal as plain text without trailing zeros: 12.500000000 -> 12.5, 3.000 -> 3."""
+    return expr.cast(pl.String).str.replace(r"\.?0+$", "").str.replace(r"^$", "0")
+
+
+def statement_rows(events: pl.DataFrame, lines: pl.DataFrame) -> pl.DataFrame:
+    """One invoice's usage statement: per line in order, the events it billed (one row each, in
+    event-time order), then the line's total row; then one invoice total row.
+
+    A line's total row reproduces the invoice: `event_units` (the sum of its events' quantities)
+    less `credited_units` (what credit grants paid for, on a meter paid with credits) is the
+    line's total_units; less `included_units` (the plan's allowance used) it is the billed
+    quantity, which the line's price rated into `amount_minor`. Lines without events (fees, tax,
+    waivers) show their quantity and amount only. `events`: the invoice's billed_events rows."""
+    currency = lines["currency"][0] if lines.height else None
+    units = pl.Decimal(38, 9)
+    event_rows = events.select(
+        pl.lit("event").alias("row"), pl.col("line_no").cast(pl.Int32), "meter", "event_id",
+        pl.col("event_at").dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ").alias("event_at"), "dims",
+        decimal_text(pl.col("quantity")).alias("quantity"), "grant_id")
+    sums = events.group_by("line_no").agg(pl.col("quantity").sum().alias("event_units"))
+    metered = pl.col("kind").is_in(USAGE_LINE_KINDS)
+    totals = (lines.select(pl.col("line_no").cast(pl.Int32), "kind", "description", "meter", "quantity",
+                           "total_units", "included_units", "amount_minor")
+              .join(sums.with_columns(pl.col("line_no").cast(pl.Int32)), on="line_no", how="left")
+              .with_columns(pl.when(metered).then(pl.col("event_units").fill_null(0).cast(units)).alias("event_units"))
+              .select(pl.lit("line_total").alias("row"), "line_no", "kind", "description", "meter",
+                      decimal_text(pl.col("event_units")).alias("event_units"),
+                      pl.when(metered).then(pl.col("included_units").fill_null("0")).alias("included_units"),
+                      pl.when(metered).then(decimal_text(pl.col("event_units")
+                                                         - pl.col("total_units").cast(units))).alias("credited_units"),
+                      pl.col("quantity").alias("billed_quantity"), "amount_minor"))
+    invoice_total = pl.DataFrame({"row": ["invoice_total"], "amount_minor": [int(lines["amount_minor"].sum())]})
+    return (pl.concat([event_rows.with_columns(pl.lit(0).alias("_order")),
+                       totals.with_columns(pl.lit(1).alias("_order")),
+                       invoice_total.with_columns(pl.lit(2).alias("_order"))], how="diagonal_relaxed")
+            .sort(pl.col("line_no").is_null(), "line_no", "_order", "event_at", "event_id",
+                  nulls_last=True)
+            .with_columns(pl.lit(currency, dtype=pl.String).alias("currency"))
+            .select(STATEMENT_COLUMNS))
