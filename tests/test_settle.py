@@ -328,3 +328,14 @@ def test_merged_aggregates_come_out_in_text_order_whatever_order_categories_were
     assert merged.usage_by_dims.equals(merged.usage_by_dims.sort(keys[:4]))
     assert merged.usage_by_day.height == 20 * 2 + 10
     assert merged.usage_by_dims["units"].sum() == sum(range(1, 21)) * 2 + sum(range(1, 11))
+
+
+@pytest.mark.parametrize("free_events", [0, 3], ids=["every event pays", "3 free events: the probe is one that pays"])
+def test_the_largest_quantity_of_a_percentage_event_is_where_its_fee_reaches_the_limit(free_events):
+    """1.2% + $0.10 per payment: (10^11 dollars - 0.10) / 0.012 = 8,333,333,333,325 dollars at most."""
+    from transforms.settle import largest_quantity
+
+    plan = parse_plan(PLAN.replace('fixed_fee: "0.10"}', f'fixed_fee: "0.10", free_events: {free_events}}}'),
+                      "plans/p-v1.yaml")
+    [charge] = [c for c in plan.plan.charges if c.meter == "payments"]
+    assert largest_quantity(charge.price, "USD") == D("8333333333325")

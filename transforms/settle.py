@@ -82,9 +82,11 @@ def largest_quantity(price, currency: str) -> Decimal:
 def _largest_quantity(price, currency: str) -> Decimal:
     limit = Decimal(ROW_AMOUNT_LIMIT_MINOR).scaleb(-minor_exponent(currency))
 
+    free = [Decimal(0)] * getattr(price, "free_events", 0)  # the event probed is one that pays
+
     def fits(units: int) -> bool:
         quantity = Decimal(units)
-        return rate(price, Usage(quantity, 1, (quantity,))).amount <= limit
+        return rate(price, Usage(quantity, len(free) + 1, (*free, quantity))).amount <= limit
 
     low, high = 0, MAX_QUANTITY  # fits(low); a quantity of MAX_QUANTITY is refused anyway
     if fits(high - 1):
