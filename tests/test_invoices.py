@@ -458,3 +458,12 @@ def test_an_allowance_is_per_period_not_per_segment():
     invoice = one_invoice(segs, used)
     assert amounts(invoice) == [("overage", 0), ("overage", 800)]
     assert [line.included_units for line in invoice.lines] == [D(300), D(200)]
+
+
+def test_a_line_beyond_int64_minor_units_fails_in_one_line_not_a_traceback():
+    """Events that each fit, summed past int64: 10^17 calls x $1.00 = 10^19 cents > 2^63 - 1."""
+    from transforms.errors import InputError
+
+    pf = plan(charges('{meter: calls, price: {model: standard, unit_price: "1.00"}}'))
+    with pytest.raises(InputError, match=r"^subscription 's1': the line 'calls' exceeds the largest amount"):
+        period_invoices(OCT, [segment(pf)], usage(("calls", {}, "100000000000000000", 1000000)))

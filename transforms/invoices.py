@@ -355,6 +355,7 @@ def period_invoices(period: Period, segments: list[Segment], usage: dict[tuple[s
                                   suffix, allowance_used)
         lines += _cap_and_commitment(segs, sub, lines)
         lines += (extra_lines or {}).get(sub.subscription_id, [])
+        _representable(sub.subscription_id, currencies, lines)
         invoices.append(Invoice(
             invoice_id=f"INV-{period}-{number:06d}",
             kind="invoice",
@@ -368,6 +369,23 @@ def period_invoices(period: Period, segments: list[Segment], usage: dict[tuple[s
             service_end=segs[-1].end_at.date(),
         ))
     return invoices
+
+
+INT64_MAX_MINOR = 2 ** 63 - 1
+"""The largest amount an `_minor` column holds."""
+
+
+def _representable(subscription_id: str, currencies: set[str], lines: list[Line]) -> None:
+    """Every line and the total fit int64 minor units. A single event cannot exceed them (it is
+    quarantined as amount_out_of_range, see transforms.settle.ROW_AMOUNT_LIMIT_MINOR); only the
+    sum of very many events at the largest legal amount can, and that is said in one line."""
+    total = 0
+    for line in lines:
+        total += line.amount_minor
+        if abs(line.amount_minor) > INT64_MAX_MINOR or abs(total) > INT64_MAX_MINOR:
+            what = f"line {line.description!r}" if abs(line.amount_minor) > INT64_MAX_MINOR else "invoice total"
+            raise InputError(f"subscription {subscription_id!r}: the {what} exceeds the largest amount billrun "
+                             f"represents ({INT64_MAX_MINOR} minor units of {min(currencies)}); check its usage")
 
 
 INVOICE_SCHEMA = {
