@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
 
 from flows.keys import MANIFEST, SELLER_KEY
-from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key
+from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key, normalized_object
 from flows.locks import lock_key
 from flows.store import ObjectInfo, Store, open_store
 from flows.tables import tables_lag
@@ -15,6 +18,7 @@ from transforms.plans import Catalog, load_catalog
 from transforms.tax.rules import RULES_KEY
 
 _PERIOD_KEY = re.compile(r"^billing/period=(\d{4}-\d{2})/(.+)$")
+_EVERY_PERIOD = datetime.min.replace(tzinfo=timezone.utc)
 
 
 def checked_key(period: str) -> str:
@@ -35,6 +39,7 @@ class _Fingerprints:
         self.store = store
         self.current: dict[str, ObjectInfo] = {o.key: o for o in store.list("") if _is_input(o.key)}
         self._sha: dict[str, str] = {}
+        self._earliest: dict[str, datetime] = {}
 
     def differs(self, recorded: dict) -> bool:
         now = self.current[recorded["key"]]
@@ -46,14 +51,38 @@ class _Fingerprints:
             self._sha[recorded["key"]] = self.store.sha256(recorded["key"])
         return self._sha[recorded["key"]] != recorded["sha256"]
 
+    def earliest(self, key: str) -> datetime:
+        """The earliest event time in a usage object, read as a close reads it; the dawn of time
+        when a row belongs to no period (a bad or missing timestamp, a malformed line) or the
+        object cannot be read: every close counts those. Read once per object, and only for the
+        new or rewritten ones."""
+        if key not in self._earliest:
+            with tempfile.TemporaryDirectory(prefix="billrun-status-") as folder:
+                path = self.store.fetch([key], Path(folder))[key]
+                frame, _ = normalized_object(path, key)
+            if frame is None or frame["event_at"].null_count():
+                self._earliest[key] = _EVERY_PERIOD
+            else:
+                self._earliest[key] = frame["event_at"].min() or datetime.max.replace(tzinfo=timezone.utc)
+        return self._earliest[key]
 
-def drift(basis: dict, prints: _Fingerprints, catalog: Catalog | None) -> list[str]:
-    """What changed since `basis` (a close manifest or a backfill's record) was rated."""
+    def reaches(self, key: str, period: Period) -> bool:
+        """Whether a new or rewritten object can change `period`: any input but usage can; a usage
+        object can when it holds rows of the period or earlier (an earlier copy of an event_id
+        makes the period's copy a duplicate) or rows of no period. Later events cannot."""
+        return not is_usage_key(key) or self.earliest(key) < period.end_at
+
+
+def drift(basis: dict, prints: _Fingerprints, catalog: Catalog | None, period: Period) -> list[str]:
+    """What changed since `basis` (a close manifest or a backfill's record) rated `period`:
+    inputs new, rewritten or deleted (new and rewritten usage objects only when they hold rows
+    that can change the period), plan versions changed, added or removed."""
     recorded = {i["key"]: i for i in basis["inputs"]}
     changes = []
-    new = sorted(set(prints.current) - set(recorded))
+    new = sorted(k for k in set(prints.current) - set(recorded) if prints.reaches(k, period))
     gone = sorted(set(recorded) - set(prints.current))
-    rewritten = sorted(k for k in set(recorded) & set(prints.current) if prints.differs(recorded[k]))
+    rewritten = sorted(k for k in set(recorded) & set(prints.current)
+                       if prints.differs(recorded[k]) and prints.reaches(k, period))
     for what, keys in (("new", new), ("rewritten", rewritten), ("deleted", gone)):
         if keys:
             changes.append(f"{len(keys)} input object(s) {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
@@ -96,7 +125,7 @@ def store_status(store_uri: str, plans_dir: str | None = None) -> dict:
         periods.append({**entry, "status": "closed", "run_id": manifest["run_id"],
                         "invoices": sum(t["invoices"] for t in manifest["totals"]), "totals": manifest["totals"],
                         "rows": manifest["rows"], "last_rated_by": basis["run_id"],
-                        "changes": drift(basis, prints, catalog)})
+                        "changes": drift(basis, prints, catalog, Period.parse(period))})
     drifted = [p["period"] for p in periods if p.get("changes")]
     advice = (f"billrun backfill --from {drifted[0]} --to {drifted[-1]}" if drifted else None)
     return {"store": store.uri, "periods": periods, "backfill": advice, "tables": tables_lag(store),
