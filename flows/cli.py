@@ -78,9 +78,11 @@ class _OneLineUserErrors(logging.Filter):
 
 
 def _quiet_user_errors() -> None:
+    from flows.embedded import watch_embedded_server
     from flows.secrets import keep_secrets_out_of_logs
 
     keep_secrets_out_of_logs()
+    watch_embedded_server()
     for handler in logging.getLogger("prefect").handlers + logging.getLogger().handlers:
         handler.addFilter(_OneLineUserErrors())
 

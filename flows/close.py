@@ -42,6 +42,7 @@ from flows.documents_out import write_invoice_documents
 from flows.shards import (Normalized, drop_scratch, local_workers, normalize_shards, scratch_for, settle_shards,
                           shard_runner)
 from flows.report import fetch_costs
+from flows.embedded import mark_owner, reclaim_stale_work
 from flows.secrets import keep_secrets_out_of_logs
 from flows.statement import lineage_rows, with_local_lineage
 from flows.store import open_store
@@ -600,12 +601,15 @@ FAULT_POINTS = ("locked", "fetched", "checked", "normalized", "settled", "rated"
 
 def work_dir_for(store: str, label: str) -> Path:
     """A local work folder per store and job (`close-2026-10`), emptied at the start of every
-    run, so a killed run's leftovers are reclaimed by the next instead of piling up. Runs that
+    run, so a killed run's leftovers are reclaimed by the next instead of piling up; the folders
+    of other jobs whose process is gone (a SIGKILL, a lost machine) are removed too. Runs that
     share a label also share a period lock, so they never share the folder at once."""
     tag = hashlib.sha256(store.encode()).hexdigest()[:12]
     path = Path(tempfile.gettempdir()) / "billrun-work" / f"{tag}-{label}"
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
+    mark_owner(path)
+    reclaim_stale_work(path.parent)
     return path
 
 
