@@ -8,7 +8,7 @@ import tempfile
 # Prefect reads its settings when first imported: keep it offline, quiet and out of ~/.prefect.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="billrun-tests-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
 
@@ -51,7 +51,7 @@ def prefect_server() -> Iterator[None]:
     """A real Prefect server for the session's flow runs (started once: it costs ~10 s)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_test_harness(server_startup_timeout=180):
         yield
 
 
