@@ -1,0 +1,74 @@
+"""transforms.lineage on tiny frames: which line bills an event, and what a duplicate and a
+quarantined row become."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import polars as pl
+
+from flows.statement import LINEAGE_COLUMNS
+from transforms.lineage import billed_events, statement_rows
+
+AT = datetime(2026, 10, 3, tzinfo=timezone.utc)
+
+
+def _lines() -> pl.DataFrame:
+    # one invoice: a fee, gpt-4o grouped by region (eu, us), then everything else on the meter
+    return pl.DataFrame({
+        "invoice_id": ["INV-1"] * 4, "line_no": [1, 2, 3, 4], "kind": ["fixed_fee", "usage", "usage", "overage"],
+        "subscription_id": ["s1"] * 4, "segment_no": [None, 1, 1, 1],
+        "meter": [None, "tokens", "tokens", "calls"],
+        "filter": [None, '{"model": "gpt-4o"}', '{"model": "gpt-4o"}', None],
+        "group": [None, '{"region": "eu"}', '{"region": "us"}', None],
+        "description": ["Seat", "gpt-4o (eu)", "gpt-4o (us)", "Calls"],
+        "quantity": ["1", "15", "2", "1"], "total_units": [None, "15", "2", "3"], "included_units": [None, None, None, "2"],
+        "amount_minor": [1000, 30, 4, 5], "currency": ["USD"] * 4,
+    }, schema_overrides={"segment_no": pl.Int32, "line_no": pl.Int32})
+
+
+def _lineage() -> pl.LazyFrame:
+    rows = [  # customer, event_id, meter, dims, quantity, outcome, row, duplicate of row
+        ("c1", "e1", "tokens", '{"model":"gpt-4o","region":"eu"}', "10", "billed", 1, None),
+        ("c1", "e2", "tokens", '{"model":"gpt-4o","region":"eu"}', "5", "billed", 2, None),
+        ("c1", "e3", "tokens", '{"model":"gpt-4o","region":"us"}', "2", "billed", 3, None),
+        ("c1", "e4", "calls", "{}", "3", "billed", 4, None),
+        ("c1", "e1", "tokens", '{"model":"gpt-4o","region":"eu"}', "10", "duplicate", 5, 1),
+    ]
+    return pl.LazyFrame({
+        "customer_id": [r[0] for r in rows], "event_at": [AT] * len(rows), "event_id": [r[1] for r in rows],
+        "meter": [r[2] for r in rows], "dims": [r[3] for r in rows], "quantity": [Decimal(r[4]) for r in rows],
+        "subscription_id": ["s1"] * len(rows), "segment_no": [1] * len(rows), "outcome": [r[5] for r in rows],
+        "source_key": ["u.csv"] * len(rows), "source_row": [r[6] for r in rows],
+        "duplicate_of_source_key": ["u.csv" if r[7] else None for r in rows],
+        "duplicate_of_source_row": [r[7] for r in rows],
+    }).cast(LINEAGE_COLUMNS)
+
+
+QUARANTINE = pl.DataFrame({"source_key": ["u.csv"], "source_row": [6], "event_id": ["e9"], "customer_id": ["c1"],
+                           "meter": ["tokens"], "quantity": ["-1"], "timestamp": ["2026-10-04T00:00:00Z"],
+                           "dims": ["{}"], "reason": ["negative_quantity"], "detail": [None], "source": ["u.csv#row=6"]},
+                          schema_overrides={"detail": pl.String})
+LEDGER = pl.DataFrame({"kind": ["consume"], "event_id": ["e4"], "grant_id": ["g1"]})
+
+
+def test_each_event_goes_to_the_line_of_its_filter_and_group():
+    events = billed_events(_lineage(), _lines(), QUARANTINE, LEDGER)
+    placed = {(r["event_id"], r["status"]): (r["line_no"], r["grant_id"]) for r in events.iter_rows(named=True)}
+    assert placed == {("e1", "billed"): (2, None), ("e2", "billed"): (2, None), ("e3", "billed"): (3, None),
+                      ("e4", "billed"): (4, "g1"), ("e1", "duplicate"): (None, None),
+                      ("e9", "quarantined"): (None, None)}
+    duplicate = events.filter(pl.col("status") == "duplicate").row(0, named=True)
+    assert (duplicate["reason"], duplicate["duplicate_of"]) == ("duplicate_event_id", "u.csv#row=1")
+    assert events.filter(pl.col("status") == "quarantined")["reason"].to_list() == ["negative_quantity"]
+
+
+def test_statement_line_totals_take_off_credits_and_allowance():
+    events = billed_events(_lineage(), _lines(), QUARANTINE, LEDGER).filter(pl.col("status") == "billed")
+    totals = {r["line_no"]: r for r in statement_rows(events, _lines()).iter_rows(named=True)
+              if r["row"] == "line_total"}
+    # line 2: 10 + 5 = 15 units, nothing included, 15 billed
+    assert (totals[2]["event_units"], totals[2]["credited_units"], totals[2]["billed_quantity"]) == ("15", "0", "15")
+    # line 4: 3 units, 2 included: 1 billed
+    assert (totals[4]["event_units"], totals[4]["included_units"], totals[4]["billed_quantity"]) == ("3", "2", "1")
+    assert totals[1]["event_units"] is None and totals[1]["amount_minor"] == 1000
