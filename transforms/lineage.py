@@ -60,16 +60,18 @@ def billed_events(lineage: pl.LazyFrame, lines: pl.DataFrame, quarantine: pl.Dat
     usage_lines = (lines.filter(pl.col("kind").is_in(USAGE_LINE_KINDS))
                    .select("invoice_id", "line_no", "subscription_id", pl.col("segment_no").cast(pl.Int32), "meter",
                            pl.col("filter").fill_null(""), pl.col("group").fill_null("")))
-    rows = lineage.with_columns(pl.col("segment_no").cast(pl.Int32)).collect()
-    event_dims = rows.filter(pl.col("outcome") == "billed").select("meter", "dims").unique()
-    keyed = line_of_dims(event_dims, usage_lines)
-    placed = (rows.filter(pl.col("outcome") == "billed").select("source_key", "source_row", *usage_lines.columns[2:5],
-                                                                "dims")
+    # one plan, collected once at the end: the events are never held twice
+    rows = lineage.with_columns(pl.col("segment_no").cast(pl.Int32))
+    event_dims = rows.filter(pl.col("outcome") == "billed").select("meter", "dims").unique().collect()
+    keyed = line_of_dims(event_dims, usage_lines).lazy()
+    placed = (rows.filter(pl.col("outcome") == "billed")
+              .select("source_key", "source_row", "subscription_id", "segment_no", "meter", "dims")
               .join(keyed, on=["meter", "dims"], how="inner")
-              .join(usage_lines, on=["subscription_id", "segment_no", "meter", "filter", "group"], how="inner")
+              .join(usage_lines.lazy(), on=["subscription_id", "segment_no", "meter", "filter", "group"],
+                    how="inner")
               .select("source_key", "source_row", "invoice_id", "line_no"))
     billed = rows.join(placed, on=["source_key", "source_row"], how="left", maintain_order="left")
-    grants = (ledger.filter((pl.col("kind") == "consume") & pl.col("event_id").is_not_null())
+    grants = (ledger.lazy().filter((pl.col("kind") == "consume") & pl.col("event_id").is_not_null())
               .group_by("event_id").agg(pl.col("grant_id").unique().sort().str.join(",")))
     settled = (billed.join(grants, on="event_id", how="left")
                .with_columns(pl.when(pl.col("outcome") == "billed").then(pl.col("grant_id")).alias("grant_id"))
@@ -84,14 +86,14 @@ def billed_events(lineage: pl.LazyFrame, lines: pl.DataFrame, quarantine: pl.Dat
                    .then(pl.format("{}#row={}", "duplicate_of_source_key", "duplicate_of_source_row"))
                    .otherwise(pl.lit("a copy billed in an earlier period")).alias("duplicate_of"),
                    "source_key", "source_row"))
-    set_aside = quarantine.select(
+    set_aside = quarantine.lazy().select(
         "customer_id",
         pl.col("timestamp").str.to_datetime(time_zone="UTC", strict=False).alias("event_at"),
         "event_id", "meter", "dims", pl.col("quantity").cast(pl.Decimal(38, 9), strict=False),
         pl.lit("quarantined").alias("status"), "reason", "detail", "source_key", "source_row")
     return (pl.concat([settled.cast(BILLED_EVENTS_SCHEMA), set_aside], how="diagonal_relaxed")
             .select([pl.col(c).cast(t) for c, t in BILLED_EVENTS_SCHEMA.items()])
-            .sort("customer_id", "event_at", "event_id", "source_key", "source_row", nulls_last=True))
+            .sort("customer_id", "event_at", "event_id", "source_key", "source_row", nulls_last=True).collect())
 
 
 STATEMENT_COLUMNS = ("row", "line_no", "kind", "description", "meter", "event_id", "event_at", "dims", "quantity",
