@@ -22,7 +22,8 @@ def _lines() -> pl.DataFrame:
         "filter": [None, '{"model": "gpt-4o"}', '{"model": "gpt-4o"}', None],
         "group": [None, '{"region": "eu"}', '{"region": "us"}', None],
         "description": ["Seat", "gpt-4o (eu)", "gpt-4o (us)", "Calls"],
-        "quantity": ["1", "15", "2", "1"], "total_units": [None, "15", "2", "3"], "included_units": [None, None, None, "2"],
+        "quantity": ["1", "15", "2", "1"], "total_units": [None, "15", "2", "3"],
+        "included_units": [None, None, None, "2"],
         "amount_minor": [1000, 30, 4, 5], "currency": ["USD"] * 4,
     }, schema_overrides={"segment_no": pl.Int32, "line_no": pl.Int32})
 
@@ -47,7 +48,8 @@ def _lineage() -> pl.LazyFrame:
 
 QUARANTINE = pl.DataFrame({"source_key": ["u.csv"], "source_row": [6], "event_id": ["e9"], "customer_id": ["c1"],
                            "meter": ["tokens"], "quantity": ["-1"], "timestamp": ["2026-10-04T00:00:00Z"],
-                           "dims": ["{}"], "reason": ["negative_quantity"], "detail": [None], "source": ["u.csv#row=6"]},
+                           "dims": ["{}"], "reason": ["negative_quantity"], "detail": [None],
+                           "source": ["u.csv#row=6"]},
                           schema_overrides={"detail": pl.String})
 LEDGER = pl.DataFrame({"kind": ["consume"], "event_id": ["e4"], "grant_id": ["g1"]})
 
