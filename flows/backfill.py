@@ -25,13 +25,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _sha256, catalog_entries, check_reference,
-                         closed_manifest, fetch_inputs, normalize_usage, plan_entries_for,
+from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _quietly, _read_if_exists, _sha256, catalog_entries,
+                         check_reference, closed_manifest, fetch_inputs, normalize_usage, plan_entries_for,
                          rate_invoices, replay_credits, seller_block, settle_usage, work_dir_for)
-from flows.locks import period_lock
+from flows.locks import Fence, Fenced, Hold, fault_point, period_lock, warn
 from flows.secrets import keep_secrets_out_of_logs
 from flows.status import checked_key
-from flows.store import open_store
+from flows.store import StoreError, open_store
 from flows import tables as lakehouse
 from transforms.corrections import (correction_documents, issued_lines, issued_taxes, ledger_adjustments,
                                    revenue_adjustments)
@@ -135,14 +135,45 @@ def backfill_run_id(periods: list[Period], as_of: date, reason: str, input_hashe
 
 
 @task(name="publish-corrections", cache_policy=NO_CACHE, **IO_RETRIES)
-def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[str], manifest: bytes) -> None:
+def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[str], manifest: bytes,
+                        hold: Hold) -> list[str]:
+    """The documents into `billing/corrections/run=<id>/`, manifest last (create-if-absent).
+
+    The run claims its periods first (flows/locks.py): the folders an earlier, interrupted
+    attempt left (its staging, its correction folder without a manifest, which holds the same
+    document numbers as this run) are deleted before anything is written, and every write into
+    the correction folder is fenced, so a backfill that lost its locks while paused adds nothing."""
     store = open_store(store_uri)
-    staging = f"billing/_state/runs/{run_id}/out/"
+    private = f"billing/_state/runs/{run_id}/{hold.token}/"
+    staging = private + "out/"
     prefix = f"billing/corrections/run={run_id}/"
-    store.put_files([(staging + name, out_dir / name) for name in names])
-    store.copy_many([(staging + name, prefix + name) for name in names])
-    store.put_if_absent(prefix + MANIFEST, manifest)  # same run id, same bytes: an existing one is ours
-    store.delete_prefix(f"billing/_state/runs/{run_id}/")
+    if _read_if_exists(store, prefix + MANIFEST) != manifest:  # else: a retry after our own commit
+        fence = Fence(store, hold, run_id, prefix + MANIFEST, [private, prefix])
+        try:
+            fence.clear(fence.claim())
+            store.put_files([(staging + name, out_dir / name) for name in names])
+            fault_point("backfill-staged")
+            keys = {prefix + name for name in names}
+            for leftover in [o.key for o in store.list(prefix) if o.key not in keys]:
+                fence.ensure()
+                store.delete(leftover)
+            store.copy_many([(staging + name, prefix + name) for name in names], before=fence.ensure)
+            fault_point("backfill-copied")
+            fence.ensure()
+            if not store.put_if_absent(prefix + MANIFEST, manifest) and store.read_bytes(prefix + MANIFEST) != manifest:
+                raise Fenced(f"{prefix + MANIFEST} was written by another run while this run ({run_id}) was "
+                             f"publishing; it writes nothing more")
+        except BaseException:
+            _quietly(fence.release)
+            raise
+    fault_point("backfill-committed")
+    try:
+        store.delete_prefix(f"billing/_state/runs/{run_id}/")
+    except StoreError as exc:
+        line = f"published, but could not tidy up afterwards ({exc}); run the command again to finish"
+        warn(line)
+        return [line]
+    return []
 
 
 @flow(name="backfill", log_prints=False)
@@ -165,7 +196,9 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
         result = {"status": "nothing_closed", "run_id": None, "documents": [], "skipped": skipped, "store": store}
         _report(result, first, last, reason, issued_on)
         return result
-    with period_lock(open_store(store), closed, f"backfill {first}..{last}", datetime.now(timezone.utc)):
+    warnings: list[str] = []
+    with period_lock(open_store(store), closed, f"backfill {first}..{last}", datetime.now(timezone.utc),
+                     warnings) as hold:
         work_dir = work_dir_for(store, f"backfill-{first}-{last}")
         try:
             inputs = fetch_inputs(store, work_dir / "inputs")
@@ -210,7 +243,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                 names, manifest = _write(documents, revenue_changes, ledger_changes, customers, roundings, inputs,
                                          run_id, reason, issued_on, closed, plan_entries, work_dir / "out",
                                          booked)
-                publish_corrections(store, run_id, work_dir / "out", quote(names), quote(manifest))
+                warnings += publish_corrections(store, run_id, work_dir / "out", quote(names), quote(manifest), hold)
             record_checked(store, closed, run_id, quote(inputs), plan_entries, quote(catalog))
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -220,7 +253,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
         lakehouse.commit_published(store, lake, [f"billing/corrections/run={run_id}/{MANIFEST}"],
                                 f"the corrections of run {run_id} are issued")
     result = {"status": "corrected" if changed else "nothing_to_correct", "run_id": run_id, "skipped": skipped,
-              "store": store, "revenue_adjustments": revenue_changes.height,
+              "store": store, "warnings": warnings, "revenue_adjustments": revenue_changes.height,
               "ledger_adjustments": ledger_changes.height,
               "documents": [{"invoice_id": d.invoice_id, "kind": d.kind, "period": d.period,
                              "subscription_id": d.subscription_id, "corrects_invoice_id": d.corrects_invoice_id,

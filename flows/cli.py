@@ -190,9 +190,16 @@ def _where(store: str, plans: str) -> str:
                    if value != default)
 
 
+def _warnings(result: dict) -> None:
+    """What a run that did its job could not tidy up: one line each, exit code unchanged."""
+    for line in result.get("warnings", []):
+        err.print(f"billrun: warning: {line}", markup=False, soft_wrap=True)
+
+
 def _print_close(result: dict, as_json: bool) -> None:
     from transforms.money import format_money
 
+    _warnings(result)
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -356,13 +363,16 @@ def status(ctx: typer.Context, store: Optional[str] = StoreOpt, plans: Optional[
     if not report["periods"]:
         out.print(f"{store}: no period closed yet")
     for p in report["periods"]:
-        lock = "  LOCKED (see `billrun unlock`)" if p["locked"] else ""
+        lock = ("  LOCKED by a run that already published (the next run removes it)" if p.get("lock") == "stale"
+                else "  LOCKED (see `billrun unlock`)" if p["locked"] else "")
         if p["status"] == "closed":
             totals = ", ".join(f"{t['currency']} {t['total_minor']}" for t in p["totals"])
             out.print(f"{p['period']}  closed      run {p['run_id']}  invoices {p['invoices']}  "
                       f"totals (minor) {totals}{lock}")
             for change in p["changes"]:
                 out.print(f"           changed since rated by {p['last_rated_by']}: {change}")
+        elif p["status"] == "open":
+            out.print(f"{p['period']}  open        no outputs yet{lock}")
         else:
             out.print(f"{p['period']}  incomplete  outputs without a manifest: "
                       f"run `billrun close --period {p['period']}{_where(store, plans)}` to finish it{lock}")
@@ -440,6 +450,7 @@ def nightly(ctx: typer.Context,
         webhook_env = WEBHOOK_ENV
     result = _run(_shown(ctx, as_json, nightly_flow), store=store, plans=plans, day=day, webhook_env=webhook_env,
                   webhook_secret=webhook_secret)
+    _warnings(result)
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -487,6 +498,7 @@ def backfill(ctx: typer.Context,
     _quiet_user_errors()
     result = _run(_shown(ctx, as_json, backfill_flow), store=store, plans=plans, first=first, last=last, reason=reason,
                   as_of=as_of)
+    _warnings(result)
     if as_json:
         out.print_json(json.dumps(result))
         return

@@ -35,7 +35,7 @@ from prefect.utilities.annotations import quote
 from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key, normalized_object,
                           read_table)
 from flows.keys import MANIFEST, SELLER_KEY, period_prefix  # noqa: F401 - the close's layout, shared
-from flows.locks import fault_point, period_lock
+from flows.locks import Fence, Hold, drop_stale, fault_point, period_lock, warn
 from flows.preflight import close_summary
 from flows.retries import IO_RETRIES
 from flows.documents_out import write_invoice_documents
@@ -45,7 +45,7 @@ from flows.report import fetch_costs
 from flows.embedded import mark_owner, reclaim_stale_work
 from flows.secrets import keep_secrets_out_of_logs
 from flows.statement import lineage_rows, with_local_lineage
-from flows.store import open_store
+from flows.store import StoreError, open_store, store_identity
 from flows import tables as lakehouse
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.credits import (CreditEvent, Outcome, Purchase, balances_table, credit_lines, credit_meters,
@@ -176,12 +176,12 @@ def fetch_inputs(store_uri: str, cache_dir: Path) -> Inputs:
     keys = ([o.key for o in usage_infos + purchase_infos] + [customers_key, subscriptions_key]
             + ([seller_key] if seller_key else []) + ([rules_key] if rules_key else []))
     local = store.fetch(keys, cache_dir)
-    sizes = {o.key: (o.size, o.etag) for o in usage_infos + purchase_infos}
+    etags = {o.key: o.etag for o in usage_infos + purchase_infos}
 
     def obj(key: str) -> InputObject:
+        # size and hash of the local copy, the very bytes the close reads and bills
         path = local[key]
-        size, etag = sizes.get(key, (path.stat().st_size, None))
-        return InputObject(key, size, _sha256(path), path, etag)
+        return InputObject(key, path.stat().st_size, _sha256(path), path, etags.get(key))
 
     inputs = Inputs(tuple(obj(o.key) for o in usage_infos), obj(customers_key), obj(subscriptions_key),
                     obj(seller_key) if seller_key else None, tuple(obj(o.key) for o in purchase_infos),
@@ -506,53 +506,106 @@ def _totals(invoices: list[Invoice]) -> list[dict]:
 
 @task(name="publish", cache_policy=NO_CACHE, **IO_RETRIES)
 def publish(store_uri: str, period: Period, run_id: str, out_dir: Path, names: list[str],
-            manifest: bytes) -> None:
-    """Stage every output in the store, copy it into the period's folder, then write the
-    manifest only if none exists: the one atomic step that closes the period.
+            manifest: bytes, hold: Hold) -> list[str]:
+    """Stage every output in the store, claim the period, copy the outputs into its folder, then
+    write the manifest only if none exists: the one atomic step that closes the period. Returns
+    the warnings of the tidying after it (the period is closed whatever they say).
 
-    On a folder store the outputs were written straight into the staging folder: they are
-    flushed to disk once, and the invoices folder moves into the period in one rename."""
+    Every write into `billing/period=P/` is fenced (flows/locks.py): a run that lost its lock or
+    its claim while paused writes nothing there. Files an earlier, killed attempt left in the
+    period (a subscription no longer billed) are deleted before the copies, and anything the
+    manifest does not list is swept after it. On a folder store the outputs were written straight
+    into the staging folder: they are flushed to disk once, and the invoices folder moves into the
+    period in one rename."""
     started = time.perf_counter()
     store = open_store(store_uri)
-    staging = staging_prefix(run_id)
+    staging = staging_prefix(run_id, hold.token)
     prefix = period_prefix(period)
-    if in_place(store, run_id, out_dir):
-        store.sync()
-    else:
-        store.put_files([(staging + name, out_dir / name) for name in names])
-    fault_point("staged")
-    tables = [n for n in names if "/" not in n]
-    documents = [n for n in names if "/" in n]
-    store.copy(staging + tables[0], prefix + tables[0])
-    fault_point("copied-first")
-    store.copy_many([(staging + name, prefix + name) for name in tables[1:]])
-    for folder in sorted({n.split("/", 1)[0] + "/" for n in documents}):
-        store.move_prefix(staging + folder, prefix + folder, [staging + n for n in documents if n.startswith(folder)])
-    fault_point("copied-all")
-    if not store.put_if_absent(prefix + MANIFEST, manifest):
-        existing = store.read_bytes(prefix + MANIFEST)
-        if existing != manifest:
-            other = json.loads(existing).get("run_id", "another run")
-            raise LostRace(f"{period} was closed by {other} while this run ({run_id}) was publishing; "
-                           f"nothing of this run was published as the result")
+    keys = {prefix + name for name in names}
+    if _read_if_exists(store, prefix + MANIFEST) != manifest:  # else: a retry after our own commit
+        fence = Fence(store, hold, run_id, prefix + MANIFEST, [run_prefix(run_id, hold.token)])
+        try:
+            fence.clear(fence.claim())
+            if in_place(store, run_id, hold.token, out_dir):
+                store.sync()
+            else:
+                store.put_files([(staging + name, out_dir / name) for name in names])
+            fault_point("staged")
+            for leftover in [o.key for o in store.list(prefix) if o.key not in keys]:
+                fence.ensure()  # nothing is final without a manifest: an earlier attempt's file
+                store.delete(leftover)
+            tables = [n for n in names if "/" not in n]
+            documents = [n for n in names if "/" in n]
+            fence.ensure()
+            store.copy(staging + tables[0], prefix + tables[0])
+            fault_point("copied-first")
+            store.copy_many([(staging + name, prefix + name) for name in tables[1:]], before=fence.ensure)
+            for folder in sorted({n.split("/", 1)[0] + "/" for n in documents}):
+                store.move_prefix(staging + folder, prefix + folder,
+                                  [staging + n for n in documents if n.startswith(folder)], before=fence.ensure)
+            fault_point("copied-all")
+            fence.ensure()
+            if not store.put_if_absent(prefix + MANIFEST, manifest) and store.read_bytes(prefix + MANIFEST) != manifest:
+                other = json.loads(store.read_bytes(prefix + MANIFEST)).get("run_id", "another run")
+                raise LostRace(f"{period} was closed by {other} while this run ({run_id}) was publishing; "
+                               f"nothing of this run was published as the result")
+        except BaseException:
+            _quietly(fence.release)
+            raise
     fault_point("manifest-written")
-    store.delete_prefix(f"billing/_state/runs/{run_id}/")
+    warnings = _after_commit(store, prefix, keys | {prefix + MANIFEST}, f"billing/_state/runs/close-{period}-")
     get_run_logger().info("publish: %d outputs and the manifest to %s/%s in %.2fs", len(names), store.uri.rstrip("/"),
                           prefix, time.perf_counter() - started)
+    return warnings
 
 
-def staging_prefix(run_id: str) -> str:
-    return f"billing/_state/runs/{run_id}/out/"
+def _read_if_exists(store, key: str) -> bytes | None:
+    return store.read_bytes(key) if store.exists(key) else None
 
 
-def output_folder(store_uri: str, run_id: str, work_dir: Path) -> Path:
+def _quietly(action) -> None:
+    """Tidying on the way out of a failure: its own failure must not replace the real error."""
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - logged; the error being raised is the one to report
+        warn(f"could not tidy up after the failure: {exc}")
+
+
+def _after_commit(store, prefix: str, listed: set[str], private: str) -> list[str]:
+    """After the commit point: sweep what the manifest does not list out of the published folder,
+    and every run's private files under `private` (this run's and any attempt's of the same
+    job, killed or fenced out). The result stands whatever happens here, so a failure is a
+    warning (running the command again finishes the tidying), never an error."""
+    try:
+        for stray in [o.key for o in store.list(prefix) if o.key not in listed]:
+            store.delete(stray)
+        runs = {"/".join(o.key.split("/")[:4]) + "/" for o in store.list(private)}  # billing/_state/runs/<id>/
+        for folder in sorted(runs):
+            store.delete_prefix(folder)
+    except StoreError as exc:
+        line = f"published, but could not tidy up afterwards ({exc}); run the command again to finish"
+        warn(line)
+        return [line]
+    return []
+
+
+def run_prefix(run_id: str, token: str) -> str:
+    """A run attempt's private folder: attempts of one run id never share files."""
+    return f"billing/_state/runs/{run_id}/{token}/"
+
+
+def staging_prefix(run_id: str, token: str) -> str:
+    return run_prefix(run_id, token) + "out/"
+
+
+def output_folder(store_uri: str, run_id: str, token: str, work_dir: Path) -> Path:
     """Where write-outputs writes: straight into the store's staging folder when the store is a
     local folder (no second copy of 100k invoices), else the local work folder."""
-    return open_store(store_uri).local_folder(staging_prefix(run_id)) or work_dir / "out"
+    return open_store(store_uri).local_folder(staging_prefix(run_id, token)) or work_dir / "out"
 
 
-def in_place(store, run_id: str, out_dir: Path) -> bool:
-    folder = store.local_folder(staging_prefix(run_id))
+def in_place(store, run_id: str, token: str, out_dir: Path) -> bool:
+    folder = store.local_folder(staging_prefix(run_id, token))
     return folder is not None and folder.resolve() == Path(out_dir).resolve()
 
 
@@ -600,11 +653,12 @@ FAULT_POINTS = ("locked", "fetched", "checked", "normalized", "settled", "rated"
 
 
 def work_dir_for(store: str, label: str) -> Path:
-    """A local work folder per store and job (`close-2026-10`), emptied at the start of every
-    run, so a killed run's leftovers are reclaimed by the next instead of piling up; the folders
-    of other jobs whose process is gone (a SIGKILL, a lost machine) are removed too. Runs that
+    """A local work folder per store (the folder it resolves to, or the bucket and prefix: the same
+    relative `--store` from two folders is two stores) and job (`close-2026-10`), emptied at the
+    start of every run, so a killed run's leftovers are reclaimed by the next instead of piling up;
+    the folders of other jobs whose process is gone (a SIGKILL, a lost machine) are removed too. Runs that
     share a label also share a period lock, so they never share the folder at once."""
-    tag = hashlib.sha256(store.encode()).hexdigest()[:12]
+    tag = hashlib.sha256(store_identity(store).encode()).hexdigest()[:12]
     path = Path(tempfile.gettempdir()) / "billrun-work" / f"{tag}-{label}"
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -629,20 +683,24 @@ def close_period(store: str, plans: str, period: str, dask_address: str | None =
     catalog = load_catalog(plans)
     lake = lakehouse.tables_settings(open_store(store))  # a bad tables: section fails before any work
     existing = closed_manifest(store, the_period)
+    warnings: list[str] = []
     if existing is None:
         too_early = close_too_early(the_period, now)
         if too_early and not before_period_end:
             raise InputError(too_early)
-        with period_lock(open_store(store), [the_period], f"close {the_period}", datetime.now(timezone.utc)):
+        with period_lock(open_store(store), [the_period], f"close {the_period}", datetime.now(timezone.utc),
+                         warnings) as hold:
             fault_point("locked")
             existing = closed_manifest(store, the_period)  # closed while we waited for the lock?
             if existing is None:
-                result = _close(store, catalog, the_period, dask_address, allow_empty)
+                result = _close(store, catalog, the_period, hold, dask_address, allow_empty)
                 _commit_tables(store, lake, the_period, result["run_id"])
-                return result
+        if existing is None:
+            return {**result, "warnings": result["warnings"] + warnings}
     get_run_logger().info("%s is already closed by %s; nothing to do", the_period, existing["run_id"])
     _commit_tables(store, lake, the_period, existing["run_id"])  # catches up tables a killed close left behind
-    return _result_from_manifest(existing, store, "already_closed").as_dict()
+    warnings += _tidy_closed(store, the_period, existing)
+    return {**_result_from_manifest(existing, store, "already_closed").as_dict(), "warnings": warnings}
 
 
 def _commit_tables(store: str, lake: lakehouse.TablesSettings, period: Period, run_id: str) -> None:
@@ -652,7 +710,21 @@ def _commit_tables(store: str, lake: lakehouse.TablesSettings, period: Period, r
                             f"{period} is closed (run {run_id})")
 
 
-def _close(store: str, catalog: Catalog, period: Period, dask_address: str | None = None,
+def _tidy_closed(store_uri: str, period: Period, manifest: dict) -> list[str]:
+    """A closed period's leftovers of a run killed after its manifest: files the manifest does not
+    list, the run's private folders, its lock and claim. Never a file the manifest lists."""
+    store = open_store(store_uri)
+    prefix = period_prefix(period)
+    listed = {o["key"] for o in manifest["outputs"]} | {prefix + MANIFEST}
+    warnings = _after_commit(store, prefix, listed, f"billing/_state/runs/close-{period}-")
+    try:
+        drop_stale(store, period)
+    except StoreError as exc:
+        warnings.append(f"could not remove the stale lock of {period}: {exc}")
+    return warnings
+
+
+def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_address: str | None = None,
            allow_empty: bool = False) -> dict:
     work_dir = work_dir_for(store, f"close-{period}")
     try:
@@ -684,14 +756,14 @@ def _close(store: str, catalog: Catalog, period: Period, dask_address: str | Non
         run_id = run_id_for(period, inputs, plan_entries)
         # quote(): hand big values over as they are; Prefect would otherwise walk every
         # dataclass in them looking for futures (minutes for 100k invoices)
-        out_dir = output_folder(store, run_id, work_dir)
+        out_dir = output_folder(store, run_id, hold.token, work_dir)
         names, manifest = write_outputs(quote(invoices), quote(settlement), quote(normalized), quote(reference),
                                         quote(inputs), quote(catalog), quote(outcome),
                                         period, run_id, quote(costs), plan_entries, out_dir)
         fault_point("written")
-        publish(store, period, run_id, out_dir, quote(names), quote(manifest))
+        warnings = publish(store, period, run_id, out_dir, quote(names), quote(manifest), hold)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     result = _result_from_manifest(json.loads(manifest), store, "closed")
     _report(result)
-    return result.as_dict()
+    return {**result.as_dict(), "warnings": warnings}

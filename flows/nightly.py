@@ -43,10 +43,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.close import (IO_RETRIES, MANIFEST, PARQUET, RULES_KEY, SELLER_KEY, Inputs, InputObject, _one_of, _sha256,
-                         check_reference, invoices_to_send, normalize_usage, work_dir_for)
+from flows.close import (IO_RETRIES, MANIFEST, PARQUET, RULES_KEY, SELLER_KEY, Inputs, InputObject, _one_of, _quietly,
+                         _sha256, check_reference, invoices_to_send, normalize_usage, work_dir_for)
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key
-from flows.locks import period_lock
+from flows.locks import Fence, Hold, period_lock
 from flows.secrets import keep_secrets_out_of_logs, webhook_url
 from flows.store import open_store
 from transforms.alerts import Alert, alerts_table, credit_alerts, price_change_notices
@@ -210,9 +210,8 @@ def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path)
 
     def obj(k: str) -> InputObject:
         path = local[k]
-        info = listed.get(k)
-        return InputObject(k, info.size if info else path.stat().st_size, _sha256(path), path,
-                           info.etag if info else None)
+        info = listed.get(k)  # size and hash of the local copy: the bytes taken in
+        return InputObject(k, path.stat().st_size, _sha256(path), path, info.etag if info else None)
 
     rebuild = (base.get("format") != STATE_FORMAT or base.get("per_event_meters") != meters
                or any(not v.get("ids") for v in kept.values()))
@@ -628,7 +627,8 @@ def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
         return {**manifest, "status": "already_ran"}
     if the_store.exists(f"billing/period={period}/{MANIFEST}"):
         raise InputError(night_of_closed_period(the_day))
-    with period_lock(the_store, [period], f"nightly {the_day}", datetime.now(timezone.utc)):
+    warnings: list[str] = []
+    with period_lock(the_store, [period], f"nightly {the_day}", datetime.now(timezone.utc), warnings) as hold:
         work_dir = work_dir_for(store, f"nightly-{the_day}")
         try:
             intake = take_in(store, period, the_day, quote(catalog), work_dir / "inputs")
@@ -639,12 +639,12 @@ def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
             result = estimate(store, quote(usage), quote(reference), quote(catalog), period, intake.known_spend,
                               intake.base.get("wallets"))
             manifest = publish_night(store, period, the_day, quote(intake), quote(usage), quote(result),
-                                     quote(reference), work_dir / "out")
+                                     quote(reference), work_dir / "out", hold)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
     _report(manifest, the_store.uri)
     _deliver_pending(the_store, pending_key, webhook)
-    return {**manifest, "status": "ran"}
+    return {**manifest, "status": "ran", "warnings": warnings}
 
 
 def _deliver_pending(store, key: str, webhook: str | None) -> None:
@@ -657,13 +657,31 @@ def _deliver_pending(store, key: str, webhook: str | None) -> None:
 
 @task(name="publish-night", cache_policy=NO_CACHE, **IO_RETRIES)
 def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usage: NightUsage,
-                  result: NightResult, reference, out_dir: Path) -> dict:
+                  result: NightResult, reference, out_dir: Path, hold: Hold) -> dict:
     """State files first (tonight's objects, the period to date; all named by night, so nothing
     the committed state points to is overwritten), then the night's outputs and the usage index,
     then the commit (`nights/night=D.json`) and the fired alerts, the manifest last, then what
     no state points to any more is cleared away. A night killed anywhere reruns from the night
-    before to the same result."""
-    store = open_store(store_uri)
+    before to the same result.
+
+    Every write up to the manifest is fenced (flows/locks.py): a night that lost its lock while
+    paused writes nothing more."""
+    the_store = open_store(store_uri)
+    manifest_key = f"billing/nightly/date={day}/{MANIFEST}"
+    fence = Fence(the_store, hold, f"nightly {day}", manifest_key, [])
+    try:
+        fence.clear(fence.claim())
+        manifest, snapshot = _publish_night(fence.guard(the_store), period, day, intake, usage, result, reference,
+                                            out_dir, manifest_key)
+    except BaseException:
+        _quietly(fence.release)
+        raise
+    _clear_superseded(the_store, period, [intake.base, snapshot])
+    return manifest
+
+
+def _publish_night(store, period: Period, day: date, intake: Intake, usage: NightUsage, result: NightResult,
+                   reference, out_dir: Path, manifest_key: str) -> tuple[dict, dict]:
     prefix = state_prefix(period)
     intake_now = {k: dict(v) for k, v in intake.kept.items()}
     for key, path in usage.rebuilt_ids.items():
@@ -733,9 +751,8 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
         ours = new.with_columns(pl.col("occurred_on").cast(pl.String)).to_dicts()
         earlier = [a for a in earlier if a not in ours]  # a retry does not queue them twice
         store.put_bytes(pending, json.dumps({"alerts": earlier + ours}, sort_keys=True).encode())
-    store.put_bytes(f"billing/nightly/date={day}/{MANIFEST}", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    _clear_superseded(store, period, [intake.base, snapshot])
-    return manifest
+    store.put_bytes(manifest_key, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return manifest, snapshot
 
 
 def _clear_superseded(store, period: Period, snapshots: list[dict]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flows.keys import MANIFEST, SELLER_KEY
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key, normalized_object
-from flows.locks import lock_key
+from flows.locks import lock_key, lock_state
 from flows.store import ObjectInfo, Store, open_store
 from flows.tables import tables_lag
 from transforms.periods import Period
@@ -19,6 +19,8 @@ from transforms.tax.rules import RULES_KEY
 
 _PERIOD_KEY = re.compile(r"^billing/period=(\d{4}-\d{2})/(.+)$")
 _EVERY_PERIOD = datetime.min.replace(tzinfo=timezone.utc)
+LOCKS_PREFIX = "billing/_state/locks/"
+_LOCK_KEY = re.compile(r"^billing/_state/locks/period=(\d{4}-\d{2})\.lock$")
 
 
 def checked_key(period: str) -> str:
@@ -104,8 +106,9 @@ def drift(basis: dict, prints: _Fingerprints, catalog: Catalog | None, period: P
 
 
 def store_status(store_uri: str, plans_dir: str | None = None) -> dict:
-    """One entry per period with outputs: closed (run, totals, drift since it was last rated)
-    or incomplete (outputs but no manifest: a close that did not finish), plus held locks."""
+    """One entry per period with outputs or a lock: closed (run, totals, drift since it was last
+    rated), incomplete (outputs but no manifest: a close that did not finish) or open (locked,
+    nothing written yet); `lock` says whether a lock is held or stale (its run had published)."""
     store = open_store(store_uri)
     catalog = load_catalog(plans_dir) if plans_dir else None
     seen: dict[str, bool] = {}
@@ -113,11 +116,16 @@ def store_status(store_uri: str, plans_dir: str | None = None) -> dict:
         match = _PERIOD_KEY.match(obj.key)
         if match:
             seen[match.group(1)] = seen.get(match.group(1), False) or match.group(2) == MANIFEST
+    locked = {m.group(1) for o in store.list(LOCKS_PREFIX) if (m := _LOCK_KEY.match(o.key))}
     prints = _Fingerprints(store)
     periods = []
-    for period, has_manifest in sorted(seen.items()):
-        entry = {"period": period, "locked": store.exists(lock_key(period))}
-        if not has_manifest:
+    for period in sorted(set(seen) | locked):
+        entry = {"period": period, "locked": period in locked,
+                 "lock": lock_state(store, period) if period in locked else None}
+        if period not in seen:  # a run holds it and has not written any output yet
+            periods.append({**entry, "status": "open"})
+            continue
+        if not seen[period]:
             periods.append({**entry, "status": "incomplete"})
             continue
         manifest = json.loads(store.read_bytes(f"billing/period={period}/{MANIFEST}"))

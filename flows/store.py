@@ -178,8 +178,9 @@ class Store(Protocol):
         """Many `put_file`s at once, each key whole or absent, all durable on return."""
         ...
 
-    def copy_many(self, pairs: Sequence[tuple[str, str]]) -> None:
-        """Many `copy`s at once, each destination whole or absent, all durable on return."""
+    def copy_many(self, pairs: Sequence[tuple[str, str]], before: Callable[[], None] | None = None) -> None:
+        """Many `copy`s at once, each destination whole or absent, all durable on return;
+        `before` (a fence check) is called before each copy starts."""
         ...
 
     def local_folder(self, prefix: str) -> Path | None:
@@ -191,10 +192,11 @@ class Store(Protocol):
         """Makes what was written into `local_folder`s durable."""
         ...
 
-    def move_prefix(self, src_prefix: str, dst_prefix: str, keys: Sequence[str]) -> None:
-        """`keys` (under `src_prefix`) copied to the same names under `dst_prefix`; the source
-        may be emptied. A folder store renames the folder in one step when the destination
-        does not exist yet."""
+    def move_prefix(self, src_prefix: str, dst_prefix: str, keys: Sequence[str],
+                    before: Callable[[], None] | None = None) -> None:
+        """`keys` (under `src_prefix`) moved to the same names under `dst_prefix`: copied, then
+        deleted from the source. A folder store renames the folder in one step when the
+        destination does not exist yet. `before` is called before each write."""
         ...
 
     def delete(self, key: str) -> None: ...
@@ -213,15 +215,7 @@ def open_store(uri: str, *, create: bool = False) -> Store:
         store = S3Store(bucket, prefix)
         store.check_reachable()
         return store
-    if uri.startswith("file://"):
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise StoreError(f"store {uri}: file:// URIs must name a local path (file:///path)")
-        root = Path(url2pathname(parts.path))
-    elif _URI_SCHEME.match(uri):
-        raise StoreError(f"store {uri}: unsupported scheme (use a local folder or s3://bucket/prefix)")
-    else:
-        root = Path(uri)
+    root = _local_root(uri)
     if create:
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -234,6 +228,26 @@ def open_store(uri: str, *, create: bool = False) -> Store:
     return LocalStore(root)
 
 
+def _local_root(uri: str) -> Path:
+    if uri.startswith("file://"):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise StoreError(f"store {uri}: file:// URIs must name a local path (file:///path)")
+        return Path(url2pathname(parts.path))
+    if _URI_SCHEME.match(uri):
+        raise StoreError(f"store {uri}: unsupported scheme (use a local folder or s3://bucket/prefix)")
+    return Path(uri)
+
+
+def store_identity(uri: str) -> str:
+    """The store `uri` names, whatever folder the command runs from: `./billing-data` from two
+    folders is two stores, a link to a store is that store. Asks nothing of the store."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        return f"s3://{bucket}/{prefix.strip('/')}"
+    return os.path.realpath(_local_root(uri))
+
+
 # --------------------------------------------------------------------------------------------
 # Local folder
 
@@ -243,6 +257,7 @@ class LocalStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).absolute()
+        self._real_root = os.path.realpath(self.root)
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -252,7 +267,16 @@ class LocalStore:
         return str(self.root)
 
     def _path(self, key: str) -> Path:
-        return self.root.joinpath(*check_key(key).split("/"))
+        """The file of `key`; a symbolic link anywhere on its way (a file or a folder inside
+        the store) is refused: a link could read a secret from outside the store into a table,
+        or send outputs outside it."""
+        path = self.root.joinpath(*check_key(key).split("/"))
+        if os.path.realpath(path) != os.path.join(self._real_root, *key.split("/")):
+            parts = key.split("/")
+            for depth in range(1, len(parts) + 1):
+                if os.path.islink(self.root.joinpath(*parts[:depth])):
+                    raise _link_error(self._where("/".join(parts[:depth])))
+        return path
 
     def _where(self, key: str) -> str:
         return f"{self.uri}/{key}"
@@ -268,14 +292,19 @@ class LocalStore:
                     # Only the first level can fall outside a partial name such as "usage/date=2026-1".
                     dirnames[:] = [d for d in dirnames if d.startswith(name_start)]
                 relative = Path(dirpath).relative_to(self.root).as_posix()
+                for name in dirnames:  # os.walk lists a linked folder here (and never enters it)
+                    if os.path.islink(os.path.join(dirpath, name)):
+                        raise _link_error(self._where(name if relative == "." else f"{relative}/{name}"))
                 for name in filenames:
                     key = name if relative == "." else f"{relative}/{name}"
                     if name.endswith(TEMP_SUFFIX) or not key.startswith(prefix):
                         continue
                     try:
-                        info = os.stat(os.path.join(dirpath, name))
+                        info = os.lstat(os.path.join(dirpath, name))
                     except FileNotFoundError:  # deleted while we walked: not part of the listing
                         continue
+                    if stat.S_ISLNK(info.st_mode):
+                        raise _link_error(self._where(key))
                     if stat.S_ISREG(info.st_mode):
                         found.append(ObjectInfo(key=key, size=info.st_size, etag=None))
         return sorted(found, key=lambda obj: obj.key)
@@ -289,11 +318,18 @@ class LocalStore:
             return path.read_bytes()
 
     def fetch(self, keys: Sequence[str], cache_dir: Path) -> dict[str, Path]:
-        """The files themselves, in place: a local store needs no copy."""
-        paths = {key: self._path(key) for key in keys}
-        for key, path in paths.items():
-            if not path.is_file():
-                raise StoreError(f"{self._where(key)}: not found")
+        """A copy of each file in `cache_dir`, each read once: what is hashed and billed is that
+        copy, even if someone rewrites a file of the store while the run reads it."""
+        sources = {key: self._path(key) for key in keys}  # every key checked before the first copy
+        cache_dir = Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for key, source in sources.items():
+            paths[key] = cache_dir / _cache_name(self.uri, key)
+            with _local_errors(self._where(key), "read"):
+                descriptor = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+                with os.fdopen(descriptor, "rb") as handle, paths[key].open("wb") as copy:
+                    shutil.copyfileobj(handle, copy, HASH_CHUNK_BYTES)
         return paths
 
     def sha256(self, key: str) -> str:
@@ -355,7 +391,7 @@ class LocalStore:
             for temp, _ in temps:
                 temp.unlink(missing_ok=True)
 
-    def copy_many(self, pairs: Sequence[tuple[str, str]]) -> None:
+    def copy_many(self, pairs: Sequence[tuple[str, str]], before: Callable[[], None] | None = None) -> None:
         """Each destination a hard link to its source (no bytes copied: a stored file is never
         changed in place, only replaced), made under a temporary name and renamed into place;
         a copy where links are refused. Every key is checked before the first."""
@@ -364,6 +400,8 @@ class LocalStore:
                 check_key(key)
         for src_key, dst_key in pairs:
             source, target = self._path(src_key), self._path(dst_key)
+            if before:
+                before()
             with _local_errors(self._where(src_key), "read"):
                 os.stat(source)
             with _local_errors(self._where(dst_key), "write"):
@@ -390,16 +428,21 @@ class LocalStore:
     def sync(self) -> None:
         os.sync()
 
-    def move_prefix(self, src_prefix: str, dst_prefix: str, keys: Sequence[str]) -> None:
+    def move_prefix(self, src_prefix: str, dst_prefix: str, keys: Sequence[str],
+                    before: Callable[[], None] | None = None) -> None:
         _check_move(src_prefix, dst_prefix, keys)
         source, target = self._path(src_prefix.rstrip("/")), self._path(dst_prefix.rstrip("/"))
         if not target.exists() and source.is_dir():
             with _local_errors(self._where(dst_prefix), "write"):
                 target.parent.mkdir(parents=True, exist_ok=True)
+                if before:
+                    before()
                 os.rename(source, target)  # one step: the whole folder, or nothing
                 _fsync_folder(target.parent)
             return
-        self.copy_many([(key, dst_prefix + key[len(src_prefix):]) for key in keys])
+        self.copy_many([(key, dst_prefix + key[len(src_prefix):]) for key in keys], before)
+        for key in keys:
+            self.delete(key)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -608,10 +651,7 @@ class S3Store:
         return paths
 
     def _cache_name(self, key: str) -> str:
-        digest = hashlib.sha256(f"{self.uri}\0{key}".encode()).hexdigest()
-        suffixes = PurePosixPath(key).suffixes[-2:]
-        kept = "".join(s for s in suffixes if _SAFE_SUFFIX.fullmatch(s))
-        return f"{digest}{kept}"
+        return _cache_name(self.uri, key)
 
     def sha256(self, key: str) -> str:
         full_key = self._key(key)
@@ -675,16 +715,23 @@ class S3Store:
     def sync(self) -> None:
         pass
 
-    def move_prefix(self, src_prefix: str, dst_prefix: str, keys: Sequence[str]) -> None:
+    def move_prefix(self, src_prefix: str, dst_prefix: str, keys: Sequence[str],
+                    before: Callable[[], None] | None = None) -> None:
         _check_move(src_prefix, dst_prefix, keys)
-        self.copy_many([(key, dst_prefix + key[len(src_prefix):]) for key in keys])
+        self.copy_many([(key, dst_prefix + key[len(src_prefix):]) for key in keys], before)
+        self._delete_keys(keys, src_prefix)
 
-    def copy_many(self, pairs: Sequence[tuple[str, str]]) -> None:
+    def copy_many(self, pairs: Sequence[tuple[str, str]], before: Callable[[], None] | None = None) -> None:
         """Server-side copies in parallel, every key checked before the first."""
         for pair in pairs:
             for key in pair:
                 check_key(key)
-        _in_threads(lambda pair: self.copy(*pair), pairs)
+
+        def copy(pair: tuple[str, str]) -> None:
+            if before:
+                before()
+            self.copy(*pair)
+        _in_threads(copy, pairs)
 
     def delete(self, key: str) -> None:
         full_key = self._key(key)
@@ -693,7 +740,10 @@ class S3Store:
 
     def delete_prefix(self, prefix: str) -> None:
         _check_folder_prefix(prefix)
-        keys = [self._root + obj.key for obj in self.list(prefix)]
+        self._delete_keys([obj.key for obj in self.list(prefix)], prefix)
+
+    def _delete_keys(self, keys: Sequence[str], prefix: str) -> None:
+        keys = [self._key(key) for key in keys]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": key} for key in keys[start:start + 1000]]
             with self._s3_errors(prefix, "delete"):
@@ -740,6 +790,20 @@ class S3Store:
             message = exc.response.get("Error", {}).get("Message", "")
             return StoreError(f"{where}: cannot {action}: {code} {message}".rstrip())
         return StoreError(f"{where}: cannot {action}: {exc}")
+
+
+def _cache_name(uri: str, key: str) -> str:
+    """A fetched object's local name: a hash of the store and key (no key can name a path outside
+    the cache) plus the key's extensions, which DuckDB and Polars use to pick the reader."""
+    digest = hashlib.sha256(f"{uri}\0{key}".encode()).hexdigest()
+    suffixes = PurePosixPath(key).suffixes[-2:]
+    kept = "".join(s for s in suffixes if _SAFE_SUFFIX.fullmatch(s))
+    return f"{digest}{kept}"
+
+
+def _link_error(where: str) -> StoreError:
+    return StoreError(f"{where}: is a symbolic link; billrun neither reads nor writes through links inside a "
+                      f"store (put the file or folder itself there)")
 
 
 def _in_threads(action: Callable, items: Sequence, workers: int = 16) -> None:
