@@ -151,7 +151,7 @@ def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[
         fence = Fence(store, hold, run_id, prefix + MANIFEST, [private, prefix])
         try:
             fence.clear(fence.claim())
-            store.put_files([(staging + name, out_dir / name) for name in names])
+            fence.guard(store).put_files([(staging + name, out_dir / name) for name in names])
             fault_point("backfill-staged")
             keys = {prefix + name for name in names}
             for leftover in [o.key for o in store.list(prefix) if o.key not in keys]:

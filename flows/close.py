@@ -529,7 +529,7 @@ def publish(store_uri: str, period: Period, run_id: str, out_dir: Path, names: l
             if in_place(store, run_id, hold.token, out_dir):
                 store.sync()
             else:
-                store.put_files([(staging + name, out_dir / name) for name in names])
+                fence.guard(store).put_files([(staging + name, out_dir / name) for name in names])
             fault_point("staged")
             for leftover in [o.key for o in store.list(prefix) if o.key not in keys]:
                 fence.ensure()  # nothing is final without a manifest: an earlier attempt's file

@@ -163,8 +163,11 @@ def period_lock(store: Store, periods: list[Period], command: str, started_at: d
                 holder = _read_json(store, key)
                 if _stale(store, key, holder):
                     _release(store, key, holder["token"])
-                    warn(f"{period}: removed the lock of {_holder_text(holder)}, whose run had already "
-                         f"published (killed after its manifest)")
+                    line = (f"{period}: removed the lock of {_holder_text(holder)}, whose run had already "
+                            f"published (it ended after its manifest without releasing it)")
+                    warn(line)
+                    if warnings is not None:
+                        warnings.append(line)
                 if not store.put_if_absent(key, body):
                     raise PeriodLocked(f"{period} is locked by {_holder_text(_read_json(store, key))}; if that run "
                                        f"is dead, run `billrun unlock --period {period} --store {store.uri}` "
@@ -321,11 +324,19 @@ class Fence:
 
     def release(self) -> None:
         """After a failure: our claims say this run writes no more, so the next run takes them
-        over at once (and clears our private folders; a retry of ours still finds them)."""
+        over at once (and clears our private folders; a retry of ours still finds them). A run
+        that was taken over deletes its own private folders (named by its token, so nobody
+        else's): it may have staged files after the run that took over cleared them."""
+        ours = False
         for period in self.hold.periods:
             claim = _read_json(self.store, claim_key(period))
             if claim and claim.get("token") == self.hold.token:
+                ours = True
                 self.store.put_bytes(claim_key(period), self._body(claim.get("debris", []), released=True))
+        if not ours:
+            for prefix in self.scratch:
+                if self.hold.token in prefix:
+                    self.store.delete_prefix(prefix)
 
 
 def fault_point(name: str) -> None:

@@ -111,15 +111,20 @@ def test_a_run_that_lost_its_lock_is_fenced_out(store):
 def test_a_takeover_fences_the_paused_run_and_inherits_its_folders(store, monkeypatch):
     monkeypatch.setattr(locks, "TAKEOVER_GRACE_SECONDS", 0.0)
     with period_lock(store, [P], "close 2026-10", NOW) as first:
-        paused = Fence(store, first, "close-2026-10-aaa", COMMIT, ["billing/_state/runs/close-2026-10-aaa/x/"])
+        staging = f"billing/_state/runs/close-2026-10-aaa/{first.token}/"
+        paused = Fence(store, first, "close-2026-10-aaa", COMMIT, [staging])
         paused.claim()
         unlock(store, P)
         with period_lock(store, [P], "close 2026-10", NOW) as second:
             rerun = Fence(store, second, "close-2026-10-bbb", COMMIT, ["billing/_state/runs/close-2026-10-bbb/y/"])
-            assert rerun.claim() == ["billing/_state/runs/close-2026-10-aaa/x/"]  # the paused run's staging
+            assert rerun.claim() == [staging]  # the paused run's staging, for the rerun to clear
             monkeypatch.setattr(locks, "FENCE_SECONDS", 0.0)  # the paused run resumes: its check is stale
+            store.put_bytes(staging + "out/invoices.parquet", b"staged after the rerun cleared it")
             with pytest.raises(Fenced):
                 paused.ensure()
+            paused.release()  # on its way out it removes its own staging, and nothing of the rerun's
+            assert store.list(staging) == []
+            assert json.loads(store.read_bytes(claim_key(P)))["token"] == second.token
             rerun.ensure()
             store.put_bytes(COMMIT, b"{}")  # the rerun publishes ...
             with pytest.raises(Fenced, match="written by another run"):

@@ -106,11 +106,11 @@ def test_a_paused_close_that_lost_its_lock_never_rewrites_the_published_period(p
 
     os.kill(paused.pid, signal.SIGCONT)
     _, err = paused.communicate(timeout=300)
+    assert period_files(store) == published  # not one byte rewritten, nothing added
     assert paused.returncode == 1, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("billrun: error: ") and "it writes nothing more" in last, err
     assert "Traceback" not in err
-    assert period_files(store) == published  # not one byte rewritten, nothing added
     assert private_state(store) == []  # no lock, claim or staging left behind
 
 
@@ -182,3 +182,18 @@ def test_a_failure_after_the_manifest_is_a_warning_and_its_lock_does_not_block_t
     assert backfill.exit_code == 0, backfill.output  # ... and known stale: its run had published
     assert "nothing to correct" in backfill.stdout
     assert open_store(store).list("billing/_state/locks/") == []
+
+
+def test_a_close_refuses_a_linked_usage_file_in_one_line_and_writes_nothing(prefect_server, tmp_path):
+    store = str(tmp_path / "store")
+    copy_tree_to_store(GOLDEN / "store", store)
+    secret = tmp_path / "credentials.csv"
+    secret.write_text("event_id,customer_id,meter,quantity,timestamp\nAKIAEXAMPLESECRET,c1,images,1,x\n")
+    os.symlink(secret, Path(store) / "usage" / "creds.csv")
+    refused = cli("close", "--period", PERIOD, "--store", store, "--plans", PLANS)
+    assert refused.exit_code == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"billrun: error: {store}/usage/creds.csv: is a symbolic link; billrun neither reads nor writes through "
+        f"links inside a store (put the file or folder itself there)")
+    assert "Traceback" not in refused.output and "AKIAEXAMPLESECRET" not in refused.output
+    assert [o.key for o in open_store(store).list("billing/")] == []
