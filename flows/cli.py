@@ -268,7 +268,12 @@ def _close_checks(store: str, plans: str, period: str, now: datetime, before_per
     preflight.store_folder(store)
     manifest = preflight.closed_manifest(store, the_period)
     if manifest is not None:
-        return preflight.close_summary(manifest, store, "already_closed")
+        from flows.locks import tidy_closed
+        from flows.store import open_store
+
+        # a close that ended after its manifest without tidying up: this run finishes it
+        warnings = tidy_closed(open_store(store), the_period, manifest)
+        return {**preflight.close_summary(manifest, store, "already_closed"), "warnings": warnings}
     refusal = close_too_early(the_period, now)
     if refusal and not before_period_end:
         raise preflight.InputError(refusal)

@@ -35,7 +35,7 @@ from prefect.utilities.annotations import quote
 from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key, normalized_object,
                           read_table)
 from flows.keys import MANIFEST, SELLER_KEY, period_prefix  # noqa: F401 - the close's layout, shared
-from flows.locks import Fence, Hold, drop_stale, fault_point, period_lock, warn
+from flows.locks import Fence, Hold, after_commit, fault_point, period_lock, tidy_closed, warn
 from flows.preflight import close_summary
 from flows.retries import IO_RETRIES
 from flows.documents_out import write_invoice_documents
@@ -553,7 +553,7 @@ def publish(store_uri: str, period: Period, run_id: str, out_dir: Path, names: l
             _quietly(fence.release)
             raise
     fault_point("manifest-written")
-    warnings = _after_commit(store, prefix, keys | {prefix + MANIFEST}, f"billing/_state/runs/close-{period}-")
+    warnings = after_commit(store, prefix, keys | {prefix + MANIFEST}, f"billing/_state/runs/close-{period}-")
     get_run_logger().info("publish: %d outputs and the manifest to %s/%s in %.2fs", len(names), store.uri.rstrip("/"),
                           prefix, time.perf_counter() - started)
     return warnings
@@ -569,24 +569,6 @@ def _quietly(action) -> None:
         action()
     except Exception as exc:  # noqa: BLE001 - logged; the error being raised is the one to report
         warn(f"could not tidy up after the failure: {exc}")
-
-
-def _after_commit(store, prefix: str, listed: set[str], private: str) -> list[str]:
-    """After the commit point: sweep what the manifest does not list out of the published folder,
-    and every run's private files under `private` (this run's and any attempt's of the same
-    job, killed or fenced out). The result stands whatever happens here, so a failure is a
-    warning (running the command again finishes the tidying), never an error."""
-    try:
-        for stray in [o.key for o in store.list(prefix) if o.key not in listed]:
-            store.delete(stray)
-        runs = {"/".join(o.key.split("/")[:4]) + "/" for o in store.list(private)}  # billing/_state/runs/<id>/
-        for folder in sorted(runs):
-            store.delete_prefix(folder)
-    except StoreError as exc:
-        line = f"published, but could not tidy up afterwards ({exc}); run the command again to finish"
-        warn(line)
-        return [line]
-    return []
 
 
 def run_prefix(run_id: str, token: str) -> str:
@@ -699,7 +681,7 @@ def close_period(store: str, plans: str, period: str, dask_address: str | None =
             return {**result, "warnings": result["warnings"] + warnings}
     get_run_logger().info("%s is already closed by %s; nothing to do", the_period, existing["run_id"])
     _commit_tables(store, lake, the_period, existing["run_id"])  # catches up tables a killed close left behind
-    warnings += _tidy_closed(store, the_period, existing)
+    warnings += tidy_closed(open_store(store), the_period, existing)
     return {**_result_from_manifest(existing, store, "already_closed").as_dict(), "warnings": warnings}
 
 
@@ -708,20 +690,6 @@ def _commit_tables(store: str, lake: lakehouse.TablesSettings, period: Period, r
     period stays closed whatever happens here."""
     lakehouse.commit_published(store, lake, [period_prefix(period) + MANIFEST],
                             f"{period} is closed (run {run_id})")
-
-
-def _tidy_closed(store_uri: str, period: Period, manifest: dict) -> list[str]:
-    """A closed period's leftovers of a run killed after its manifest: files the manifest does not
-    list, the run's private folders, its lock and claim. Never a file the manifest lists."""
-    store = open_store(store_uri)
-    prefix = period_prefix(period)
-    listed = {o["key"] for o in manifest["outputs"]} | {prefix + MANIFEST}
-    warnings = _after_commit(store, prefix, listed, f"billing/_state/runs/close-{period}-")
-    try:
-        drop_stale(store, period)
-    except StoreError as exc:
-        warnings.append(f"could not remove the stale lock of {period}: {exc}")
-    return warnings
 
 
 def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_address: str | None = None,

@@ -218,6 +218,38 @@ def drop_stale(store: Store, period: Period | str) -> None:
             store.delete(claim_key(period))
 
 
+def after_commit(store, prefix: str, listed: set[str], private: str) -> list[str]:
+    """After the commit point: sweep what the manifest does not list out of the published folder,
+    and every run's private files under `private` (this run's and any attempt's of the same
+    job, killed or fenced out). The result stands whatever happens here, so a failure is a
+    warning (running the command again finishes the tidying), never an error."""
+    try:
+        for stray in [o.key for o in store.list(prefix) if o.key not in listed]:
+            store.delete(stray)
+        runs = {"/".join(o.key.split("/")[:4]) + "/" for o in store.list(private)}  # billing/_state/runs/<id>/
+        for folder in sorted(runs):
+            store.delete_prefix(folder)
+    except StoreError as exc:
+        line = f"published, but could not tidy up afterwards ({exc}); run the command again to finish"
+        warn(line)
+        return [line]
+    return []
+
+
+def tidy_closed(store: Store, period: Period | str, manifest: dict) -> list[str]:
+    """A closed period's leftovers of a run that ended after its manifest without tidying up:
+    files the manifest does not list, private folders of the period's closes, its lock and
+    claim. Never a file the manifest lists."""
+    prefix = f"billing/period={period}/"
+    listed = {o["key"] for o in manifest["outputs"]} | {prefix + "manifest.json"}
+    warnings = after_commit(store, prefix, listed, f"billing/_state/runs/close-{period}-")
+    try:
+        drop_stale(store, period)
+    except StoreError as exc:
+        warnings.append(f"could not remove the stale lock of {period}: {exc}")
+    return warnings
+
+
 def lock_state(store: Store, period: str) -> str | None:
     """'held' or 'stale' (its run passed its commit point) for a locked period, else None."""
     key = lock_key(period)
