@@ -94,6 +94,7 @@ def test_a_paused_close_that_lost_its_lock_never_rewrites_the_published_period(p
     open_store(store).put_bytes(LEFTOVER, b"<html>a subscription an earlier attempt billed</html>")
 
     paused = billrun_process("close", "--period", PERIOD, "--store", store, "--plans", PLANS, pause="staged")
+    request.addfinalizer(paused.kill)  # never leave a stopped process behind, whatever fails
     wait_until_stopped(paused)  # claimed and staged, about to copy into the period
     open_store(store).put_bytes(LATE_KEY, LATE_EVENT.encode())  # the winner bills one event more
     assert cli("unlock", "--period", PERIOD, "--store", store).exit_code == 0
