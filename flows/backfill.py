@@ -28,6 +28,7 @@ from prefect.utilities.annotations import quote
 from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _quietly, _read_if_exists, _sha256, catalog_entries,
                          check_reference, closed_manifest, fetch_inputs, normalize_usage, plan_entries_for,
                          rate_invoices, replay_credits, seller_block, settle_usage, work_dir_for)
+from flows.billed_index import committed_index, correction_index, index_key, record_billed
 from flows.locks import Fence, Fenced, Hold, fault_point, period_lock, warn
 from flows.secrets import keep_secrets_out_of_logs
 from flows.status import checked_key
@@ -201,6 +202,11 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                      warnings) as hold:
         work_dir = work_dir_for(store, f"backfill-{first}-{last}")
         try:
+            # the periods re-rated here are settled together, from the usage; what the other
+            # closed periods' documents bill (their billed-event index) is never billed again
+            index = committed_index(store, leave_out=closed)
+            counted = index.local(work_dir / "index")
+            index_changes: list[tuple[str, Path, int]] = []
             inputs = fetch_inputs(store, work_dir / "inputs")
             normalized = normalize_usage(quote(inputs), work_dir)
             issued = load_issued(store, closed)
@@ -213,8 +219,14 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             for period in closed:
                 reference = check_reference(quote(inputs), quote(catalog), period)
                 customers = reference.customers
+                billed_out = work_dir / "billed" / f"{period}.parquet"
                 settlement = settle_usage(quote(normalized), quote(reference), quote(catalog), period,
-                                          work_dir)
+                                          work_dir, quote(counted), billed_out)
+                if str(period) in index.decided:  # what its documents will bill after this run
+                    changes = work_dir / "billed" / f"changes-{period}.parquet"
+                    count = correction_index(index, str(period), [billed_out], work_dir / "index-own", changes)
+                    if count:
+                        index_changes.append((str(period), changes, count))
                 outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)
                 rerated = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
                 plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
@@ -240,9 +252,12 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             run_id = backfill_run_id(closed, issued_on, reason, input_hashes, plan_hashes, issued_ids)
             if documents or revenue_changes.height or ledger_changes.height:
                 documents = [replace(d, run_id=run_id, reason=reason) for d in documents]
+                # the index's changes go in before the manifest, which names them: they count once it exists
+                billed_events = record_billed(store, [(index_key(p, run_id), path, count)
+                                                      for p, path, count in index_changes])
                 names, manifest = _write(documents, revenue_changes, ledger_changes, customers, roundings, inputs,
                                          run_id, reason, issued_on, closed, plan_entries, work_dir / "out",
-                                         booked)
+                                         booked, billed_events)
                 warnings += publish_corrections(store, run_id, work_dir / "out", quote(names), quote(manifest), hold)
             record_checked(store, closed, run_id, quote(inputs), plan_entries, quote(catalog))
         finally:
@@ -317,8 +332,8 @@ def record_checked(store_uri: str, periods: list[Period], run_id: str, inputs, p
 
 def _write(documents: list[Invoice], revenue_changes: pl.DataFrame, ledger_changes: pl.DataFrame,
            customers: pl.DataFrame, roundings: dict[str, str], inputs, run_id: str, reason: str, as_of: date,
-           periods: list[Period], plan_entries: list[dict], out_dir: Path, booked: str
-           ) -> tuple[list[str], bytes]:
+           periods: list[Period], plan_entries: list[dict], out_dir: Path, booked: str,
+           billed_events: list[dict]) -> tuple[list[str], bytes]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "documents").mkdir()
     tables = {"invoices.parquet": invoices_table(documents), "invoice_lines.parquet": lines_table(documents),
@@ -342,6 +357,7 @@ def _write(documents: list[Invoice], revenue_changes: pl.DataFrame, ledger_chang
         "reason": reason, "as_of": as_of.isoformat(), "periods": [str(p) for p in periods],
         "inputs": [o.manifest_entry() for o in inputs.all],
         "plans": plan_entries,
+        "billed_events": billed_events,
         "documents": [{"invoice_id": d.invoice_id, "kind": d.kind, "period": d.period,
                        "corrects_invoice_id": d.corrects_invoice_id, "total_minor": d.total_minor,
                        "currency": d.currency} for d in documents],

@@ -34,6 +34,7 @@ from prefect.utilities.annotations import quote
 
 from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key, normalized_object,
                           read_table)
+from flows.billed_index import committed_index, index_billed, index_key, record_billed
 from flows.keys import MANIFEST, SELLER_KEY, period_prefix  # noqa: F401 - the close's layout, shared
 from flows.locks import Fence, Hold, after_commit, fault_point, period_lock, tidy_closed, warn
 from flows.preflight import close_summary
@@ -47,6 +48,7 @@ from flows.secrets import keep_secrets_out_of_logs
 from flows.statement import lineage_rows, with_local_lineage
 from flows.store import StoreError, open_store, store_identity
 from flows import tables as lakehouse
+from transforms.billed_index import NO_INDEX, BilledIndex
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.credits import (CreditEvent, Outcome, Purchase, balances_table, credit_lines, credit_meters,
                                credit_report, credit_summaries, history_grants, ledger_table, purchases_from, replay)
@@ -264,15 +266,17 @@ def normalize_usage(inputs: Inputs, work_dir: Path) -> Normalized:
 
 @task(name="settle-usage", cache_policy=NO_CACHE)
 def settle_usage(normalized: Normalized, reference: Reference, catalog: Catalog, period: Period,
-                 work_dir: Path) -> Settlement:
-    """Scope, check, deduplicate and aggregate in DuckDB, spilling to the work folder."""
+                 work_dir: Path, index: BilledIndex = NO_INDEX, billed_out: Path | None = None) -> Settlement:
+    """Scope, check, deduplicate and aggregate in DuckDB, spilling to the work folder; events the
+    billed-event `index` shows billed elsewhere are not billed (see transforms.settle)."""
     started = time.perf_counter()
     spill = work_dir / "duckdb-spill"
     spill.mkdir(exist_ok=True)
     con = duckdb.connect(config={"temp_directory": str(spill)})
     try:
         settlement = settled_usage(con, list(normalized.paths), reference.customers,
-                                   list(reference.subscriptions), list(reference.segments), catalog, period)
+                                   list(reference.subscriptions), list(reference.segments), catalog, period,
+                                   index, billed_out)
     finally:
         con.close()
     c = settlement.counts
@@ -406,7 +410,7 @@ def plan_entries_for(segments: tuple[Segment, ...]) -> list[dict]:
 def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
                   reference: Reference, inputs: Inputs, catalog: Catalog, outcome: Outcome, period: Period,
                   run_id: str, costs: tuple,
-                  plan_entries: list[dict], out_dir: Path) -> tuple[list[str], bytes]:
+                  plan_entries: list[dict], out_dir: Path, billed_events: dict | None = None) -> tuple[list[str], bytes]:
     """Tables and HTML into `out_dir`; returns the relative names and the manifest's bytes."""
     started = time.perf_counter()
     shutil.rmtree(out_dir, ignore_errors=True)  # a killed run's partial outputs
@@ -428,6 +432,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
                                            costs[0], period))
     quarantine = quarantine_table(settlement, normalized)
     write("quarantine.parquet", quarantine)
+    write("conflicting_duplicates.parquet", settlement.conflicts)
     spend = {inv.subscription_id: sum(l.amount_minor for l in inv.lines if l.kind in ("usage", "overage"))
              for inv in invoices}
     write("alerts.parquet", alerts_table(
@@ -473,6 +478,8 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         "rows": rows,
         "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
         "quarantined_by_reason": dict(sorted(quarantine.group_by("reason").len().iter_rows())),
+        "conflicting_duplicates": settlement.conflicts.height,
+        "billed_events": billed_events,
         "totals": _totals(invoices),
         "outputs": [{"key": prefix + n, "size": size, "sha256": digest} for n, size, digest in sorted(outputs)],
     }
@@ -705,8 +712,11 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_addres
             scratch = scratch_for(store, work_dir, f"close-{period}", distributed=dask_address is not None)
             normalized, shard_keys = normalize_shards(runner, store, inputs, scratch)
             fault_point("normalized")
-            settlement = settle_shards(runner, scratch, shard_keys, reference, catalog, period)
+            # what the closed periods' documents bill (their billed-event index) is never billed again
+            index = committed_index(store)
+            settlement = settle_shards(runner, scratch, shard_keys, reference, catalog, period, index)
             settlement = with_local_lineage(settlement, scratch, work_dir)
+        index_file, indexed = index_billed(scratch.uri, list(settlement.billed_ids), str(period), work_dir)
         drop_scratch(scratch)
         fault_point("settled")
         no_usage = close_without_usage(
@@ -725,9 +735,11 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_addres
         # quote(): hand big values over as they are; Prefect would otherwise walk every
         # dataclass in them looking for futures (minutes for 100k invoices)
         out_dir = output_folder(store, run_id, hold.token, work_dir)
+        # the period's index goes in before the manifest, which names it: it counts once the period is closed
+        [billed_events] = record_billed(store, [(index_key(str(period), run_id), index_file, indexed)])
         names, manifest = write_outputs(quote(invoices), quote(settlement), quote(normalized), quote(reference),
                                         quote(inputs), quote(catalog), quote(outcome),
-                                        period, run_id, quote(costs), plan_entries, out_dir)
+                                        period, run_id, quote(costs), plan_entries, out_dir, billed_events)
         fault_point("written")
         warnings = publish(store, period, run_id, out_dir, quote(names), quote(manifest), hold)
     finally:

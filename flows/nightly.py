@@ -46,6 +46,7 @@ from prefect.utilities.annotations import quote
 from flows.close import (IO_RETRIES, MANIFEST, PARQUET, RULES_KEY, SELLER_KEY, Inputs, InputObject, _one_of, _quietly,
                          _sha256, check_reference, invoices_to_send, normalize_usage, work_dir_for)
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key
+from flows.billed_index import committed_index
 from flows.locks import Fence, Hold, period_lock, warn
 from flows.secrets import keep_secrets_out_of_logs, webhook_url
 from flows.store import StoreError, open_store
@@ -303,8 +304,10 @@ def settle_night(store_uri: str, normalized, intake: Intake, reference, catalog,
         con.execute("SET TimeZone = 'UTC'").fetchall()
         ranges = _event_ranges(con, normalized)
         paths = _through_night(list(normalized.paths), ranges, day, work_dir / "through-night")
+        # an event the documents of another closed period bill is not taken in (billed-event index)
+        index = committed_index(store_uri, leave_out=[str(period)]).local(work_dir / "billed-index")
         settlement = settled_usage(con, paths, reference.customers, list(reference.subscriptions),
-                                   list(reference.segments), catalog, period)
+                                   list(reference.segments), catalog, period, index)
         con.register("per_event_meters", pl.DataFrame({"meter": intake.meters}, schema={"meter": pl.String}).to_arrow())
         con.execute(sql["id_hash_macro"]).fetchall()
         if intake.rebuild:

@@ -28,6 +28,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.billed_index import CommittedIndex
 from flows.ingest import normalized_object
 from flows.retries import IO_RETRIES
 from flows.store import LocalStore, open_store
@@ -180,13 +181,16 @@ def normalize_batch(store_uri: str, batch: Opaque, scratch: Scratch, shards: int
 @task(name="settle-usage", cache_policy=NO_CACHE, **IO_RETRIES)
 def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period) -> Opaque:
     """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past its cap.
+    Events the billed-event index shows billed in another closed period are not billed; the
+    shard's billed event_ids go to the scratch area (`billed/`), for the period's index.
     The Settlement comes back in an Opaque, which `settle_shards` empties once merged: Prefect
     keeps every task run's result until the flow ends, and the shards' results together are as
     large as the merged settlement."""
     started = time.perf_counter()
-    reference, catalog = context.value
+    reference, catalog, index = context.value
     with tempfile.TemporaryDirectory(prefix=f"billrun-shard{shard:04d}-") as tmp:
         local = open_store(scratch.uri).fetch(sorted(keys), Path(tmp) / "in")
+        billed_out = Path(tmp) / "billed.parquet"
         spill = Path(tmp) / "spill"
         spill.mkdir()
         con = duckdb.connect(config={"temp_directory": str(spill),
@@ -195,12 +199,15 @@ def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque,
         try:
             settlement = settled_usage(con, [local[k] for k in sorted(keys)], reference.customers,
                                        list(reference.subscriptions), list(reference.segments), catalog, period,
+                                       index.local(Path(tmp) / "index"), billed_out,
                                        lineage_to=Path(tmp) / "lineage.parquet")
         finally:
             con.close()
         lineage_key = scratch.key(f"lineage/shard={shard:04d}.parquet")
         open_store(scratch.uri).put_file(lineage_key, Path(tmp) / "lineage.parquet")
-        settlement = replace(settlement, lineage=(lineage_key,))
+        billed_key = scratch.key(f"billed/shard={shard:04d}.parquet")
+        open_store(scratch.uri, create=True).put_file(billed_key, billed_out)
+        settlement = replace(settlement, lineage=(lineage_key,), billed_ids=(billed_key,))
     c = settlement.counts
     get_run_logger().info("settle-usage: shard %d: read %d, billed %d, duplicates %d, quarantined %d in %.2fs",
                           shard, c["read"], c["billed"], c["duplicates"], c["quarantined"],
@@ -278,10 +285,11 @@ def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch) -> tuple[
 
 
 def settle_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]], reference, catalog: Catalog,
-                  period: Period) -> Settlement:
-    """Each shard settled on its own, then merged into the settlement of all rows."""
+                  period: Period, index: CommittedIndex) -> Settlement:
+    """Each shard settled on its own, then merged into the settlement of all rows. The merged
+    settlement's `billed_ids` are the shards' scratch keys of their billed event_ids."""
     todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
-    context = Opaque((reference, catalog))
+    context = Opaque((reference, catalog, index))
     futures = [runner.submit(settle_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,
                                             "period": period}) for shard, keys in todo.items()]
     # Folded in as they come, FOLD_SHARDS at a time: each shard's per-day units span most

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import re
 from decimal import Decimal
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import duckdb
 import polars as pl
 
+from transforms.billed_index import NO_INDEX, BilledIndex, id_hash_macro, look_up_billed
 from transforms.periods import Period
 from transforms.plans import Catalog
 from transforms.queries import statements
@@ -38,6 +39,18 @@ class Settlement:
     per_event_usage: pl.DataFrame
     credit_history: list[CreditEvent]
     lineage: tuple[str, ...] = ()  # Parquet files of the billed and duplicate rows (see `lineage` in the SQL)
+    conflicts: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=CONFLICT_SCHEMA))
+    billed_ids: tuple[Path, ...] = ()  # Parquet files of the billed events (event_id, id_hash), when asked for
+
+
+CONFLICT_SCHEMA = {
+    "source_key": pl.String, "source_row": pl.Int64, "event_id": pl.String, "customer_id": pl.String,
+    "meter": pl.String, "dims": pl.String, "quantity": pl.Decimal(38, 9), "event_at": pl.Datetime("us", "UTC"),
+    "differs_in": pl.String, "kept_source_key": pl.String, "kept_source_row": pl.Int64, "kept_outcome": pl.String,
+    "kept_customer_id": pl.String, "kept_meter": pl.String, "kept_dims": pl.String,
+    "kept_quantity": pl.Decimal(38, 9), "kept_event_at": pl.Datetime("us", "UTC"),
+}
+"""One row per duplicate copy whose content differs from the copy that counts (settle_usage.sql)."""
 
 
 def split_at_replay(settlement: Settlement, credit_meters: set[tuple[str, int, str]]
@@ -235,6 +248,8 @@ def merged_settlement(parts: list[Settlement], partial: bool = False) -> Settlem
 
     history = [e for p in parts for e in p.credit_history]
     return Settlement(
+        conflicts=ordered(pl.concat([p.conflicts for p in parts]), "source_key", "source_row"),
+        billed_ids=tuple(path for p in parts for path in p.billed_ids),
         counts={k: sum(p.counts[k] for p in parts) for k in parts[0].counts},
         quarantine=ordered(pl.concat([p.quarantine for p in parts]), "source_key", "source_row"),
         usage_by_dims=summed([p.usage_by_dims for p in parts], USAGE_KEYS),
@@ -250,12 +265,18 @@ def merged_settlement(parts: list[Settlement], partial: bool = False) -> Settlem
 
 def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], customers: pl.DataFrame,
                   subscriptions: list[Subscription], segments: list[Segment], catalog: Catalog,
-                  period: Period, lineage_to: Path | None = None) -> Settlement:
+                  period: Period, index: BilledIndex = NO_INDEX, billed_out: Path | None = None,
+                  lineage_to: Path | None = None) -> Settlement:
     """Settle the rows of `normalized` (Parquet files of `transforms.usage.NORMALIZED_COLUMNS`).
-    With `lineage_to`, also write there the billed and duplicate rows, one row each (the
-    lineage of the billed_events output), straight from DuckDB: never a frame in memory."""
+
+    `index`: the billed-event index of the decided periods: an event their documents bill is not
+    billed here (its copy is quarantined as `billed_in_period`). `billed_out`: where to write the
+    billed events (event_id, id_hash), this settlement's part of the period's index. With
+    `lineage_to`, also write there the billed and duplicate rows, one row each (the lineage of the
+    billed_events output), straight from DuckDB: never a frame in memory."""
     sql = statements(SQL_FILE)
     con.execute("SET TimeZone = 'UTC'")
+    id_hash_macro(con)
     if normalized:
         con.read_parquet([str(p) for p in normalized]).create_view("events")
     else:
@@ -263,13 +284,18 @@ def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     con.register("customers", customers.select("customer_id").to_arrow())
     con.register("segments", segments_frame(segments).to_arrow())
     con.register("plan_meters", plan_meters(catalog).to_arrow())
-    params = {"period_start": period.start_at, "period_end": period.end_at}
+    params = {"period": str(period), "period_start": period.start_at, "period_end": period.end_at,
+              "decided": list(index.periods)}
     _run(con, sql["checked"], params)
     con.register("priced_dims", priced_dims(con.sql(sql["dims_to_price"]).pl(), catalog).to_arrow())
     _run(con, sql["priced"], params)
+    if index:
+        _run(con, sql["probed"], params)
+    look_up_billed(con, index)
     billed_before: set[str] = set()
     if _run(con, sql["any_earlier"], params)[0][0]:  # most closes read no earlier rows at all
-        earlier = con.sql(sql["earlier_copies"], params={"period_start": period.start_at}).pl()
+        earlier = con.sql(sql["earlier_copies"], params={"period_start": period.start_at,
+                                                         "decided": list(index.periods)}).pl()
         billed_before = billed_elsewhere(earlier, subscriptions, catalog)
     con.register("billed_before", pl.DataFrame({"event_id": sorted(billed_before)},
                                                schema={"event_id": pl.String}).to_arrow())
@@ -280,10 +306,15 @@ def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     if lineage_to is not None:
         con.sql(sql["lineage"]).write_parquet(str(lineage_to), compression="zstd")
     con.register("by_day", usage_by_day.to_arrow())
+    if billed_out is not None:
+        billed_out.parent.mkdir(parents=True, exist_ok=True)
+        con.sql(sql["billed_ids"]).write_parquet(str(billed_out), compression="lz4")
     return Settlement(
+        billed_ids=(billed_out,) if billed_out is not None else (),
+        conflicts=con.sql(sql["conflicts"]).pl().cast(CONFLICT_SCHEMA),
         credit_history=credit_history(con, subscriptions, catalog, period),
         counts=counts,
-        quarantine=con.sql(sql["quarantine"]).pl(),
+        quarantine=con.sql(sql["quarantine"], params={"period": str(period)}).pl(),
         usage_by_dims=con.sql(sql["usage_by_dims"]).pl(),
         usage_by_day=usage_by_day,
         per_event_usage=con.sql(sql["per_event_usage"]).pl(),

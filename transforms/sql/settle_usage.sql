@@ -1,7 +1,10 @@
 -- Settle one period's usage: which rows bill, which are duplicates, which are quarantined.
 -- Inputs: `events` (normalized usage rows of every object read), `customers`, `segments`
 -- (one row per subscription segment in the period), `plan_meters` (one row per plan version x
--- meter it prices). Parameters: $period_start, $period_end (UTC instants, half-open).
+-- meter it prices), `billed_elsewhere` (event_ids the documents of other closed periods bill,
+-- from the billed-event index: billed_index.sql). Parameters: $period ('YYYY-MM'),
+-- $period_start, $period_end (UTC instants, half-open), $decided (the closed periods whose
+-- index counts: what they billed is known, so their usage never decides anything here).
 
 -- name: checked
 -- One row per usage row this close counts (scoped: rows whose event time falls in the period,
@@ -59,26 +62,39 @@ LEFT JOIN priced_dims AS pd
 SELECT EXISTS (SELECT 1 FROM events WHERE reason IS NULL AND event_at < $period_start);
 
 -- name: earlier_copies
--- One row per copy, earlier in time and in an earlier period, of an event_id that is clean here
--- (valid on its own, known customer). Whether that copy really billed in its own period (a
--- subscription, a meter and a charge for it then) is decided against subscriptions and plans;
--- if it did, the copy here is a duplicate, so an event_id bills once, ever, whichever period is
--- closed first.
+-- One row per copy, earlier in time and in an earlier period not yet decided, of an event_id
+-- that is clean here (valid on its own, known customer). Whether that copy bills in its own
+-- period (a subscription, a meter and a charge for it then) is decided against subscriptions
+-- and plans; if it does, the copy here is a duplicate, so an event_id bills once, ever,
+-- whichever period is closed first. A copy in a decided period (closed, with its billed-event
+-- index) is left out: what that period bills is its index (`billed_elsewhere`), whatever copies
+-- arrived there since.
 SELECT DISTINCT e.event_id, e.customer_id, e.meter, e.dims, e.event_at
 FROM events AS e
 JOIN customers AS c ON c.customer_id = e.customer_id
 WHERE e.reason IS NULL
   AND e.event_at < $period_start
+  AND strftime(e.event_at, '%Y-%m') NOT IN (SELECT unnest($decided::VARCHAR[]))
   AND e.event_id IN (SELECT event_id FROM priced WHERE final_reason IS NULL)
 ORDER BY ALL;
+
+-- name: probed
+-- One row per event_id with a clean copy here, with its index hash: what the billed-event index
+-- is looked up for (only when some closed period has an index).
+CREATE OR REPLACE TEMP TABLE probed AS
+SELECT DISTINCT event_id, id_hash(event_id) AS id_hash
+FROM priced
+WHERE final_reason IS NULL;
 
 -- name: settled
 -- One row per scoped row with its outcome: billed, duplicate or quarantined. Among clean copies
 -- of one event_id the earliest bills; ties are broken by content, then by source, so the outcome
 -- never depends on the order objects were listed or read. Only the event_ids with two clean
 -- copies or more in `checked` (a few in a hundred; `priced` only quarantines more) are ranked:
--- any other clean row is the only clean copy of its event_id. The fields as read are kept for
--- quarantined rows only (the quarantine's), and the row's own reason only as its final_reason.
+-- any other clean row is the only clean copy of its event_id. The copy that would bill is
+-- quarantined instead (`billed_in_period`) when another closed period's documents bill the
+-- event already (`billed_elsewhere`): reported, never billed twice. The fields as read are kept
+-- for quarantined rows only (the quarantine's), and the row's own reason only as its final_reason.
 CREATE OR REPLACE TEMP TABLE settled AS
 WITH copied AS (
     SELECT event_id
@@ -86,30 +102,36 @@ WITH copied AS (
     WHERE final_reason IS NULL
     GROUP BY event_id
     HAVING count(*) > 1
-)
-SELECT *,
-       CASE WHEN final_reason IS NOT NULL THEN 'quarantined'
-            WHEN copy_no = 1 AND event_id NOT IN (SELECT event_id FROM billed_before) THEN 'billed'
-            ELSE 'duplicate'
-       END AS outcome
-FROM (
-    SELECT * EXCLUDE (reason)
-             REPLACE (CASE WHEN final_reason IS NOT NULL THEN quantity_raw END AS quantity_raw,
-                      CASE WHEN final_reason IS NOT NULL THEN timestamp_raw END AS timestamp_raw),
-           CASE WHEN final_reason IS NULL THEN 1 END AS copy_no
+),
+ranked AS (
+    SELECT *, CASE WHEN final_reason IS NULL THEN 1 END AS copy_no
     FROM priced
     WHERE NOT EXISTS (SELECT 1 FROM copied WHERE copied.event_id = priced.event_id)
     UNION ALL
-    SELECT * EXCLUDE (reason)
-             REPLACE (CASE WHEN final_reason IS NOT NULL THEN quantity_raw END AS quantity_raw,
-                      CASE WHEN final_reason IS NOT NULL THEN timestamp_raw END AS timestamp_raw),
+    SELECT *,
            CASE WHEN final_reason IS NULL THEN
                row_number() OVER (PARTITION BY event_id, final_reason IS NULL
                                   ORDER BY event_at, customer_id, meter, quantity, dims, source_key, source_row)
            END AS copy_no
     FROM priced
     WHERE event_id IN (SELECT event_id FROM copied)
-);
+),
+decided AS (
+    SELECT r.* REPLACE (CASE WHEN r.final_reason IS NULL AND r.copy_no = 1 AND b.event_id IS NOT NULL
+                             THEN 'billed_in_period' ELSE r.final_reason END AS final_reason),
+           CASE WHEN r.final_reason IS NULL AND r.copy_no = 1 THEN b.period END AS billed_period,
+           CASE WHEN r.final_reason IS NULL AND r.copy_no = 1 THEN b.run_id END AS billed_run
+    FROM ranked AS r
+    LEFT JOIN billed_elsewhere AS b ON b.event_id = r.event_id
+)
+SELECT * EXCLUDE (reason)
+         REPLACE (CASE WHEN final_reason IS NOT NULL THEN quantity_raw END AS quantity_raw,
+                  CASE WHEN final_reason IS NOT NULL THEN timestamp_raw END AS timestamp_raw),
+       CASE WHEN final_reason IS NOT NULL THEN 'quarantined'
+            WHEN copy_no = 1 AND event_id NOT IN (SELECT event_id FROM billed_before) THEN 'billed'
+            ELSE 'duplicate'
+       END AS outcome
+FROM decided;
 
 -- name: counts
 -- One row: the manifest's proof that every counted row is billed, a duplicate or quarantined.
@@ -121,8 +143,19 @@ FROM settled;
 
 -- name: quarantine
 -- One row per quarantined row: its fields as read, where it came from and why.
+-- A copy of an event another closed period bills says which period and run; when that period
+-- is a later one (closed first), its documents are final, and a backfill of both periods moves
+-- the event to the earlier one.
 SELECT source_key, source_row, event_id, customer_id, meter,
-       quantity_raw AS quantity, timestamp_raw AS timestamp, dims, final_reason AS reason, detail
+       quantity_raw AS quantity, timestamp_raw AS timestamp, dims, final_reason AS reason,
+       CASE WHEN final_reason = 'billed_in_period' AND billed_period < $period
+                THEN format('billed in {} by {}', billed_period, billed_run)
+            WHEN final_reason = 'billed_in_period'
+                THEN format('billed in {} by {} (a later period, closed first, whose documents are final); '
+                            'to bill it in {} instead, run billrun backfill --from {} --to {}',
+                            billed_period, billed_run, $period, $period, billed_period)
+            ELSE detail
+       END AS detail
 FROM settled
 WHERE outcome = 'quarantined'
 ORDER BY source_key, source_row;
@@ -182,3 +215,33 @@ FROM settled AS s
 LEFT JOIN (SELECT event_id, source_key, source_row FROM settled WHERE outcome = 'billed') AS b
        ON s.outcome = 'duplicate' AND b.event_id = s.event_id
 WHERE s.outcome IN ('billed', 'duplicate');
+
+-- name: billed_ids
+-- One row per event billed here, with its index hash: this settlement's part of the billed-event
+-- index (billed_index.sql).
+SELECT event_id, id_hash(event_id) AS id_hash
+FROM settled
+WHERE outcome = 'billed';
+
+-- name: conflicts
+-- One row per copy set aside as a duplicate whose content differs from the copy of its event_id
+-- that counts (copy 1): another customer, meter, quantity or dimensions. Exactly one copy bills
+-- (the first, by the rule above); the others are reported here rather than dropped silently.
+WITH extra AS (
+    SELECT * FROM settled WHERE copy_no > 1
+),
+firsts AS (
+    SELECT * FROM settled WHERE copy_no = 1 AND event_id IN (SELECT event_id FROM extra)
+)
+SELECT d.source_key, d.source_row, d.event_id, d.customer_id, d.meter, d.dims, d.quantity, d.event_at,
+       concat_ws(', ', CASE WHEN d.customer_id <> f.customer_id THEN 'customer_id' END,
+                       CASE WHEN d.meter <> f.meter THEN 'meter' END,
+                       CASE WHEN d.quantity <> f.quantity THEN 'quantity' END,
+                       CASE WHEN d.dims <> f.dims THEN 'dims' END) AS differs_in,
+       f.source_key AS kept_source_key, f.source_row AS kept_source_row, f.outcome AS kept_outcome,
+       f.customer_id AS kept_customer_id, f.meter AS kept_meter, f.dims AS kept_dims, f.quantity AS kept_quantity,
+       f.event_at AS kept_event_at
+FROM extra AS d
+JOIN firsts AS f ON f.event_id = d.event_id
+WHERE d.customer_id <> f.customer_id OR d.meter <> f.meter OR d.quantity <> f.quantity OR d.dims <> f.dims
+ORDER BY d.source_key, d.source_row;
