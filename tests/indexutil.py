@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
@@ -21,18 +22,19 @@ charges:
 HEADER = "event_id,customer_id,meter,quantity,timestamp\n"
 
 
-def tiny_store(root: Path) -> tuple[str, str]:
-    """A folder store with c1 subscribed from 2026-01-01, and its plans folder."""
+def tiny_store(root: Path, customers: int = 2) -> tuple[str, str]:
+    """A folder store with customers c1..cN, each subscribed from 2026-01-01, and its plans folder."""
     plans = root / "plans"
     plans.mkdir(parents=True)
     (plans / "u-v1.yaml").write_text(PLAN, encoding="utf-8")
     store = str(root / "store")
     s = open_store(store, create=True)
-    s.put_bytes("customers/customers.csv", b"customer_id,name,email\nc1,Acme,ap@acme.example\n"
-                                           b"c2,Beta,ap@beta.example\n")
+    ids = [f"c{i}" for i in range(1, customers + 1)]
+    s.put_bytes("customers/customers.csv",
+                ("customer_id,name,email\n" + "".join(f"{c},{c},ap@{c}.example\n" for c in ids)).encode())
     s.put_bytes("subscriptions/subscriptions.csv",
-                b"subscription_id,customer_id,plan,plan_version,start_date,end_date,budget,hard_cap\n"
-                b"s1,c1,u,,2026-01-01,,,\ns2,c2,u,,2026-01-01,,,\n")
+                ("subscription_id,customer_id,plan,plan_version,start_date,end_date,budget,hard_cap\n"
+                 + "".join(f"s{c[1:]},{c},u,,2026-01-01,,,\n" for c in ids)).encode())
     return store, str(plans)
 
 
@@ -57,21 +59,31 @@ def manifest(store: str, period: str) -> dict:
     return json.loads(open_store(store).read_bytes(f"billing/period={period}/manifest.json"))
 
 
-def billed_quantity(store: str) -> dict[str, int]:
-    """Per period, the calls its finalized documents bill: the invoice's usage lines plus every
-    committed correction's adjustments."""
+def billed_by_customer(store: str) -> dict[tuple[str, str], int]:
+    """Per (period, customer), the calls the period's finalized documents bill: the invoices'
+    usage lines plus every committed correction's adjustments (manifests only: a period or a
+    correction without one is not final)."""
     s = open_store(store)
-    out: dict[str, int] = {}
+    out: dict[tuple[str, str], int] = {}
     for info in s.list("billing/"):
         key = info.key
-        if key.startswith("billing/period=") and key.endswith("/invoice_lines.parquet"):
-            lines = parquet(store, key).filter(pl.col("kind") == "usage")
+        if key.startswith("billing/period=") and key.endswith("/manifest.json"):
+            lines = parquet(store, key.replace("manifest.json", "invoice_lines.parquet")).filter(pl.col("kind") == "usage")
             period = key.split("=", 1)[1].split("/", 1)[0]
-            out[period] = out.get(period, 0) + int(sum(lines["quantity"].cast(pl.Decimal(38, 9)).to_list()))
+            for customer, quantity in lines.select("customer_id", "quantity").iter_rows():
+                out[(period, customer)] = out.get((period, customer), 0) + int(Decimal(quantity))
         if key.startswith("billing/corrections/") and key.endswith("/manifest.json"):
             lines = parquet(store, key.replace("manifest.json", "invoice_lines.parquet"))
             docs = parquet(store, key.replace("manifest.json", "invoices.parquet"))
             for row in lines.join(docs.select("invoice_id", "period"), on="invoice_id").iter_rows(named=True):
-                change = int(row["new_quantity"] or 0) - int(row["old_quantity"] or 0)
-                out[row["period"]] = out.get(row["period"], 0) + change
+                change = int(Decimal(row["new_quantity"] or 0)) - int(Decimal(row["old_quantity"] or 0))
+                out[(row["period"], row["customer_id"])] = out.get((row["period"], row["customer_id"]), 0) + change
+    return out
+
+
+def billed_quantity(store: str) -> dict[str, int]:
+    """Per period, the calls its finalized documents bill."""
+    out: dict[str, int] = {}
+    for (period, _), quantity in billed_by_customer(store).items():
+        out[period] = out.get(period, 0) + quantity
     return out
