@@ -28,6 +28,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
+from flows.billed_index import committed_index
 from flows.close import (Inputs, Reference, check_reference, fetch_inputs, normalize_usage, plan_entries_for,
                          rate_invoices, replay_credits, settle_usage, work_dir_for)
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, read_table
@@ -228,7 +229,10 @@ def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: st
         reference, moved = candidate_reference(quote(original), moves, quote(catalog), the_period, wanted)
         _check_moves(reference, moved, moves, the_period, wanted, original, require_moves)
         normalized = normalize_usage(quote(inputs), work_dir)
-        settlement = settle_usage(quote(normalized), quote(reference), quote(catalog), the_period, work_dir)
+        # as the close: what the other closed periods' documents bill is not billed here
+        index = committed_index(store, leave_out=[str(the_period)]).local(work_dir / "billed-index")
+        settlement = settle_usage(quote(normalized), quote(reference), quote(catalog), the_period, work_dir,
+                                  quote(index))
         outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), the_period)
         invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), the_period)
     finally:
