@@ -234,10 +234,8 @@ firsts AS (
     SELECT * FROM settled WHERE copy_no = 1 AND event_id IN (SELECT event_id FROM extra)
 )
 SELECT d.source_key, d.source_row, d.event_id, d.customer_id, d.meter, d.dims, d.quantity, d.event_at,
-       concat_ws(', ', CASE WHEN d.customer_id <> f.customer_id THEN 'customer_id' END,
-                       CASE WHEN d.meter <> f.meter THEN 'meter' END,
-                       CASE WHEN d.quantity <> f.quantity THEN 'quantity' END,
-                       CASE WHEN d.dims <> f.dims THEN 'dims' END) AS differs_in,
+       concat_ws(', ', if(d.customer_id <> f.customer_id, 'customer_id', NULL), if(d.meter <> f.meter, 'meter', NULL),
+                       if(d.quantity <> f.quantity, 'quantity', NULL), if(d.dims <> f.dims, 'dims', NULL)) AS differs_in,
        f.source_key AS kept_source_key, f.source_row AS kept_source_row, f.outcome AS kept_outcome,
        f.customer_id AS kept_customer_id, f.meter AS kept_meter, f.dims AS kept_dims, f.quantity AS kept_quantity,
        f.event_at AS kept_event_at
