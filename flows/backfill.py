@@ -357,7 +357,7 @@ def _write(documents: list[Invoice], revenue_changes: pl.DataFrame, ledger_chang
         "reason": reason, "as_of": as_of.isoformat(), "periods": [str(p) for p in periods],
         "inputs": [o.manifest_entry() for o in inputs.all],
         "plans": plan_entries,
-        "billed_events": billed_events,
+        "billed_event_index": billed_events,
         "documents": [{"invoice_id": d.invoice_id, "kind": d.kind, "period": d.period,
                        "corrects_invoice_id": d.corrects_invoice_id, "total_minor": d.total_minor,
                        "currency": d.currency} for d in documents],

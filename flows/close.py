@@ -479,7 +479,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
         "quarantined_by_reason": dict(sorted(quarantine.group_by("reason").len().iter_rows())),
         "conflicting_duplicates": settlement.conflicts.height,
-        "billed_events": billed_events,
+        "billed_event_index": billed_events,
         "totals": _totals(invoices),
         "outputs": [{"key": prefix + n, "size": size, "sha256": digest} for n, size, digest in sorted(outputs)],
     }

@@ -53,7 +53,7 @@ def test_the_index_is_named_by_the_manifest_and_holds_exact_ids(prefect_server, 
     send(store, "usage/oct.csv", ("e1", "2026-10-05T00:00:00Z", 1), ("e2", "2026-10-06T00:00:00Z", 2),
          ("e2", "2026-10-07T00:00:00Z", 2))
     close(store, plans, "2026-10")
-    entry = manifest(store, "2026-10")["billed_events"]
+    entry = manifest(store, "2026-10")["billed_event_index"]
     index = parquet(store, entry["key"])
     assert entry["key"] == f"billing/_state/billed_events/period=2026-10/{manifest(store, '2026-10')['run_id']}.parquet"
     assert entry["events"] == 2 and sorted(index["event_id"].to_list()) == ["e1", "e2"]
