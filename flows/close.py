@@ -410,7 +410,7 @@ def plan_entries_for(segments: tuple[Segment, ...]) -> list[dict]:
 def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
                   reference: Reference, inputs: Inputs, catalog: Catalog, outcome: Outcome, period: Period,
                   run_id: str, costs: tuple,
-                  plan_entries: list[dict], out_dir: Path, billed_events: dict | None = None) -> tuple[list[str], bytes]:
+                  plan_entries: list[dict], out_dir: Path, index_entry: dict | None = None) -> tuple[list[str], bytes]:
     """Tables and HTML into `out_dir`; returns the relative names and the manifest's bytes."""
     started = time.perf_counter()
     shutil.rmtree(out_dir, ignore_errors=True)  # a killed run's partial outputs
@@ -479,7 +479,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
         "quarantined_by_reason": dict(sorted(quarantine.group_by("reason").len().iter_rows())),
         "conflicting_duplicates": settlement.conflicts.height,
-        "billed_event_index": billed_events,
+        "billed_event_index": index_entry,
         "totals": _totals(invoices),
         "outputs": [{"key": prefix + n, "size": size, "sha256": digest} for n, size, digest in sorted(outputs)],
     }
@@ -736,10 +736,10 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_addres
         # dataclass in them looking for futures (minutes for 100k invoices)
         out_dir = output_folder(store, run_id, hold.token, work_dir)
         # the period's index goes in before the manifest, which names it: it counts once the period is closed
-        [billed_events] = record_billed(store, [(index_key(str(period), run_id), index_file, indexed)])
+        [index_entry] = record_billed(store, [(index_key(str(period), run_id), index_file, indexed)])
         names, manifest = write_outputs(quote(invoices), quote(settlement), quote(normalized), quote(reference),
                                         quote(inputs), quote(catalog), quote(outcome),
-                                        period, run_id, quote(costs), plan_entries, out_dir, billed_events)
+                                        period, run_id, quote(costs), plan_entries, out_dir, index_entry)
         fault_point("written")
         warnings = publish(store, period, run_id, out_dir, quote(names), quote(manifest), hold)
     finally:
