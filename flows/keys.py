@@ -6,6 +6,8 @@ from __future__ import annotations
 MANIFEST = "manifest.json"
 """Written last in a period's folder: its presence means the period is closed."""
 SELLER_KEY = "seller.yaml"
+CONFIG_KEY = "billrun.yaml"
+"""The store's own settings (its `tables:` section turns the lakehouse tables on)."""
 
 
 def period_prefix(period) -> str:

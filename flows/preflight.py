@@ -98,6 +98,14 @@ def close_summary(manifest: dict, store_uri: str, status: str) -> dict:
             "quarantined_by_reason": manifest.get("quarantined_by_reason", {})}
 
 
+def has_settings(store_uri: str) -> bool:
+    """Whether the store has its own settings file (billrun.yaml)."""
+    from flows.keys import CONFIG_KEY
+    from flows.store import open_store
+
+    return open_store(store_uri).exists(CONFIG_KEY)
+
+
 def night_already_ran(store_uri: str, day: date) -> bool:
     from flows.store import open_store
 

@@ -36,12 +36,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.keys import CONFIG_KEY
 from flows.locks import fault_point
 from flows.retries import IO_RETRIES
 from flows.store import LocalStore, Store, StoreError, open_store
 from transforms.errors import BillrunError, InputError
 
-CONFIG_KEY = "billrun.yaml"
 TABLES = ("invoices", "invoice_lines", "credit_ledger", "credit_balances", "revenue", "journal", "alerts",
           "quarantine", "usage_summary", "margins")
 """Every output that becomes a table, as its Parquet file is named (`<table>.parquet`)."""
