@@ -646,6 +646,60 @@ def pdf(ctx: typer.Context,
     out.print(f"{invoice}: {written}")
 
 
+@app.command(cls=_Command, epilog="Example: billrun preview --customer acme --date 2026-11-14 --pdf")
+def preview(ctx: typer.Context,
+            customer: str = typer.Option(..., "--customer", metavar="ID", help="A customer_id of customers/."),
+            day: Optional[str] = typer.Option(None, "--date", metavar=DAY, show_default=False,
+                                              help="Show the open period holding this day, as of its end "
+                                                   "\\[default: today, UTC]."),
+            as_pdf: bool = typer.Option(False, "--pdf", metavar="", help="Write a PDF instead of HTML."),
+            out_path: Optional[Path] = typer.Option(None, "--out", metavar="FILE", show_default=False,
+                                                    help="Where to write it \\[default: ./DRAFT-<customer>-<period>"
+                                                         ".html or .pdf]; several drafts get -1, -2, ..."),
+            store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt) -> None:
+    """Preview a customer's draft invoice(s) of the open period, marked DRAFT and never numbered.
+
+    From the latest nightly run of the period up to --date, or else rated from the store's
+    inputs through --date by the close's own steps. Writes nothing into the store."""
+    store, plans = _opts(ctx, store, plans)
+    the_day = day or _now().date().isoformat()
+    target = _checked(_preview_checks, store, plans, customer, the_day)
+    from flows.documents import drafts_from_night, write_drafts
+    from transforms.drafts import customer_drafts
+    from transforms.render import Draft
+
+    period, night, credits = target["period"], target["night"], None
+    invoices = _run(drafts_from_night, store, night, customer) if night is not None else []
+    if invoices:
+        source = f"the nightly run of {night}"
+    else:
+        from flows.preview import rate_so_far
+
+        _quiet_user_errors()
+        rated = _run(_shown(ctx, False, rate_so_far), store=store, plans=plans, customer=customer, day=the_day)
+        invoices, credits = rated.invoices, rated.credits
+        source = f"the store's inputs through {the_day}"
+    drafts = customer_drafts(invoices, customer, target["day"], target["seller"], target["customer"])
+    note = (f"the {period} invoice as it stands on {the_day} ({source}); the final invoice is numbered and "
+            f"issued when the period closes, and may differ")
+    written = _run(write_drafts, drafts, target["customer"], target["seller"], target["roundings"],
+                   Draft(note, f"figures from {source}"), credits, out_path, as_pdf)
+    out.print(f"{customer}: draft of {period} as of {the_day}, from {source}", markup=False)
+    for inv, path in zip(drafts, written):
+        tax = f" incl. tax {_money(inv.tax_minor, inv.currency)}" if inv.tax_minor else ""
+        due = f", due {inv.due_on}" if inv.due_on else ""
+        out.print(f"  {inv.invoice_id}: {_money(inv.total_minor, inv.currency)}{tax}{due} -> {path}", markup=False)
+
+
+def _preview_checks(store: str, plans: str, customer: str, day: str) -> dict:
+    from flows import preflight
+    from transforms.periods import parse_day
+
+    the_day = parse_day(day, "--date")
+    _checked_folders(store, plans)
+    return preflight.preview_target(store, plans, customer, the_day)
+
+
 @app.command(cls=_Command, epilog="Example: billrun unlock --period 2026-10 --store s3://acme-billing/prod")
 def unlock(ctx: typer.Context,
            period: str = typer.Option(..., "--period", metavar=PERIOD, help="The period whose lock to remove."),

@@ -1,14 +1,23 @@
 """Customer documents as files: the PDF of an invoice, credit note or debit note, rendered from
-the HTML that the close or backfill published (WeasyPrint; nothing is re-rated)."""
+the HTML that the close or backfill published (WeasyPrint; nothing is re-rated), and the drafts
+of `billrun preview` (see flows/preview.py)."""
 from __future__ import annotations
 
+import io
 import re
+from datetime import date
 from pathlib import Path
+
+import polars as pl
 
 from flows.fonts import check_glyphs
 from flows.keys import MANIFEST
 from flows.store import open_store
+from transforms.credits import CreditSummary
+from transforms.drafts import draft_file_stem
 from transforms.errors import InputError
+from transforms.invoices import Invoice, invoices_from_tables
+from transforms.render import Draft, invoice_html
 
 _ID = re.compile(r"^(INV|CN|DN)-(\d{4}-\d{2})-\d{6}$")
 
@@ -33,11 +42,53 @@ def document_html_key(store, invoice_id: str) -> str:
 def document_pdf(store_uri: str, invoice_id: str, out: Path) -> Path:
     """Render the document to `out` as PDF and return the path; a character no installed font
     can draw fails the command (flows.fonts) before anything is written."""
-    from weasyprint import HTML
-
     store = open_store(store_uri)
     html = store.read_bytes(document_html_key(store, invoice_id)).decode("utf-8")
-    check_glyphs(html, invoice_id)
+    return html_pdf(html, invoice_id, out)
+
+
+def html_pdf(html: str, document: str, out: Path) -> Path:
+    """A document's HTML to `out` as PDF; a character no installed font can draw fails before
+    anything is written (flows.fonts)."""
+    from weasyprint import HTML
+
+    check_glyphs(html, document)
     out.parent.mkdir(parents=True, exist_ok=True)
     HTML(string=html).write_pdf(out)
     return out
+
+
+def drafts_from_night(store_uri: str, night: date, customer_id: str) -> list[Invoice]:
+    """The customer's draft invoices as the nightly run of `night` wrote them (none when that
+    night drafted nothing for the customer)."""
+    store = open_store(store_uri)
+    prefix = f"billing/nightly/date={night}/"
+
+    def read(name: str) -> pl.DataFrame:
+        frame = pl.read_parquet(io.BytesIO(store.read_bytes(prefix + name)))
+        return frame.filter(pl.col("customer_id") == customer_id)
+
+    return invoices_from_tables(read("draft_invoices.parquet"), read("draft_invoice_lines.parquet"))
+
+
+def write_drafts(drafts: list[Invoice], customer: dict, seller: dict, roundings: dict[str, str], draft: Draft,
+                 credits: CreditSummary | None, out: Path | None, pdf: bool) -> list[Path]:
+    """Each draft as HTML (or PDF) at `out`, else in the current folder under its draft id
+    (`DRAFT-<customer>-<period>.html`); with several drafts and `out`, `out`'s name gets -1, -2, ...
+    Nothing goes into the store."""
+    suffix = ".pdf" if pdf else ".html"
+    written = []
+    for n, inv in enumerate(drafts, start=1):
+        if out is None:
+            path = Path(draft_file_stem(inv.customer_id, inv.period, n, len(drafts)) + suffix)
+        else:
+            path = out if len(drafts) == 1 else out.with_name(f"{out.stem}-{n}{out.suffix or suffix}")
+        html = invoice_html(inv, customer, seller, roundings.get(inv.subscription_id, "half_up"), "",
+                            credits=credits, draft=draft)
+        if pdf:
+            html_pdf(html, inv.invoice_id, path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(html, encoding="utf-8")
+        written.append(path)
+    return written

@@ -146,3 +146,76 @@ def usage_missing_refusal(store_uri: str, plans: str, period: Period) -> str | N
         subs = checked_subscriptions(read_table(local[subscriptions_key], subscriptions_key), subscriptions_key,
                                      customers, catalog)
     return close_without_usage(period, 0, segments_in(period, subs, catalog))
+
+
+_NIGHT_MANIFEST = re.compile(r"^billing/nightly/date=(\d{4}-\d{2}-\d{2})/manifest\.json$")
+
+
+def preview_target(store_uri: str, plans: str, customer: str, day: date) -> dict:
+    """What `billrun preview` shows, checked before anything slow starts: the customer (known),
+    the open period holding `day` (not closed: its final invoices are published), the
+    customer's subscriptions in it (at least one), the seller's terms, and the latest nightly run
+    of the period up to `day` (None: the drafts are rated from the inputs)."""
+    import yaml
+
+    from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, read_table
+    from flows.keys import SELLER_KEY
+    from flows.store import open_store
+    from transforms.plans import load_catalog
+    from transforms.reference import checked_customers, checked_subscriptions, segments_in
+    from transforms.terms import seller_block
+
+    store = open_store(store_uri)
+    period = Period.containing(day)
+    if store.exists(manifest_key(period)):
+        raise InputError(f"--date {day} is in {period}, which is closed: its final invoices are published"
+                         f"{_final_invoices(store, period, customer)}; a preview shows an open period")
+    keys = {}
+    for what, options in (("customers", CUSTOMERS_KEYS), ("subscriptions", SUBSCRIPTIONS_KEYS)):
+        present = [k for k in options if store.exists(k)]
+        if not present:
+            raise InputError(f"{store.uri}: {options[0]} (or .parquet) not found; every store needs {what}")
+        keys[what] = present[0]
+    catalog = load_catalog(plans)
+    with tempfile.TemporaryDirectory(prefix="billrun-preflight-") as tmp:
+        local = store.fetch(list(keys.values()) + ([SELLER_KEY] if store.exists(SELLER_KEY) else []), Path(tmp))
+        customers = checked_customers(read_table(local[keys["customers"]], keys["customers"]), keys["customers"])
+        rows = customers.filter(customers["customer_id"] == customer)
+        if rows.is_empty():
+            raise InputError(f"--customer {customer!r}: no such customer in {keys['customers']}")
+        subs = checked_subscriptions(read_table(local[keys["subscriptions"]], keys["subscriptions"]),
+                                     keys["subscriptions"], customers, catalog)
+        seller = {}
+        if SELLER_KEY in local:
+            try:
+                seller = yaml.safe_load(local[SELLER_KEY].read_text(encoding="utf-8"))
+            except yaml.YAMLError as exc:
+                raise InputError(f"{SELLER_KEY}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    segments = [s for s in segments_in(period, [s for s in subs if s.customer_id == customer], catalog)]
+    if not segments:
+        raise InputError(f"--customer {customer!r}: no subscription of theirs is active in {period} "
+                         f"({keys['subscriptions']}), so there is no invoice to preview")
+    nights = sorted(night for o in store.list("billing/nightly/")
+                    if (m := _NIGHT_MANIFEST.match(o.key))
+                    and Period.containing(night := date.fromisoformat(m.group(1))) == period and night <= day)
+    return {"period": period, "day": day, "customer": rows.row(0, named=True),
+            "seller": seller_block(seller or {}, SELLER_KEY),
+            "roundings": {s.subscription.subscription_id: s.plan.plan.rounding for s in segments},
+            "night": nights[-1] if nights else None}
+
+
+def _final_invoices(store, period: Period, customer: str) -> str:
+    """`(<ids>: see them with billrun pdf or explain)` for the customer's final invoices of a closed period."""
+    import io
+
+    import polars as pl
+
+    key = f"billing/period={period}/invoices.parquet"
+    ids = []
+    if store.exists(key):
+        table = pl.read_parquet(io.BytesIO(store.read_bytes(key)), columns=["invoice_id", "customer_id", "kind"])
+        ids = table.filter((pl.col("customer_id") == customer) & (pl.col("kind") == "invoice"))["invoice_id"].to_list()
+    if not ids:
+        return " (see them with `billrun pdf --invoice ID` or `billrun explain --invoice ID`)"
+    return (f" (the customer's: {', '.join(ids)}; see one with `billrun pdf --invoice {ids[0]}` or "
+            f"`billrun explain --invoice {ids[0]}`)")

@@ -492,3 +492,38 @@ def apply_credits(usage: dict[tuple[str, int], SegmentUsage], billable: dict[tup
         per_event = tuple(r for r in su.per_event if (sub, seg, r[0]) not in credit_meters)
         out[(sub, seg)] = SegmentUsage(rows, per_event)
     return out
+
+
+def invoices_from_tables(invoices: pl.DataFrame, lines: pl.DataFrame) -> list[Invoice]:
+    """The documents that `invoices_table` and `lines_table` wrote, read back (a nightly run's
+    drafts, to show them): one Invoice per row of `invoices`, its lines in line_no order.
+    Decimals come back equal in value (the tables hold them as plain text)."""
+    def number(text: str | None) -> Decimal | None:
+        return None if text is None else Decimal(text)
+
+    def step(d: dict) -> Step:
+        return Step(d["label"], Decimal(d["units"]), number(d["unit_price"]), Decimal(d["amount"]), number(d["per"]))
+
+    by_invoice: dict[str, list[Line]] = defaultdict(list)
+    for row in lines.sort("invoice_id", "line_no").iter_rows(named=True):
+        by_invoice[row["invoice_id"]].append(Line(
+            kind=row["kind"], description=row["description"], quantity=Decimal(row["quantity"]),
+            amount_minor=row["amount_minor"], meter=row["meter"], unit=row["unit"] or "",
+            segment_no=row["segment_no"], plan=row["plan"], plan_version=row["plan_version"],
+            group=json.loads(row["group"]) if row["group"] else {},
+            filter=json.loads(row["filter"]) if row["filter"] else {},
+            total_units=number(row["total_units"]), included_units=number(row["included_units"]),
+            amount=number(row["amount"]),
+            steps=tuple(step(d) for d in json.loads(row["details"])) if row["details"] else (),
+            adjusts_kind=row["adjusts_kind"], adjusts_description=row["adjusts_description"],
+            old_quantity=number(row["old_quantity"]), new_quantity=number(row["new_quantity"]),
+            old_amount_minor=row["old_amount_minor"], new_amount_minor=row["new_amount_minor"],
+            tax_rate=number(row["tax_rate"]), taxable_base_minor=row["taxable_base_minor"],
+            tax_note=row["tax_note"], tax_inclusive=row["tax_inclusive"]))
+    return [Invoice(invoice_id=row["invoice_id"], kind=row["kind"], customer_id=row["customer_id"],
+                    subscription_id=row["subscription_id"], period=row["period"], currency=row["currency"],
+                    issued_on=row["issued_on"], lines=tuple(by_invoice.get(row["invoice_id"], ())),
+                    service_start=row["service_start"], service_end=row["service_end"],
+                    corrects_invoice_id=row["corrects_invoice_id"], run_id=row["run_id"], reason=row["reason"],
+                    due_on=row["due_on"])
+            for row in invoices.iter_rows(named=True)]

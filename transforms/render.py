@@ -7,6 +7,7 @@ over the lines, with money formatted through a cache (Babel's formatter is most 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
@@ -33,6 +34,18 @@ BADGES = {"cap_waiver": "Hard cap", "commitment_true_up": "Commitment", "top_up"
           "credit_purchase": "Credit pack"}
 GRANT_LABELS = {"grant": "Plan credits", "purchase": "Credit pack", "top_up": "Automatic top-up",
                 "rollover": "Rolled over", "opening": "Brought forward"}
+DRAFT_PAYMENT_REFERENCE = "the invoice number, given at the close"
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What a draft document says about itself: `note` on its banner (why it is not the
+    invoice), `source` in its footer (what its figures come from)."""
+
+    note: str
+    source: str
+
+
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
 
@@ -272,18 +285,25 @@ def credits_view(summary: CreditSummary, currency: str, rounding: str) -> dict:
 
 
 def invoice_html(invoice: Invoice, customer: dict, seller: dict, rounding: str, run_id: str, *,
-                 credits: CreditSummary | None = None) -> str:
+                 credits: CreditSummary | None = None, draft: Draft | None = None) -> str:
     """The document a customer receives for `invoice` (an invoice, credit note or debit note).
 
     `credits`: the customer's wallet over the invoice's period (see credits.credit_summaries);
     without it the credits section is left out. The due date is the invoice's `due_on`; the
-    payment instructions (seller.yaml's `payment`) are printed on what the customer pays."""
+    payment instructions (seller.yaml's `payment`) are printed on what the customer pays.
+    `draft`: a preview of an open period's invoice, not the document itself: marked DRAFT in
+    its title, a banner and a watermark, dated "as of" instead of issued, and paid by the
+    number the close will give it (see flows/preview.py)."""
     currency = invoice.currency
     note = invoice.kind != "invoice"
     due_on = invoice.due_on
     payment = (seller.get("payment") or []) if invoice.kind != "credit_note" else []
     return _template(TEMPLATES[invoice.kind]).render(
-        title=TITLES[invoice.kind],
+        title=f"Draft {TITLES[invoice.kind].lower()}" if draft else TITLES[invoice.kind],
+        draft={"note": draft.note, "source": draft.source} if draft else None,
+        number_label="Draft id" if draft else f"{TITLES[invoice.kind]} number",
+        issued_label="As of" if draft else "Issued",
+        payment_reference=DRAFT_PAYMENT_REFERENCE if draft else invoice.invoice_id,
         invoice=invoice,
         customer=customer,
         seller=seller,

@@ -1,0 +1,68 @@
+"""`billrun preview --customer C --date D`: the customer's draft invoice(s) of the open period.
+
+With a nightly run of the period up to D, the drafts are that night's (flows/nightly.py wrote
+them: what the close would bill if the period ended that night). Without one, this flow rates the
+store's inputs with the close's own steps, as `simulate` does: fetch, check, normalize, settle
+(events up to the end of D, cut as a night cuts them), credits, rating with tax and terms. It
+publishes nothing: no period lock, nothing under billing/, the billed-event index only read.
+"""
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import date
+
+from prefect import flow, get_run_logger
+from prefect.utilities.annotations import quote
+
+from flows.billed_index import committed_index
+from flows.close import (check_reference, closed_manifest, fetch_inputs, normalize_usage, rate_invoices,
+                         replay_credits, settle_usage, work_dir_for)
+from flows.nightly import _through_night
+from flows.secrets import keep_secrets_out_of_logs
+from flows.shards import Normalized
+from transforms.credits import CreditSummary, credit_summaries
+from transforms.errors import InputError
+from transforms.invoices import Invoice
+from transforms.periods import Period, parse_day
+
+
+@dataclass(frozen=True)
+class Rated:
+    """The customer's invoices as the close would issue them if the period ended on the day."""
+
+    invoices: list[Invoice]
+    credits: CreditSummary | None  # the customer's wallet over the period so far (None: no credits)
+
+
+@flow(name="preview", log_prints=False)
+def rate_so_far(store: str, plans: str, customer: str, day: str) -> Rated:
+    """Rate the period holding `day` from the store's inputs through the end of `day`, with the
+    close's steps, and keep the customer's invoices. Writes nothing to the store."""
+    keep_secrets_out_of_logs()
+    the_day = parse_day(day, "--date")
+    period = Period.containing(the_day)
+    if closed_manifest(store, period) is not None:
+        raise InputError(f"--date {day} is in {period}, which is closed: its final invoices are published")
+    from transforms.plans import load_catalog
+
+    catalog = load_catalog(plans)
+    # a preview holds no lock, so two may run at once: each its own work folder
+    work_dir = work_dir_for(store, f"preview-{the_day}-{uuid.uuid4().hex[:8]}")
+    try:
+        inputs = fetch_inputs(store, work_dir / "inputs")
+        reference = check_reference(quote(inputs), quote(catalog), period)
+        normalized = normalize_usage(quote(inputs), work_dir)
+        # the events up to the end of the day, as a night of that day takes them in
+        so_far = Normalized(tuple(_through_night(list(normalized.paths), {}, the_day, work_dir / "through-day")),
+                            normalized.unreadable, normalized.rows)
+        index = committed_index(store, leave_out=[str(period)]).local(work_dir / "billed-index")
+        settlement = settle_usage(quote(so_far), quote(reference), quote(catalog), period, work_dir, quote(index))
+        outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)
+        invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    mine = [inv for inv in invoices if inv.customer_id == customer]
+    get_run_logger().info("preview: %d draft invoices of %s for %s as of %s", len(mine), period, customer, the_day)
+    return Rated(mine, credit_summaries(outcome, period).get(customer))
