@@ -106,3 +106,20 @@ def test_mistakes_are_one_line_before_anything_slow(small_store, monkeypatch, ar
     store, plans = small_store
     result = runner.invoke(app, ["preview", *args, "--store", store, "--plans", plans])
     assert (result.exit_code, result.output.strip()) == (1, line)
+
+
+def test_several_drafts_get_numbered_files_and_nothing_goes_elsewhere(tmp_path, monkeypatch):
+    from flows.documents import write_drafts
+
+    inv = renderutil.sample_invoice()
+    other = inv.__class__(**{**inv.__dict__, "subscription_id": "sub_2"})
+    drafts = customer_drafts([inv, other], "c1", date(2026, 10, 14), SELLER_TERMS, {})
+    draft = Draft("as it stands", "figures from the nightly run of 2026-10-14")
+    monkeypatch.chdir(tmp_path)
+    default = write_drafts(drafts, renderutil.CUSTOMER, SELLER_TERMS, {}, draft, None, out=None, pdf=False)
+    assert default == [Path("DRAFT-c1-2026-10-1.html"), Path("DRAFT-c1-2026-10-2.html")]
+    named = write_drafts(drafts, renderutil.CUSTOMER, SELLER_TERMS, {}, draft, None, out=Path("out/c1.html"), pdf=False)
+    assert named == [Path("out/c1-1.html"), Path("out/c1-2.html")]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.html")) == [
+        "DRAFT-c1-2026-10-1.html", "DRAFT-c1-2026-10-2.html", "out/c1-1.html", "out/c1-2.html"]
+    assert "<title>Draft invoice DRAFT-c1-2026-10-2</title>" in Path("out/c1-2.html").read_text()

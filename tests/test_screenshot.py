@@ -123,12 +123,28 @@ def _taxed_invoice() -> str:
     return invoice_html(invoice, renderutil.CUSTOMER, seller, "half_up", renderutil.RUN_ID)
 
 
+def _draft_invoice() -> str:
+    """A preview (`billrun preview`) of the sample invoice: DRAFT in the title, a banner and a
+    watermark over the page, a draft id instead of an invoice number, dated "as of" the day."""
+    from datetime import date
+
+    from transforms.drafts import customer_drafts
+    from transforms.render import Draft
+
+    seller = {**renderutil.SELLER, "payment_terms_days": 30, "payment": [("Bank", "First Example Bank")]}
+    [draft] = customer_drafts([renderutil.sample_invoice()], "c1", date(2026, 10, 14), seller, {})
+    return invoice_html(draft, renderutil.CUSTOMER, seller, "half_up", "", draft=Draft(
+        "the 2026-10 invoice as it stands on 2026-10-14 (the nightly run of 2026-10-14); the final invoice is "
+        "numbered and issued when the period closes, and may differ", "figures from the nightly run of 2026-10-14"))
+
+
 # name -> (html, window height); the invoice's sheet is about 1,560 px tall and the window leaves
 # room below it, so growth shows. `invoice-without-credits` proves the comparison sees a change.
 PAGES = {"invoice": (_invoice, 1800), "credit_note": (_credit_note, 1000),
          "invoice-without-credits": (lambda: _invoice(credits=False), 1800),
-         "invoice-cjk": (_cjk_invoice, 1800), "invoice-taxed": (_taxed_invoice, 1900)}
-BASELINED = ("credit_note", "invoice", "invoice-cjk", "invoice-taxed")
+         "invoice-cjk": (_cjk_invoice, 1800), "invoice-taxed": (_taxed_invoice, 1900),
+         "invoice-draft": (_draft_invoice, 1900)}
+BASELINED = ("credit_note", "invoice", "invoice-cjk", "invoice-taxed", "invoice-draft")
 
 
 @pytest.fixture(scope="module")
