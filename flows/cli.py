@@ -910,6 +910,86 @@ def report(ctx: typer.Context,
     out.print(f"{result['period']}: report with {result['charts']} charts at {result['report']}")
 
 
+@app.command(cls=_Command, epilog="Example (in a pull request): billrun impact --base origin/main --periods 3 "
+                                  "--out impact.md --store s3://acme-billing/prod")
+def impact(ctx: typer.Context,
+           base: str = typer.Option(..., "--base", metavar="REV", help="The git revision whose plans folder to "
+                                    "compare with the working tree's (a branch, tag or commit)."),
+           periods: int = typer.Option(1, "--periods", metavar="N", help="Re-rate the last N closed periods."),
+           out_file: Optional[str] = typer.Option(None, "--out", metavar="FILE", show_default=False,
+                                                  help="Write the markdown report here \\[default: print it]."),
+           shock: str = typer.Option("0.2", "--shock", metavar="FRACTION", help="A bill shock rises by more than "
+                                     "this fraction of the bill..."),
+           shock_amount: str = typer.Option("10", "--shock-amount", metavar="AMOUNT", help="...and by more than "
+                                            "this amount of its currency."),
+           top: int = typer.Option(20, "--top", metavar="N", help="Rows per table before the rest is summed up."),
+           store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
+    """What a change to the plan files does to revenue, before it merges.
+
+    Re-rates the last closed periods with the close's own steps twice: with the plans folder as it
+    is at git revision --base, and as it is in the working tree. Writes a markdown report: totals,
+    per plan and per customer changes, bill shocks, breakage and margin, migration notices.
+    Nothing in the store changes."""
+    store, plans = _opts(ctx, store, plans)
+    _checked(_impact_checks, store, plans, base, periods, shock, shock_amount, top, out_file)
+    from flows.impact import impact as impact_flow
+
+    _quiet_user_errors()
+    result = _run(impact_flow, store=store, plans=plans, base=base, periods=periods, shock=shock,
+                  shock_amount=shock_amount, top=top)
+    if out_file is not None:
+        _checked(_write_text, out_file, result["markdown"])
+    if as_json:
+        out.print_json(json.dumps(result))
+    elif out_file is None:
+        sys.stdout.write(result["markdown"])
+        sys.stdout.flush()
+    else:
+        for t in result["currency_totals"]:
+            c = t["currency"]
+            out.print(f"{c}: {_money(t['base_minor'], c)} -> {_money(t['head_minor'], c)} "
+                      f"({_signed_pct(t['change_pct']) if t['base_minor'] else 'new'}) over "
+                      f"{', '.join(p['period'] for p in result['periods'])}", markup=False)
+        out.print(f"report: {out_file}", markup=False)
+
+
+def _impact_checks(store: str, plans: str, base: str, periods: int, shock: str, shock_amount: str, top: int,
+                   out_file: str | None) -> None:
+    """Everything a mistake can be found in before Prefect starts: the options, the folders, the
+    revision and both catalogs, a closed period to re-rate and a folder for the report."""
+    from flows import preflight
+    from flows.gitplans import catalog_at, revision
+    from transforms.impact import thresholds
+    from transforms.plans import load_catalog
+
+    thresholds(shock, shock_amount, top)
+    if periods < 1:
+        raise preflight.InputError(f"--periods {periods}: re-rate at least 1 closed period")
+    _checked_folders(store, plans)
+    rev = revision(plans, base)
+    catalog_at(plans, rev)
+    load_catalog(plans)
+    if out_file is not None and not Path(out_file).resolve().parent.is_dir():
+        raise preflight.InputError(f"--out {out_file}: no such folder {Path(out_file).parent}")
+    if not preflight.closed_periods(store):
+        raise preflight.InputError(f"--store {store}: no closed period to re-rate (close one first: "
+                                   f"billrun close --period YYYY-MM)")
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write a file whole or not at all (a temporary file beside it, renamed over it)."""
+    from transforms.errors import InputError
+
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, target)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise InputError(f"--out {path}: cannot write ({exc.strerror})") from None
+
+
 def main() -> None:
     prefect_defaults()
     try:

@@ -1,0 +1,134 @@
+"""What a pricing change would do to revenue, before it merges: `billrun impact` as a Prefect flow.
+
+The plan catalog at a git revision (the base: `origin/main` in a pull request) and the working
+tree's (the head) each re-rate the last N closed periods of the store with the close's own steps
+(the ones `simulate` runs: fetch, check, normalize, settle, replay credits, rate), on the same
+inputs, and transforms.impact sets the two side by side and writes the markdown report. Nothing is
+written to the store: the report is returned (the command line prints it or writes `--out`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.utilities.annotations import quote
+
+from flows.billed_index import committed_index
+from flows.close import (Inputs, check_reference, fetch_inputs, normalize_usage, rate_invoices, replay_credits,
+                         settle_usage, work_dir_for)
+from flows.gitplans import catalog_at, revision
+from flows.report import closed_periods, fetch_costs
+from flows.shards import Normalized
+from flows.store import open_store
+from flows.keys import manifest_key
+from transforms.errors import BillrunError, InputError
+from transforms.impact import (SHOCK_AMOUNT_DEFAULT, SHOCK_PCT_DEFAULT, TOP_DEFAULT, Rerated, attach_changes,
+                               breakage_and_margin, catalog_changes, currency_totals,
+                               customer_changes, impact_markdown, migration_notices, period_totals, plan_changes,
+                               thresholds)
+from transforms.invoices import invoices_table, lines_table
+from transforms.margins import Costs, margins_table, segment_plans
+from transforms.money import decimal_text
+from transforms.periods import Period
+from transforms.plans import Catalog, load_catalog
+from transforms.revenue import proportional_rates, revenue_rows
+from transforms.simulate import Outcomes
+
+
+def periods_to_rerate(store: str, periods: int) -> list[Period]:
+    """The last `periods` closed periods (closed: a manifest); refused when there is none."""
+    if periods < 1:
+        raise InputError(f"--periods {periods}: re-rate at least 1 closed period")
+    closed = closed_periods(store)
+    if not closed:
+        raise InputError(f"{open_store(store).uri}: no closed period to re-rate (close one first: "
+                         f"billrun close --period YYYY-MM)")
+    return closed[-periods:]
+
+
+def rerated_outcomes(store: str, inputs: Inputs, normalized: Normalized, catalog: Catalog, which: str,
+                     period: Period, work_dir: Path, costs: Costs) -> tuple[Outcomes, object]:
+    """The period re-rated with `catalog` by the close's steps, as the close would bill it (and
+    as `simulate` re-rates), with the revenue and margins the close would write."""
+    index = committed_index(store, leave_out=[str(period)]).local(work_dir / "billed-index")
+    try:
+        reference = check_reference(quote(inputs), quote(catalog), period)
+        settlement = settle_usage(quote(normalized), quote(reference), quote(catalog), period, work_dir, quote(index))
+        outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)
+        invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
+    except BillrunError as exc:
+        raise type(exc)(f"with the {which} plans: {exc}") from None
+    segments = segment_plans(reference.segments)
+    plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
+    outcomes = Outcomes(invoices_table(invoices),
+                        revenue_rows(period, invoices, outcome, proportional_rates(outcome, plan_of_sub)),
+                        margins_table(lines_table(invoices), settlement.usage_by_day, segments, costs, period),
+                        segments)
+    return outcomes, reference
+
+
+@flow(name="impact", log_prints=False)
+def impact(store: str, plans: str, base: str, periods: int = 1, shock: str = str(SHOCK_PCT_DEFAULT),
+           shock_amount: str = str(SHOCK_AMOUNT_DEFAULT), top: int = TOP_DEFAULT) -> dict:
+    """Re-rate the last `periods` closed periods with the plans at git revision `base` and with
+    the plans folder as it is; return the comparison and its markdown report (`markdown`)."""
+    limits = thresholds(shock, shock_amount, top)
+    rev = revision(plans, base)
+    base_catalog, head_catalog = catalog_at(plans, rev), load_catalog(plans)
+    chosen = periods_to_rerate(store, periods)
+    label = hashlib.sha256(f"{rev.commit}|{periods}".encode()).hexdigest()[:10]
+    work_dir = work_dir_for(store, f"impact-{label}")
+    rerated, reference = [], None
+    try:
+        inputs = fetch_inputs(store, work_dir / "inputs")
+        normalized = normalize_usage(quote(inputs), work_dir)
+        costs, costs_source = fetch_costs(store)
+        for period in chosen:
+            sides = {}
+            for which, catalog in (("base", base_catalog), ("head", head_catalog)):
+                sides[which], reference = rerated_outcomes(store, inputs, normalized, catalog, which, period,
+                                                           work_dir, costs)
+            rerated.append(Rerated(period, _run_id(store, period), sides["base"], sides["head"]))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    names = dict(reference.customers.select("customer_id", "name").iter_rows())
+    customers = customer_changes(rerated, names, limits)
+    credit_plans = {f.plan.plan for c in (base_catalog, head_catalog) for f in c.files.values() if f.plan.credits}
+    notices = migration_notices(list(reference.subscriptions), base_catalog, head_catalog, chosen[0].start,
+                                closed_periods(store)[-1].end)
+    totals = period_totals(rerated)
+    report = {
+        "store": store, "plans_folder": plans, "periods_asked": periods,
+        "base": {"given": rev.given, "commit": rev.commit, "folder": rev.folder},
+        "periods": [{"period": str(r.period), "run_id": r.run_id} for r in rerated],
+        "thresholds": {"shock_pct": decimal_text(limits.shock * 100), "shock_amount": decimal_text(limits.shock_amount),
+                       "top": limits.top},
+        "catalog_changes": catalog_changes(base_catalog, head_catalog),
+        "totals": totals, "currency_totals": currency_totals(totals),
+        "plans": plan_changes(rerated), "customers": customers,
+        "breakage_and_margin": breakage_and_margin(rerated, credit_plans, costs_source is not None),
+        "notices_since": chosen[0].start.isoformat(),
+        "notices": attach_changes(notices, customers),
+        "costs": costs_source,
+        "notes": _notes(periods, rerated),
+    }
+    report["markdown"] = impact_markdown(report)
+    create_markdown_artifact(key="pricing-impact", markdown=report["markdown"],
+                             description=f"Pricing impact of the plans against {rev.given} ({rev.short})")
+    get_run_logger().info("impact %s..working tree on %s: %d customers' bills change", rev.short,
+                          ", ".join(str(r.period) for r in rerated), sum(1 for c in customers if c["change_minor"]))
+    return report
+
+
+def _run_id(store: str, period: Period) -> str:
+    return json.loads(open_store(store).read_bytes(manifest_key(period)))["run_id"]
+
+
+def _notes(asked: int, rerated: list[Rerated]) -> list[str]:
+    if len(rerated) < asked:
+        return [f"--periods {asked}: the store has {len(rerated)} closed period(s); all of them are re-rated."]
+    return []
