@@ -3,10 +3,12 @@
 Each night takes in only the usage objects that are new or rewritten since the last run (by
 content: ETag, else size and sha256), and only their events up to the end of D (an object that
 also holds later days is taken in again by a later night); it validates and deduplicates them
-against everything taken in this period (first seen wins). From the period-to-date usage it writes
-what the close would bill if the period ended now, credit balances, and the alerts that fired for
-the first time (an alert fires once per customer, period, kind and threshold, however often nights
-are run or re-run). The close derives the same alerts from the same events in event time.
+against everything taken in this period by the close's rule (the earliest copy counts, whatever
+night brought it: a night that learns of an earlier copy restates the period to date). From the
+period-to-date usage it writes what the close would bill if the period ended now, credit
+balances, and the alerts that fired for the first time (an alert fires once per customer,
+period, kind and threshold, however often nights are run or re-run). The close derives the same
+alerts from the same events in event time.
 
 A night costs its new data. Its state, under billing/_state/nightly/period=P/:
 - objects/<key>-<night>.parquet: an object's accepted events as taken in (so that a rewritten or
@@ -342,9 +344,9 @@ def settle_night(store_uri: str, normalized, intake: Intake, reference, catalog,
                 night = rows["night"].min()
                 nights[key] = night.isoformat() if night else None
         else:
-            con.execute(sql["first_copy_moves"]).fetchall()
             needed = con.sql(sql["kept_rows_needed"]).pl()
             con.register("kept_rows", _kept_rows(store_uri, intake, needed, work_dir).to_arrow())
+            con.execute(sql["first_copy_moves"]).fetchall()
             con.execute(sql["delta"]).fetchall()
             by_day = _moved_by_day(pl.read_parquet(intake.state_files["by_day"], columns=list(BY_DAY_COLUMNS)),
                                    con.sql(sql["delta_by_day"]).pl())
@@ -492,8 +494,8 @@ def _kept_copies(con: duckdb.DuckDBPyConnection, sql: dict[str, str], kept_files
 
 
 def _kept_rows(store_uri: str, intake: Intake, needed: pl.DataFrame, work_dir: Path) -> pl.DataFrame:
-    """Full rows of the kept copies that start or stop counting tonight, read only from the
-    objects that hold them."""
+    """Full rows of the kept copies tonight's ranking needs, read only from the objects that hold
+    them."""
     if needed.is_empty():
         return pl.DataFrame(schema=ACCEPTED_COLUMNS)
     wanted = {key: set(rows["event_id"].to_list())

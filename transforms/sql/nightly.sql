@@ -9,10 +9,12 @@
 --
 -- Inputs: `settled`; `kept_hashes` (id_hash, source_key of every event_id kept from earlier
 -- nights: the index, read for its hash column only); `gone` (accepted events of objects
--- rewritten or removed since, as they were taken in); `per_event_meters` as in the close. The
--- period-to-date tables are moved by `delta_*` in flows/nightly.py (Polars). First seen
--- wins: a copy's rank is its night (state from before nights were recorded first), then its
--- object key.
+-- rewritten or removed since, as they were taken in); `kept_rows` (the full rows, as taken in,
+-- of the kept copies `kept_copies` finds); `per_event_meters` as in the close. The
+-- period-to-date tables are moved by `delta_*` in flows/nightly.py (Polars). The close's rule
+-- decides which copy counts, whatever night brought it: the earliest event time, then content,
+-- then the object key (settle_usage.sql `settled`), so a night that learns of an earlier copy
+-- moves the period to date to it.
 --
 -- The index is checked in two steps, so that a night reads the month's event_ids only as 8-byte
 -- hashes: tonight's ids are matched on `id_hash` (which objects may hold one of them), then
@@ -59,10 +61,18 @@ FROM settled
 WHERE outcome = 'billed'
 ORDER BY source_key, source_row;
 
+-- name: kept_rows_needed
+-- One row per (object kept from an earlier night, event_id) whose full row tonight's ranking
+-- needs: every kept copy of an event_id that tonight's or the gone objects hold (few: the
+-- copies a client resent, and the events of rewritten objects).
+SELECT DISTINCT source_key, event_id FROM kept_ids ORDER BY ALL;
+
 -- name: first_copy_moves
--- One row per event_id whose first copy changes tonight: the copy that counted until now
+-- One row per event_id whose counting copy changes tonight: the copy that counted until now
 -- (`before_*`, among kept and gone objects) and the one that counts from tonight (`after_*`,
--- among kept objects and tonight's). Only event_ids of tonight's and of gone objects can move.
+-- among kept objects and tonight's), each the first by the close's rank (event time, content,
+-- object key; two copies of one object never compete). Only event_ids of tonight's and of gone
+-- objects can move.
 CREATE OR REPLACE TEMP TABLE moves AS
 WITH affected AS (
     SELECT event_id FROM tonight
@@ -70,34 +80,32 @@ WITH affected AS (
     SELECT event_id FROM gone
 ),
 copies AS (
-    SELECT event_id, source_key, night, 'kept' AS side FROM kept_ids WHERE event_id IN (SELECT event_id FROM affected)
+    SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'kept' AS side
+    FROM kept_rows WHERE event_id IN (SELECT event_id FROM affected)
     UNION ALL
-    SELECT event_id, source_key, night, 'gone' FROM gone
+    SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'gone' FROM gone
     UNION ALL
-    SELECT event_id, source_key, night, 'tonight' FROM tonight
+    SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'tonight' FROM tonight
 ),
-ranked AS (
-    SELECT event_id, side, source_key, (COALESCE(night, DATE '0001-01-01'), source_key) AS rank FROM copies
+before_copy AS (
+    SELECT event_id, side, source_key
+    FROM copies
+    WHERE side <> 'tonight'
+    QUALIFY row_number() OVER (PARTITION BY event_id
+                               ORDER BY event_at, customer_id, meter, quantity, dims, source_key) = 1
 ),
-firsts AS (
-    SELECT event_id,
-           arg_min({'side': side, 'source_key': source_key}, rank) FILTER (WHERE side <> 'tonight') AS before_copy,
-           arg_min({'side': side, 'source_key': source_key}, rank) FILTER (WHERE side <> 'gone') AS after_copy
-    FROM ranked
-    GROUP BY event_id
+after_copy AS (
+    SELECT event_id, side, source_key
+    FROM copies
+    WHERE side <> 'gone'
+    QUALIFY row_number() OVER (PARTITION BY event_id
+                               ORDER BY event_at, customer_id, meter, quantity, dims, source_key) = 1
 )
-SELECT event_id, before_copy.side AS before_side, before_copy.source_key AS before_key,
-       after_copy.side AS after_side, after_copy.source_key AS after_key
-FROM firsts
-WHERE before_copy IS DISTINCT FROM after_copy;
-
--- name: kept_rows_needed
--- One row per (object kept from an earlier night, event_id) whose full row tonight's moves
--- need: a kept copy that stops or starts counting. Rare: a rewritten or removed first copy.
-SELECT before_key AS source_key, event_id FROM moves WHERE before_side = 'kept'
-UNION
-SELECT after_key, event_id FROM moves WHERE after_side = 'kept'
-ORDER BY ALL;
+SELECT COALESCE(b.event_id, a.event_id) AS event_id, b.side AS before_side, b.source_key AS before_key,
+       a.side AS after_side, a.source_key AS after_key
+FROM before_copy AS b
+FULL OUTER JOIN after_copy AS a USING (event_id)
+WHERE b.side IS DISTINCT FROM a.side OR b.source_key IS DISTINCT FROM a.source_key;
 
 -- name: delta
 -- One row per event entering (+1) or leaving (-1) the period to date tonight.
@@ -137,13 +145,14 @@ FROM delta
 WHERE sign = 1 AND meter IN (SELECT meter FROM per_event_meters);
 
 -- name: first_copies
--- The period so far from every accepted row, one row per event_id (its first copy): how a
+-- The period so far from every accepted row, one row per event_id (its copy that counts, by the
+-- close's rank as in `first_copy_moves`): how a
 -- period's tables are built when there is no state to move from (its first night, state written
 -- by an earlier billrun, or plans that changed which meters are handled event by event).
 CREATE OR REPLACE TEMP TABLE to_date AS
 SELECT * EXCLUDE (copy_no)
 FROM (SELECT *, row_number() OVER (PARTITION BY event_id
-                                            ORDER BY COALESCE(night, DATE '0001-01-01'), source_key, event_at) AS copy_no
+                                            ORDER BY event_at, customer_id, meter, quantity, dims, source_key) AS copy_no
       FROM all_accepted)
 WHERE copy_no = 1;
 
