@@ -303,3 +303,31 @@ def test_a_version_equal_in_price_needs_no_notice_and_is_not_a_price_change():
 ])
 def test_text_from_the_store_stays_literal_in_the_markdown(text, expected):
     assert md(text) == expected
+
+
+# The pull request workflow --------------------------------------------------------------------
+
+def test_the_workflow_runs_impact_on_plan_changes_with_least_permissions():
+    import yaml
+
+    text = (REPO / ".github" / "workflows" / "pricing-impact.yml").read_text(encoding="utf-8")
+    workflow = yaml.safe_load(text)
+    assert workflow[True] == {"pull_request": {"paths": ["plans/**"]}}  # YAML 1.1 reads `on:` as true
+    assert workflow["permissions"] == {"contents": "read", "pull-requests": "write"}
+    [job] = workflow["jobs"].values()
+    assert "permissions" not in job
+    steps = job["steps"]
+    checkout = next(s for s in steps if s.get("uses", "").startswith("actions/checkout@"))
+    assert checkout["with"]["fetch-depth"] == 0
+    assert any(s.get("uses", "").startswith("actions/setup-python@") for s in steps)
+    runs = "\n".join(s.get("run", "") for s in steps)
+    assert 'billrun impact --base "origin/$BASE_REF"' in runs
+    assert job["env"]["BASE_REF"] == "${{ github.base_ref }}"
+    # expressions never expand inside a script (no injection through a branch name), and secrets
+    # reach only the environment of the step that needs them, never a command line
+    assert "${{" not in runs and "${{" not in next(s for s in steps if "script" in s.get("with", {}))["with"]["script"]
+    for step in steps:
+        for name, value in (step.get("env") or {}).items():
+            if "secrets." in str(value):
+                assert name.startswith(("AWS_", "HAS_KEY")), name
+    assert "echo $AWS" not in runs and "set -x" not in runs
