@@ -672,6 +672,9 @@ def preview(ctx: typer.Context,
     invoices = _run(drafts_from_night, store, night, customer) if night is not None else []
     if invoices:
         source = f"the nightly run of {night}"
+        if night < target["day"]:
+            err.print(f"billrun: note: the figures are those of the nightly run of {night}; usage taken in "
+                      f"since is not in them", markup=False, soft_wrap=True)
     else:
         from flows.preview import rate_so_far
 

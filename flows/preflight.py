@@ -139,7 +139,6 @@ def usage_missing_refusal(store_uri: str, plans: str, period: Period) -> str | N
     from transforms.plans import load_catalog
     from transforms.reference import checked_customers, checked_subscriptions, segments_in
 
-    catalog = load_catalog(plans)
     with tempfile.TemporaryDirectory(prefix="billrun-preflight-") as tmp:
         local = store.fetch([customers_key, subscriptions_key], Path(tmp))
         customers = checked_customers(read_table(local[customers_key], customers_key), customers_key)
@@ -176,13 +175,13 @@ def preview_target(store_uri: str, plans: str, customer: str, day: date) -> dict
         if not present:
             raise InputError(f"{store.uri}: {options[0]} (or .parquet) not found; every store needs {what}")
         keys[what] = present[0]
-    catalog = load_catalog(plans)
     with tempfile.TemporaryDirectory(prefix="billrun-preflight-") as tmp:
         local = store.fetch(list(keys.values()) + ([SELLER_KEY] if store.exists(SELLER_KEY) else []), Path(tmp))
         customers = checked_customers(read_table(local[keys["customers"]], keys["customers"]), keys["customers"])
         rows = customers.filter(customers["customer_id"] == customer)
         if rows.is_empty():
             raise InputError(f"--customer {customer!r}: no such customer in {keys['customers']}")
+        catalog = load_catalog(plans)
         subs = checked_subscriptions(read_table(local[keys["subscriptions"]], keys["subscriptions"]),
                                      keys["subscriptions"], customers, catalog)
         seller = {}

@@ -72,6 +72,8 @@ def previewed(prefect_server, tmp_path_factory):
     nightly(store=a, plans=plans, day=DAY)
     out["from_night"] = preview(a, plans, "--out", str(root / "night.html"))
     out["pdf"] = preview(a, plans, "--pdf", "--out", str(root / "night.pdf"))
+    out["later_day"] = runner.invoke(app, ["preview", "--customer", "fr_b2c", "--date", "2026-11-25", "--store", a,
+                                           "--plans", plans, "--out", str(root / "later.html")])
     nightly(store=b, plans=plans, day=DAY)
     out["close_a"], out["close_b"] = close(a, plans, PERIOD), close(b, plans, PERIOD)
     out["closed_a"] = {k: v for k, v in files(a).items() if k.startswith(f"billing/period={PERIOD}/")}
@@ -125,3 +127,13 @@ def test_a_date_in_the_closed_period_points_to_the_final_invoice(previewed):
         "billrun: error: --date 2026-11-03 is in 2026-11, which is closed: its final invoices are published "
         f"(the customer's: INV-{PERIOD}-000001; see one with `billrun pdf --invoice INV-{PERIOD}-000001` or "
         f"`billrun explain --invoice INV-{PERIOD}-000001`); a preview shows an open period")
+
+
+def test_a_later_day_shows_the_latest_night_and_says_so(previewed):
+    result = previewed["later_day"]
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "billrun: note: the figures are those of the nightly run of 2026-11-10; usage taken in since is not in them",
+        f"fr_b2c: draft of {PERIOD} as of 2026-11-25, from the nightly run of {DAY}",
+        # the night's figures, due 14 days after the day shown: 2026-11-25 + 14
+        f"  DRAFT-fr_b2c-{PERIOD}: €268.16 incl. tax €44.69, due 2026-12-09 -> {previewed['root'] / 'later.html'}"]
