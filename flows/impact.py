@@ -26,7 +26,7 @@ from flows.shards import Normalized
 from flows.store import open_store
 from flows.keys import manifest_key
 from transforms.errors import BillrunError, InputError
-from transforms.impact import (SHOCK_AMOUNT_DEFAULT, SHOCK_PCT_DEFAULT, TOP_DEFAULT, Rerated, attach_changes,
+from transforms.impact import (SHOCK_AMOUNT_DEFAULT, SHOCK_PCT_DEFAULT, TOP_DEFAULT, PeriodRerates, attach_changes,
                                breakage_and_margin, catalog_changes, currency_totals,
                                customer_changes, impact_markdown, migration_notices, period_totals, plan_changes,
                                thresholds)
@@ -92,7 +92,7 @@ def impact(store: str, plans: str, base: str, periods: int = 1, shock: str = str
             for which, catalog in (("base", base_catalog), ("head", head_catalog)):
                 sides[which], reference = rerated_outcomes(store, inputs, normalized, catalog, which, period,
                                                            work_dir, costs)
-            rerated.append(Rerated(period, _run_id(store, period), sides["base"], sides["head"]))
+            rerated.append(PeriodRerates(period, _run_id(store, period), sides["base"], sides["head"]))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     names = dict(reference.customers.select("customer_id", "name").iter_rows())
@@ -128,7 +128,7 @@ def _run_id(store: str, period: Period) -> str:
     return json.loads(open_store(store).read_bytes(manifest_key(period)))["run_id"]
 
 
-def _notes(asked: int, rerated: list[Rerated]) -> list[str]:
+def _notes(asked: int, rerated: list[PeriodRerates]) -> list[str]:
     if len(rerated) < asked:
         return [f"--periods {asked}: the store has {len(rerated)} closed period(s); all of them are re-rated."]
     return []

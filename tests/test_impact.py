@@ -16,7 +16,6 @@ must be the differences between the two closes' invoices:
 """
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess

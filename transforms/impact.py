@@ -18,7 +18,7 @@ from decimal import Decimal, InvalidOperation
 import polars as pl
 
 from transforms.errors import InputError
-from transforms.money import decimal_text, format_money, to_minor
+from transforms.money import format_money, to_minor
 from transforms.periods import Period
 from transforms.plans import Catalog, PlanFile
 from transforms.reference import Subscription, bound_versions
@@ -35,7 +35,7 @@ other field bill every subscription the same."""
 
 
 @dataclass(frozen=True)
-class Rerated:
+class PeriodRerates:
     """One closed period re-rated with the base catalog and with the head catalog."""
 
     period: Period
@@ -113,10 +113,10 @@ def migration_notices(subscriptions: list[Subscription], base: Catalog, head: Ca
     version that grandfathering does not protect, one that moves existing subscriptions, a pin
     to a version whose prices changed) or the version it is on changes its prices in place.
 
-    Sorted by that day, earliest first. `from` is the first such day (not before `since` or the subscription's start); `notify_by`
-    is that day less the head version's `notice_days`, where it sets them. `closed` says the day
-    falls inside a closed period (`closed_until` is the end of the last one): those invoices stand
-    as issued, and only a backfill would re-rate them."""
+    Sorted by that day, earliest first. `from` is the first such day (not before `since` or the
+    subscription's start); `notify_by` is that day less the head version's `notice_days`, where it
+    sets them. `closed` says the day falls inside a closed period (`closed_until` is the end of the
+    last one): those invoices stand as issued, and only a backfill would re-rate them."""
     out = []
     for sub in sorted(subscriptions, key=lambda s: s.subscription_id):
         if sub.end_date is not None and sub.end_date <= since:
@@ -158,7 +158,7 @@ def _on(timeline: list[tuple[date, PlanFile]], day: date) -> PlanFile:
 
 # --- the figures ------------------------------------------------------------------------------
 
-def period_totals(rerated: list[Rerated]) -> list[dict]:
+def period_totals(rerated: list[PeriodRerates]) -> list[dict]:
     """One entry per period x currency: what the documents of the period total with each catalog."""
     out = []
     for r in rerated:
@@ -187,7 +187,7 @@ def _sums(frame: pl.DataFrame, *keys: str, value: str = "total_minor") -> dict:
     return {(row[0] if len(keys) == 1 else row[:-1]): int(row[-1]) for row in grouped.iter_rows()}
 
 
-def customer_changes(rerated: list[Rerated], names: dict[str, str], thresholds: Thresholds) -> list[dict]:
+def customer_changes(rerated: list[PeriodRerates], names: dict[str, str], thresholds: Thresholds) -> list[dict]:
     """One entry per customer x currency billed under either catalog, summed over the periods:
     the bills with each, the change, whether it is a bill shock, breakage and margin with each.
     Sorted by the size of the change, largest first."""
@@ -222,7 +222,7 @@ def customer_changes(rerated: list[Rerated], names: dict[str, str], thresholds: 
     return sorted(out, key=lambda e: (-abs(e["change_minor"]), e["customer_id"], e["currency"]))
 
 
-def plan_changes(rerated: list[Rerated]) -> list[dict]:
+def plan_changes(rerated: list[PeriodRerates]) -> list[dict]:
     """One entry per plan x currency: what the documents of its subscriptions total with each
     catalog over the periods, the versions billed with each, and how many customers' bills on
     it change. Sorted by the size of the change, largest first."""
@@ -256,7 +256,7 @@ def _versions(versions: set[int]) -> str:
     return ", ".join(f"v{v}" for v in sorted(versions))
 
 
-def breakage_and_margin(rerated: list[Rerated], credit_plans: set[str], has_costs: bool) -> dict:
+def breakage_and_margin(rerated: list[PeriodRerates], credit_plans: set[str], has_costs: bool) -> dict:
     """Per currency, and per credit plan x currency: the breakage recognized with each catalog
     (credits that expired unused); with a cost file, the margin (revenue less cost of goods) per
     currency and plan with each, unknown (None) where some usage has no cost."""
@@ -272,7 +272,8 @@ def breakage_and_margin(rerated: list[Rerated], credit_plans: set[str], has_cost
                 breakage[(plan, currency)][side] += int(minor)
             for plan, currency, known, minor in (
                     outcomes.margins.group_by("plan", "currency")
-                    .agg(pl.col("margin_minor").is_not_null().all().alias("known"), pl.col("margin_minor").sum()).iter_rows()):
+                    .agg(pl.col("margin_minor").is_not_null().all().alias("known"), pl.col("margin_minor").sum())
+                    .iter_rows()):
                 before = margin[(plan or "(no plan)", currency)][side]
                 margin[(plan or "(no plan)", currency)][side] = (
                     None if before is None or not known else before + int(minor or 0))
@@ -281,7 +282,8 @@ def breakage_and_margin(rerated: list[Rerated], credit_plans: set[str], has_cost
     out = {"breakage": _per_currency(by_plan), "breakage_by_plan": by_plan, "margin": None, "margin_by_plan": None}
     if has_costs:
         rows = [{"plan": p, "currency": c, "base_minor": b, "head_minor": h,
-                 "change_minor": None if b is None or h is None else h - b} for (p, c), (b, h) in sorted(margin.items())]
+                 "change_minor": None if b is None or h is None else h - b}
+                for (p, c), (b, h) in sorted(margin.items())]
         out.update(margin=_per_currency(rows), margin_by_plan=rows)
     return out
 
@@ -384,7 +386,8 @@ def impact_markdown(report: dict) -> str:
                      "customers changed"],
                     [[md(p["plan"]), p["currency"], f"{p['versions_base'] or '-'} → {p['versions_head'] or '-'}",
                       _money(p["base_minor"], p["currency"]), _money(p["head_minor"], p["currency"]),
-                      _change(p["change_minor"], p["currency"]), _pct(p["change_pct"], p["base_minor"], p["head_minor"]),
+                      _change(p["change_minor"], p["currency"]),
+                      _pct(p["change_pct"], p["base_minor"], p["head_minor"]),
                       str(p["customers_changed"])] for p in plans[:top]] + _rest(plans[top:], 8, 1, 3, "plans"),
                     {3, 4, 5, 6, 7})
     lines.append("")
@@ -451,7 +454,8 @@ def impact_markdown(report: dict) -> str:
                      f"shown: tell them before it. A day inside a closed period (marked *closed*) does not change "
                      f"invoices already issued; `billrun backfill` would.")
         lines.append("")
-        lines += _table(["customer", "subscription", "base", "head", "from", "notify by", "why", "change in these periods"],
+        lines += _table(["customer", "subscription", "base", "head", "from", "notify by", "why",
+                         "change in these periods"],
                         [[md(n["customer_id"]), md(n["subscription_id"]), md(n["base"]), md(n["head"]),
                           n["from"] + (" *closed*" if n["closed"] else ""), n["notify_by"] or "-", md(n["why"]),
                           ", ".join(_change(c["change_minor"], c["currency"]) for c in n["changes"]) or "-"]
