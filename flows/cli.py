@@ -656,7 +656,7 @@ def preview(ctx: typer.Context,
             out_path: Optional[Path] = typer.Option(None, "--out", metavar="FILE", show_default=False,
                                                     help="Where to write it \\[default: ./DRAFT-<customer>-<period>"
                                                          ".html or .pdf]; several drafts get -1, -2, ..."),
-            store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt) -> None:
+            store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
     """Preview a customer's draft invoice(s) of the open period, marked DRAFT and never numbered.
 
     From the latest nightly run of the period up to --date, or else rated from the store's
@@ -672,14 +672,14 @@ def preview(ctx: typer.Context,
     invoices = _run(drafts_from_night, store, night, customer) if night is not None else []
     if invoices:
         source = f"the nightly run of {night}"
-        if night < target["day"]:
+        if night < target["day"] and not as_json:
             err.print(f"billrun: note: the figures are those of the nightly run of {night}; usage taken in "
                       f"since is not in them", markup=False, soft_wrap=True)
     else:
         from flows.preview import rate_so_far
 
         _quiet_user_errors()
-        rated = _run(_shown(ctx, False, rate_so_far), store=store, plans=plans, customer=customer, day=the_day)
+        rated = _run(_shown(ctx, as_json, rate_so_far), store=store, plans=plans, customer=customer, day=the_day)
         invoices, credits = rated.invoices, rated.credits
         source = f"the store's inputs through {the_day}"
     drafts = customer_drafts(invoices, customer, target["day"], target["seller"], target["customer"])
@@ -687,6 +687,14 @@ def preview(ctx: typer.Context,
             f"issued when the period closes, and may differ")
     written = _run(write_drafts, drafts, target["customer"], target["seller"], target["roundings"],
                    Draft(note, f"figures from {source}"), credits, out_path, as_pdf)
+    if as_json:
+        out.print_json(json.dumps({
+            "customer_id": customer, "period": str(period), "as_of": the_day, "source": source,
+            "drafts": [{"draft_id": inv.invoice_id, "subscription_id": inv.subscription_id, "currency": inv.currency,
+                        "subtotal_minor": inv.subtotal_minor, "tax_minor": inv.tax_minor,
+                        "total_minor": inv.total_minor, "due_on": inv.due_on.isoformat() if inv.due_on else None,
+                        "path": str(path)} for inv, path in zip(drafts, written)]}))
+        return
     out.print(f"{customer}: draft of {period} as of {the_day}, from {source}", markup=False)
     for inv, path in zip(drafts, written):
         tax = f" incl. tax {_money(inv.tax_minor, inv.currency)}" if inv.tax_minor else ""

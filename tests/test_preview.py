@@ -13,6 +13,7 @@ fr_b2c's bill as of 2026-11-10: the 100.00 fee + 12,347 calls x 0.01 = 223.47; V
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def previewed(prefect_server, tmp_path_factory):
     nightly(store=a, plans=plans, day=DAY)
     out["from_night"] = preview(a, plans, "--out", str(root / "night.html"))
     out["pdf"] = preview(a, plans, "--pdf", "--out", str(root / "night.pdf"))
+    out["json"] = preview(a, plans, "--json", "--out", str(root / "json.html"))
     out["later_day"] = runner.invoke(app, ["preview", "--customer", "fr_b2c", "--date", "2026-11-25", "--store", a,
                                            "--plans", plans, "--out", str(root / "later.html")])
     nightly(store=b, plans=plans, day=DAY)
@@ -101,6 +103,16 @@ def test_a_preview_after_a_nightly_shows_that_nights_draft(previewed):
     night = (previewed["root"] / "night.html").read_text()
     inputs = (previewed["root"] / "inputs.html").read_text()
     assert inputs.replace("the store&#39;s inputs through", "the nightly run of") == night
+
+
+def test_json_gives_the_figures_to_scripts(previewed):
+    result = previewed["json"]
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {
+        "customer_id": "fr_b2c", "period": PERIOD, "as_of": DAY, "source": f"the nightly run of {DAY}",
+        "drafts": [{"draft_id": f"DRAFT-fr_b2c-{PERIOD}", "subscription_id": "s_fr", "currency": "EUR",
+                    "subtotal_minor": 22347, "tax_minor": 4469, "total_minor": 26816, "due_on": "2026-11-24",
+                    "path": str(previewed["root"] / "json.html")}]}
 
 
 def test_the_draft_is_marked_and_never_numbered_like_an_invoice(previewed):

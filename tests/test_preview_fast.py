@@ -4,6 +4,7 @@ The real flow runs are in tests/test_preview.py."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 from datetime import date
 from pathlib import Path
 
@@ -123,3 +124,16 @@ def test_several_drafts_get_numbered_files_and_nothing_goes_elsewhere(tmp_path, 
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.html")) == [
         "DRAFT-c1-2026-10-1.html", "DRAFT-c1-2026-10-2.html", "out/c1-1.html", "out/c1-2.html"]
     assert "<title>Draft invoice DRAFT-c1-2026-10-2</title>" in Path("out/c1-2.html").read_text()
+
+
+@pytest.mark.skipif(shutil.which("fc-list") is None, reason="fontconfig's fc-list is not installed")
+def test_a_draft_pdf_has_the_missing_glyph_check_of_billrun_pdf(tmp_path):
+    from flows.documents import write_drafts
+    from transforms.errors import InputError
+
+    drafts = customer_drafts([renderutil.sample_invoice()], "c1", date(2026, 10, 14), SELLER_TERMS, {})
+    out = tmp_path / "draft.pdf"
+    with pytest.raises(InputError, match=r"DRAFT-c1-2026-10: no installed font has a glyph for .*U\+E000"):
+        write_drafts(drafts, {**renderutil.CUSTOMER, "name": "Acme \ue000 Ltd"}, SELLER_TERMS, {},
+                     Draft("as it stands", "figures"), None, out=out, pdf=True)
+    assert not out.exists()
