@@ -32,8 +32,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key, normalized_object,
-                          read_table)
+from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_adjustments_key, is_purchases_key, is_usage_key,
+                          normalized_object, read_table)
 from flows.billed_index import committed_index, index_billed, index_key, record_billed
 from flows.keys import MANIFEST, SELLER_KEY, period_prefix  # noqa: F401 - the close's layout, shared
 from flows.locks import Fence, Hold, after_commit, fault_point, period_lock, tidy_closed, warn
@@ -48,6 +48,8 @@ from flows.secrets import keep_secrets_out_of_logs
 from flows.statement import lineage_rows, with_local_lineage
 from flows.store import StoreError, open_store, store_identity
 from flows import tables as lakehouse
+from transforms.adjustments import (Adjustment, adjustment_counts, adjustment_rows, billed_table, checked_rows,
+                                   period_adjustments, with_adjustments)
 from transforms.billed_index import NO_INDEX, BilledIndex
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.credits import (CreditEvent, Outcome, Purchase, balances_table, credit_lines, credit_meters,
@@ -109,13 +111,14 @@ class Inputs:
     seller: InputObject | None
     purchases: tuple[InputObject, ...] = ()
     tax_rules: InputObject | None = None
+    adjustments: tuple[InputObject, ...] = ()
 
     @property
     def all(self) -> tuple[InputObject, ...]:
         """Every input object, ordered by key (for manifests and run ids)."""
         rest = ((self.customers, self.subscriptions) + ((self.seller,) if self.seller else ())
                 + ((self.tax_rules,) if self.tax_rules else ()))
-        return tuple(sorted(self.usage + self.purchases + rest, key=lambda o: o.key))
+        return tuple(sorted(self.usage + self.purchases + self.adjustments + rest, key=lambda o: o.key))
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ class Reference:
     purchases: tuple[Purchase, ...] = ()
     seller: dict = field(default_factory=dict)       # transforms.terms.seller_block
     tax: RulesProvider | None = None                  # None: the store bills no tax
+    adjustments: tuple[Adjustment, ...] = ()          # the period's, each resolved to its invoice
+    adjustments_table: pl.DataFrame | None = None     # every adjustment row of the period; None: no input
 
 
 @dataclass
@@ -175,10 +180,12 @@ def fetch_inputs(store_uri: str, cache_dir: Path) -> Inputs:
     rules_key = RULES_KEY if store.exists(RULES_KEY) else None
     usage_infos = [o for o in store.list("usage/") if is_usage_key(o.key)]
     purchase_infos = [o for o in store.list("credit_purchases/") if is_purchases_key(o.key)]
-    keys = ([o.key for o in usage_infos + purchase_infos] + [customers_key, subscriptions_key]
+    adjustment_infos = [o for o in store.list("adjustments/") if is_adjustments_key(o.key)]
+    listed = usage_infos + purchase_infos + adjustment_infos
+    keys = ([o.key for o in listed] + [customers_key, subscriptions_key]
             + ([seller_key] if seller_key else []) + ([rules_key] if rules_key else []))
     local = store.fetch(keys, cache_dir)
-    etags = {o.key: o.etag for o in usage_infos + purchase_infos}
+    etags = {o.key: o.etag for o in listed}
 
     def obj(key: str) -> InputObject:
         # size and hash of the local copy, the very bytes the close reads and bills
@@ -187,15 +194,17 @@ def fetch_inputs(store_uri: str, cache_dir: Path) -> Inputs:
 
     inputs = Inputs(tuple(obj(o.key) for o in usage_infos), obj(customers_key), obj(subscriptions_key),
                     obj(seller_key) if seller_key else None, tuple(obj(o.key) for o in purchase_infos),
-                    obj(rules_key) if rules_key else None)
+                    obj(rules_key) if rules_key else None, tuple(obj(o.key) for o in adjustment_infos))
     logger.info("fetch-inputs: %d usage objects, %d bytes in %.2fs", len(inputs.usage),
                 sum(o.size for o in inputs.usage), time.perf_counter() - started)
     return inputs
 
 
 @task(name="check-reference", cache_policy=NO_CACHE)
-def check_reference(inputs: Inputs, catalog: Catalog, period: Period) -> Reference:
-    """Customers and subscriptions checked; the period's subscription segments."""
+def check_reference(inputs: Inputs, catalog: Catalog, period: Period,
+                    adjustments_billed: dict[str, str] | None = None) -> Reference:
+    """Customers and subscriptions checked; the period's subscription segments and adjustments
+    (`adjustments_billed`: adjustment id -> the other period whose documents bill it)."""
     customers = checked_customers(read_table(inputs.customers.path, inputs.customers.key), inputs.customers.key)
     subs = checked_subscriptions(read_table(inputs.subscriptions.path, inputs.subscriptions.key),
                                  inputs.subscriptions.key, customers, catalog)
@@ -204,9 +213,15 @@ def check_reference(inputs: Inputs, catalog: Catalog, period: Period) -> Referen
     purchases = [p for obj in inputs.purchases
                  for p in purchases_from(read_table(obj.path, obj.key), obj.key, known)]
     tax = tax_rules(inputs, customers)
-    get_run_logger().info("check-reference: %d customers, %d subscriptions, %d segments, %d credit purchases in %s",
-                          customers.height, len(subs), len(segments), len(purchases), period)
-    return Reference(customers, tuple(subs), tuple(segments), tuple(purchases), seller_block(inputs), tax)
+    adjustments, table = [], None
+    if inputs.adjustments:
+        rows = adjustment_rows([(obj.key, read_table(obj.path, obj.key)) for obj in inputs.adjustments])
+        adjustments, table = period_adjustments(checked_rows(rows, known), str(period), segments, adjustments_billed)
+    get_run_logger().info("check-reference: %d customers, %d subscriptions, %d segments, %d credit purchases, "
+                          "%d adjustments in %s", customers.height, len(subs), len(segments), len(purchases),
+                          len(adjustments), period)
+    return Reference(customers, tuple(subs), tuple(segments), tuple(purchases), seller_block(inputs), tax,
+                     tuple(adjustments), table)
 
 
 def tax_rules(inputs: Inputs, customers: pl.DataFrame) -> RulesProvider | None:
@@ -361,7 +376,8 @@ def rate_invoices(settlement: Settlement, reference: Reference, outcome: Outcome
         rounding_of = {s.subscription.subscription_id: s.plan.plan.rounding for s in segments}
         extra = credit_lines(period, outcome, list(reference.purchases), list(reference.subscriptions),
                              currency_of, rounding_of)
-        invoices = invoices_to_send(period_invoices(period, segments, usage, extra), reference)
+        invoices = invoices_to_send(with_adjustments(period_invoices(period, segments, usage, extra),
+                                                     list(reference.adjustments)), reference)
     get_run_logger().info("rate-invoices: %d invoices, %d lines in %.2fs", len(invoices),
                           sum(len(i.lines) for i in invoices), time.perf_counter() - started)
     return invoices
@@ -449,6 +465,10 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     revenue = revenue_rows(period, invoices, outcome, proportional_rates(outcome, plan_of_sub))
     write("revenue.parquet", revenue)
     write("journal.parquet", journal(revenue, tax_rows(invoices, str(period))))
+    adjustments = None
+    if reference.adjustments_table is not None:  # a store without the input writes what it always wrote
+        adjustments = billed_table(reference.adjustments_table, invoices)
+        write("adjustments.parquet", adjustments)
 
     seller = reference.seller
     customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
@@ -480,6 +500,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         "quarantined_by_reason": dict(sorted(quarantine.group_by("reason").len().iter_rows())),
         "conflicting_duplicates": settlement.conflicts.height,
         "billed_event_index": index_entry,
+        **({"adjustments": adjustment_counts(adjustments)} if adjustments is not None else {}),
         "totals": _totals(invoices),
         "outputs": [{"key": prefix + n, "size": size, "sha256": digest} for n, size, digest in sorted(outputs)],
     }

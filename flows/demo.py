@@ -1,7 +1,7 @@
 """`billrun demo`: write a seeded sample store (customers, subscriptions, a month of usage with
 the usual dirt: duplicates, bad rows, one corrupt object) for the plans in --plans, plus the
-showcase customers (a tier crossing, a hard cap, a plan-version split, a credit pack) and a cost
-file, so every part of an invoice can be seen in one close."""
+showcase customers (a tier crossing, a hard cap, a plan-version split, a credit pack, a one-off
+charge and a goodwill credit) and a cost file, so every part of an invoice can be seen in one close."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,7 @@ from flows.store import open_store
 from transforms.margins import COSTS_KEY
 from transforms.periods import Period
 from transforms.plans import load_catalog
-from transforms.showcase import PURCHASES_KEY, USAGE_KEY, showcase
+from transforms.showcase import ADJUSTMENTS_KEY, PURCHASES_KEY, USAGE_KEY, showcase
 from transforms.synth import DEMO_TAX_RULES, DEMO_TERMS, synth_store, write_bytes
 from transforms.tax.rules import RULES_KEY
 
@@ -50,6 +50,8 @@ def write_demo_store(store_uri: str, plans_dir: str, period: str, customers: int
         store.put_bytes(USAGE_KEY, shown.usage_jsonl)
     if shown.purchases.height:
         store.put_bytes(PURCHASES_KEY, _csv(shown.purchases))
+    if shown.adjustments.height:
+        store.put_bytes(ADJUSTMENTS_KEY, _csv(shown.adjustments))
     store.put_bytes(COSTS_KEY, _csv(shown.costs))
     expected = dict(sample.expected)
     expected["rows_in_period_valid_unique"] += shown.usage.height

@@ -34,6 +34,10 @@ def is_purchases_key(key: str) -> bool:
     return key.startswith("credit_purchases/") and key.lower().endswith((".csv", ".parquet"))
 
 
+def is_adjustments_key(key: str) -> bool:
+    return key.startswith("adjustments/") and key.lower().endswith((".csv", ".parquet"))
+
+
 LINE_SEARCH_MAX_BYTES = 512 * 1024 * 1024
 """Above this size an object that fails to parse whole is set aside whole, unsearched: finding
 its bad lines would hold several copies of it in memory (a 1 GB object of junk, say)."""
@@ -212,7 +216,7 @@ def normalized_object(path: Path, key: str) -> tuple[pl.DataFrame | None, str | 
 
 
 def read_table(path: Path, key: str) -> pl.DataFrame:
-    """A customers or subscriptions file; a user error names the object."""
+    """A customers, subscriptions, credit purchases or adjustments file; a user error names the object."""
     try:
         if key.endswith(".parquet"):
             return pl.read_parquet(path)

@@ -17,6 +17,10 @@ def test_every_feature_the_demo_plans_can_show_is_shown():
         "cus_showcase_tiers", "cus_showcase_cap", "cus_showcase_versions", "cus_showcase_credits"]
     assert set(shown.subscriptions["customer_id"]) == set(shown.customers["customer_id"])
     assert shown.usage["event_id"].n_unique() == shown.usage.height
+    # an onboarding fee and a goodwill credit, each on a showcase customer of the period
+    assert [(a["customer_id"], a["amount"][0] == "-") for a in shown.adjustments.iter_rows(named=True)] == [
+        ("cus_showcase_tiers", False), ("cus_showcase_cap", True)]
+    assert set(shown.adjustments["period"]) == {"2026-10"}
 
 
 def test_a_period_without_a_new_plan_version_shows_no_version_split():

@@ -58,6 +58,10 @@ class Line:
     taxable_base_minor: int | None = None
     tax_note: str | None = None
     tax_inclusive: bool | None = None
+    # a one-off charge or manual credit (transforms.adjustments): its id, and False when it is
+    # outside tax
+    adjustment_id: str | None = None
+    taxable: bool | None = None
 
 
 TAX_LINE_KINDS = ("tax", "tax_included")

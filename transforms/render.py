@@ -29,9 +29,10 @@ TOTAL_LABELS = {"invoice": "Total due", "credit_note": "Total credited", "debit_
 SECTIONS = (
     (("cap_waiver", "commitment_true_up"), "Spend controls and commitments"),
     (("top_up", "credit_purchase"), "Credits bought"),
+    (("adjustment_charge", "adjustment_credit"), "One-off charges and credits"),
 )
 BADGES = {"cap_waiver": "Hard cap", "commitment_true_up": "Commitment", "top_up": "Top-up",
-          "credit_purchase": "Credit pack"}
+          "credit_purchase": "Credit pack", "adjustment_charge": "One-off", "adjustment_credit": "Credit"}
 GRANT_LABELS = {"grant": "Plan credits", "purchase": "Credit pack", "top_up": "Automatic top-up",
                 "rollover": "Rolled over", "opening": "Brought forward"}
 DRAFT_PAYMENT_REFERENCE = "the invoice number, given at the close"
@@ -183,9 +184,12 @@ def _line_view(no: int, line: Line, currency: str, usage_minor: int, spend_minor
     elif kind == "commitment_true_up":
         details = [f"Minimum spend {_money(spend_minor + line.amount_minor, currency)} for the period, "
                    f"spend {_money(spend_minor, currency)}: the difference is billed"]
+    elif kind in ("adjustment_charge", "adjustment_credit"):
+        details = [s.label for s in line.steps] + (["Not subject to tax"] if line.taxable is False else [])
     return {
         "no": no, "kind": kind, "badge": BADGES.get(kind, ""), "description": line.description,
-        "quantity": "" if kind in ("cap_waiver", "commitment_true_up") else _quantity(line.quantity, line.unit),
+        "quantity": "" if kind in ("cap_waiver", "commitment_true_up", "adjustment_charge", "adjustment_credit")
+        else _quantity(line.quantity, line.unit),
         "unit_price": single.price_text if single is not None and kind in ("usage", "overage") else "",
         "amount": _money(line.amount_minor, currency), "details": details,
     }
@@ -227,7 +231,8 @@ def line_groups(invoice: Invoice) -> list[dict]:
 def _adjustment_view(no: int, line: Line, currency: str) -> dict:
     """A correction line: what was issued, what is due now, and the difference."""
     known = line.old_amount_minor is not None and line.new_amount_minor is not None
-    counted = line.adjusts_kind not in ("cap_waiver", "commitment_true_up")  # amounts only, as on the invoice
+    # amounts only, as on the invoice
+    counted = line.adjusts_kind not in ("cap_waiver", "commitment_true_up", "adjustment_charge", "adjustment_credit")
     if known and counted:
         quantity = f"Quantity {_quantity(line.old_quantity, line.unit)} \u2192 {_quantity(line.new_quantity, line.unit)}"
     else:

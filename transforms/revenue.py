@@ -11,6 +11,9 @@ opening deferred + billed - recognized - breakage = closing deferred.
 - tax is never revenue: `tax` lines are left out, and on tax-inclusive prices the tax backed
   out of them (`tax_included` lines) comes off the streams it was in, in proportion; the
   journal books tax as a liability (`tax_payable`).
+- `one_off` (adjustment charges) is recognized in the period it is billed in; `goodwill_credit`
+  (adjustment credits) is contra-revenue: it reduces the period's revenue, booked to its own
+  account (`contra_revenue`) so the reduction stays visible. Streams appear only when billed.
 - `credits`: what was paid for credits (packs, top-ups, allocated fees) is deferred; it is
   recognized at each grant's cost basis as credits are consumed, and as breakage when they
   expire unused (`at_expiry`), or, with `breakage: proportional` (ASC 606-10-55-48), breakage
@@ -45,6 +48,10 @@ JOURNAL_SCHEMA = {
     "currency": pl.String, "account": pl.String, "debit_minor": pl.Int64, "credit_minor": pl.Int64,
     "memo": pl.String,
 }
+
+
+ADJUSTMENT_STREAMS = {"one_off": "adjustment_charge", "goodwill_credit": "adjustment_credit"}
+"""Revenue stream -> the adjustment line kind it is billed by (transforms.adjustments)."""
 
 
 class ReconciliationError(RuntimeError):
@@ -121,6 +128,12 @@ def revenue_rows(period: Period, invoices: list[Invoice], outcome: Outcome,
             r = row(inv.customer_id, stream, inv.currency)
             r["billed_minor"] += billed
             r["recognized_minor"] += billed
+        for stream, kind in ADJUSTMENT_STREAMS.items():
+            billed = sum(l.amount_minor for l in inv.lines if l.kind == kind)
+            if billed:
+                r = row(inv.customer_id, stream, inv.currency)
+                r["billed_minor"] += billed
+                r["recognized_minor"] += billed
 
     end_now, end_before = period.end_at, period.previous().end_at  # once, not per entry
     through = [e for e in outcome.entries if _until_at(e, end_now)]
@@ -220,8 +233,9 @@ def journal(revenue: pl.DataFrame, tax: pl.DataFrame | None = None) -> pl.DataFr
             post(r, "deferred_revenue", r["breakage_minor"], 0, "credits expired")
             post(r, "breakage_revenue", 0, r["breakage_minor"], "credits expired")
         else:
+            account = "contra_revenue" if r["stream"] == "goodwill_credit" else "revenue"
             post(r, "accounts_receivable", max(billed, 0), max(-billed, 0), f"{r['stream']} billed")
-            post(r, "revenue", max(-billed, 0), max(billed, 0), f"{r['stream']} billed")
+            post(r, account, max(-billed, 0), max(billed, 0), f"{r['stream']} billed")
     for t in (tax.iter_rows(named=True) if tax is not None else ()):
         r = {**t, "stream": "tax"}
         post(r, "accounts_receivable", max(t["tax_minor"], 0), max(-t["tax_minor"], 0), "tax billed")

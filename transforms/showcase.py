@@ -2,9 +2,10 @@
 
 The seeded sample (`transforms.synth`) is realistic but small-spending, so on its own a demo
 close never crosses a price tier, reaches a hard cap, splits a month between two plan versions
-or draws a purchased credit pack. `showcase(catalog, period)` adds one customer per feature that
-the catalog can show, drawn from the catalog itself (never from plan names), plus a cost file so
-margins are real. Pure: frames and bytes out, no IO, no clock.
+or draws a purchased credit pack, and it has no one-off charge or manual credit.
+`showcase(catalog, period)` adds one customer per feature that the catalog can show, drawn from
+the catalog itself (never from plan names), two adjustments on them (an onboarding fee, a
+goodwill credit), plus a cost file so margins are real. Pure: frames and bytes out, no IO, no clock.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from transforms.plans import Catalog, Charge, PlanFile
 COST_SHARE = Decimal("0.4")  # the demo's cost of goods: 40% of the list price
 USAGE_KEY = "usage/showcase/events.jsonl"
 PURCHASES_KEY = "credit_purchases/purchases.csv"
+ADJUSTMENTS_KEY = "adjustments/adjustments.csv"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Showcase:
     subscriptions: pl.DataFrame   # the contract's subscriptions columns, all strings
     usage: pl.DataFrame           # event_id, customer_id, meter, quantity, timestamp + dimensions
     purchases: pl.DataFrame       # the contract's credit_purchases columns, all strings
+    adjustments: pl.DataFrame     # the adjustments input's columns, all strings
     costs: pl.DataFrame           # costs/costs.csv columns, all strings
 
     @property
@@ -90,7 +93,7 @@ def showcase(catalog: Catalog, period: Period) -> Showcase:
     start = period.start
     days = [start + timedelta(days=d) for d in range(0, period.days, 3)]
     plans = _plans_in_force(catalog, start)
-    features, customers, subs, usage, purchases = [], [], [], [], []
+    features, customers, subs, usage, purchases, adjustments = [], [], [], [], [], []
 
     def add(key: str, name: str, shows: str) -> str:
         customer_id = f"cus_showcase_{key}"
@@ -114,6 +117,12 @@ def showcase(catalog: Catalog, period: Period) -> Showcase:
         subscribe(customer, plan.plan.plan, start - timedelta(days=31))
         dims = {**charge.filter, **{d: "eu-west-1" for d in charge.group_by}}
         usage += _events(customer, charge.meter, bound + bound / 5, days, dims)
+        # a one-off charge on the same invoice: an onboarding fee, taxed like the plan
+        adjustments.append({"adjustment_id": f"adj_{period}_onboarding", "customer_id": customer,
+                            "subscription_id": None, "period": str(period), "description": "Onboarding workshop",
+                            "amount": "250.00", "currency": plan.plan.currency,
+                            "reason": "signed order form, onboarding package", "taxable": None})
+        features[-1] = Feature(customer, features[-1].name, features[-1].shows + "; a one-off onboarding fee")
 
     # A hard cap reached: usage worth twice the cap; the invoice waives the excess, an alert fires.
     capped = next(((p, c) for p in plans if (c := _standard_usage_charge(p)) and not p.plan.credits), None)
@@ -126,6 +135,13 @@ def showcase(catalog: Catalog, period: Period) -> Showcase:
         price = charge.price
         units = (2 * cap * price.per / price.unit_price).to_integral_value(rounding=ROUND_CEILING)
         usage += _events(customer, charge.meter, units, days, dict(charge.filter))
+        # a goodwill credit: a manual credit, contra-revenue in the books
+        adjustments.append({"adjustment_id": f"adj_{period}_goodwill", "customer_id": customer,
+                            "subscription_id": None, "period": str(period),
+                            "description": "Goodwill credit for the API slowdown", "amount": "-10.00",
+                            "currency": plan.plan.currency, "reason": "support ticket, approved by finance",
+                            "taxable": None})
+        features[-1] = Feature(customer, features[-1].name, features[-1].shows + "; a goodwill credit")
 
     # A plan version that takes effect inside the period: the month splits into two subscriptions.
     newer = next((f for plan in sorted({k[0] for k in catalog.files}) for f in catalog.versions(plan)
@@ -169,6 +185,8 @@ def showcase(catalog: Catalog, period: Period) -> Showcase:
         usage=_strings(usage, ["event_id", "customer_id", "meter", "quantity", "timestamp"]),
         purchases=_strings(purchases, ["purchase_id", "customer_id", "credits", "price", "currency",
                                        "purchased_at", "expires_at"]),
+        adjustments=_strings(adjustments, ["adjustment_id", "customer_id", "subscription_id", "period", "description",
+                                           "amount", "currency", "reason", "taxable"]),
         costs=demo_costs(catalog),
     )
 

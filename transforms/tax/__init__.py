@@ -131,11 +131,11 @@ def taxable_lines(invoice: Invoice, inclusive_plans: frozenset[tuple[str, int]],
                   ) -> list[TaxableLine]:
     """The invoice's lines a provider taxes. A line is priced with tax in it when its plan
     version says `tax_inclusive: true`; invoice-level lines (cap waiver, commitment true-up)
-    follow the plan of the invoice's last segment; credit packs and top-ups are always priced
-    without tax."""
+    follow the plan of the invoice's last segment; credit packs, top-ups and adjustments are
+    always priced without tax, and an adjustment with `taxable: false` is not taxed at all."""
     out = []
     for no, line in enumerate(invoice.lines, start=1):
-        if line.kind in TAX_KINDS:
+        if line.kind in TAX_KINDS or line.taxable is False:  # an adjustment marked outside tax
             continue
         if line.plan is not None:
             key = (line.plan, line.plan_version)
