@@ -25,8 +25,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _quietly, _read_if_exists, _sha256, catalog_entries,
-                         check_reference, closed_manifest, fetch_inputs, normalize_usage, plan_entries_for,
+from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _quietly, _read_if_exists, _sha256,
+                         adjustments_billed_elsewhere, catalog_entries, check_reference, closed_manifest, fetch_inputs, normalize_usage, plan_entries_for,
                          rate_invoices, replay_credits, seller_block, settle_usage, work_dir_for)
 from flows.billed_index import committed_index, correction_index, index_key, record_billed
 from flows.locks import Fence, Fenced, Hold, fault_point, period_lock, warn
@@ -210,6 +210,8 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             inputs = fetch_inputs(store, work_dir / "inputs")
             normalized = normalize_usage(quote(inputs), work_dir)
             issued = load_issued(store, closed)
+            # likewise, what the other closed periods' documents bill of the adjustments
+            billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), closed)
             documents: list[Invoice] = []
             plan_entries: dict[tuple, dict] = {}
             customers = None
@@ -217,7 +219,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             roundings: dict[str, str] = {}
             booked = str(Period.containing(issued_on))
             for period in closed:
-                reference = check_reference(quote(inputs), quote(catalog), period)
+                reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
                 customers = reference.customers
                 billed_out = work_dir / "billed" / f"{period}.parquet"
                 settlement = settle_usage(quote(normalized), quote(reference), quote(catalog), period,

@@ -584,6 +584,11 @@ def explain(ctx: typer.Context,
             out.print(f"     = {step['label']}: {step['amount']}", markup=False)
         for row in line.get("usage", []):
             out.print(f"     <- {row['units']} units in {row['events']} events with {row['dims']}", markup=False)
+        if "adjustment" in line:
+            a = line["adjustment"]
+            said = "; ".join(f"{k} {a[k]}" for k in ("reason", "amount", "taxable", "unapplied_minor", "source")
+                             if k in a)
+            out.print(f"     <- adjustment {a['adjustment_id']}{': ' + said if said else ''}", markup=False)
 
 
 def _explain_events(store: str, invoice: str, line: int | None, as_json: bool) -> None:

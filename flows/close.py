@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import io
 import json
 import shutil
 import tempfile
@@ -37,7 +38,7 @@ from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_adjustments_key
 from flows.billed_index import committed_index, index_billed, index_key, record_billed
 from flows.keys import MANIFEST, SELLER_KEY, period_prefix  # noqa: F401 - the close's layout, shared
 from flows.locks import Fence, Hold, after_commit, fault_point, period_lock, tidy_closed, warn
-from flows.preflight import close_summary
+from flows.preflight import close_summary, closed_periods
 from flows.retries import IO_RETRIES
 from flows.documents_out import write_invoice_documents
 from flows.shards import (Normalized, drop_scratch, local_workers, normalize_shards, scratch_for, settle_shards,
@@ -48,8 +49,8 @@ from flows.secrets import keep_secrets_out_of_logs
 from flows.statement import lineage_rows, with_local_lineage
 from flows.store import StoreError, open_store, store_identity
 from flows import tables as lakehouse
-from transforms.adjustments import (Adjustment, adjustment_counts, adjustment_rows, billed_table, checked_rows,
-                                   period_adjustments, with_adjustments)
+from transforms.adjustments import (Adjustment, adjustment_counts, adjustment_rows, billed_by_periods, billed_table,
+                                   checked_rows, period_adjustments, with_adjustments)
 from transforms.billed_index import NO_INDEX, BilledIndex
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.credits import (CreditEvent, Outcome, Purchase, balances_table, credit_lines, credit_meters,
@@ -222,6 +223,29 @@ def check_reference(inputs: Inputs, catalog: Catalog, period: Period,
                           len(adjustments), period)
     return Reference(customers, tuple(subs), tuple(segments), tuple(purchases), seller_block(inputs), tax,
                      tuple(adjustments), table)
+
+
+@task(name="adjustments-billed", cache_policy=NO_CACHE, **IO_RETRIES)
+def adjustments_billed_elsewhere(store_uri: str, inputs: Inputs, leave_out: list[Period]) -> dict[str, str]:
+    """Adjustment id -> the closed period (not one of `leave_out`) whose documents bill it: its
+    close's adjustments table and the committed corrections of it. Nothing is read for a store
+    without an adjustments input."""
+    if not inputs.adjustments:
+        return {}
+    store = open_store(store_uri)
+    skip = {str(p) for p in leave_out}
+    closes = {}
+    for period in closed_periods(store_uri):
+        key = period_prefix(period) + "adjustments.parquet"
+        if str(period) not in skip and store.exists(key):
+            closes[str(period)] = pl.read_parquet(io.BytesIO(store.read_bytes(key)))
+    lines = [pl.read_parquet(io.BytesIO(store.read_bytes(info.key.removesuffix(MANIFEST) + "invoice_lines.parquet")))
+             for info in store.list("billing/corrections/") if info.key.endswith("/" + MANIFEST)
+             and store.exists(info.key.removesuffix(MANIFEST) + "invoice_lines.parquet")]
+    corrections = pl.concat(lines, how="diagonal_relaxed") if lines else pl.DataFrame()
+    if corrections.height:
+        corrections = corrections.filter(~pl.col("period").is_in(sorted(skip)))
+    return billed_by_periods(closes, corrections)
 
 
 def tax_rules(inputs: Inputs, customers: pl.DataFrame) -> RulesProvider | None:
@@ -727,7 +751,9 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_addres
         inputs = fetch_inputs(store, work_dir / "inputs")
         costs = fetch_costs(store)
         fault_point("fetched")
-        reference = check_reference(quote(inputs), quote(catalog), period)
+        # an adjustment that another closed period's documents bill is never billed here
+        billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), [period])
+        reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
         fault_point("checked")
         with shard_runner(dask_address) as runner:
             scratch = scratch_for(store, work_dir, f"close-{period}", distributed=dask_address is not None)

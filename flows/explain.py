@@ -10,6 +10,7 @@ import polars as pl
 
 from flows.keys import MANIFEST
 from flows.store import open_store
+from transforms.adjustments import KINDS as ADJUSTMENT_KINDS, REF
 from transforms.errors import InputError
 
 _ID = re.compile(r"^(INV|CN|DN)-(\d{4}-\d{2})-\d{6}$")
@@ -50,6 +51,10 @@ def explain_invoice(store_uri: str, invoice_id: str) -> dict:
         usage = _read(store, folder + "usage_summary.parquet").filter(
             pl.col("subscription_id") == invoice["subscription_id"])
     plans = {(p["plan"], p["version"]): p for p in manifest.get("plans", [])}
+    adjustments = {}  # the input rows behind the invoice's one-off charges and manual credits
+    if invoice["kind"] == "invoice" and store.exists(folder + "adjustments.parquet"):
+        adjustments = {r["adjustment_id"]: r for r in _read(store, folder + "adjustments.parquet").filter(
+            pl.col("invoice_id") == invoice_id).iter_rows(named=True)}
     explained = []
     for line in lines.iter_rows(named=True):
         entry = {k: line[k] for k in ("line_no", "kind", "description", "meter", "quantity", "unit", "amount_minor",
@@ -69,6 +74,12 @@ def explain_invoice(store_uri: str, invoice_id: str) -> dict:
                 {"dims": r["dims"], "units": format(r["units"].normalize(), "f"), "events": r["events"]}
                 for r in rows.iter_rows(named=True)
                 if all(json.loads(r["dims"]).get(k) == v for k, v in wanted.items())]
+        kind = line.get("adjusts_kind") or line["kind"]
+        found = REF.search(line.get("adjusts_description") or line["description"] or "")
+        if kind in ADJUSTMENT_KINDS and found:
+            row = adjustments.get(found.group(1), {})
+            entry["adjustment"] = {"adjustment_id": found.group(1), **{
+                k: row[k] for k in ("reason", "amount", "taxable", "unapplied_minor", "source") if row.get(k) is not None}}
         explained.append(entry)
     return {"invoice": {k: (str(v) if v is not None and not isinstance(v, (int, str)) else v)
                         for k, v in invoice.items()},

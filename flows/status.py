@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from flows.keys import MANIFEST, SELLER_KEY
-from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key, normalized_object
+from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_adjustments_key, is_purchases_key, is_usage_key,
+                          normalized_object)
 from flows.locks import lock_key, lock_state
 from flows.store import ObjectInfo, Store, open_store
 from flows.tables import tables_lag
@@ -29,8 +30,8 @@ def checked_key(period: str) -> str:
 
 
 def _is_input(key: str) -> bool:
-    return (is_usage_key(key) or is_purchases_key(key) or key in CUSTOMERS_KEYS or key in SUBSCRIPTIONS_KEYS
-            or key in (SELLER_KEY, RULES_KEY))
+    return (is_usage_key(key) or is_purchases_key(key) or is_adjustments_key(key) or key in CUSTOMERS_KEYS
+            or key in SUBSCRIPTIONS_KEYS or key in (SELLER_KEY, RULES_KEY))
 
 
 class _Fingerprints:

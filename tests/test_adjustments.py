@@ -19,9 +19,10 @@ from hypothesis import given, settings, strategies as st
 
 from closeutil import close, table
 from flows.backfill import backfill
+from flows.status import store_status
 from flows.store import open_store
-from transforms.adjustments import (Adjustment, adjustment_counts, adjustment_rows, billed_table, checked_rows,
-                                    period_adjustments, with_adjustments)
+from transforms.adjustments import (Adjustment, adjustment_counts, adjustment_rows, billed_by_periods, billed_table,
+                                    checked_rows, period_adjustments, with_adjustments)
 from transforms.credits import Outcome
 from transforms.invoices import Invoice, Line
 from transforms.periods import Period
@@ -182,6 +183,18 @@ def test_the_invoice_shows_the_adjustments(closed):
 
 
 @pytest.mark.slow
+def test_explain_shows_the_adjustment_behind_a_line(closed):
+    from flows.explain import explain_invoice
+    store, _, _, invoices = closed
+    report = explain_invoice(store, invoices["s_sw_b"]["invoice_id"])
+    [line] = [l for l in report["lines"] if l["kind"] == "adjustment_credit"]
+    assert line["description"] == "Migration credit (ref A4)"
+    assert line["adjustment"] == {"adjustment_id": "A4", "reason": "sales promise", "amount": "-1000.00",
+                                  "taxable": True, "unapplied_minor": 94839, "source": "adjustments/2026-10.csv#row=4"}
+    assert "not applied" in line["steps"][0]["label"]
+
+
+@pytest.mark.slow
 def test_a_late_adjustment_is_issued_once_by_backfill(closed):
     # after the close: 20.00 more for nl (+21% = 24.20, a debit note) and a 10.00 credit for
     # us_ca (-10.00 - 7.25% = -10.725 -> -10.73, a credit note); A1..A4 were billed by the close
@@ -191,6 +204,7 @@ def test_a_late_adjustment_is_issued_once_by_backfill(closed):
         "adjustment_id,customer_id,period,description,amount,currency,reason\n"
         "L1,nl,2026-10,Extra training day,20.00,EUR,approved late\n"
         "L2,us_ca,2026-10,Late delivery credit,-10.00,USD,ticket 4500\n").encode())
+    assert "new (adjustments/late.csv)" in str(store_status(store))  # status says a backfill is due
     first = backfill(store=store, plans=plans, first=PERIOD, last=PERIOD, reason="late adjustments",
                      as_of="2026-11-10")
     docs = {d["subscription_id"]: d for d in first["documents"]}
@@ -204,6 +218,22 @@ def test_a_late_adjustment_is_issued_once_by_backfill(closed):
     second = backfill(store=store, plans=plans, first=PERIOD, last=PERIOD, reason="late adjustments",
                       as_of="2026-11-11")
     assert second["status"] == "nothing_to_correct" and second["documents"] == []
+
+
+@pytest.mark.slow
+def test_an_adjustment_moved_to_another_period_after_it_billed_is_not_billed_twice(closed):
+    # A1 billed on October's invoice; its row is then moved to November. November's close
+    # quarantines it (October's documents bill it) and bills November's own A10.
+    from flows.close import close_period
+    store, plans, _, _ = closed
+    s = open_store(store)
+    s.put_bytes("adjustments/2026-10.csv", ADJUSTMENTS.replace("A1,nl,,2026-10,Onboarding fee,",
+                                                               "A1,nl,,2026-11,Onboarding fee,").encode())
+    close_period(store=store, plans=plans, period="2026-11", allow_empty=True)
+    november = {r["adjustment_id"]: r for r in table(store, "2026-11", "adjustments.parquet").iter_rows(named=True)}
+    assert (november["A1"]["quarantine_reason"], november["A1"]["detail"]) == (
+        "billed_in_period", "already billed by the documents of 2026-10")
+    assert november["A10"]["status"] == "billed"
 
 
 # -- the rules on their own (fast) -------------------------------------------------------------
@@ -288,3 +318,13 @@ def test_the_table_accounts_for_every_row():
     invoices = with_adjustments([_invoice([1000])], billable)
     counts = adjustment_counts(billed_table(pending, invoices))
     assert (counts["read"], counts["billed"], counts["quarantined"]) == (3, 1, 2)
+
+
+def test_billed_by_periods_follows_the_documents():
+    close = pl.DataFrame({"adjustment_id": ["a", "b", "c"], "status": ["billed", "billed", "quarantined"],
+                          "amount_minor": [500, -200, None]})
+    corrections = pl.DataFrame({"period": ["2026-10", "2026-10"], "adjusts_kind": ["adjustment_credit",
+                                                                                   "adjustment_charge"],
+                                "adjusts_description": ["Credit (ref b)", "Late (ref d)"], "amount_minor": [200, 700]})
+    # b was taken back to zero by a correction; d was billed late by one; c never billed
+    assert billed_by_periods({"2026-10": close}, corrections) == {"a": "2026-10", "d": "2026-10"}

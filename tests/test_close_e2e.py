@@ -119,10 +119,13 @@ def test_the_demo_shows_a_tier_crossing_a_hard_cap_a_version_split_and_a_credit_
         return sorted(lines.filter(pl.col("customer_id") == customer)
                       .select("kind", "quantity", "amount_minor").iter_rows())
 
-    # api gpt-4o output, graduated per 1M: 10,000,000 x 10.00 + 2,000,000 x 8.00 = 116.00
-    assert amounts("cus_showcase_tiers") == [("usage", "12000000", 11600)]
-    # 20,000,000 gpt-4o input x 2.50 per 1M = 50.00 against a 25.00 hard cap: 25.00 waived
-    assert amounts("cus_showcase_cap") == [("cap_waiver", "1", -2500), ("usage", "20000000", 5000)]
+    # api gpt-4o output, graduated per 1M: 10,000,000 x 10.00 + 2,000,000 x 8.00 = 116.00; and a
+    # one-off 250.00 onboarding fee (adjustments input)
+    assert amounts("cus_showcase_tiers") == [("adjustment_charge", "1", 25000), ("usage", "12000000", 11600)]
+    # 20,000,000 gpt-4o input x 2.50 per 1M = 50.00 against a 25.00 hard cap: 25.00 waived; then a
+    # 10.00 goodwill credit (adjustments input), after the cap
+    assert amounts("cus_showcase_cap") == [("adjustment_credit", "1", -1000), ("cap_waiver", "1", -2500),
+                                           ("usage", "20000000", 5000)]
     alerts = table(folder, PERIOD, "alerts.parquet").filter(pl.col("customer_id") == "cus_showcase_cap")
     assert "hard_cap_reached" in alerts["kind"].to_list()
     # api v1 until Oct 15 (2.50 per 1M gpt-4o input), v2 from then (2.00): 4M tokens on each

@@ -24,6 +24,7 @@ customer's to be credited again on a later period (a new adjustment row).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -88,6 +89,10 @@ class Adjustment:
         return f"{self.description} (ref {self.adjustment_id})"
 
 
+REF = re.compile(r" \(ref (.+)\)$")
+"""The adjustment id at the end of an adjustment line's description (Adjustment.line_description)."""
+
+
 def adjustment_rows(objects: list[tuple[str, pl.DataFrame]]) -> pl.DataFrame:
     """Every row of every adjustments object, as trimmed text (blank is null), in key and row
     order, with its `source_key` and `source_row`. A missing column reads as empty, so its rows
@@ -124,6 +129,7 @@ class RowRules(pa.DataFrameModel):
     taxable: str = pa.Field(nullable=True)
     first_of_id: bool
     known_customer: bool
+    exact_amount: bool
 
     @pa.dataframe_check(name="missing_id")
     def _id_present(cls, data: pa.PolarsData) -> pl.LazyFrame:
@@ -140,9 +146,8 @@ class RowRules(pa.DataFrameModel):
 
     @pa.dataframe_check(name="bad_amount")
     def _amount_reads(cls, data: pa.PolarsData) -> pl.LazyFrame:
-        # a plain decimal, never an exponent, NaN or a float's rounding: what is written is billed
-        return data.lazyframe.select(pl.col("amount").is_null()
-                                     | pl.col("amount").str.contains(r"^[+-]?(\d+(\.\d*)?|\.\d+)$"))
+        # what is written is what is billed, never rounded (see _amount_problem)
+        return data.lazyframe.select(pl.col("exact_amount"))
 
     @pa.dataframe_check(name="bad_currency")
     def _currency_known(cls, data: pa.PolarsData) -> pl.LazyFrame:
@@ -172,7 +177,9 @@ def checked_rows(rows: pl.DataFrame, customers: set[str]) -> pl.DataFrame:
     is the adjustment; the later ones are `duplicate_id`, whatever their period."""
     frame = rows.with_columns(
         (pl.col("adjustment_id").is_null() | pl.col("adjustment_id").is_first_distinct()).alias("first_of_id"),
-        (pl.col("customer_id").is_null() | pl.col("customer_id").is_in(sorted(customers))).alias("known_customer"))
+        (pl.col("customer_id").is_null() | pl.col("customer_id").is_in(sorted(customers))).alias("known_customer"),
+        pl.Series("exact_amount", [_amount_problem(a, c) is None for a, c in rows.select("amount", "currency").rows()],
+                  dtype=pl.Boolean))
     try:
         RowRules.validate(frame, lazy=True)
         reason = pl.lit(None, dtype=pl.String)
@@ -188,9 +195,34 @@ def checked_rows(rows: pl.DataFrame, customers: set[str]) -> pl.DataFrame:
         index = pl.DataFrame({"index": pl.int_range(frame.height, dtype=pl.UInt32, eager=True)})
         reason = (index.join(first, on="index", how="left", maintain_order="left")["rank"]
                   .replace_strict(dict(enumerate(ROW_REASONS)), default=None, return_dtype=pl.String))
-    return frame.drop("first_of_id", "known_customer").with_columns(
+    return frame.drop("first_of_id", "known_customer", "exact_amount").with_columns(
         pl.Series("quarantine_reason", reason, dtype=pl.String) if isinstance(reason, pl.Series)
         else reason.alias("quarantine_reason"))
+
+
+PLAIN_DECIMAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+
+
+def _amount_problem(amount: str | None, currency: str | None) -> str | None:
+    """What keeps `amount` from being billed exactly as written, in `currency` when that is a
+    known one; None when nothing does (or when it is missing: that is `missing_field`). A plain
+    decimal only: no exponent, no NaN, no float, and no more decimal places than the currency's
+    minor unit, because an adjustment is never rounded."""
+    if amount is None:
+        return None
+    if amount.startswith(FLOAT_MARK):
+        return "a floating-point column cannot hold an exact amount; send text or a decimal column"
+    if not PLAIN_DECIMAL.match(amount):
+        return f"{amount!r} is not a plain decimal number"
+    if currency is None or not is_known_currency(currency):
+        return None
+    exponent = minor_exponent(currency)
+    value = Decimal(amount)
+    if value.normalize().as_tuple().exponent < -exponent:
+        return f"{amount} has more decimal places than {currency} has ({exponent})"
+    if abs(value.scaleb(exponent)) > ROW_AMOUNT_LIMIT_MINOR:
+        return f"{amount} is beyond the {ROW_AMOUNT_LIMIT_MINOR} minor units one line may bill"
+    return None
 
 
 DETAILS = {
@@ -212,20 +244,20 @@ def period_adjustments(checked: pl.DataFrame, period: str, segments: list[Segmen
     billed_elsewhere = billed_elsewhere or {}
     mine = checked.filter((pl.col("period") == period)
                           | (pl.col("quarantine_reason") == "bad_period") | pl.col("period").is_null())
-    last_of: dict[str, tuple] = {}      # customer -> (end, -, subscription_id) of the invoice that bills last
+    last_of: dict[str, Segment] = {}  # customer -> the segment that ends last (ties: lowest subscription_id)
     sub_info: dict[str, tuple[str, str]] = {}  # subscription -> (customer, currency)
-    for seg in segments:
+    for seg in sorted(segments, key=lambda s: s.subscription.subscription_id):
         sub = seg.subscription
         sub_info[sub.subscription_id] = (sub.customer_id, seg.plan.plan.currency)
-        key = (seg.end_at, _neg(sub.subscription_id), sub.subscription_id)
-        if sub.customer_id not in last_of or key > last_of[sub.customer_id]:
-            last_of[sub.customer_id] = key
+        if sub.customer_id not in last_of or seg.end_at > last_of[sub.customer_id].end_at:
+            last_of[sub.customer_id] = seg
     billable, rows = [], []
     for row in mine.iter_rows(named=True):
         reason, detail, sub_id = row["quarantine_reason"], None, row["subscription_id"]
         amount = None
         if reason is None:
-            sub_id = sub_id or (last_of[row["customer_id"]][2] if row["customer_id"] in last_of else None)
+            last = last_of.get(row["customer_id"])
+            sub_id = sub_id or (last.subscription.subscription_id if last else None)
             amount = Decimal(row["amount"])
             if row["adjustment_id"] in billed_elsewhere:
                 reason = "billed_in_period"
@@ -237,18 +269,11 @@ def period_adjustments(checked: pl.DataFrame, period: str, segments: list[Segmen
             elif sub_info[sub_id][1] != row["currency"]:
                 reason = "currency_mismatch"
                 detail = f"the invoice of {sub_id} for {period} is in {sub_info[sub_id][1]}, not {row['currency']}"
-            elif amount.normalize().as_tuple().exponent < -minor_exponent(row["currency"]):
-                reason = "bad_amount"  # never rounded: the amount written is the amount billed
-                detail = f"{row['amount']} has more decimal places than {row['currency']} has"
-            elif abs(amount.scaleb(minor_exponent(row["currency"]))) > ROW_AMOUNT_LIMIT_MINOR:
-                reason = "bad_amount"
-                detail = f"{row['amount']} is beyond what one line may bill"
         elif reason == "missing_field":
             missing = [c for c in REQUIRED if row[c] is None]
             detail = f"{', '.join(missing)} empty"
         elif reason == "bad_amount":
-            detail = (f"{row['amount']!r} is not a plain decimal number" if not row["amount"].startswith(FLOAT_MARK)
-                      else "a floating-point column cannot hold an exact amount; send text or a decimal column")
+            detail = _amount_problem(row["amount"], row["currency"])
         else:
             detail = DETAILS.get(reason)
         taxable = (row["taxable"] or "true").lower() not in FALSE
@@ -265,11 +290,6 @@ def period_adjustments(checked: pl.DataFrame, period: str, segments: list[Segmen
     return billable, pl.DataFrame(rows, schema={k: v for k, v in TABLE_SCHEMA.items()
                                                 if k not in ("invoice_id", "line_no", "amount_minor",
                                                              "unapplied_minor")})
-
-
-def _neg(text: str) -> tuple:
-    """Sorts strings in reverse: the lowest subscription_id wins a tie on the end."""
-    return tuple(-ord(c) for c in text)
 
 
 def adjustment_line(adj: Adjustment, amount_minor: int, unapplied_minor: int) -> Line:
@@ -339,3 +359,25 @@ def adjustment_counts(table: pl.DataFrame) -> dict:
             "quarantined_by_reason": dict(sorted(table.filter(pl.col("status") == "quarantined")
                                                  .group_by("quarantine_reason").len().iter_rows()))}
 
+
+
+def billed_by_periods(closes: dict[str, pl.DataFrame], correction_lines: pl.DataFrame) -> dict[str, str]:
+    """Adjustment id -> the period whose documents bill it, from each closed period's adjustments
+    table (`closes`, by period) and the lines of every committed correction. An adjustment is
+    billed by a period while its close billed it and no correction took it back to zero, or a
+    correction billed it there (a late adjustment) and none took it back since."""
+    net: dict[tuple[str, str], int] = {}
+    corrected: set[tuple[str, str]] = set()
+    for period, table in sorted(closes.items()):
+        for row in table.filter(pl.col("status") == "billed").iter_rows(named=True):
+            net[(period, row["adjustment_id"])] = row["amount_minor"]
+    if correction_lines.height and "adjusts_kind" in correction_lines.columns:
+        lines = correction_lines.filter(pl.col("adjusts_kind").is_in(KINDS))
+        for row in lines.iter_rows(named=True):
+            match = REF.search(row["adjusts_description"] or "")
+            if match:
+                key = (row["period"], match.group(1))
+                net[key] = net.get(key, 0) + row["amount_minor"]
+                corrected.add(key)
+    return {adjustment_id: period for (period, adjustment_id), amount in sorted(net.items())
+            if amount != 0 or (period, adjustment_id) not in corrected}
