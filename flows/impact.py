@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import (Inputs, check_reference, fetch_inputs, normalize_usage, rate_invoices, replay_credits,
+from flows.close import (Reference, check_reference, fetch_inputs, normalize_usage, rate_invoices, replay_credits,
                          settle_usage, work_dir_for)
 from flows.gitplans import catalog_at, revision
 from flows.report import closed_periods, fetch_costs
@@ -50,25 +50,29 @@ def periods_to_rerate(store: str, periods: int) -> list[Period]:
     return closed[-periods:]
 
 
-def rerated_outcomes(store: str, inputs: Inputs, normalized: Normalized, catalog: Catalog, which: str,
-                     period: Period, work_dir: Path, costs: Costs) -> tuple[Outcomes, object]:
+def _sided(which: str, step, *args):
+    """A step of one side's re-rate; a user error says which plans it came from."""
+    try:
+        return step(*args)
+    except BillrunError as exc:
+        raise type(exc)(f"with the {which} plans: {exc}") from None
+
+
+def rerated_outcomes(store: str, normalized: Normalized, reference: Reference, catalog: Catalog, which: str,
+                     period: Period, work_dir: Path, costs: Costs) -> Outcomes:
     """The period re-rated with `catalog` by the close's steps, as the close would bill it (and
     as `simulate` re-rates), with the revenue and margins the close would write."""
     index = committed_index(store, leave_out=[str(period)]).local(work_dir / "billed-index")
-    try:
-        reference = check_reference(quote(inputs), quote(catalog), period)
-        settlement = settle_usage(quote(normalized), quote(reference), quote(catalog), period, work_dir, quote(index))
-        outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)
-        invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
-    except BillrunError as exc:
-        raise type(exc)(f"with the {which} plans: {exc}") from None
+    settlement = _sided(which, settle_usage, quote(normalized), quote(reference), quote(catalog), period, work_dir,
+                        quote(index))
+    outcome = _sided(which, replay_credits, quote(settlement), quote(reference), quote(catalog), period)
+    invoices = _sided(which, rate_invoices, quote(settlement), quote(reference), quote(outcome), period)
     segments = segment_plans(reference.segments)
     plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
-    outcomes = Outcomes(invoices_table(invoices),
-                        revenue_rows(period, invoices, outcome, proportional_rates(outcome, plan_of_sub)),
-                        margins_table(lines_table(invoices), settlement.usage_by_day, segments, costs, period),
-                        segments)
-    return outcomes, reference
+    return Outcomes(invoices_table(invoices),
+                    revenue_rows(period, invoices, outcome, proportional_rates(outcome, plan_of_sub)),
+                    margins_table(lines_table(invoices), settlement.usage_by_day, segments, costs, period),
+                    segments)
 
 
 @flow(name="impact", log_prints=False)
@@ -82,19 +86,23 @@ def impact(store: str, plans: str, base: str, periods: int = 1, shock: str = str
     chosen = periods_to_rerate(store, periods)
     label = hashlib.sha256(f"{rev.commit}|{periods}".encode()).hexdigest()[:10]
     work_dir = work_dir_for(store, f"impact-{label}")
-    rerated, reference = [], None
+    rerated = []
     try:
         inputs = fetch_inputs(store, work_dir / "inputs")
+        # customers and subscriptions checked against both catalogs first: a plan the pull request
+        # removes while subscriptions are on it fails here, before any usage is settled
+        references = {(period, which): _sided(which, check_reference, quote(inputs), quote(catalog), period)
+                      for period in chosen for which, catalog in (("base", base_catalog), ("head", head_catalog))}
         normalized = normalize_usage(quote(inputs), work_dir)
         costs, costs_source = fetch_costs(store)
         for period in chosen:
-            sides = {}
-            for which, catalog in (("base", base_catalog), ("head", head_catalog)):
-                sides[which], reference = rerated_outcomes(store, inputs, normalized, catalog, which, period,
-                                                           work_dir, costs)
+            sides = {which: rerated_outcomes(store, normalized, references[(period, which)], catalog, which, period,
+                                             work_dir, costs)
+                     for which, catalog in (("base", base_catalog), ("head", head_catalog))}
             rerated.append(PeriodRerates(period, _run_id(store, period), sides["base"], sides["head"]))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+    reference = references[(chosen[-1], "head")]
     names = dict(reference.customers.select("customer_id", "name").iter_rows())
     customers = customer_changes(rerated, names, limits)
     credit_plans = {f.plan.plan for c in (base_catalog, head_catalog) for f in c.files.values() if f.plan.credits}

@@ -330,3 +330,19 @@ def test_the_workflow_runs_impact_on_plan_changes_with_least_permissions():
             if "secrets." in str(value):
                 assert name.startswith(("AWS_", "HAS_KEY")), name
     assert "echo $AWS" not in runs and "set -x" not in runs
+
+
+@pytest.mark.slow
+def test_a_head_that_drops_a_plan_in_use_is_refused_naming_the_side(world, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    write_plans(repo / "plans", head=False)
+    git(repo, "add", "plans")
+    git(repo, "commit", "-q", "-m", "plans")
+    (repo / "plans" / "tok-v1.yaml").unlink()  # the pull request deletes the plan four subscriptions are on
+    result = invoke("impact", "--base", "HEAD", "--store", world["store"], "--plans", str(repo / "plans"))
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("billrun: error: with the head plans: subscriptions/subscriptions.csv row ")
+    assert last.endswith("plan: no plan file defines plan 'tok'")
