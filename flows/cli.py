@@ -217,6 +217,11 @@ def _print_close(result: dict, as_json: bool) -> None:
                   f"over {total['invoices']} invoices")
     for reason, n in result.get("quarantined_by_reason", {}).items():
         out.print(f"  quarantined {reason}: {n}")
+    if result.get("adjustments"):
+        a = result["adjustments"]
+        reasons = ", ".join(f"{r} {n}" for r, n in a["quarantined_by_reason"].items())
+        out.print(f"  adjustments: {a['read']} rows, {a['billed']} billed, {a['quarantined']} quarantined"
+                  f"{' (' + reasons + ')' if reasons else ''}")
     html = [o for o in result["outputs"] if o.endswith(".html")]
     if html:
         out.print(f"  invoices: {result['store'].rstrip('/')}/{html[0]} (and {len(html) - 1} more)")
@@ -586,9 +591,12 @@ def explain(ctx: typer.Context,
             out.print(f"     <- {row['units']} units in {row['events']} events with {row['dims']}", markup=False)
         if "adjustment" in line:
             a = line["adjustment"]
-            said = "; ".join(f"{k} {a[k]}" for k in ("reason", "amount", "taxable", "unapplied_minor", "source")
-                             if k in a)
-            out.print(f"     <- adjustment {a['adjustment_id']}{': ' + said if said else ''}", markup=False)
+            said = ([f"reason: {a['reason']}"] if "reason" in a else []) + (
+                ["not taxed"] if a.get("taxable") is False else []) + (
+                [f"{format_money(a['unapplied_minor'], inv['currency'])} not applied"] if a.get("unapplied_minor")
+                else []) + ([f"from {a['source']}"] if "source" in a else [])
+            out.print(f"     <- adjustment {a['adjustment_id']}{': ' + '; '.join(said) if said else ''}",
+                      markup=False)
 
 
 def _explain_events(store: str, invoice: str, line: int | None, as_json: bool) -> None:

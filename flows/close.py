@@ -145,6 +145,7 @@ class CloseResult:
     invoices: int = 0
     outputs: list[str] = field(default_factory=list)
     quarantined_by_reason: dict[str, int] = field(default_factory=dict)
+    adjustments: dict | None = None  # the manifest's account of adjustment rows; None without the input
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

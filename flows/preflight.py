@@ -95,7 +95,8 @@ def close_summary(manifest: dict, store_uri: str, status: str) -> dict:
             "rows": manifest["rows"], "totals": manifest["totals"],
             "invoices": sum(t["invoices"] for t in manifest["totals"]),
             "outputs": [o["key"] for o in manifest["outputs"]],
-            "quarantined_by_reason": manifest.get("quarantined_by_reason", {})}
+            "quarantined_by_reason": manifest.get("quarantined_by_reason", {}),
+            "adjustments": manifest.get("adjustments")}
 
 
 def has_settings(store_uri: str) -> bool:

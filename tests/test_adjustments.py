@@ -191,7 +191,22 @@ def test_explain_shows_the_adjustment_behind_a_line(closed):
     assert line["description"] == "Migration credit (ref A4)"
     assert line["adjustment"] == {"adjustment_id": "A4", "reason": "sales promise", "amount": "-1000.00",
                                   "taxable": True, "unapplied_minor": 94839, "source": "adjustments/2026-10.csv#row=4"}
-    assert "not applied" in line["steps"][0]["label"]
+    assert line["steps"][0]["label"] == ("Credit of €1,000.00: €51.61 applied, €948.39 not applied, as an invoice "
+                                         "never goes below zero")
+
+
+@pytest.mark.slow
+def test_the_command_line_counts_adjustments_and_explains_them(closed):
+    from typer.testing import CliRunner
+    from flows.cli import app
+    store, plans, _, invoices = closed
+    closed_again = CliRunner().invoke(app, ["close", "--period", PERIOD, "--store", store, "--plans", plans])
+    assert closed_again.exit_code == 0, closed_again.output
+    assert ("adjustments: 11 rows, 4 billed, 7 quarantined (bad_amount 2, currency_mismatch 1, duplicate_id 1, "
+            "missing_id 1, no_invoice 1, unknown_customer 1)") in closed_again.output
+    explained = CliRunner().invoke(app, ["explain", "--invoice", invoices["s_sw_b"]["invoice_id"], "--store", store])
+    assert ("<- adjustment A4: reason: sales promise; €948.39 not applied; from adjustments/2026-10.csv#row=4"
+            in explained.output), explained.output
 
 
 @pytest.mark.slow

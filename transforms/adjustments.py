@@ -293,11 +293,13 @@ def period_adjustments(checked: pl.DataFrame, period: str, segments: list[Segmen
 
 
 def adjustment_line(adj: Adjustment, amount_minor: int, unapplied_minor: int) -> Line:
+    """The invoice line of one adjustment: `amount_minor` is what it bills, `unapplied_minor` the
+    part of a credit that did not fit on the invoice (0 otherwise), said on the line."""
     steps = ()
     if unapplied_minor:
         steps = (Step(f"Credit of {format_money(-(amount_minor - unapplied_minor), adj.currency)}: "
                       f"{format_money(-amount_minor, adj.currency)} applied, "
-                      f"{format_money(-unapplied_minor, adj.currency)} not applied, as an invoice never goes "
+                      f"{format_money(unapplied_minor, adj.currency)} not applied, as an invoice never goes "
                       f"below zero", Decimal(1), None, Decimal(amount_minor).scaleb(-minor_exponent(adj.currency))),)
     return Line(kind=adj.kind, description=adj.line_description, quantity=Decimal(1), amount_minor=amount_minor,
                 amount=adj.amount, steps=steps, adjustment_id=adj.adjustment_id, taxable=adj.taxable)
