@@ -346,3 +346,17 @@ def test_a_head_that_drops_a_plan_in_use_is_refused_naming_the_side(world, tmp_p
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("billrun: error: with the head plans: subscriptions/subscriptions.csv row ")
     assert last.endswith("plan: no plan file defines plan 'tok'")
+
+
+@pytest.mark.slow
+def test_an_s3_store_gives_the_report_a_folder_store_gives(world, s3_bucket):
+    from closeutil import copy_tree_to_store
+    from flows.impact import impact
+
+    uri = f"s3://{s3_bucket}/prod"
+    copy_tree_to_store(Path(world["store"]), uri)
+    result = impact(store=uri, plans=str(world["plans"]), base="HEAD", periods=2, top=2)
+    folder = world["report"]
+    for key in ("periods", "totals", "currency_totals", "plans", "customers", "notices", "breakage_and_margin"):
+        assert result[key] == folder[key], key
+    assert result["markdown"] == folder["markdown"].replace(md(world["store"]), md(uri))
