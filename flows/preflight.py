@@ -140,6 +140,7 @@ def usage_missing_refusal(store_uri: str, plans: str, period: Period) -> str | N
     from transforms.plans import load_catalog
     from transforms.reference import checked_customers, checked_subscriptions, segments_in
 
+    catalog = load_catalog(plans)
     with tempfile.TemporaryDirectory(prefix="billrun-preflight-") as tmp:
         local = store.fetch([customers_key, subscriptions_key], Path(tmp))
         customers = checked_customers(read_table(local[customers_key], customers_key), customers_key)
