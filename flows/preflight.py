@@ -157,20 +157,21 @@ def preview_target(store_uri: str, plans: str, customer: str, day: date) -> dict
     the open period holding `day` (not closed: its final invoices are published), the
     customer's subscriptions in it (at least one), the seller's terms, and the latest nightly run
     of the period up to `day` (None: the drafts are rated from the inputs)."""
-    import yaml
-
-    from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, read_table
-    from flows.keys import SELLER_KEY
     from flows.store import open_store
-    from transforms.plans import load_catalog
-    from transforms.reference import checked_customers, checked_subscriptions, segments_in
-    from transforms.terms import seller_block
 
     store = open_store(store_uri)
     period = Period.containing(day)
     if store.exists(manifest_key(period)):
         raise InputError(f"--date {day} is in {period}, which is closed: its final invoices are published"
                          f"{_final_invoices(store, period, customer)}; a preview shows an open period")
+    import yaml  # the checks below read and check the reference files (pandera, the plans)
+
+    from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, read_table
+    from flows.keys import SELLER_KEY
+    from transforms.plans import load_catalog
+    from transforms.reference import checked_customers, checked_subscriptions, segments_in
+    from transforms.terms import seller_block
+
     keys = {}
     for what, options in (("customers", CUSTOMERS_KEYS), ("subscriptions", SUBSCRIPTIONS_KEYS)):
         present = [k for k in options if store.exists(k)]

@@ -26,6 +26,7 @@ from transforms.credits import CreditSummary, credit_summaries
 from transforms.errors import InputError
 from transforms.invoices import Invoice
 from transforms.periods import Period, parse_day
+from transforms.plans import load_catalog
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,6 @@ def rate_so_far(store: str, plans: str, customer: str, day: str) -> Rated:
     period = Period.containing(the_day)
     if closed_manifest(store, period) is not None:
         raise InputError(f"--date {day} is in {period}, which is closed: its final invoices are published")
-    from transforms.plans import load_catalog
-
     catalog = load_catalog(plans)
     # a preview holds no lock, so two may run at once: each its own work folder
     work_dir = work_dir_for(store, f"preview-{the_day}-{uuid.uuid4().hex[:8]}")
