@@ -59,6 +59,8 @@ USAGE = [("c1", "tokens", "3000000", "2026-09-05"), ("c2", "tokens", "2000000", 
          ("c3", "tokens", "5000000", "2026-09-25"), ("c4", "images", "50", "2026-09-07"),
          ("c1", "tokens", "1000000", "2026-10-05"), ("c2", "tokens", "4000000", "2026-10-06"),
          ("c4", "images", "250", "2026-10-07")]
+COSTS = "meter,filter,unit_cost,per,currency,effective_from\ntokens,,1.00,1000000,USD,2026-01-01\n" \
+        "images,,0.02,,USD,2026-01-01\n"
 runner = CliRunner()
 
 
@@ -85,6 +87,7 @@ def write_store(uri: str) -> str:
         + "".join(f"{s},{c},{p},{v},{d},,,\n" for s, c, p, v, d in SUBSCRIPTIONS)).encode())
     store.put_bytes("usage/events.csv", ("event_id,customer_id,meter,quantity,timestamp\n" + "".join(
         f"e{i},{c},{m},{q},{d}T12:00:00Z\n" for i, (c, m, q, d) in enumerate(USAGE))).encode())
+    store.put_bytes("costs/costs.csv", COSTS.encode())
     return uri
 
 
@@ -189,7 +192,17 @@ def test_breakage_is_what_each_close_recognized(world):
     [usd] = world["report"]["breakage_and_margin"]["breakage"]
     assert (usd["base_minor"], usd["head_minor"]) == (breakage(world["store"]), breakage(world["twin"]))
     assert usd["base_minor"] > 0  # c4 left 150 credits unused in 2026-09
-    assert world["report"]["breakage_and_margin"]["margin"] is None  # no cost file
+
+
+@pytest.mark.slow
+def test_margin_is_what_each_close_wrote(world):
+    def margin(store: str) -> int:
+        return sum(table(store, p, "margins.parquet")["margin_minor"].sum() for p in PERIODS)
+
+    [usd] = world["report"]["breakage_and_margin"]["margin"]
+    assert (usd["base_minor"], usd["head_minor"]) == (margin(world["store"]), margin(world["twin"]))
+    # the tokens cost the same with either catalog: the margin rises by exactly what the bills do
+    assert usd["change_minor"] == 200 + 300 + 500
 
 
 @pytest.mark.slow
@@ -355,8 +368,20 @@ def test_an_s3_store_gives_the_report_a_folder_store_gives(world, s3_bucket):
 
     uri = f"s3://{s3_bucket}/prod"
     copy_tree_to_store(Path(world["store"]), uri)
-    result = impact(store=uri, plans=str(world["plans"]), base="HEAD", periods=2, top=2)
+    # a shock here: up by more than 30% and by more than $2.50 (c3: +$5.00, +50%; not c2: +$3.00 but
+    # +25%; not c1: +$2.00, +25%)
+    result = impact(store=uri, plans=str(world["plans"]), base="HEAD", periods=2, top=2, shock="0.3",
+                    shock_amount="2.50")
     folder = world["report"]
-    for key in ("periods", "totals", "currency_totals", "plans", "customers", "notices", "breakage_and_margin"):
+    for key in ("periods", "totals", "currency_totals", "plans", "notices", "breakage_and_margin"):
         assert result[key] == folder[key], key
-    assert result["markdown"] == folder["markdown"].replace(md(world["store"]), md(uri))
+    def figures(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in c.items() if k not in ("shock", "outcome")} for c in rows]
+
+    assert figures(result["customers"]) == figures(folder["customers"])
+    assert [c["customer_id"] for c in result["customers"] if c["shock"]] == ["c3"]
+    before_shocks, _, after = result["markdown"].partition("## Bill shock")
+    shocks = after.partition("## ")[0]
+    assert before_shocks == folder["markdown"].replace(md(world["store"]), md(uri)).partition("## Bill shock")[0]
+    assert "by more than 30% and by more than 2.5 of its currency" in shocks and "| c3 |" in shocks
+    assert "| c2 |" not in shocks
