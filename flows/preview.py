@@ -17,8 +17,8 @@ from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import (check_reference, closed_manifest, fetch_inputs, normalize_usage, rate_invoices,
-                         replay_credits, settle_usage, work_dir_for)
+from flows.close import (adjustments_billed_elsewhere, check_reference, closed_manifest, fetch_inputs,
+                         normalize_usage, rate_invoices, replay_credits, settle_usage, work_dir_for)
 from flows.nightly import _through_night
 from flows.secrets import keep_secrets_out_of_logs
 from flows.shards import Normalized
@@ -51,7 +51,9 @@ def rate_so_far(store: str, plans: str, customer: str, day: str) -> Rated:
     work_dir = work_dir_for(store, f"preview-{the_day}-{uuid.uuid4().hex[:8]}")
     try:
         inputs = fetch_inputs(store, work_dir / "inputs")
-        reference = check_reference(quote(inputs), quote(catalog), period)
+        # as the close: an adjustment that a closed period's documents bill is not billed here
+        billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), [period])
+        reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
         normalized = normalize_usage(quote(inputs), work_dir)
         # the events up to the end of the day, as a night of that day takes them in
         so_far = Normalized(tuple(_through_night(list(normalized.paths), {}, the_day, work_dir / "through-day")),
