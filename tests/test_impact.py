@@ -370,8 +370,10 @@ def test_an_s3_store_gives_the_report_a_folder_store_gives(world, s3_bucket):
     copy_tree_to_store(Path(world["store"]), uri)
     # a shock here: up by more than 30% and by more than $2.50 (c3: +$5.00, +50%; not c2: +$3.00 but
     # +25%; not c1: +$2.00, +25%)
-    result = impact(store=uri, plans=str(world["plans"]), base="HEAD", periods=2, top=2, shock="0.3",
+    # --periods 5 with two closed: both are re-rated, and the report says so
+    result = impact(store=uri, plans=str(world["plans"]), base="HEAD", periods=5, top=2, shock="0.3",
                     shock_amount="2.50")
+    assert result["notes"] == ["--periods 5: the store has 2 closed period(s); all of them are re-rated."]
     folder = world["report"]
     for key in ("periods", "totals", "currency_totals", "plans", "notices", "breakage_and_margin"):
         assert result[key] == folder[key], key
