@@ -2,9 +2,9 @@
 
 One small taxed store (a Dutch seller, 30 days net; a French consumer at 20% VAT under the
 One-Stop-Shop with her own 14-day terms), copied twice. On copy A: a preview from the inputs
-(no nightly yet), the nightly run of the same day, previews from that night (HTML and PDF),
-then the close. On copy B: the same nightly and close, without previews. The close bytes must
-be the same.
+(no nightly yet), the nightly run of the same day, previews from that night (HTML and PDF), each
+preview while a close holds the period's lock (a preview takes none), then the close. On copy B:
+the same nightly and close, without previews. The close bytes must be the same.
 
 fr_b2c's bill as of 2026-11-10: the 100.00 fee + 12,347 calls x 0.01 = 223.47; VAT 20%:
 44.694 -> 44.69; total 268.16; due 2026-11-10 + 14 = 2026-11-24. Her 1,000 calls of
@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
@@ -23,8 +24,10 @@ from typer.testing import CliRunner
 
 from closeutil import close
 from flows.cli import app
+from flows.locks import period_lock
 from flows.nightly import nightly
 from flows.store import open_store
+from transforms.periods import Period
 
 runner = CliRunner()
 PERIOD, DAY = "2026-11", "2026-11-10"
@@ -54,6 +57,11 @@ def preview(store: str, plans: str, *extra: str):
                                *extra], catch_exceptions=False)
 
 
+def close_running(store: str):
+    """The period's lock, held as a close holds it."""
+    return period_lock(open_store(store), [Period.parse(PERIOD)], f"close {PERIOD}", datetime.now(timezone.utc))
+
+
 @pytest.fixture(scope="module")
 def previewed(prefect_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("preview")
@@ -67,15 +75,18 @@ def previewed(prefect_server, tmp_path_factory):
     shutil.copytree(root / "seed", a)
     shutil.copytree(root / "seed", b)
     out = {"root": root, "a": a, "plans": plans}
-    before = files(a)
-    out["from_inputs"] = preview(a, plans, "--out", str(root / "inputs.html"))
-    out["untouched"] = before == files(a)
+    # the previews run while a close holds the period's lock: one that took it would be refused
+    with close_running(a):
+        before = files(a)
+        out["from_inputs"] = preview(a, plans, "--out", str(root / "inputs.html"))
+        out["untouched"] = before == files(a)
     nightly(store=a, plans=plans, day=DAY)
-    out["from_night"] = preview(a, plans, "--out", str(root / "night.html"))
-    out["pdf"] = preview(a, plans, "--pdf", "--out", str(root / "night.pdf"))
-    out["json"] = preview(a, plans, "--json", "--out", str(root / "json.html"))
-    out["later_day"] = runner.invoke(app, ["preview", "--customer", "fr_b2c", "--date", "2026-11-25", "--store", a,
-                                           "--plans", plans, "--out", str(root / "later.html")])
+    with close_running(a):
+        out["from_night"] = preview(a, plans, "--out", str(root / "night.html"))
+        out["pdf"] = preview(a, plans, "--pdf", "--out", str(root / "night.pdf"))
+        out["json"] = preview(a, plans, "--json", "--out", str(root / "json.html"))
+        out["later_day"] = runner.invoke(app, ["preview", "--customer", "fr_b2c", "--date", "2026-11-25", "--store",
+                                               a, "--plans", plans, "--out", str(root / "later.html")])
     nightly(store=b, plans=plans, day=DAY)
     out["close_a"], out["close_b"] = close(a, plans, PERIOD), close(b, plans, PERIOD)
     out["closed_a"] = {k: v for k, v in files(a).items() if k.startswith(f"billing/period={PERIOD}/")}
