@@ -56,8 +56,11 @@ def revision(plans: str, rev: str) -> Revision:
         raise InputError(f"--base {rev!r} is not a revision (a branch, tag or commit, e.g. origin/main)")
     inside = _git(["rev-parse", "--is-inside-work-tree"], folder)
     if inside.returncode != 0 or inside.stdout.strip() != b"true":
-        raise InputError(f"--plans {plans}: not inside a git working tree, so there is no --base {rev} to compare "
-                         f"with (impact compares the plans at a git revision with the folder as it is)")
+        # git's own reason when it is not the plain one (a repository owned by another user, say)
+        why = _first_line(inside) if inside.returncode != 0 else ""
+        detail = f" ({why})" if why and "not a git repository" not in why else ""
+        raise InputError(f"--plans {plans}: not inside a git working tree{detail}, so there is no --base {rev} to "
+                         f"compare with (impact compares the plans at a git revision with the folder as it is)")
     top = _git(["rev-parse", "--show-toplevel"], folder)
     prefix = _git(["rev-parse", "--show-prefix"], folder)
     commit = _git(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"], folder)

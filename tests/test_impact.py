@@ -17,6 +17,7 @@ must be the differences between the two closes' invoices:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -387,3 +388,15 @@ def test_an_s3_store_gives_the_report_a_folder_store_gives(world, s3_bucket):
     assert before_shocks == folder["markdown"].replace(md(world["store"]), md(uri)).partition("## Bill shock")[0]
     assert "by more than 30% and by more than 2.5 of its currency" in shocks and "| c3 |" in shocks
     assert "| c2 |" not in shocks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to hand the repository to "
+                    "another user")
+def test_git_says_why_when_it_refuses_the_repository(repo):
+    # a repository owned by another user: git refuses it, and the error says so rather than "no git"
+    shutil.chown(repo, user="nobody")
+    result = invoke("impact", "--base", "HEAD", "--store", write_store(str(repo / "store")),
+                    "--plans", str(repo / "plans"))
+    assert result.exit_code == 1
+    assert "not inside a git working tree (fatal: detected dubious ownership in repository" in result.output
