@@ -26,9 +26,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _quietly, _read_if_exists, _sha256,
-                         adjustments_billed_elsewhere, catalog_entries, check_reference, closed_manifest, fetch_inputs, normalize_usage, plan_entries_for,
-                         rate_invoices, replay_credits, seller_block, settle_usage, work_dir_for)
+                         adjustments_billed_elsewhere, catalog_entries, check_reference, closed_manifest, fetch_inputs,
+                         plan_entries_for, rate_invoices, replay_credits, seller_block, work_dir_for)
 from flows.billed_index import committed_index, correction_index, index_key, record_billed
+from flows.engine import period_usage
 from flows.locks import Fence, Fenced, Hold, fault_point, period_lock, warn
 from flows.secrets import keep_secrets_out_of_logs
 from flows.status import checked_key
@@ -205,10 +206,8 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             # the periods re-rated here are settled together, from the usage; what the other
             # closed periods' documents bill (their billed-event index) is never billed again
             index = committed_index(store, leave_out=closed)
-            counted = index.local(work_dir / "index")
             index_changes: list[tuple[str, Path, int]] = []
             inputs = fetch_inputs(store, work_dir / "inputs")
-            normalized = normalize_usage(quote(inputs), work_dir)
             issued = load_issued(store, closed)
             # likewise, what the other closed periods' documents bill of the adjustments
             billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), closed)
@@ -218,33 +217,34 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             revenue_changes, ledger_changes = [], []
             roundings: dict[str, str] = {}
             booked = str(Period.containing(issued_on))
-            for period in closed:
-                reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
-                customers = reference.customers
-                billed_out = work_dir / "billed" / f"{period}.parquet"
-                settlement = settle_usage(quote(normalized), quote(reference), quote(catalog), period,
-                                          work_dir, quote(counted), billed_out)
-                if str(period) in index.decided:  # what its documents will bill after this run
-                    changes = work_dir / "billed" / f"changes-{period}.parquet"
-                    count = correction_index(index, str(period), [billed_out], work_dir / "index-own", changes)
-                    if count:
-                        index_changes.append((str(period), changes, count))
-                outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)
-                rerated = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
-                plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
-                record = issued[str(period)]
-                plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
-                roundings.update({sub: plan.rounding for sub, plan in plan_of_sub.items()})
-                due = {row["customer_id"]: due_on(issued_on, reference.seller, row)
-                       for row in reference.customers.iter_rows(named=True)}
-                documents += [replace(doc, due_on=due.get(doc.customer_id)) for doc in correction_documents(
-                    str(period), rerated, issued_lines(record.lines), _originals(record.docs),
-                    _next_numbers(record.docs), issued_on, issued_taxes(record.lines), roundings)]
-                revenue_changes.append(revenue_adjustments(
-                    revenue_rows(period, rerated, outcome, proportional_rates(outcome, plan_of_sub)),
-                    record.revenue, str(period), booked))
-                ledger_changes.append(ledger_adjustments(balances_table(outcome, period), record.balances,
-                                                         str(period), booked, utc_midnight(issued_on)))
+            # normalized once, then each period settled from the same shards as a close settles it
+            with period_usage(store, inputs, work_dir, f"backfill-{first}-{last}") as usage:
+                for period in closed:
+                    reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
+                    customers = reference.customers
+                    settlement = usage.settle(reference, catalog, period, index)
+                    if str(period) in index.decided:  # what its documents will bill after this run
+                        changes = work_dir / "billed" / f"changes-{period}.parquet"
+                        billed = usage.billed_files(settlement, work_dir / "billed" / str(period))
+                        count = correction_index(index, str(period), billed, work_dir / "index-own", changes)
+                        if count:
+                            index_changes.append((str(period), changes, count))
+                    outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)
+                    rerated = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
+                    plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
+                    record = issued[str(period)]
+                    plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
+                    roundings.update({sub: plan.rounding for sub, plan in plan_of_sub.items()})
+                    due = {row["customer_id"]: due_on(issued_on, reference.seller, row)
+                           for row in reference.customers.iter_rows(named=True)}
+                    documents += [replace(doc, due_on=due.get(doc.customer_id)) for doc in correction_documents(
+                        str(period), rerated, issued_lines(record.lines), _originals(record.docs),
+                        _next_numbers(record.docs), issued_on, issued_taxes(record.lines), roundings)]
+                    revenue_changes.append(revenue_adjustments(
+                        revenue_rows(period, rerated, outcome, proportional_rates(outcome, plan_of_sub)),
+                        record.revenue, str(period), booked))
+                    ledger_changes.append(ledger_adjustments(balances_table(outcome, period), record.balances,
+                                                             str(period), booked, utc_midnight(issued_on)))
             revenue_changes = pl.concat(revenue_changes)
             ledger_changes = pl.concat(ledger_changes)
             input_hashes = [f"{o.key}|{o.sha256}" for o in inputs.all]

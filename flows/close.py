@@ -25,7 +25,6 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Iterator
 
-import duckdb
 import polars as pl
 import yaml
 from prefect import flow, get_run_logger, task
@@ -34,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_adjustments_key, is_purchases_key, is_usage_key,
-                          normalized_object, read_table)
+                          read_table)
 from flows.billed_index import committed_index, index_billed, index_key, record_billed
 from flows.keys import MANIFEST, SELLER_KEY, period_prefix  # noqa: F401 - the close's layout, shared
 from flows.locks import Fence, Hold, after_commit, fault_point, period_lock, tidy_closed, warn
@@ -51,7 +50,6 @@ from flows.store import StoreError, open_store, store_identity
 from flows import tables as lakehouse
 from transforms.adjustments import (Adjustment, adjustment_counts, adjustment_rows, billed_by_periods, billed_table,
                                    checked_rows, period_adjustments, with_adjustments)
-from transforms.billed_index import NO_INDEX, BilledIndex
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.credits import (CreditEvent, Outcome, Purchase, balances_table, credit_lines, credit_meters,
                                credit_report, credit_summaries, history_grants, ledger_table, purchases_from, replay)
@@ -66,7 +64,7 @@ from transforms.plans import Catalog, PlanFile, load_catalog
 from transforms.reference import (Segment, Subscription, checked_customers, checked_subscriptions, plan_on,
                                   segments_in)
 from transforms.revenue import journal, proportional_rates, revenue_rows, tax_rows
-from transforms.settle import Settlement, settled_usage, split_at_replay
+from transforms.settle import Settlement, split_at_replay
 from transforms.spend import spend_alerts
 from transforms.tax import Party, customer_parties, taxed_invoices
 from transforms.tax.rules import RULES_KEY, RulesProvider, load_rules
@@ -280,49 +278,6 @@ def invoices_to_send(invoices: list[Invoice], reference: Reference) -> list[Invo
     customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
     return [replace(inv, due_on=due_on(inv.issued_on, reference.seller, customers.get(inv.customer_id)))
             for inv in invoices]
-
-
-@task(name="normalize-usage", cache_policy=NO_CACHE)
-def normalize_usage(inputs: Inputs, work_dir: Path) -> Normalized:
-    """Every usage object to one normalized Parquet file, named by its content hash; an object
-    that cannot be read is set aside with the reason."""
-    started = time.perf_counter()
-    out_dir = work_dir / "normalized"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths, unreadable, rows = [], [], 0
-    for obj in inputs.usage:
-        frame, why = normalized_object(obj.path, obj.key)
-        if frame is None:  # a corrupt object is data, not a crash: quarantine it whole
-            unreadable.append((obj.key, why))
-            continue
-        path = out_dir / f"{obj.sha256}-{hashlib.sha256(obj.key.encode()).hexdigest()[:16]}.parquet"
-        frame.write_parquet(path, **PARQUET)
-        paths.append(path)
-        rows += frame.height
-    get_run_logger().info("normalize-usage: %d objects, %d rows, %d unreadable in %.2fs",
-                          len(paths), rows, len(unreadable), time.perf_counter() - started)
-    return Normalized(tuple(paths), tuple(unreadable), rows)
-
-
-@task(name="settle-usage", cache_policy=NO_CACHE)
-def settle_usage(normalized: Normalized, reference: Reference, catalog: Catalog, period: Period,
-                 work_dir: Path, index: BilledIndex = NO_INDEX, billed_out: Path | None = None) -> Settlement:
-    """Scope, check, deduplicate and aggregate in DuckDB, spilling to the work folder; events the
-    billed-event `index` shows billed elsewhere are not billed (see transforms.settle)."""
-    started = time.perf_counter()
-    spill = work_dir / "duckdb-spill"
-    spill.mkdir(exist_ok=True)
-    con = duckdb.connect(config={"temp_directory": str(spill)})
-    try:
-        settlement = settled_usage(con, list(normalized.paths), reference.customers,
-                                   list(reference.subscriptions), list(reference.segments), catalog, period,
-                                   index, billed_out)
-    finally:
-        con.close()
-    c = settlement.counts
-    get_run_logger().info("settle-usage: read %d, billed %d, duplicates %d, quarantined %d in %.2fs",
-                          c["read"], c["billed"], c["duplicates"], c["quarantined"], time.perf_counter() - started)
-    return settlement
 
 
 CREDIT_EVENT_COLUMNS = ("customer_id", "subscription_id", "segment_no", "event_id", "event_at", "meter", "dims",

@@ -11,18 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import (Reference, check_reference, fetch_inputs, normalize_usage, rate_invoices, replay_credits,
-                         settle_usage, work_dir_for)
+from flows.close import Reference, check_reference, fetch_inputs, rate_invoices, replay_credits, work_dir_for
+from flows.engine import PeriodUsage, period_usage
 from flows.gitplans import catalog_at, revision
 from flows.report import closed_periods, fetch_costs
-from flows.shards import Normalized
 from flows.store import open_store
 from flows.keys import manifest_key
 from transforms.errors import BillrunError, InputError
@@ -58,13 +56,12 @@ def _sided(which: str, step, *args):
         raise type(exc)(f"with the {which} plans: {exc}") from None
 
 
-def rerated_outcomes(store: str, normalized: Normalized, reference: Reference, catalog: Catalog, which: str,
-                     period: Period, work_dir: Path, costs: Costs) -> Outcomes:
+def rerated_outcomes(store: str, usage: PeriodUsage, reference: Reference, catalog: Catalog, which: str,
+                     period: Period, costs: Costs) -> Outcomes:
     """The period re-rated with `catalog` by the close's steps, as the close would bill it (and
     as `simulate` re-rates), with the revenue and margins the close would write."""
-    index = committed_index(store, leave_out=[str(period)]).local(work_dir / "billed-index")
-    settlement = _sided(which, settle_usage, quote(normalized), quote(reference), quote(catalog), period, work_dir,
-                        quote(index))
+    index = committed_index(store, leave_out=[str(period)])
+    settlement = _sided(which, usage.settle, reference, catalog, period, index)
     outcome = _sided(which, replay_credits, quote(settlement), quote(reference), quote(catalog), period)
     invoices = _sided(which, rate_invoices, quote(settlement), quote(reference), quote(outcome), period)
     segments = segment_plans(reference.segments)
@@ -93,13 +90,13 @@ def impact(store: str, plans: str, base: str, periods: int = 1, shock: str = str
         # removes while subscriptions are on it fails here, before any usage is settled
         references = {(period, which): _sided(which, check_reference, quote(inputs), quote(catalog), period)
                       for period in chosen for which, catalog in (("base", base_catalog), ("head", head_catalog))}
-        normalized = normalize_usage(quote(inputs), work_dir)
         costs, costs_source = fetch_costs(store)
-        for period in chosen:
-            sides = {which: rerated_outcomes(store, normalized, references[(period, which)], catalog, which, period,
-                                             work_dir, costs)
-                     for which, catalog in (("base", base_catalog), ("head", head_catalog))}
-            rerated.append(PeriodRerates(period, _run_id(store, period), sides["base"], sides["head"]))
+        with period_usage(store, inputs, work_dir, f"impact-{label}") as usage:  # normalized once for all
+            for period in chosen:
+                sides = {which: rerated_outcomes(store, usage, references[(period, which)], catalog, which, period,
+                                                 costs)
+                         for which, catalog in (("base", base_catalog), ("head", head_catalog))}
+                rerated.append(PeriodRerates(period, _run_id(store, period), sides["base"], sides["head"]))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     reference = references[(chosen[-1], "head")]

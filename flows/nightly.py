@@ -46,9 +46,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.close import (IO_RETRIES, MANIFEST, PARQUET, RULES_KEY, SELLER_KEY, Inputs, InputObject, _one_of, _quietly,
-                         _sha256, check_reference, invoices_to_send, normalize_usage, work_dir_for)
+                         _sha256, check_reference, invoices_to_send, work_dir_for)
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key
 from flows.billed_index import committed_index
+from flows.engine import period_usage
 from flows.locks import Fence, Hold, period_lock, warn
 from flows.secrets import keep_secrets_out_of_logs, webhook_url
 from flows.store import StoreError, open_store
@@ -399,14 +400,14 @@ def _through_night(paths: list[Path], ranges: dict[str, dict], day: date, out_di
     in); rows without an event time stay (every run that reads them quarantines them)."""
     end = _night_end(day)
     out = []
-    for path in paths:
+    for number, path in enumerate(paths):
         frame = pl.read_parquet(path)
         last = frame["event_at"].max() if frame.height else None
         if last is None or last < end:
             out.append(path)
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
-        kept = out_dir / path.name
+        kept = out_dir / f"{number:06d}-{path.name}"  # an object's shards share its file name
         frame.filter(pl.col("event_at").is_null() | (pl.col("event_at") < end)).write_parquet(kept, **PARQUET)
         out.append(kept)
     return out
@@ -638,9 +639,11 @@ def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
         try:
             intake = take_in(store, period, the_day, quote(catalog), work_dir / "inputs")
             reference = check_reference(quote(intake.inputs), quote(catalog), period)
-            normalized = normalize_usage(quote(intake.inputs), work_dir)
-            usage = settle_night(store, quote(normalized), quote(intake), quote(reference), quote(catalog), period,
-                                 the_day, work_dir)
+            with period_usage(store, intake.inputs, work_dir, f"nightly-{the_day}") as shards:
+                # tonight's objects normalized as the close normalizes them, settled below as it settles
+                normalized = replace(shards.normalized, paths=tuple(shards.files(work_dir / "normalized")))
+                usage = settle_night(store, quote(normalized), quote(intake), quote(reference), quote(catalog),
+                                     period, the_day, work_dir)
             result = estimate(store, quote(usage), quote(reference), quote(catalog), period, intake.known_spend,
                               intake.base.get("wallets"))
             manifest = publish_night(store, period, the_day, quote(intake), quote(usage), quote(result),

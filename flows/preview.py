@@ -11,17 +11,15 @@ from __future__ import annotations
 import shutil
 import uuid
 from dataclasses import dataclass
-from datetime import date
 
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
 from flows.close import (adjustments_billed_elsewhere, check_reference, closed_manifest, fetch_inputs,
-                         normalize_usage, rate_invoices, replay_credits, settle_usage, work_dir_for)
-from flows.nightly import _through_night
+                         rate_invoices, replay_credits, work_dir_for)
+from flows.engine import period_usage
 from flows.secrets import keep_secrets_out_of_logs
-from flows.shards import Normalized
 from transforms.credits import CreditSummary, credit_summaries
 from transforms.errors import InputError
 from transforms.invoices import Invoice
@@ -54,12 +52,10 @@ def rate_so_far(store: str, plans: str, customer: str, day: str) -> Rated:
         # as the close: an adjustment that a closed period's documents bill is not billed here
         billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), [period])
         reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
-        normalized = normalize_usage(quote(inputs), work_dir)
-        # the events up to the end of the day, as a night of that day takes them in
-        so_far = Normalized(tuple(_through_night(list(normalized.paths), {}, the_day, work_dir / "through-day")),
-                            normalized.unreadable, normalized.rows)
-        index = committed_index(store, leave_out=[str(period)]).local(work_dir / "billed-index")
-        settlement = settle_usage(quote(so_far), quote(reference), quote(catalog), period, work_dir, quote(index))
+        index = committed_index(store, leave_out=[str(period)])
+        with period_usage(store, inputs, work_dir, f"preview-{the_day}") as usage:
+            # the events up to the end of the day, as a night of that day takes them in
+            settlement = usage.through(the_day).settle(reference, catalog, period, index)
         outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)
         invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
     finally:

@@ -29,8 +29,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import (Inputs, Reference, check_reference, fetch_inputs, normalize_usage, plan_entries_for,
-                         rate_invoices, replay_credits, settle_usage, work_dir_for)
+from flows.close import (Inputs, Reference, check_reference, fetch_inputs, plan_entries_for, rate_invoices,
+                         replay_credits, work_dir_for)
+from flows.engine import period_usage
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, read_table
 from flows.locks import period_lock
 from flows.report import (IO_RETRIES, NO_COSTS_NOTE, Chart, ClosedPeriod, breakage_charts, changes_chart,
@@ -228,11 +229,10 @@ def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: st
         original = check_reference(quote(inputs), quote(catalog), the_period)
         reference, moved = candidate_reference(quote(original), moves, quote(catalog), the_period, wanted)
         _check_moves(reference, moved, moves, the_period, wanted, original, require_moves)
-        normalized = normalize_usage(quote(inputs), work_dir)
-        # as the close: what the other closed periods' documents bill is not billed here
-        index = committed_index(store, leave_out=[str(the_period)]).local(work_dir / "billed-index")
-        settlement = settle_usage(quote(normalized), quote(reference), quote(catalog), the_period, work_dir,
-                                  quote(index))
+        # settled as the close settles it; what the other closed periods' documents bill is not billed here
+        index = committed_index(store, leave_out=[str(the_period)])
+        with period_usage(store, inputs, work_dir, f"simulate-{the_period}-{label}") as usage:
+            settlement = usage.settle(reference, catalog, the_period, index)
         outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), the_period)
         invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), the_period)
     finally:

@@ -75,3 +75,28 @@ def test_the_nights_send_the_alerts_the_close_finds_once_each(ran):
     last = alerts(parquet(ran, "billing/nightly/date=2026-10-31/alerts.parquet"))
     assert first == [("spend_threshold", Decimal("2.50"), date(2026, 10, 5))]  # what night 10-05 knew
     assert last == close[1:]  # the ones not sent yet, dated as the close dates them
+
+
+def test_a_night_split_into_shards_drafts_what_one_shard_drafts(prefect_server, tmp_path, monkeypatch):
+    """Nightly normalizes as the close does, an object's rows spread over shards by event_id: an
+    object that also holds the next day's events is cut at the night's end in every shard."""
+    rows = "".join(f"e{i},c1,input_tokens,{100000 * (i + 1)},2026-10-0{5 + i % 2}T10:00:00Z,gpt-4o\n"
+                   for i in range(12))
+    drafts = {}
+    for shards in ("1", "3"):
+        store = str(tmp_path / f"shards-{shards}")
+        s = open_store(store, create=True)
+        s.put_bytes("customers/customers.csv", b"customer_id,name,email\nc1,Customer One,billing@c1.example\n")
+        s.put_bytes("subscriptions/subscriptions.csv",
+                    b"subscription_id,customer_id,plan,plan_version,start_date,end_date,budget,hard_cap\n"
+                    b"sub-c1,c1,api,1,2026-09-01,,5.00,\n")
+        s.put_bytes("usage/a.csv", (HEADER + rows).encode())
+        monkeypatch.setenv("BILLRUN_SHARDS", shards)
+        result = billrun("nightly", "--date", "2026-10-05", "--store", store, "--plans", PLANS)
+        assert result.exit_code == 0, result.output
+        drafts[shards] = {name: s.read_bytes(f"billing/nightly/date=2026-10-05/{name}")
+                          for name in ("draft_invoice_lines.parquet", "usage.parquet", "alerts.parquet")}
+    lines = pl.read_parquet(io.BytesIO(drafts["1"]["draft_invoice_lines.parquet"]))
+    # the six events of 10-05 (e0, e2, ... e10): 100,000 x (1 + 3 + ... + 11) = 3,600,000 tokens
+    assert lines.filter(pl.col("amount_minor") != 0).select("quantity", "amount_minor").rows() == [("3600000", 900)]
+    assert drafts["3"] == drafts["1"]

@@ -1,0 +1,91 @@
+"""The period engine's row-level steps as every flow runs them: usage normalized into shards
+once, then settled per period by shard (flows/shards.py, transforms/settle.py), then rated
+(transforms/engine.py). Backfill, simulate, impact and preview settle through these, as the
+close does, so a period is settled one way whichever command asks; nightly normalizes through
+them and settles its night with the same settlement (transforms.settle.settled_usage).
+
+`period_usage` normalizes a store's usage objects once (a backfill then settles several periods
+from the same shard files) and drops the shard files when the block ends.
+"""
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Iterator
+
+import polars as pl
+
+from flows.billed_index import CommittedIndex
+from flows.shards import (SCRATCH_PARQUET, Normalized, Scratch, drop_scratch, normalize_shards, scratch_for,
+                          settle_shards, shard_runner)
+from flows.store import LocalStore, open_store
+from transforms.periods import Period, utc_midnight
+from transforms.plans import Catalog
+from transforms.settle import Settlement
+
+
+@dataclass(frozen=True)
+class PeriodUsage:
+    """A store's usage objects, normalized into shards, ready to settle any period."""
+
+    runner: object
+    scratch: Scratch
+    normalized: Normalized                # rows read and objects set aside (paths: none, see `files`)
+    shard_keys: dict[int, list[str]]      # shard -> scratch keys of its files
+
+    def settle(self, reference, catalog: Catalog, period: Period, index: CommittedIndex) -> Settlement:
+        """The period settled as the close settles it: each shard on its own, merged. Events
+        the counted periods of `index` bill are not billed; the settlement's `billed_ids` are
+        scratch keys (`billed_files` brings them here)."""
+        return settle_shards(self.runner, self.scratch, self.shard_keys, reference, catalog, period, index)
+
+    def billed_files(self, settlement: Settlement, cache_dir: Path) -> list[Path]:
+        """The settlement's billed event_ids as local files (read them before the next period
+        is settled: each settlement writes its shards' files under the same keys)."""
+        return self._local(sorted(settlement.billed_ids), cache_dir)
+
+    def files(self, cache_dir: Path) -> list[Path]:
+        """Every normalized shard file, on this machine."""
+        return self._local(sorted(k for keys in self.shard_keys.values() for k in keys), cache_dir)
+
+    def through(self, day: date) -> PeriodUsage:
+        """The same usage without the rows dated after `day` (as a night of that day takes them
+        in; rows without an event time stay: every run that reads them quarantines them)."""
+        end = utc_midnight(day + timedelta(days=1))
+        store = open_store(self.scratch.uri)
+        cut: dict[int, list[str]] = {}
+        with tempfile.TemporaryDirectory(prefix="billrun-through-") as tmp:
+            for shard, keys in self.shard_keys.items():
+                for key, path in zip(keys, self._local(keys, Path(tmp) / "in")):
+                    frame = pl.read_parquet(path)
+                    last = frame["event_at"].max() if frame.height else None
+                    if last is not None and last >= end:
+                        key = f"through={day}/{key}"
+                        local = Path(tmp) / "part.parquet"
+                        frame.filter(pl.col("event_at").is_null() | (pl.col("event_at") < end)).write_parquet(
+                            local, **SCRATCH_PARQUET)
+                        store.put_file(self.scratch.key(key), local)
+                    cut.setdefault(shard, []).append(key)
+        return replace(self, shard_keys=cut)
+
+    def _local(self, keys: list[str], cache_dir: Path) -> list[Path]:
+        store = open_store(self.scratch.uri)
+        if isinstance(store, LocalStore):  # the work folder: read in place
+            return [store.root.joinpath(*key.split("/")) for key in keys]
+        local = store.fetch(keys, cache_dir)
+        return [local[k] for k in keys]
+
+
+@contextmanager
+def period_usage(store_uri: str, inputs, work_dir: Path, label: str) -> Iterator[PeriodUsage]:
+    """Normalize `inputs.usage` into shards in the work folder, on this machine's workers."""
+    with shard_runner(None) as runner:
+        scratch = scratch_for(store_uri, work_dir, label, distributed=False)
+        try:
+            normalized, shard_keys = normalize_shards(runner, store_uri, inputs, scratch)
+            yield PeriodUsage(runner, scratch, normalized, shard_keys)
+        finally:
+            drop_scratch(scratch)
