@@ -49,16 +49,16 @@ from flows.statement import lineage_rows, with_local_lineage
 from flows.store import StoreError, open_store, store_identity
 from flows import tables as lakehouse
 from transforms.adjustments import (Adjustment, adjustment_counts, adjustment_rows, billed_by_periods, billed_table,
-                                   checked_rows, period_adjustments, with_adjustments)
+                                   checked_rows, period_adjustments)
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
-from transforms.credits import (CreditEvent, Outcome, Purchase, balances_table, credit_lines, credit_meters,
-                               credit_report, credit_summaries, history_grants, ledger_table, purchases_from, replay)
+from transforms.credits import (CreditEvent, Outcome, Purchase, balances_table, credit_meters, credit_report,
+                               credit_summaries, history_grants, ledger_table, purchases_from, replay)
+from transforms.engine import rated_invoices
 from transforms.errors import BillrunError, InputError
 from transforms.guards import close_too_early, close_without_usage, rows_in_period
 from transforms.margins import margins_table, segment_plans
 from transforms.lineage import billed_events
-from transforms.invoices import (Invoice, apply_credits, invoices_table, lines_table, period_invoices,
-                                 usage_by_segment)
+from transforms.invoices import Invoice, invoices_table, lines_table
 from transforms.periods import Period
 from transforms.plans import Catalog, PlanFile, load_catalog
 from transforms.reference import (Segment, Subscription, checked_customers, checked_subscriptions, plan_on,
@@ -66,9 +66,8 @@ from transforms.reference import (Segment, Subscription, checked_customers, chec
 from transforms.revenue import journal, proportional_rates, revenue_rows, tax_rows
 from transforms.settle import Settlement, split_at_replay
 from transforms.spend import spend_alerts
-from transforms.tax import Party, customer_parties, taxed_invoices
 from transforms.tax.rules import RULES_KEY, RulesProvider, load_rules
-from transforms.terms import due_on, seller_block as terms_seller_block
+from transforms.terms import seller_block as terms_seller_block
 
 PARQUET = {"compression": "zstd", "statistics": True}
 
@@ -261,25 +260,6 @@ def tax_rules(inputs: Inputs, customers: pl.DataFrame) -> RulesProvider | None:
     return provider
 
 
-def invoices_to_send(invoices: list[Invoice], reference: Reference) -> list[Invoice]:
-    """Rated invoices made ready to send: tax lines from the store's tax rules (none without
-    them), then each document's due date from the payment terms."""
-    segments = list(reference.segments)
-    if reference.tax is not None:
-        last_plan = {s.subscription.subscription_id: (s.plan.plan.plan, s.plan.plan.version) for s in segments}
-        inclusive = frozenset((s.plan.plan.plan, s.plan.plan.version) for s in segments if s.plan.plan.tax_inclusive)
-        rounding = {s.subscription.subscription_id: s.plan.plan.rounding for s in segments}
-        invoices = taxed_invoices(invoices, reference.tax, Party(reference.tax.country, None,
-                                                                 reference.seller.get("tax_id")),
-                                  customer_parties(reference.customers), inclusive, last_plan, rounding)
-    if reference.seller.get("payment_terms_days") is None and reference.customers["payment_terms_days"].null_count() \
-            == reference.customers.height:
-        return invoices  # no terms anywhere: no due dates (and no copy of 100k invoices)
-    customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
-    return [replace(inv, due_on=due_on(inv.issued_on, reference.seller, customers.get(inv.customer_id)))
-            for inv in invoices]
-
-
 CREDIT_EVENT_COLUMNS = ("customer_id", "subscription_id", "segment_no", "event_id", "event_at", "meter", "dims",
                         "quantity")
 """The per-event usage columns a CreditEvent is made of, in the order of its fields."""
@@ -333,7 +313,7 @@ def replayed_wallets(subs: list[Subscription], catalog: Catalog, purchases: list
 @task(name="replay-credits", cache_policy=NO_CACHE)
 def replay_credits(settlement: Settlement, reference: Reference, catalog: Catalog, period: Period) -> Outcome:
     """Every wallet from its first grant through the period, in event time."""
-    from transforms.invoices import cycle_collector_paused  # this step's own import (see rate_invoices)
+    from transforms.invoices import cycle_collector_paused  # this step's own import
     started = time.perf_counter()
     with cycle_collector_paused():  # a ledger entry per consumed event, none of them a cycle
         outcome, events = replayed_wallets(
@@ -346,18 +326,9 @@ def replay_credits(settlement: Settlement, reference: Reference, catalog: Catalo
 
 @task(name="rate-invoices", cache_policy=NO_CACHE)
 def rate_invoices(settlement: Settlement, reference: Reference, outcome: Outcome, period: Period) -> list[Invoice]:
-    from transforms.invoices import cycle_collector_paused
+    """The period's invoices (transforms.engine.rated_invoices: nightly drafts with it too)."""
     started = time.perf_counter()
-    segments = list(reference.segments)
-    with cycle_collector_paused():  # 100k invoices of lines, none of them a cycle
-        usage = apply_credits(usage_by_segment(settlement.usage_by_dims, settlement.per_event_usage),
-                              outcome.billable_units, credit_meters(segments))
-        currency_of = {s.subscription.subscription_id: s.plan.plan.currency for s in segments}
-        rounding_of = {s.subscription.subscription_id: s.plan.plan.rounding for s in segments}
-        extra = credit_lines(period, outcome, list(reference.purchases), list(reference.subscriptions),
-                             currency_of, rounding_of)
-        invoices = invoices_to_send(with_adjustments(period_invoices(period, segments, usage, extra),
-                                                     list(reference.adjustments)), reference)
+    invoices = rated_invoices(period, settlement.usage_by_dims, settlement.per_event_usage, outcome, reference)
     get_run_logger().info("rate-invoices: %d invoices, %d lines in %.2fs", len(invoices),
                           sum(len(i.lines) for i in invoices), time.perf_counter() - started)
     return invoices

@@ -46,7 +46,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.close import (IO_RETRIES, MANIFEST, PARQUET, RULES_KEY, SELLER_KEY, Inputs, InputObject, _one_of, _quietly,
-                         _sha256, check_reference, invoices_to_send, work_dir_for)
+                         _sha256, check_reference, work_dir_for)
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key
 from flows.billed_index import committed_index
 from flows.engine import period_usage
@@ -54,12 +54,12 @@ from flows.locks import Fence, Hold, period_lock, warn
 from flows.secrets import keep_secrets_out_of_logs, webhook_url
 from flows.store import StoreError, open_store
 from transforms.alerts import Alert, alerts_table, credit_alerts, price_change_notices
-from transforms.credits import (balances_table, checkpoint_bytes, checkpoint_from, credit_events_since, credit_lines,
-                                credit_meters, grants_from_balances, history_grants, opening_grants, per_event_charged,
-                                resume_days, wallets_resumed)
+from transforms.credits import (balances_table, checkpoint_bytes, checkpoint_from, credit_events_since, credit_meters,
+                                grants_from_balances, history_grants, opening_grants, resume_days, wallets_resumed)
+from transforms.engine import rated_invoices
 from transforms.errors import BillrunError, InputError
 from transforms.guards import night_of_closed_period
-from transforms.invoices import apply_credits, invoices_table, lines_table, period_invoices, usage_by_segment
+from transforms.invoices import invoices_table, lines_table
 from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
 from transforms.queries import statements
@@ -544,14 +544,8 @@ def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Peri
         grants = history_grants(subs, catalog, purchases, period)
         balances_from = f"grants only ({period.previous()} is not closed: earlier consumption is not known)"
     outcome, wallets = wallets_resumed(grants, subs, catalog, events, period, checkpoint, since)
-    billable = apply_credits(usage_by_segment(usage.usage_by_dims, per_event_charged(usage.per_event_usage, segments)),
-                             outcome.billable_units, credit_meters(segments))
-    currency_of = {s.subscription.subscription_id: s.plan.plan.currency for s in segments}
-    rounding_of = {s.subscription.subscription_id: s.plan.plan.rounding for s in segments}
-    extra = credit_lines(period, outcome, list(reference.purchases), list(reference.subscriptions), currency_of,
-                         rounding_of)
-    invoices = [replace(i, kind="invoice") for i in invoices_to_send(period_invoices(period, segments, billable, extra),
-                                                                      reference)]
+    # rated as the close rates its period: the draft is the invoice the close would issue now
+    invoices = rated_invoices(period, usage.usage_by_dims, usage.per_event_usage, outcome, reference)
     spend = {i.subscription_id: sum(l.amount_minor for l in i.lines if l.kind in ("usage", "overage"))
              for i in invoices}
     known = {} if known_spend is None else {(s, d): v for s, d, v in pl.read_parquet(known_spend).iter_rows()}
