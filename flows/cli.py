@@ -681,8 +681,8 @@ def preview(ctx: typer.Context,
     from transforms.drafts import customer_drafts
     from transforms.render import Draft
 
-    period, night, credits = target["period"], target["night"], None
-    invoices = _run(drafts_from_night, store, night, customer) if night is not None else []
+    period, night = target["period"], target["night"]
+    invoices, credits = _run(drafts_from_night, store, night, customer) if night is not None else ([], None)
     if invoices:
         source = f"the nightly run of {night}"
         if night < target["day"] and not as_json:

@@ -14,7 +14,7 @@ from flows.fonts import check_glyphs
 from flows.keys import MANIFEST
 from flows.store import open_store
 from transforms.credits import CreditSummary
-from transforms.drafts import draft_file_stem
+from transforms.drafts import draft_file_stem, wallet_from_balances
 from transforms.errors import InputError
 from transforms.invoices import Invoice, invoices_from_tables
 from transforms.render import Draft, invoice_html
@@ -58,9 +58,9 @@ def html_pdf(html: str, document: str, out: Path) -> Path:
     return out
 
 
-def drafts_from_night(store_uri: str, night: date, customer_id: str) -> list[Invoice]:
+def drafts_from_night(store_uri: str, night: date, customer_id: str) -> tuple[list[Invoice], CreditSummary | None]:
     """The customer's draft invoices as the nightly run of `night` wrote them (none when that
-    night drafted nothing for the customer)."""
+    night drafted nothing for the customer), and the customer's credit wallet of that night."""
     store = open_store(store_uri)
     prefix = f"billing/nightly/date={night}/"
 
@@ -68,7 +68,8 @@ def drafts_from_night(store_uri: str, night: date, customer_id: str) -> list[Inv
         frame = pl.read_parquet(io.BytesIO(store.read_bytes(prefix + name)))
         return frame.filter(pl.col("customer_id") == customer_id)
 
-    return invoices_from_tables(read("draft_invoices.parquet"), read("draft_invoice_lines.parquet"))
+    return (invoices_from_tables(read("draft_invoices.parquet"), read("draft_invoice_lines.parquet")),
+            wallet_from_balances(read("credit_balances.parquet"), customer_id))
 
 
 def write_drafts(drafts: list[Invoice], customer: dict, seller: dict, roundings: dict[str, str], draft: Draft,

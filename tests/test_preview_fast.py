@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 import renderutil
 from flows.cli import app
 from flows.store import open_store
-from transforms.drafts import customer_drafts, draft_file_stem
+from transforms.credits import balances_table, credit_summaries
+from transforms.drafts import customer_drafts, draft_file_stem, wallet_from_balances
 from transforms.invoices import invoices_from_tables, invoices_table, lines_table
 from transforms.render import Draft, invoice_html
 
@@ -27,6 +28,13 @@ SELLER_TERMS = {**renderutil.SELLER, "payment_terms_days": 30,
 def test_a_nights_tables_read_back_into_the_documents_they_were_written_from(document):
     doc = document()
     assert invoices_from_tables(invoices_table([doc]), lines_table([doc])) == [doc]
+
+
+def test_a_nights_credit_balances_read_back_into_the_wallet_the_invoice_shows():
+    outcome = renderutil.wallet()
+    balances = balances_table(outcome, renderutil.OCT)
+    assert wallet_from_balances(balances, "c1") == credit_summaries(outcome, renderutil.OCT)["c1"]
+    assert wallet_from_balances(balances, "someone-else") is None
 
 
 def test_drafts_are_numbered_as_drafts_and_dated_the_day_they_show():

@@ -12,7 +12,11 @@ import hashlib
 import re
 from dataclasses import replace
 from datetime import date
+from decimal import Decimal
 
+import polars as pl
+
+from transforms.credits import CreditSummary, GrantMovement
 from transforms.invoices import Invoice
 from transforms.terms import due_on
 
@@ -42,3 +46,17 @@ def customer_drafts(invoices: list[Invoice], customer_id: str, day: date, seller
     return [replace(inv, invoice_id=draft_id(customer_id, inv.period, n, len(mine)), issued_on=day,
                     due_on=due_on(day, seller, customer), run_id=None)
             for n, inv in enumerate(mine, start=1)]
+
+
+def wallet_from_balances(balances: pl.DataFrame, customer_id: str) -> CreditSummary | None:
+    """The customer's credit wallet over the period as a night's `credit_balances` table holds
+    it (one row per grant), for the draft's credits section: the same movements the close's
+    `credit_summaries` gives, read back. None when the customer has no credits."""
+    rows = balances.filter(pl.col("customer_id") == customer_id)
+    if rows.is_empty():
+        return None
+    grants = [GrantMovement(r["grant_id"], r["kind"], r["subscription_id"], r["granted_at"], r["expires_at"],
+                            r["currency"], Decimal(r["cost_basis"]), Decimal(r["opening"]), Decimal(r["granted"]),
+                            Decimal(r["consumed"]), Decimal(r["expired"]), Decimal(r["rolled_over"]))
+              for r in rows.iter_rows(named=True)]
+    return CreditSummary(customer_id, tuple(sorted(grants, key=lambda g: (g.granted_at, g.grant_id))))
