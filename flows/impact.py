@@ -17,7 +17,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import Reference, check_reference, fetch_inputs, rate_invoices, replay_credits, work_dir_for
+from flows.close import (Reference, adjustments_billed_elsewhere, check_reference, fetch_inputs, rate_invoices,
+                         replay_credits, work_dir_for)
 from flows.engine import PeriodUsage, period_usage
 from flows.gitplans import catalog_at, revision
 from flows.report import closed_periods, fetch_costs
@@ -88,8 +89,13 @@ def impact(store: str, plans: str, base: str, periods: int = 1, shock: str = str
         inputs = fetch_inputs(store, work_dir / "inputs")
         # customers and subscriptions checked against both catalogs first: a plan the pull request
         # removes while subscriptions are on it fails here, before any usage is settled
-        references = {(period, which): _sided(which, check_reference, quote(inputs), quote(catalog), period)
-                      for period in chosen for which, catalog in (("base", base_catalog), ("head", head_catalog))}
+        references = {}
+        for period in chosen:
+            # as the close: an adjustment that another closed period's documents bill is not billed here
+            billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), [period])
+            for which, catalog in (("base", base_catalog), ("head", head_catalog)):
+                references[(period, which)] = _sided(which, check_reference, quote(inputs), quote(catalog), period,
+                                                     billed_elsewhere)
         costs, costs_source = fetch_costs(store)
         with period_usage(store, inputs, work_dir, f"impact-{label}") as usage:  # normalized once for all
             for period in chosen:

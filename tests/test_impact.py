@@ -12,7 +12,8 @@ must be the differences between the two closes' invoices:
     c1        tok (blank)       3M: 6.00 / 7.50            1M: 2.00 / 2.50    v1 changed in place
     c2        tok pinned v1     2M: 4.00 / 5.00            4M: 8.00 / 10.00   the pin does not protect it
     c3        tok from 09-20    5M: 10.00 / 15.00 (v2)     none: 0.00 / 0.00  binds v2 in the head
-    c4        images            50 images: 10.00 / 10.00   250 images: the same  unchanged
+    c4        images            50 images: 10.00 / 10.00   250 images: the same  unchanged (and a $25.00
+                                                                                  onboarding adjustment in 2026-10)
 """
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ def write_store(uri: str) -> str:
     store.put_bytes("usage/events.csv", ("event_id,customer_id,meter,quantity,timestamp\n" + "".join(
         f"e{i},{c},{m},{q},{d}T12:00:00Z\n" for i, (c, m, q, d) in enumerate(USAGE))).encode())
     store.put_bytes("costs/costs.csv", COSTS.encode())
+    store.put_bytes("adjustments/adjustments.csv", b"adjustment_id,customer_id,subscription_id,period,description,"
+                    b"amount,currency,reason,taxable\nadj-1,c4,,2026-10,Onboarding workshop,25.00,USD,order 7,\n")
     return uri
 
 
