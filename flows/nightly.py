@@ -46,8 +46,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.close import (IO_RETRIES, MANIFEST, PARQUET, RULES_KEY, SELLER_KEY, Inputs, InputObject, _one_of, _quietly,
-                         _sha256, check_reference, work_dir_for)
-from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_purchases_key, is_usage_key
+                         _sha256, adjustments_billed_elsewhere, check_reference, work_dir_for)
+from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_adjustments_key, is_purchases_key, is_usage_key
 from flows.billed_index import committed_index
 from flows.engine import period_usage
 from flows.locks import Fence, Hold, period_lock, warn
@@ -180,6 +180,8 @@ def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path)
     if customers_key is None or subscriptions_key is None:
         raise InputError(f"{store.uri}: customers and subscriptions are needed (see the store layout)")
     purchases = [o.key for o in store.list("credit_purchases/") if is_purchases_key(o.key)]
+    # one-off charges and credits: a draft carries the period's, as the close's invoice will
+    adjustments = [o.key for o in store.list("adjustments/") if is_adjustments_key(o.key)]
     sha_of: dict[str, str] = {}
 
     def unchanged(info, seen: dict | None) -> bool:
@@ -210,7 +212,7 @@ def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path)
     replaced = tuple(k for k in fresh if k in before)
     # seller.yaml and tax/rules.yaml: the drafts are taxed and dated as the close's invoices
     extras = [k for k in (SELLER_KEY, RULES_KEY) if store.exists(k)]
-    local = store.fetch(fresh + [customers_key, subscriptions_key] + purchases + extras, cache_dir)
+    local = store.fetch(fresh + [customers_key, subscriptions_key] + purchases + adjustments + extras, cache_dir)
 
     def obj(k: str) -> InputObject:
         path = local[k]
@@ -233,7 +235,7 @@ def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path)
     gone = store.fetch(list(gone_keys.values()), cache_dir / "gone")
     inputs = Inputs(tuple(obj(k) for k in fresh), obj(customers_key), obj(subscriptions_key),
                     obj(SELLER_KEY) if SELLER_KEY in extras else None, tuple(obj(k) for k in purchases),
-                    obj(RULES_KEY) if RULES_KEY in extras else None)
+                    obj(RULES_KEY) if RULES_KEY in extras else None, tuple(obj(k) for k in adjustments))
     previous = f"billing/period={period.previous()}/credit_balances.parquet"
     terms = spend_terms(inputs, catalog, store.sha256(previous) if store.exists(previous) else None)
     known_spend = None
@@ -632,7 +634,9 @@ def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
         work_dir = work_dir_for(store, f"nightly-{the_day}")
         try:
             intake = take_in(store, period, the_day, quote(catalog), work_dir / "inputs")
-            reference = check_reference(quote(intake.inputs), quote(catalog), period)
+            # as the close: an adjustment that another closed period's documents bill is not billed here
+            billed_elsewhere = adjustments_billed_elsewhere(store, quote(intake.inputs), [period])
+            reference = check_reference(quote(intake.inputs), quote(catalog), period, billed_elsewhere)
             with period_usage(store, intake.inputs, work_dir, f"nightly-{the_day}") as shards:
                 # tonight's objects normalized as the close normalizes them, settled below as it settles
                 normalized = replace(shards.normalized, paths=tuple(shards.files(work_dir / "normalized")))

@@ -5,7 +5,8 @@ The reproduction of issue 17: `usage/a.csv` holds e1, 1,000,000 gpt-4o input tok
 night 10-05 takes it in. Then `usage/b.csv` brings the same e1 with 3,000,000 tokens on
 2026-10-04. The close bills the earliest copy (3,000,000 tokens, $7.50; every alert on 10-04):
 the last night's draft must bill the same, and the nights together must have sent the alerts
-the close finds (the $2.50 alert, sent on night 10-05, is not sent again).
+the close finds (the $2.50 alert, sent on night 10-05, is not sent again). A one-off charge of
+the month (adjustments/) is on the draft as on the close's invoice.
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def ran(prefect_server, tmp_path_factory) -> str:
                 b"subscription_id,customer_id,plan,plan_version,start_date,end_date,budget,hard_cap\n"
                 b"sub-c1,c1,api,1,2026-09-01,,5.00,\n")
     s.put_bytes("usage/a.csv", (HEADER + "e1,c1,input_tokens,1000000,2026-10-05T10:00:00Z,gpt-4o\n").encode())
+    s.put_bytes("adjustments/adjustments.csv",
+                b"adjustment_id,customer_id,subscription_id,period,description,amount,currency,reason,taxable\n"
+                b"adj-1,c1,,2026-10,Onboarding workshop,250.00,USD,order form 17,\n")
     for day, extra in (("2026-10-05", None), ("2026-10-31", "usage/b.csv")):
         if extra:
             s.put_bytes(extra, (HEADER + "e1,c1,input_tokens,3000000,2026-10-04T10:00:00Z,gpt-4o\n").encode())
@@ -63,8 +67,9 @@ def test_the_last_night_drafts_what_the_close_bills(ran):
     columns = ["customer_id", "line_no", "kind", "meter", "quantity", "amount_minor"]
     close = parquet(ran, "billing/period=2026-10/invoice_lines.parquet").select(columns).sort(columns)
     draft = parquet(ran, "billing/nightly/date=2026-10-31/draft_invoice_lines.parquet").select(columns).sort(columns)
-    billed = close.filter(pl.col("amount_minor") != 0)
-    assert billed.select("kind", "quantity", "amount_minor").rows() == [("usage", "3000000", 750)]
+    billed = close.filter(pl.col("amount_minor") != 0).sort("kind")
+    assert billed.select("kind", "quantity", "amount_minor").rows() == [("adjustment_charge", "1", 25000),
+                                                                      ("usage", "3000000", 750)]
     assert draft.equals(close)
 
 
