@@ -3,6 +3,7 @@ the HTML that the close or backfill published (WeasyPrint; nothing is re-rated),
 of `billrun preview` (see flows/preview.py)."""
 from __future__ import annotations
 
+import errno
 import io
 import re
 from datetime import date
@@ -86,10 +87,16 @@ def write_drafts(drafts: list[Invoice], customer: dict, seller: dict, roundings:
             path = out if len(drafts) == 1 else out.with_name(f"{out.stem}-{n}{out.suffix or suffix}")
         html = invoice_html(inv, customer, seller, roundings.get(inv.subscription_id, "half_up"), "",
                             credits=credits, draft=draft)
-        if pdf:
-            html_pdf(html, inv.invoice_id, path)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(html, encoding="utf-8")
+        try:
+            if pdf:
+                html_pdf(html, inv.invoice_id, path)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(html, encoding="utf-8")
+        except OSError as exc:  # a folder that is a file, no permission: the user's --out (or folder)
+            if exc.errno == errno.ENOSPC:
+                raise  # a full disk is said by the command line's own check
+            raise InputError(f"{inv.invoice_id}: cannot write {path} ({exc.strerror or exc}); pass --out with a "
+                             f"writable file") from None
         written.append(path)
     return written

@@ -145,3 +145,14 @@ def test_a_draft_pdf_has_the_missing_glyph_check_of_billrun_pdf(tmp_path):
         write_drafts(drafts, {**renderutil.CUSTOMER, "name": "Acme \ue000 Ltd"}, SELLER_TERMS, {},
                      Draft("as it stands", "figures"), None, out=out, pdf=True)
     assert not out.exists()
+
+
+def test_an_out_path_that_cannot_be_written_is_one_line(tmp_path):
+    from flows.documents import write_drafts
+    from transforms.errors import InputError
+
+    (tmp_path / "a-file").write_text("")
+    drafts = customer_drafts([renderutil.sample_invoice()], "c1", date(2026, 10, 14), SELLER_TERMS, {})
+    with pytest.raises(InputError, match=r"^DRAFT-c1-2026-10: cannot write .*a-file/draft.html \(.+\); pass --out"):
+        write_drafts(drafts, renderutil.CUSTOMER, SELLER_TERMS, {}, Draft("as it stands", "figures"), None,
+                     out=tmp_path / "a-file" / "draft.html", pdf=False)
