@@ -236,6 +236,18 @@ def test_a_late_adjustment_is_issued_once_by_backfill(closed):
 
 
 @pytest.mark.slow
+def test_nightly_drafts_of_the_open_period_carry_its_adjustments(closed):
+    from flows.nightly import nightly
+    store, plans, _, _ = closed
+    nightly(store=store, plans=plans, day="2026-11-15")
+    lines = pl.read_parquet(io.BytesIO(open_store(store).read_bytes(
+        "billing/nightly/date=2026-11-15/draft_invoice_lines.parquet")))
+    # November's A10 on nl's draft, taxed 21% like the close would: 10.00 -> 12.10 on top of the fee
+    [a10] = lines.filter(pl.col("kind") == "adjustment_charge").to_dicts()
+    assert (a10["description"], a10["amount_minor"], a10["tax_rate"]) == ("Next month (ref A10)", 1000, "21")
+
+
+@pytest.mark.slow
 def test_an_adjustment_moved_to_another_period_after_it_billed_is_not_billed_twice(closed):
     # A1 billed on October's invoice; its row is then moved to November. November's close
     # quarantines it (October's documents bill it) and bills November's own A10.
