@@ -12,8 +12,10 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="billrun-tests-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
 
+import shutil
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pytest
@@ -53,6 +55,43 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+DEMO_PERIOD = "2026-10"
+
+
+@pytest.fixture(scope="session")
+def demo_story(prefect_server, tmp_path_factory) -> Path:
+    """One small demo store (40 customers with the demo's dirt and showcase, lakehouse tables on)
+    that has lived a month: a night, the close of 2026-10, a price cut on the api plan and the
+    backfill that corrects it (credit notes), and a simulation of the credit customers on a usage
+    plan. Built once per session for the tests that only read it (test_lineage, test_dbt,
+    test_output_schema): a demo close costs tens of seconds, the reads a few. A test that writes
+    into it must put back what it changed."""
+    from flows.backfill import backfill
+    from flows.close import close_period
+    from flows.demo import write_demo_store
+    from flows.nightly import nightly
+    from flows.simulate import simulate
+
+    repo = Path(__file__).resolve().parent.parent
+    tmp = tmp_path_factory.mktemp("demo-story")
+    store, plans = tmp / "store", tmp / "plans"
+    shutil.copytree(repo / "plans", plans, ignore=shutil.ignore_patterns("candidates", "README.md"))
+    write_demo_store(str(store), str(plans), DEMO_PERIOD, 40, 7)
+    (store / "billrun.yaml").write_text("tables:\n  formats: [delta, iceberg]\n")
+    nightly(store=str(store), plans=str(plans), day=f"{DEMO_PERIOD}-15")
+    close_period(store=str(store), plans=str(plans), period=DEMO_PERIOD)
+    api = plans / "api-v1.yaml"
+    text = api.read_text()
+    assert 'unit_price: "2.50"' in text
+    api.write_text(text.replace('unit_price: "2.50"', 'unit_price: "2.00"', 1))
+    result = backfill(store=str(store), plans=str(plans), first=DEMO_PERIOD, last=DEMO_PERIOD, reason="price cut",
+                      as_of="2026-11-20")
+    assert result["status"] == "corrected" and result["documents"], result
+    simulate(store=str(store), plans=str(plans), period=DEMO_PERIOD, plan_map=["images=images-usage"],
+             candidates=str(repo / "plans" / "candidates"))
+    return store
 
 
 # The fast lane (`pytest -m "not slow"`): a test that needs the Prefect server or the S3 server,

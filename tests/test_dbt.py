@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +15,6 @@ import polars as pl
 import pytest
 import yaml
 
-from closeutil import PLANS
-from flows.backfill import backfill
-from flows.close import close_period
-from flows.demo import write_demo_store
 from flows.store import open_store
 from flows.tables import RUN_KIND, TABLES, tables_settings
 from tablesutil import as_published, published, read_all
@@ -59,20 +54,11 @@ def dbt(command: str, store: Path, tmp: Path, *extra: str) -> subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def demo_with_corrections(prefect_server, tmp_path_factory) -> Path:
-    """The demo store closed for 2026-10, then a price cut on the api plan backfilled: the
-    invoices of a real close and the credit notes of a real backfill."""
-    tmp = tmp_path_factory.mktemp("dbt-demo")
-    store, plans = tmp / "store", Path(shutil.copytree(PLANS, tmp / "plans"))
-    write_demo_store(str(store), str(plans), PERIOD, 300, 7)
-    (store / "billrun.yaml").write_text("tables:\n  formats: [delta, iceberg]\n")
-    close_period(store=str(store), plans=str(plans), period=PERIOD)
-    api = plans / "api-v1.yaml"
-    api.write_text(api.read_text().replace('unit_price: "2.50"', 'unit_price: "2.25"'))
-    result = backfill(store=str(store), plans=str(plans), first=PERIOD, last=PERIOD, reason="api price fix",
-                      as_of="2026-12-01")
-    assert result["status"] == "corrected" and result["documents"]
-    return store
+def demo_with_corrections(demo_story) -> Path:
+    """The demo store (conftest's demo_story, lakehouse tables on) closed for 2026-10, then a price
+    cut on the api plan backfilled: the invoices of a real close and the credit notes of a real
+    backfill."""
+    return demo_story
 
 
 @pytest.mark.slow
