@@ -54,7 +54,15 @@ while alive(server):
 def watch_embedded_server() -> None:
     """Have Prefect's temporary server, when it starts, watched so that it stops with billrun.
     Prefect keeps one server object per port (None: any free port) in a registry; ours is put
-    there first, and Prefect starts it when a flow first needs the API."""
+    there first, and Prefect starts it when a flow first needs the API.
+
+    With an API URL set (a server, Prefect Cloud, a worker's run), Prefect starts no server of its
+    own: nothing to watch, and the server's modules (FastAPI, SQLAlchemy, ...: most of a command's
+    start-up time) are not imported."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
     from prefect.server.api.server import SubprocessASGIServer
 
     class WatchedServer(SubprocessASGIServer):

@@ -71,3 +71,17 @@ def test_a_sigkilled_close_leaves_no_server_and_no_work_folder(tmp_path, monkeyp
     mine = work_dir_for(store, "nightly-2026-11-01")          # the next run, of another job
     assert sorted(p.name for p in (tmp / "billrun-work").iterdir()) == [mine.name]
     assert work_dir_for(store, "close-2026-09").exists() and mine.exists()   # a live owner's folder stays
+
+
+@pytest.mark.slow
+def test_a_command_with_a_server_to_talk_to_loads_no_server_of_its_own(tmp_path):
+    """With PREFECT_API_URL set no temporary server can start, so none is watched, and Prefect's
+    server modules (most of a command's start-up time) stay unimported."""
+    program = ("import sys; from flows.cli import _quiet_user_errors; _quiet_user_errors(); "
+               "print('prefect.server.api.server' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
+    served = subprocess.run([sys.executable, "-c", program], env={**env, "PREFECT_API_URL": "http://127.0.0.1:9/api"},
+                            capture_output=True, text=True, timeout=300)
+    embedded = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
+    assert (served.stdout.strip(), embedded.stdout.strip()) == ("False", "True"), served.stderr + embedded.stderr
