@@ -230,6 +230,16 @@ def test_a_late_adjustment_is_issued_once_by_backfill(closed):
     lines = pl.read_parquet(io.BytesIO(s.read_bytes(f"billing/corrections/run={first['run_id']}/invoice_lines.parquet")))
     adjusted = sorted(l for l in lines["adjusts_description"].to_list() if l)
     assert adjusted == ["Extra training day (ref L1)", "Late delivery credit (ref L2)"]  # never A1..A4 again
+    folder = f"billing/corrections/run={first['run_id']}/"
+    note = s.read_bytes(f"{folder}documents/{docs['s_nl']['invoice_id']}.html").decode()
+    assert "Extra training day (ref L1)" in note and invoices["s_nl"]["invoice_id"] in note
+    # the books: the late charge is one_off revenue, the late credit contra-revenue, booked in November
+    revenue = pl.read_parquet(io.BytesIO(s.read_bytes(folder + "revenue.parquet")))
+    assert sorted(revenue.select("customer_id", "stream", "billed_minor", "period").rows()) == [
+        ("nl", "one_off", 2000, "2026-11"), ("us_ca", "goodwill_credit", -1000, "2026-11")]
+    journal_ = pl.read_parquet(io.BytesIO(s.read_bytes(folder + "journal.parquet")))
+    for _, group in journal_.group_by("currency"):
+        assert group["debit_minor"].sum() == group["credit_minor"].sum()
     second = backfill(store=store, plans=plans, first=PERIOD, last=PERIOD, reason="late adjustments",
                       as_of="2026-11-11")
     assert second["status"] == "nothing_to_correct" and second["documents"] == []
