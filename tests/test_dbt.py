@@ -26,6 +26,7 @@ PERIOD = "2026-10"
 DBT = Path(sys.executable).parent / "dbt"
 
 
+@pytest.mark.slow  # the generator runs as its own process
 def test_the_dbt_sources_are_generated_from_the_schema_file():
     if not SCHEMA_FILE.exists():
         pytest.skip("no output schema file yet")

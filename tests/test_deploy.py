@@ -36,6 +36,8 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 SERVER_STARTUP_S = 180  # generous: a loaded 2-core machine answers its first health check late
 RUN_TIMEOUT_S = 180
 
+pytestmark = pytest.mark.slow  # a Prefect server, a worker and deployments of its own (subprocesses)
+
 
 @dataclass
 class Deployed:

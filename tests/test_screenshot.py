@@ -24,6 +24,8 @@ from PIL import Image, ImageChops
 import renderutil
 from transforms.render import invoice_html
 
+pytestmark = pytest.mark.slow  # every test here starts headless Chromium
+
 BASELINES = Path(__file__).parent / "golden" / "screenshots"
 UPDATE = os.environ.get("BILLRUN_UPDATE_SCREENSHOTS") == "1"
 WIDTH = 900
