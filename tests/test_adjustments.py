@@ -365,3 +365,11 @@ def test_billed_by_periods_follows_the_documents():
                                 "adjusts_description": ["Credit (ref b)", "Late (ref d)"], "amount_minor": [200, 700]})
     # b was taken back to zero by a correction; d was billed late by one; c never billed
     assert billed_by_periods({"2026-10": close}, corrections) == {"a": "2026-10", "d": "2026-10"}
+
+
+def test_every_adjustment_reason_is_documented_and_only_those():
+    from transforms.adjustments import PERIOD_REASONS, ROW_REASONS
+    text = (Path(__file__).resolve().parent.parent / "docs" / "inputs.md").read_text()
+    table = text.split("## Adjustments")[1].split("| reason | the row... |")[1].split("\n\n")[0]
+    documented = [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]
+    assert documented == list(ROW_REASONS + PERIOD_REASONS)

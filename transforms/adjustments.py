@@ -46,9 +46,9 @@ ROW_REASONS = ("missing_id", "missing_field", "bad_period", "bad_amount", "bad_c
                "duplicate_id", "unknown_customer")
 """Rules a row keeps on its own (and against customers), in the order a row's first failure is named."""
 
-PERIOD_REASONS = ("billed_in_period", "no_invoice", "currency_mismatch", "bad_amount")
-"""Rules checked against the period's invoices: an id already billed by another period's documents,
-no invoice to put the row on, another currency, more decimal places than the currency has."""
+PERIOD_REASONS = ("billed_in_period", "no_invoice", "currency_mismatch")
+"""Rules checked against the period's documents, in this order: an id already billed by another
+period's documents, no invoice to put the row on, another currency than the invoice's."""
 
 FLOAT_MARK = "float:"
 
