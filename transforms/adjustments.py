@@ -25,7 +25,7 @@ customer's to be credited again on a later period (a new adjustment row).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 import pandera.polars as pa
@@ -331,7 +331,7 @@ def with_adjustments(invoices: list[Invoice], adjustments: list[Adjustment]) -> 
                 if -amount_minor > room:
                     amount_minor, unapplied = -room, -amount_minor - room
             lines.append(adjustment_line(adj, amount_minor, unapplied))
-        out.append(Invoice(**{**inv.__dict__, "lines": tuple(lines)}))
+        out.append(replace(inv, lines=tuple(lines)))
     return out
 
 
