@@ -95,12 +95,15 @@ def demo_story(prefect_server, tmp_path_factory) -> Path:
 
 
 # The fast lane (`pytest -m "not slow"`): a test that needs the Prefect server or the S3 server,
-# itself or through a fixture it uses, is slow without having to say so; tests that start other
-# processes (a subprocess CLI, Chromium) carry @pytest.mark.slow themselves.
+# itself or through a fixture it uses, is slow without having to say so, and so is a test's S3 case
+# (a parameter "s3": such cases take the S3 server with request.getfixturevalue, which the fixture
+# names do not show); tests that start other processes (a subprocess CLI, Chromium) carry
+# @pytest.mark.slow themselves.
 SLOW_FIXTURES = frozenset({"prefect_server", "s3_endpoint", "s3_bucket"})
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) or "s3" in params.values():
             item.add_marker(pytest.mark.slow)
