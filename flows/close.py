@@ -16,6 +16,7 @@ import json
 import shutil
 import tempfile
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -626,6 +627,12 @@ def work_dir_for(store: str, label: str) -> Path:
     mark_owner(path)
     reclaim_stale_work(path.parent)
     return path
+
+
+def private_work_dir(store: str, job: str) -> Path:
+    """A work folder of its own for a job that takes no period lock (simulate, impact, preview,
+    migrate): two such runs on one store at once never empty each other's folder."""
+    return work_dir_for(store, f"{job}-{uuid.uuid4().hex[:12]}")
 
 
 @flow(name="close-period", log_prints=False)

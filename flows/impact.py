@@ -17,8 +17,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import (Reference, adjustments_billed_elsewhere, check_reference, fetch_inputs, rate_invoices,
-                         replay_credits, work_dir_for)
+from flows.close import (Reference, adjustments_billed_elsewhere, check_reference, fetch_inputs,
+                         private_work_dir, rate_invoices, replay_credits)
 from flows.engine import PeriodUsage, period_usage
 from flows.gitplans import catalog_at, revision
 from flows.report import closed_periods, fetch_costs
@@ -83,7 +83,7 @@ def impact(store: str, plans: str, base: str, periods: int = 1, shock: str = str
     base_catalog, head_catalog = catalog_at(plans, rev), load_catalog(plans)
     chosen = periods_to_rerate(store, periods)
     label = hashlib.sha256(f"{rev.commit}|{periods}".encode()).hexdigest()[:10]
-    work_dir = work_dir_for(store, f"impact-{label}")
+    work_dir = private_work_dir(store, f"impact-{label}")
     rerated = []
     try:
         inputs = fetch_inputs(store, work_dir / "inputs")

@@ -9,7 +9,6 @@ publishes nothing: no period lock, nothing under billing/, the billed-event inde
 from __future__ import annotations
 
 import shutil
-import uuid
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
@@ -17,7 +16,7 @@ from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
 from flows.close import (adjustments_billed_elsewhere, check_reference, closed_manifest, fetch_inputs,
-                         rate_invoices, replay_credits, work_dir_for)
+                         private_work_dir, rate_invoices, replay_credits)
 from flows.engine import period_usage
 from flows.secrets import keep_secrets_out_of_logs
 from transforms.credits import CreditSummary, credit_summaries
@@ -46,7 +45,7 @@ def rate_so_far(store: str, plans: str, customer: str, day: str) -> Rated:
         raise InputError(f"--date {day} is in {period}, which is closed: its final invoices are published")
     catalog = load_catalog(plans)
     # a preview holds no lock, so two may run at once: each its own work folder
-    work_dir = work_dir_for(store, f"preview-{the_day}-{uuid.uuid4().hex[:8]}")
+    work_dir = private_work_dir(store, f"preview-{the_day}")
     try:
         inputs = fetch_inputs(store, work_dir / "inputs")
         # as the close: an adjustment that a closed period's documents bill is not billed here

@@ -29,8 +29,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import (Inputs, Reference, check_reference, fetch_inputs, plan_entries_for, rate_invoices,
-                         replay_credits, work_dir_for)
+from flows.close import (Inputs, Reference, check_reference, fetch_inputs, plan_entries_for,
+                         private_work_dir, rate_invoices, replay_credits)
 from flows.engine import period_usage
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, read_table
 from flows.locks import period_lock
@@ -221,7 +221,7 @@ def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: st
     wanted = frozenset(customers) if customers else None
     closed = load_closed_period(store, the_period)
     label = hashlib.sha256(f"{plan_map}|{sorted(wanted or [])}".encode()).hexdigest()[:10]
-    work_dir = work_dir_for(store, f"simulate-{the_period}-{label}")
+    work_dir = private_work_dir(store, f"simulate-{the_period}-{label}")
     try:
         # quote(): big values go to tasks as they are, as in the close (Prefect would otherwise
         # walk every dataclass in them looking for futures)
@@ -298,7 +298,7 @@ class SubscriptionsFile:
 @task(name="read-subscriptions", cache_policy=NO_CACHE, **IO_RETRIES)
 def read_subscriptions(store_uri: str) -> SubscriptionsFile:
     store = open_store(store_uri)
-    work_dir = work_dir_for(store_uri, "migrate-read")
+    work_dir = private_work_dir(store_uri, "migrate-read")
     try:
         keys = {}
         for candidates, what in ((SUBSCRIPTIONS_KEYS, "subscriptions"), (CUSTOMERS_KEYS, "customers")):

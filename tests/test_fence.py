@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import flows.locks as locks
-from flows.close import work_dir_for
+from flows.close import private_work_dir, work_dir_for
 from flows.locks import Fence, Fenced, PeriodLocked, claim_key, lock_key, period_lock, unlock
 from flows.status import store_status
 from flows.store import LocalStore, StoreError, open_store
@@ -213,6 +213,16 @@ def test_the_work_folder_is_keyed_on_the_resolved_store(tmp_path, monkeypatch):
     second = work_dir_for("./billing-data", "close-2026-10")
     assert first != second and first.exists() and second.exists()  # neither run empties the other's
     assert work_dir_for(str(tmp_path / "team-b" / "billing-data"), "close-2026-10") == second
+
+
+def test_two_runs_without_a_period_lock_never_share_a_work_folder(tmp_path):
+    # two `impact` (or `simulate`) runs with the same arguments at once: the second must not empty
+    # the first's folder under it
+    store = str(tmp_path / "billing-data")
+    first = private_work_dir(store, "impact-abc")
+    (first / "inputs").mkdir()
+    second = private_work_dir(store, "impact-abc")
+    assert first != second and (first / "inputs").is_dir() and second.is_dir()
 
 
 @pytest.mark.slow

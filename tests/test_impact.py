@@ -182,7 +182,8 @@ def test_the_markdown_report_shows_the_figures(world):
     assert ("| c3 | &#64;late \\| &lt;b&gt;Starter&lt;/b&gt; | tok v1 → tok v2 | USD | $10.00 | $15.00 | +$5.00 "
             "| +50.0% |") in text
     assert "| c2 | Pinned Ltd |" in text and "| c1 | Blank" not in text
-    assert "| … 1 more customers |  |  | USD | $8.00 | $10.00 | +$2.00 |  |" in text
+    assert "3 customer bills change (3 up, 0 down), 1 does not; the 2 largest changes:" in text
+    assert "| … 1 more customer |  |  | USD | $8.00 | $10.00 | +$2.00 |  |" in text
     assert "**Plan files:** tok v1 changed; tok v2 added." in text
     assert text == world["report"]["markdown"]
 

@@ -396,7 +396,9 @@ def impact_markdown(report: dict) -> str:
     moved = [c for c in customers if c["change_minor"]]
     up, down = sum(c["change_minor"] > 0 for c in moved), sum(c["change_minor"] < 0 for c in moved)
     lines += ["## By customer", ""]
-    lines.append(f"{len(moved)} customer bills change ({up} up, {down} down), {len(customers) - len(moved)} do not"
+    still = len(customers) - len(moved)
+    lines.append(f"{_count(len(moved), 'customer bill changes', 'customer bills change')} ({up} up, {down} down), "
+                 f"{still} {'does' if still == 1 else 'do'} not"
                  + (f"; the {min(top, len(moved))} largest changes:" if moved else "."))
     lines.append("")
     if moved:
@@ -476,6 +478,10 @@ def _customer_row(c: dict) -> list[str]:
             _change(c["change_minor"], c["currency"]), _pct(c["change_pct"], c["base_minor"], c["head_minor"])]
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _rest(rows: list[dict], width: int, currency_at: int, base_at: int, what: str) -> list[list[str]]:
     """The rows left out of a table, summed up per currency in one row each (currency, base, head
     and change in their columns)."""
@@ -486,7 +492,7 @@ def _rest(rows: list[dict], width: int, currency_at: int, base_at: int, what: st
     out = []
     for currency, (n, b, h) in sorted(sums.items()):
         row = [""] * width
-        row[0] = f"… {n} more {what}"
+        row[0] = f"… {n} more {what if n != 1 else what[:-1]}"
         row[currency_at] = currency
         row[base_at:base_at + 3] = [_money(b, currency), _money(h, currency), _change(h - b, currency)]
         out.append(row)
