@@ -111,10 +111,11 @@ def settle(store: str, plans: str, period: Period, work: Path) -> dict:
         done = shards.normalize_batch.fn(store, shards.Opaque(batch), scratch, count)
         for shard, keys in done.shard_keys.items():
             by_shard.setdefault(shard, []).extend(keys)
-    context = shards.Opaque((reference, catalog))
+    from flows.billed_index import committed_index
+    context = shards.Opaque((reference, catalog, committed_index(store)))
     parts = [shards.settle_shard.fn(scratch, shard, sorted(keys), context, period)
              for shard, keys in sorted(by_shard.items())]
-    settlement = merged_settlement(parts)
+    settlement = merged_settlement([p.value for p in parts])
     return {"catalog": catalog, "inputs": inputs, "costs": costs, "reference": reference, "settlement": settlement}
 
 

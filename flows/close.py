@@ -15,9 +15,11 @@ import io
 import json
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import version as package_version
@@ -59,7 +61,7 @@ from transforms.errors import BillrunError, InputError
 from transforms.guards import close_too_early, close_without_usage, rows_in_period
 from transforms.margins import margins_table, segment_plans
 from transforms.lineage import billed_events
-from transforms.invoices import Invoice, invoices_table, lines_table
+from transforms.invoices import Invoice, cycle_collector_paused, invoices_table, lines_table
 from transforms.periods import Period
 from transforms.plans import Catalog, PlanFile, load_catalog
 from transforms.reference import (Segment, Subscription, checked_customers, checked_subscriptions, plan_on,
@@ -314,7 +316,6 @@ def replayed_wallets(subs: list[Subscription], catalog: Catalog, purchases: list
 @task(name="replay-credits", cache_policy=NO_CACHE)
 def replay_credits(settlement: Settlement, reference: Reference, catalog: Catalog, period: Period) -> Outcome:
     """Every wallet from its first grant through the period, in event time."""
-    from transforms.invoices import cycle_collector_paused  # this step's own import
     started = time.perf_counter()
     with cycle_collector_paused():  # a ledger entry per consumed event, none of them a cycle
         outcome, events = replayed_wallets(
@@ -392,6 +393,67 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         spent[name] = time.perf_counter() - started - sum(spent.values())
 
     invoices = [replace(inv, run_id=run_id) for inv in invoices]
+    # The HTML invoices render in worker processes while this process writes the tables: the
+    # documents need only the rated invoices, and the tables are mostly one core's work.
+    customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
+    roundings = {seg.subscription.subscription_id: seg.plan.plan.rounding for seg in reference.segments}
+    stop = threading.Event()  # a table failed: render no further chunk
+    rendering = ThreadPoolExecutor(max_workers=1, thread_name_prefix="documents")
+    documents_future = rendering.submit(write_invoice_documents, invoices, customers, reference.seller, roundings,
+                                        credit_summaries(outcome, period), run_id, out_dir, local_workers(),
+                                        stop=stop)
+    try:
+        with cycle_collector_paused():  # millions of table cells, none of them a cycle
+            by_reason, adjusted = _write_tables(write, invoices, settlement, normalized, reference, catalog,
+                                                outcome, period, costs)
+        tables_done = time.perf_counter()
+        documents = documents_future.result()
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        rendering.shutdown(wait=True)
+    names.extend(name for name, _, _ in documents)
+    plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
+
+    tables = [n for n in names if "/" not in n]
+    outputs = [(n, (out_dir / n).stat().st_size, _sha256(out_dir / n)) for n in tables] + documents
+    unreadable = len(normalized.unreadable)
+    rows = {k: settlement.counts[k] + (unreadable if k in ("read", "quarantined") else 0)
+            for k in ("read", "billed", "duplicates", "quarantined")}
+    prefix = period_prefix(period)
+    manifest = {
+        "billrun_version": package_version("billrun"),
+        "run_id": run_id,
+        "period": str(period),
+        "status": "closed",
+        "issued_on": period.end.isoformat(),
+        "inputs": [o.manifest_entry() for o in inputs.all],
+        "credits": credit_report(outcome, period, plan_of_sub),
+        "plans": plan_entries,
+        "catalog": catalog_entries(catalog),
+        "costs": costs[1],
+        "rows": rows,
+        "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
+        "quarantined_by_reason": by_reason,
+        "conflicting_duplicates": settlement.conflicts.height,
+        "billed_event_index": index_entry,
+        **({"adjustments": adjusted} if adjusted is not None else {}),
+        "totals": _totals(invoices),
+        "outputs": [{"key": prefix + n, "size": size, "sha256": digest} for n, size, digest in sorted(outputs)],
+    }
+    get_run_logger().info("write-outputs: tables %.2fs (%s), documents %.2fs; %d files in %.2fs",
+                          tables_done - started,
+                          ", ".join(f"{n.removesuffix('.parquet')} {t:.1f}" for n, t in spent.items()),
+                          time.perf_counter() - tables_done, len(names), time.perf_counter() - started)
+    return sorted(names), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
+                  reference: Reference, catalog: Catalog, outcome: Outcome, period: Period,
+                  costs: tuple) -> tuple[dict[str, int], dict | None]:
+    """The period's tables, each through `write(name, frame)`; returns the quarantined rows per
+    reason and the account of adjustment rows (None without the input)."""
     write("invoices.parquet", invoices_table(invoices))
     lines = lines_table(invoices)
     write("invoice_lines.parquet", lines)
@@ -421,46 +483,8 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     if reference.adjustments_table is not None:  # a store without the input writes what it always wrote
         adjustments = billed_table(reference.adjustments_table, invoices)
         write("adjustments.parquet", adjustments)
-
-    seller = reference.seller
-    customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
-    roundings = {seg.subscription.subscription_id: seg.plan.plan.rounding for seg in reference.segments}
-    tables_done = time.perf_counter()
-    documents = write_invoice_documents(invoices, customers, seller, roundings, credit_summaries(outcome, period),
-                                        run_id, out_dir, local_workers())
-    names.extend(name for name, _, _ in documents)
-
-    tables = [n for n in names if "/" not in n]
-    outputs = [(n, (out_dir / n).stat().st_size, _sha256(out_dir / n)) for n in tables] + documents
-    unreadable = len(normalized.unreadable)
-    rows = {k: settlement.counts[k] + (unreadable if k in ("read", "quarantined") else 0)
-            for k in ("read", "billed", "duplicates", "quarantined")}
-    prefix = period_prefix(period)
-    manifest = {
-        "billrun_version": package_version("billrun"),
-        "run_id": run_id,
-        "period": str(period),
-        "status": "closed",
-        "issued_on": period.end.isoformat(),
-        "inputs": [o.manifest_entry() for o in inputs.all],
-        "credits": credit_report(outcome, period, plan_of_sub),
-        "plans": plan_entries,
-        "catalog": catalog_entries(catalog),
-        "costs": costs[1],
-        "rows": rows,
-        "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
-        "quarantined_by_reason": dict(sorted(quarantine.group_by("reason").len().iter_rows())),
-        "conflicting_duplicates": settlement.conflicts.height,
-        "billed_event_index": index_entry,
-        **({"adjustments": adjustment_counts(adjustments)} if adjustments is not None else {}),
-        "totals": _totals(invoices),
-        "outputs": [{"key": prefix + n, "size": size, "sha256": digest} for n, size, digest in sorted(outputs)],
-    }
-    get_run_logger().info("write-outputs: tables %.2fs (%s), documents %.2fs; %d files in %.2fs",
-                          tables_done - started,
-                          ", ".join(f"{n.removesuffix('.parquet')} {t:.1f}" for n, t in spent.items()),
-                          time.perf_counter() - tables_done, len(names), time.perf_counter() - started)
-    return sorted(names), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    return (dict(sorted(quarantine.group_by("reason").len().iter_rows())),
+            adjustment_counts(adjustments) if adjustments is not None else None)
 
 
 def seller_block(inputs: Inputs) -> dict:
@@ -681,6 +705,7 @@ def _commit_tables(store: str, lake: lakehouse.TablesSettings, period: Period, r
 def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_address: str | None = None,
            allow_empty: bool = False) -> dict:
     work_dir = work_dir_for(store, f"close-{period}")
+    indexing = None
     try:
         inputs = fetch_inputs(store, work_dir / "inputs")
         costs = fetch_costs(store)
@@ -697,8 +722,9 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_addres
             index = committed_index(store)
             settlement = settle_shards(runner, scratch, shard_keys, reference, catalog, period, index)
             settlement = with_local_lineage(settlement, scratch, work_dir)
-        index_file, indexed = index_billed(scratch.uri, list(settlement.billed_ids), str(period), work_dir)
-        drop_scratch(scratch)
+        # the period's index is sorted and written by DuckDB, off the interpreter's lock, while the
+        # wallets replay and the invoices are rated in this process
+        indexing = index_billed.submit(scratch.uri, list(settlement.billed_ids), str(period), work_dir)
         fault_point("settled")
         no_usage = close_without_usage(
             period, rows_in_period(settlement.counts["read"], settlement.quarantine) + len(normalized.unreadable),
@@ -711,6 +737,8 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_addres
         outcome = replay_credits(quote(for_replay), quote(reference), quote(catalog), period)
         invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
         fault_point("rated")
+        index_file, indexed = indexing.result()
+        drop_scratch(scratch)
         plan_entries = plan_entries_for(reference.segments)
         run_id = run_id_for(period, inputs, plan_entries)
         # quote(): hand big values over as they are; Prefect would otherwise walk every
@@ -724,6 +752,8 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_addres
         fault_point("written")
         warnings = publish(store, period, run_id, out_dir, quote(names), quote(manifest), hold)
     finally:
+        if indexing is not None:
+            indexing.wait()  # a failure elsewhere: the index's files are in the work folder
         shutil.rmtree(work_dir, ignore_errors=True)
     result = _result_from_manifest(json.loads(manifest), store, "closed")
     _report(result)

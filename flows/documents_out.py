@@ -12,11 +12,16 @@ import hashlib
 import multiprocessing
 import os
 import pickle
+import threading
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from transforms.render import invoice_html
+
+
+class DocumentsStopped(Exception):
+    """The rendering was told to stop (the close failed elsewhere meanwhile)."""
 
 PARALLEL_FROM = 2000
 """Fewer invoices than this render in the close's own process (a worker costs ~1 s to start)."""
@@ -47,9 +52,11 @@ def _render_packed(packed: bytes, seller: dict, run_id: str, folder: str) -> lis
 
 def write_invoice_documents(invoices: list, customers: dict, seller: dict, roundings: dict, wallets: dict,
                             run_id: str, out_dir: Path, workers: int,
-                            parallel_from: int = PARALLEL_FROM) -> list[tuple[str, int, str]]:
+                            parallel_from: int = PARALLEL_FROM, stop: threading.Event | None = None
+                            ) -> list[tuple[str, int, str]]:
     """Every invoice as `invoices/<invoice_id>.html` under `out_dir`; (name, size, sha256) each,
-    in invoice order."""
+    in invoice order. The close runs this in a thread while it writes the tables; `stop` set
+    (a table failed) ends it before its next chunk, raising DocumentsStopped."""
     (out_dir / "invoices").mkdir(parents=True, exist_ok=True)
     jobs = [(inv, customers[inv.customer_id], roundings[inv.subscription_id], wallets.get(inv.customer_id))
             for inv in invoices]
@@ -61,6 +68,10 @@ def write_invoice_documents(invoices: list, customers: dict, seller: dict, round
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         parts, pending = [], deque()
         for chunk in chunks:  # pickled here, a few chunks ahead of the workers, as pool.map's feeder would
+            if stop is not None and stop.is_set():
+                for future in pending:
+                    future.cancel()
+                raise DocumentsStopped("the close failed while its invoices were rendered")
             if len(pending) > workers:
                 parts.append(pending.popleft().result())
             packed = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
