@@ -93,6 +93,26 @@ def test_invoices_rendered_in_worker_processes_are_the_same_bytes(tmp_path):
     assert b"Customer &lt;1&gt;" in (tmp_path / "two" / "invoices/INV-2026-10-000001.html").read_bytes()
 
 
+def test_rendering_stops_when_the_close_fails_meanwhile(tmp_path):
+    """The close renders its invoices while it writes the tables; a table that fails sets `stop`,
+    and the rendering ends before its next chunk instead of finishing 100k documents first."""
+    import threading
+    from dataclasses import replace
+
+    import pytest
+
+    from flows.documents_out import DocumentsStopped, write_invoice_documents
+    from renderutil import CUSTOMER, RUN_ID, SELLER, sample_invoice
+
+    base = sample_invoice()
+    invoices = [replace(base, invoice_id=f"INV-2026-10-{i:06d}") for i in range(1, 9)]
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(DocumentsStopped):
+        write_invoice_documents(invoices, {base.customer_id: CUSTOMER}, SELLER, {base.subscription_id: "half_up"}, {},
+                                RUN_ID, tmp_path, 2, parallel_from=1, stop=stop)
+    assert list((tmp_path / "invoices").iterdir()) == []
+
 def test_a_close_on_a_two_worker_dask_cluster_gives_the_same_bytes(prefect_server, tmp_path, monkeypatch):
     """The shard tasks run in two Dask worker processes (they report to the same Prefect API)."""
     import os
