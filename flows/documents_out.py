@@ -25,6 +25,8 @@ class DocumentsStopped(Exception):
 
 PARALLEL_FROM = 2000
 """Fewer invoices than this render in the close's own process (a worker costs ~1 s to start)."""
+CHUNK_INVOICES = 1000
+"""Invoices per chunk at most: what a worker holds at once, and what is pickled ahead of it."""
 
 
 def _render_chunk(jobs: list[tuple], seller: dict, run_id: str, folder: str) -> list[tuple[str, int, str]]:
@@ -62,7 +64,9 @@ def write_invoice_documents(invoices: list, customers: dict, seller: dict, round
             for inv in invoices]
     if workers <= 1 or len(jobs) < parallel_from:
         return _render_chunk(jobs, seller, run_id, str(out_dir))
-    size = -(-len(jobs) // (workers * 4))  # a few chunks per worker, so one slow chunk does not idle the rest
+    # a few chunks per worker, so one slow chunk does not idle the rest, and small ones: a worker
+    # holds its chunk's invoices while it renders, beside the close's own tables
+    size = min(-(-len(jobs) // (workers * 4)), CHUNK_INVOICES)
     chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
     # spawn, not fork: the close's process holds threads (Prefect, DuckDB, Polars) a fork would copy mid-flight
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
