@@ -19,9 +19,9 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
+from closeutil import PLANS
 from flows.cli import app
 from flows.store import open_store
-from tests.closeutil import PLANS
 
 pytestmark = pytest.mark.slow
 
