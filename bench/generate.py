@@ -115,7 +115,8 @@ def templates(plans: dict[str, list[dict]], plan_ids: list[str]) -> pl.DataFrame
                 for region, rw in REGIONS.items():
                     dims = {"region": region} | ({"model": model} if model else {})
                     for doc in plans[plan]:
-                        if not any(c["meter"] == meter and all(dims.get(k) == v for k, v in (c.get("filter") or {}).items())
+                        if not any(c["meter"] == meter
+                                   and all(dims.get(k) == v for k, v in (c.get("filter") or {}).items())
                                    for c in doc.get("charges", [])):
                             sys.exit(f"generate: plan {plan} v{doc['version']} prices no {meter} event with {dims}")
                     rows.append({"plan": plan, "meter": meter, "model": model, "region": region,
@@ -140,7 +141,7 @@ def customers_table(n: int, seed: int, mix: dict[str, int], enterprise_top_pct: 
     cum = [sum(weights[: i + 1]) for i in range(len(weights))]
     roll = below(pl.col("idx"), seed, "customer.plan", cum[-1])
     plan = pl.lit(names[-1])
-    for name, bound in reversed(list(zip(names, cum))):
+    for name, bound in reversed(list(zip(names, cum, strict=True))):
         plan = pl.when(roll < bound).then(pl.lit(name)).otherwise(plan)
     top = int(n * enterprise_top_pct / 100)
     return frame.with_columns(
@@ -205,9 +206,11 @@ class EventModel:
         self.seed = seed
         by_rank = customers.sort("rank")
         self.customer_of_rank = by_rank["customer_id"]
-        plan_bounds = dict(zip(bounds["plan"], zip(bounds["lo"], bounds["total"])))
-        self.plan_lo = by_rank["plan"].replace_strict({p: lo for p, (lo, _) in plan_bounds.items()}, return_dtype=pl.Int64)
-        self.plan_total = by_rank["plan"].replace_strict({p: t for p, (_, t) in plan_bounds.items()}, return_dtype=pl.Int64)
+        plan_bounds = dict(zip(bounds["plan"], zip(bounds["lo"], bounds["total"], strict=True), strict=True))
+        self.plan_lo = by_rank["plan"].replace_strict({p: lo for p, (lo, _) in plan_bounds.items()},
+                                                      return_dtype=pl.Int64)
+        self.plan_total = by_rank["plan"].replace_strict({p: t for p, (_, t) in plan_bounds.items()},
+                                                         return_dtype=pl.Int64)
         weights = pl.int_range(1, customers.height + 1, dtype=pl.Int64, eager=True)
         self.zipf_cum = (ZIPF_SCALE // weights).cum_sum()  # heaviest customer first
         self.zipf_total = int(self.zipf_cum[-1])
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
 
     by_meter: dict[str, int] = {}
     by_plan: dict[str, int] = {}
-    plan_of = dict(zip(customers["customer_id"], customers["plan"]))
+    plan_of = dict(zip(customers["customer_id"], customers["plan"], strict=True))
     files, bytes_written, dup_offset = 0, 0, 0
     for d in range(days):
         fresh = pl.int_range(offsets[d], offsets[d + 1], dtype=pl.Int64, eager=True)

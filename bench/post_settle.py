@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 import polars as pl  # noqa: E402
 
 import flows.close as close  # noqa: E402
-import flows.shards as shards  # noqa: E402
 import flows.report as report  # noqa: E402
+import flows.shards as shards  # noqa: E402
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices  # noqa: E402
 from transforms.credits import credit_meters  # noqa: E402
 from transforms.margins import segment_plans  # noqa: E402
@@ -160,7 +160,7 @@ def tables(impl: dict, state: dict, outcome, invoices, lines: pl.DataFrame, peri
     `revenue` keeps the revenue frame built, as journal's input."""
     reference, settlement = state["reference"], state["settlement"]
     segments = list(reference.segments)
-    spend = {inv.subscription_id: sum(l.amount_minor for l in inv.lines if l.kind in ("usage", "overage"))
+    spend = {inv.subscription_id: sum(line.amount_minor for line in inv.lines if line.kind in ("usage", "overage"))
              for inv in invoices}
     plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
 

@@ -240,8 +240,8 @@ def run_child(cmd: list[str], env: dict, log_path: Path, timeout: float | None) 
     if peak_kb is None:  # no /usr/bin/time: RUSAGE_CHILDREN keeps the maximum over all children
         peak_kb = max(_children_maxrss(), before)
     return {"cmd": cmd, "rc": rc, "wall_s": wall, "peak_rss_mb": round(peak_kb * 1024 / MB, 1),
-            "tree_peak_rss_mb": round(sampler.peak() / MB, 1), **cpu, "killed": killed, "lines": lines, "sampler": sampler,
-            "log": _rel(log_path)}
+            "tree_peak_rss_mb": round(sampler.peak() / MB, 1), **cpu, "killed": killed, "lines": lines,
+            "sampler": sampler, "log": _rel(log_path)}
 
 
 def _oom_note(pids: set[int]) -> str:
@@ -457,8 +457,9 @@ def profile_close(args, label: str, mode: str) -> dict:
     os.chdir(REPO)
     from flows.cli import prefect_defaults
     prefect_defaults()
-    import flows.close
     from prefect import Task
+
+    import flows.close
     from flows.close import close_period
 
     # every task of the close, whatever was added since this file was written
@@ -569,7 +570,8 @@ def environment() -> dict:
     loaded = subprocess.run([str(VENV_PYTHON), "-c", "import sys, flows.cli, flows.close; print('\\n'.join("
                              "m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)))"],
                             cwd=REPO, capture_output=True, text=True).stdout.split()
-    files = {Path(f) for f in loaded if Path(f).is_relative_to(REPO / "flows") or Path(f).is_relative_to(REPO / "transforms")}
+    files = {Path(f) for f in loaded
+             if Path(f).is_relative_to(REPO / "flows") or Path(f).is_relative_to(REPO / "transforms")}
     files |= set((REPO / "transforms" / "sql").glob("*.sql")) | set((REPO / "transforms" / "templates").glob("*"))
     digest = hashlib.sha256()
     for path in sorted(files):
@@ -580,15 +582,18 @@ def environment() -> dict:
     mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal")), None)
     versions = subprocess.run([str(VENV_PYTHON), "-c", "import duckdb, polars, prefect, sys; "
-                               "print(sys.version.split()[0], duckdb.__version__, polars.__version__, prefect.__version__)"],
+                               "print(sys.version.split()[0], duckdb.__version__, polars.__version__, "
+                               "prefect.__version__)"],
                               capture_output=True, text=True).stdout.split()
     return {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
             "mem_mb": mem, "python": versions[0] if versions else None,
-            "duckdb": versions[1] if len(versions) > 1 else None, "polars": versions[2] if len(versions) > 2 else None,
+            "duckdb": versions[1] if len(versions) > 1 else None,
+            "polars": versions[2] if len(versions) > 2 else None,
             "prefect": versions[3] if len(versions) > 3 else None,
             "git_head": git("rev-parse", "--short", "HEAD"),
             "uncommitted_in_flows_transforms": git("status", "--porcelain", "--", "flows", "transforms").splitlines(),
-            "close_code_sha256": digest.hexdigest()[:16], "close_code_files": len(files), "loadavg_at_start": os.getloadavg()}
+            "close_code_sha256": digest.hexdigest()[:16], "close_code_files": len(files),
+            "loadavg_at_start": os.getloadavg()}
 
 
 def count_rows(store: Path) -> int:
@@ -630,16 +635,18 @@ def print_report(report: dict) -> None:
         if r:
             eps = f"{r['events_per_s']:,}" if r["events_per_s"] else "-"
             cpu = f"{r['cpu_s']:8.1f}" if r.get("cpu_s") is not None else f"{'-':>8s}"
-            print(f"{name:28s} {r['wall_s']:9.1f} {cpu} {eps:>11s} {r['peak_rss_mb']:12,.0f} {r['tree_peak_rss_mb']:12,.0f}  {r['rc']}")
+            print(f"{name:28s} {r['wall_s']:9.1f} {cpu} {eps:>11s} {r['peak_rss_mb']:12,.0f} "
+                  f"{r['tree_peak_rss_mb']:12,.0f}  {r['rc']}")
     if report.get("ratio"):
         q = report["ratio"]
         cpu = f"{q['cpu']:7.1f}x" if q.get("cpu") else f"{'-':>8s}"
         print(f"{'ratio b/a':28s} {q['wall']:8.1f}x {cpu} {'':>11s} {q['peak_rss']:11.1f}x {q['tree_peak_rss']:11.1f}x")
     close = report.get("close")
     if close and close.get("steps"):
-        print(f"\nbillrun close by step (window = previous step's end to this step's end; "
-              f"body = the step's own timing; rest = Prefect)")
-        print(f"{'step':18s} {'window s':>9s} {'%wall':>6s} {'body s':>8s} {'prefect s':>10s} {'CPU s':>8s} {'%CPU':>6s} {'peak MB':>8s}")
+        print("\nbillrun close by step (window = previous step's end to this step's end; "
+              "body = the step's own timing; rest = Prefect)")
+        print(f"{'step':18s} {'window s':>9s} {'%wall':>6s} {'body s':>8s} {'prefect s':>10s} {'CPU s':>8s} "
+              f"{'%CPU':>6s} {'peak MB':>8s}")
         ph = close["phases"]
         total_cpu = sum(s.get("cpu_s") or 0 for s in close["steps"]) + (ph.get("startup_cpu_s") or 0)
         startup_cpu = ph.get("startup_cpu_s") or 0
@@ -653,7 +660,8 @@ def print_report(report: dict) -> None:
                   f"{100 * cpu / (total_cpu or 1):6.1f} {s['peak_rss_mb']:8,.0f}")
         for name in ("after_last_step_s", "shutdown_s"):
             if ph.get(name) is not None:
-                print(f"{'(' + name[:-2].replace('_', ' ') + ')':18s} {ph[name]:9.1f} {100 * ph[name] / close['wall_s']:6.1f}")
+                print(f"{'(' + name[:-2].replace('_', ' ') + ')':18s} {ph[name]:9.1f} "
+                      f"{100 * ph[name] / close['wall_s']:6.1f}")
         if close.get("stopped_in"):
             print(f"close stopped in {close['stopped_in']} (peak tree RSS there "
                   f"{close['peak_rss_in_stopped_step_mb']} MB), exit {close['rc']}"
@@ -706,10 +714,12 @@ def main(argv: list[str] | None = None) -> None:
     args.prefect_home.mkdir(parents=True, exist_ok=True)
 
     rows = count_rows(args.store)
-    label = args.label or label_of(rows) + (f"-duckdb-{args.duckdb_memory_limit.lower()}" if args.duckdb_memory_limit else "")
+    label = args.label or label_of(rows) + (f"-duckdb-{args.duckdb_memory_limit.lower()}"
+                                            if args.duckdb_memory_limit else "")
     meta_path = args.store / "bench-store.json"
     store_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"rows": rows}
-    report = {"rows": rows, "period": args.period, "duckdb_memory_limit": args.duckdb_memory_limit, "store": {k: v for k, v in store_meta.items() if k != "args"}
+    report = {"rows": rows, "period": args.period, "duckdb_memory_limit": args.duckdb_memory_limit,
+              "store": {k: v for k, v in store_meta.items() if k != "args"}
               | {"path": str(args.store), "generator_args": store_meta.get("args")},
               "environment": environment()}
     out_path = args.results / f"{label}-events.json"
@@ -742,8 +752,9 @@ def main(argv: list[str] | None = None) -> None:
         report["close"] = summary(c, rows) | {k: c.get(k) for k in ("steps", "phases", "completed", "stopped_in",
                                                                     "peak_rss_in_stopped_step_mb", "manifest", "tail")}
         report["close"]["measured_with"] = measured_with | {"loadavg_at_end": os.getloadavg()}
+        every = max(1, len(c["sampler"].samples) // 400)
         report["close"]["timeline"] = [(round(t, 1), round(tree / MB), round(top / MB), round(cpu, 1))
-                                       for t, tree, top, cpu in c["sampler"].samples[::max(1, len(c["sampler"].samples) // 400)]]
+                                       for t, tree, top, cpu in c["sampler"].samples[::every]]
         if c.get("manifest"):
             expected = {"read": rows, "billed": store_meta.get("unique_events"),
                         "duplicates": store_meta.get("duplicates"), "quarantined": store_meta.get("quarantined")}

@@ -25,21 +25,39 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.close import (IO_RETRIES, MANIFEST, PARQUET, _quietly, _read_if_exists, _sha256,
-                         adjustments_billed_elsewhere, catalog_entries, check_reference, closed_manifest, fetch_inputs,
-                         plan_entries_for, rate_invoices, replay_credits, seller_block, work_dir_for)
+from flows import tables as lakehouse
 from flows.billed_index import committed_index, correction_index, index_key, record_billed
+from flows.close import (
+    IO_RETRIES,
+    MANIFEST,
+    PARQUET,
+    _quietly,
+    _read_if_exists,
+    _sha256,
+    adjustments_billed_elsewhere,
+    catalog_entries,
+    check_reference,
+    closed_manifest,
+    fetch_inputs,
+    plan_entries_for,
+    rate_invoices,
+    replay_credits,
+    seller_block,
+    work_dir_for,
+)
 from flows.engine import period_usage
 from flows.locks import Fence, Fenced, Hold, fault_point, period_lock, warn
 from flows.secrets import keep_secrets_out_of_logs
 from flows.status import checked_key
 from flows.store import StoreError, open_store
-from flows import tables as lakehouse
-from transforms.corrections import (correction_documents, issued_lines, issued_taxes, ledger_adjustments,
-                                   revenue_adjustments)
+from transforms.corrections import (
+    correction_documents,
+    issued_lines,
+    issued_taxes,
+    ledger_adjustments,
+    revenue_adjustments,
+)
 from transforms.credits import balances_table
-from transforms.revenue import journal, proportional_rates, revenue_rows, tax_rows
-from transforms.terms import due_on
 from transforms.errors import InputError
 from transforms.guards import backfill_dated_too_early
 from transforms.invoices import Invoice, invoices_table, lines_table
@@ -47,6 +65,8 @@ from transforms.money import format_money
 from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
 from transforms.render import invoice_html
+from transforms.revenue import journal, proportional_rates, revenue_rows, tax_rows
+from transforms.terms import due_on
 
 _CORRECTION_MANIFEST = re.compile(r"^billing/corrections/run=([^/]+)/manifest\.json$")
 
@@ -78,7 +98,7 @@ def load_issued(store_uri: str, periods: list[Period]) -> dict[str, tuple[pl.Dat
                                              "credit_ledger.parquet")}
     issued = {}
     for period in periods:
-        def recorded(name: str, close_name: str, column: str) -> pl.DataFrame:
+        def recorded(name: str, close_name: str, column: str, period=period) -> pl.DataFrame:
             frames = [_read_parquet(store, f"billing/period={period}/{close_name}")] + extra[name]
             return pl.concat(frames, how="diagonal_relaxed").filter(pl.col(column) == str(period))
         issued[str(period)] = Issued(recorded("invoices.parquet", "invoices.parquet", "period"),

@@ -16,8 +16,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperCommand, TyperGroup
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 DEFAULT_STORE = "./billing-data"
 DEFAULT_PLANS = "./plans"
@@ -400,7 +400,8 @@ def _print_tables_lag(lake: dict | None, store: str) -> None:
     if not lake:
         return
     for lag in lake["lagging"]:
-        what = f"{lag['period']} (close run {lag['run_id']})" if lag["kind"] == "close" else f"backfill run {lag['run_id']}"
+        what = (f"{lag['period']} (close run {lag['run_id']})" if lag["kind"] == "close"
+                else f"backfill run {lag['run_id']}")
         shown = ", ".join(lag["tables"][:4]) + (f" and {len(lag['tables']) - 4} more" if len(lag["tables"]) > 4 else "")
         out.print(f"tables behind the manifest of {what}: {shown}", markup=False)
     if lake["lagging"]:
@@ -548,7 +549,8 @@ def _backfill_checks(store: str, plans: str, first: str, last: str, as_of: str) 
 
 @app.command(cls=_Command, epilog="Example: billrun explain --invoice INV-2026-10-000042")
 def explain(ctx: typer.Context,
-            invoice: str = typer.Option(..., "--invoice", metavar="ID", help="An invoice, credit note or debit note id."),
+            invoice: str = typer.Option(..., "--invoice", metavar="ID",
+                                        help="An invoice, credit note or debit note id."),
             line: Optional[int] = typer.Option(None, "--line", metavar="N", show_default=False,
                                                help="With --events: only the events of line N."),
             events: bool = typer.Option(False, "--events", metavar="",
@@ -706,10 +708,10 @@ def preview(ctx: typer.Context,
             "drafts": [{"draft_id": inv.invoice_id, "subscription_id": inv.subscription_id, "currency": inv.currency,
                         "subtotal_minor": inv.subtotal_minor, "tax_minor": inv.tax_minor,
                         "total_minor": inv.total_minor, "due_on": inv.due_on.isoformat() if inv.due_on else None,
-                        "path": str(path)} for inv, path in zip(drafts, written)]}))
+                        "path": str(path)} for inv, path in zip(drafts, written, strict=True)]}))
         return
     out.print(f"{customer}: draft of {period} as of {the_day}, from {source}", markup=False)
-    for inv, path in zip(drafts, written):
+    for inv, path in zip(drafts, written, strict=True):
         tax = f" incl. tax {_money(inv.tax_minor, inv.currency)}" if inv.tax_minor else ""
         due = f", due {inv.due_on}" if inv.due_on else ""
         out.print(f"  {inv.invoice_id}: {_money(inv.total_minor, inv.currency)}{tax}{due} -> {path}", markup=False)
@@ -796,7 +798,8 @@ def _print_simulation(result: dict, top: int = 10) -> None:
         out.print(f"report: {result['store'].rstrip('/')}/{result['report']}")
 
 
-@app.command(cls=_Command, epilog="Example: billrun simulate --period 2026-10 --plan-map images=api --plan-map api:1=api:2")
+@app.command(cls=_Command,
+             epilog="Example: billrun simulate --period 2026-10 --plan-map images=api --plan-map api:1=api:2")
 def simulate(ctx: typer.Context,
              period: str = typer.Option(..., "--period", metavar=PERIOD, help="A closed month to re-rate."),
              plan_map: list[str] = typer.Option(..., "--plan-map", metavar="OLD=NEW", help="Move subscriptions on "
@@ -840,7 +843,8 @@ def _simulate_checks(store: str, plans: str, period: str, plan_map: list[str], c
     preflight.plan_map_names(plan_map, plans, candidates)
 
 
-@app.command(cls=_Command, epilog="Example (on the demo store): billrun migrate --plan enterprise --to api --on 2026-12-01 "
+@app.command(cls=_Command,
+             epilog="Example (on the demo store): billrun migrate --plan enterprise --to api --on 2026-12-01 "
                     "--as-of 2026-10-25 --dry-run")
 def migrate(ctx: typer.Context,
             plan: str = typer.Option(..., "--plan", metavar="PLAN[:VERSION]", help="The plan to move from."),
@@ -900,8 +904,8 @@ def migrate(ctx: typer.Context,
 
 def _migrate_checks(store: str, plans: str, plan: str, to: str, on: str, as_of: str, notice_days: int) -> None:
     from flows import preflight
-    from transforms.periods import parse_day
     from transforms.guards import closed_period_problem, notice_problem
+    from transforms.periods import parse_day
 
     on_day, as_of_day = parse_day(on, "--on"), parse_day(as_of, "--as-of")
     _checked_folders(store, plans)

@@ -35,37 +35,67 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_adjustments_key, is_purchases_key, is_usage_key,
-                          read_table)
+from flows import tables as lakehouse
 from flows.billed_index import committed_index, index_billed, index_key, record_billed
+from flows.documents_out import write_invoice_documents
+from flows.embedded import mark_owner, reclaim_stale_work
+from flows.ingest import (
+    CUSTOMERS_KEYS,
+    SUBSCRIPTIONS_KEYS,
+    is_adjustments_key,
+    is_purchases_key,
+    is_usage_key,
+    read_table,
+)
 from flows.keys import MANIFEST, SELLER_KEY, period_prefix  # noqa: F401 - the close's layout, shared
 from flows.locks import Fence, Hold, after_commit, fault_point, period_lock, tidy_closed, warn
 from flows.preflight import close_summary, closed_periods
-from flows.retries import IO_RETRIES
-from flows.documents_out import write_invoice_documents
-from flows.shards import (Normalized, drop_scratch, local_workers, normalize_shards, scratch_for, settle_shards,
-                          shard_runner)
 from flows.report import fetch_costs
-from flows.embedded import mark_owner, reclaim_stale_work
+from flows.retries import IO_RETRIES
 from flows.secrets import keep_secrets_out_of_logs
+from flows.shards import (
+    Normalized,
+    drop_scratch,
+    local_workers,
+    normalize_shards,
+    scratch_for,
+    settle_shards,
+    shard_runner,
+)
 from flows.statement import lineage_rows, with_local_lineage
-from flows.store import StoreError, open_store, store_identity
-from flows import tables as lakehouse
-from transforms.adjustments import (Adjustment, adjustment_counts, adjustment_rows, billed_by_periods, billed_table,
-                                   checked_rows, period_adjustments)
+from flows.store import open_store, store_identity
+from transforms.adjustments import (
+    Adjustment,
+    adjustment_counts,
+    adjustment_rows,
+    billed_by_periods,
+    billed_table,
+    checked_rows,
+    period_adjustments,
+)
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
-from transforms.credits import (CreditEvent, Outcome, Purchase, balances_table, credit_meters, credit_report,
-                               credit_summaries, history_grants, ledger_table, purchases_from, replay)
+from transforms.credits import (
+    CreditEvent,
+    Outcome,
+    Purchase,
+    balances_table,
+    credit_meters,
+    credit_report,
+    credit_summaries,
+    history_grants,
+    ledger_table,
+    purchases_from,
+    replay,
+)
 from transforms.engine import rated_invoices
 from transforms.errors import BillrunError, InputError
 from transforms.guards import close_too_early, close_without_usage, rows_in_period
-from transforms.margins import margins_table, segment_plans
-from transforms.lineage import billed_events
 from transforms.invoices import Invoice, cycle_collector_paused, invoices_table, lines_table
+from transforms.lineage import billed_events
+from transforms.margins import margins_table, segment_plans
 from transforms.periods import Period
 from transforms.plans import Catalog, PlanFile, load_catalog
-from transforms.reference import (Segment, Subscription, checked_customers, checked_subscriptions, plan_on,
-                                  segments_in)
+from transforms.reference import Segment, Subscription, checked_customers, checked_subscriptions, plan_on, segments_in
 from transforms.revenue import journal, proportional_rates, revenue_rows, tax_rows
 from transforms.settle import Settlement, split_at_replay
 from transforms.spend import spend_alerts
@@ -463,7 +493,7 @@ def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normal
     quarantine = quarantine_table(settlement, normalized)
     write("quarantine.parquet", quarantine)
     write("conflicting_duplicates.parquet", settlement.conflicts)
-    spend = {inv.subscription_id: sum(l.amount_minor for l in inv.lines if l.kind in ("usage", "overage"))
+    spend = {inv.subscription_id: sum(line.amount_minor for line in inv.lines if line.kind in ("usage", "overage"))
              for inv in invoices}
     write("alerts.parquet", alerts_table(
         price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period)

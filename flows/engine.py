@@ -19,8 +19,16 @@ from typing import Iterator
 import polars as pl
 
 from flows.billed_index import CommittedIndex
-from flows.shards import (SCRATCH_PARQUET, Normalized, Scratch, drop_scratch, normalize_shards, scratch_for,
-                          settle_shards, shard_runner)
+from flows.shards import (
+    SCRATCH_PARQUET,
+    Normalized,
+    Scratch,
+    drop_scratch,
+    normalize_shards,
+    scratch_for,
+    settle_shards,
+    shard_runner,
+)
 from flows.store import LocalStore, open_store
 from transforms.periods import Period, utc_midnight
 from transforms.plans import Catalog
@@ -59,7 +67,7 @@ class PeriodUsage:
         cut: dict[int, list[str]] = {}
         with tempfile.TemporaryDirectory(prefix="billrun-through-") as tmp:
             for shard, keys in self.shard_keys.items():
-                for key, path in zip(keys, self._local(keys, Path(tmp) / "in")):
+                for key, path in zip(keys, self._local(keys, Path(tmp) / "in"), strict=True):
                     frame = pl.read_parquet(path)
                     last = frame["event_at"].max() if frame.height else None
                     if last is not None and last >= end:

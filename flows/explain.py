@@ -10,7 +10,8 @@ import polars as pl
 
 from flows.keys import MANIFEST
 from flows.store import open_store
-from transforms.adjustments import KINDS as ADJUSTMENT_KINDS, REF
+from transforms.adjustments import KINDS as ADJUSTMENT_KINDS
+from transforms.adjustments import REF
 from transforms.errors import InputError
 
 _ID = re.compile(r"^(INV|CN|DN)-(\d{4}-\d{2})-\d{6}$")
@@ -79,7 +80,8 @@ def explain_invoice(store_uri: str, invoice_id: str) -> dict:
         if kind in ADJUSTMENT_KINDS and found:
             row = adjustments.get(found.group(1), {})
             entry["adjustment"] = {"adjustment_id": found.group(1), **{
-                k: row[k] for k in ("reason", "amount", "taxable", "unapplied_minor", "source") if row.get(k) is not None}}
+                k: row[k] for k in ("reason", "amount", "taxable", "unapplied_minor", "source")
+                if row.get(k) is not None}}
         explained.append(entry)
     return {"invoice": {k: (str(v) if v is not None and not isinstance(v, (int, str)) else v)
                         for k, v in invoice.items()},

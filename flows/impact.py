@@ -17,18 +17,37 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import (Reference, adjustments_billed_elsewhere, check_reference, fetch_inputs,
-                         private_work_dir, rate_invoices, replay_credits)
+from flows.close import (
+    Reference,
+    adjustments_billed_elsewhere,
+    check_reference,
+    fetch_inputs,
+    private_work_dir,
+    rate_invoices,
+    replay_credits,
+)
 from flows.engine import PeriodUsage, period_usage
 from flows.gitplans import catalog_at, revision
+from flows.keys import manifest_key
 from flows.report import closed_periods, fetch_costs
 from flows.store import open_store
-from flows.keys import manifest_key
 from transforms.errors import BillrunError, InputError
-from transforms.impact import (SHOCK_AMOUNT_DEFAULT, SHOCK_PCT_DEFAULT, TOP_DEFAULT, PeriodRerates, attach_changes,
-                               breakage_and_margin, catalog_changes, currency_totals,
-                               customer_changes, impact_markdown, migration_notices, period_totals, plan_changes,
-                               thresholds)
+from transforms.impact import (
+    SHOCK_AMOUNT_DEFAULT,
+    SHOCK_PCT_DEFAULT,
+    TOP_DEFAULT,
+    PeriodRerates,
+    attach_changes,
+    breakage_and_margin,
+    catalog_changes,
+    currency_totals,
+    customer_changes,
+    impact_markdown,
+    migration_notices,
+    period_totals,
+    plan_changes,
+    thresholds,
+)
 from transforms.invoices import invoices_table, lines_table
 from transforms.margins import Costs, margins_table, segment_plans
 from transforms.money import decimal_text

@@ -337,7 +337,8 @@ class Fence:
         ours and the commit point absent; checks again when the last one is older."""
         with self._mutex:
             now = (_elapsed_clock(), time.time())
-            if not force and self._checked and all(0 <= n - c < FENCE_SECONDS for n, c in zip(now, self._checked)):
+            if not force and self._checked and all(0 <= n - c < FENCE_SECONDS
+                                                   for n, c in zip(now, self._checked, strict=True)):
                 return
             self._checked = None
             self._check_locks_and_commit()

@@ -45,17 +45,40 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.close import (IO_RETRIES, MANIFEST, PARQUET, RULES_KEY, SELLER_KEY, Inputs, InputObject, _one_of, _quietly,
-                         _sha256, adjustments_billed_elsewhere, check_reference, work_dir_for)
-from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_adjustments_key, is_purchases_key, is_usage_key
 from flows.billed_index import committed_index
+from flows.close import (
+    IO_RETRIES,
+    MANIFEST,
+    PARQUET,
+    RULES_KEY,
+    SELLER_KEY,
+    InputObject,
+    Inputs,
+    _one_of,
+    _quietly,
+    _sha256,
+    adjustments_billed_elsewhere,
+    check_reference,
+    work_dir_for,
+)
 from flows.engine import period_usage
+from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_adjustments_key, is_purchases_key, is_usage_key
 from flows.locks import Fence, Hold, period_lock, warn
 from flows.secrets import keep_secrets_out_of_logs, webhook_url
 from flows.store import StoreError, open_store
 from transforms.alerts import Alert, alerts_table, credit_alerts, price_change_notices
-from transforms.credits import (balances_table, checkpoint_bytes, checkpoint_from, credit_events_since, credit_meters,
-                                grants_from_balances, history_grants, opening_grants, resume_days, wallets_resumed)
+from transforms.credits import (
+    balances_table,
+    checkpoint_bytes,
+    checkpoint_from,
+    credit_events_since,
+    credit_meters,
+    grants_from_balances,
+    history_grants,
+    opening_grants,
+    resume_days,
+    wallets_resumed,
+)
 from transforms.engine import rated_invoices
 from transforms.errors import BillrunError, InputError
 from transforms.guards import night_of_closed_period
@@ -548,13 +571,14 @@ def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Peri
     outcome, wallets = wallets_resumed(grants, subs, catalog, events, period, checkpoint, since)
     # rated as the close rates its period: the draft is the invoice the close would issue now
     invoices = rated_invoices(period, usage.usage_by_dims, usage.per_event_usage, outcome, reference)
-    spend = {i.subscription_id: sum(l.amount_minor for l in i.lines if l.kind in ("usage", "overage"))
+    spend = {i.subscription_id: sum(line.amount_minor for line in i.lines if line.kind in ("usage", "overage"))
              for i in invoices}
     known = {} if known_spend is None else {(s, d): v for s, d, v in pl.read_parquet(known_spend).iter_rows()}
     spent, spend_through = spend_alerts_resumed(period, segments, usage.usage_by_day, usage.per_event_usage,
                                                 outcome.billable_by_day, credit_meters(segments), spend, known,
                                                 usage.changed_from if known_spend is not None else None)
-    alerts = price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period) + spent
+    alerts = (price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period)
+              + spent)
     spend_frame = pl.DataFrame([(s, d, v) for (s, d), v in sorted(spend_through.items())], schema=SPEND_COLUMNS,
                                orient="row")
     return NightResult(invoices, balances_table(outcome, period), alerts, balances_from, spend_frame,
@@ -575,7 +599,7 @@ def customers_over(invoices: list, segments: list, fraction: str = "0.8") -> lis
         budget = seg.subscription.budget or (controls.budget if controls else None)
         if budget is None or not budgets:
             continue
-        spend = sum(l.amount_minor for l in inv.lines if l.kind in ("usage", "overage"))
+        spend = sum(line.amount_minor for line in inv.lines if line.kind in ("usage", "overage"))
         if spend >= to_minor(budget * Decimal(fraction), inv.currency):
             out.append({"customer_id": inv.customer_id, "subscription_id": inv.subscription_id,
                         "spend_minor": spend, "budget_minor": to_minor(budget, inv.currency),

@@ -29,14 +29,20 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.retries import IO_RETRIES
 from flows.store import open_store
-from transforms.errors import BillrunError, InputError
-from transforms.margins import (COSTS_KEY, NO_COSTS, Costs, costs_from, margin_pct, margins_table,
-                                segment_plans_from_lines)
+from transforms.errors import InputError
+from transforms.margins import (
+    COSTS_KEY,
+    NO_COSTS,
+    Costs,
+    costs_from,
+    margin_pct,
+    margins_table,
+    segment_plans_from_lines,
+)
 from transforms.money import format_money, from_minor
 from transforms.periods import Period
 from transforms.render import visible_bidi
-from transforms.simulate import (NO_METER, breakage_by_period, customer_plans, margin_by_meter,
-                                 revenue_by_plan_stream)
+from transforms.simulate import NO_METER, breakage_by_period, customer_plans, margin_by_meter, revenue_by_plan_stream
 
 _MANIFEST = re.compile(r"^billing/period=(\d{4}-\d{2})/manifest\.json$")
 _CORRECTION_MANIFEST = re.compile(r"^billing/corrections/run=([^/]+)/manifest\.json$")
@@ -178,7 +184,7 @@ def stacked_bars(title: str, caption: str, categories: list[str], stacks: dict[s
         if any(values):
             ax.bar(categories, values, bottom=bottoms, label=name.replace("_", " "), color=colors.get(name, "#9aa3b2"),
                    width=0.6)
-            bottoms = [b + v for b, v in zip(bottoms, values)]
+            bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
     for x, total in enumerate(bottoms):
         if total:
             ax.annotate(_label(total, currency), (x, total), ha="center", va="bottom", fontsize=7, color="#1d2330")
@@ -198,7 +204,7 @@ def grouped_bars(title: str, caption: str, categories: list[str], series: dict[s
     for i, (name, values) in enumerate(series.items()):
         xs = [p - 0.4 + width * (i + 0.5) for p in positions]
         ax.bar(xs, [v or 0 for v in values], width=width * 0.95, label=name, color=colors.get(name, "#9aa3b2"))
-        for x, v in zip(xs, values):
+        for x, v in zip(xs, values, strict=True):
             if v is None and not none_is:
                 continue
             text = none_is if v is None else _label(v, currency)

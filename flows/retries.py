@@ -4,7 +4,8 @@ from __future__ import annotations
 import errno
 
 import duckdb
-from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from transforms.errors import BillrunError
 

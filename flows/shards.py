@@ -19,8 +19,8 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Iterator
 from pathlib import Path
+from typing import Iterator
 
 import duckdb
 import polars as pl

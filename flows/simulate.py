@@ -29,14 +29,34 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import (Inputs, Reference, check_reference, fetch_inputs, plan_entries_for,
-                         private_work_dir, rate_invoices, replay_credits)
+from flows.close import (
+    Inputs,
+    Reference,
+    check_reference,
+    fetch_inputs,
+    plan_entries_for,
+    private_work_dir,
+    rate_invoices,
+    replay_credits,
+)
 from flows.engine import period_usage
 from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, read_table
 from flows.locks import period_lock
-from flows.report import (IO_RETRIES, NO_COSTS_NOTE, Chart, ClosedPeriod, breakage_charts, changes_chart,
-                          closed_periods, fetch_costs, load_closed_period, load_revenue_history, margin_charts,
-                          revenue_charts, simulation_html)
+from flows.report import (
+    IO_RETRIES,
+    NO_COSTS_NOTE,
+    Chart,
+    ClosedPeriod,
+    breakage_charts,
+    changes_chart,
+    closed_periods,
+    fetch_costs,
+    load_closed_period,
+    load_revenue_history,
+    margin_charts,
+    revenue_charts,
+    simulation_html,
+)
 from flows.store import open_store
 from transforms.credits import Outcome
 from transforms.errors import InputError
@@ -48,10 +68,27 @@ from transforms.plans import Catalog, load_catalog
 from transforms.reference import checked_customers, segments_in
 from transforms.revenue import proportional_rates, revenue_rows
 from transforms.settle import Settlement
-from transforms.simulate import (SHOCK_DEFAULT, Move, Outcomes, PlanRef, breakage_by_period, change_bins, compare,
-                                 customer_plans, drifted_customers, margin_by_meter, migration, moved_subscriptions,
-                                 newly_quarantined, plan_moves, plan_ref, revenue_by_plan_stream, summarize,
-                                 closed_period_problem, notice_problem)
+from transforms.simulate import (
+    SHOCK_DEFAULT,
+    Move,
+    Outcomes,
+    PlanRef,
+    breakage_by_period,
+    change_bins,
+    closed_period_problem,
+    compare,
+    customer_plans,
+    drifted_customers,
+    margin_by_meter,
+    migration,
+    moved_subscriptions,
+    newly_quarantined,
+    notice_problem,
+    plan_moves,
+    plan_ref,
+    revenue_by_plan_stream,
+    summarize,
+)
 
 PARQUET = {"compression": "zstd", "statistics": True}
 

@@ -8,10 +8,16 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from flows.ingest import (
+    CUSTOMERS_KEYS,
+    SUBSCRIPTIONS_KEYS,
+    is_adjustments_key,
+    is_purchases_key,
+    is_usage_key,
+    normalized_object,
+)
 from flows.keys import MANIFEST, SELLER_KEY
-from flows.ingest import (CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_adjustments_key, is_purchases_key, is_usage_key,
-                          normalized_object)
-from flows.locks import lock_key, lock_state
+from flows.locks import lock_state
 from flows.store import ObjectInfo, Store, open_store
 from flows.tables import tables_lag
 from transforms.periods import Period
@@ -88,7 +94,8 @@ def drift(basis: dict, prints: _Fingerprints, catalog: Catalog | None, period: P
                        if prints.differs(recorded[k]) and prints.reaches(k, period))
     for what, keys in (("new", new), ("rewritten", rewritten), ("deleted", gone)):
         if keys:
-            changes.append(f"{len(keys)} input object(s) {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+            changes.append(f"{len(keys)} input object(s) {what} "
+                           f"({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
     if catalog is None:
         return changes
     used = {e["plan"] for e in basis.get("plans", [])}

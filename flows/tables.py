@@ -31,10 +31,9 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
-
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flows.keys import CONFIG_KEY
 from flows.locks import fault_point

@@ -68,7 +68,8 @@ def billed_by_customer(store: str) -> dict[tuple[str, str], int]:
     for info in s.list("billing/"):
         key = info.key
         if key.startswith("billing/period=") and key.endswith("/manifest.json"):
-            lines = parquet(store, key.replace("manifest.json", "invoice_lines.parquet")).filter(pl.col("kind") == "usage")
+            lines = (parquet(store, key.replace("manifest.json", "invoice_lines.parquet"))
+                     .filter(pl.col("kind") == "usage"))
             period = key.split("=", 1)[1].split("/", 1)[0]
             for customer, quantity in lines.select("customer_id", "quantity").iter_rows():
                 out[(period, customer)] = out.get((period, customer), 0) + int(Decimal(quantity))

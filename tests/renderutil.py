@@ -11,8 +11,15 @@ from datetime import date, datetime, timezone
 from decimal import Decimal
 
 from transforms.corrections import Issued, correction_documents
-from transforms.credits import (CreditEvent, CreditSummary, Outcome, credit_lines, credit_meters, credit_summaries,
-                                wallet_history)
+from transforms.credits import (
+    CreditEvent,
+    CreditSummary,
+    Outcome,
+    credit_lines,
+    credit_meters,
+    credit_summaries,
+    wallet_history,
+)
 from transforms.invoices import Invoice, SegmentUsage, apply_credits, period_invoices
 from transforms.periods import Period
 from transforms.plans import Catalog, parse_plan

@@ -15,14 +15,23 @@ from types import SimpleNamespace
 
 import polars as pl
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from closeutil import close, table
 from flows.backfill import backfill
 from flows.status import store_status
 from flows.store import open_store
-from transforms.adjustments import (Adjustment, adjustment_counts, adjustment_rows, billed_by_periods, billed_table,
-                                    checked_rows, period_adjustments, with_adjustments)
+from transforms.adjustments import (
+    Adjustment,
+    adjustment_counts,
+    adjustment_rows,
+    billed_by_periods,
+    billed_table,
+    checked_rows,
+    period_adjustments,
+    with_adjustments,
+)
 from transforms.credits import Outcome
 from transforms.invoices import Invoice, Line
 from transforms.periods import Period
@@ -44,7 +53,8 @@ PLANS = {
                    """charges:\n  - {name: API calls, meter: calls, price: {model: standard, unit_price: "0.01"}}\n""",
     "svcus-v1.yaml": """plan: svcus\nversion: 1\neffective_from: 2026-01-01\ncurrency: USD\n"""
                      """fixed_fees:\n  - {name: Platform fee, amount: "100.00"}\n"""
-                     """charges:\n  - {name: API calls, meter: calls, price: {model: standard, unit_price: "0.01"}}\n""",
+                     """charges:\n  - {name: API calls, meter: calls, """
+                     """price: {model: standard, unit_price: "0.01"}}\n""",
 }
 CUSTOMERS = """\
 customer_id,name,email,address,tax_id,country,region
@@ -126,13 +136,13 @@ def test_a_close_bills_adjustments_on_the_right_invoice_with_tax(closed, sub, su
 @pytest.mark.slow
 def test_adjustment_lines_have_their_kinds_descriptions_and_tax(closed):
     store, _, _, invoices = closed
-    nl = [l for l in _lines(store, invoices["s_nl"]["invoice_id"]) if l["kind"].startswith("adjustment_")]
-    assert [(l["kind"], l["description"], l["amount_minor"], l["tax_rate"]) for l in nl] == [
+    nl = [line for line in _lines(store, invoices["s_nl"]["invoice_id"]) if line["kind"].startswith("adjustment_")]
+    assert [(line["kind"], line["description"], line["amount_minor"], line["tax_rate"]) for line in nl] == [
         ("adjustment_charge", "Onboarding fee (ref A1)", 25000, "21"),
         ("adjustment_credit", "Goodwill credit for the outage (ref A2)", -5000, "21")]
-    [us] = [l for l in _lines(store, invoices["s_us_ca"]["invoice_id"]) if l["kind"] == "adjustment_charge"]
+    [us] = [line for line in _lines(store, invoices["s_us_ca"]["invoice_id"]) if line["kind"] == "adjustment_charge"]
     assert us["tax_rate"] is None  # taxable: false
-    [sw] = [l for l in _lines(store, invoices["s_sw_b"]["invoice_id"]) if l["kind"] == "adjustment_credit"]
+    [sw] = [line for line in _lines(store, invoices["s_sw_b"]["invoice_id"]) if line["kind"] == "adjustment_credit"]
     assert sw["amount_minor"] == -5161 and "not applied" in sw["details"]
 
 
@@ -165,10 +175,12 @@ def test_every_adjustment_row_is_billed_or_quarantined_with_a_reason(closed):
 def test_revenue_books_charges_and_goodwill_credits_and_the_journal_balances(closed):
     store, _, _, _ = closed
     revenue = table(store, PERIOD, "revenue.parquet")
-    nl = {r["stream"]: r["recognized_minor"] for r in revenue.filter(pl.col("customer_id") == "nl").iter_rows(named=True)}
+    nl = {r["stream"]: r["recognized_minor"]
+          for r in revenue.filter(pl.col("customer_id") == "nl").iter_rows(named=True)}
     assert nl == {"usage": 0, "fixed_fee": 10000, "one_off": 25000, "goodwill_credit": -5000}
     j = table(store, PERIOD, "journal.parquet")
-    assert j.filter((pl.col("account") == "contra_revenue") & (pl.col("customer_id") == "nl"))["debit_minor"].sum() == 5000
+    contra = j.filter((pl.col("account") == "contra_revenue") & (pl.col("customer_id") == "nl"))
+    assert contra["debit_minor"].sum() == 5000
     for _, group in j.group_by("currency"):
         assert group["debit_minor"].sum() == group["credit_minor"].sum()
 
@@ -187,7 +199,7 @@ def test_explain_shows_the_adjustment_behind_a_line(closed):
     from flows.explain import explain_invoice
     store, _, _, invoices = closed
     report = explain_invoice(store, invoices["s_sw_b"]["invoice_id"])
-    [line] = [l for l in report["lines"] if l["kind"] == "adjustment_credit"]
+    [line] = [entry for entry in report["lines"] if entry["kind"] == "adjustment_credit"]
     assert line["description"] == "Migration credit (ref A4)"
     assert line["adjustment"] == {"adjustment_id": "A4", "reason": "sales promise", "amount": "-1000.00",
                                   "taxable": True, "unapplied_minor": 94839, "source": "adjustments/2026-10.csv#row=4"}
@@ -198,6 +210,7 @@ def test_explain_shows_the_adjustment_behind_a_line(closed):
 @pytest.mark.slow
 def test_the_command_line_counts_adjustments_and_explains_them(closed):
     from typer.testing import CliRunner
+
     from flows.cli import app
     store, plans, _, invoices = closed
     closed_again = CliRunner().invoke(app, ["close", "--period", PERIOD, "--store", store, "--plans", plans])
@@ -227,8 +240,9 @@ def test_a_late_adjustment_is_issued_once_by_backfill(closed):
     assert (docs["s_nl"]["kind"], docs["s_nl"]["total_minor"], docs["s_nl"]["corrects_invoice_id"]) == (
         "debit_note", 2420, invoices["s_nl"]["invoice_id"])
     assert (docs["s_us_ca"]["kind"], docs["s_us_ca"]["total_minor"]) == ("credit_note", -1073)
-    lines = pl.read_parquet(io.BytesIO(s.read_bytes(f"billing/corrections/run={first['run_id']}/invoice_lines.parquet")))
-    adjusted = sorted(l for l in lines["adjusts_description"].to_list() if l)
+    lines = pl.read_parquet(io.BytesIO(
+        s.read_bytes(f"billing/corrections/run={first['run_id']}/invoice_lines.parquet")))
+    adjusted = sorted(line for line in lines["adjusts_description"].to_list() if line)
     assert adjusted == ["Extra training day (ref L1)", "Late delivery credit (ref L2)"]  # never A1..A4 again
     folder = f"billing/corrections/run={first['run_id']}/"
     note = s.read_bytes(f"{folder}documents/{docs['s_nl']['invoice_id']}.html").decode()

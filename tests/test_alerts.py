@@ -20,7 +20,8 @@ def catalog(migrate_on: str = "2026-12-01", notice: str = "notice_days: 30\n", v
     def version(n, start, price, extra=""):
         return parse_plan(f"plan: api\nversion: {n}\neffective_from: {start}\ncurrency: USD\n{extra}"
                           f'fixed_fees: [{{name: Fee, amount: "20.00"}}]\n'
-                          f'charges: [{{meter: tokens, price: {{model: standard, unit_price: "{price}", per: 1000}}}}]\n',
+                          f'charges: [{{meter: tokens, '
+                          f'price: {{model: standard, unit_price: "{price}", per: 1000}}}}]\n',
                           f"api-v{n}.yaml")
     return Catalog.from_files([version(1, "2026-01-01", v1_price),
                                version(2, v2_from, v2_price, f"migrate_existing_on: {migrate_on}\n{notice}")])

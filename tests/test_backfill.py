@@ -383,7 +383,7 @@ def test_explain_an_invoice_shows_steps_plan_and_usage(story):
     (tok,) = [p for p in manifest["plans"] if p["plan"] == "tok"]
     assert (tok["file"], tok["sha256"]) == (
         "tok-v1.yaml", hashlib.sha256((GOLDEN / "plans" / "tok-v1.yaml").read_bytes()).hexdigest())
-    assert [(l["kind"], l["amount_minor"]) for l in report["lines"]] == [
+    assert [(line["kind"], line["amount_minor"]) for line in report["lines"]] == [
         ("fixed_fee", 2000), ("usage", 375), ("usage", 100), ("usage", 30), ("overage", 1500)]
     for line in report["lines"]:
         assert line["plan"] == {"plan": "tok", "version": 1, "file": "tok-v1.yaml", "sha256": tok["sha256"]}
@@ -407,8 +407,8 @@ def test_explain_a_credit_note_shows_its_reason_and_run(story):
     invoice = report["invoice"]
     assert (invoice["kind"], invoice["corrects_invoice_id"], invoice["issued_on"], invoice["total_minor"]) == (
         "credit_note", "INV-2026-10-000001", AS_OF, -95)
-    assert [(l["adjusts_kind"], l["old_amount_minor"], l["new_amount_minor"], l["amount_minor"])
-            for l in report["lines"]] == [("usage", 375, 300, -75), ("usage", 100, 80, -20)]
+    assert [(line["adjusts_kind"], line["old_amount_minor"], line["new_amount_minor"], line["amount_minor"])
+            for line in report["lines"]] == [("usage", 375, 300, -75), ("usage", 100, 80, -20)]
     assert f"corrects INV-2026-10-000001; reason: {REASON}" in text
     assert f"issued by run {run_id}" in text
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from closeutil import PLANS, copy_tree_to_store
+from closeutil import copy_tree_to_store
 from flows.cli import app
 
 GOLDEN = Path(__file__).parent / "golden"

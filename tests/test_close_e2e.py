@@ -95,7 +95,7 @@ def test_same_inputs_in_another_store_and_file_order_give_the_same_bytes(folder_
     dst = open_store(copy, create=True)
     keys = [o.key for o in src.list("") if not o.key.startswith("billing/")]
     usage = [k for k in keys if k.startswith("usage/")]
-    renamed = dict(zip(usage, random.Random(5).sample(usage, len(usage))))
+    renamed = dict(zip(usage, random.Random(5).sample(usage, len(usage)), strict=True))
     for key in keys:
         target = key
         if key in renamed:  # keep each object's extension, move it to another object's folder

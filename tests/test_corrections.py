@@ -57,8 +57,8 @@ def corrections(issued: list[Invoice], rerated: list[Invoice], next_number=FIRST
 
 
 def adjustments(doc: Invoice) -> list[tuple]:
-    return [(l.adjusts_kind, l.adjusts_description, l.old_quantity, l.new_quantity, l.old_amount_minor,
-              l.new_amount_minor, l.quantity, l.amount_minor) for l in doc.lines]
+    return [(line.adjusts_kind, line.adjusts_description, line.old_quantity, line.new_quantity, line.old_amount_minor,
+              line.new_amount_minor, line.quantity, line.amount_minor) for line in doc.lines]
 
 
 def test_issued_lines_nets_an_invoice_and_its_corrections_per_line():
@@ -90,7 +90,7 @@ def test_price_cut_2_50_to_2_00_credits_sub_1_only():
     assert adjustments(doc) == [
         ("usage", EU, Decimal(1500000), Decimal(1500000), 375, 300, Decimal(0), -75),
         ("usage", US, Decimal(400000), Decimal(400000), 100, 80, Decimal(0), -20)]
-    assert all(l.kind == "adjustment" for l in doc.lines)
+    assert all(line.kind == "adjustment" for line in doc.lines)
     assert doc.lines[0].description == f"{EU}: 1,500,000 units -> 1,500,000 units, $3.75 -> $3.00"
 
 

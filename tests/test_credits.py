@@ -28,10 +28,18 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from closeutil import close, table
-from creditutil import (at, catalog, drawn_by_event, event, iso, moves, plan, purchase, subscription,
-                        write_store)
-from transforms.credits import (Entry, Outcome, credit_lines, in_period, ledger_table, plan_grants,
-                                purchase_grants, replay, wallet_history)
+from creditutil import at, catalog, drawn_by_event, event, iso, moves, plan, purchase, subscription, write_store
+from transforms.credits import (
+    Entry,
+    Outcome,
+    credit_lines,
+    in_period,
+    ledger_table,
+    plan_grants,
+    purchase_grants,
+    replay,
+    wallet_history,
+)
 from transforms.invoices import period_invoices
 from transforms.money import to_minor
 from transforms.periods import Period
@@ -315,7 +323,7 @@ def test_per_dimension_rates_gpt4o_10x3_plus_mini_10x1_default_is_40_of_100():
     assert outcome.entries[-1].balance_after == 60
 
 
-def test_money_wallet_draws_the_rated_amount_1234567_tokens_is_3_0864175_25_images_1_00_then_20m_leaves_1634567_billed():
+def test_money_wallet_draws_rated_amount_1234567_tokens_is_3_0864175_25_images_1_00_then_20m_leaves_1634567_billed():
     # 50.00 of prepaid balance; 1,234,567 tokens x 2.50 / 1M = 3.0864175 drawn exactly (no
     # rounding inside the wallet); 25 images x 0.04 (per 1) = 1.00; 45.9135825 left. 20M tokens
     # = 50.00: 45.9135825 covered, 4.0864175 uncovered = 20M x 4.0864175 / 50 = 1,634,567 tokens
@@ -586,7 +594,8 @@ def _revenue_rolls_forward(customers):
     recognized = defaultdict(int)
     for period in PERIODS:
         outcome = replayed(subs, purchases, events, period)
-        rows = revenue_rows(period, [], outcome, proportional_rates(outcome, plan_of))  # raises if it does not reconcile
+        # revenue_rows raises if it does not reconcile
+        rows = revenue_rows(period, [], outcome, proportional_rates(outcome, plan_of))
         for r in rows.iter_rows(named=True):
             key = (r["customer_id"], r["stream"], r["currency"])
             assert r["opening_deferred_minor"] == closing.get(key, 0)
@@ -774,8 +783,10 @@ STORIES = [
                               ("sub-sketch/2026-11/g1", "consume", "-100", "0"))},
           revenue={"2026-10": {"fixed_fee": (0, 500, 500, 0, 0), "usage": (0, 200, 200, 0, 0)},   # free credits:
                    "2026-11": {"fixed_fee": (0, 500, 500, 0, 0), "usage": (0, 150, 150, 0, 0)}},  # no credits row
-          alerts={"2026-10": (("credits_exhausted", "0", "30", "2026-10-25"), ("credits_low", "10", "0", "2026-10-03")),
-                  "2026-11": (("credits_exhausted", "0", "15", "2026-11-10"), ("credits_low", "10", "0", "2026-11-10"))}),
+          alerts={"2026-10": (("credits_exhausted", "0", "30", "2026-10-25"),
+                              ("credits_low", "10", "0", "2026-10-03")),
+                  "2026-11": (("credits_exhausted", "0", "15", "2026-11-10"),
+                              ("credits_low", "10", "0", "2026-11-10"))}),
     Story("prorated", "allocated 10.00 prorated: Oct 15-31 17/31 = 5.48, Nov 1-16 16/30 = 5.33, unused: "
                       "credits billed and broken 5.48 then 5.33",
           lines={"2026-10": (("fixed_fee", "17", 548), ("usage", "0", 0)),
@@ -870,7 +881,7 @@ def test_journal_balances_and_follows_the_revenue_rows(closed, period):
     credits = revenue.filter(pl.col("stream") == "credits")
     for r in credits.iter_rows(named=True):
         rows = entries.filter((pl.col("customer_id") == r["customer_id"]) & (pl.col("stream") == "credits"))
-        net = lambda account: (rows.filter(pl.col("account") == account)["credit_minor"].sum()  # noqa: E731
+        net = lambda account, rows=rows: (rows.filter(pl.col("account") == account)["credit_minor"].sum()  # noqa: E731
                                - rows.filter(pl.col("account") == account)["debit_minor"].sum())
         assert net("deferred_revenue") == r["closing_deferred_minor"] - r["opening_deferred_minor"]
         assert net("revenue") == r["recognized_minor"]
@@ -904,7 +915,8 @@ def test_credits_billed_are_the_top_up_purchase_and_allocated_amounts(closed):
         lines = closed[period]["invoice_lines"]
         revenue = closed[period]["revenue"]
         for customer in ("mj-250", "mj-191", "pack"):
-            bought = _of(lines, customer).filter(pl.col("kind").is_in(["top_up", "credit_purchase"]))["amount_minor"].sum()
+            bought = (_of(lines, customer).filter(pl.col("kind").is_in(["top_up", "credit_purchase"]))
+                      ["amount_minor"].sum())
             allocated = 1000 if customer.startswith("mj") else 0
             credits = _of(revenue, customer).filter(pl.col("stream") == "credits")["billed_minor"].sum()
             assert credits == bought + allocated, (period, customer)

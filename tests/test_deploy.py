@@ -174,7 +174,8 @@ def test_deploy_all_registers_the_deployments_with_pull_step_schedule_and_limits
 
 def test_worker_runs_a_close_triggered_from_the_cli_and_late_scheduled_monthly_close_and_nightly(
         deployed: Deployed, tmp_path: Path) -> None:
-    close_store, monthly_store, nightly_store = tmp_path / "close-store", tmp_path / "monthly-store", tmp_path / "nightly-store"
+    close_store, monthly_store, nightly_store = (tmp_path / "close-store", tmp_path / "monthly-store",
+                                                 tmp_path / "nightly-store")
     for store in (close_store, monthly_store, nightly_store):
         shutil.copytree(GOLDEN / "store", store)
     plans = str(GOLDEN / "plans")

@@ -92,7 +92,8 @@ def parsed_usage(cell: str) -> list[tuple[str, dict, Decimal, date]]:
         dims = {k.strip(): v.strip() for k, v in dims.items()}
         for term in match["events"].split("+"):
             quantity, _, day = term.partition("@")
-            out.append((match["meter"], dims, number(quantity), date.fromisoformat(day.strip()) if day else date(2026, 10, 2)))
+            out.append((match["meter"], dims, number(quantity),
+                        date.fromisoformat(day.strip()) if day else date(2026, 10, 2)))
     return out
 
 
@@ -170,8 +171,8 @@ def test_the_worked_examples_reader_reads_what_the_page_says():
 # -- docs/outputs.md ----------------------------------------------------------------------------
 
 OUTPUTS_MD = DOCS / "outputs.md"
-GENERATED = re.compile(r"(<!-- generated from transforms/schema/outputs.yaml[^>]*-->\n)(.*?)(<!-- end of generated tables -->)",
-                       re.S)
+GENERATED = re.compile(r"(<!-- generated from transforms/schema/outputs.yaml[^>]*-->\n)"
+                       r"(.*?)(<!-- end of generated tables -->)", re.S)
 
 
 def test_the_data_dictionary_is_the_one_the_schema_file_generates():

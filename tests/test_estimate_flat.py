@@ -111,7 +111,8 @@ def test_segment_columns_rate_as_per_event_rows(events):
 
 
 def _lines(segment, usage):
-    return [(l.description, l.amount_minor, l.amount, l.steps) for l in charge_lines(segment, usage, "", {})]
+    return [(line.description, line.amount_minor, line.amount, line.steps)
+            for line in charge_lines(segment, usage, "", {})]
 
 
 def _usage_of(events):

@@ -289,14 +289,15 @@ def test_help_shows_placeholders_and_defaults():
 
 @pytest.mark.slow
 def test_a_month_not_ended_closes_when_forced_and_the_flow_refuses_it_on_its_own(prefect_server, store, monkeypatch):
-    from flows.close import close_period
     from flows import schedules
+    from flows.close import close_period
 
     mid_october = datetime(2026, 10, 20, 12, 0, tzinfo=timezone.utc)
     with pytest.raises(InputError, match="2026-10 has not ended yet"):
         close_period(store=store, plans=PLANS, period="2026-10", now=mid_october)
     monkeypatch.setattr(schedules, "_scheduled_start", lambda: mid_october)
-    with pytest.raises(InputError, match="2026-10 has not ended yet"):  # the monthly deployment closes ended months only
+    # the monthly deployment closes ended months only
+    with pytest.raises(InputError, match="2026-10 has not ended yet"):
         schedules.monthly_close(store=store, plans=PLANS, period="2026-10")
     assert published(store, "2026-10") == []
     monkeypatch.setattr(cli, "_now", lambda: mid_october)

@@ -12,8 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from transforms.errors import InputError
-from transforms.invoices import (INVOICE_SCHEMA, LINE_SCHEMA, SegmentUsage, invoices_table, lines_table,
-                                 period_invoices)
+from transforms.invoices import INVOICE_SCHEMA, LINE_SCHEMA, SegmentUsage, invoices_table, lines_table, period_invoices
 from transforms.money import to_minor
 from transforms.periods import Period
 from transforms.plans import PlanFile, parse_plan
@@ -199,7 +198,7 @@ def test_filter_and_group_by_one_line_per_group_sorted_none_last():
                  ("other", {"model": "gpt-4o", "region": "eu"}, "100", 1))        # another meter
     invoice = one_invoice([segment(pf)], used)
     # eu: 2 + 5 = 7 x 1.00 = 7.00; us: 3 x 1.00 = 3.00; (none): 1 x 1.00 = 1.00
-    assert [(l.description, l.quantity, l.amount_minor, l.group) for l in invoice.lines] == [
+    assert [(line.description, line.quantity, line.amount_minor, line.group) for line in invoice.lines] == [
         ("GPT output (region: eu)", D(7), 700, {"region": "eu"}),
         ("GPT output (region: us)", D(3), 300, {"region": "us"}),
         ("GPT output (region: (none))", D(1), 100, {"region": None})]
@@ -211,16 +210,17 @@ def test_group_by_two_dimensions_sorts_by_both():
     pf = plan(charges('{name: T, meter: tokens, group_by: [model, region], price: {model: standard, unit_price: "1"}}'))
     used = usage(("tokens", {"model": "b", "region": "eu"}, "1", 1), ("tokens", {"model": "a", "region": "us"}, "2", 1),
                  ("tokens", {"model": "a", "region": "eu"}, "3", 1), ("tokens", {"region": "eu"}, "4", 1))
-    assert [l.description for l in one_invoice([segment(pf)], used).lines] == [
+    assert [line.description for line in one_invoice([segment(pf)], used).lines] == [
         "T (model: a, region: eu)", "T (model: a, region: us)", "T (model: b, region: eu)",
         "T (model: (none), region: eu)"]
 
 
 def test_unused_charge_without_group_by_shows_a_zero_line_with_group_by_none():
-    pf = plan(charges('{name: API calls, meter: calls, price: {model: package, package_size: 100, package_price: "5.00"}}',
+    pf = plan(charges('{name: API calls, meter: calls, '
+                      'price: {model: package, package_size: 100, package_price: "5.00"}}',
                       GPT))
     invoice = one_invoice([segment(pf)])
-    assert [(l.kind, l.description, l.quantity, l.amount_minor) for l in invoice.lines] == [
+    assert [(line.kind, line.description, line.quantity, line.amount_minor) for line in invoice.lines] == [
         ("usage", "API calls", D(0), 0)]
     assert invoice.total_minor == 0
 
@@ -321,7 +321,7 @@ def test_migration_mid_period_prorates_each_version_and_labels_its_lines():
     segs = [segment(v1, "2026-11-01", "2026-11-20", NOV, sub, 1), segment(v2, "2026-11-20", "2026-12-01", NOV, sub, 2)]
     invoice = one_invoice(segs, period=NOV)
     # 20.00 x 19/30 = 12.666... -> 12.67; 30.00 x 11/30 = 11.00; 12.67 + 11.00 = 23.67
-    assert [(l.description, l.amount_minor, l.plan_version, l.segment_no) for l in invoice.lines] == [
+    assert [(line.description, line.amount_minor, line.plan_version, line.segment_no) for line in invoice.lines] == [
         ("Platform fee, 19 of 30 days [Nov 1-19, p v1]", 1267, 1, 1),
         ("Platform fee, 11 of 30 days [Nov 20-30, p v2]", 1100, 2, 2)]
     assert invoice.total_minor == 2367
@@ -409,7 +409,8 @@ PROPERTY_PLAN = (fee("20.00") + charges(
     '[{up_to: 10000, unit_price: "0.30"}, {up_to: null, unit_price: "0.20", flat_fee: "1.00"}]}}',
     '{meter: calls, filter: {tier: gold}, price: {model: package, package_size: 100, package_price: "5.00"}}',
     '{meter: calls, filter: {tier: free}, included: 1000, price: {model: standard, unit_price: "0.001"}}',
-    '{meter: storage, price: {model: volume, tiers: [{up_to: 100, unit_price: "0.10"}, {up_to: null, unit_price: "0.08"}]}}')
+    '{meter: storage, price: {model: volume, '
+    'tiers: [{up_to: 100, unit_price: "0.10"}, {up_to: null, unit_price: "0.08"}]}}')
     + 'spend_controls: {hard_cap: "400.00"}\ncommitment: {minimum: "50.00"}\n')
 
 quantities = st.decimals(min_value=0, max_value=10**7, places=3, allow_nan=False, allow_infinity=False)
@@ -440,7 +441,8 @@ def test_lines_sum_to_totals_amounts_are_ints_and_rerun_equals_run(rows_a, rows_
         assert all(type(line.amount_minor) is int for line in invoice.lines)
         assert type(invoice.total_minor) is int
         assert invoice.total_minor == sum(line.amount_minor for line in invoice.lines)
-        usage_minor = sum(l.amount_minor for l in invoice.lines if l.kind in ("usage", "overage", "cap_waiver"))
+        usage_minor = sum(line.amount_minor for line in invoice.lines
+                          if line.kind in ("usage", "overage", "cap_waiver"))
         assert usage_minor <= to_minor(D("400.00"), currency, rounding)
     again = period_invoices(OCT, segs, used)
     assert invoices_table(again).equals(invoices_table(invoices))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 from datetime import date
 from decimal import Decimal
-from pathlib import Path
 
 import polars as pl
 import pytest

@@ -9,8 +9,7 @@ from decimal import Decimal
 import duckdb
 import polars as pl
 
-from flows.nightly import (BY_DAY_COLUMNS, EVENT_COLUMNS, ID_COLUMNS, PARQUET, _kept_copies, _moved_by_day,
-                           _moved_events)
+from flows.nightly import BY_DAY_COLUMNS, EVENT_COLUMNS, ID_COLUMNS, PARQUET, _kept_copies, _moved_by_day, _moved_events
 from transforms.queries import statements
 
 SQL = statements("nightly.sql")
@@ -47,7 +46,8 @@ def test_a_matching_hash_is_checked_on_the_event_id_and_only_matching_objects_ar
     con.register("settled", pl.DataFrame({"event_id": ["e-1", "e-2", "e-3"],
                                           "outcome": ["billed", "billed", "duplicate"]}).to_arrow())
     con.register("gone", pl.DataFrame(schema={"event_id": pl.String}).to_arrow())
-    files = {"a": ids_file(tmp_path / "a.parquet", [("e-1", "a", DAY1, id_hash("e-1")), ("x", "a", DAY1, id_hash("x"))]),
+    files = {"a": ids_file(tmp_path / "a.parquet",
+                           [("e-1", "a", DAY1, id_hash("e-1")), ("x", "a", DAY1, id_hash("x"))]),
              "b": ids_file(tmp_path / "b.parquet", [("other", "b", DAY1, id_hash("e-2"))]),
              "c": tmp_path / "c.parquet"}
     pl.DataFrame({"id_hash": [id_hash("e-3")], "source_key": ["c"]},
@@ -79,7 +79,8 @@ def test_the_per_event_table_drops_what_left_and_adds_what_entered():
     at = datetime(2026, 10, 1, 12, tzinfo=timezone.utc)
     state = pl.DataFrame([("c1", "img", "{}", Decimal("1"), "e-1", at), ("c1", "img", "{}", Decimal("2"), "e-2", at)],
                          schema=EVENT_COLUMNS, orient="row")
-    entering = pl.DataFrame([("c1", "img", "{}", Decimal("3"), "e-2", at), ("c0", "img", "{}", Decimal("1"), "e-9", at)],
+    entering = pl.DataFrame([("c1", "img", "{}", Decimal("3"), "e-2", at),
+                             ("c0", "img", "{}", Decimal("1"), "e-9", at)],
                             schema=EVENT_COLUMNS, orient="row")
     moved = _moved_events(state, pl.DataFrame({"event_id": ["e-2"]}), entering)
     assert moved.select("customer_id", "event_id", "quantity").rows() == [

@@ -15,8 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from transforms.schema import (SCHEMA_FILE, arrow_schema, arrow_type, output_tables, polars_schema,
-                               schema_version, type_name)
+from transforms.schema import (
+    SCHEMA_FILE,
+    arrow_schema,
+    arrow_type,
+    output_tables,
+    polars_schema,
+    schema_version,
+    type_name,
+)
 
 
 def path_pattern(path: str) -> re.Pattern:

@@ -68,7 +68,8 @@ MISTAKES = [
     pytest.param(charges('{meter: tokens, price: {model: standard, unit_price: "1"}}',
                          '{meter: tokens, filter: {model: a}, price: {model: standard, unit_price: "2"}}'),
                  "charges[1] and charges[0] could both bill one tokens event", id="overlapping: no filter vs filter"),
-    pytest.param(charges('{meter: calls, included: 100, group_by: [region], price: {model: standard, unit_price: "1"}}'),
+    pytest.param(charges('{meter: calls, included: 100, group_by: [region], '
+                         'price: {model: standard, unit_price: "1"}}'),
                  "charges[0]: included with group_by is ambiguous", id="included with group_by"),
     pytest.param(charges('{meter: api calls, price: {model: standard, unit_price: "1"}}'),
                  "charges[0].meter: 'api calls' is not a plain name", id="meter name with a space"),

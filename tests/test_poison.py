@@ -31,7 +31,7 @@ def row(event_id: str, quantity: str = "1", when: str = WHEN) -> list[str]:
 
 
 def parquet_with(event_id: str, column: pa.Array) -> bytes:
-    base = dict(zip(COLUMNS, ([v] for v in row(event_id))))
+    base = dict(zip(COLUMNS, ([v] for v in row(event_id)), strict=True))
     buffer = io.BytesIO()
     pq.write_table(pa.table({**{k: pa.array(v) for k, v in base.items()}, "model": column}), buffer)
     return buffer.getvalue()

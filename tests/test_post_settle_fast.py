@@ -4,7 +4,7 @@ reads, and the charge groups shared across invoices."""
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from decimal import Decimal as D
 
 import polars as pl
@@ -158,7 +158,8 @@ def test_watched_thresholds_shared_by_plan_and_overrides():
         got = spend._watched([seg])
         assert got == want
         got.pop(0)
-    labels = {seg.subscription.subscription_id: spend._watched([seg])[0][2] for seg in segments_in(PERIOD, subs, catalog)}
+    labels = {seg.subscription.subscription_id: spend._watched([seg])[0][2]
+              for seg in segments_in(PERIOD, subs, catalog)}
     assert labels["s1"] != labels["s2"]
 
 

@@ -11,8 +11,14 @@ import pytest
 from transforms.errors import InputError
 from transforms.periods import Period
 from transforms.plans import Catalog, parse_plan
-from transforms.reference import (Subscription, bound_versions, checked_customers, checked_subscriptions,
-                                  segments_frame, segments_in)
+from transforms.reference import (
+    Subscription,
+    bound_versions,
+    checked_customers,
+    checked_subscriptions,
+    segments_frame,
+    segments_in,
+)
 
 CUSTOMERS_CSV = "customers/customers.csv"
 SUBS_CSV = "subscriptions/subscriptions.csv"
@@ -176,8 +182,8 @@ OVERLAPS = [
     pytest.param([sub_row(subscription_id="s2", start_date="2026-11-01"),
                   sub_row(subscription_id="s1", start_date="2026-10-01", end_date="2026-12-01")],
                  "row 1", "'s2'", "'s1' (row 2)", id="rows out of date order"),
-    pytest.param([sub_row(subscription_id="a", end_date="2026-12-01"), sub_row(subscription_id="b", start_date="2026-11-01",
-                                                                             end_date="2026-11-15")],
+    pytest.param([sub_row(subscription_id="a", end_date="2026-12-01"),
+                  sub_row(subscription_id="b", start_date="2026-11-01", end_date="2026-11-15")],
                  "row 2", "'b'", "'a' (row 1)", id="one inside the other"),
 ]
 

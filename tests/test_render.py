@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from datetime import date, datetime, timezone
+from datetime import date
 from decimal import Decimal as D
 
 import pytest
@@ -77,7 +77,7 @@ def test_a_plan_charge_name_with_markup_is_escaped_in_the_description():
                     'price: {model: standard, unit_price: "1.00"}}\n', "plans/p-v1.yaml")
     sub = Subscription("s1", "c1", "p", None, date(2026, 1, 1), None, None, None, 1)
     [inv] = period_invoices(OCT, [Segment(sub, 1, pf, OCT.start_at, OCT.end_at, OCT)], {})
-    assert [l.description for l in inv.lines] == ["<b>Seat</b>", "<b>Bold</b> calls"]
+    assert [line.description for line in inv.lines] == ["<b>Seat</b>", "<b>Bold</b> calls"]
     out = html(inv)
     assert "<b>" not in out
     assert "&lt;b&gt;Seat&lt;/b&gt;" in out and "&lt;b&gt;Bold&lt;/b&gt; calls" in out
@@ -220,7 +220,7 @@ def _text(fragment: str) -> str:
 
 def test_lines_are_grouped_by_subscription_plan_then_invoice_level_sections():
     groups = line_groups(SAMPLE)
-    assert [(g["title"], g["subtitle"], [l["no"] for l in g["lines"]]) for g in groups] == [
+    assert [(g["title"], g["subtitle"], [line["no"] for line in g["lines"]]) for g in groups] == [
         ("Subscription sub_1", "Plan pro v2", [1, 2, 3, 4, 5, 6]),
         ("Spend controls and commitments", "", [7]),
         ("Credits bought", "", [8]),
@@ -234,12 +234,12 @@ def test_lines_are_grouped_by_subscription_plan_then_invoice_level_sections():
 
 def test_a_plan_change_mid_period_gives_one_group_per_plan_version():
     two = replace(SAMPLE, lines=SAMPLE.lines[:2] + (replace(SAMPLE.lines[1], segment_no=2, plan_version=3),))
-    assert [(g["subtitle"], [l["no"] for l in g["lines"]]) for g in line_groups(two)] == [
+    assert [(g["subtitle"], [line["no"] for line in g["lines"]]) for g in line_groups(two)] == [
         ("Plan pro v2", [1, 2]), ("Plan pro v3", [3])]
 
 
 def test_usage_lines_show_dimensions_allowance_and_each_tier():
-    details = {l["description"]: l["details"] for g in line_groups(SAMPLE) for l in g["lines"]}
+    details = {line["description"]: line["details"] for g in line_groups(SAMPLE) for line in g["lines"]}
     assert details["Input tokens (model: gpt-4o)"][0] == "meter input_tokens · model gpt-4o"
     # graduated: 10,000,000 x 10.00/1M = 100 and 4,250,000 x 8.00/1M = 34, the step amounts unrounded
     assert details["Output tokens"] == [
@@ -264,7 +264,7 @@ def test_tier_amounts_keep_their_digits_while_the_line_is_rounded_once():
 
 
 def test_cap_waiver_is_its_own_marked_line_with_the_usage_it_caps():
-    [cap] = [l for g in line_groups(SAMPLE) for l in g["lines"] if l["kind"] == "cap_waiver"]
+    [cap] = [line for g in line_groups(SAMPLE) for line in g["lines"] if line["kind"] == "cap_waiver"]
     # usage 46.00 + 130.00 + 134.00 + 1.50 + 6.00 = 317.50; the cap is 300.00, so 17.50 is waived
     assert cap["badge"] == "Hard cap" and cap["amount"] == "-$17.50"
     assert cap["details"] == ["Usage charges $317.50, billed up to the cap: $300.00"]
@@ -289,7 +289,8 @@ def test_commitment_true_up_is_shown_under_commitments():
 def test_summary_and_total_agree_and_due_date_shows_when_known():
     assert SAMPLE_HTML.count("$357.00") == 2  # the summary box and the total row
     assert "Due" not in _text(SAMPLE_HTML)
-    due = invoice_html(replace(SAMPLE, due_on=date(2026, 12, 1)), renderutil.CUSTOMER, renderutil.SELLER, "half_up", "r")
+    due = invoice_html(replace(SAMPLE, due_on=date(2026, 12, 1)), renderutil.CUSTOMER, renderutil.SELLER, "half_up",
+                       "r")
     assert "<td class=\"k\">Due</td><td>2026-12-01</td>" in due and "Due 2026-12-01" in due
 
 
@@ -368,7 +369,7 @@ def test_credit_summaries_used_and_closing_equal_the_ledger():
     ledger = ledger_table(outcome, OCT)
     for customer, summary in credit_summaries(outcome, OCT).items():
         mine = ledger.filter(ledger["customer_id"] == customer)
-        consumed = -sum((D(c) for c, k in zip(mine["credits"], mine["kind"]) if k == "consume"), D(0))
+        consumed = -sum((D(c) for c, k in zip(mine["credits"], mine["kind"], strict=True) if k == "consume"), D(0))
         assert summary.total("used") == consumed
         assert summary.total("closing") == D(mine["balance_after"][-1])  # the wallet's last balance
 
@@ -415,7 +416,7 @@ def test_credit_note_says_which_invoice_it_corrects_why_and_by_how_much():
 
 def test_debit_note_asks_for_the_difference():
     debit = replace(NOTE, invoice_id="DN-2026-10-000001", kind="debit_note",
-                    lines=tuple(replace(l, amount_minor=-l.amount_minor) for l in NOTE.lines))
+                    lines=tuple(replace(line, amount_minor=-line.amount_minor) for line in NOTE.lines))
     text = _text(invoice_html(debit, CUSTOMER, SELLER, "half_up", "r"))
     assert "This debit note corrects invoice INV-2026-10-000001" in text
     assert "the amount below is due in addition to it" in text and "Additional amount due (USD) $47.50" in text

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from closeutil import copy_tree_to_store, output_bytes
+from closeutil import copy_tree_to_store
 from flows.cli import app
 from flows.close import FAULT_POINTS, closed_manifest
 from flows.store import open_store

@@ -132,9 +132,9 @@ def _database_bytes() -> bytes:
 
 @pytest.mark.slow
 def test_no_planted_secret_reaches_prefects_database(prefect_server, tmp_path, monkeypatch):
-    from creditutil import write_store
-
     from prefect.blocks.system import Secret
+
+    from creditutil import write_store
 
     endpoint_pw, aws_key, aws_token = planted("endpointpw"), planted("awskey"), planted("awstoken")
     hook = Hook()

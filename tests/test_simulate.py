@@ -38,8 +38,16 @@ from transforms.margins import Costs, CostsError, costs_from, margins_table
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog, parse_plan
 from transforms.reference import Subscription
-from transforms.simulate import (PlanRef, change_bins, closed_period_problem, migration, moved_subscriptions,
-                                 notice_problem, outcome, plan_moves)
+from transforms.simulate import (
+    PlanRef,
+    change_bins,
+    closed_period_problem,
+    migration,
+    moved_subscriptions,
+    notice_problem,
+    outcome,
+    plan_moves,
+)
 
 PERIOD = "2026-10"
 EVIL = "<b>Evil & Co</b>"

@@ -80,7 +80,8 @@ def plain_replay(segments, rows, events, billable, credit_meters, final) -> list
                                      tuple((m, d, q) for s, n, m, d, q, at in events
                                            if (s, n) == (sub, seg.segment_no) and at.date() <= day
                                            and (s, n, m) not in credit_meters))
-                total += sum(l.amount_minor for l in charge_lines(seg, usage, "", used) if l.kind in ("usage", "overage"))
+                total += sum(line.amount_minor for line in charge_lines(seg, usage, "", used)
+                             if line.kind in ("usage", "overage"))
             while watch and total >= watch[0][1]:
                 kind, minor, _ = watch.pop(0)
                 fired.append((sub, kind, decimal_text(from_minor(minor, plan.currency)),

@@ -23,12 +23,21 @@ import pytest
 from typer.testing import CliRunner
 
 from closeutil import copy_tree_to_store
-from tablesutil import as_published, published, read_all
 from flows import tables
 from flows.cli import app
 from flows.store import open_store
-from flows.tables import (RUN_ID, RUN_KIND, TABLES, TablesSettings, commit_runs, open_formats, published_run,
-                          published_runs, tables_settings)
+from flows.tables import (
+    RUN_ID,
+    RUN_KIND,
+    TABLES,
+    TablesSettings,
+    commit_runs,
+    open_formats,
+    published_run,
+    published_runs,
+    tables_settings,
+)
+from tablesutil import as_published, published, read_all
 from transforms.errors import InputError
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -103,7 +112,8 @@ def test_each_run_is_committed_once_however_often_it_is_synced(tiny):
             ("CN-1", -50, "backfill"), ("INV-1", 500, "close"), ("INV-2", 700, "close")], fmt
     # quarantine has no period column of its own: its rows get the closed period
     for fmt, frame in read_all(tiny, BOTH_SETTINGS, "quarantine").items():
-        assert frame.select("reason", "period", RUN_ID).rows() == [("unknown_customer", PERIOD, "close-2026-10-aaa")]
+        assert frame.select("reason", "period", RUN_ID).rows() == [
+            ("unknown_customer", PERIOD, "close-2026-10-aaa")], fmt
 
 
 def test_a_commit_retried_behind_the_history_replaces_instead_of_appending(tiny):

@@ -15,19 +15,20 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from closeutil import close, table
 from flows.backfill import backfill
 from flows.nightly import nightly
 from flows.status import store_status
 from flows.store import open_store
+from transforms.credits import Outcome
 from transforms.errors import InputError
 from transforms.invoices import Invoice, Line
-from transforms.credits import Outcome
 from transforms.periods import Period
 from transforms.revenue import journal, revenue_rows, tax_rows
-from transforms.tax import REVERSE_CHARGE, EXEMPT, Party, TaxableLine, invoice_with_tax, tax_line
+from transforms.tax import EXEMPT, REVERSE_CHARGE, Party, TaxableLine, invoice_with_tax, tax_line
 from transforms.tax.rules import load_rules
 
 PERIOD = "2026-10"
@@ -54,7 +55,8 @@ PLANS = {
                    """charges:\n  - {name: API calls, meter: calls, price: {model: standard, unit_price: "0.01"}}\n""",
     "svcus-v1.yaml": """plan: svcus\nversion: 1\neffective_from: 2026-01-01\ncurrency: USD\n"""
                      """fixed_fees:\n  - {name: Platform fee, amount: "100.00"}\n"""
-                     """charges:\n  - {name: API calls, meter: calls, price: {model: standard, unit_price: "0.01"}}\n""",
+                     """charges:\n  - {name: API calls, meter: calls, """
+                     """price: {model: standard, unit_price: "0.01"}}\n""",
     "incl-v1.yaml": """plan: incl\nversion: 1\neffective_from: 2026-01-01\ncurrency: EUR\ntax_inclusive: true\n"""
                     """fixed_fees:\n  - {name: Creator plan, amount: "99.99"}\n""",
 }
@@ -152,8 +154,8 @@ def test_nightly_drafts_are_taxed_and_dated_like_the_close(taxed):
     store, _, _, invoices = taxed
     drafts = pl.read_parquet(io.BytesIO(open_store(store).read_bytes(
         "billing/nightly/date=2026-10-31/draft_invoices.parquet")))
-    assert {r["customer_id"]: (r["subtotal_minor"], r["tax_minor"], r["due_on"]) for r in drafts.iter_rows(named=True)} \
-        == {c: (i["subtotal_minor"], i["tax_minor"], i["due_on"]) for c, i in invoices.items()}
+    assert ({r["customer_id"]: (r["subtotal_minor"], r["tax_minor"], r["due_on"]) for r in drafts.iter_rows(named=True)}
+            == {c: (i["subtotal_minor"], i["tax_minor"], i["due_on"]) for c, i in invoices.items()})
 
 
 @pytest.mark.slow
@@ -267,11 +269,12 @@ def test_total_is_subtotal_plus_tax_revenue_excludes_tax_and_the_journal_balance
                       (Line("fixed_fee", "Fee", Decimal(31), fee, plan="p", plan_version=1),
                        Line("usage", "Calls", Decimal(1), usage, plan="p", plan_version=1, meter="calls")),
                       date(2026, 10, 1), date(2026, 11, 1))
-        taxable = [TaxableLine(i, l.kind, "p", l.meter, l.amount_minor, inclusive) for i, l in enumerate(inv.lines, 1)]
+        taxable = [TaxableLine(i, line.kind, "p", line.meter, line.amount_minor, inclusive)
+                   for i, line in enumerate(inv.lines, 1)]
         inv = invoice_with_tax(inv, RULES_ALL.tax_lines(taxable, Party("NL"), parties[customer], currency, "half_up"))
         invoices.append(inv)
         assert inv.total_minor == inv.subtotal_minor + inv.tax_minor
-        assert inv.total_minor == sum(l.amount_minor for l in inv.lines)
+        assert inv.total_minor == sum(line.amount_minor for line in inv.lines)
         if not inclusive:
             assert inv.subtotal_minor == fee + usage
     revenue = revenue_rows(Period.parse(PERIOD), invoices, Outcome(), {})
@@ -337,5 +340,5 @@ def test_a_debit_note_adds_tax_at_the_original_rate():
     [note] = correction_documents(PERIOD, [invoice(12000, "21")], issued_lines(issued), original, {},
                                   date(2026, 12, 5), issued_taxes(issued), {"s1": "half_up"})
     assert (note.kind, note.subtotal_minor, note.tax_minor, note.total_minor) == ("debit_note", 2000, 400, 2400)
-    [tax] = [l for l in note.lines if l.kind == "tax"]
+    [tax] = [line for line in note.lines if line.kind == "tax"]
     assert (tax.description, tax.tax_rate, tax.taxable_base_minor) == ("VAT 20% (FR)", Decimal(20), 2000)

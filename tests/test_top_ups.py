@@ -58,7 +58,7 @@ def october(plan_file):
 
 def test_no_cap_by_default_five_packs_bought_five_dollars_balance_10_no_overage():
     outcome, lines = october(t_plan())
-    top_ups = [(l.kind, l.amount_minor) for l in lines if l.kind == "top_up"]
+    top_ups = [(line.kind, line.amount_minor) for line in lines if line.kind == "top_up"]
     assert top_ups == [("top_up", 100)] * 5                              # 5 x $1.00
     assert sum(minor for _, minor in top_ups) == 500                     # $5.00
     assert [e.balance_after for e in outcome.entries][-1] == 10          # 0 + the fifth pack
@@ -72,7 +72,7 @@ def test_a_cap_set_by_the_plan_binds_and_says_so_once():
     # max 3: Oct 1-3 buy packs; Oct 4 leaves 0 and no pack; Oct 5's 10 images are uncovered:
     # 10 x 0.10 = $1.00 of overage
     outcome, lines = october(t_plan(", max_per_period: 3"))
-    assert [l.amount_minor for l in lines if l.kind == "top_up"] == [100] * 3
+    assert [line.amount_minor for line in lines if line.kind == "top_up"] == [100] * 3
     assert outcome.billable_units[("s1", 1, "images", "{}")] == 10
     limits = [a for a in credit_alerts(outcome, OCT) if a.kind == "top_up_limit_reached"]
     assert [(a.threshold, a.occurred_on.day) for a in limits] == [("3", 4)]   # first bound on Oct 4

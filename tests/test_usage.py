@@ -145,11 +145,15 @@ def test_an_unparseable_timestamp_is_bad_timestamp(text):
 
 
 PRIORITY = [
-    pytest.param({"event_id": None, "timestamp": "nope"}, "missing_field", id="missing + bad_timestamp -> missing_field"),
+    pytest.param({"event_id": None, "timestamp": "nope"}, "missing_field",
+                 id="missing + bad_timestamp -> missing_field"),
     pytest.param({"meter": "", "quantity": "-1"}, "missing_field", id="missing + negative -> missing_field"),
-    pytest.param({"timestamp": None, "quantity": "abc"}, "missing_field", id="missing timestamp + bad_quantity -> missing_field"),
-    pytest.param({"timestamp": "nope", "quantity": "abc"}, "bad_timestamp", id="bad_timestamp + bad_quantity -> bad_timestamp"),
-    pytest.param({"timestamp": "nope", "quantity": "-1"}, "bad_timestamp", id="bad_timestamp + negative -> bad_timestamp"),
+    pytest.param({"timestamp": None, "quantity": "abc"}, "missing_field",
+                 id="missing timestamp + bad_quantity -> missing_field"),
+    pytest.param({"timestamp": "nope", "quantity": "abc"}, "bad_timestamp",
+                 id="bad_timestamp + bad_quantity -> bad_timestamp"),
+    pytest.param({"timestamp": "nope", "quantity": "-1"}, "bad_timestamp",
+                 id="bad_timestamp + negative -> bad_timestamp"),
     pytest.param({"quantity": "-1.0000000001"}, "bad_quantity", id="negative with 10 decimals -> bad_quantity"),
 ]
 

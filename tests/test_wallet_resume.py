@@ -19,8 +19,17 @@ from hypothesis import strategies as st
 
 from creditutil import catalog, event, plan, purchase, subscription
 from transforms.alerts import credit_alerts
-from transforms.credits import (balances_table, checkpoint_bytes, checkpoint_from, credit_events_since, credit_lines,
-                                history_grants, resume_days, wallet_history, wallets_resumed)
+from transforms.credits import (
+    balances_table,
+    checkpoint_bytes,
+    checkpoint_from,
+    credit_events_since,
+    credit_lines,
+    history_grants,
+    resume_days,
+    wallet_history,
+    wallets_resumed,
+)
 from transforms.periods import Period
 from transforms.reference import segments_in
 
@@ -107,7 +116,7 @@ def outputs(outcome, subs, purchases) -> dict:
     """What a night publishes from the wallets, exactly (decimals as text, so 1.0 != 1.00)."""
     return {
         "balances": balances_table(outcome, OCT).to_dicts(),
-        "lines": {s: [(l.kind, l.description, str(l.amount), l.amount_minor) for l in lines]
+        "lines": {s: [(line.kind, line.description, str(line.amount), line.amount_minor) for line in lines]
                   for s, lines in credit_lines(OCT, outcome, purchases, subs, {s.subscription_id: "USD" for s in subs},
                                                {s.subscription_id: "half_up" for s in subs}).items()},
         "alerts": credit_alerts(outcome, OCT),

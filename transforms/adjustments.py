@@ -187,7 +187,7 @@ def checked_rows(rows: pl.DataFrame, customers: set[str]) -> pl.DataFrame:
         failures = exc.failure_cases
         unexpected = failures.filter(~pl.col("check").is_in(ROW_REASONS))
         if unexpected.height:  # a dtype or a column: a bug here, not a bad row
-            raise RuntimeError(f"adjustment checks broke their own schema: {unexpected.row(0, named=True)}")
+            raise RuntimeError(f"adjustment checks broke their own schema: {unexpected.row(0, named=True)}") from exc
         rank = {r: i for i, r in enumerate(ROW_REASONS)}
         first = (failures.select(pl.col("index").cast(pl.UInt32),
                                  pl.col("check").replace_strict(rank, return_dtype=pl.Int32).alias("rank"))
@@ -345,7 +345,7 @@ def billed_table(pending: pl.DataFrame, invoices: list[Invoice]) -> pl.DataFrame
                 requested = int(Decimal(line.amount).scaleb(minor_exponent(inv.currency)))
                 found[line.adjustment_id] = (inv.invoice_id, no, line.amount_minor, line.amount_minor - requested)
     ids = pending["adjustment_id"].to_list()
-    billed = [found.get(i) if s == "billed" else None for i, s in zip(ids, pending["status"].to_list())]
+    billed = [found.get(i) if s == "billed" else None for i, s in zip(ids, pending["status"].to_list(), strict=True)]
     return pending.with_columns(
         pl.Series("invoice_id", [b and b[0] for b in billed], dtype=pl.String),
         pl.Series("line_no", [b and b[1] for b in billed], dtype=pl.Int32),

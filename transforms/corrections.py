@@ -132,8 +132,8 @@ def correction_documents(period: str, rerated: list[Invoice], issued: dict[str, 
                             amount_minor=old.amount_minor + line.amount_minor, meter=line.meter, unit=line.unit,
                             tax_rate=line.tax_rate, tax_inclusive=line.tax_inclusive)
             due[key] = line
-        rerated_taxes = {(l.tax_rate, bool(l.tax_inclusive)): IssuedTax(l.description, l.tax_note)
-                         for l in (new.lines if new else ()) if l.kind == "tax"}
+        rerated_taxes = {(line.tax_rate, bool(line.tax_inclusive)): IssuedTax(line.description, line.tax_note)
+                         for line in (new.lines if new else ()) if line.kind == "tax"}
         tax_groups: dict[tuple, int] = {}
         lines = []
         for key in list(due) + sorted(k for k in before if k not in due):
@@ -146,14 +146,13 @@ def correction_documents(period: str, rerated: list[Invoice], issued: dict[str, 
             currency = new.currency if new else originals[sub_id]["currency"]
             unit = (now.unit if now else was.unit) or ""
             meter = now.meter if now else was.meter
-            money = lambda m: format_money(m, currency)  # noqa: E731
             tax = _tax_of(was, now, taxes.get(sub_id, {}), rerated_taxes)
             if tax is not None:
                 tax_groups[tax] = tax_groups.get(tax, 0) + new_a - old_a
             lines.append(Line(
                 kind="adjustment", adjusts_kind=key[0], adjusts_description=key[1], meter=meter, unit=unit,
                 description=f"{key[1]}: {_fmt_quantity(old_q, unit)} -> {_fmt_quantity(new_q, unit)}, "
-                            f"{money(old_a)} -> {money(new_a)}",
+                            f"{format_money(old_a, currency)} -> {format_money(new_a, currency)}",
                 quantity=new_q - old_q, amount_minor=new_a - old_a,
                 old_quantity=old_q, new_quantity=new_q, old_amount_minor=old_a, new_amount_minor=new_a,
                 tax_rate=tax[1] if tax else None, tax_inclusive=tax[2] if tax else None))
@@ -192,7 +191,8 @@ def revenue_adjustments(rerated: pl.DataFrame, recorded: pl.DataFrame, corrected
     change in deferred revenue (opening + billed - recognized - breakage = closing)."""
     def totals(frame: pl.DataFrame) -> pl.DataFrame:
         if frame.height == 0:
-            return pl.DataFrame(schema={**{k: pl.String for k in REVENUE_KEYS}, **{a: pl.Int64 for a in REVENUE_AMOUNTS}})
+            return pl.DataFrame(schema={**{k: pl.String for k in REVENUE_KEYS},
+                                        **{a: pl.Int64 for a in REVENUE_AMOUNTS}})
         return frame.group_by(REVENUE_KEYS).agg([pl.col(a).sum() for a in REVENUE_AMOUNTS])
 
     joined = totals(rerated).join(totals(recorded), on=REVENUE_KEYS, how="full", coalesce=True, suffix="_was")
@@ -203,7 +203,8 @@ def revenue_adjustments(rerated: pl.DataFrame, recorded: pl.DataFrame, corrected
     return delta.select(
         "customer_id", pl.lit(booked).alias("period"), pl.lit(corrected).alias("corrected_period"), "stream",
         "currency", pl.lit(0, dtype=pl.Int64).alias("opening_deferred_minor"), *REVENUE_AMOUNTS,
-        (pl.col("billed_minor") - pl.col("recognized_minor") - pl.col("breakage_minor")).alias("closing_deferred_minor"))
+        (pl.col("billed_minor") - pl.col("recognized_minor") - pl.col("breakage_minor"))
+        .alias("closing_deferred_minor"))
 
 
 BALANCE_AMOUNTS = ["granted", "consumed", "expired", "rolled_over", "closing"]

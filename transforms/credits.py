@@ -22,8 +22,8 @@ from transforms.errors import InputError
 from transforms.invoices import Line, cycle_collector_paused, parsed_dims
 from transforms.money import decimal_text, from_minor, is_known_currency, to_minor
 from transforms.periods import Period, utc_midnight
-from transforms.pricing.base import fmt_units
 from transforms.plans import Catalog, ConsumeByDimension, Credits, PlanFile
+from transforms.pricing.base import fmt_units
 from transforms.reference import Subscription, bound_versions, plan_on
 
 ZERO = Decimal(0)
@@ -473,7 +473,7 @@ def purchases_from(frame: pl.DataFrame, source: str, customers: set[str]) -> lis
     for i, row in enumerate(frame.cast({c: pl.String for c in frame.columns}).iter_rows(named=True), start=1):
         where = f"{source} row {i}"
 
-        def parse(column, fn, optional=False):
+        def parse(column, fn, optional=False, row=row, where=where):
             text = (row.get(column) or "").strip()
             if not text and optional:
                 return None

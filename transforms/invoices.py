@@ -24,7 +24,7 @@ from transforms.errors import InputError
 from transforms.money import decimal_text, from_minor, to_minor
 from transforms.periods import Period
 from transforms.pricing import Step, Usage, rate
-from transforms.pricing.base import ZERO, fmt_units
+from transforms.pricing.base import ZERO
 from transforms.reference import Segment, Subscription
 
 
@@ -142,7 +142,7 @@ def usage_by_segment(usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame
     Grouped in Polars: the per-event table stays columns, one slice per segment x meter."""
     lists = usage_by_dims.group_by("subscription_id", "segment_no", maintain_order=True).agg(
         "meter", "dims", "units", "events")
-    by_dims = {(sub, seg): tuple(zip(*rows)) for sub, seg, *rows in lists.iter_rows()}
+    by_dims = {(sub, seg): tuple(zip(*rows, strict=True)) for sub, seg, *rows in lists.iter_rows()}
     keys = ["subscription_id", "segment_no", "meter"]
     events = per_event_usage.select(*keys, "dims", "quantity").sort(keys, maintain_order=True)
     per_event: dict[tuple[str, int], list] = defaultdict(list)
@@ -243,7 +243,7 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
             quantities = events.get(key, ())
             rating = rate(charge.price, Usage(billable, count, quantities if isinstance(quantities, pl.Series)
                                               else tuple(quantities)))
-            group = dict(zip(charge.group_by, key))
+            group = dict(zip(charge.group_by, key, strict=True))
             group_text = ", ".join(f"{k}: {v if v is not None else '(none)'}" for k, v in group.items())
             description = charge.title + (f" ({group_text})" if group_text else "") + label_suffix
             lines.append(Line(
@@ -302,7 +302,7 @@ def _cap_and_commitment(segments: list[Segment], sub: Subscription, lines: list[
     out: list[Line] = []
     controls = last.spend_controls
     cap = sub.hard_cap if sub.hard_cap is not None else (controls.hard_cap if controls else None)
-    usage_minor = sum(l.amount_minor for l in lines if l.kind in ("usage", "overage"))
+    usage_minor = sum(line.amount_minor for line in lines if line.kind in ("usage", "overage"))
     if cap is not None:
         cap_minor = to_minor(cap, currency, rounding)
         if usage_minor > cap_minor:
@@ -314,7 +314,7 @@ def _cap_and_commitment(segments: list[Segment], sub: Subscription, lines: list[
                    for s in segments if s.plan.plan.commitment), ZERO)
     if any(s.plan.plan.commitment for s in segments):
         minimum_minor = to_minor(minimum, currency, rounding)
-        spend_minor = sum(l.amount_minor for l in lines + out if l.kind in SPEND_KINDS)
+        spend_minor = sum(line.amount_minor for line in lines + out if line.kind in SPEND_KINDS)
         if spend_minor < minimum_minor:
             shortfall = minimum_minor - spend_minor
             out.append(Line(kind="commitment_true_up", quantity=Decimal(1), amount_minor=shortfall,
@@ -455,7 +455,7 @@ def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
     lines = [line for inv in invoices for line in inv.lines]
     counts = [len(inv.lines) for inv in invoices]
     def per_invoice(name: str) -> list:
-        return [value for value, n in zip(map(attrgetter(name), invoices), counts) for _ in range(n)]
+        return [value for value, n in zip(map(attrgetter(name), invoices), counts, strict=True) for _ in range(n)]
 
     def per_line(name: str) -> list:
         return list(map(attrgetter(name), lines))  # the loop in C, not a getattr call per cell

@@ -109,7 +109,7 @@ def costs_from(frame: pl.DataFrame, source: str = COSTS_KEY) -> Costs:
     for i, row in enumerate(text.iter_rows(named=True), start=1):
         where = f"{source} row {i}"
 
-        def field(name: str) -> str:
+        def field(name: str, row=row) -> str:
             return (row.get(name) or "").strip()
 
         meter = field("meter")
@@ -220,7 +220,8 @@ def margins_table(lines: pl.DataFrame, usage: pl.DataFrame, segments: pl.DataFra
             .with_columns(pl.when(pl.col("meter").is_null()).then(pl.lit(None, dtype=pl.String))
                           .otherwise(_decimal_text(pl.col("units"))).fill_null(pl.when(pl.col("meter").is_not_null())
                                                                                .then(pl.lit("0"))).alias("units"),
-                          pl.when(pl.col("meter").is_null() | pl.col("priced").is_null()).then(pl.lit(0, dtype=pl.Int64))
+                          pl.when(pl.col("meter").is_null() | pl.col("priced").is_null())
+                          .then(pl.lit(0, dtype=pl.Int64))
                           .otherwise(pl.col("cost_minor")).alias("cost_minor")))
     rows = (rows.with_columns((pl.col("revenue_minor") - pl.col("cost_minor")).alias("margin_minor"))
             .with_columns(_margin_pct(pl.col("margin_minor"), pl.col("revenue_minor")).alias("margin_pct"),
@@ -241,7 +242,8 @@ def _revenue(lines: pl.DataFrame, segs: pl.DataFrame) -> pl.DataFrame:
     if "kind" in lines.columns:
         lines = lines.filter(pl.col("kind") != "tax")
     last = (segs.sort("segment_no").group_by("subscription_id").agg(pl.all().last())
-            .select("subscription_id", pl.col("plan").alias("_last_plan"), pl.col("plan_version").alias("_last_version")))
+            .select("subscription_id", pl.col("plan").alias("_last_plan"),
+                    pl.col("plan_version").alias("_last_version")))
     exact = segs.select("subscription_id", "segment_no", pl.lit(True).alias("_exact"),
                         pl.col("plan").alias("_seg_plan"), pl.col("plan_version").alias("_seg_version"))
     frame = lines.select(pl.col("customer_id").cast(pl.String), pl.col("subscription_id").cast(pl.String),
@@ -290,7 +292,7 @@ def _billed_units(usage: pl.DataFrame, segs: pl.DataFrame, costs: Costs, period:
         if any(r is None for r in rows_of_cost):
             cost_minor.append(None)
         else:
-            exact = sum((costs.rows[r].cost_of(u) for r, u in zip(rows_of_cost, units)), ZERO)
+            exact = sum((costs.rows[r].cost_of(u) for r, u in zip(rows_of_cost, units, strict=True)), ZERO)
             cost_minor.append(to_minor(exact, currency))
     return per_row.select(*MARGIN_KEY, pl.col("units").list.sum().alias("units"),
                           pl.Series("cost_minor", cost_minor, dtype=pl.Int64), pl.lit(True).alias("priced"))

@@ -8,8 +8,7 @@ from __future__ import annotations
 from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import lru_cache
 
-from babel.numbers import UnknownCurrencyError, format_currency, get_currency_precision
-from babel.numbers import get_currency_name
+from babel.numbers import UnknownCurrencyError, format_currency, get_currency_name, get_currency_precision
 
 ROUNDING_MODES = {"half_up": ROUND_HALF_UP, "half_even": ROUND_HALF_EVEN}
 

@@ -11,13 +11,13 @@ import re
 from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Literal
 
 import isodate
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from transforms.errors import BillrunError
 from transforms.money import is_known_currency
@@ -409,7 +409,7 @@ class Catalog:
             by_start[start_key] = f
         for plan_id in {k[0] for k in by_key}:
             versions = sorted((f for f in by_key.values() if f.plan.plan == plan_id), key=lambda f: f.plan.version)
-            for older, newer in zip(versions, versions[1:]):
+            for older, newer in pairwise(versions):
                 if newer.plan.effective_from < older.plan.effective_from:
                     raise PlanError(f"{newer.path}: effective_from: version {newer.plan.version} starts before "
                                     f"version {older.plan.version} ({older.plan.effective_from}); "

@@ -16,7 +16,7 @@ _HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 def statements(filename: str) -> dict[str, str]:
     text = files("transforms").joinpath("sql", filename).read_text(encoding="utf-8")
     parts = _HEADER.split(text)
-    return {name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2])}
+    return {name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 def statement(filename: str, name: str) -> str:

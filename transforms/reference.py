@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from itertools import pairwise
 
 import pandera.polars as pa
 import polars as pl
@@ -158,7 +159,7 @@ def _refuse_overlaps(subs: list[Subscription], source: str) -> None:
         by_customer.setdefault(s.customer_id, []).append(s)
     for rows in by_customer.values():
         rows.sort(key=lambda s: (s.start_date, s.subscription_id))
-        for a, b in zip(rows, rows[1:]):
+        for a, b in pairwise(rows):
             if a.end_date is None or a.end_date > b.start_date:
                 raise InputError(
                     f"{source} row {b.row}: subscription {b.subscription_id!r} starts {b.start_date} while "
@@ -223,7 +224,7 @@ def segments_in(period: Period, subs: list[Subscription], catalog: Catalog) -> l
         timeline = bound_versions(sub, catalog)
         ends = [d for d, _ in timeline[1:]] + [sub.end_date]
         number = 0
-        for (starts_on, plan), ends_on in zip(timeline, ends):
+        for (starts_on, plan), ends_on in zip(timeline, ends, strict=True):
             start = max(starts_on, period.start)
             end = min(ends_on or period.end, sub.end_date or period.end, period.end)
             if start < end:

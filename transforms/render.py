@@ -8,7 +8,7 @@ over the lines, with money formatted through a cache (Babel's formatter is most 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 
@@ -234,7 +234,8 @@ def _adjustment_view(no: int, line: Line, currency: str) -> dict:
     # amounts only, as on the invoice
     counted = line.adjusts_kind not in ("cap_waiver", "commitment_true_up", "adjustment_charge", "adjustment_credit")
     if known and counted:
-        quantity = f"Quantity {_quantity(line.old_quantity, line.unit)} \u2192 {_quantity(line.new_quantity, line.unit)}"
+        quantity = (f"Quantity {_quantity(line.old_quantity, line.unit)} \u2192 "
+                    f"{_quantity(line.new_quantity, line.unit)}")
     else:
         quantity = f"Quantity {_quantity(line.quantity, line.unit)}" if counted and line.quantity else ""
     return {

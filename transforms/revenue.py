@@ -117,10 +117,10 @@ def revenue_rows(period: Period, invoices: list[Invoice], outcome: Outcome,
         if g.kind == "grant" and g.price and period.start_at <= g.granted_at < period.end_at:
             allocated[(g.subscription_id, g.currency)] += to_minor(g.price, g.currency)
     for inv in invoices:
-        usage = sum(l.amount_minor for l in inv.lines if l.kind in SPEND_KINDS and l.kind != "fixed_fee"
-                    or l.kind == "commitment_true_up")
-        fixed = sum(l.amount_minor for l in inv.lines if l.kind == "fixed_fee")
-        backed = sum(l.amount_minor for l in inv.lines if l.kind == "tax_included")
+        usage = sum(line.amount_minor for line in inv.lines if line.kind in SPEND_KINDS and line.kind != "fixed_fee"
+                    or line.kind == "commitment_true_up")
+        fixed = sum(line.amount_minor for line in inv.lines if line.kind == "fixed_fee")
+        backed = sum(line.amount_minor for line in inv.lines if line.kind == "tax_included")
         if backed:
             usage, fixed = _net_of_included_tax(usage, fixed, backed)
         fixed -= allocated.pop((inv.subscription_id, inv.currency), 0)
@@ -129,7 +129,7 @@ def revenue_rows(period: Period, invoices: list[Invoice], outcome: Outcome,
             r["billed_minor"] += billed
             r["recognized_minor"] += billed
         for stream, kind in ADJUSTMENT_STREAMS.items():
-            billed = sum(l.amount_minor for l in inv.lines if l.kind == kind)
+            billed = sum(line.amount_minor for line in inv.lines if line.kind == kind)
             if billed:
                 r = row(inv.customer_id, stream, inv.currency)
                 r["billed_minor"] += billed

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import json
 import re
-from decimal import Decimal
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 
 import duckdb
 import polars as pl
 
 from transforms.billed_index import NO_INDEX, BilledIndex, id_hash_macro, look_up_billed
+from transforms.credits import CreditEvent
+from transforms.money import minor_exponent
 from transforms.periods import Period
 from transforms.plans import Catalog
-from transforms.queries import statements
-from transforms.credits import CreditEvent
-from transforms.reference import Segment, Subscription, plan_on, segments_frame
-from transforms.money import minor_exponent
 from transforms.pricing import Usage, rate
+from transforms.queries import statements
+from transforms.reference import Segment, Subscription, plan_on, segments_frame
 from transforms.usage import MAX_QUANTITY, NORMALIZED_COLUMNS
 
 _PARAM = re.compile(r"\$(\w+)")
@@ -301,7 +301,7 @@ def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
                                                schema={"event_id": pl.String}).to_arrow())
     _run(con, sql["settled"], params)
     counts = dict(zip(("read", "billed", "duplicates", "quarantined"),
-                      (int(v) for v in _run(con, sql["counts"], params)[0])))
+                      (int(v) for v in _run(con, sql["counts"], params)[0]), strict=True))
     usage_by_day = con.sql(sql["usage_by_day"]).pl()
     if lineage_to is not None:
         con.sql(sql["lineage"]).write_parquet(str(lineage_to), compression="zstd")

@@ -231,7 +231,7 @@ def summarize(comparison: pl.DataFrame, current: Outcomes, candidate: Outcomes) 
         rows = comparison.filter(pl.col("currency") == currency)
         customers = set(rows["customer_id"])
 
-        def revenue(outcomes: Outcomes, column: str) -> int:
+        def revenue(outcomes: Outcomes, column: str, customers=customers, currency=currency) -> int:
             r = outcomes.revenue.filter(pl.col("customer_id").is_in(list(customers)) & (pl.col("currency") == currency))
             return int(r[column].sum() or 0)
 
@@ -379,7 +379,7 @@ def migration(frame: pl.DataFrame, source: str, customers_table: pl.DataFrame, c
     existing = set(frame["subscription_id"].cast(pl.String).to_list())
     rows = frame.cast({c: pl.String for c in frame.columns}).to_dicts()
     out, changes, unpriced = [], [], {}
-    for row, sub in zip(rows, subs):
+    for row, sub in zip(rows, subs, strict=True):
         takes = ((customers is None or sub.customer_id in customers) and move.takes(sub, catalog, Period.containing(on))
                  and (sub.end_date is None or sub.end_date > on))
         if not takes:

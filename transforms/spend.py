@@ -117,9 +117,9 @@ def _spend_minor(segments: list[Segment], usage: _SubscriptionUsage, through: da
     total = 0
     allowance_used: dict[tuple, Decimal] = {}
     for seg in segments:
-        total += sum(l.amount_minor for l in charge_lines(seg, usage.segment_usage(seg.segment_no, through), "",
+        total += sum(line.amount_minor for line in charge_lines(seg, usage.segment_usage(seg.segment_no, through), "",
                                                           allowance_used)
-                     if l.kind in ("usage", "overage"))
+                     if line.kind in ("usage", "overage"))
     return total
 
 
@@ -260,7 +260,8 @@ def _crossings(period: Period, segs: list[Segment], day_list: list[date], final_
     for (kind, minor, label), day, spend in crossed:
         amount, spent = from_minor(minor, currency), from_minor(spend, currency)
         alerts.append(Alert(sub.customer_id, sub.subscription_id, str(period), kind, decimal_text(amount),
-                            decimal_text(spent), day, f"Spend {decimal_text(spent)} {currency} reached {label} on {day}"))
+                            decimal_text(spent), day,
+                            f"Spend {decimal_text(spent)} {currency} reached {label} on {day}"))
     return alerts
 
 

@@ -12,7 +12,7 @@ from pydantic import field_validator
 
 from transforms.pricing.base import ZERO, Money, PriceModel, Rating, Step, Units, Usage, fmt_units
 from transforms.pricing.percentage import percent
-from transforms.pricing.tiers import check_bounds, bands
+from transforms.pricing.tiers import bands, check_bounds
 
 
 class PercentTier(PriceModel):

@@ -102,7 +102,8 @@ def tax_document_lines(tax: TaxLine) -> list[Line]:
                 tax_note=tax.note, tax_inclusive=tax.inclusive)]
     if tax.inclusive:
         out.append(Line(kind="tax_included", description=f"{tax.label}, included in the prices above",
-                        quantity=Decimal(1), amount_minor=-tax.amount_minor, tax_rate=tax.rate, taxable_base_minor=tax.base_minor, tax_note=tax.note, tax_inclusive=True))
+                        quantity=Decimal(1), amount_minor=-tax.amount_minor, tax_rate=tax.rate,
+                        taxable_base_minor=tax.base_minor, tax_note=tax.note, tax_inclusive=True))
     return out
 
 

@@ -199,6 +199,6 @@ class RulesProvider:
         for (label, rate, inclusive, note), taxed in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][2])):
             suffix = ", reverse charge" if note == REVERSE_CHARGE else ", exempt" if note == EXEMPT else ""
             out.append(tax_line(f"{label} {rate_text(rate)}% ({place}){suffix}", rate,
-                                sum(l.amount_minor for l in taxed), inclusive, currency, rounding, note,
-                                tuple(l.line_no for l in taxed)))
+                                sum(line.amount_minor for line in taxed), inclusive, currency, rounding, note,
+                                tuple(line.line_no for line in taxed)))
         return out
