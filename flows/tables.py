@@ -42,7 +42,7 @@ from flows.store import LocalStore, Store, StoreError, open_store
 from transforms.errors import BillrunError, InputError
 
 TABLES = ("invoices", "invoice_lines", "credit_ledger", "credit_balances", "revenue", "journal", "alerts",
-          "quarantine", "usage_summary", "margins")
+          "quarantine", "usage_summary", "margins", "adjustments", "conflicting_duplicates", "billed_events")
 """Every output that becomes a table, as its Parquet file is named (`<table>.parquet`)."""
 RUN_ID, RUN_KIND = "_run_id", "_run_kind"
 DELTA_RUN_KEY = "billrun.run_id"
