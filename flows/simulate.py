@@ -90,7 +90,7 @@ from transforms.simulate import (
     summarize,
 )
 
-PARQUET = {"compression": "zstd", "statistics": True}
+PARQUET = {"compression": "zstd", "statistics": True, "row_group_size": 262_144}  # as the close writes
 
 
 def shock_threshold(text: str) -> Decimal:

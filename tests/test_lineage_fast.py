@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import polars as pl
 
+from flows.close import PARQUET
 from flows.statement import LINEAGE_COLUMNS
 from transforms.lineage import billed_events, statement_rows
 
@@ -55,7 +56,7 @@ LEDGER = pl.DataFrame({"kind": ["consume"], "event_id": ["e4"], "grant_id": ["g1
 
 
 def test_each_event_goes_to_the_line_of_its_filter_and_group():
-    events = billed_events(_lineage(), _lines(), QUARANTINE, LEDGER)
+    events = billed_events(_lineage(), _lines(), QUARANTINE, LEDGER).collect()
     placed = {(r["event_id"], r["status"]): (r["line_no"], r["grant_id"]) for r in events.iter_rows(named=True)}
     assert placed == {("e1", "billed"): (2, None), ("e2", "billed"): (2, None), ("e3", "billed"): (3, None),
                       ("e4", "billed"): (4, "g1"), ("e1", "duplicate"): (None, None),
@@ -66,7 +67,7 @@ def test_each_event_goes_to_the_line_of_its_filter_and_group():
 
 
 def test_statement_line_totals_take_off_credits_and_allowance():
-    events = billed_events(_lineage(), _lines(), QUARANTINE, LEDGER).filter(pl.col("status") == "billed")
+    events = billed_events(_lineage(), _lines(), QUARANTINE, LEDGER).filter(pl.col("status") == "billed").collect()
     totals = {r["line_no"]: r for r in statement_rows(events, _lines()).iter_rows(named=True)
               if r["row"] == "line_total"}
     # line 2: 10 + 5 = 15 units, nothing included, 15 billed
@@ -74,3 +75,17 @@ def test_statement_line_totals_take_off_credits_and_allowance():
     # line 4: 3 units, 2 included: 1 billed
     assert (totals[4]["event_units"], totals[4]["included_units"], totals[4]["billed_quantity"]) == ("3", "2", "1")
     assert totals[1]["event_units"] is None and totals[1]["amount_minor"] == 1000
+
+
+def test_a_published_table_has_the_same_bytes_whatever_its_chunks(tmp_path):
+    # a sorted table's in-memory chunks follow the machine's thread count; its file must not
+    rows = pl.DataFrame({"customer_id": [f"c{(i * 7919) % 1000:04d}" for i in range(300_000)],
+                         "event_id": [f"e{i}" for i in range(300_000)]})
+    chunked = pl.concat([rows.slice(at, 70_001) for at in range(0, rows.height, 70_001)], rechunk=False)
+    assert chunked.n_chunks() > 1
+    chunked.write_parquet(tmp_path / "chunked.parquet", **PARQUET)
+    rows.write_parquet(tmp_path / "whole.parquet", **PARQUET)
+    rows.lazy().sink_parquet(tmp_path / "streamed.parquet", **PARQUET)
+    whole = (tmp_path / "whole.parquet").read_bytes()
+    assert (tmp_path / "chunked.parquet").read_bytes() == whole
+    assert (tmp_path / "streamed.parquet").read_bytes() == whole

@@ -51,8 +51,10 @@ def line_of_dims(event_dims: pl.DataFrame, lines: pl.DataFrame) -> pl.DataFrame:
 
 
 def billed_events(lineage: pl.LazyFrame, lines: pl.DataFrame, quarantine: pl.DataFrame,
-                  ledger: pl.DataFrame) -> pl.DataFrame:
-    """One row per usage row of the period, sorted by customer, event time, event_id and source.
+                  ledger: pl.DataFrame) -> pl.LazyFrame:
+    """One row per usage row of the period, sorted by customer, event time, event_id and source:
+    a plan, not rows (the close streams it to its file; the events are never all in memory at once
+    as Python-visible frames).
 
     `lineage`: the settlement's billed and duplicate rows (transforms/sql/settle_usage.sql,
     `lineage`); `lines`: the invoice_lines table; `quarantine`: the quarantine table; `ledger`:
@@ -60,7 +62,7 @@ def billed_events(lineage: pl.LazyFrame, lines: pl.DataFrame, quarantine: pl.Dat
     usage_lines = (lines.filter(pl.col("kind").is_in(USAGE_LINE_KINDS))
                    .select("invoice_id", "line_no", "subscription_id", pl.col("segment_no").cast(pl.Int32), "meter",
                            pl.col("filter").fill_null(""), pl.col("group").fill_null("")))
-    # one plan, collected once at the end: the events are never held twice
+    # one plan, run once by its writer: the events are never held twice
     rows = lineage.with_columns(pl.col("segment_no").cast(pl.Int32))
     event_dims = rows.filter(pl.col("outcome") == "billed").select("meter", "dims").unique().collect()
     keyed = line_of_dims(event_dims, usage_lines).lazy()
@@ -93,7 +95,7 @@ def billed_events(lineage: pl.LazyFrame, lines: pl.DataFrame, quarantine: pl.Dat
         pl.lit("quarantined").alias("status"), "reason", "detail", "source_key", "source_row")
     return (pl.concat([settled.cast(BILLED_EVENTS_SCHEMA), set_aside], how="diagonal_relaxed")
             .select([pl.col(c).cast(t) for c, t in BILLED_EVENTS_SCHEMA.items()])
-            .sort("customer_id", "event_at", "event_id", "source_key", "source_row", nulls_last=True).collect())
+            .sort("customer_id", "event_at", "event_id", "source_key", "source_row", nulls_last=True))
 
 
 STATEMENT_COLUMNS = ("row", "line_no", "kind", "description", "meter", "event_id", "event_at", "dims", "quantity",
