@@ -12,7 +12,6 @@ import csv
 import decimal
 import io
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,8 +191,14 @@ class NotFinite(ValueError):
     """A JSON number that is no finite decimal (1e400, NaN, Infinity): no quantity can be read from it."""
 
 
+_FLOAT_OVERFLOW = decimal.Decimal(2**1024 - 2**970)
+"""The smallest magnitude a JSON reader's binary float rounds to infinity (half an ulp past the
+largest double), as an exact decimal: numbers are compared, never converted."""
+
+
 def _finite(text: str) -> str:
-    if not decimal.Decimal(text).is_finite() or math.isinf(float(text)):
+    number = decimal.Decimal(text)
+    if not number.is_finite() or abs(number) >= _FLOAT_OVERFLOW:
         raise NotFinite(text)
     return text
 
