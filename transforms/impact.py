@@ -402,9 +402,7 @@ def impact_markdown(report: dict) -> str:
                  + (f"; the {min(top, len(moved))} largest changes:" if moved else "."))
     lines.append("")
     if moved:
-        lines += _table(["customer", "name", "plans (base → head)", "currency", "base", "head", "change", "change %"],
-                        [_customer_row(c) for c in moved[:top]] + _rest(moved[top:], 8, 3, 4, "customers"),
-                        {4, 5, 6, 7})
+        lines += _customer_table(moved, top)
         lines.append("")
 
     t = report["thresholds"]
@@ -415,9 +413,7 @@ def impact_markdown(report: dict) -> str:
                  + (f"{len(shocks)} customer bills." if shocks else "none."))
     lines.append("")
     if shocks:
-        lines += _table(["customer", "name", "plans (base → head)", "currency", "base", "head", "change", "change %"],
-                        [_customer_row(c) for c in shocks[:top]] + _rest(shocks[top:], 8, 3, 4, "customers"),
-                        {4, 5, 6, 7})
+        lines += _customer_table(shocks, top)
         lines.append("")
 
     lines += ["## Breakage and margin", ""]
@@ -476,6 +472,13 @@ def _customer_row(c: dict) -> list[str]:
     return [md(c["customer_id"]), md(c["name"]), md(f"{c['plans_base'] or '-'} → {c['plans_head'] or '-'}"),
             c["currency"], _money(c["base_minor"], c["currency"]), _money(c["head_minor"], c["currency"]),
             _change(c["change_minor"], c["currency"]), _pct(c["change_pct"], c["base_minor"], c["head_minor"])]
+
+
+def _customer_table(customers: list[dict], top: int) -> list[str]:
+    """The `top` customers' rows, then the rest summed up per currency."""
+    return _table(["customer", "name", "plans (base → head)", "currency", "base", "head", "change", "change %"],
+                  [_customer_row(c) for c in customers[:top]] + _rest(customers[top:], 8, 3, 4, "customers"),
+                  {4, 5, 6, 7})
 
 
 def _count(n: int, one: str, many: str) -> str:
