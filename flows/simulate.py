@@ -30,6 +30,7 @@ from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
 from flows.close import (
+    PARQUET,
     Inputs,
     Reference,
     check_reference,
@@ -89,8 +90,6 @@ from transforms.simulate import (
     revenue_by_plan_stream,
     summarize,
 )
-
-PARQUET = {"compression": "zstd", "statistics": True, "row_group_size": 262_144}  # as the close writes
 
 
 def shock_threshold(text: str) -> Decimal:

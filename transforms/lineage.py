@@ -53,8 +53,8 @@ def line_of_dims(event_dims: pl.DataFrame, lines: pl.DataFrame) -> pl.DataFrame:
 def billed_events(lineage: pl.LazyFrame, lines: pl.DataFrame, quarantine: pl.DataFrame,
                   ledger: pl.DataFrame) -> pl.LazyFrame:
     """One row per usage row of the period, sorted by customer, event time, event_id and source:
-    a plan, not rows (the close streams it to its file; the events are never all in memory at once
-    as Python-visible frames).
+    a plan, not rows, which the close sinks to its file (the sort and joins still hold the period's
+    events in memory: at 10M events this is the close's memory peak).
 
     `lineage`: the settlement's billed and duplicate rows (transforms/sql/settle_usage.sql,
     `lineage`); `lines`: the invoice_lines table; `quarantine`: the quarantine table; `ledger`:
