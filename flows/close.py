@@ -98,7 +98,7 @@ from transforms.plans import Catalog, PlanFile, load_catalog
 from transforms.reference import Segment, Subscription, checked_customers, checked_subscriptions, plan_on, segments_in
 from transforms.revenue import journal, proportional_rates, revenue_rows, tax_rows
 from transforms.settle import Settlement, split_at_replay
-from transforms.spend import spend_alerts
+from transforms.spend import spend_alerts, usage_spend_by_subscription
 from transforms.tax.rules import RULES_KEY, RulesProvider, load_rules
 from transforms.terms import seller_block as terms_seller_block
 
@@ -499,12 +499,11 @@ def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normal
     quarantine = quarantine_table(settlement, normalized)
     write("quarantine.parquet", quarantine)
     write("conflicting_duplicates.parquet", settlement.conflicts)
-    spend = {inv.subscription_id: sum(line.amount_minor for line in inv.lines if line.kind in ("usage", "overage"))
-             for inv in invoices}
     write("alerts.parquet", alerts_table(
         price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period)
         + spend_alerts(period, list(reference.segments), settlement.usage_by_day, settlement.per_event_usage,
-                       outcome.billable_by_day, credit_meters(list(reference.segments)), spend)))
+                       outcome.billable_by_day, credit_meters(list(reference.segments)),
+                       usage_spend_by_subscription(invoices))))
     ledger = ledger_table(outcome, period)
     write("credit_ledger.parquet", ledger)
     write("billed_events.parquet", billed_events(lineage_rows(settlement), lines, quarantine, ledger))

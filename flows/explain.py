@@ -13,6 +13,7 @@ from flows.store import open_store
 from transforms.adjustments import KINDS as ADJUSTMENT_KINDS
 from transforms.adjustments import REF
 from transforms.errors import InputError
+from transforms.invoices import USAGE_LINE_KINDS
 
 _ID = re.compile(r"^(INV|CN|DN)-(\d{4}-\d{2})-\d{6}$")
 
@@ -67,7 +68,7 @@ def explain_invoice(store_uri: str, invoice_id: str) -> dict:
             plan = plans.get((line["plan"], line["plan_version"]), {})
             entry["plan"] = {"plan": line["plan"], "version": line["plan_version"], "file": plan.get("file"),
                              "sha256": plan.get("sha256")}
-        if line["kind"] in ("usage", "overage") and usage.height:
+        if line["kind"] in USAGE_LINE_KINDS and usage.height:
             wanted = {**(json.loads(line["filter"]) if line.get("filter") else {}),
                       **(json.loads(line["group"]) if line.get("group") else {})}
             rows = usage.filter((pl.col("segment_no") == line["segment_no"]) & (pl.col("meter") == line["meter"]))

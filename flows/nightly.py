@@ -82,13 +82,13 @@ from transforms.credits import (
 from transforms.engine import rated_invoices
 from transforms.errors import BillrunError, InputError
 from transforms.guards import night_of_closed_period
-from transforms.invoices import invoices_table, lines_table
+from transforms.invoices import USAGE_LINE_KINDS, invoices_table, lines_table
 from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
 from transforms.queries import statements
 from transforms.reference import segments_frame
 from transforms.settle import plan_meters, settled_usage
-from transforms.spend import spend_alerts_resumed, thresholds
+from transforms.spend import spend_alerts_resumed, subscriptions_over_budget, usage_spend_by_subscription
 
 SQL_FILE = "nightly.sql"
 ACCEPTED_COLUMNS = {"event_id": pl.String, "customer_id": pl.String, "meter": pl.String, "dims": pl.String,
@@ -571,8 +571,7 @@ def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Peri
     outcome, wallets = wallets_resumed(grants, subs, catalog, events, period, checkpoint, since)
     # rated as the close rates its period: the draft is the invoice the close would issue now
     invoices = rated_invoices(period, usage.usage_by_dims, usage.per_event_usage, outcome, reference)
-    spend = {i.subscription_id: sum(line.amount_minor for line in i.lines if line.kind in ("usage", "overage"))
-             for i in invoices}
+    spend = usage_spend_by_subscription(invoices)
     known = {} if known_spend is None else {(s, d): v for s, d, v in pl.read_parquet(known_spend).iter_rows()}
     spent, spend_through = spend_alerts_resumed(period, segments, usage.usage_by_day, usage.per_event_usage,
                                                 outcome.billable_by_day, credit_meters(segments), spend, known,
@@ -583,28 +582,6 @@ def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Peri
                                orient="row")
     return NightResult(invoices, balances_table(outcome, period), alerts, balances_from, spend_frame,
                        checkpoint_bytes(wallets))
-
-
-def customers_over(invoices: list, segments: list, fraction: str = "0.8") -> list[dict]:
-    """Subscriptions whose usage so far is above `fraction` of their budget."""
-    from decimal import Decimal
-
-    from transforms.money import to_minor
-    last = {s.subscription.subscription_id: s for s in segments}
-    out = []
-    for inv in invoices:
-        seg = last[inv.subscription_id]
-        budgets = [amount for kind, amount, label in thresholds(seg) if kind == "spend_threshold" and "budget" in label]
-        controls = seg.plan.plan.spend_controls
-        budget = seg.subscription.budget or (controls.budget if controls else None)
-        if budget is None or not budgets:
-            continue
-        spend = sum(line.amount_minor for line in inv.lines if line.kind in ("usage", "overage"))
-        if spend >= to_minor(budget * Decimal(fraction), inv.currency):
-            out.append({"customer_id": inv.customer_id, "subscription_id": inv.subscription_id,
-                        "spend_minor": spend, "budget_minor": to_minor(budget, inv.currency),
-                        "currency": inv.currency})
-    return out
 
 
 def deliver(webhook: str, payload: dict, attempts: int = 3) -> None:
@@ -763,7 +740,7 @@ def _publish_night(store, period: Period, day: date, intake: Intake, usage: Nigh
              "usage.parquet": _usage_per_customer(result.invoices)}
     for name, frame in names.items():
         frame.write_parquet(out_dir / name, **PARQUET)
-    over = customers_over(result.invoices, list(reference.segments))
+    over = subscriptions_over_budget(result.invoices, list(reference.segments))
     manifest = {
         "billrun_version": package_version("billrun"), "date": day.isoformat(), "period": str(period),
         "intake": {"objects": len(taken), "removed": list(intake.removed), **usage.counts},
@@ -815,7 +792,7 @@ def _usage_per_customer(invoices: list) -> pl.DataFrame:
     rows: dict[tuple, list] = {}
     for inv in invoices:
         for line in inv.lines:
-            if line.kind in ("usage", "overage") and line.meter:
+            if line.kind in USAGE_LINE_KINDS and line.meter:
                 acc = rows.setdefault((inv.customer_id, line.meter, inv.currency), [0, 0])
                 acc[1] += line.amount_minor
     return pl.DataFrame([{"customer_id": c, "meter": m, "currency": cur, "estimated_minor": v[1]}

@@ -11,7 +11,8 @@ import polars as pl
 from flows.explain import _ID, _locate, _read
 from flows.store import open_store
 from transforms.errors import InputError
-from transforms.lineage import USAGE_LINE_KINDS, decimal_text, statement_rows
+from transforms.invoices import USAGE_LINE_KINDS
+from transforms.lineage import decimal_text, statement_rows
 from transforms.settle import Settlement
 
 LINEAGE_COLUMNS = {

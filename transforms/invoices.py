@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import json
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
@@ -66,6 +66,23 @@ class Line:
 
 TAX_LINE_KINDS = ("tax", "tax_included")
 
+USAGE_LINE_KINDS = ("usage", "overage")
+"""The lines that bill metered usage: a charge's units (`overage`: those beyond its allowance)."""
+
+SPEND_KINDS = ("fixed_fee", "usage", "overage", "cap_waiver")
+"""What counts toward a commitment: the service, not credits bought in advance."""
+
+
+def usage_spend_minor(lines: Iterable[Line]) -> int:
+    """Usage spend: what the usage and overage lines bill (after credits, before any hard cap's
+    waiver), the amount budgets, spend alerts and the hard cap are measured against."""
+    return sum(line.amount_minor for line in lines if line.kind in USAGE_LINE_KINDS)
+
+
+def commitment_spend_minor(lines: Iterable[Line]) -> int:
+    """Spend toward a minimum commitment: fixed fees and usage net of any cap's waiver."""
+    return sum(line.amount_minor for line in lines if line.kind in SPEND_KINDS)
+
 
 @dataclass(frozen=True)
 class Invoice:
@@ -98,6 +115,16 @@ class Invoice:
     def subtotal_minor(self) -> int:
         """Net of tax: total = subtotal + tax."""
         return self.total_minor - self.tax_minor
+
+    @property
+    def usage_spend_minor(self) -> int:
+        """The invoice's usage spend (see the module function `usage_spend_minor`)."""
+        return usage_spend_minor(self.lines)
+
+    @property
+    def commitment_spend_minor(self) -> int:
+        """The invoice's spend toward a minimum commitment (see `commitment_spend_minor`)."""
+        return commitment_spend_minor(self.lines)
 
 
 @contextmanager
@@ -289,10 +316,6 @@ def fixed_fee_lines(segment: Segment, label_suffix: str) -> list[Line]:
     return lines
 
 
-SPEND_KINDS = ("fixed_fee", "usage", "overage", "cap_waiver")
-"""What counts toward a commitment: the service, not credits bought in advance."""
-
-
 def _cap_and_commitment(segments: list[Segment], sub: Subscription, lines: list[Line]) -> list[Line]:
     """Invoice-level lines. The hard cap first: usage lines keep their full amounts and one
     `cap_waiver` carries the excess back. Then the commitment: if what remains falls short of the
@@ -302,7 +325,7 @@ def _cap_and_commitment(segments: list[Segment], sub: Subscription, lines: list[
     out: list[Line] = []
     controls = last.spend_controls
     cap = sub.hard_cap if sub.hard_cap is not None else (controls.hard_cap if controls else None)
-    usage_minor = sum(line.amount_minor for line in lines if line.kind in ("usage", "overage"))
+    usage_minor = usage_spend_minor(lines)
     if cap is not None:
         cap_minor = to_minor(cap, currency, rounding)
         if usage_minor > cap_minor:
@@ -314,7 +337,7 @@ def _cap_and_commitment(segments: list[Segment], sub: Subscription, lines: list[
                    for s in segments if s.plan.plan.commitment), ZERO)
     if any(s.plan.plan.commitment for s in segments):
         minimum_minor = to_minor(minimum, currency, rounding)
-        spend_minor = sum(line.amount_minor for line in lines + out if line.kind in SPEND_KINDS)
+        spend_minor = commitment_spend_minor(lines + out)
         if spend_minor < minimum_minor:
             shortfall = minimum_minor - spend_minor
             out.append(Line(kind="commitment_true_up", quantity=Decimal(1), amount_minor=shortfall,

@@ -17,6 +17,8 @@ import json
 
 import polars as pl
 
+from transforms.invoices import USAGE_LINE_KINDS
+
 BILLED_EVENTS_SCHEMA = {
     "customer_id": pl.String, "event_at": pl.Datetime("us", "UTC"), "event_id": pl.String, "meter": pl.String,
     "dims": pl.String, "quantity": pl.Decimal(38, 9), "status": pl.String, "invoice_id": pl.String,
@@ -24,8 +26,6 @@ BILLED_EVENTS_SCHEMA = {
     "reason": pl.String, "detail": pl.String, "duplicate_of": pl.String, "source_key": pl.String,
     "source_row": pl.Int64,
 }
-
-USAGE_LINE_KINDS = ("usage", "overage")
 
 
 def _line_key(meter: str, dims_json: str, filter_json: str, group_json: str) -> str | None:

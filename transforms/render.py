@@ -17,7 +17,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, Template, select
 from markupsafe import Markup
 
 from transforms.credits import CreditSummary, GrantMovement
-from transforms.invoices import SPEND_KINDS, TAX_LINE_KINDS, Invoice, Line
+from transforms.invoices import TAX_LINE_KINDS, USAGE_LINE_KINDS, Invoice, Line
 from transforms.money import format_money, minor_exponent
 from transforms.pricing.base import fmt_units
 
@@ -176,7 +176,7 @@ def _line_view(no: int, line: Line, currency: str, usage_minor: int, spend_minor
     kind = line.kind
     single = line.steps[0] if len(line.steps) == 1 else None
     details: list[str] = []
-    if kind in ("usage", "overage"):
+    if kind in USAGE_LINE_KINDS:
         details = _usage_details(line, currency)
     elif kind == "cap_waiver":
         details = [f"Usage charges {_money(usage_minor, currency)}, billed up to the cap: "
@@ -190,7 +190,7 @@ def _line_view(no: int, line: Line, currency: str, usage_minor: int, spend_minor
         "no": no, "kind": kind, "badge": BADGES.get(kind, ""), "description": line.description,
         "quantity": "" if kind in ("cap_waiver", "commitment_true_up", "adjustment_charge", "adjustment_credit")
         else _quantity(line.quantity, line.unit),
-        "unit_price": single.price_text if single is not None and kind in ("usage", "overage") else "",
+        "unit_price": single.price_text if single is not None and kind in USAGE_LINE_KINDS else "",
         "amount": _money(line.amount_minor, currency), "details": details,
     }
 
@@ -207,8 +207,7 @@ def line_groups(invoice: Invoice) -> list[dict]:
     version it ran on (a plan change mid-period gives two groups), then spend controls and
     commitments, then credits bought. Line numbers stay those of invoice_lines."""
     currency = invoice.currency
-    usage_minor = sum(line.amount_minor for line in invoice.lines if line.kind in ("usage", "overage"))
-    spend_minor = sum(line.amount_minor for line in invoice.lines if line.kind in SPEND_KINDS)
+    usage_minor, spend_minor = invoice.usage_spend_minor, invoice.commitment_spend_minor
     by_plan: dict[tuple, list] = {}
     by_section: dict[str, list] = {}
     section_of = {kind: title for kinds, title in SECTIONS for kind in kinds}

@@ -23,7 +23,7 @@ from decimal import Decimal
 import polars as pl
 
 from transforms.alerts import Alert
-from transforms.invoices import SegmentUsage, charge_lines, cycle_collector_paused
+from transforms.invoices import Invoice, SegmentUsage, charge_lines, cycle_collector_paused, usage_spend_minor
 from transforms.money import decimal_text, from_minor, to_minor
 from transforms.periods import Period
 from transforms.reference import Segment
@@ -55,6 +55,32 @@ def thresholds(segment: Segment) -> list[tuple[str, Decimal, str]]:
     cap = sub.hard_cap if sub.hard_cap is not None else (controls.hard_cap if controls else None)
     if cap is not None:
         out.append(("hard_cap_reached", cap, f"hard cap {cap}"))
+    return out
+
+
+def usage_spend_by_subscription(invoices: list[Invoice]) -> dict[str, int]:
+    """Each subscription's usage spend over its invoice (one per subscription): the whole
+    period's spend that `spend_alerts` starts from."""
+    return {inv.subscription_id: inv.usage_spend_minor for inv in invoices}
+
+
+def subscriptions_over_budget(invoices: list[Invoice], segments: list[Segment], fraction: str = "0.8") -> list[dict]:
+    """One row per subscription whose usage spend so far is at or above `fraction` of its budget
+    (subscription override, else the plan's `spend_controls.budget` of its last segment)."""
+    last = {s.subscription.subscription_id: s for s in segments}
+    out = []
+    for inv in invoices:
+        seg = last[inv.subscription_id]
+        budgets = [amount for kind, amount, label in thresholds(seg) if kind == "spend_threshold" and "budget" in label]
+        controls = seg.plan.plan.spend_controls
+        budget = seg.subscription.budget or (controls.budget if controls else None)
+        if budget is None or not budgets:
+            continue
+        spend = inv.usage_spend_minor
+        if spend >= to_minor(budget * Decimal(fraction), inv.currency):
+            out.append({"customer_id": inv.customer_id, "subscription_id": inv.subscription_id,
+                        "spend_minor": spend, "budget_minor": to_minor(budget, inv.currency),
+                        "currency": inv.currency})
     return out
 
 
@@ -114,13 +140,9 @@ class _SubscriptionUsage:
 
 def _spend_minor(segments: list[Segment], usage: _SubscriptionUsage, through: date) -> int:
     """Usage charges of the subscription for its usage up to and including `through`."""
-    total = 0
     allowance_used: dict[tuple, Decimal] = {}
-    for seg in segments:
-        total += sum(line.amount_minor for line in charge_lines(seg, usage.segment_usage(seg.segment_no, through), "",
-                                                          allowance_used)
-                     if line.kind in ("usage", "overage"))
-    return total
+    return sum(usage_spend_minor(charge_lines(seg, usage.segment_usage(seg.segment_no, through), "", allowance_used))
+               for seg in segments)
 
 
 def _usage_from(usage_by_day: pl.DataFrame, per_event_usage: pl.DataFrame, since: dict[str, date],
