@@ -64,8 +64,9 @@ from transforms.invoices import Invoice, invoices_table, lines_table
 from transforms.money import format_money
 from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
+from transforms.reference import subscription_plans
 from transforms.render import invoice_html
-from transforms.revenue import journal, proportional_rates, revenue_rows, tax_rows
+from transforms.revenue import journal, revenue_table, tax_rows
 from transforms.terms import due_on
 
 _CORRECTION_MANIFEST = re.compile(r"^billing/corrections/run=([^/]+)/manifest\.json$")
@@ -253,15 +254,14 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                     rerated = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
                     plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
                     record = issued[str(period)]
-                    plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
-                    roundings.update({sub: plan.rounding for sub, plan in plan_of_sub.items()})
+                    roundings.update(subscription_plans(reference.segments).rounding)
                     due = {row["customer_id"]: due_on(issued_on, reference.seller, row)
                            for row in reference.customers.iter_rows(named=True)}
                     documents += [replace(doc, due_on=due.get(doc.customer_id)) for doc in correction_documents(
                         str(period), rerated, issued_lines(record.lines), _originals(record.docs),
                         _next_numbers(record.docs), issued_on, issued_taxes(record.lines), roundings)]
                     revenue_changes.append(revenue_adjustments(
-                        revenue_rows(period, rerated, outcome, proportional_rates(outcome, plan_of_sub)),
+                        revenue_table(period, rerated, outcome, reference.segments),
                         record.revenue, str(period), booked))
                     ledger_changes.append(ledger_adjustments(balances_table(outcome, period), record.balances,
                                                              str(period), booked, utc_midnight(issued_on)))

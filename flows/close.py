@@ -95,8 +95,16 @@ from transforms.lineage import billed_events
 from transforms.margins import margins_table, segment_plans
 from transforms.periods import Period
 from transforms.plans import Catalog, PlanFile, load_catalog
-from transforms.reference import Segment, Subscription, checked_customers, checked_subscriptions, plan_on, segments_in
-from transforms.revenue import journal, proportional_rates, revenue_rows, tax_rows
+from transforms.reference import (
+    Segment,
+    Subscription,
+    checked_customers,
+    checked_subscriptions,
+    plan_on,
+    segments_in,
+    subscription_plans,
+)
+from transforms.revenue import journal, revenue_table, tax_rows
 from transforms.settle import Settlement, split_at_replay
 from transforms.spend import spend_alerts, usage_spend_by_subscription
 from transforms.tax.rules import RULES_KEY, RulesProvider, load_rules
@@ -432,10 +440,10 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     # The HTML invoices render in worker processes while this process writes the tables: the
     # documents need only the rated invoices, and the tables are mostly one core's work.
     customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
-    roundings = {seg.subscription.subscription_id: seg.plan.plan.rounding for seg in reference.segments}
+    plans = subscription_plans(reference.segments)
     stop = threading.Event()  # a table failed: render no further chunk
     rendering = ThreadPoolExecutor(max_workers=1, thread_name_prefix="documents")
-    documents_future = rendering.submit(write_invoice_documents, invoices, customers, reference.seller, roundings,
+    documents_future = rendering.submit(write_invoice_documents, invoices, customers, reference.seller, plans.rounding,
                                         credit_summaries(outcome, period), run_id, out_dir, local_workers(),
                                         stop=stop)
     try:
@@ -450,7 +458,6 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     finally:
         rendering.shutdown(wait=True)
     names.extend(name for name, _, _ in documents)
-    plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
 
     tables = [n for n in names if "/" not in n]
     outputs = [(n, (out_dir / n).stat().st_size, _sha256(out_dir / n)) for n in tables] + documents
@@ -465,7 +472,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         "status": "closed",
         "issued_on": period.end.isoformat(),
         "inputs": [o.manifest_entry() for o in inputs.all],
-        "credits": credit_report(outcome, period, plan_of_sub),
+        "credits": credit_report(outcome, period, plans.plan),
         "plans": plan_entries,
         "catalog": catalog_entries(catalog),
         "costs": costs[1],
@@ -510,8 +517,7 @@ def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normal
     del ledger
     write("credit_balances.parquet", balances_table(outcome, period))
     del lines
-    plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
-    revenue = revenue_rows(period, invoices, outcome, proportional_rates(outcome, plan_of_sub))
+    revenue = revenue_table(period, invoices, outcome, reference.segments)
     write("revenue.parquet", revenue)
     write("journal.parquet", journal(revenue, tax_rows(invoices, str(period))))
     adjustments = None

@@ -53,7 +53,7 @@ from transforms.margins import Costs, margins_table, segment_plans
 from transforms.money import decimal_text
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
-from transforms.revenue import proportional_rates, revenue_rows
+from transforms.revenue import revenue_table
 from transforms.simulate import Outcomes
 
 
@@ -85,9 +85,8 @@ def rerated_outcomes(store: str, usage: PeriodUsage, reference: Reference, catal
     outcome = _sided(which, replay_credits, quote(settlement), quote(reference), quote(catalog), period)
     invoices = _sided(which, rate_invoices, quote(settlement), quote(reference), quote(outcome), period)
     segments = segment_plans(reference.segments)
-    plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in reference.segments}
     return Outcomes(invoices_table(invoices),
-                    revenue_rows(period, invoices, outcome, proportional_rates(outcome, plan_of_sub)),
+                    revenue_table(period, invoices, outcome, reference.segments),
                     margins_table(lines_table(invoices), settlement.usage_by_day, segments, costs, period),
                     segments)
 

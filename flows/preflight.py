@@ -169,7 +169,7 @@ def preview_target(store_uri: str, plans: str, customer: str, day: date) -> dict
     from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, read_table
     from flows.keys import SELLER_KEY
     from transforms.plans import load_catalog
-    from transforms.reference import checked_customers, checked_subscriptions, segments_in
+    from transforms.reference import checked_customers, checked_subscriptions, segments_in, subscription_plans
     from transforms.terms import seller_block
 
     keys = {}
@@ -202,7 +202,7 @@ def preview_target(store_uri: str, plans: str, customer: str, day: date) -> dict
                     and Period.containing(night := date.fromisoformat(m.group(1))) == period and night <= day)
     return {"period": period, "day": day, "customer": rows.row(0, named=True),
             "seller": seller_block(seller or {}, SELLER_KEY),
-            "roundings": {s.subscription.subscription_id: s.plan.plan.rounding for s in segments},
+            "roundings": subscription_plans(segments).rounding,
             "night": nights[-1] if nights else None}
 
 

@@ -67,7 +67,7 @@ from transforms.money import decimal_text
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
 from transforms.reference import checked_customers, segments_in
-from transforms.revenue import proportional_rates, revenue_rows
+from transforms.revenue import revenue_table
 from transforms.settle import Settlement
 from transforms.simulate import (
     SHOCK_DEFAULT,
@@ -159,13 +159,11 @@ def compare_models(store: str, period: Period, moves: tuple[Move, ...], customer
                    costs_source: dict | None, history: dict[str, pl.DataFrame]) -> Simulation:
     """Both models side by side: per customer, per currency, and what the charts draw."""
     current_segments, candidate_segments = segment_plans(original.segments), segment_plans(rerated.reference.segments)
-    plan_of_sub = {s.subscription.subscription_id: s.plan.plan for s in rerated.reference.segments}
     current = Outcomes(closed.documents, closed.revenue,
                        margins_table(closed.lines, closed.usage_summary, current_segments, costs, period),
                        current_segments)
     candidate = Outcomes(invoices_table(rerated.invoices),
-                         revenue_rows(period, rerated.invoices, rerated.outcome,
-                                      proportional_rates(rerated.outcome, plan_of_sub)),
+                         revenue_table(period, rerated.invoices, rerated.outcome, rerated.reference.segments),
                          margins_table(lines_table(rerated.invoices), rerated.settlement.usage_by_dims,
                                        candidate_segments, costs, period),
                          candidate_segments)

@@ -16,6 +16,7 @@ from transforms.adjustments import with_adjustments
 from transforms.credits import Outcome, credit_lines, credit_meters, per_event_charged
 from transforms.invoices import Invoice, apply_credits, cycle_collector_paused, period_invoices, usage_by_segment
 from transforms.periods import Period
+from transforms.reference import subscription_plans
 from transforms.tax import Party, customer_parties, taxed_invoices
 from transforms.terms import due_on
 
@@ -31,10 +32,9 @@ def rated_invoices(period: Period, usage_by_dims: pl.DataFrame, per_event_usage:
     with cycle_collector_paused():  # 100k invoices of lines, none of them a cycle
         usage = apply_credits(usage_by_segment(usage_by_dims, per_event_charged(per_event_usage, segments)),
                               outcome.billable_units, credit_meters(segments))
-        currency_of = {s.subscription.subscription_id: s.plan.plan.currency for s in segments}
-        rounding_of = {s.subscription.subscription_id: s.plan.plan.rounding for s in segments}
+        plans = subscription_plans(segments)
         extra = credit_lines(period, outcome, list(reference.purchases), list(reference.subscriptions),
-                             currency_of, rounding_of)
+                             plans.currency, plans.rounding)
         return invoices_to_send(with_adjustments(period_invoices(period, segments, usage, extra),
                                                  list(reference.adjustments)), reference)
 
@@ -44,12 +44,11 @@ def invoices_to_send(invoices: list[Invoice], reference) -> list[Invoice]:
     them), then each document's due date from the payment terms."""
     segments = list(reference.segments)
     if reference.tax is not None:
-        last_plan = {s.subscription.subscription_id: (s.plan.plan.plan, s.plan.plan.version) for s in segments}
+        plans = subscription_plans(segments)
         inclusive = frozenset((s.plan.plan.plan, s.plan.plan.version) for s in segments if s.plan.plan.tax_inclusive)
-        rounding = {s.subscription.subscription_id: s.plan.plan.rounding for s in segments}
         invoices = taxed_invoices(invoices, reference.tax, Party(reference.tax.country, None,
                                                                  reference.seller.get("tax_id")),
-                                  customer_parties(reference.customers), inclusive, last_plan, rounding)
+                                  customer_parties(reference.customers), inclusive, plans.plan_version, plans.rounding)
     if reference.seller.get("payment_terms_days") is None and reference.customers["payment_terms_days"].null_count() \
             == reference.customers.height:
         return invoices  # no terms anywhere: no due dates (and no copy of 100k invoices)

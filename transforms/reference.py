@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from functools import cached_property
 from itertools import pairwise
 
 import pandera.polars as pa
@@ -16,7 +17,7 @@ from pandera.errors import SchemaErrors
 
 from transforms.errors import InputError
 from transforms.periods import Period, utc_midnight
-from transforms.plans import Catalog, PlanFile
+from transforms.plans import Catalog, Plan, PlanFile
 
 DATE = r"^\d{4}-\d{2}-\d{2}$"
 MONEY = r"^\d+(\.\d+)?$"  # budgets and caps are amounts, never negative
@@ -231,6 +232,38 @@ def segments_in(period: Period, subs: list[Subscription], catalog: Catalog) -> l
                 number += 1
                 out.append(Segment(sub, number, plan, utc_midnight(start), utc_midnight(end), period))
     return out
+
+
+@dataclass(frozen=True)
+class SubscriptionPlans:
+    """Per subscription id, the plan version it ends the period on: its last segment's. A
+    subscription's invoice-level lines (credits bought, the hard cap, tax), its documents'
+    rounding and its credits' breakage follow that plan, whatever it ran on earlier."""
+
+    last_segment: dict[str, Segment]
+
+    @cached_property
+    def plan(self) -> dict[str, Plan]:
+        return {sub: seg.plan.plan for sub, seg in self.last_segment.items()}
+
+    @cached_property
+    def plan_version(self) -> dict[str, tuple[str, int]]:
+        """(plan, version), the key tax rules and inclusive prices are looked up by."""
+        return {sub: (plan.plan, plan.version) for sub, plan in self.plan.items()}
+
+    @cached_property
+    def currency(self) -> dict[str, str]:
+        return {sub: plan.currency for sub, plan in self.plan.items()}
+
+    @cached_property
+    def rounding(self) -> dict[str, str]:
+        return {sub: plan.rounding for sub, plan in self.plan.items()}
+
+
+def subscription_plans(segments) -> SubscriptionPlans:
+    """The plan view of `segments` (in subscription then time order, as `segments_in` makes
+    them): a later segment of a subscription replaces an earlier one."""
+    return SubscriptionPlans({seg.subscription.subscription_id: seg for seg in segments})
 
 
 def segments_frame(segments: list[Segment]) -> pl.DataFrame:

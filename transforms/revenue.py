@@ -34,6 +34,7 @@ from transforms.credits import Outcome
 from transforms.invoices import SPEND_KINDS, Invoice, cycle_collector_paused
 from transforms.money import to_minor
 from transforms.periods import Period
+from transforms.reference import subscription_plans
 
 ZERO = Decimal(0)
 
@@ -98,6 +99,12 @@ def proportional_rates(outcome: Outcome, plan_of: dict[str, object]) -> dict[str
         if plan is not None and plan.credits is not None and plan.credits.breakage == "proportional":
             rates[g.grant_id] = plan.credits.expected_breakage
     return rates
+
+
+def revenue_table(period: Period, invoices: list[Invoice], outcome: Outcome, segments) -> pl.DataFrame:
+    """The period's revenue table from its rated invoices and its credits, whose grants under
+    `breakage: proportional` expect the rate of the plan their subscription ends the period on."""
+    return revenue_rows(period, invoices, outcome, proportional_rates(outcome, subscription_plans(segments).plan))
 
 
 @cycle_collector_paused()  # a dict per row and per customer's credits (see transforms.invoices)

@@ -26,7 +26,7 @@ from transforms.alerts import Alert
 from transforms.invoices import Invoice, SegmentUsage, charge_lines, cycle_collector_paused, usage_spend_minor
 from transforms.money import decimal_text, from_minor, to_minor
 from transforms.periods import Period
-from transforms.reference import Segment
+from transforms.reference import Segment, subscription_plans
 
 DEFAULT_AMOUNTS = (Decimal(100), Decimal(1000), Decimal(10000))
 """Alerts for a usage plan with no budget: when spend reaches 100, 1,000 and 10,000 of its currency."""
@@ -67,7 +67,7 @@ def usage_spend_by_subscription(invoices: list[Invoice]) -> dict[str, int]:
 def subscriptions_over_budget(invoices: list[Invoice], segments: list[Segment], fraction: str = "0.8") -> list[dict]:
     """One row per subscription whose usage spend so far is at or above `fraction` of its budget
     (subscription override, else the plan's `spend_controls.budget` of its last segment)."""
-    last = {s.subscription.subscription_id: s for s in segments}
+    last = subscription_plans(segments).last_segment
     out = []
     for inv in invoices:
         seg = last[inv.subscription_id]
