@@ -546,13 +546,14 @@ class NightResult:
 SPEND_COLUMNS = {"subscription_id": pl.String, "day": pl.Date, "spend_minor": pl.Int64}
 
 
-@task(name="estimate", cache_policy=NO_CACHE, **IO_RETRIES)
+@task(name="estimate", cache_policy=NO_CACHE)
 def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Period,
              known_spend: Path | None, known_wallets: str | None = None) -> NightResult:
     """Credits, the draft invoices and every alert of the period so far. Spend alerts resume
     from the spend the last night worked out (`known_spend`, None when its terms changed);
     wallets from the last night's checkpoint (`known_wallets`, a store key, used under the same
-    terms) for the customers whose usage changed only after their last event."""
+    terms) for the customers whose usage changed only after their last event. Not retried: the
+    estimate is pure work, and its one read (the checkpoint) has the store's own retries."""
     store = open_store(store_uri)
     segments = list(reference.segments)
     subs, purchases = list(reference.subscriptions), list(reference.purchases)
@@ -584,25 +585,40 @@ def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Peri
                        checkpoint_bytes(wallets))
 
 
-def deliver(webhook: str, payload: dict, attempts: int = 3) -> None:
-    """POST the alerts as JSON; retried with backoff; raises DeliveryFailed at the end."""
+WEBHOOK_RETRIES = {"retries": 2, "retry_delay_seconds": [1, 2]}
+"""A refused or unreachable webhook is tried three times in all, 1 s then 2 s apart; the POST is
+the task's only work, so every failure is IO that may pass."""
+
+
+class WebhookRefused(BillrunError):
+    """One POST of the alerts failed (an HTTP error status or no connection)."""
+
+
+@task(name="deliver-alerts", cache_policy=NO_CACHE, **WEBHOOK_RETRIES)
+def post_alerts(webhook: str, body: bytes) -> None:
+    """POST the alerts as JSON once; Prefect retries the task (WEBHOOK_RETRIES)."""
+    try:
+        request = urllib.request.Request(webhook, data=body, headers={"Content-Type": "application/json"},
+                                         method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - the operator's URL
+            if 200 <= response.status < 300:
+                return
+            raise WebhookRefused(f"HTTP {response.status}")
+    except urllib.error.HTTPError as exc:
+        raise WebhookRefused(f"HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise WebhookRefused(str(getattr(exc, "reason", exc))) from None
+
+
+def deliver(webhook: str, payload: dict) -> None:
+    """POST the alerts as JSON (retried, see WEBHOOK_RETRIES); raises DeliveryFailed at the end."""
     body = json.dumps(payload, sort_keys=True).encode()
-    last = ""
-    for attempt in range(attempts):
-        try:
-            request = urllib.request.Request(webhook, data=body, headers={"Content-Type": "application/json"},
-                                             method="POST")
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - the operator's URL
-                if 200 <= response.status < 300:
-                    return
-                last = f"HTTP {response.status}"
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError) as exc:
-            last = str(getattr(exc, "reason", exc))
-        time.sleep(min(2 ** attempt, 4) if attempt + 1 < attempts else 0)
-    raise DeliveryFailed(f"alerts written, but the webhook did not take them after {attempts} tries ({last}); "
-                         f"they stay pending and the next nightly run delivers them")
+    try:
+        post_alerts(webhook, body)
+    except WebhookRefused as exc:
+        tries = 1 + WEBHOOK_RETRIES["retries"]
+        raise DeliveryFailed(f"alerts written, but the webhook did not take them after {tries} tries ({exc}); "
+                             f"they stay pending and the next nightly run delivers them") from None
 
 
 @flow(name="nightly", log_prints=False)

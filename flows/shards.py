@@ -178,14 +178,16 @@ def normalize_batch(store_uri: str, batch: Opaque, scratch: Scratch, shards: int
     return NormalizedBatch(shard_keys, unreadable, rows)
 
 
-@task(name="settle-usage", cache_policy=NO_CACHE, **IO_RETRIES)
+@task(name="settle-usage", cache_policy=NO_CACHE)
 def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period) -> Opaque:
     """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past its cap.
     Events the billed-event index shows billed in another closed period are not billed; the
     shard's billed event_ids go to the scratch area (`billed/`), for the period's index.
     The Settlement comes back in an Opaque, which `settle_shards` empties once merged: Prefect
     keeps every task run's result until the flow ends, and the shards' results together are as
-    large as the merged settlement."""
+    large as the merged settlement.
+    Not retried: the settlement is pure work that fails the same way twice, and its reads and
+    writes of the scratch store carry the store's own retries (botocore's, on S3)."""
     started = time.perf_counter()
     reference, catalog, index = context.value
     with tempfile.TemporaryDirectory(prefix=f"billrun-shard{shard:04d}-") as tmp:

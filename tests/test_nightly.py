@@ -360,7 +360,7 @@ class Hook:
 FIFTY = ("c-runaway", "spend_threshold", D("100.00"), "2026-10-10")
 EIGHTY = ("c-runaway", "spend_threshold", D("160.00"), "2026-10-11")
 HUNDRED = ("c-runaway", "spend_threshold", D("200.00"), "2026-10-12")
-ATTEMPTS = 3  # flows.nightly.deliver tries three times before giving up
+ATTEMPTS = 3  # flows.nightly.post_alerts: one try and two retries before giving up
 
 
 def store_through(tmp_path: Path, last_day: int) -> tuple[str, str]:

@@ -76,3 +76,34 @@ def test_io_that_may_pass_is_retried(error):
 
 def test_io_tasks_retry_through_the_condition():
     assert IO_RETRIES["retry_condition_fn"] is transient and IO_RETRIES["retries"] == 3
+
+
+# -- which tasks retry: IO only ---------------------------------------------------------------------
+
+def test_pure_work_is_never_retried():
+    from flows.nightly import estimate
+    from flows.shards import settle_shard
+
+    for pure in (settle_shard, estimate):  # the same rows fail the same way on every attempt
+        assert pure.retries == 0, pure.name
+
+
+def test_io_tasks_carry_the_io_retry_rule():
+    from flows.close import fetch_inputs, publish
+    from flows.nightly import publish_night, take_in
+    from flows.shards import normalize_batch
+
+    for io_task in (fetch_inputs, publish, take_in, publish_night, normalize_batch):
+        assert io_task.retries == IO_RETRIES["retries"] and io_task.retry_condition_fn is transient, io_task.name
+
+
+def test_the_webhook_is_retried_by_its_task_not_by_a_sleep_loop():
+    """Three POSTs in all, 1 s then 2 s apart, by Prefect's task retries; nightly never sleeps itself."""
+    import inspect
+
+    import flows.nightly as nightly
+    from flows.nightly import WEBHOOK_RETRIES, post_alerts
+
+    assert (post_alerts.retries, post_alerts.retry_delay_seconds) == (2, [1, 2]) == (
+        WEBHOOK_RETRIES["retries"], WEBHOOK_RETRIES["retry_delay_seconds"])
+    assert "sleep(" not in inspect.getsource(nightly)
