@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -39,7 +40,7 @@ import flows.close as close  # noqa: E402
 import flows.report as report  # noqa: E402
 import flows.shards as shards  # noqa: E402
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices  # noqa: E402
-from transforms.credits import credit_meters  # noqa: E402
+from transforms.credits.events import credit_meters  # noqa: E402
 from transforms.margins import segment_plans  # noqa: E402
 from transforms.periods import Period  # noqa: E402
 from transforms.plans import load_catalog  # noqa: E402
@@ -143,13 +144,45 @@ def module_at(rev: str, path: str, uses: dict | None = None):
 BASELINE_MODULES = ("invoices", "margins", "spend", "credits", "revenue")
 
 
+def git_paths(rev: str, folder: str) -> list[str]:
+    """The files under `folder` at `rev` (empty when it is not a folder there)."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:{folder}"],
+                            capture_output=True, text=True)
+    return [f"{folder}/{name}" for name in listed.stdout.split()] if listed.returncode == 0 else []
+
+
+def package_at(rev: str, name: str, uses: dict) -> dict:
+    """The modules of package `transforms.<name>` at `rev`, each loaded once the package's
+    modules it imports are: module name -> module (added to `uses` as they load)."""
+    package = f"transforms.{name}"
+    sources = {f"{package}.{Path(path).stem}": path for path in git_paths(rev, f"transforms/{name}")
+               if path.endswith(".py") and not path.endswith("__init__.py")}
+    needs = {module: set(re.findall(rf"^from ({re.escape(package)}\.\w+) import", subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True, capture_output=True, text=True).stdout,
+        re.M)) for module, path in sources.items()}
+    loaded: dict = {}
+    while len(loaded) < len(sources):
+        ready = sorted(m for m in sources if m not in loaded and needs[m] <= set(loaded))
+        if not ready:
+            raise RuntimeError(f"{rev}: the modules of {package} import each other in a circle")
+        for module in ready:
+            loaded[module] = module_at(rev, sources[module], {**uses, **loaded})
+    return loaded
+
+
 def modules_at(rev: str) -> dict:
     """The transforms this bench times and `flows/close.py`, as they were at `rev`, each
-    importing the others' baseline versions."""
+    importing the others' baseline versions. `credits` is a module before the wallet's split
+    into a package, then its `ledger` module (the tables this bench builds from it)."""
     out: dict = {}
+    uses: dict = {}
     for name in BASELINE_MODULES:
-        out[name] = module_at(rev, f"transforms/{name}.py", {f"transforms.{n}": m for n, m in out.items()})
-    out["close"] = module_at(rev, "flows/close.py", {f"transforms.{n}": m for n, m in out.items()})
+        if name == "credits" and git_paths(rev, "transforms/credits"):
+            uses.update(package_at(rev, name, uses))
+            out[name] = uses["transforms.credits.ledger"]
+            continue
+        out[name] = uses[f"transforms.{name}"] = module_at(rev, f"transforms/{name}.py", uses)
+    out["close"] = module_at(rev, "flows/close.py", uses)
     out["close"].get_run_logger = _logger
     return out
 
@@ -229,7 +262,7 @@ def main() -> None:
     report_rows.append({"piece": "load state", **m.row()})
     reference, settlement, catalog = state["reference"], state["settlement"], state["catalog"]
 
-    import transforms.credits as credits_now
+    import transforms.credits.ledger as credits_now
     import transforms.invoices as invoices_now
     import transforms.margins as margins_now
     import transforms.revenue as revenue_now

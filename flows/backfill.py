@@ -57,7 +57,7 @@ from transforms.corrections import (
     ledger_adjustments,
     revenue_adjustments,
 )
-from transforms.credits import balances_table
+from transforms.credits.ledger import balances_table
 from transforms.errors import InputError
 from transforms.guards import backfill_dated_too_early
 from transforms.invoices import Invoice, invoices_table, lines_table

@@ -74,23 +74,18 @@ from transforms.adjustments import (
     period_adjustments,
 )
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
-from transforms.credits import (
-    CreditEvent,
-    Outcome,
-    Purchase,
-    balances_table,
-    credit_meters,
-    credit_report,
-    credit_summaries,
-    history_grants,
-    ledger_table,
-    purchases_from,
-    replay,
-)
+from transforms.collector import cycle_collector_paused
+from transforms.credits.events import credit_meters
+from transforms.credits.grants import history_grants
+from transforms.credits.ledger import balances_table, ledger_table
+from transforms.credits.model import CreditEvent, Outcome, Purchase
+from transforms.credits.purchases import purchases_from
+from transforms.credits.reports import credit_report, credit_summaries
+from transforms.credits.wallet import replay
 from transforms.engine import rated_invoices
 from transforms.errors import BillrunError, InputError
 from transforms.guards import close_too_early, close_without_usage, rows_in_period
-from transforms.invoices import Invoice, cycle_collector_paused, invoices_table, lines_table
+from transforms.invoices import Invoice, invoices_table, lines_table
 from transforms.lineage import billed_events
 from transforms.margins import margins_table, segment_plans
 from transforms.periods import Period

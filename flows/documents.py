@@ -14,7 +14,7 @@ import polars as pl
 from flows.fonts import check_glyphs
 from flows.keys import MANIFEST
 from flows.store import open_store
-from transforms.credits import CreditSummary
+from transforms.credits.reports import CreditSummary
 from transforms.drafts import draft_file_stem, wallet_from_balances
 from transforms.errors import InputError
 from transforms.invoices import Invoice, invoices_from_tables

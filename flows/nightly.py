@@ -67,18 +67,17 @@ from flows.locks import Fence, Hold, period_lock, warn
 from flows.secrets import keep_secrets_out_of_logs, webhook_url
 from flows.store import StoreError, open_store
 from transforms.alerts import Alert, alerts_table, credit_alerts, price_change_notices
-from transforms.credits import (
-    balances_table,
+from transforms.credits.checkpoint import (
     checkpoint_bytes,
     checkpoint_from,
     credit_events_since,
-    credit_meters,
-    grants_from_balances,
-    history_grants,
-    opening_grants,
     resume_days,
     wallets_resumed,
 )
+from transforms.credits.events import credit_meters
+from transforms.credits.grants import history_grants
+from transforms.credits.ledger import balances_table
+from transforms.credits.opening import grants_from_balances, opening_grants
 from transforms.engine import rated_invoices
 from transforms.errors import BillrunError, InputError
 from transforms.guards import night_of_closed_period

@@ -26,7 +26,7 @@ from flows.close import (
 )
 from flows.engine import period_usage
 from flows.secrets import keep_secrets_out_of_logs
-from transforms.credits import CreditSummary, credit_summaries
+from transforms.credits.reports import CreditSummary, credit_summaries
 from transforms.errors import InputError
 from transforms.invoices import Invoice
 from transforms.periods import Period, parse_day

@@ -59,7 +59,7 @@ from flows.report import (
     simulation_html,
 )
 from flows.store import open_store
-from transforms.credits import Outcome
+from transforms.credits.model import Outcome
 from transforms.errors import InputError
 from transforms.invoices import Invoice, invoices_table, lines_table
 from transforms.margins import Costs, margins_table, segment_plans

@@ -13,7 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from flows.store import open_store
-from transforms.credits import CreditEvent, Entry, Outcome, Purchase
+from transforms.credits.model import CreditEvent, Entry, Outcome, Purchase
 from transforms.plans import Catalog, PlanFile, parse_plan
 from transforms.reference import Subscription
 

@@ -11,15 +11,12 @@ from datetime import date, datetime, timezone
 from decimal import Decimal
 
 from transforms.corrections import Issued, correction_documents
-from transforms.credits import (
-    CreditEvent,
-    CreditSummary,
-    Outcome,
-    credit_lines,
-    credit_meters,
-    credit_summaries,
-    wallet_history,
-)
+from transforms.credits.events import credit_meters
+from transforms.credits.grants import history_grants
+from transforms.credits.lines import credit_lines
+from transforms.credits.model import CreditEvent, Outcome
+from transforms.credits.replay import replayed_wallets
+from transforms.credits.reports import CreditSummary, credit_summaries
 from transforms.invoices import Invoice, SegmentUsage, apply_credits, period_invoices
 from transforms.periods import Period
 from transforms.plans import Catalog, parse_plan
@@ -93,7 +90,8 @@ def _usage(mini_tokens: int) -> dict[tuple[str, int], SegmentUsage]:
 def wallet() -> Outcome:
     events = [CreditEvent("c1", "sub_1", 1, event_id, at, "images", "{}", quantity)
               for event_id, at, quantity in IMAGES]
-    return wallet_history([SUB], Catalog.from_files([PLAN]), [], events, OCT)
+    plans = Catalog.from_files([PLAN])
+    return replayed_wallets(history_grants([SUB], plans, [], OCT), [SUB], plans, events, OCT)
 
 
 def sample_invoice(mini_tokens: int = 52_000_000) -> Invoice:

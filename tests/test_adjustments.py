@@ -32,7 +32,7 @@ from transforms.adjustments import (
     period_adjustments,
     with_adjustments,
 )
-from transforms.credits import Outcome
+from transforms.credits.model import Outcome
 from transforms.invoices import Invoice, Line
 from transforms.periods import Period
 from transforms.reference import Segment, Subscription

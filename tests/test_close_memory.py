@@ -1,7 +1,8 @@
 """The close's large-volume shapes give the results of the simple ones (issue #7).
 
-- The wallet replay fed one customer at a time from the per-event frame equals
-  `wallet_history` of every credit event at once: same ledger, same billable units, same alerts.
+- The wallet replay fed one customer at a time from the per-event frame (the close's
+  `replayed_wallets`) equals `transforms.credits.replay.replayed_wallets` of every credit event
+  at once: same ledger, same billable units, same alerts.
 - The settlement splits into the replay's rows (credit meters) and the rest, each row once.
 """
 from __future__ import annotations
@@ -14,8 +15,11 @@ from pathlib import Path
 import polars as pl
 
 from creditutil import at, event, purchase, subscription
-from flows.close import credit_events_by_customer, replayed_wallets
-from transforms.credits import credit_meters, period_credit_events, wallet_history
+from flows import close
+from flows.close import credit_events_by_customer
+from transforms.credits.events import credit_meters, period_credit_events
+from transforms.credits.grants import history_grants
+from transforms.credits.replay import replayed_wallets
 from transforms.periods import Period
 from transforms.plans import load_catalog
 from transforms.reference import segments_in
@@ -74,9 +78,10 @@ def test_wallets_fed_per_customer_equal_the_replay_of_every_event_at_once():
         subs, purchases, history, period_rows = world(seed)
         segments = segments_in(OCT, subs, catalog)
         frame = per_event_frame(period_rows)
-        expected = wallet_history(subs, catalog, purchases, history + period_credit_events(frame, segments), OCT)
-        outcome, count = replayed_wallets(subs, catalog, purchases, history,
-                                          credit_events_by_customer(frame, segments), OCT)
+        expected = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog,
+                                    history + period_credit_events(frame, segments), OCT)
+        outcome, count = close.replayed_wallets(subs, catalog, purchases, history,
+                                                credit_events_by_customer(frame, segments), OCT)
         assert outcome.entries == expected.entries
         assert outcome.entries, "the scenario replays some wallet"
         assert dict(outcome.billable_units) == dict(expected.billable_units)

@@ -29,17 +29,12 @@ from hypothesis import strategies as st
 
 from closeutil import close, table
 from creditutil import at, catalog, drawn_by_event, event, iso, moves, plan, purchase, subscription, write_store
-from transforms.credits import (
-    Entry,
-    Outcome,
-    credit_lines,
-    in_period,
-    ledger_table,
-    plan_grants,
-    purchase_grants,
-    replay,
-    wallet_history,
-)
+from transforms.credits.grants import history_grants, plan_grants, purchase_grants
+from transforms.credits.ledger import in_period, ledger_table
+from transforms.credits.lines import credit_lines
+from transforms.credits.model import Entry, Outcome
+from transforms.credits.replay import replayed_wallets
+from transforms.credits.wallet import replay
 from transforms.invoices import period_invoices
 from transforms.money import to_minor
 from transforms.periods import Period
@@ -157,7 +152,8 @@ def replay_wallet(grants, events, until: datetime, plan_file=WALLET) -> Outcome:
 
 def history(subs, events, period: Period) -> Outcome:
     """What the close of `period` replays: every grant through it, every event before its end."""
-    return wallet_history(subs, UNIT_CATALOG, [], [e for e in events if e.event_at < period.end_at], period)
+    return replayed_wallets(history_grants(subs, UNIT_CATALOG, [], period), subs, UNIT_CATALOG,
+                            [e for e in events if e.event_at < period.end_at], period)
 
 
 def expiries(outcome: Outcome) -> list[tuple[str, str, datetime]]:
@@ -517,7 +513,8 @@ def world(customers):
 
 
 def replayed(subs, purchases, events, period: Period) -> Outcome:
-    return wallet_history(subs, H_CATALOG, purchases, [e for e in events if e.event_at < period.end_at], period)
+    return replayed_wallets(history_grants(subs, H_CATALOG, purchases, period), subs, H_CATALOG,
+                            [e for e in events if e.event_at < period.end_at], period)
 
 
 INFLOWS = ("grant", "purchase", "top_up")
@@ -951,7 +948,9 @@ def test_a_balance_brought_forward_is_the_grants_opening_in_the_balances_table()
     # A nightly run started from the previous close carries each grant in as an `opening` entry:
     # the balances table must show it as opening (as the invoice's credit summary does), not as
     # a negative roll-over.
-    from transforms.credits import Grant, balances_table, credit_summaries
+    from transforms.credits.ledger import balances_table
+    from transforms.credits.model import Grant
+    from transforms.credits.reports import credit_summaries
     start = OCT.start_at
     carried = Grant("s1/2026-09/g1", "c1", "s1", "opening", start, None, D(40), D(0), "USD")
     outcome = Outcome()

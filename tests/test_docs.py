@@ -241,7 +241,7 @@ def test_the_reference_examples_pass_the_checks_a_close_makes():
     import polars as pl
     import yaml
 
-    from transforms.credits import purchases_from
+    from transforms.credits.purchases import purchases_from
     from transforms.margins import costs_from
     from transforms.plans import load_catalog
     from transforms.reference import checked_customers, checked_subscriptions

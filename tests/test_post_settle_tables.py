@@ -11,8 +11,9 @@ import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transforms import credits, revenue
-from transforms.credits import LEDGER_SCHEMA, Entry, Outcome, in_period, ledger_table
+from transforms import revenue
+from transforms.credits.ledger import LEDGER_SCHEMA, in_period, ledger_table, moves_by_grant
+from transforms.credits.model import Entry, Outcome
 from transforms.invoices import _group_keys
 from transforms.money import decimal_text
 from transforms.periods import Period
@@ -60,8 +61,15 @@ def ledger_by_rows(outcome: Outcome, period: Period) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=LEDGER_SCHEMA)
 
 
+def before(entry: Entry, period: Period) -> bool:
+    """An entry before `period` (part of a grant's opening): the mirror of in_period's rule."""
+    if entry.kind == "expire" or (entry.kind == "rollover" and entry.credits < 0):
+        return entry.occurred_at <= period.start_at
+    return entry.occurred_at < period.start_at
+
+
 def moves_by_rows(outcome: Outcome, period: Period) -> dict:
-    """_grant_moves as it was: in_period and _before per entry."""
+    """moves_by_grant as it was: in_period and before per entry."""
     moves: dict = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])
     for e in outcome.entries:
         if in_period(e, period):
@@ -76,7 +84,7 @@ def moves_by_rows(outcome: Outcome, period: Period) -> dict:
                 acc[3] -= e.credits
             else:
                 acc[4] -= e.credits
-        elif credits._before(e, period):
+        elif before(e, period):
             moves[e.grant_id][0] += e.credits
     return moves
 
@@ -94,7 +102,7 @@ def test_ledger_table_equals_rows(entries_):
 @given(entries())
 def test_grant_moves_equal_rows(entries_):
     outcome = Outcome(entries=entries_)
-    assert dict(credits._grant_moves(outcome, PERIOD)) == dict(moves_by_rows(outcome, PERIOD))
+    assert dict(moves_by_grant(outcome, PERIOD)) == dict(moves_by_rows(outcome, PERIOD))
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
@@ -166,7 +174,7 @@ def test_watched_thresholds_shared_by_plan_and_overrides():
 def test_cycle_collector_state_restored():
     import gc
 
-    from transforms.invoices import cycle_collector_paused
+    from transforms.collector import cycle_collector_paused
     assert gc.isenabled()
     with cycle_collector_paused():
         assert not gc.isenabled()

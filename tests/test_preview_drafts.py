@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 import renderutil
 from flows.cli import app
 from flows.store import open_store
-from transforms.credits import balances_table, credit_summaries
+from transforms.credits.ledger import balances_table
+from transforms.credits.reports import credit_summaries
 from transforms.drafts import customer_drafts, draft_file_stem, wallet_from_balances
 from transforms.invoices import invoices_from_tables, invoices_table, lines_table
 from transforms.render import Draft, invoice_html

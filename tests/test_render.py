@@ -15,7 +15,10 @@ from jinja2 import UndefinedError
 
 import renderutil
 from creditutil import at, catalog, event, plan, purchase, subscription
-from transforms.credits import balances_table, credit_summaries, ledger_table, wallet_history
+from transforms.credits.grants import history_grants
+from transforms.credits.ledger import balances_table, ledger_table
+from transforms.credits.replay import replayed_wallets
+from transforms.credits.reports import credit_summaries
 from transforms.invoices import Invoice, Line, period_invoices
 from transforms.money import format_money
 from transforms.periods import Period
@@ -346,7 +349,8 @@ def _story():
     events = [event("c1", "s1", "e1", at(9, 5), 60), event("c1", "s1", "e2", at(10, 3), 40),
               event("c1", "s1", "e3", at(10, 29), 40), event("c2", "s2", "e4", at(10, 10), 20)]
     purchases = [purchase("p1", "c1", 200, "9.00", at(9, 28))]
-    return wallet_history(subs, catalog(plan(CREDIT_PLAN, "img-v1.yaml")), purchases, events, OCT)
+    plans = catalog(plan(CREDIT_PLAN, "img-v1.yaml"))
+    return replayed_wallets(history_grants(subs, plans, purchases, OCT), subs, plans, events, OCT)
 
 
 def test_credit_summaries_equal_the_balances_table_grant_by_grant():

@@ -23,7 +23,7 @@ from flows.backfill import backfill
 from flows.nightly import nightly
 from flows.status import store_status
 from flows.store import open_store
-from transforms.credits import Outcome
+from transforms.credits.model import Outcome
 from transforms.errors import InputError
 from transforms.invoices import Invoice, Line
 from transforms.periods import Period

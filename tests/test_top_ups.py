@@ -23,7 +23,10 @@ from creditutil import at, catalog, event, iso, plan, subscription, write_store
 from flows.cli import app
 from flows.store import open_store
 from transforms.alerts import credit_alerts
-from transforms.credits import balances_table, credit_lines, wallet_history
+from transforms.credits.grants import history_grants
+from transforms.credits.ledger import balances_table
+from transforms.credits.lines import credit_lines
+from transforms.credits.replay import replayed_wallets
 from transforms.periods import Period
 
 OCT = Period(2026, 10)
@@ -51,7 +54,8 @@ EVENTS = [event("c1", "s1", f"e{day}", at(10, day), 10) for day in range(1, 6)]
 
 def october(plan_file):
     sub = subscription("s1", "c1", "t")
-    outcome = wallet_history([sub], catalog(plan_file), [], EVENTS, OCT)
+    plans = catalog(plan_file)
+    outcome = replayed_wallets(history_grants([sub], plans, [], OCT), [sub], plans, EVENTS, OCT)
     lines = credit_lines(OCT, outcome, [], [sub], {"s1": "USD"}, {"s1": "half_up"})["s1"]
     return outcome, lines
 
@@ -82,8 +86,9 @@ def test_a_cap_set_by_the_plan_binds_and_says_so_once():
 def test_a_pack_bought_mid_event_counts_towards_the_cap():
     # one event of 35 images: 10 granted + 2 packs cover 30, the cap (2) keeps the rest uncovered
     sub = subscription("s1", "c1", "t")
-    outcome = wallet_history([sub], catalog(t_plan(", max_per_period: 2")), [],
-                             [event("c1", "s1", "big", at(10, 2), 35)], OCT)
+    plans = catalog(t_plan(", max_per_period: 2"))
+    outcome = replayed_wallets(history_grants([sub], plans, [], OCT), [sub], plans,
+                               [event("c1", "s1", "big", at(10, 2), 35)], OCT)
     assert sum(1 for g in outcome.grants.values() if g.kind == "top_up") == 2
     assert outcome.billable_units[("s1", 1, "images", "{}")] == 5
     assert [a[2] for a in outcome.alerts].count("top_up_limit_reached") == 1

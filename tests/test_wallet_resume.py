@@ -19,17 +19,17 @@ from hypothesis import strategies as st
 
 from creditutil import catalog, event, plan, purchase, subscription
 from transforms.alerts import credit_alerts
-from transforms.credits import (
-    balances_table,
+from transforms.credits.checkpoint import (
     checkpoint_bytes,
     checkpoint_from,
     credit_events_since,
-    credit_lines,
-    history_grants,
     resume_days,
-    wallet_history,
     wallets_resumed,
 )
+from transforms.credits.grants import history_grants
+from transforms.credits.ledger import balances_table
+from transforms.credits.lines import credit_lines
+from transforms.credits.replay import replayed_wallets
 from transforms.periods import Period
 from transforms.reference import segments_in
 
@@ -160,7 +160,7 @@ def test_wallets_resumed_night_by_night_equal_one_replay(customers, nights):
         assert outputs(outcome, subs, purchases) == outputs(full, subs, purchases)
         assert checkpoint_bytes(saved) == checkpoint_bytes(full_saved)
         # the close's replay (the whole ledger) gives the same balances and alerts
-        close = wallet_history(subs, CATALOG, purchases, every, OCT)
+        close = replayed_wallets(history_grants(subs, CATALOG, purchases, OCT), subs, CATALOG, every, OCT)
         assert outputs(outcome, subs, purchases) == outputs(close, subs, purchases)
         checkpoint, previous = checkpoint_from(checkpoint_bytes(saved), OCT), night
 

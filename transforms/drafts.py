@@ -16,7 +16,7 @@ from decimal import Decimal
 
 import polars as pl
 
-from transforms.credits import CreditSummary, GrantMovement
+from transforms.credits.reports import CreditSummary, GrantMovement
 from transforms.invoices import Invoice
 from transforms.terms import due_on
 

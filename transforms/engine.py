@@ -13,8 +13,11 @@ from dataclasses import replace
 import polars as pl
 
 from transforms.adjustments import with_adjustments
-from transforms.credits import Outcome, credit_lines, credit_meters, per_event_charged
-from transforms.invoices import Invoice, apply_credits, cycle_collector_paused, period_invoices, usage_by_segment
+from transforms.collector import cycle_collector_paused
+from transforms.credits.events import credit_meters, per_event_charged
+from transforms.credits.lines import credit_lines
+from transforms.credits.model import Outcome
+from transforms.invoices import Invoice, apply_credits, period_invoices, usage_by_segment
 from transforms.periods import Period
 from transforms.reference import subscription_plans
 from transforms.tax import Party, customer_parties, taxed_invoices

@@ -7,19 +7,18 @@ is the sum of the rounded lines.
 """
 from __future__ import annotations
 
-import gc
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
-from functools import lru_cache
 from operator import attrgetter
 
 import polars as pl
 
+from transforms.collector import cycle_collector_paused
+from transforms.dims import parsed_dims
 from transforms.errors import InputError
 from transforms.money import decimal_text, from_minor, to_minor
 from transforms.periods import Period
@@ -125,29 +124,6 @@ class Invoice:
     def commitment_spend_minor(self) -> int:
         """The invoice's spend toward a minimum commitment (see `commitment_spend_minor`)."""
         return commitment_spend_minor(self.lines)
-
-
-@contextmanager
-def cycle_collector_paused():
-    """Python's cycle collector off for a block (or, as a decorator, a function) that builds
-    millions of acyclic objects (lines, ledger entries): each full collection walks every object
-    alive, which was 40% of rating 100k invoices, and a few seconds a pass once a close's
-    invoices and ledger are in memory. Nothing built in such a block is a cycle; the previous
-    state comes back at the end (it was only ever a matter of speed)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
-@lru_cache(maxsize=65536)
-def parsed_dims(dims_json: str) -> dict[str, str]:
-    """An event's dims, parsed once per distinct text (a few per meter, read once per row or
-    event); shared, so read only, never changed."""
-    return json.loads(dims_json)
 
 
 @dataclass(frozen=True)

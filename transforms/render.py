@@ -16,7 +16,7 @@ from babel.numbers import format_currency
 from jinja2 import Environment, PackageLoader, StrictUndefined, Template, select_autoescape
 from markupsafe import Markup
 
-from transforms.credits import CreditSummary, GrantMovement
+from transforms.credits.reports import CreditSummary, GrantMovement
 from transforms.invoices import TAX_LINE_KINDS, USAGE_LINE_KINDS, Invoice, Line
 from transforms.money import format_money, minor_exponent
 from transforms.pricing.base import fmt_units

@@ -30,8 +30,9 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import polars as pl
 
-from transforms.credits import Outcome
-from transforms.invoices import SPEND_KINDS, Invoice, cycle_collector_paused
+from transforms.collector import cycle_collector_paused
+from transforms.credits.model import Outcome
+from transforms.invoices import SPEND_KINDS, Invoice
 from transforms.money import to_minor
 from transforms.periods import Period
 from transforms.reference import subscription_plans

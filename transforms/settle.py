@@ -16,7 +16,7 @@ import duckdb
 import polars as pl
 
 from transforms.billed_index import NO_INDEX, BilledIndex, id_hash_macro, look_up_billed
-from transforms.credits import CreditEvent
+from transforms.credits.model import CreditEvent
 from transforms.money import minor_exponent
 from transforms.periods import Period
 from transforms.plans import Catalog

@@ -23,7 +23,8 @@ from decimal import Decimal
 import polars as pl
 
 from transforms.alerts import Alert
-from transforms.invoices import Invoice, SegmentUsage, charge_lines, cycle_collector_paused, usage_spend_minor
+from transforms.collector import cycle_collector_paused
+from transforms.invoices import Invoice, SegmentUsage, charge_lines, usage_spend_minor
 from transforms.money import decimal_text, from_minor, to_minor
 from transforms.periods import Period
 from transforms.reference import Segment, subscription_plans

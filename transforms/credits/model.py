@@ -1,0 +1,92 @@
+"""The credit wallet's data: what goes in (purchases, credit events, grants) and what a replay
+gives back (ledger entries and the `Outcome` that billing, revenue and alerts read).
+
+A grant is usable on [granted_at, expires_at); every movement is a ledger entry with the
+customer's total balance after it, and credits are conserved: granted = consumed + expired +
+balance.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True)
+class Purchase:
+    """A credit pack bought outside the plan (credit_purchases input)."""
+
+    purchase_id: str
+    customer_id: str
+    credits: Decimal
+    price: Decimal
+    currency: str
+    purchased_at: datetime
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CreditEvent:
+    """A billed usage event of a meter its plan pays with credits."""
+
+    customer_id: str
+    subscription_id: str
+    segment_no: int | None  # None for events of earlier periods (only their effect on balances matters)
+    event_id: str
+    event_at: datetime
+    meter: str
+    dims: str
+    quantity: Decimal
+
+
+@dataclass
+class Grant:
+    grant_id: str
+    customer_id: str
+    subscription_id: str | None
+    kind: str                    # grant | purchase | top_up | rollover
+    granted_at: datetime
+    expires_at: datetime | None
+    credits: Decimal
+    price: Decimal               # what was paid for these credits (0 when free)
+    currency: str | None
+    remaining: Decimal = ZERO
+    rollover_max: Decimal = ZERO
+
+    @property
+    def cost_basis(self) -> Decimal:
+        return self.price / self.credits if self.price else ZERO
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    customer_id: str
+    grant_id: str
+    kind: str                    # grant | purchase | top_up | consume | expire | rollover
+    credits: Decimal             # signed
+    balance_after: Decimal
+    occurred_at: datetime
+    expires_at: datetime | None
+    cost_basis: Decimal
+    subscription_id: str | None = None
+    event_id: str | None = None
+    meter: str | None = None
+
+
+@dataclass
+class Outcome:
+    """What the replay means for billing, revenue and alerts."""
+
+    entries: list[Entry] = field(default_factory=list)
+    # per (subscription_id, segment_no, meter, dims): units left for the charges (uncovered, or
+    # covered by grace) and units blocked (not billed)
+    billable_units: dict[tuple, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    # the same by UTC day of the event (key + (day,)), for spend replayed in event time
+    billable_by_day: dict[tuple, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    blocked_units: dict[tuple, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    grants: dict[str, Grant] = field(default_factory=dict)
+    alerts: list[tuple] = field(default_factory=list)  # (customer, subscription, kind, threshold, value, at)
+
