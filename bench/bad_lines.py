@@ -14,6 +14,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flows.ingest import normalized_object  # noqa: E402
+from transforms.layout import USAGE_PREFIX  # noqa: E402
 
 
 def objects(rows: int, out: Path) -> list[Path]:
@@ -47,7 +48,7 @@ def main() -> None:
         times = []
         for _ in range(args.runs):
             started = time.perf_counter()
-            frame, why = normalized_object(path, f"usage/{path.name}")
+            frame, why = normalized_object(path, USAGE_PREFIX + path.name)
             times.append(time.perf_counter() - started)
         bad = frame.filter(pl.col("reason") == "malformed_line").height if frame is not None else None
         print(f"{path.name}: rows {None if frame is None else frame.height}, malformed {bad}, unreadable {why!r}, "

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from transforms.layout import USAGE_PREFIX  # noqa: E402  (the store layout; nothing heavy)
 
 SQL = Path(__file__).with_name("baseline.sql")
 
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     year, month = (int(x) for x in args.period.split("-"))
     start = datetime(year, month, 1, tzinfo=timezone.utc)
     end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
-    files = str(args.store / "usage" / "**" / "*.parquet")
+    files = str(args.store / USAGE_PREFIX / "**" / "*.parquet")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="billrun-bench-") as tmp:
         out = str(Path(tmp) / "rated.parquet")

@@ -36,6 +36,9 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from transforms.layout import CUSTOMERS_KEYS, SELLER_KEY, SUBSCRIPTIONS_KEYS, USAGE_PREFIX, usage_day_prefix  # noqa: E402
+
 U64 = pl.UInt64
 GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 DAY_US = 86_400_000_000
@@ -306,8 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     year, month = (int(x) for x in args.period.split("-"))
     period_start = date(year, month, 1)
     days = calendar.monthrange(year, month)[1]
-    if (args.out / "usage").exists():
-        sys.exit(f"generate: {args.out}/usage exists; remove it or choose another --out")
+    if (args.out / USAGE_PREFIX).exists():
+        sys.exit(f"generate: {args.out / USAGE_PREFIX} exists; remove it or choose another --out")
     plans = load_plans(args.plans)
     mix = parse_mix(args.mix)
     plan_ids = sorted(set(mix) | ({"enterprise"} if args.enterprise_top_pct > 0 else set()))
@@ -317,12 +320,12 @@ def main(argv: list[str] | None = None) -> None:
     templ, bounds = templates(plans, plan_ids)
 
     customers = customers_table(args.customers, args.seed, mix, args.enterprise_top_pct)
-    (args.out / "customers").mkdir(parents=True, exist_ok=True)
-    (args.out / "subscriptions").mkdir(parents=True, exist_ok=True)
-    customers_frame(customers).write_csv(args.out / "customers" / "customers.csv")
-    subscriptions_frame(customers, args.seed, period_start, plans).write_csv(
-        args.out / "subscriptions" / "subscriptions.csv")
-    (args.out / "seller.yaml").write_text(yaml.safe_dump(SELLER, sort_keys=True), encoding="utf-8")
+    customers_csv, subscriptions_csv = args.out / CUSTOMERS_KEYS[0], args.out / SUBSCRIPTIONS_KEYS[0]
+    customers_csv.parent.mkdir(parents=True, exist_ok=True)
+    subscriptions_csv.parent.mkdir(parents=True, exist_ok=True)
+    customers_frame(customers).write_csv(customers_csv)
+    subscriptions_frame(customers, args.seed, period_start, plans).write_csv(subscriptions_csv)
+    (args.out / SELLER_KEY).write_text(yaml.safe_dump(SELLER, sort_keys=True), encoding="utf-8")
 
     duplicates = int(args.events * args.dup_pct / 100)
     unique = args.events - duplicates
@@ -354,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
                        .group_by("plan").agg(pl.col("len").sum()))
         for plan, n in plan_counts.iter_rows():
             by_plan[plan] = by_plan.get(plan, 0) + n
-        folder = args.out / "usage" / f"date={period_start + timedelta(days=d)}"
+        folder = args.out / usage_day_prefix(period_start + timedelta(days=d))
         folder.mkdir(parents=True, exist_ok=True)
         parts = max(1, -(-rows.height // args.rows_per_file))
         size = -(-rows.height // parts)

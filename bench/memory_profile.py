@@ -133,7 +133,9 @@ def main() -> None:
     ap.add_argument("--plans", type=Path, default=Path(__file__).resolve().parent.parent / "plans")
     ap.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = ap.parse_args()
-    shutil.rmtree(args.store / "billing", ignore_errors=True)
+    from transforms.layout import BILLING
+
+    shutil.rmtree(args.store / BILLING, ignore_errors=True)
 
     import importlib
 

@@ -40,6 +40,9 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from transforms.layout import CUSTOMERS_PREFIX, SELLER_KEY, SUBSCRIPTIONS_PREFIX, usage_day_prefix  # noqa: E402
+
 BILLRUN = REPO / ".venv" / "bin" / "billrun"
 PREFECT = REPO / ".venv" / "bin" / "prefect"
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -88,15 +91,15 @@ def ensure_source(args) -> Path:
 
 
 def day_objects(source: Path, day: date) -> list[Path]:
-    return sorted((source / "usage" / f"date={day}").glob("*.parquet"))
+    return sorted((source / usage_day_prefix(day)).glob("*.parquet"))
 
 
 def fresh_store(source: Path, store: Path) -> None:
     shutil.rmtree(store, ignore_errors=True)
     store.mkdir(parents=True)
-    for name in ("customers", "subscriptions"):
-        shutil.copytree(source / name, store / name)
-    shutil.copy2(source / "seller.yaml", store / "seller.yaml")
+    for folder in (CUSTOMERS_PREFIX, SUBSCRIPTIONS_PREFIX):
+        shutil.copytree(source / folder, store / folder)
+    shutil.copy2(source / SELLER_KEY, store / SELLER_KEY)
 
 
 def deliver_day(source: Path, store: Path, day: date) -> int:

@@ -36,6 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
+sys.path.insert(0, str(REPO))
+from transforms.layout import BILLING, USAGE_PREFIX, manifest_key  # noqa: E402  (the store layout; nothing heavy)
+
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 BILLRUN = REPO / ".venv" / "bin" / "billrun"
 TIME = Path("/usr/bin/time")
@@ -353,7 +356,7 @@ def run_baseline(args, label: str) -> dict:
 
 def reset_store(store: Path) -> None:
     """A close needs an open period: remove everything billrun wrote into the store."""
-    shutil.rmtree(store / "billing", ignore_errors=True)
+    shutil.rmtree(store / BILLING, ignore_errors=True)
 
 
 def run_close(args, label: str) -> dict:
@@ -364,7 +367,7 @@ def run_close(args, label: str) -> dict:
                *cmd[1:]]
     res = run_child(cmd, child_env(args.prefect_home), args.results / f"{label}-close.log", args.timeout)
     res.update(close_steps(res["lines"], res["sampler"], res["wall_s"]))
-    manifest = args.store / "billing" / f"period={args.period}" / "manifest.json"
+    manifest = args.store / manifest_key(args.period)
     if manifest.exists():
         m = json.loads(manifest.read_text())
         res["manifest"] = {"rows": m["rows"], "totals": m["totals"], "run_id": m["run_id"],
@@ -602,7 +605,7 @@ def count_rows(store: Path) -> int:
         return json.loads(meta.read_text())["rows"]
     out = subprocess.run([str(VENV_PYTHON), "-c", "import duckdb, sys; print(duckdb.sql(\"SELECT count(*) FROM "
                           "read_parquet($f, hive_partitioning=false)\", params={'f': sys.argv[1]}).fetchone()[0])",
-                          str(store / "usage" / "**" / "*.parquet")], capture_output=True, text=True)
+                          str(store / USAGE_PREFIX / "**" / "*.parquet")], capture_output=True, text=True)
     return int(out.stdout.strip())
 
 

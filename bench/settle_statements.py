@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from flows.ingest import normalized_object, read_table  # noqa: E402
+from transforms.layout import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, USAGE_PREFIX  # noqa: E402
 from transforms.periods import Period  # noqa: E402
 from transforms.plans import load_catalog  # noqa: E402
 from transforms.queries import statements  # noqa: E402
@@ -106,13 +107,12 @@ def main(argv: list[str] | None = None) -> None:
 
     period = Period.parse(args.period)
     catalog = load_catalog(str(args.plans))
-    customers = checked_customers(read_table(args.store / "customers/customers.csv", "customers/customers.csv"),
-                                  "customers/customers.csv")
-    subs = checked_subscriptions(read_table(args.store / "subscriptions/subscriptions.csv",
-                                            "subscriptions/subscriptions.csv"),
-                                 "subscriptions/subscriptions.csv", customers, catalog)
+    customers_key, subscriptions_key = CUSTOMERS_KEYS[0], SUBSCRIPTIONS_KEYS[0]  # the .csv that generate.py writes
+    customers = checked_customers(read_table(args.store / customers_key, customers_key), customers_key)
+    subs = checked_subscriptions(read_table(args.store / subscriptions_key, subscriptions_key), subscriptions_key,
+                                 customers, catalog)
     segments = segments_in(period, subs, catalog)
-    usage = sorted((args.store / "usage").rglob("*.parquet"))
+    usage = sorted((args.store / USAGE_PREFIX).rglob("*.parquet"))
     report = {"store": str(args.store), "duckdb_memory_limit": args.duckdb_memory_limit}
     with tempfile.TemporaryDirectory(prefix="billrun-bench-settle-") as tmp:
         started = time.perf_counter()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import shutil
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
@@ -26,10 +25,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows import tables as lakehouse
-from flows.billed_index import committed_index, correction_index, index_key, record_billed
+from flows.billed_index import committed_index, correction_index, record_billed
 from flows.close import (
     IO_RETRIES,
-    MANIFEST,
     PARQUET,
     _quietly,
     _read_if_exists,
@@ -48,7 +46,6 @@ from flows.close import (
 from flows.engine import period_usage
 from flows.locks import Fence, Fenced, Hold, fault_point, period_lock, warn
 from flows.secrets import keep_secrets_out_of_logs
-from flows.status import checked_key
 from flows.store import StoreError, open_store
 from transforms.corrections import (
     correction_documents,
@@ -61,6 +58,18 @@ from transforms.credits.ledger import balances_table
 from transforms.errors import InputError
 from transforms.guards import backfill_dated_too_early
 from transforms.invoices import Invoice, invoices_table, lines_table
+from transforms.layout import (
+    CORRECTIONS_PREFIX,
+    MANIFEST,
+    billed_index_key,
+    checked_key,
+    correction_prefix,
+    period_prefix,
+    run_folder,
+    run_of_correction_manifest,
+    run_prefix,
+    staging_prefix,
+)
 from transforms.money import format_money
 from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
@@ -68,8 +77,6 @@ from transforms.reference import subscription_plans
 from transforms.render import invoice_html
 from transforms.revenue import journal, revenue_table, tax_rows
 from transforms.terms import due_on
-
-_CORRECTION_MANIFEST = re.compile(r"^billing/corrections/run=([^/]+)/manifest\.json$")
 
 
 def periods_between(first: Period, last: Period) -> list[Period]:
@@ -89,10 +96,9 @@ def _read_parquet(store, key: str) -> pl.DataFrame:
 def load_issued(store_uri: str, periods: list[Period]) -> dict[str, tuple[pl.DataFrame, pl.DataFrame]]:
     """Per period: every document issued (close invoices + committed corrections) and their lines."""
     store = open_store(store_uri)
-    corrections = sorted(m.group(1) for o in store.list("billing/corrections/")
-                         if (m := _CORRECTION_MANIFEST.match(o.key)))
+    corrections = sorted(run for o in store.list(CORRECTIONS_PREFIX) if (run := run_of_correction_manifest(o.key)))
     def every(name: str) -> list[pl.DataFrame]:
-        keys = [f"billing/corrections/run={r}/{name}" for r in corrections]
+        keys = [correction_prefix(r) + name for r in corrections]
         return [_read_parquet(store, k) for k in keys if store.exists(k)]
 
     extra = {name: every(name) for name in ("invoices.parquet", "invoice_lines.parquet", "revenue.parquet",
@@ -100,7 +106,7 @@ def load_issued(store_uri: str, periods: list[Period]) -> dict[str, tuple[pl.Dat
     issued = {}
     for period in periods:
         def recorded(name: str, close_name: str, column: str, period=period) -> pl.DataFrame:
-            frames = [_read_parquet(store, f"billing/period={period}/{close_name}")] + extra[name]
+            frames = [_read_parquet(store, period_prefix(period) + close_name)] + extra[name]
             return pl.concat(frames, how="diagonal_relaxed").filter(pl.col(column) == str(period))
         issued[str(period)] = Issued(recorded("invoices.parquet", "invoices.parquet", "period"),
                                      recorded("invoice_lines.parquet", "invoice_lines.parquet", "period"),
@@ -120,13 +126,13 @@ class Issued:
 
 
 def _recorded_revenue(store, period: Period, adjustments: list[pl.DataFrame]) -> pl.DataFrame:
-    frames = [_read_parquet(store, f"billing/period={period}/revenue.parquet")]
+    frames = [_read_parquet(store, period_prefix(period) + "revenue.parquet")]
     frames += [a.filter(pl.col("corrected_period") == str(period)) for a in adjustments]
     return pl.concat(frames, how="diagonal_relaxed")
 
 
 def _recorded_balances(store, period: Period, adjustments: list[pl.DataFrame]) -> pl.DataFrame:
-    frames = [_read_parquet(store, f"billing/period={period}/credit_balances.parquet").select(
+    frames = [_read_parquet(store, period_prefix(period) + "credit_balances.parquet").select(
         "grant_id", "customer_id", "closing")]
     frames += [a.filter(pl.col("corrected_period") == str(period)).select("grant_id", "customer_id", "credits")
                for a in adjustments]
@@ -167,9 +173,9 @@ def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[
     document numbers as this run) are deleted before anything is written, and every write into
     the correction folder is fenced, so a backfill that lost its locks while paused adds nothing."""
     store = open_store(store_uri)
-    private = f"billing/_state/runs/{run_id}/{hold.token}/"
-    staging = private + "out/"
-    prefix = f"billing/corrections/run={run_id}/"
+    private = run_prefix(run_id, hold.token)
+    staging = staging_prefix(run_id, hold.token)
+    prefix = correction_prefix(run_id)
     if _read_if_exists(store, prefix + MANIFEST) != manifest:  # else: a retry after our own commit
         fence = Fence(store, hold, run_id, prefix + MANIFEST, [private, prefix])
         try:
@@ -191,7 +197,7 @@ def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[
             raise
     fault_point("backfill-committed")
     try:
-        store.delete_prefix(f"billing/_state/runs/{run_id}/")
+        store.delete_prefix(run_folder(run_id))
     except StoreError as exc:
         line = f"published, but could not tidy up afterwards ({exc}); run the command again to finish"
         warn(line)
@@ -275,7 +281,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             if documents or revenue_changes.height or ledger_changes.height:
                 documents = [replace(d, run_id=run_id, reason=reason) for d in documents]
                 # the index's changes go in before the manifest, which names them: they count once it exists
-                billed_events = record_billed(store, [(index_key(p, run_id), path, count)
+                billed_events = record_billed(store, [(billed_index_key(p, run_id), path, count)
                                                       for p, path, count in index_changes])
                 names, manifest = _write(documents, revenue_changes, ledger_changes, customers, roundings, inputs,
                                          run_id, reason, issued_on, closed, plan_entries, work_dir / "out",
@@ -287,7 +293,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
     logger.info("backfill %s..%s: %d documents in run %s", first, last, len(documents), run_id)
     changed = bool(documents) or revenue_changes.height > 0 or ledger_changes.height > 0
     if changed:  # after its manifest, like a close: the corrections stay issued whatever happens here
-        lakehouse.commit_published(store, lake, [f"billing/corrections/run={run_id}/{MANIFEST}"],
+        lakehouse.commit_published(store, lake, [correction_prefix(run_id) + MANIFEST],
                                 f"the corrections of run {run_id} are issued")
     result = {"status": "corrected" if changed else "nothing_to_correct", "run_id": run_id, "skipped": skipped,
               "store": store, "warnings": warnings, "revenue_adjustments": revenue_changes.height,
@@ -322,7 +328,7 @@ def _report(result: dict, first: str, last: str, reason: str, as_of: date, shown
     lines = [f"# {title}", "", f"Status: **{result['status']}**, run `{result['run_id']}`. Reason: {reason}", ""]
     if result["skipped"]:
         lines += [f"Skipped, not closed: {', '.join(result['skipped'])} (close them first).", ""]
-    folder = f"billing/corrections/run={result['run_id']}/"
+    folder = correction_prefix(result["run_id"])
     if result["run_id"] and store.exists(folder + MANIFEST):
         outputs = [o["key"] for o in json.loads(store.read_bytes(folder + MANIFEST))["outputs"]]
         lines += ["Outputs:", ""] + [f"- `{root}/{o}`" for o in outputs + [folder + MANIFEST] if "/documents/" not in o]
@@ -373,7 +379,7 @@ def _write(documents: list[Invoice], revenue_changes: pl.DataFrame, ledger_chang
         (out_dir / name).write_text(invoice_html(doc, customer, seller, roundings.get(doc.subscription_id, "half_up"),
                                                  run_id), encoding="utf-8")
         names.append(name)
-    prefix = f"billing/corrections/run={run_id}/"
+    prefix = correction_prefix(run_id)
     manifest = {
         "billrun_version": package_version("billrun"), "run_id": run_id, "kind": "backfill",
         "reason": reason, "as_of": as_of.isoformat(), "periods": [str(p) for p in periods],

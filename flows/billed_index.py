@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +31,16 @@ from prefect.cache_policies import NO_CACHE
 from flows.retries import IO_RETRIES
 from flows.store import open_store
 from transforms.billed_index import BilledIndex, write_period_changes, write_period_index
+from transforms.layout import (
+    BILLED_INDEX_PREFIX,
+    MANIFEST,
+    billed_index_file,
+    billed_index_key,
+    correction_prefix,
+    manifest_key,
+)
 
-INDEX_PREFIX = "billing/_state/billed_events/"
-_INDEX_KEY = re.compile(r"^billing/_state/billed_events/period=(\d{4}-\d{2})/([A-Za-z0-9._-]+)\.parquet$")
-MANIFEST = "manifest.json"
-
-
-def index_key(period: str, run_id: str) -> str:
-    return f"{INDEX_PREFIX}period={period}/{run_id}.parquet"
+index_key = billed_index_key  # the name flows/close.py imports it by
 
 
 @dataclass(frozen=True)
@@ -80,22 +81,21 @@ def committed_index(store_uri: str, leave_out=()) -> CommittedIndex:
     file."""
     store = open_store(store_uri)
     by_period: dict[str, list[str]] = {}
-    for info in store.list(INDEX_PREFIX):
-        if m := _INDEX_KEY.match(info.key):
-            by_period.setdefault(m.group(1), []).append(m.group(2))
+    for info in store.list(BILLED_INDEX_PREFIX):
+        if found := billed_index_file(info.key):
+            by_period.setdefault(found[0], []).append(found[1])
     files, decided = [], []
     for period, runs in sorted(by_period.items()):
-        manifest_key = f"billing/period={period}/{MANIFEST}"
-        if not store.exists(manifest_key):
+        if not store.exists(manifest_key(period)):
             continue
-        closed_by = json.loads(store.read_bytes(manifest_key)).get("run_id")
+        closed_by = json.loads(store.read_bytes(manifest_key(period))).get("run_id")
         if closed_by not in runs:
             continue  # closed by a billrun without the index: not decided
         decided.append(period)
-        files.append(IndexFile(index_key(period, closed_by), period, closed_by))
+        files.append(IndexFile(billed_index_key(period, closed_by), period, closed_by))
         for run in sorted(r for r in runs if r.startswith("backfill-")):
-            if store.exists(f"billing/corrections/run={run}/{MANIFEST}"):
-                files.append(IndexFile(index_key(period, run), period, run))
+            if store.exists(correction_prefix(run) + MANIFEST):
+                files.append(IndexFile(billed_index_key(period, run), period, run))
     left_out = {str(p) for p in leave_out}
     return CommittedIndex(store_uri, tuple(files), tuple(decided), tuple(p for p in decided if p not in left_out))
 

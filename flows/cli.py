@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
+from transforms.layout import report_key  # light: the command line imports the heavy modules lazily
+
 DEFAULT_STORE = "./billing-data"
 DEFAULT_PLANS = "./plans"
 WEBHOOK_ENV = "BILLRUN_WEBHOOK_URL"  # where `--webhook URL` is put for the nightly flow to read
@@ -921,8 +923,8 @@ def _migrate_checks(store: str, plans: str, plan: str, to: str, on: str, as_of: 
 def report(ctx: typer.Context,
            period: str = typer.Option(..., "--period", metavar=PERIOD, help="A closed month."),
            out_file: Optional[str] = typer.Option(None, "--out", metavar="FILE", show_default=False,
-                                                  help="Write the HTML here instead of the store's "
-                                                       "billing/reports/period=P/report.html."),
+                                                  help=f"Write the HTML here instead of the store's "
+                                                       f"{report_key('P')}."),
            store: Optional[str] = StoreOpt, plans: Optional[str] = PlansOpt, as_json: bool = JsonOpt) -> None:
     """A closed month in pictures: revenue by plan and stream, breakage over the closed
     periods, margin by meter. One self-contained HTML file."""

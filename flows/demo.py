@@ -10,12 +10,11 @@ import polars as pl
 import yaml
 
 from flows.store import open_store
-from transforms.margins import COSTS_KEY
+from transforms.layout import COSTS_KEY, CUSTOMERS_KEYS, RULES_KEY, SELLER_KEY, SUBSCRIPTIONS_KEYS, period_prefix
 from transforms.periods import Period
 from transforms.plans import load_catalog
 from transforms.showcase import ADJUSTMENTS_KEY, PURCHASES_KEY, USAGE_KEY, showcase
 from transforms.synth import DEMO_TAX_RULES, DEMO_TERMS, synth_store, write_bytes
-from transforms.tax.rules import RULES_KEY
 
 DEMO_SELLER = {
     "name": "Lumen AI, Inc.",
@@ -38,11 +37,12 @@ def write_demo_store(store_uri: str, plans_dir: str, period: str, customers: int
     sample = synth_store(catalog, period, customers, seed)
     shown = showcase(catalog, Period.parse(period))
     store = open_store(store_uri, create=True)
-    store.put_bytes("customers/customers.csv", _csv(pl.concat([sample.customers, shown.customers], how="diagonal")))
-    store.put_bytes("subscriptions/subscriptions.csv",
+    # the CSV of the two names each of these inputs may have
+    store.put_bytes(CUSTOMERS_KEYS[0], _csv(pl.concat([sample.customers, shown.customers], how="diagonal")))
+    store.put_bytes(SUBSCRIPTIONS_KEYS[0],
                     _csv(pl.concat([sample.subscriptions, shown.subscriptions], how="diagonal")))
-    store.put_bytes("seller.yaml", yaml.safe_dump({**DEMO_SELLER, **DEMO_TERMS}, sort_keys=True,
-                                                  allow_unicode=True).encode())
+    store.put_bytes(SELLER_KEY, yaml.safe_dump({**DEMO_SELLER, **DEMO_TERMS}, sort_keys=True,
+                                               allow_unicode=True).encode())
     store.put_bytes(RULES_KEY, DEMO_TAX_RULES.encode())
     for obj in sample.usage_objects:
         store.put_bytes(obj.key, write_bytes(obj))
@@ -63,8 +63,6 @@ def write_demo_store(store_uri: str, plans_dir: str, period: str, customers: int
 
 def showcase_invoices(store_uri: str, period: str, features: list[dict]) -> list[dict]:
     """Each showcase feature with the invoices its customer got in the closed period."""
-    from flows.close import period_prefix
-
     key = period_prefix(Period.parse(period)) + "invoices.parquet"
     invoices = pl.read_parquet(io.BytesIO(open_store(store_uri).read_bytes(key))).sort("invoice_id")
     return [dict(f, invoices=invoices.filter(pl.col("customer_id") == f["customer_id"])["invoice_id"].to_list())

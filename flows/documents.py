@@ -12,12 +12,12 @@ from pathlib import Path
 import polars as pl
 
 from flows.fonts import check_glyphs
-from flows.keys import MANIFEST
 from flows.store import open_store
 from transforms.credits.reports import CreditSummary
 from transforms.drafts import draft_file_stem, wallet_from_balances
 from transforms.errors import InputError
 from transforms.invoices import Invoice, invoices_from_tables
+from transforms.layout import CORRECTIONS_PREFIX, MANIFEST, invoice_html_key, night_prefix
 from transforms.render import Draft, invoice_html
 
 _ID = re.compile(r"^(INV|CN|DN)-(\d{4}-\d{2})-\d{6}$")
@@ -29,11 +29,11 @@ def document_html_key(store, invoice_id: str) -> str:
     if not match:
         raise InputError(f"{invoice_id!r} is not a document id (INV-, CN- or DN-YYYY-MM-NNNNNN)")
     if match.group(1) == "INV":
-        key = f"billing/period={match.group(2)}/invoices/{invoice_id}.html"
+        key = invoice_html_key(match.group(2), invoice_id)
         if store.exists(key):
             return key
     else:
-        for obj in store.list("billing/corrections/"):
+        for obj in store.list(CORRECTIONS_PREFIX):
             if obj.key.endswith(f"/documents/{invoice_id}.html") and store.exists(
                     obj.key.rsplit("/documents/", 1)[0] + "/" + MANIFEST):
                 return obj.key
@@ -63,7 +63,7 @@ def drafts_from_night(store_uri: str, night: date, customer_id: str) -> tuple[li
     """The customer's draft invoices as the nightly run of `night` wrote them (none when that
     night drafted nothing for the customer), and the customer's credit wallet of that night."""
     store = open_store(store_uri)
-    prefix = f"billing/nightly/date={night}/"
+    prefix = night_prefix(night)
 
     def read(name: str) -> pl.DataFrame:
         frame = pl.read_parquet(io.BytesIO(store.read_bytes(prefix + name)))

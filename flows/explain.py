@@ -8,12 +8,12 @@ import re
 
 import polars as pl
 
-from flows.keys import MANIFEST
 from flows.store import open_store
 from transforms.adjustments import KINDS as ADJUSTMENT_KINDS
 from transforms.adjustments import REF
 from transforms.errors import InputError
 from transforms.invoices import USAGE_LINE_KINDS
+from transforms.layout import CORRECTIONS_PREFIX, MANIFEST, period_prefix
 
 _ID = re.compile(r"^(INV|CN|DN)-(\d{4}-\d{2})-\d{6}$")
 
@@ -25,11 +25,11 @@ def _read(store, key: str) -> pl.DataFrame:
 def _locate(store, invoice_id: str, period: str) -> tuple[str, dict]:
     """The folder holding the document, and its run's manifest."""
     if invoice_id.startswith("INV-"):
-        folder = f"billing/period={period}/"
+        folder = period_prefix(period)
         if store.exists(folder + MANIFEST):
             return folder, json.loads(store.read_bytes(folder + MANIFEST))
     else:
-        for obj in store.list("billing/corrections/"):
+        for obj in store.list(CORRECTIONS_PREFIX):
             if obj.key.endswith("/" + MANIFEST):
                 manifest = json.loads(store.read_bytes(obj.key))
                 if any(d["invoice_id"] == invoice_id for d in manifest["documents"]):

@@ -18,23 +18,22 @@ from pathlib import Path
 import polars as pl
 
 from transforms.errors import InputError
+from transforms.layout import ADJUSTMENTS_PREFIX, CUSTOMERS_KEYS, PURCHASES_PREFIX, SUBSCRIPTIONS_KEYS, USAGE_PREFIX  # noqa: F401 - flows/close.py imports them from here
 from transforms.usage import malformed_usage, normalized_usage
 
 USAGE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
-CUSTOMERS_KEYS = ("customers/customers.csv", "customers/customers.parquet")
-SUBSCRIPTIONS_KEYS = ("subscriptions/subscriptions.csv", "subscriptions/subscriptions.parquet")
 
 
 def is_usage_key(key: str) -> bool:
-    return key.startswith("usage/") and key.lower().endswith(USAGE_SUFFIXES)
+    return key.startswith(USAGE_PREFIX) and key.lower().endswith(USAGE_SUFFIXES)
 
 
 def is_purchases_key(key: str) -> bool:
-    return key.startswith("credit_purchases/") and key.lower().endswith((".csv", ".parquet"))
+    return key.startswith(PURCHASES_PREFIX) and key.lower().endswith((".csv", ".parquet"))
 
 
 def is_adjustments_key(key: str) -> bool:
-    return key.startswith("adjustments/") and key.lower().endswith((".csv", ".parquet"))
+    return key.startswith(ADJUSTMENTS_PREFIX) and key.lower().endswith((".csv", ".parquet"))
 
 
 LINE_SEARCH_MAX_BYTES = 512 * 1024 * 1024

@@ -37,6 +37,15 @@ from typing import Iterator
 
 from flows.store import Store, StoreError
 from transforms.errors import BillrunError
+from transforms.layout import (
+    claim_key,
+    close_runs_prefix,
+    lock_key,
+    manifest_key,
+    period_of_lock,
+    period_prefix,
+    run_folder_of,
+)
 from transforms.periods import Period
 
 FAULT_ENV = "BILLRUN_FAULT_AT"
@@ -56,18 +65,6 @@ class PeriodLocked(BillrunError):
 
 class Fenced(BillrunError):
     """This run lost its lock or its claim: it must not write into the period."""
-
-
-def lock_key(period: Period | str) -> str:
-    return f"billing/_state/locks/period={period}.lock"
-
-
-def claim_key(period: Period | str) -> str:
-    return f"billing/_state/claims/period={period}.json"
-
-
-def _period_of(key: str) -> str:
-    return key.rsplit("period=", 1)[1].split(".", 1)[0]
 
 
 def _read_json(store: Store, key: str) -> dict | None:
@@ -124,7 +121,7 @@ def _stale(store: Store, key: str, holder: dict | None) -> bool:
     names a commit key that exists. Nothing else makes billrun call a lock stale."""
     if not holder or not holder.get("token"):
         return False
-    claim = _read_json(store, claim_key(_period_of(key)))
+    claim = _read_json(store, claim_key(period_of_lock(key)))
     return bool(claim and claim.get("token") == holder["token"] and claim.get("commit")
                 and store.exists(claim["commit"]))
 
@@ -178,10 +175,10 @@ def period_lock(store: Store, periods: list[Period], command: str, started_at: d
         for key in reversed(held):
             try:
                 _release(store, key, hold.token)
-                _drop_committed_claim(store, _period_of(key), hold.token)
+                _drop_committed_claim(store, period_of_lock(key), hold.token)
             except StoreError as exc:
-                line = (f"could not release the lock of {_period_of(key)} ({exc}); once this run has ended, "
-                        f"run `billrun unlock --period {_period_of(key)} --store {store.uri}`")
+                line = (f"could not release the lock of {period_of_lock(key)} ({exc}); once this run has ended, "
+                        f"run `billrun unlock --period {period_of_lock(key)} --store {store.uri}`")
                 warn(line)
                 if warnings is not None:
                     warnings.append(line)
@@ -226,7 +223,7 @@ def after_commit(store, prefix: str, listed: set[str], private: str) -> list[str
     try:
         for stray in [o.key for o in store.list(prefix) if o.key not in listed]:
             store.delete(stray)
-        runs = {"/".join(o.key.split("/")[:4]) + "/" for o in store.list(private)}  # billing/_state/runs/<id>/
+        runs = {run_folder_of(o.key) for o in store.list(private)}
         for folder in sorted(runs):
             store.delete_prefix(folder)
     except StoreError as exc:
@@ -240,9 +237,9 @@ def tidy_closed(store: Store, period: Period | str, manifest: dict) -> list[str]
     """A closed period's leftovers of a run that ended after its manifest without tidying up:
     files the manifest does not list, private folders of the period's closes, its lock and
     claim. Never a file the manifest lists."""
-    prefix = f"billing/period={period}/"
-    listed = {o["key"] for o in manifest["outputs"]} | {prefix + "manifest.json"}
-    warnings = after_commit(store, prefix, listed, f"billing/_state/runs/close-{period}-")
+    prefix = period_prefix(period)
+    listed = {o["key"] for o in manifest["outputs"]} | {manifest_key(period)}
+    warnings = after_commit(store, prefix, listed, close_runs_prefix(period))
     try:
         drop_stale(store, period)
     except StoreError as exc:

@@ -48,10 +48,7 @@ from prefect.utilities.annotations import quote
 from flows.billed_index import committed_index
 from flows.close import (
     IO_RETRIES,
-    MANIFEST,
     PARQUET,
-    RULES_KEY,
-    SELLER_KEY,
     InputObject,
     Inputs,
     _one_of,
@@ -62,7 +59,7 @@ from flows.close import (
     work_dir_for,
 )
 from flows.engine import period_usage
-from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_adjustments_key, is_purchases_key, is_usage_key
+from flows.ingest import is_adjustments_key, is_purchases_key, is_usage_key
 from flows.locks import Fence, Hold, period_lock, warn
 from flows.secrets import keep_secrets_out_of_logs, webhook_url
 from flows.store import StoreError, open_store
@@ -82,6 +79,31 @@ from transforms.engine import rated_invoices
 from transforms.errors import BillrunError, InputError
 from transforms.guards import night_of_closed_period
 from transforms.invoices import USAGE_LINE_KINDS, invoices_table, lines_table
+from transforms.layout import (
+    ADJUSTMENTS_PREFIX,
+    CUSTOMERS_KEYS,
+    MANIFEST,
+    NIGHTLY_STATE_FOLDERS,
+    PURCHASES_PREFIX,
+    RULES_KEY,
+    SELLER_KEY,
+    SUBSCRIPTIONS_KEYS,
+    USAGE_INDEX_KEY,
+    USAGE_PREFIX,
+    fired_alerts_key,
+    legacy_intake_key,
+    manifest_key,
+    night_commit_key,
+    night_commits_prefix,
+    night_of_commit,
+    night_prefix,
+    nightly_ids_key,
+    nightly_object_key,
+    nightly_state_prefix,
+    pending_delivery_key,
+    period_prefix,
+    to_date_key,
+)
 from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
 from transforms.queries import statements
@@ -102,17 +124,10 @@ STATE_FORMAT = 3  # 3: the event_id index carries id_hash (see nightly.sql)
 STATE_PARQUET = {**PARQUET, "compression_level": 1}
 """State files are written every night and read back only by later nights: zstd's fastest level
 (on the month's per-event table it costs about 60% of the default's CPU, for a smaller file)."""
-USAGE_INDEX_KEY = "billing/_state/nightly/usage_index.json"
-"""Store-wide: each usage object read by a night (fingerprint, event-time range), so a night
-skips, unread, the objects that hold nothing of its period."""
 
 
 class DeliveryFailed(BillrunError):
     """Alerts were written but could not be delivered to the webhook."""
-
-
-def state_prefix(period: Period) -> str:
-    return f"billing/_state/nightly/period={period}/"
 
 
 def _key_hash(key: str) -> str:
@@ -123,20 +138,12 @@ def _object_state_key(period: Period, key: str, night: date | None = None) -> st
     """An object's accepted events as the night `night` took them in (named by night, so a
     night that has not committed yet never overwrites what the committed state points to)."""
     suffix = f"-{night}" if night else ""  # without a night: state written before STATE_FORMAT 2
-    return f"{state_prefix(period)}objects/{_key_hash(key)}{suffix}.parquet"
+    return nightly_object_key(period, f"{_key_hash(key)}{suffix}")
 
 
 def _ids_key(period: Period, key: str, night: date | None) -> str:
     suffix = f"-{night}" if night else ""
-    return f"{state_prefix(period)}ids/{_key_hash(key)}{suffix}.parquet"
-
-
-def _snapshot_key(period: Period, night: date) -> str:
-    return f"{state_prefix(period)}nights/night={night}.json"
-
-
-def _to_date_key(period: Period, night: date, name: str) -> str:
-    return f"{state_prefix(period)}to_date/night={night}/{name}"
+    return nightly_ids_key(period, f"{_key_hash(key)}{suffix}")
 
 
 def base_snapshot(store, period: Period, day: date) -> dict:
@@ -145,14 +152,13 @@ def base_snapshot(store, period: Period, day: date) -> dict:
     so it reruns to the same result), or the latest night if a later one already ran. State
     from an earlier billrun (one `intake.json`) reads as a snapshot without period-to-date
     tables; none at all is an empty period."""
-    prefix = state_prefix(period) + "nights/"
-    nights = sorted(date.fromisoformat(o.key[len(prefix) + len("night="):-len(".json")])
-                    for o in store.list(prefix) if o.key.endswith(".json"))
+    nights = sorted(date.fromisoformat(night_of_commit(period, o.key))
+                    for o in store.list(night_commits_prefix(period)) if o.key.endswith(".json"))
     earlier = [n for n in nights if n < day]
     pick = nights[-1] if nights and nights[-1] > day else (earlier[-1] if earlier else None)
     if pick is not None:
-        return json.loads(store.read_bytes(_snapshot_key(period, pick)))
-    legacy = state_prefix(period) + "intake.json"
+        return json.loads(store.read_bytes(night_commit_key(period, pick)))
+    legacy = legacy_intake_key(period)
     intake = json.loads(store.read_bytes(legacy)) if store.exists(legacy) else {}
     return {"format": 1, "night": None, "intake": {
         k: {**v, "night": None, "through": None, "state": _object_state_key(period, k), "ids": None}
@@ -196,14 +202,14 @@ def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path)
     base = base_snapshot(store, period, day)
     before = base["intake"]
     index = json.loads(store.read_bytes(USAGE_INDEX_KEY)) if store.exists(USAGE_INDEX_KEY) else {}
-    listed = {o.key: o for o in store.list("usage/") if is_usage_key(o.key)}
+    listed = {o.key: o for o in store.list(USAGE_PREFIX) if is_usage_key(o.key)}
     customers_key = _one_of(store, CUSTOMERS_KEYS, "customers")
     subscriptions_key = _one_of(store, SUBSCRIPTIONS_KEYS, "subscriptions")
     if customers_key is None or subscriptions_key is None:
         raise InputError(f"{store.uri}: customers and subscriptions are needed (see the store layout)")
-    purchases = [o.key for o in store.list("credit_purchases/") if is_purchases_key(o.key)]
+    purchases = [o.key for o in store.list(PURCHASES_PREFIX) if is_purchases_key(o.key)]
     # one-off charges and credits: a draft carries the period's, as the close's invoice will
-    adjustments = [o.key for o in store.list("adjustments/") if is_adjustments_key(o.key)]
+    adjustments = [o.key for o in store.list(ADJUSTMENTS_PREFIX) if is_adjustments_key(o.key)]
     sha_of: dict[str, str] = {}
 
     def unchanged(info, seen: dict | None) -> bool:
@@ -258,7 +264,7 @@ def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path)
     inputs = Inputs(tuple(obj(k) for k in fresh), obj(customers_key), obj(subscriptions_key),
                     obj(SELLER_KEY) if SELLER_KEY in extras else None, tuple(obj(k) for k in purchases),
                     obj(RULES_KEY) if RULES_KEY in extras else None, tuple(obj(k) for k in adjustments))
-    previous = f"billing/period={period.previous()}/credit_balances.parquet"
+    previous = period_prefix(period.previous()) + "credit_balances.parquet"
     terms = spend_terms(inputs, catalog, store.sha256(previous) if store.exists(previous) else None)
     known_spend = None
     if not rebuild and base.get("terms") == terms and base.get("spend"):
@@ -560,7 +566,7 @@ def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Peri
                   if known_wallets and known_spend is not None and store.exists(known_wallets) else None)
     since = resume_days(checkpoint, usage.changed_from)
     events = credit_events_since(usage.per_event_usage, segments, since)
-    previous = f"billing/period={period.previous()}/credit_balances.parquet"
+    previous = period_prefix(period.previous()) + "credit_balances.parquet"
     if store.exists(previous):
         opening = grants_from_balances(pl.read_parquet(io.BytesIO(store.read_bytes(previous))))
         grants = opening_grants(opening, subs, catalog, purchases, period)
@@ -637,13 +643,13 @@ def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
     period = Period.containing(the_day)
     catalog = load_catalog(plans)
     the_store = open_store(store)
-    out_prefix = f"billing/nightly/date={the_day}/"
-    pending_key = state_prefix(period) + "pending_delivery.json"
+    out_prefix = night_prefix(the_day)
+    pending_key = pending_delivery_key(period)
     if the_store.exists(out_prefix + MANIFEST):
         manifest = json.loads(the_store.read_bytes(out_prefix + MANIFEST))
         _deliver_pending(the_store, pending_key, webhook)
         return {**manifest, "status": "already_ran"}
-    if the_store.exists(f"billing/period={period}/{MANIFEST}"):
+    if the_store.exists(manifest_key(period)):
         raise InputError(night_of_closed_period(the_day))
     warnings: list[str] = []
     with period_lock(the_store, [period], f"nightly {the_day}", datetime.now(timezone.utc), warnings) as hold:
@@ -689,16 +695,16 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
     Every write up to the manifest is fenced (flows/locks.py): a night that lost its lock while
     paused writes nothing more."""
     the_store = open_store(store_uri)
-    manifest_key = f"billing/nightly/date={day}/{MANIFEST}"
-    if the_store.exists(manifest_key):  # a retry after our own commit: only the clearing is left
-        manifest = json.loads(the_store.read_bytes(manifest_key))
-        snapshot = json.loads(the_store.read_bytes(_snapshot_key(period, day)))
+    night_manifest = night_prefix(day) + MANIFEST
+    if the_store.exists(night_manifest):  # a retry after our own commit: only the clearing is left
+        manifest = json.loads(the_store.read_bytes(night_manifest))
+        snapshot = json.loads(the_store.read_bytes(night_commit_key(period, day)))
     else:
-        fence = Fence(the_store, hold, f"nightly {day}", manifest_key, [])
+        fence = Fence(the_store, hold, f"nightly {day}", night_manifest, [])
         try:
             fence.clear(fence.claim())
             manifest, snapshot = _publish_night(fence.guard(the_store), period, day, intake, usage, result,
-                                                reference, out_dir, manifest_key)
+                                                reference, out_dir, night_manifest)
         except BaseException:
             _quietly(fence.release)
             raise
@@ -712,8 +718,7 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
 
 
 def _publish_night(store, period: Period, day: date, intake: Intake, usage: NightUsage, result: NightResult,
-                   reference, out_dir: Path, manifest_key: str) -> tuple[dict, dict]:
-    prefix = state_prefix(period)
+                   reference, out_dir: Path, night_manifest: str) -> tuple[dict, dict]:
     intake_now = {k: dict(v) for k, v in intake.kept.items()}
     for key, path in usage.rebuilt_ids.items():
         if not intake_now[key].get("ids"):  # state from an earlier billrun gets its event_id index
@@ -732,16 +737,16 @@ def _publish_night(store, period: Period, day: date, intake: Intake, usage: Nigh
     snapshot = {"format": STATE_FORMAT, "night": day.isoformat(), "intake": dict(sorted(intake_now.items())),
                 "per_event_meters": intake.meters, "terms": intake.terms}
     for name, path in tables.items():
-        snapshot[name] = _to_date_key(period, day, f"{name}.parquet")
+        snapshot[name] = to_date_key(period, day, f"{name}.parquet")
         store.put_file(snapshot[name], path)
     out_dir.mkdir(parents=True, exist_ok=True)
     result.spend.write_parquet(out_dir / "spend.parquet", **PARQUET)
-    snapshot["spend"] = _to_date_key(period, day, "spend.parquet")
+    snapshot["spend"] = to_date_key(period, day, "spend.parquet")
     store.put_file(snapshot["spend"], out_dir / "spend.parquet")
-    snapshot["wallets"] = _to_date_key(period, day, "wallets.json")
+    snapshot["wallets"] = to_date_key(period, day, "wallets.json")
     store.put_bytes(snapshot["wallets"], result.wallets)
 
-    fired_key = prefix + "fired_alerts.parquet"
+    fired_key = fired_alerts_key(period)
     fired = pl.read_parquet(io.BytesIO(store.read_bytes(fired_key))) if store.exists(fired_key) else None
     if fired is not None:  # a retry of this task must find tonight's alerts new again
         if "night" not in fired.columns:  # state written before alerts remembered their night
@@ -761,45 +766,45 @@ def _publish_night(store, period: Period, day: date, intake: Intake, usage: Nigh
         "intake": {"objects": len(taken), "removed": list(intake.removed), **usage.counts},
         "alerts_fired": new.height, "over_80_percent_of_budget": over,
         "credit_balances_from": result.balances_from,
-        "outputs": [{"key": f"billing/nightly/date={day}/{n}", "sha256": _sha256(out_dir / n)} for n in sorted(names)],
+        "outputs": [{"key": night_prefix(day) + n, "sha256": _sha256(out_dir / n)} for n in sorted(names)],
     }
     for name in names:
-        store.put_file(f"billing/nightly/date={day}/{name}", out_dir / name)
+        store.put_file(night_prefix(day) + name, out_dir / name)
     index = json.loads(store.read_bytes(USAGE_INDEX_KEY)) if store.exists(USAGE_INDEX_KEY) else {}
     for o in intake.inputs.usage:  # read again just now: nights of other periods write it too
         index[o.key] = {"size": o.size, "sha256": o.sha256, "etag": o.etag, **usage.ranges.get(
             o.key, {"first_at": None, "last_at": None, "undated": False})}
     store.put_bytes(USAGE_INDEX_KEY, (json.dumps(dict(sorted(index.items())), indent=1) + "\n").encode())
-    store.put_bytes(_snapshot_key(period, day), (json.dumps(snapshot, indent=1) + "\n").encode())
+    store.put_bytes(night_commit_key(period, day), (json.dumps(snapshot, indent=1) + "\n").encode())
     tonight = new.with_columns(pl.lit(day).alias("night"))
     merged = tonight if fired is None else pl.concat([fired, tonight])
     buffer = io.BytesIO()
     merged.write_parquet(buffer, **PARQUET)
     store.put_bytes(fired_key, buffer.getvalue())
     if new.height:
-        pending = prefix + "pending_delivery.json"
+        pending = pending_delivery_key(period)
         earlier = json.loads(store.read_bytes(pending))["alerts"] if store.exists(pending) else []
         ours = new.with_columns(pl.col("occurred_on").cast(pl.String)).to_dicts()
         earlier = [a for a in earlier if a not in ours]  # a retry does not queue them twice
         store.put_bytes(pending, json.dumps({"alerts": earlier + ours}, sort_keys=True).encode())
-    store.put_bytes(manifest_key, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    store.put_bytes(night_manifest, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return manifest, snapshot
 
 
 def _clear_superseded(store, period: Period, snapshots: list[dict]) -> None:
     """Delete the state files neither tonight's state nor the one it started from points to
     (the latter stays, so that a night re-run from it still finds everything)."""
-    prefix = state_prefix(period)
-    keep = {_snapshot_key(period, date.fromisoformat(s["night"])) for s in snapshots if s.get("night")}
+    prefix = nightly_state_prefix(period)
+    keep = {night_commit_key(period, date.fromisoformat(s["night"])) for s in snapshots if s.get("night")}
     for s in snapshots:
         keep |= {s[name] for name in ("by_day", "events", "spend", "wallets") if s.get(name)}
         keep |= {v[name] for v in s["intake"].values() for name in ("state", "ids") if v.get(name)}
-    for folder in ("objects/", "ids/", "to_date/", "nights/"):
+    for folder in NIGHTLY_STATE_FOLDERS:
         for info in store.list(prefix + folder):
             if info.key not in keep:
                 store.delete(info.key)
     if snapshots[-1].get("night"):
-        store.delete(prefix + "intake.json")  # state from an earlier billrun, now carried by the snapshots
+        store.delete(legacy_intake_key(period))  # state from an earlier billrun, now carried by the snapshots
 
 
 def _usage_per_customer(invoices: list) -> pl.DataFrame:

@@ -9,16 +9,29 @@ call them without this module).
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from datetime import date
 from pathlib import Path
 
-from flows.keys import manifest_key
 from transforms.errors import InputError
+from transforms.layout import (
+    CONFIG_KEY,
+    CUSTOMERS_KEYS,
+    CUSTOMERS_PREFIX,
+    MANIFEST,
+    NIGHTLY_PREFIX,
+    PERIODS_PREFIX,
+    SELLER_KEY,
+    SUBSCRIPTIONS_KEYS,
+    SUBSCRIPTIONS_PREFIX,
+    USAGE_PREFIX,
+    manifest_key,
+    night_of_manifest,
+    night_prefix,
+    period_of_manifest,
+    period_prefix,
+)
 from transforms.periods import Period
-
-_MANIFEST_KEY = re.compile(r"^billing/period=(\d{4}-\d{2})/manifest\.json$")
 
 
 def plans_folder(plans: str) -> None:
@@ -76,8 +89,8 @@ def plan_map_names(texts: list[str], plans: str, candidates: str | None) -> None
 def closed_periods(store_uri: str) -> list[Period]:
     from flows.store import open_store
 
-    return sorted(Period.parse(m.group(1)) for o in open_store(store_uri).list("billing/period=")
-                  if (m := _MANIFEST_KEY.match(o.key)))
+    return sorted(Period.parse(p) for o in open_store(store_uri).list(PERIODS_PREFIX)
+                  if (p := period_of_manifest(o.key)))
 
 
 def closed_manifest(store_uri: str, period: Period) -> dict | None:
@@ -101,7 +114,6 @@ def close_summary(manifest: dict, store_uri: str, status: str) -> dict:
 
 def has_settings(store_uri: str) -> bool:
     """Whether the store has its own settings file (billrun.yaml)."""
-    from flows.keys import CONFIG_KEY
     from flows.store import open_store
 
     return open_store(store_uri).exists(CONFIG_KEY)
@@ -110,7 +122,7 @@ def has_settings(store_uri: str) -> bool:
 def night_already_ran(store_uri: str, day: date) -> bool:
     from flows.store import open_store
 
-    return open_store(store_uri).exists(f"billing/nightly/date={day}/manifest.json")
+    return open_store(store_uri).exists(night_prefix(day) + MANIFEST)
 
 
 def has_inputs(store_uri: str) -> list[str]:
@@ -118,18 +130,19 @@ def has_inputs(store_uri: str) -> list[str]:
     from flows.store import open_store
 
     store = open_store(store_uri)
-    return [prefix for prefix in ("customers/", "subscriptions/", "usage/") if any(True for _ in store.list(prefix))]
+    return [prefix for prefix in (CUSTOMERS_PREFIX, SUBSCRIPTIONS_PREFIX, USAGE_PREFIX)
+            if any(True for _ in store.list(prefix))]
 
 
 def usage_missing_refusal(store_uri: str, plans: str, period: Period) -> str | None:
     """The no-usage guard of a close, answered without Prefect when it is cheap: a store with
     no usage object at all. (With usage objects, whether a row falls in the period is only known
     once the close has read them: the close refuses then, before it publishes anything.)"""
-    from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, is_usage_key, read_table
+    from flows.ingest import is_usage_key, read_table
     from flows.store import open_store
 
     store = open_store(store_uri)
-    if any(is_usage_key(o.key) for o in store.list("usage/")):
+    if any(is_usage_key(o.key) for o in store.list(USAGE_PREFIX)):
         return None
     present = {k for k in CUSTOMERS_KEYS + SUBSCRIPTIONS_KEYS if store.exists(k)}
     customers_key = next((k for k in CUSTOMERS_KEYS if k in present), None)
@@ -149,9 +162,6 @@ def usage_missing_refusal(store_uri: str, plans: str, period: Period) -> str | N
     return close_without_usage(period, 0, segments_in(period, subs, catalog))
 
 
-_NIGHT_MANIFEST = re.compile(r"^billing/nightly/date=(\d{4}-\d{2}-\d{2})/manifest\.json$")
-
-
 def preview_target(store_uri: str, plans: str, customer: str, day: date) -> dict:
     """What `billrun preview` shows, checked before anything slow starts: the customer (known),
     the open period holding `day` (not closed: its final invoices are published), the
@@ -166,8 +176,7 @@ def preview_target(store_uri: str, plans: str, customer: str, day: date) -> dict
                          f"{_final_invoices(store, period, customer)}; a preview shows an open period")
     import yaml  # the checks below read and check the reference files (pandera, the plans)
 
-    from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, read_table
-    from flows.keys import SELLER_KEY
+    from flows.ingest import read_table
     from transforms.plans import load_catalog
     from transforms.reference import checked_customers, checked_subscriptions, segments_in, subscription_plans
     from transforms.terms import seller_block
@@ -197,9 +206,9 @@ def preview_target(store_uri: str, plans: str, customer: str, day: date) -> dict
     if not segments:
         raise InputError(f"--customer {customer!r}: no subscription of theirs is active in {period} "
                          f"({keys['subscriptions']}), so there is no invoice to preview")
-    nights = sorted(night for o in store.list("billing/nightly/")
-                    if (m := _NIGHT_MANIFEST.match(o.key))
-                    and Period.containing(night := date.fromisoformat(m.group(1))) == period and night <= day)
+    nights = sorted(night for o in store.list(NIGHTLY_PREFIX)
+                    if (found := night_of_manifest(o.key))
+                    and Period.containing(night := date.fromisoformat(found)) == period and night <= day)
     return {"period": period, "day": day, "customer": rows.row(0, named=True),
             "seller": seller_block(seller or {}, SELLER_KEY),
             "roundings": subscription_plans(segments).rounding,
@@ -212,7 +221,7 @@ def _final_invoices(store, period: Period, customer: str) -> str:
 
     import polars as pl
 
-    key = f"billing/period={period}/invoices.parquet"
+    key = period_prefix(period) + "invoices.parquet"
     ids = []
     if store.exists(key):
         table = pl.read_parquet(io.BytesIO(store.read_bytes(key)), columns=["invoice_id", "customer_id", "kind"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -30,8 +29,17 @@ from prefect.cache_policies import NO_CACHE
 from flows.retries import IO_RETRIES
 from flows.store import open_store
 from transforms.errors import InputError
-from transforms.margins import (
+from transforms.layout import (
+    CORRECTIONS_PREFIX,
     COSTS_KEY,
+    MANIFEST,
+    PERIODS_PREFIX,
+    period_of_manifest,
+    period_prefix,
+    report_key,
+    run_of_correction_manifest,
+)
+from transforms.margins import (
     NO_COSTS,
     Costs,
     costs_from,
@@ -44,8 +52,6 @@ from transforms.periods import Period
 from transforms.render import visible_bidi
 from transforms.simulate import NO_METER, breakage_by_period, customer_plans, margin_by_meter, revenue_by_plan_stream
 
-_MANIFEST = re.compile(r"^billing/period=(\d{4}-\d{2})/manifest\.json$")
-_CORRECTION_MANIFEST = re.compile(r"^billing/corrections/run=([^/]+)/manifest\.json$")
 STREAM_COLORS = {"usage": "#3b6ea8", "fixed_fee": "#8fb1d9", "credits": "#e0a33b"}
 MODEL_COLORS = {"current": "#7d8799", "candidate": "#3b6ea8", "closed": "#7d8799"}
 SHOCK_COLOR = "#c0392b"
@@ -69,8 +75,8 @@ def fetch_costs(store_uri: str) -> tuple[Costs, dict | None]:
 
 def closed_periods(store_uri: str) -> list[Period]:
     """Every period with a manifest (closed), in order."""
-    return sorted(Period.parse(m.group(1)) for o in open_store(store_uri).list("billing/period=")
-                  if (m := _MANIFEST.match(o.key)))
+    return sorted(Period.parse(p) for o in open_store(store_uri).list(PERIODS_PREFIX)
+                  if (p := period_of_manifest(o.key)))
 
 
 def _parquet(store, key: str) -> pl.DataFrame:
@@ -94,15 +100,15 @@ class ClosedPeriod:
 @task(name="load-closed-period", cache_policy=NO_CACHE, **IO_RETRIES)
 def load_closed_period(store_uri: str, period: Period) -> ClosedPeriod:
     store = open_store(store_uri)
-    prefix = f"billing/period={period}/"
-    if not store.exists(prefix + "manifest.json"):
+    prefix = period_prefix(period)
+    if not store.exists(prefix + MANIFEST):
         raise InputError(f"{period} is not closed in {store.uri} (run `billrun close --period {period}` first)")
     documents = [_parquet(store, prefix + "invoices.parquet")]
-    for obj in store.list("billing/corrections/"):
-        if _CORRECTION_MANIFEST.match(obj.key):
-            documents.append(_parquet(store, obj.key.removesuffix("manifest.json") + "invoices.parquet"))
+    for obj in store.list(CORRECTIONS_PREFIX):
+        if run_of_correction_manifest(obj.key):
+            documents.append(_parquet(store, obj.key.removesuffix(MANIFEST) + "invoices.parquet"))
     return ClosedPeriod(
-        period=period, manifest=json.loads(store.read_bytes(prefix + "manifest.json")),
+        period=period, manifest=json.loads(store.read_bytes(prefix + MANIFEST)),
         documents=pl.concat(documents, how="diagonal_relaxed").filter(pl.col("period") == str(period)),
         lines=_parquet(store, prefix + "invoice_lines.parquet"), revenue=_parquet(store, prefix + "revenue.parquet"),
         usage_summary=_parquet(store, prefix + "usage_summary.parquet"),
@@ -114,7 +120,7 @@ def load_closed_period(store_uri: str, period: Period) -> ClosedPeriod:
 def load_revenue_history(store_uri: str) -> dict[str, pl.DataFrame]:
     """Period -> revenue rows, for every closed period (breakage over time)."""
     store = open_store(store_uri)
-    return {str(p): _parquet(store, f"billing/period={p}/revenue.parquet") for p in closed_periods(store_uri)}
+    return {str(p): _parquet(store, period_prefix(p) + "revenue.parquet") for p in closed_periods(store_uri)}
 
 
 # --- charts -----------------------------------------------------------------------------------
@@ -397,6 +403,6 @@ def report_period(store: str, period: str, out: str | None = None) -> dict:
               + breakage_charts(history) + margin_charts({"margin": margin_by_meter(margins)}))
     html = period_html(closed, margins, history, None if costs_source or closed.margins is not None else NO_COSTS_NOTE,
                        charts)
-    where = write_report(store, f"billing/reports/period={the_period}/report.html", out, html)
+    where = write_report(store, report_key(the_period), out, html)
     get_run_logger().info("report of %s: %s", the_period, where)
     return {"period": str(the_period), "report": where, "charts": len(charts)}

@@ -33,6 +33,7 @@ from flows.ingest import normalized_object
 from flows.retries import IO_RETRIES
 from flows.store import LocalStore, open_store
 from transforms.errors import InputError
+from transforms.layout import work_prefix
 from transforms.periods import Period
 from transforms.plans import Catalog
 from transforms.settle import Settlement, merged_settlement, settled_usage
@@ -255,7 +256,7 @@ def scratch_for(store_uri: str, work_dir: Path, label: str, distributed: bool) -
     """The close's work folder, or, on a cluster with an S3 store, a prefix of the store that
     every worker can reach (a local store is shared only by workers on this machine)."""
     if distributed and store_uri.startswith("s3://"):
-        return Scratch(store_uri, f"billing/_state/work/{label}/")
+        return Scratch(store_uri, work_prefix(label))
     folder = work_dir / "scratch"
     folder.mkdir(parents=True, exist_ok=True)
     return Scratch(str(folder), "")

@@ -41,7 +41,7 @@ from flows.close import (
     replay_credits,
 )
 from flows.engine import period_usage
-from flows.ingest import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, read_table
+from flows.ingest import read_table
 from flows.locks import period_lock
 from flows.report import (
     IO_RETRIES,
@@ -62,6 +62,7 @@ from flows.store import open_store
 from transforms.credits.model import Outcome
 from transforms.errors import InputError
 from transforms.invoices import Invoice, invoices_table, lines_table
+from transforms.layout import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, period_prefix, simulation_prefix
 from transforms.margins import Costs, margins_table, segment_plans
 from transforms.money import decimal_text
 from transforms.periods import Period
@@ -231,7 +232,7 @@ def publish_simulation(store_uri: str, simulation: Simulation) -> str:
     """billing/simulations/<id>/: report.html, customers.parquet, margins.parquet, then
     summary.json, written last: a folder without it is an interrupted write."""
     store = open_store(store_uri)
-    prefix = f"billing/simulations/{simulation.result['simulation_id']}/"
+    prefix = simulation_prefix(simulation.result["simulation_id"])
     result = {**simulation.result, "report": prefix + "report.html"}
     for name, frame in (("customers.parquet", simulation.comparison), ("margins.parquet", simulation.margins)):
         buffer = io.BytesIO()
@@ -375,7 +376,7 @@ def write_subscriptions(store_uri: str, before: SubscriptionsFile, after: pl.Dat
 
 def meters_used(store_uri: str, period: Period) -> dict[str, set[str]]:
     """Subscription -> the meters it was billed usage of in a closed period."""
-    key = f"billing/period={period}/usage_summary.parquet"
+    key = period_prefix(period) + "usage_summary.parquet"
     store = open_store(store_uri)
     if not store.exists(key):
         return {}

@@ -3,36 +3,31 @@ closed periods no longer match their inputs or plans (and the backfill that woul
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flows.ingest import (
-    CUSTOMERS_KEYS,
-    SUBSCRIPTIONS_KEYS,
-    is_adjustments_key,
-    is_purchases_key,
-    is_usage_key,
-    normalized_object,
-)
-from flows.keys import MANIFEST, SELLER_KEY
+from flows.ingest import is_adjustments_key, is_purchases_key, is_usage_key, normalized_object
 from flows.locks import lock_state
 from flows.store import ObjectInfo, Store, open_store
 from flows.tables import tables_lag
+from transforms.layout import (
+    CUSTOMERS_KEYS,
+    LOCKS_PREFIX,
+    MANIFEST,
+    PERIODS_PREFIX,
+    RULES_KEY,
+    SELLER_KEY,
+    SUBSCRIPTIONS_KEYS,
+    checked_key,
+    manifest_key,
+    period_file,
+    period_of_lock,
+)
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
-from transforms.tax.rules import RULES_KEY
 
-_PERIOD_KEY = re.compile(r"^billing/period=(\d{4}-\d{2})/(.+)$")
 _EVERY_PERIOD = datetime.min.replace(tzinfo=timezone.utc)
-LOCKS_PREFIX = "billing/_state/locks/"
-_LOCK_KEY = re.compile(r"^billing/_state/locks/period=(\d{4}-\d{2})\.lock$")
-
-
-def checked_key(period: str) -> str:
-    """Where a backfill records the inputs and plans a closed period was last rated with."""
-    return f"billing/_state/checked/period={period}.json"
 
 
 def _is_input(key: str) -> bool:
@@ -120,11 +115,10 @@ def store_status(store_uri: str, plans_dir: str | None = None) -> dict:
     store = open_store(store_uri)
     catalog = load_catalog(plans_dir) if plans_dir else None
     seen: dict[str, bool] = {}
-    for obj in store.list("billing/period="):
-        match = _PERIOD_KEY.match(obj.key)
-        if match:
-            seen[match.group(1)] = seen.get(match.group(1), False) or match.group(2) == MANIFEST
-    locked = {m.group(1) for o in store.list(LOCKS_PREFIX) if (m := _LOCK_KEY.match(o.key))}
+    for obj in store.list(PERIODS_PREFIX):
+        if found := period_file(obj.key):
+            seen[found[0]] = seen.get(found[0], False) or found[1] == MANIFEST
+    locked = {p for o in store.list(LOCKS_PREFIX) if (p := period_of_lock(o.key))}
     prints = _Fingerprints(store)
     periods = []
     for period in sorted(set(seen) | locked):
@@ -136,7 +130,7 @@ def store_status(store_uri: str, plans_dir: str | None = None) -> dict:
         if not seen[period]:
             periods.append({**entry, "status": "incomplete"})
             continue
-        manifest = json.loads(store.read_bytes(f"billing/period={period}/{MANIFEST}"))
+        manifest = json.loads(store.read_bytes(manifest_key(period)))
         basis = json.loads(store.read_bytes(checked_key(period))) if store.exists(checked_key(period)) else manifest
         periods.append({**entry, "status": "closed", "run_id": manifest["run_id"],
                         "invoices": sum(t["invoices"] for t in manifest["totals"]), "totals": manifest["totals"],

@@ -35,11 +35,19 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from flows.keys import CONFIG_KEY
 from flows.locks import fault_point
 from flows.retries import IO_RETRIES
 from flows.store import LocalStore, Store, StoreError, open_store
 from transforms.errors import BillrunError, InputError
+from transforms.layout import (
+    CONFIG_KEY,
+    CORRECTIONS_PREFIX,
+    MANIFEST,
+    PERIODS_PREFIX,
+    TABLES_LOCATION,
+    period_of_manifest,
+    run_of_correction_manifest,
+)
 
 TABLES = ("invoices", "invoice_lines", "credit_ledger", "credit_balances", "revenue", "journal", "alerts",
           "quarantine", "usage_summary", "margins", "adjustments", "conflicting_duplicates", "billed_events")
@@ -47,7 +55,6 @@ TABLES = ("invoices", "invoice_lines", "credit_ledger", "credit_balances", "reve
 RUN_ID, RUN_KIND = "_run_id", "_run_kind"
 DELTA_RUN_KEY = "billrun.run_id"
 ICEBERG_RUN_KEY = "billrun.run-id"
-_MANIFEST = re.compile(r"^billing/(period=(\d{4}-\d{2})|corrections/run=([^/]+))/manifest\.json$")
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -72,7 +79,7 @@ class CatalogSettings(BaseModel):
 class TablesSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     formats: list[Literal["delta", "iceberg"]] = []
-    location: str = "billing/tables"
+    location: str = TABLES_LOCATION
     namespace: str = "billrun"
     catalog: CatalogSettings = CatalogSettings()
 
@@ -168,8 +175,9 @@ class PublishedRun:
 def published_runs(store: Store) -> list[PublishedRun]:
     """Every close and backfill with a manifest, closes by period, then backfills by run id."""
     runs = []
-    for prefix in ("billing/period=", "billing/corrections/"):  # not billing/tables/: its files pile up
-        runs += [published_run(store, obj.key) for obj in store.list(prefix) if _MANIFEST.match(obj.key)]
+    for prefix in (PERIODS_PREFIX, CORRECTIONS_PREFIX):  # not billing/tables/: its files pile up
+        runs += [published_run(store, obj.key) for obj in store.list(prefix)
+                 if period_of_manifest(obj.key) or run_of_correction_manifest(obj.key)]
     return sorted(runs, key=lambda r: (r.kind != "close", r.period or "", r.run_id))
 
 
@@ -181,7 +189,7 @@ def published_run(store: Store, manifest_key: str) -> PublishedRun:
     run_id = manifest["run_id"]
     if not _SAFE_VALUE.match(run_id):
         raise InputError(f"{store.uri.rstrip('/')}/{manifest_key}: run_id {run_id!r} is not a run id")
-    if prefix.startswith("billing/period="):
+    if prefix.startswith(PERIODS_PREFIX):
         return PublishedRun(run_id, "close", manifest["period"], prefix, tables)
     return PublishedRun(run_id, "backfill", None, prefix, tables)
 
@@ -459,7 +467,7 @@ def sync_tables(store_uri: str) -> dict:
     settings = tables_settings(store)
     if not settings.enabled:
         return {"store": store.uri, "enabled": False, "commits": []}
-    keys = [r.prefix + "manifest.json" for r in published_runs(store)]
+    keys = [r.prefix + MANIFEST for r in published_runs(store)]
     try:
         commits = commit_runs(store, settings, [published_run(store, key) for key in keys])
     except Exception as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import TYPE_CHECKING
 
+from transforms.layout import USAGE_PREFIX
 from transforms.periods import Period
 
 if TYPE_CHECKING:  # the command line checks arguments with this module before the heavy imports
@@ -53,7 +54,7 @@ def close_without_usage(period: Period, usage_rows: int, segments: "list[Segment
     subscriptions = len({seg.subscription.subscription_id for seg in segments if meters_usage(seg.plan.plan)})
     return (f"{period} has no usage rows while {subscriptions} subscription(s) active in it are on plans that meter "
             f"usage ({', '.join(metered[:5])}{', ...' if len(metered) > 5 else ''}): upload the period's usage under "
-            f"usage/ first, or pass --allow-empty to close it without usage")
+            f"{USAGE_PREFIX} first, or pass --allow-empty to close it without usage")
 
 
 def periods_in_order(first: Period, last: Period) -> str | None:

@@ -28,12 +28,12 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 import polars as pl
 
 from transforms.errors import InputError
+from transforms.layout import COSTS_KEY
 from transforms.money import is_known_currency, to_minor
 from transforms.periods import Period
 from transforms.plans import IDENTIFIER
 
 ZERO = Decimal(0)
-COSTS_KEY = "costs/costs.csv"
 COST_COLUMNS = ("meter", "filter", "unit_cost", "per", "currency", "effective_from")
 
 MARGINS_SCHEMA = {

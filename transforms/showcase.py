@@ -16,13 +16,14 @@ from decimal import ROUND_CEILING, Decimal
 
 import polars as pl
 
+from transforms.layout import ADJUSTMENTS_PREFIX, PURCHASES_PREFIX, USAGE_PREFIX
 from transforms.periods import Period
 from transforms.plans import Catalog, Charge, PlanFile
 
 COST_SHARE = Decimal("0.4")  # the demo's cost of goods: 40% of the list price
-USAGE_KEY = "usage/showcase/events.jsonl"
-PURCHASES_KEY = "credit_purchases/purchases.csv"
-ADJUSTMENTS_KEY = "adjustments/adjustments.csv"
+USAGE_KEY = USAGE_PREFIX + "showcase/events.jsonl"
+PURCHASES_KEY = PURCHASES_PREFIX + "purchases.csv"
+ADJUSTMENTS_KEY = ADJUSTMENTS_PREFIX + "adjustments.csv"
 
 
 @dataclass(frozen=True)

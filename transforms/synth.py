@@ -24,6 +24,7 @@ from typing import Literal
 
 import polars as pl
 
+from transforms.layout import usage_day_prefix
 from transforms.money import minor_exponent
 from transforms.periods import Period
 from transforms.plans import Catalog
@@ -534,7 +535,7 @@ def _objects(rows: pl.DataFrame, dims: list[str], period_start: date,
             timestamp = (pl.when(pl.col("_bad_ts")).then(pl.lit(BAD_TIMESTAMP))
                          .otherwise(stamp.dt.strftime("%Y-%m-%dT%H:%M:%S%.3fZ")))
         frame = part.select(*columns, timestamp.alias("timestamp"), *dims)
-        key = f"usage/date={period_start + timedelta(days=day)}/part-0.{fmt}"
+        key = f"{usage_day_prefix(period_start + timedelta(days=day))}part-0.{fmt}"
         objects.append(UsageObject(key=key, fmt=fmt, frame=frame))
     return objects
 
@@ -590,10 +591,10 @@ def _duplicates(clean: pl.DataFrame, seed: int, days: int) -> pl.DataFrame:
 def _corrupt_object(objects: list[UsageObject], day: date) -> UsageObject:
     """A parquet object cut off mid-write: the head of a real file, no footer."""
     if not objects:
-        return UsageObject(key=f"usage/date={day}/part-1.parquet", fmt="parquet", raw=b"PAR1\x15\x04")
+        return UsageObject(key=usage_day_prefix(day) + "part-1.parquet", fmt="parquet", raw=b"PAR1\x15\x04")
     sample = objects[0].frame.head(50)
     data = write_bytes(UsageObject(key=objects[0].key, fmt="parquet", frame=sample))
-    return UsageObject(key=f"usage/date={day}/part-1.parquet", fmt="parquet", raw=data[: len(data) // 2])
+    return UsageObject(key=usage_day_prefix(day) + "part-1.parquet", fmt="parquet", raw=data[: len(data) // 2])
 
 
 def synth_store(catalog: Catalog, period: str, customers: int, seed: int, dirty: bool = True) -> SynthStore:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from datetime import date, timedelta
 
 from transforms.errors import InputError
+from transforms.layout import SELLER_KEY
 
 SELLER_FIELDS = ("name", "address", "email", "tax_id")
 PAYMENT_LABELS = {"bank": "Bank", "account_name": "Account name", "iban": "IBAN", "bic": "BIC / SWIFT",
@@ -36,7 +37,7 @@ def _days(value, where: str) -> int | None:
     return int(text)
 
 
-def seller_block(loaded, source: str = "seller.yaml") -> dict:
+def seller_block(loaded, source: str = SELLER_KEY) -> dict:
     """The seller shown on documents: name, address, email, tax_id, payment_terms_days and the
     payment instructions as (label, value) pairs, from seller.yaml's parsed content."""
     if loaded is None:

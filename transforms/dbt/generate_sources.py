@@ -17,11 +17,14 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # run as a script: the repository, for the store layout
+from transforms.layout import correction_prefix, period_prefix  # noqa: E402
+
 SCHEMA_FILE = HERE.parent / "schema" / "outputs.yaml"
 SOURCES_FILE = HERE / "models" / "sources.yml"
 SOURCES = {
-    "billing/period=YYYY-MM/": ("billrun", "What each monthly close published, one folder per closed period."),
-    "billing/corrections/run=RUN_ID/": ("billrun_corrections", "What each backfill published: the credit and "
+    period_prefix("YYYY-MM"): ("billrun", "What each monthly close published, one folder per closed period."),
+    correction_prefix("RUN_ID"): ("billrun_corrections", "What each backfill published: the credit and "
                                        "debit notes it issued and its revenue, ledger and journal adjustments."),
 }
 

@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from stdnum.eu import vat
 
 from transforms.errors import InputError
+from transforms.layout import RULES_KEY
 from transforms.tax import EXEMPT, REVERSE_CHARGE, Party, TaxableLine, TaxLine, rate_text, tax_line
 
-RULES_KEY = "tax/rules.yaml"
 EU = frozenset(code.upper() for code in vat.MEMBER_STATES if code != "xi")
 OSS = "EU-OSS"
 COUNTRY = re.compile(r"^[A-Z]{2}$")
