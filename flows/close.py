@@ -62,7 +62,7 @@ from flows.shards import (
     settle_shards,
     shard_runner,
 )
-from flows.statement import lineage_rows, with_local_lineage
+from flows.statement import billed_events_table, with_local_lineage
 from flows.store import open_store, store_identity
 from transforms.adjustments import (
     Adjustment,
@@ -86,7 +86,6 @@ from transforms.engine import rated_invoices
 from transforms.errors import BillrunError, InputError
 from transforms.guards import close_too_early, close_without_usage, rows_in_period
 from transforms.invoices import Invoice, invoices_table, lines_table
-from transforms.lineage import billed_events
 from transforms.margins import margins_table, segment_plans
 from transforms.periods import Period
 from transforms.plans import Catalog, PlanFile, load_catalog
@@ -508,7 +507,8 @@ def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normal
                        usage_spend_by_subscription(invoices))))
     ledger = ledger_table(outcome, period)
     write("credit_ledger.parquet", ledger)
-    write("billed_events.parquet", billed_events(lineage_rows(settlement), lines, quarantine, ledger))
+    with billed_events_table(settlement, lines, quarantine, ledger) as billed_events:
+        write("billed_events.parquet", billed_events)
     del ledger
     write("credit_balances.parquet", balances_table(outcome, period))
     del lines

@@ -1,26 +1,25 @@
-"""Lineage IO: the settlement's per-shard lineage files brought to this machine for the close's
-billed_events output, and the readers behind `billrun explain --events` and `billrun statement`."""
+"""Lineage IO: the settlement's per-shard lineage files brought to this machine and made into the
+close's billed_events output, and the readers behind `billrun explain --events` and `billrun statement`."""
 from __future__ import annotations
 
 import io
+import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
+import duckdb
 import polars as pl
 
 from flows.explain import _ID, _locate, _read
+from flows.shards import MEMORY_ENV
 from flows.store import open_store
 from transforms.errors import InputError
 from transforms.invoices import USAGE_LINE_KINDS
-from transforms.lineage import decimal_text, statement_rows
+from transforms.lineage import BILLED_EVENTS_SCHEMA, billed_events, decimal_text, statement_rows
 from transforms.settle import Settlement
-
-LINEAGE_COLUMNS = {
-    "customer_id": pl.String, "event_at": pl.Datetime("us", "UTC"), "event_id": pl.String, "meter": pl.String,
-    "dims": pl.String, "quantity": pl.Decimal(38, 9), "subscription_id": pl.String, "segment_no": pl.Int64,
-    "outcome": pl.String, "source_key": pl.String, "source_row": pl.Int64,
-    "duplicate_of_source_key": pl.String, "duplicate_of_source_row": pl.Int64,
-}
 
 
 def with_local_lineage(settlement: Settlement, scratch, work_dir: Path) -> Settlement:
@@ -32,11 +31,29 @@ def with_local_lineage(settlement: Settlement, scratch, work_dir: Path) -> Settl
     return replace(settlement, lineage=tuple(str(local[k]) for k in sorted(settlement.lineage)))
 
 
-def lineage_rows(settlement: Settlement) -> pl.LazyFrame:
-    """The settlement's billed and duplicate rows, read lazily from its lineage files."""
-    if not settlement.lineage:
-        return pl.LazyFrame(schema=LINEAGE_COLUMNS)
-    return pl.scan_parquet(list(settlement.lineage)).cast(LINEAGE_COLUMNS)
+LINEAGE_MEMORY = "1GB"
+"""DuckDB's cap while billed_events is joined and sorted: above it the sort spills to disk
+(the shards' cap, BILLRUN_DUCKDB_MEMORY, when set)."""
+
+
+@contextmanager
+def billed_events_table(settlement: Settlement, lines: pl.DataFrame, quarantine: pl.DataFrame,
+                        ledger: pl.DataFrame) -> Iterator[pl.LazyFrame]:
+    """The period's billed_events (transforms.lineage.billed_events), sorted by DuckDB into a
+    file next to the lineage files (the close's work folder), as a plan that streams it to the
+    table's writer; the file is gone after the block. The close's memory holds neither the
+    period's events nor their sort: DuckDB spills past its cap, and the writer reads row groups."""
+    folder = Path(settlement.lineage[0]).parent if settlement.lineage else None
+    with tempfile.TemporaryDirectory(prefix="billed-events-", dir=folder) as tmp:
+        sorted_rows = Path(tmp) / "sorted.parquet"
+        con = duckdb.connect(config={"temp_directory": str(Path(tmp) / "spill"),
+                                     "memory_limit": os.environ.get(MEMORY_ENV, LINEAGE_MEMORY)})
+        try:
+            relation = billed_events(con, list(settlement.lineage), lines, quarantine, ledger)
+            relation.write_parquet(str(sorted_rows), compression="lz4")
+        finally:
+            con.close()
+        yield pl.scan_parquet(sorted_rows).cast(BILLED_EVENTS_SCHEMA)
 
 
 BILLED_EVENTS = "billed_events.parquet"

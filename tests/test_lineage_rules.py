@@ -1,15 +1,18 @@
 """transforms.lineage on tiny frames: which line bills an event, and what a duplicate and a
-quarantined row become."""
+quarantined row become; the close's billed_events file, sorted by DuckDB, in the table's bytes."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
 from decimal import Decimal
+from pathlib import Path
 
+import duckdb
 import polars as pl
 
 from flows.close import PARQUET
-from flows.statement import LINEAGE_COLUMNS
-from transforms.lineage import billed_events, statement_rows
+from flows.statement import billed_events_table
+from transforms.lineage import BILLED_EVENTS_SCHEMA, LINEAGE_COLUMNS, billed_events, statement_rows
+from transforms.settle import Settlement
 
 AT = datetime(2026, 10, 3, tzinfo=timezone.utc)
 
@@ -55,8 +58,16 @@ QUARANTINE = pl.DataFrame({"source_key": ["u.csv"], "source_row": [6], "event_id
 LEDGER = pl.DataFrame({"kind": ["consume"], "event_id": ["e4"], "grant_id": ["g1"]})
 
 
-def test_each_event_goes_to_the_line_of_its_filter_and_group():
-    events = billed_events(_lineage(), _lines(), QUARANTINE, LEDGER).collect()
+def _billed_events(tmp_path: Path, lineage: pl.LazyFrame | None = None) -> pl.DataFrame:
+    """billed_events of the lineage rows (written to a file, as the shards write theirs)."""
+    path = tmp_path / "lineage.parquet"
+    (lineage if lineage is not None else _lineage()).sink_parquet(path)
+    with duckdb.connect() as con:
+        return billed_events(con, [str(path)], _lines(), QUARANTINE, LEDGER).pl().cast(BILLED_EVENTS_SCHEMA)
+
+
+def test_each_event_goes_to_the_line_of_its_filter_and_group(tmp_path):
+    events = _billed_events(tmp_path)
     placed = {(r["event_id"], r["status"]): (r["line_no"], r["grant_id"]) for r in events.iter_rows(named=True)}
     assert placed == {("e1", "billed"): (2, None), ("e2", "billed"): (2, None), ("e3", "billed"): (3, None),
                       ("e4", "billed"): (4, "g1"), ("e1", "duplicate"): (None, None),
@@ -66,8 +77,8 @@ def test_each_event_goes_to_the_line_of_its_filter_and_group():
     assert events.filter(pl.col("status") == "quarantined")["reason"].to_list() == ["negative_quantity"]
 
 
-def test_statement_line_totals_take_off_credits_and_allowance():
-    events = billed_events(_lineage(), _lines(), QUARANTINE, LEDGER).filter(pl.col("status") == "billed").collect()
+def test_statement_line_totals_take_off_credits_and_allowance(tmp_path):
+    events = _billed_events(tmp_path).filter(pl.col("status") == "billed")
     totals = {r["line_no"]: r for r in statement_rows(events, _lines()).iter_rows(named=True)
               if r["row"] == "line_total"}
     # line 2: 10 + 5 = 15 units, nothing included, 15 billed
@@ -89,3 +100,27 @@ def test_a_published_table_has_the_same_bytes_whatever_its_chunks(tmp_path):
     whole = (tmp_path / "whole.parquet").read_bytes()
     assert (tmp_path / "chunked.parquet").read_bytes() == whole
     assert (tmp_path / "streamed.parquet").read_bytes() == whole
+
+
+def test_billed_events_streamed_from_duckdbs_sort_has_the_bytes_of_the_whole_table_written(tmp_path):
+    # DuckDB sorts the rows into a file of its own; the table's writer streams that file into
+    # row groups of the close's size: the bytes are those of the sorted table written whole
+    n = 300_000
+    lineage = _lineage().collect()
+    many = pl.concat([lineage.sample(n, with_replacement=True, seed=7).with_columns(
+        pl.format("c{}", pl.int_range(n) % 997).alias("customer_id"),
+        (pl.col("event_at") + pl.duration(seconds=pl.int_range(n) % 86_400)).alias("event_at"),
+        pl.format("e{}", pl.int_range(n)).alias("event_id"),
+        pl.int_range(n, dtype=pl.Int64).alias("source_row"))]).lazy()
+    (tmp_path / "shard").mkdir()
+    path = tmp_path / "shard" / "lineage.parquet"
+    many.sink_parquet(path)
+    settlement = Settlement({}, QUARANTINE, pl.DataFrame(), pl.DataFrame(), pl.DataFrame(), [], lineage=(str(path),))
+    with billed_events_table(settlement, _lines(), QUARANTINE, LEDGER) as table:
+        table.sink_parquet(tmp_path / "streamed.parquet", **PARQUET)
+    assert list((tmp_path / "shard").iterdir()) == [path], "the sorted file is gone after the block"
+    whole = _billed_events(tmp_path, many).sort("customer_id", "event_at", "event_id", "source_key", "source_row",
+                                                nulls_last=True)
+    assert whole.height == n + 1 and whole["line_no"].null_count() < n
+    whole.write_parquet(tmp_path / "whole.parquet", **PARQUET)
+    assert (tmp_path / "streamed.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()

@@ -3,8 +3,8 @@
 One row per usage row the close counted (the manifest's `rows.read`): a billed row with the
 invoice and line that billed it (and the credit grants that paid for it, on a meter paid with
 credits), a duplicate with the copy that billed in its place, a quarantined row with its reason.
-Per-event work is joins in Polars; only the distinct (meter, dims) texts and the distinct line
-keys are looked at in Python.
+Per-event work is joins and a sort in DuckDB (transforms/sql/billed_events.sql); only the
+distinct (meter, dims) texts and the distinct line keys are looked at in Python.
 
 Which line bills an event is the invoice's own rule (transforms.invoices.charge_lines): the
 usage or overage line of the event's subscription segment whose charge has the event's meter,
@@ -15,9 +15,21 @@ from __future__ import annotations
 
 import json
 
+import duckdb
 import polars as pl
 
 from transforms.invoices import USAGE_LINE_KINDS
+from transforms.queries import statements
+
+SQL_FILE = "billed_events.sql"
+
+LINEAGE_COLUMNS = {
+    "customer_id": pl.String, "event_at": pl.Datetime("us", "UTC"), "event_id": pl.String, "meter": pl.String,
+    "dims": pl.String, "quantity": pl.Decimal(38, 9), "subscription_id": pl.String, "segment_no": pl.Int64,
+    "outcome": pl.String, "source_key": pl.String, "source_row": pl.Int64,
+    "duplicate_of_source_key": pl.String, "duplicate_of_source_row": pl.Int64,
+}
+"""The settlement's lineage files: one row per billed or duplicate row (settle_usage.sql)."""
 
 BILLED_EVENTS_SCHEMA = {
     "customer_id": pl.String, "event_at": pl.Datetime("us", "UTC"), "event_id": pl.String, "meter": pl.String,
@@ -50,52 +62,48 @@ def line_of_dims(event_dims: pl.DataFrame, lines: pl.DataFrame) -> pl.DataFrame:
             .filter(pl.col("group").is_not_null()).select("meter", "dims", "filter", "group").unique())
 
 
-def billed_events(lineage: pl.LazyFrame, lines: pl.DataFrame, quarantine: pl.DataFrame,
-                  ledger: pl.DataFrame) -> pl.LazyFrame:
+def billed_events(con: duckdb.DuckDBPyConnection, lineage: list[str], lines: pl.DataFrame,
+                  quarantine: pl.DataFrame, ledger: pl.DataFrame) -> duckdb.DuckDBPyRelation:
     """One row per usage row of the period, sorted by customer, event time, event_id and source:
-    a plan, not rows, which the close sinks to its file (the sort and joins still hold the period's
-    events in memory: at 10M events this is the close's memory peak).
+    a relation on `con` (transforms/sql/billed_events.sql), run by its writer, so the period's
+    events are joined and sorted by DuckDB under the connection's memory cap, never held here.
 
-    `lineage`: the settlement's billed and duplicate rows (transforms/sql/settle_usage.sql,
+    `lineage`: the settlement's Parquet files of billed and duplicate rows (settle_usage.sql,
     `lineage`); `lines`: the invoice_lines table; `quarantine`: the quarantine table; `ledger`:
     the credit ledger (its `consume` entries name the event each credit draw paid for)."""
+    sql = statements(SQL_FILE)
+    con.execute("SET TimeZone = 'UTC'")
+    if lineage:
+        con.read_parquet(list(lineage)).create_view("lineage")
+    else:
+        con.register("lineage", pl.DataFrame(schema=LINEAGE_COLUMNS).to_arrow())
     usage_lines = (lines.filter(pl.col("kind").is_in(USAGE_LINE_KINDS))
-                   .select("invoice_id", "line_no", "subscription_id", pl.col("segment_no").cast(pl.Int32), "meter",
+                   .select("invoice_id", pl.col("line_no").cast(pl.Int32), "subscription_id",
+                           pl.col("segment_no").cast(pl.Int32), "meter",
                            pl.col("filter").fill_null(""), pl.col("group").fill_null("")))
-    # one plan, run once by its writer: the events are never held twice
-    rows = lineage.with_columns(pl.col("segment_no").cast(pl.Int32))
-    event_dims = rows.filter(pl.col("outcome") == "billed").select("meter", "dims").unique().collect()
-    keyed = line_of_dims(event_dims, usage_lines).lazy()
-    placed = (rows.filter(pl.col("outcome") == "billed")
-              .select("source_key", "source_row", "subscription_id", "segment_no", "meter", "dims")
-              .join(keyed, on=["meter", "dims"], how="inner")
-              .join(usage_lines.lazy(), on=["subscription_id", "segment_no", "meter", "filter", "group"],
-                    how="inner")
-              .select("source_key", "source_row", "invoice_id", "line_no"))
-    billed = rows.join(placed, on=["source_key", "source_row"], how="left", maintain_order="left")
-    grants = (ledger.lazy().filter((pl.col("kind") == "consume") & pl.col("event_id").is_not_null())
+    event_dims = con.sql(sql["billed_dims"]).pl()
+    con.register("keyed", line_of_dims(event_dims, usage_lines).to_arrow())
+    con.register("usage_lines", usage_lines.to_arrow())
+    con.execute(sql["dims_lines"])
+    grants = (ledger.filter((pl.col("kind") == "consume") & pl.col("event_id").is_not_null())
               .group_by("event_id").agg(pl.col("grant_id").unique().sort().str.join(",")))
-    settled = (billed.join(grants, on="event_id", how="left")
-               .with_columns(pl.when(pl.col("outcome") == "billed").then(pl.col("grant_id")).alias("grant_id"))
-               .select(
-                   "customer_id", "event_at", "event_id", "meter", "dims", "quantity",
-                   pl.col("outcome").alias("status"), "invoice_id", "line_no", "grant_id", "subscription_id",
-                   "segment_no",
-                   pl.when(pl.col("outcome") == "duplicate").then(pl.lit("duplicate_event_id")).alias("reason"),
-                   pl.lit(None, dtype=pl.String).alias("detail"),
-                   pl.when(pl.col("outcome") != "duplicate").then(None)
-                   .when(pl.col("duplicate_of_source_key").is_not_null())
-                   .then(pl.format("{}#row={}", "duplicate_of_source_key", "duplicate_of_source_row"))
-                   .otherwise(pl.lit("a copy billed in an earlier period")).alias("duplicate_of"),
-                   "source_key", "source_row"))
-    set_aside = quarantine.lazy().select(
+    con.register("grants", grants.select(pl.col("event_id").cast(pl.String), pl.col("grant_id").cast(pl.String))
+                 .to_arrow())
+    con.register("set_aside", set_aside_rows(quarantine).to_arrow())
+    return con.sql(sql["billed_events"])
+
+
+def set_aside_rows(quarantine: pl.DataFrame) -> pl.DataFrame:
+    """One row per quarantined row, in billed_events' columns: its event time and quantity as
+    far as they parse, the reason and detail it was set aside for."""
+    rows = quarantine.select(
         "customer_id",
         pl.col("timestamp").str.to_datetime(time_zone="UTC", strict=False).alias("event_at"),
         "event_id", "meter", "dims", pl.col("quantity").cast(pl.Decimal(38, 9), strict=False),
         pl.lit("quarantined").alias("status"), "reason", "detail", "source_key", "source_row")
-    return (pl.concat([settled.cast(BILLED_EVENTS_SCHEMA), set_aside], how="diagonal_relaxed")
-            .select([pl.col(c).cast(t) for c, t in BILLED_EVENTS_SCHEMA.items()])
-            .sort("customer_id", "event_at", "event_id", "source_key", "source_row", nulls_last=True))
+    return rows.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in BILLED_EVENTS_SCHEMA.items()
+                              if c not in rows.columns]).select(
+        [pl.col(c).cast(t) for c, t in BILLED_EVENTS_SCHEMA.items()])
 
 
 STATEMENT_COLUMNS = ("row", "line_no", "kind", "description", "meter", "event_id", "event_at", "dims", "quantity",
