@@ -17,7 +17,7 @@ from transforms.credits.reports import CreditSummary
 from transforms.drafts import draft_file_stem, wallet_from_balances
 from transforms.errors import InputError
 from transforms.invoices import Invoice, invoices_from_tables
-from transforms.layout import CORRECTIONS_PREFIX, MANIFEST, invoice_html_key, night_prefix
+from transforms.layout import CORRECTIONS_PREFIX, MANIFEST, document_html_name, invoice_html_key, night_prefix
 from transforms.render import Draft, invoice_html
 
 _ID = re.compile(r"^(INV|CN|DN)-(\d{4}-\d{2})-\d{6}$")
@@ -34,8 +34,8 @@ def document_html_key(store, invoice_id: str) -> str:
             return key
     else:
         for obj in store.list(CORRECTIONS_PREFIX):
-            if obj.key.endswith(f"/documents/{invoice_id}.html") and store.exists(
-                    obj.key.rsplit("/documents/", 1)[0] + "/" + MANIFEST):
+            if obj.key.endswith("/" + document_html_name(invoice_id)) and store.exists(
+                    obj.key.removesuffix(document_html_name(invoice_id)) + MANIFEST):
                 return obj.key
     raise InputError(f"{invoice_id}: no such published document in {store.uri}")
 

@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from transforms.collector import cycle_collector_paused
+from transforms.layout import INVOICES_FOLDER, invoice_html_name
 from transforms.render import invoice_html
 
 
@@ -32,7 +33,7 @@ CHUNK_INVOICES = 1000
 def _render_chunk(jobs: list[tuple], seller: dict, run_id: str, folder: str) -> list[tuple[str, int, str]]:
     written = []
     for invoice, customer, rounding, wallet in jobs:
-        name = f"invoices/{invoice.invoice_id}.html"
+        name = invoice_html_name(invoice.invoice_id)
         data = invoice_html(invoice, customer, seller, rounding, run_id, credits=wallet).encode("utf-8")
         with open(os.path.join(folder, name), "wb") as handle:
             handle.write(data)
@@ -56,7 +57,7 @@ def write_invoice_documents(invoices: list, customers: dict, seller: dict, round
     """Every invoice as `invoices/<invoice_id>.html` under `out_dir`; (name, size, sha256) each,
     in invoice order. The close runs this in a thread while it writes the tables; `stop` set
     (a table failed) ends it before its next chunk, raising DocumentsStopped."""
-    (out_dir / "invoices").mkdir(parents=True, exist_ok=True)
+    (out_dir / INVOICES_FOLDER).mkdir(parents=True, exist_ok=True)
     jobs = [(inv, customers[inv.customer_id], roundings[inv.subscription_id], wallets.get(inv.customer_id))
             for inv in invoices]
     if workers <= 1 or len(jobs) < parallel_from:

@@ -29,10 +29,9 @@ from typer.testing import CliRunner
 
 from closeutil import copy_tree_to_store
 from flows.cli import app
-from flows.locks import lock_key
-from flows.status import checked_key
 from flows.store import open_store
 from transforms.corrections import issued_lines
+from transforms.layout import checked_key, lock_key
 
 GOLDEN = Path(__file__).parent / "golden"
 PERIOD = "2026-10"

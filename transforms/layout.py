@@ -60,8 +60,16 @@ def manifest_key(period) -> str:
     return period_prefix(period) + MANIFEST
 
 
+INVOICES_FOLDER = "invoices/"
+
+
+def invoice_html_name(invoice_id: str) -> str:
+    """An invoice's HTML, in its period's folder."""
+    return f"{INVOICES_FOLDER}{invoice_id}.html"
+
+
 def invoice_html_key(period, invoice_id: str) -> str:
-    return f"{period_prefix(period)}invoices/{invoice_id}.html"
+    return period_prefix(period) + invoice_html_name(invoice_id)
 
 
 CORRECTIONS_PREFIX = BILLING + "corrections/"
@@ -70,6 +78,14 @@ CORRECTIONS_PREFIX = BILLING + "corrections/"
 def correction_prefix(run_id: str) -> str:
     """One backfill run's folder: its credit and debit notes and the changes they make."""
     return f"{CORRECTIONS_PREFIX}run={run_id}/"
+
+
+DOCUMENTS_FOLDER = "documents/"
+
+
+def document_html_name(document_id: str) -> str:
+    """A credit or debit note's HTML, in its correction's folder."""
+    return f"{DOCUMENTS_FOLDER}{document_id}.html"
 
 
 NIGHTLY_PREFIX = BILLING + "nightly/"
