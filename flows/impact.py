@@ -48,13 +48,11 @@ from transforms.impact import (
     plan_changes,
     thresholds,
 )
-from transforms.invoices import invoices_table, lines_table
-from transforms.margins import Costs, margins_table, segment_plans
+from transforms.margins import Costs
 from transforms.money import decimal_text
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
-from transforms.revenue import revenue_table
-from transforms.simulate import Outcomes
+from transforms.simulate import Outcomes, rated_outcomes
 
 
 def periods_to_rerate(store: str, periods: int) -> list[Period]:
@@ -84,11 +82,7 @@ def rerated_outcomes(store: str, usage: PeriodUsage, reference: Reference, catal
     settlement = _sided(which, usage.settle, reference, catalog, period, index)
     outcome = _sided(which, replay_credits, quote(settlement), quote(reference), quote(catalog), period)
     invoices = _sided(which, rate_invoices, quote(settlement), quote(reference), quote(outcome), period)
-    segments = segment_plans(reference.segments)
-    return Outcomes(invoices_table(invoices),
-                    revenue_table(period, invoices, outcome, reference.segments),
-                    margins_table(lines_table(invoices), settlement.usage_by_day, segments, costs, period),
-                    segments)
+    return rated_outcomes(period, invoices, outcome, reference.segments, settlement.usage_by_day, costs)
 
 
 @flow(name="impact", log_prints=False)

@@ -75,10 +75,11 @@ from transforms.credits.events import credit_meters
 from transforms.credits.grants import history_grants
 from transforms.credits.ledger import balances_table
 from transforms.credits.opening import grants_from_balances, opening_grants
+from transforms.drafts import usage_estimates
 from transforms.engine import rated_invoices
 from transforms.errors import BillrunError, InputError
 from transforms.guards import night_of_closed_period
-from transforms.invoices import USAGE_LINE_KINDS, invoices_table, lines_table
+from transforms.invoices import invoices_table, lines_table
 from transforms.layout import (
     ADJUSTMENTS_PREFIX,
     CUSTOMERS_KEYS,
@@ -757,7 +758,7 @@ def _publish_night(store, period: Period, day: date, intake: Intake, usage: Nigh
     new = every if fired is None else every.join(fired.select(identity), on=identity, how="anti")
     names = {"alerts.parquet": new, "draft_invoices.parquet": invoices_table(result.invoices),
              "draft_invoice_lines.parquet": lines_table(result.invoices), "credit_balances.parquet": result.balances,
-             "usage.parquet": _usage_per_customer(result.invoices)}
+             "usage.parquet": usage_estimates(result.invoices)}
     for name, frame in names.items():
         frame.write_parquet(out_dir / name, **PARQUET)
     over = subscriptions_over_budget(result.invoices, list(reference.segments))
@@ -805,20 +806,6 @@ def _clear_superseded(store, period: Period, snapshots: list[dict]) -> None:
                 store.delete(info.key)
     if snapshots[-1].get("night"):
         store.delete(legacy_intake_key(period))  # state from an earlier billrun, now carried by the snapshots
-
-
-def _usage_per_customer(invoices: list) -> pl.DataFrame:
-    """One row per customer x meter: usage so far and its estimated charges."""
-    rows: dict[tuple, list] = {}
-    for inv in invoices:
-        for line in inv.lines:
-            if line.kind in USAGE_LINE_KINDS and line.meter:
-                acc = rows.setdefault((inv.customer_id, line.meter, inv.currency), [0, 0])
-                acc[1] += line.amount_minor
-    return pl.DataFrame([{"customer_id": c, "meter": m, "currency": cur, "estimated_minor": v[1]}
-                         for (c, m, cur), v in sorted(rows.items())],
-                        schema={"customer_id": pl.String, "meter": pl.String, "currency": pl.String,
-                                "estimated_minor": pl.Int64})
 
 
 def _report(manifest: dict, store_uri: str) -> None:

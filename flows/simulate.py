@@ -61,14 +61,13 @@ from flows.report import (
 from flows.store import open_store
 from transforms.credits.model import Outcome
 from transforms.errors import InputError
-from transforms.invoices import Invoice, invoices_table, lines_table
+from transforms.invoices import Invoice
 from transforms.layout import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, period_prefix, simulation_prefix
-from transforms.margins import Costs, margins_table, segment_plans
+from transforms.margins import Costs
 from transforms.money import decimal_text
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
 from transforms.reference import checked_customers, segments_in
-from transforms.revenue import revenue_table
 from transforms.settle import Settlement
 from transforms.simulate import (
     SHOCK_DEFAULT,
@@ -77,19 +76,18 @@ from transforms.simulate import (
     PlanRef,
     breakage_by_period,
     change_bins,
+    closed_outcomes,
     closed_period_problem,
-    compare,
+    compared_models,
     customer_plans,
-    drifted_customers,
     margin_by_meter,
     migration,
     moved_subscriptions,
-    newly_quarantined,
     notice_problem,
     plan_moves,
     plan_ref,
+    rated_outcomes,
     revenue_by_plan_stream,
-    summarize,
 )
 
 
@@ -159,41 +157,25 @@ def compare_models(store: str, period: Period, moves: tuple[Move, ...], customer
                    shock: Decimal, original: Reference, rerated: Rerated, closed: ClosedPeriod, costs: Costs,
                    costs_source: dict | None, history: dict[str, pl.DataFrame]) -> Simulation:
     """Both models side by side: per customer, per currency, and what the charts draw."""
-    current_segments, candidate_segments = segment_plans(original.segments), segment_plans(rerated.reference.segments)
-    current = Outcomes(closed.documents, closed.revenue,
-                       margins_table(closed.lines, closed.usage_summary, current_segments, costs, period),
-                       current_segments)
-    candidate = Outcomes(invoices_table(rerated.invoices),
-                         revenue_table(period, rerated.invoices, rerated.outcome, rerated.reference.segments),
-                         margins_table(lines_table(rerated.invoices), rerated.settlement.usage_by_dims,
-                                       candidate_segments, costs, period),
-                         candidate_segments)
-    ever_moved = frozenset(s.customer_id for s in rerated.reference.subscriptions if s.subscription_id in rerated.moved)
-    in_period = frozenset(s.subscription.customer_id for s in rerated.reference.segments
-                          if s.subscription.subscription_id in rerated.moved)
+    current = closed_outcomes(closed, original.segments, costs)
+    candidate = rated_outcomes(period, rerated.invoices, rerated.outcome, rerated.reference.segments,
+                               rerated.settlement.usage_by_dims, costs)
     names = dict(original.customers.select("customer_id", "name").iter_rows())
-    comparison = compare(current, candidate, in_period, names, shock)
-    totals = summarize(comparison, current, candidate)
-    quarantined = newly_quarantined(rerated.settlement.quarantine, closed.quarantine, in_period)
-    drift = drifted_customers(current, candidate, ever_moved)
-    shock_pct = decimal_text(shock * 100)
+    models = compared_models(current, candidate, rerated, names, shock, closed.quarantine)
     result = {
         "simulation_id": simulation_id(period, moves, customers, shock, rerated, closed, costs_source),
         "store": store, "period": str(period), "plan_map": [str(m) for m in moves],
-        "customers_filter": sorted(customers) if customers else [], "shock": str(shock), "shock_pct": shock_pct,
-        "closed_run_id": closed.manifest["run_id"], "costs": costs_source,
-        "moved": {"customers": len(in_period), "subscriptions": len(rerated.moved)},
-        "totals": totals, "quarantined": quarantined,
-        "drift": {"customers": len(drift), "examples": drift[:10]},
-        "notes": _notes(quarantined, drift, costs_source), "report": None,
-        "customers": comparison.to_dicts(),
+        "customers_filter": sorted(customers) if customers else [], "shock": str(shock),
+        "shock_pct": decimal_text(shock * 100), "closed_run_id": closed.manifest["run_id"], "costs": costs_source,
+        "moved": {"customers": len(models.moved_customers), "subscriptions": len(rerated.moved)},
+        "totals": models.totals, "quarantined": models.quarantined,
+        "drift": {"customers": len(models.drift), "examples": models.drift[:10]},
+        "notes": _notes(models.quarantined, models.drift, costs_source), "report": None,
+        "customers": models.customers.to_dicts(),
     }
-    margins = pl.concat([current.margins.filter(pl.col("customer_id").is_in(list(in_period)))
-                         .with_columns(pl.lit("current").alias("model")),
-                         candidate.margins.filter(pl.col("customer_id").is_in(list(in_period)))
-                         .with_columns(pl.lit("candidate").alias("model"))])
-    charts = _charts(current, candidate, comparison, margins, in_period, history, period, shock)
-    return Simulation(result, comparison, margins, charts)
+    charts = _charts(current, candidate, models.customers, models.margins, models.moved_customers, history, period,
+                     shock)
+    return Simulation(result, models.customers, models.margins, charts)
 
 
 def _notes(quarantined: dict, drift: list[str], costs_source: dict | None) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import defaultdict
 from dataclasses import replace
 from datetime import date
 from decimal import Decimal
@@ -17,11 +18,27 @@ from decimal import Decimal
 import polars as pl
 
 from transforms.credits.reports import CreditSummary, GrantMovement
-from transforms.invoices import Invoice
+from transforms.invoices import USAGE_LINE_KINDS, Invoice
 from transforms.terms import due_on
 
 FILE_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """A customer id that may name a file as it is; any other is named by its hash."""
+
+
+USAGE_ESTIMATES_SCHEMA = {"customer_id": pl.String, "meter": pl.String, "currency": pl.String,
+                          "estimated_minor": pl.Int64}
+
+
+def usage_estimates(drafts: list[Invoice]) -> pl.DataFrame:
+    """One row per customer x meter x currency, in that order: what the drafts' usage and
+    overage lines bill so far (a night's `usage.parquet`)."""
+    estimated: dict[tuple[str, str, str], int] = defaultdict(int)
+    for inv in drafts:
+        for line in inv.lines:
+            if line.kind in USAGE_LINE_KINDS and line.meter:
+                estimated[(inv.customer_id, line.meter, inv.currency)] += line.amount_minor
+    return pl.DataFrame([(*key, minor) for key, minor in sorted(estimated.items())], schema=USAGE_ESTIMATES_SCHEMA,
+                        orient="row")
 
 
 def draft_id(customer_id: str, period: str, number: int, count: int) -> str:

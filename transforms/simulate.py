@@ -18,12 +18,15 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 import polars as pl
 
+from transforms.credits.model import Outcome
 from transforms.errors import InputError
 from transforms.guards import closed_period_problem, notice_problem  # noqa: F401 - the migration's date rules
-from transforms.margins import decimal_text_fixed
+from transforms.invoices import Invoice, invoices_table, lines_table
+from transforms.margins import Costs, decimal_text_fixed, margins_table, segment_plans
 from transforms.periods import Period
 from transforms.plans import Catalog
-from transforms.reference import Subscription, checked_subscriptions, plan_on, segments_in
+from transforms.reference import Segment, Subscription, checked_subscriptions, plan_on, segments_in
+from transforms.revenue import revenue_table
 
 SHOCK_DEFAULT = Decimal("0.2")
 NO_METER = "(fees and credits)"
@@ -151,6 +154,54 @@ class Outcomes:
     revenue: pl.DataFrame     # revenue rows (transforms.revenue)
     margins: pl.DataFrame     # margins rows (transforms.margins)
     segments: pl.DataFrame    # segment_plans rows (transforms.margins)
+
+
+def rated_outcomes(period: Period, invoices: list[Invoice], outcome: Outcome, segments: tuple[Segment, ...],
+                   usage: pl.DataFrame, costs: Costs) -> Outcomes:
+    """A re-rated model's results: the invoices it would issue, and the revenue and margins the
+    close would write for them. `usage` is the billed units the margins cost (by day, or for the
+    whole period: see `margins_table`)."""
+    plans = segment_plans(segments)
+    return Outcomes(invoices_table(invoices), revenue_table(period, invoices, outcome, segments),
+                    margins_table(lines_table(invoices), usage, plans, costs, period), plans)
+
+
+def closed_outcomes(closed, segments: tuple[Segment, ...], costs: Costs) -> Outcomes:
+    """The billed model's results: every document issued for `closed.period` (the close's and
+    its corrections'), the close's revenue, and margins of its lines costed over its usage summary
+    (`closed`: a closed period as read back from the store, flows.report.ClosedPeriod)."""
+    plans = segment_plans(segments)
+    return Outcomes(closed.documents, closed.revenue,
+                    margins_table(closed.lines, closed.usage_summary, plans, costs, closed.period), plans)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Both models side by side, over the customers the simulation moved."""
+
+    customers: pl.DataFrame       # one row per moved customer x currency (`compare`)
+    totals: list[dict]            # one entry per currency (`summarize`)
+    quarantined: dict             # usage the candidate plans would refuse (`newly_quarantined`)
+    drift: list[str]              # customers not moved whose bill re-rates differently (`drifted_customers`)
+    margins: pl.DataFrame         # the moved customers' margins rows of both models, `model` saying which
+    moved_customers: frozenset[str]   # customers with a moved subscription active in the period
+
+
+def compared_models(current: Outcomes, candidate: Outcomes, rerated, names: dict[str, str], shock: Decimal,
+                    closed_quarantine: pl.DataFrame) -> Comparison:
+    """The billed model (`current`) beside the candidate re-rate (`candidate`, from `rerated`:
+    its reference, the subscription ids it moved and its settlement). `names`: customer names by
+    id; `closed_quarantine`: the rows the close quarantined."""
+    segments, moved = rerated.reference.segments, rerated.moved
+    ever_moved = frozenset(s.customer_id for s in rerated.reference.subscriptions if s.subscription_id in moved)
+    in_period = frozenset(s.subscription.customer_id for s in segments if s.subscription.subscription_id in moved)
+    comparison = compare(current, candidate, in_period, names, shock)
+    margins = pl.concat([outcomes.margins.filter(pl.col("customer_id").is_in(list(in_period)))
+                         .with_columns(pl.lit(model).alias("model"))
+                         for model, outcomes in (("current", current), ("candidate", candidate))])
+    return Comparison(comparison, summarize(comparison, current, candidate),
+                      newly_quarantined(rerated.settlement.quarantine, closed_quarantine, in_period),
+                      drifted_customers(current, candidate, ever_moved), margins, in_period)
 
 
 def _by_customer(frame: pl.DataFrame, value: pl.Expr, nullable: bool = False) -> dict[tuple[str, str], int | None]:
