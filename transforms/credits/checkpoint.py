@@ -82,10 +82,7 @@ def wallets_resumed(grants: list[Grant], subs: list[Subscription], catalog: Cata
             wallet, last = _wallet_restored(customer, checkpoint["customers"][customer], part)
         else:
             wallet, last = Wallet(customer, grants_of.get(customer, []), part), None
-        for ev in sorted(events_of.get(customer, []), key=lambda e: (e.event_at, e.event_id)):
-            wallet.advance(ev.event_at)
-            wallet.consume(ev, plans_of[ev.event_id])
-            last = (ev.event_at, ev.event_id)
+        last = wallet.consume_in_order(events_of.get(customer, []), plans_of) or last
         part.entries = _consumption_summed(part.entries, period)
         states[customer] = _wallet_saved(wallet, last)
         wallet.advance(period.end_at)  # on the wallet as tonight leaves it, after the checkpoint

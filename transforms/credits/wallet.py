@@ -30,10 +30,11 @@ def credits_needed(plan: PlanFile, event: CreditEvent) -> Decimal:
         return event.quantity * charge.price.unit_price / charge.price.per
     rate = credits.consume[event.meter]
     if isinstance(rate, ConsumeByDimension):
-        value = parsed_dims(event.dims).get(rate.by)
+        by = rate.by
+        value = parsed_dims(event.dims).get(by)
         rate = rate.rates.get(value, rate.default)
         if rate is None:
-            raise ValueError(f"no credit rate for {event.meter} with {rate.by}={value!r}")  # checked upstream
+            raise ValueError(f"no credit rate for {event.meter} with {by}={value!r}")  # checked upstream
     return event.quantity * rate
 
 
@@ -115,6 +116,17 @@ class Wallet:
             else:
                 self._grant(self.pending.pop(0))
 
+    def consume_in_order(self, events: list[CreditEvent], plans_of: dict[str, PlanFile]
+                         ) -> tuple[datetime, str] | None:
+        """Consume `events` in event time (event_at, then event_id), each after the expiries and
+        grants due at its instant; the (event_at, event_id) of the last one (None: no events).
+        `plans_of` maps event_id to the plan version in force for that event."""
+        ordered = sorted(events, key=lambda e: (e.event_at, e.event_id))
+        for ev in ordered:
+            self.advance(ev.event_at)
+            self.consume(ev, plans_of[ev.event_id])
+        return (ordered[-1].event_at, ordered[-1].event_id) if ordered else None
+
     def consume(self, ev: CreditEvent, plan: PlanFile) -> None:
         spec = plan.plan.credits
         period = Period.containing(ev.event_at.date())
@@ -185,10 +197,8 @@ class Wallet:
 
 def replay(customer_id: str, events: list[CreditEvent], grants: list[Grant], plans_of: dict[str, PlanFile],
            until: datetime, outcome: Outcome) -> None:
-    """Replay one customer's wallet up to `until` (expiries at `until` included). `plans_of`
-    maps event_id to the plan version in force for that event."""
+    """Replay one customer's wallet up to `until` (expiries at `until` included), its movements
+    appended to `outcome`. `plans_of` maps event_id to the plan version in force for that event."""
     wallet = Wallet(customer_id, grants, outcome)
-    for ev in sorted(events, key=lambda e: (e.event_at, e.event_id)):
-        wallet.advance(ev.event_at)
-        wallet.consume(ev, plans_of[ev.event_id])
+    wallet.consume_in_order(events, plans_of)
     wallet.advance(until)
