@@ -24,7 +24,7 @@ from transforms.money import decimal_text, from_minor, to_minor
 from transforms.periods import Period
 from transforms.pricing import Step, Usage, rate
 from transforms.pricing.base import ZERO
-from transforms.reference import Segment, Subscription
+from transforms.reference import Segment, Subscription, segments_by_subscription
 
 
 @dataclass(frozen=True)
@@ -336,10 +336,7 @@ def period_invoices(period: Period, segments: list[Segment], usage: dict[tuple[s
                     extra_lines: dict[str, list[Line]] | None = None) -> list[Invoice]:
     """One invoice per subscription with a segment in `period`, numbered gap-free in order of
     customer_id then subscription_id: INV-2026-10-000001, ..."""
-    by_sub: dict[str, list[Segment]] = defaultdict(list)
-    for seg in segments:
-        by_sub[seg.subscription.subscription_id].append(seg)
-    ordered = sorted(by_sub.values(), key=lambda segs: (segs[0].subscription.customer_id,
+    ordered = sorted(segments_by_subscription(segments).values(), key=lambda segs: (segs[0].subscription.customer_id,
                                                        segs[0].subscription.subscription_id))
     invoices = []
     for number, segs in enumerate(ordered, start=1):

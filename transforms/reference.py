@@ -234,6 +234,15 @@ def segments_in(period: Period, subs: list[Subscription], catalog: Catalog) -> l
     return out
 
 
+def segments_by_subscription(segments) -> dict[str, list[Segment]]:
+    """Each subscription's segments, in the order given (`segments_in`: in time), subscriptions
+    in order of first appearance."""
+    by_sub: dict[str, list[Segment]] = {}
+    for seg in segments:
+        by_sub.setdefault(seg.subscription.subscription_id, []).append(seg)
+    return by_sub
+
+
 @dataclass(frozen=True)
 class SubscriptionPlans:
     """Per subscription id, the plan version it ends the period on: its last segment's. A

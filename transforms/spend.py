@@ -27,7 +27,7 @@ from transforms.collector import cycle_collector_paused
 from transforms.invoices import Invoice, SegmentUsage, charge_lines, usage_spend_minor
 from transforms.money import decimal_text, from_minor, to_minor
 from transforms.periods import Period
-from transforms.reference import Segment, subscription_plans
+from transforms.reference import Segment, segments_by_subscription, subscription_plans
 
 DEFAULT_AMOUNTS = (Decimal(100), Decimal(1000), Decimal(10000))
 """Alerts for a usage plan with no budget: when spend reaches 100, 1,000 and 10,000 of its currency."""
@@ -215,13 +215,6 @@ def _with_negative_usage(usage_by_day: pl.DataFrame, per_event_usage: pl.DataFra
             | set(per_event_usage.filter(pl.col("quantity") < 0)["subscription_id"].to_list()))
 
 
-def _by_subscription(segments: list[Segment]) -> dict[str, list[Segment]]:
-    by_sub: dict[str, list[Segment]] = defaultdict(list)
-    for seg in segments:
-        by_sub[seg.subscription.subscription_id].append(seg)
-    return by_sub
-
-
 @cycle_collector_paused()  # rating day after day builds lines by the million, none of them a cycle
 def spend_alerts(period: Period, segments: list[Segment], usage_by_day, per_event_usage,
                  billable_by_day: dict[tuple, Decimal], credit_meters: set[tuple[str, int, str]],
@@ -231,7 +224,7 @@ def spend_alerts(period: Period, segments: list[Segment], usage_by_day, per_even
     `billable_by_day`: units left after credits by (sub, seg, meter, dims, day) for meters paid
     with credits; `final_spend_minor`: each subscription's usage charges for the whole period
     (a subscription that never reaches its lowest threshold is not replayed day by day)."""
-    by_sub = _by_subscription(segments)
+    by_sub = segments_by_subscription(segments)
     replayed = sorted(s for s, segs in by_sub.items() if _may_alert(segs, final_spend_minor.get(s, 0)))
     day_lists = _days_with_usage(usage_by_day, replayed)
     usage = _usage_from(usage_by_day, per_event_usage, {s: day_lists[s][0] for s in replayed if s in day_lists},
@@ -323,7 +316,7 @@ def spend_alerts_resumed(period: Period, segments: list[Segment], usage_by_day, 
     of their day on (and each key's sums just before it), so a night's cost follows what
     changed, not the length of the month. Days are walked in order, as every night did, so the
     spend handed to the next night covers the same days."""
-    by_sub = _by_subscription(segments)
+    by_sub = segments_by_subscription(segments)
     replayed = sorted(s for s, segs in by_sub.items() if _may_alert(segs, final_spend_minor.get(s, 0)))
     day_lists = _days_with_usage(usage_by_day, replayed)
 
