@@ -1,8 +1,9 @@
 """The period engine's row-level steps as every flow runs them: usage normalized into shards
 once, then settled per period by shard (flows/shards.py, transforms/settle.py), then rated
 (transforms/engine.py). Backfill, simulate, impact and preview settle through these, as the
-close does, so a period is settled one way whichever command asks; nightly normalizes through
-them and settles its night with the same settlement (transforms.settle.settled_usage).
+close does, so a period is settled one way whichever command asks; nightly settles each night's
+objects through them too, and ranks what they bill against earlier nights' copies by the same
+rule (transforms/sql/copies.sql).
 
 `period_usage` normalizes a store's usage objects once (a backfill then settles several periods
 from the same shard files) and drops the shard files when the block ends.
@@ -54,6 +55,11 @@ class PeriodUsage:
         """The settlement's billed event_ids as local files (read them before the next period
         is settled: each settlement writes its shards' files under the same keys)."""
         return self._local(sorted(settlement.billed_ids), cache_dir)
+
+    def lineage_files(self, settlement: Settlement, cache_dir: Path) -> list[Path]:
+        """The settlement's billed and duplicate rows (settle_usage.sql `lineage`) as local files
+        (read them before the next period is settled, as `billed_files`)."""
+        return self._local(sorted(settlement.lineage), cache_dir)
 
     def files(self, cache_dir: Path) -> list[Path]:
         """Every normalized shard file, on this machine."""

@@ -2,9 +2,12 @@
 
 Each night takes in only the usage objects that are new or rewritten since the last run (by
 content: ETag, else size and sha256), and only their events up to the end of D (an object that
-also holds later days is taken in again by a later night); it validates and deduplicates them
-against everything taken in this period by the close's rule (the earliest copy counts, whatever
-night brought it: a night that learns of an earlier copy restates the period to date). From the
+also holds later days is taken in again by a later night). The period engine (flows/engine.py)
+settles them as the close settles its period; what it bills is then ranked against everything
+taken in this period by the close's rule (transforms/sql/copies.sql: the earliest copy counts,
+whatever night brought it: a night that learns of an earlier copy restates the period to date),
+so the night is the engine run over the period's inputs so far, resumed from the last night's
+state instead of reading them all again. From the
 period-to-date usage it writes what the close would bill if the period ended now, credit
 balances, and the alerts that fired for the first time (an alert fires once per customer,
 period, kind and threshold, however often nights are run or re-run). The close derives the same
@@ -33,7 +36,7 @@ import shutil
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -64,6 +67,7 @@ from flows.locks import Fence, Hold, period_lock, warn
 from flows.secrets import keep_secrets_out_of_logs, webhook_url
 from flows.store import StoreError, open_store
 from transforms.alerts import Alert, alerts_table, credit_alerts, price_change_notices
+from transforms.billed_index import id_hash_macro
 from transforms.credits.checkpoint import (
     checkpoint_bytes,
     checkpoint_from,
@@ -109,7 +113,7 @@ from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
 from transforms.queries import statements
 from transforms.reference import segments_frame
-from transforms.settle import plan_meters, settled_usage
+from transforms.settle import copy_order_macro, plan_meters
 from transforms.spend import spend_alerts_resumed, subscriptions_over_budget, usage_spend_by_subscription
 
 SQL_FILE = "nightly.sql"
@@ -324,11 +328,15 @@ class NightUsage:
 
 
 @task(name="settle-night", cache_policy=NO_CACHE)
-def settle_night(store_uri: str, normalized, intake: Intake, reference, catalog, period: Period, day: date,
+def settle_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[str, str]], settled: dict[str, int],
+                 billed: list[Path], intake: Intake, reference, period: Period, day: date,
                  work_dir: Path) -> NightUsage:
-    """Tonight's rows up to the night's end settled as a close would (scope, rules, duplicates
-    among themselves), then against the event_ids taken in before; the period to date moves by
-    the difference (or is rebuilt when there is no state to move from)."""
+    """The period to date, moved from the last night's by tonight's settlement. Tonight's rows
+    up to the night's end were settled by the period engine as the close settles its period
+    (`settled`: its counts; `billed`: its lineage files); what it bills is ranked by the close's
+    rule against the copies taken in before, and the period to date moves by the difference (or
+    is rebuilt when there is no state to move from). `normalized`: tonight's objects as read
+    (with the days after the night), for the usage index."""
     started = time.perf_counter()
     sql = statements(SQL_FILE)
     out_dir = work_dir / "night-state"
@@ -336,23 +344,21 @@ def settle_night(store_uri: str, normalized, intake: Intake, reference, catalog,
     con = duckdb.connect(config={"temp_directory": str(work_dir / "duckdb-spill")})
     try:
         con.execute("SET TimeZone = 'UTC'").fetchall()
-        ranges = _event_ranges(con, normalized)
-        paths = _through_night(list(normalized.paths), ranges, day, work_dir / "through-night")
-        # an event the documents of another closed period bill is not taken in (billed-event index)
-        index = committed_index(store_uri, leave_out=[str(period)]).local(work_dir / "billed-index")
-        settlement = settled_usage(con, paths, reference.customers, list(reference.subscriptions),
-                                   list(reference.segments), catalog, period, index)
+        id_hash_macro(con)
+        copy_order_macro(con)
+        _register(con, "read_tonight", normalized, {"source_key": pl.String, "event_at": pl.Datetime("us", "UTC")})
+        ranges = _event_ranges(con.sql(sql["event_ranges"]).fetchall())
+        _register(con, "tonight_lineage", billed, BILLED_COLUMNS)
+        con.execute(sql["billed_tonight"]).fetchall()
         con.register("per_event_meters", pl.DataFrame({"meter": intake.meters}, schema={"meter": pl.String}).to_arrow())
-        con.execute(sql["id_hash_macro"]).fetchall()
         if intake.rebuild:
-            kept_rows = _read_accepted(list(intake.kept_files.values()))
-            con.register("kept_rows_all", kept_rows.to_arrow())
-            con.sql("SELECT DISTINCT event_id, source_key, night FROM kept_rows_all").create_view("kept_ids")
+            con.register("kept_rows_all", _read_accepted(list(intake.kept_files.values())).to_arrow())
+            con.execute(sql["rebuilt_kept_ids"]).fetchall()
         else:
             con.register("gone", _read_accepted(list(intake.gone.values())).to_arrow())
             _kept_copies(con, sql, intake.kept_files)
         con.execute(sql["accepted_tonight"], {"night": day}).fetchall()
-        tonight = con.sql("SELECT * FROM tonight").pl()
+        tonight = con.table("tonight").pl()
         accepted, ids = {}, {}
         by_key = tonight.partition_by("source_key", as_dict=True)
         for o in intake.inputs.usage:
@@ -364,12 +370,11 @@ def settle_night(store_uri: str, normalized, intake: Intake, reference, catalog,
             rows.select(list(ID_COLUMNS)).write_parquet(ids[o.key], **STATE_PARQUET)
         rebuilt_ids, nights = {}, {}
         if intake.rebuild:
-            con.sql("SELECT * FROM kept_rows_all UNION ALL SELECT * EXCLUDE (id_hash, is_new) FROM tonight"
-                    ).create_view("all_accepted")
+            con.execute(sql["all_accepted"]).fetchall()
             con.execute(sql["first_copies"]).fetchall()
             by_day, events = con.sql(sql["rebuilt_by_day"]).pl(), con.sql(sql["rebuilt_events"]).pl()
             changed_from = None
-            kept_index = con.sql("SELECT *, id_hash(event_id) AS id_hash FROM kept_rows_all").pl()
+            kept_index = con.sql(sql["rebuilt_kept_index"]).pl()
             for (key,), rows in kept_index.partition_by("source_key", as_dict=True).items():
                 rebuilt_ids[key] = out_dir / f"{hashlib.sha256(key.encode()).hexdigest()}-kept-ids.parquet"
                 rows.select(list(ID_COLUMNS)).write_parquet(rebuilt_ids[key], **STATE_PARQUET)
@@ -384,8 +389,7 @@ def settle_night(store_uri: str, normalized, intake: Intake, reference, catalog,
                                    con.sql(sql["delta_by_day"]).pl())
             events = _moved_events(pl.read_parquet(intake.state_files["events"], columns=list(EVENT_COLUMNS)),
                                    con.sql(sql["delta_leaving_ids"]).pl(), con.sql(sql["delta_entering_events"]).pl())
-            changed_from = dict(con.sql("SELECT customer_id, min(CAST(event_at AS DATE)) FROM delta GROUP BY ALL"
-                                        ).fetchall())
+            changed_from = dict(con.sql(sql["changed_from"]).fetchall())
     finally:
         con.close()
     by_day, events = by_day.cast(BY_DAY_COLUMNS), events.cast(EVENT_COLUMNS)
@@ -395,12 +399,11 @@ def settle_night(store_uri: str, normalized, intake: Intake, reference, catalog,
     segments = segments_frame(list(reference.segments))
     usage_by_day = _usage_by_day(by_day, segments)
     per_event = _per_event_usage(events, segments)
-    c = settlement.counts
     new = int(tonight["is_new"].sum())
-    counts = {"read": c["read"] + len(normalized.unreadable), "billed": new,
-              "duplicates": c["duplicates"] + c["billed"] - new,
-              "quarantined": c["quarantined"] + len(normalized.unreadable)}
-    for key, _ in normalized.unreadable:
+    counts = {"read": settled["read"] + len(unreadable), "billed": new,
+              "duplicates": settled["duplicates"] + settled["billed"] - new,
+              "quarantined": settled["quarantined"] + len(unreadable)}
+    for key, _ in unreadable:
         ranges[key] = {"first_at": None, "last_at": None, "undated": True}
     end = _night_end(day)
     not_yet = tuple(sorted(k for k, r in ranges.items()
@@ -415,33 +418,17 @@ def settle_night(store_uri: str, normalized, intake: Intake, reference, catalog,
                       changed_from, usage_by_dims, usage_by_day, per_event)
 
 
-def _event_ranges(con: duckdb.DuckDBPyConnection, normalized) -> dict[str, dict]:
-    """Per object read tonight: its first and last event time, and whether a row has none."""
-    if not normalized.paths:
-        return {}
-    rows = con.sql("SELECT source_key, min(event_at), max(event_at), bool_or(event_at IS NULL) "
-                   "FROM read_parquet($paths) GROUP BY ALL",
-                   params={"paths": [str(p) for p in normalized.paths]}).fetchall()
+BILLED_COLUMNS = {"event_id": pl.String, "customer_id": pl.String, "meter": pl.String, "dims": pl.String,
+                  "quantity": pl.Decimal(38, 9), "event_at": pl.Datetime("us", "UTC"), "outcome": pl.String,
+                  "source_key": pl.String, "source_row": pl.Int64}
+"""The columns of the engine's lineage rows a night takes in (flows/statement.py LINEAGE_COLUMNS)."""
+
+
+def _event_ranges(rows: list[tuple]) -> dict[str, dict]:
+    """Per object read tonight (nightly.sql `event_ranges`): its first and last event time, and
+    whether a row has none."""
     return {key: {"first_at": first.isoformat() if first else None, "last_at": last.isoformat() if last else None,
                   "undated": bool(undated)} for key, first, last, undated in rows}
-
-
-def _through_night(paths: list[Path], ranges: dict[str, dict], day: date, out_dir: Path) -> list[Path]:
-    """The normalized files without the rows of days after the night (a later night takes them
-    in); rows without an event time stay (every run that reads them quarantines them)."""
-    end = _night_end(day)
-    out = []
-    for number, path in enumerate(paths):
-        frame = pl.read_parquet(path)
-        last = frame["event_at"].max() if frame.height else None
-        if last is None or last < end:
-            out.append(path)
-            continue
-        out_dir.mkdir(parents=True, exist_ok=True)
-        kept = out_dir / f"{number:06d}-{path.name}"  # an object's shards share its file name
-        frame.filter(pl.col("event_at").is_null() | (pl.col("event_at") < end)).write_parquet(kept, **PARQUET)
-        out.append(kept)
-    return out
 
 
 def _read_accepted(paths: list[Path]) -> pl.DataFrame:
@@ -660,11 +647,15 @@ def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
             # as the close: an adjustment that another closed period's documents bill is not billed here
             billed_elsewhere = adjustments_billed_elsewhere(store, quote(intake.inputs), [period])
             reference = check_reference(quote(intake.inputs), quote(catalog), period, billed_elsewhere)
+            # an event the documents of another closed period bill is not taken in (billed-event index)
+            index = committed_index(store, leave_out=[str(period)])
             with period_usage(store, intake.inputs, work_dir, f"nightly-{the_day}") as shards:
-                # tonight's objects normalized as the close normalizes them, settled below as it settles
-                normalized = replace(shards.normalized, paths=tuple(shards.files(work_dir / "normalized")))
-                usage = settle_night(store, quote(normalized), quote(intake), quote(reference), quote(catalog),
-                                     period, the_day, work_dir)
+                # tonight's objects settled by the engine as the close settles its period, through
+                # the night's end; then ranked against earlier nights' copies by the close's rule
+                tonight = shards.through(the_day).settle(reference, catalog, period, index)
+                usage = settle_night(store, shards.files(work_dir / "normalized"), list(shards.normalized.unreadable),
+                                     tonight.counts, shards.lineage_files(tonight, work_dir / "lineage"),
+                                     quote(intake), quote(reference), period, the_day, work_dir)
             result = estimate(store, quote(usage), quote(reference), quote(catalog), period, intake.known_spend,
                               intake.base.get("wallets"))
             manifest = publish_night(store, period, the_day, quote(intake), quote(usage), quote(result),

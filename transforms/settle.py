@@ -28,6 +28,13 @@ from transforms.usage import MAX_QUANTITY, NORMALIZED_COLUMNS
 _PARAM = re.compile(r"\$(\w+)")
 
 SQL_FILE = "settle_usage.sql"
+COPIES_SQL = "copies.sql"
+
+
+def copy_order_macro(con: duckdb.DuckDBPyConnection) -> None:
+    """`copy_order(...)`: which copy of an event_id counts (copies.sql), for every settlement,
+    the close's and each night's, to rank copies by."""
+    con.execute(statements(COPIES_SQL)["copy_order_macro"]).fetchall()
 
 
 @dataclass(frozen=True)
@@ -277,6 +284,7 @@ def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     sql = statements(SQL_FILE)
     con.execute("SET TimeZone = 'UTC'")
     id_hash_macro(con)
+    copy_order_macro(con)
     if normalized:
         con.read_parquet([str(p) for p in normalized]).create_view("events")
     else:

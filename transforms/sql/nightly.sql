@@ -1,4 +1,10 @@
--- Nightly intake on top of settle_usage.sql's `settled` table (tonight's objects only).
+-- A night's period to date, moved from the last night's by tonight's settlement. Tonight's
+-- objects are settled by the period engine as the close settles its period (flows/engine.py:
+-- scope, checks, duplicates among themselves, the billed-event index); what it bills tonight
+-- (`billed_tonight`: its lineage rows with outcome 'billed') is then ranked against the copies
+-- earlier nights took in, by the close's rule (copies.sql `copy_order`: the earliest event time,
+-- then content, then the object key, whatever night brought the copy), so a night that learns
+-- of an earlier copy moves the period to date to it.
 -- A night costs its new data: it never windows over the period so far. The state keeps, per
 -- object taken in, its accepted events (full rows) and their event_ids (a compact index), and
 -- for the period to date two small tables: units per customer x meter x dims x UTC day, and the
@@ -7,31 +13,38 @@
 -- their first copy, so only those are looked up (a semi-join against the index), and the
 -- period-to-date tables move by the difference.
 --
--- Inputs: `settled`; `kept_hashes` (id_hash, source_key of every event_id kept from earlier
--- nights: the index, read for its hash column only); `gone` (accepted events of objects
+-- Inputs: `billed_tonight`; `kept_hashes` (id_hash, source_key of every event_id kept from
+-- earlier nights: the index, read for its hash column only); `gone` (accepted events of objects
 -- rewritten or removed since, as they were taken in); `kept_rows` (the full rows, as taken in,
--- of the kept copies `kept_copies` finds); `per_event_meters` as in the close. The
--- period-to-date tables are moved by `delta_*` in flows/nightly.py (Polars). The close's rule
--- decides which copy counts, whatever night brought it: the earliest event time, then content,
--- then the object key (settle_usage.sql `settled`), so a night that learns of an earlier copy
--- moves the period to date to it.
+-- of the kept copies `kept_copies` finds); `per_event_meters` as in the close. Macros: `id_hash`
+-- (billed_index.sql: the index's hash of an event_id), `copy_order` (copies.sql). The
+-- period-to-date tables are moved by `delta_*` in flows/nightly.py (Polars).
 --
 -- The index is checked in two steps, so that a night reads the month's event_ids only as 8-byte
 -- hashes: tonight's ids are matched on `id_hash` (which objects may hold one of them), then
 -- exactly, on event_id, in those objects alone (`kept_ids`: every kept copy of tonight's and the
 -- gone objects' event_ids, and only those). A hash never decides alone that an event is a copy.
+-- Accepted rows carry no source_row: an object's own copies of an event_id were settled before
+-- it was taken in, so two copies of one object never compete, and the object key decides last.
 
--- name: id_hash_macro
--- The index's hash of an event_id: the first 64 bits of its MD5 (a standard digest, so the
--- index written by one version of billrun or DuckDB reads the same in the next).
-CREATE OR REPLACE TEMP MACRO id_hash(event_id) AS CAST('0x' || left(md5(event_id), 16) AS UBIGINT);
+-- name: event_ranges
+-- One row per object read tonight: its first and last event time, and whether a row has none
+-- (for the store-wide usage index). Input: `read_tonight`, the normalized rows as read.
+SELECT source_key, min(event_at) AS first_at, max(event_at) AS last_at, bool_or(event_at IS NULL) AS undated
+FROM read_tonight
+GROUP BY ALL;
+
+-- name: billed_tonight
+-- One row per event tonight's settlement bills (the engine's lineage rows: `tonight_lineage`).
+CREATE OR REPLACE TEMP VIEW billed_tonight AS
+SELECT * FROM tonight_lineage WHERE outcome = 'billed';
 
 -- name: probe_ids
 -- One row per event_id whose first copy tonight may decide or move: tonight's billed rows and
 -- the rows of gone objects.
 CREATE OR REPLACE TEMP TABLE probe AS
 SELECT event_id, id_hash(event_id) AS id_hash
-FROM (SELECT event_id FROM settled WHERE outcome = 'billed'
+FROM (SELECT event_id FROM billed_tonight
       UNION
       SELECT event_id FROM gone);
 
@@ -57,8 +70,7 @@ WHERE event_id IN (SELECT event_id FROM probe);
 CREATE OR REPLACE TEMP TABLE tonight AS
 SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, CAST($night AS DATE) AS night,
        id_hash(event_id) AS id_hash, event_id NOT IN (SELECT event_id FROM kept_ids) AS is_new
-FROM settled
-WHERE outcome = 'billed'
+FROM billed_tonight
 ORDER BY source_key, source_row;
 
 -- name: kept_rows_needed
@@ -70,9 +82,8 @@ SELECT DISTINCT source_key, event_id FROM kept_ids ORDER BY ALL;
 -- name: first_copy_moves
 -- One row per event_id whose counting copy changes tonight: the copy that counted until now
 -- (`before_*`, among kept and gone objects) and the one that counts from tonight (`after_*`,
--- among kept objects and tonight's), each the first by the close's rank (event time, content,
--- object key; two copies of one object never compete). Only event_ids of tonight's and of gone
--- objects can move.
+-- among kept objects and tonight's), each the first by the close's rule (`copy_order`). Only
+-- event_ids of tonight's and of gone objects can move.
 CREATE OR REPLACE TEMP TABLE moves AS
 WITH affected AS (
     SELECT event_id FROM tonight
@@ -92,14 +103,14 @@ before_copy AS (
     FROM copies
     WHERE side <> 'tonight'
     QUALIFY row_number() OVER (PARTITION BY event_id
-                               ORDER BY event_at, customer_id, meter, quantity, dims, source_key) = 1
+                               ORDER BY copy_order(event_at, customer_id, meter, quantity, dims, source_key, NULL)) = 1
 ),
 after_copy AS (
     SELECT event_id, side, source_key
     FROM copies
     WHERE side <> 'gone'
     QUALIFY row_number() OVER (PARTITION BY event_id
-                               ORDER BY event_at, customer_id, meter, quantity, dims, source_key) = 1
+                               ORDER BY copy_order(event_at, customer_id, meter, quantity, dims, source_key, NULL)) = 1
 )
 SELECT COALESCE(b.event_id, a.event_id) AS event_id, b.side AS before_side, b.source_key AS before_key,
        a.side AS after_side, a.source_key AS after_key
@@ -144,15 +155,29 @@ SELECT customer_id, meter, dims, quantity, event_id, event_at
 FROM delta
 WHERE sign = 1 AND meter IN (SELECT meter FROM per_event_meters);
 
+-- name: rebuilt_kept_ids
+-- One row per copy kept from earlier nights, when the period is rebuilt (`kept_rows_all`: every
+-- kept object's accepted rows): the kept copies tonight's rows are checked against.
+CREATE OR REPLACE TEMP VIEW kept_ids AS
+SELECT DISTINCT event_id, source_key, night FROM kept_rows_all;
+
+-- name: all_accepted
+-- One row per accepted copy of the period so far, kept or tonight's (when rebuilding).
+CREATE OR REPLACE TEMP VIEW all_accepted AS
+SELECT * FROM kept_rows_all
+UNION ALL
+SELECT * EXCLUDE (id_hash, is_new) FROM tonight;
+
 -- name: first_copies
 -- The period so far from every accepted row, one row per event_id (its copy that counts, by the
--- close's rank as in `first_copy_moves`): how a
--- period's tables are built when there is no state to move from (its first night, state written
--- by an earlier billrun, or plans that changed which meters are handled event by event).
+-- close's rule, `copy_order`): how a period's tables are built when there is no state to move
+-- from (its first night, state written by an earlier billrun, or plans that changed which
+-- meters are handled event by event).
 CREATE OR REPLACE TEMP TABLE to_date AS
 SELECT * EXCLUDE (copy_no)
 FROM (SELECT *, row_number() OVER (PARTITION BY event_id
-                                            ORDER BY event_at, customer_id, meter, quantity, dims, source_key) AS copy_no
+                                   ORDER BY copy_order(event_at, customer_id, meter, quantity, dims, source_key,
+                                                       NULL)) AS copy_no
       FROM all_accepted)
 WHERE copy_no = 1;
 
@@ -170,3 +195,13 @@ SELECT customer_id, meter, dims, quantity, event_id, event_at
 FROM to_date
 WHERE meter IN (SELECT meter FROM per_event_meters)
 ORDER BY customer_id, meter, event_at, event_id;
+
+-- name: rebuilt_kept_index
+-- One row per kept copy with its index hash: the event_id index of each kept object, written
+-- afresh when the period is rebuilt.
+SELECT *, id_hash(event_id) AS id_hash FROM kept_rows_all;
+
+-- name: changed_from
+-- One row per customer whose usage moved tonight: the first UTC day it moved on (spend and
+-- wallets resume from before it).
+SELECT customer_id, min(CAST(event_at AS DATE)) AS day FROM delta GROUP BY ALL;

@@ -5,6 +5,7 @@
 -- from the billed-event index: billed_index.sql). Parameters: $period ('YYYY-MM'),
 -- $period_start, $period_end (UTC instants, half-open), $decided (the closed periods whose
 -- index counts: what they billed is known, so their usage never decides anything here).
+-- Macros: `id_hash` (billed_index.sql), `copy_order` (copies.sql: which copy of an event counts).
 
 -- name: checked
 -- One row per usage row this close counts (scoped: rows whose event time falls in the period,
@@ -89,12 +90,13 @@ WHERE final_reason IS NULL;
 -- name: settled
 -- One row per scoped row with its outcome: billed, duplicate or quarantined. Among clean copies
 -- of one event_id the earliest bills; ties are broken by content, then by source, so the outcome
--- never depends on the order objects were listed or read. Only the event_ids with two clean
--- copies or more in `checked` (a few in a hundred; `priced` only quarantines more) are ranked:
--- any other clean row is the only clean copy of its event_id. The copy that would bill is
--- quarantined instead (`billed_in_period`) when another closed period's documents bill the
--- event already (`billed_elsewhere`): reported, never billed twice. The fields as read are kept
--- for quarantined rows only (the quarantine's), and the row's own reason only as its final_reason.
+-- never depends on the order objects were listed or read (the rule: copies.sql `copy_order`).
+-- Only the event_ids with two clean copies or more in `checked` (a few in a hundred; `priced`
+-- only quarantines more) are ranked: any other clean row is the only clean copy of its
+-- event_id. The copy that would bill is quarantined instead (`billed_in_period`) when another
+-- closed period's documents bill the event already (`billed_elsewhere`): reported, never billed
+-- twice. The fields as read are kept for quarantined rows only (the quarantine's), and the row's
+-- own reason only as its final_reason.
 CREATE OR REPLACE TEMP TABLE settled AS
 WITH copied AS (
     SELECT event_id
@@ -111,7 +113,8 @@ ranked AS (
     SELECT *,
            CASE WHEN final_reason IS NULL THEN
                row_number() OVER (PARTITION BY event_id, final_reason IS NULL
-                                  ORDER BY event_at, customer_id, meter, quantity, dims, source_key, source_row)
+                                  ORDER BY copy_order(event_at, customer_id, meter, quantity, dims, source_key,
+                                                      source_row))
            END AS copy_no
     FROM priced
     WHERE event_id IN (SELECT event_id FROM copied)
@@ -201,7 +204,7 @@ WHERE reason IS NULL
   AND event_at < $period_start
   AND meter IN (SELECT unnest($meters::VARCHAR[]))
   AND customer_id IN (SELECT customer_id FROM customers)
-ORDER BY event_id, event_at, customer_id, meter, quantity, dims, source_key, source_row;
+ORDER BY event_id, copy_order(event_at, customer_id, meter, quantity, dims, source_key, source_row);
 
 -- name: lineage
 -- One row per billed or duplicate row (the quarantined ones are in `quarantine`): what the
