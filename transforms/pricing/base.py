@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
 from transforms.money import decimal_text
 
@@ -49,6 +49,16 @@ Money = Annotated[Decimal, BeforeValidator(_quoted_decimal)]
 
 Units = Annotated[Decimal, BeforeValidator(_unit_count)]
 """A count of metered units (tokens, calls, GB), an integer or a quoted decimal."""
+
+
+def _positive_per(value: Decimal) -> Decimal:
+    if value <= 0:
+        raise ValueError("per must be a positive number of units")
+    return value
+
+
+PerUnits = Annotated[Decimal, BeforeValidator(_unit_count), AfterValidator(_positive_per)]
+"""How many units a unit price is for (`per: 1000000` prices per million); positive."""
 
 
 class PriceModel(BaseModel):
@@ -104,6 +114,11 @@ class Rating:
 
     amount: Decimal
     steps: tuple[Step, ...] = ()
+
+
+def per_suffix(per: Decimal) -> str:
+    """How a label names the price's block: "" per unit, " per 1,000,000" per million."""
+    return "" if per == 1 else f" per {fmt_units(per)}"
 
 
 def fmt_units(value: Decimal) -> str:

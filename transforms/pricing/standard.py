@@ -10,13 +10,13 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from transforms.pricing.base import Money, PriceModel, Rating, Step, Units, Usage, fmt_units
+from transforms.pricing.base import Money, PerUnits, PriceModel, Rating, Step, Usage, fmt_units, per_suffix
 
 
 class Price(PriceModel):
     model: Literal["standard"]
     unit_price: Money
-    per: Units = Decimal(1)
+    per: PerUnits = Decimal(1)
 
     @field_validator("unit_price")
     @classmethod
@@ -25,16 +25,8 @@ class Price(PriceModel):
             raise ValueError("unit_price must not be negative")
         return v
 
-    @field_validator("per")
-    @classmethod
-    def _positive(cls, v):
-        if v <= 0:
-            raise ValueError("per must be a positive number of units")
-        return v
-
 
 def rate(price: Price, usage: Usage) -> Rating:
     amount = usage.units * price.unit_price / price.per
-    per = "" if price.per == 1 else f" per {fmt_units(price.per)}"
-    label = f"{fmt_units(usage.units)} units at {price.unit_price}{per}"
+    label = f"{fmt_units(usage.units)} units at {price.unit_price}{per_suffix(price.per)}"
     return Rating(amount, (Step(label, usage.units, price.unit_price, amount, price.per),))

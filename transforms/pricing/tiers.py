@@ -13,7 +13,7 @@ from typing import Sequence
 from pydantic import ValidationError, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from transforms.pricing.base import ZERO, Money, PriceModel, Units, fmt_units
+from transforms.pricing.base import ZERO, Money, PerUnits, PriceModel, Units, fmt_units
 
 
 def field_error(loc: tuple[str | int, ...], message: str, value: object) -> ValidationError:
@@ -45,25 +45,14 @@ class UnitTier(PriceModel):
 class UnitTiers(PriceModel):
     """The body of a graduated or volume price: unit prices are per `per` units, bounds count units."""
 
-    per: Units = Decimal(1)
+    per: PerUnits = Decimal(1)
     tiers: list[UnitTier]
-
-    @field_validator("per")
-    @classmethod
-    def _positive(cls, v):
-        if v <= 0:
-            raise ValueError("per must be a positive number of units")
-        return v
 
     @field_validator("tiers")
     @classmethod
     def _contiguous(cls, v):
         check_bounds(v)
         return v
-
-
-def per_suffix(per: Decimal) -> str:
-    return "" if per == 1 else f" per {fmt_units(per)}"
 
 
 def check_bounds(tiers: Sequence) -> None:

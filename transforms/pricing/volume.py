@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from transforms.pricing.base import ZERO, Rating, Step, Usage, fmt_units
-from transforms.pricing.tiers import UnitTiers, landing_band, per_suffix
+from transforms.pricing.base import ZERO, Rating, Step, Usage, fmt_units, per_suffix
+from transforms.pricing.tiers import UnitTiers, landing_band
 
 
 class Price(UnitTiers):
