@@ -90,6 +90,11 @@ def test_wallets_fed_per_customer_equal_the_replay_of_every_event_at_once():
         assert outcome.alerts == expected.alerts
         assert outcome.grants == expected.grants
         assert count == len(history) + len(period_credit_events(frame, segments))
+        streamed = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog, history, OCT,
+                                    credit_events_by_customer(frame, segments))
+        assert (streamed.entries, streamed.alerts, streamed.grants) == (expected.entries, expected.alerts,
+                                                                        expected.grants)
+        assert dict(streamed.billable_by_day) == dict(expected.billable_by_day)
 
 
 def test_the_settlement_splits_into_the_replays_rows_and_the_rest_each_row_once():

@@ -20,7 +20,7 @@ import polars as pl
 from transforms.credits.events import credit_meters_frame, period_credit_events
 from transforms.credits.ledger import in_period
 from transforms.credits.model import CreditEvent, Entry, Grant, Outcome
-from transforms.credits.replay import by_customer, plans_by_event
+from transforms.credits.replay import by_customer, plan_in_force
 from transforms.credits.wallet import Wallet
 from transforms.periods import Period, utc_midnight
 from transforms.plans import Catalog
@@ -73,7 +73,8 @@ def wallets_resumed(grants: list[Grant], subs: list[Subscription], catalog: Cata
     `checkpoint` with `events` (only their events after it); the others replay `grants` and
     `events` from the start."""
     grants_of, events_of = by_customer(grants), by_customer(events)
-    plans_of = plans_by_event(events, subs, catalog)
+    plan_of = plan_in_force(subs, catalog)
+    plans_of = {ev.event_id: plan_of(ev) for ev in events}
     outcome = Outcome()
     states = {}
     for customer in sorted(set(grants_of) | set(events_of) | set(since)):

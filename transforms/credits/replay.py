@@ -1,12 +1,17 @@
 """Every customer's wallet replayed through a period: the one driver of the wallet engine.
 
-What differs between the runs that replay wallets is only which grants the wallets start from:
-the whole history (`grants.history_grants`, a close or a nightly run with no closed period
-before it) or the previous close's balances brought forward (`opening.opening_grants`).
+What differs between the runs that replay wallets is which grants the wallets start from (the
+whole history, `grants.history_grants`, or the previous close's balances brought forward,
+`opening.opening_grants`) and how their events arrive: a list, or one customer at a time (the
+close's period events, never a list of millions).
 """
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
+from collections.abc import Callable, Iterable
+from itertools import groupby
+from operator import itemgetter
 
 from transforms.credits.model import CreditEvent, Grant, Outcome
 from transforms.credits.wallet import replay
@@ -16,14 +21,20 @@ from transforms.reference import Subscription, plan_on
 
 
 def replayed_wallets(grants: list[Grant], subs: list[Subscription], catalog: Catalog, events: list[CreditEvent],
-                     period: Period) -> Outcome:
-    """Every customer's wallet, each started from its `grants` and fed its `events` in event
-    time, through the end of `period`; customers in customer_id order."""
-    grants_of, events_of = by_customer(grants), by_customer(events)
-    plans = plans_by_event(events, subs, catalog)
+                     period: Period, events_by_customer: Iterable[tuple[str, list[CreditEvent]]] = ()) -> Outcome:
+    """Every customer's wallet, started from its `grants` and fed its credit events in event time,
+    through the end of `period`; customers in customer_id order. The events are `events` (a
+    list, in any order) and `events_by_customer`: (customer_id, events) pairs in customer_id
+    order, read one customer at a time."""
+    grants_of, listed = by_customer(grants), by_customer(events)
+    plan_of = plan_in_force(subs, catalog)
     outcome = Outcome()
-    for customer in sorted(set(grants_of) | set(events_of)):
-        replay(customer, events_of.get(customer, []), grants_of.get(customer, []), plans, period.end_at, outcome)
+    without_streamed = ((customer, []) for customer in sorted(set(grants_of) | set(listed)))
+    every_customer = heapq.merge(without_streamed, events_by_customer, key=itemgetter(0))
+    for customer, parts in groupby(every_customer, key=itemgetter(0)):
+        mine = listed.pop(customer, []) + [ev for _, part in parts for ev in part]
+        replay(customer, mine, grants_of.pop(customer, []), {ev.event_id: plan_of(ev) for ev in mine},
+               period.end_at, outcome)
     return outcome
 
 
@@ -35,14 +46,15 @@ def by_customer(items: list) -> dict[str, list]:
     return out
 
 
-def plans_by_event(events: list[CreditEvent], subs: list[Subscription], catalog: Catalog) -> dict[str, PlanFile]:
-    """event_id -> the plan version in force for the event."""
+def plan_in_force(subs: list[Subscription], catalog: Catalog) -> Callable[[CreditEvent], PlanFile]:
+    """The plan version in force for an event, looked up once per subscription and day."""
     subs_by_id = {s.subscription_id: s for s in subs}
-    plans: dict[str, PlanFile] = {}
-    plan_that_day: dict[tuple[str, object], PlanFile] = {}  # one lookup per subscription and day, not per event
-    for ev in events:
+    that_day: dict[tuple[str, object], PlanFile] = {}
+
+    def plan_of(ev: CreditEvent) -> PlanFile:
         key = (ev.subscription_id, ev.event_at.date())
-        if key not in plan_that_day:
-            plan_that_day[key] = plan_on(subs_by_id[ev.subscription_id], catalog, key[1])
-        plans[ev.event_id] = plan_that_day[key]
-    return plans
+        plan = that_day.get(key)
+        if plan is None:
+            plan = that_day[key] = plan_on(subs_by_id[ev.subscription_id], catalog, key[1])
+        return plan
+    return plan_of
