@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 STEPS = {  # module: (task or function, step)
-    "flows.close": (("fetch_inputs", "fetch-inputs"), ("check_reference", "check-reference"),
-                    ("replay_credits", "replay-credits"), ("rate_invoices", "rate-invoices"),
-                    ("write_outputs", "write-outputs"), ("publish", "publish")),
+    "flows.steps": (("fetch_inputs", "fetch-inputs"), ("check_reference", "check-reference"),
+                    ("replay_credits", "replay-credits"), ("rate_invoices", "rate-invoices")),
+    "flows.outputs": (("write_outputs", "write-outputs"),),
+    "flows.publish": (("publish", "publish"),),
     "flows.shards": (("normalize_batch", "normalize-usage"), ("settle_shard", "settle-usage"),
                      ("merged_settlement", "settle-merge")),
 }
@@ -139,7 +140,8 @@ def main() -> None:
 
     import importlib
 
-    import flows.close as close
+    import flows.shards as shards
+    from flows.close import close_period
 
     sampler = Sampler()
     for module_name, steps in STEPS.items():
@@ -152,17 +154,18 @@ def main() -> None:
                 setattr(module, attr, sampler.wrap(step, target))
 
     settled = {}
-    settle_shards = close.settle_shards
+    merge = shards.merged_settlement  # settle_shards returns its last, whole merge
 
-    def measured_settle_shards(*a, **k):
-        settlement = settle_shards(*a, **k)
-        settled.update(frame_sizes(settlement))
+    def measured_merge(*a, partial: bool = False, **k):
+        settlement = merge(*a, partial=partial, **k)
+        if not partial:
+            settled.update(frame_sizes(settlement))
         return settlement
 
-    close.settle_shards = measured_settle_shards
+    shards.merged_settlement = measured_merge
     started, cpu0 = time.perf_counter(), cpu_seconds()
     sampler.start()
-    result = close.close_period(store=str(args.store.resolve()), plans=str(args.plans.resolve()), period=args.period)
+    result = close_period(store=str(args.store.resolve()), plans=str(args.plans.resolve()), period=args.period)
     sampler.stop()
     wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu0
 

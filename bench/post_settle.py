@@ -9,7 +9,7 @@ time, CPU time (all threads) and peak RSS growth over the piece's start (sampled
 
 Each table is written to `--out` as the close writes it; `--baseline REV` also runs
 replay-credits, rate-invoices and the tables as they were at git revision REV
-(`transforms/{invoices,margins,spend,credits,revenue}.py` and those steps of `flows/close.py`),
+(`transforms/{invoices,margins,spend,credits,revenue}.py` and those steps of `flows/steps.py`),
 in the same process on the same state, and checks that both write the same Parquet bytes.
 """
 from __future__ import annotations
@@ -36,9 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 import polars as pl  # noqa: E402
 
-import flows.close as close  # noqa: E402
 import flows.report as report  # noqa: E402
 import flows.shards as shards  # noqa: E402
+import flows.steps as steps  # noqa: E402
+from flows.outputs import PARQUET  # noqa: E402
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices  # noqa: E402
 from transforms.credits.events import credit_meters  # noqa: E402
 from transforms.margins import segment_plans  # noqa: E402
@@ -54,7 +55,7 @@ def _logger():
     return LOG
 
 
-for module in (close, shards, report):  # the tasks' bodies log through Prefect's run logger
+for module in (steps, shards, report):  # the tasks' bodies log through Prefect's run logger
     module.get_run_logger = _logger
 
 
@@ -100,11 +101,11 @@ class Measured:
 
 
 def settle(store: str, plans: str, period: Period, work: Path) -> dict:
-    """fetch-inputs .. settle-usage, as `flows.close._close` runs them (shards one at a time)."""
+    """fetch-inputs .. settle-usage, as the close runs them (shards one at a time)."""
     catalog = load_catalog(plans)
-    inputs = close.fetch_inputs.fn(store, work / "inputs")
+    inputs = steps.fetch_inputs.fn(store, work / "inputs")
     costs = report.fetch_costs.fn(store)
-    reference = close.check_reference.fn(inputs, catalog, period)
+    reference = steps.check_reference.fn(inputs, catalog, period)
     scratch = shards.scratch_for(store, work, f"bench-{period}", distributed=False)
     count = shards.shard_count(sum(o.size for o in inputs.usage))
     by_shard: dict[int, list[str]] = {}
@@ -171,7 +172,8 @@ def package_at(rev: str, name: str, uses: dict) -> dict:
 
 
 def modules_at(rev: str) -> dict:
-    """The transforms this bench times and `flows/close.py`, as they were at `rev`, each
+    """The transforms this bench times and the shared steps (`flows/steps.py`; `flows/close.py`
+    at revisions before the steps had a module of their own), as they were at `rev`, each
     importing the others' baseline versions. `credits` is a module before the wallet's split
     into a package, then its `ledger` module (the tables this bench builds from it)."""
     out: dict = {}
@@ -182,8 +184,9 @@ def modules_at(rev: str) -> dict:
             out[name] = uses["transforms.credits.ledger"]
             continue
         out[name] = uses[f"transforms.{name}"] = module_at(rev, f"transforms/{name}.py", uses)
-    out["close"] = module_at(rev, "flows/close.py", uses)
-    out["close"].get_run_logger = _logger
+    steps_file = "flows/steps.py" if "flows/steps.py" in git_paths(rev, "flows") else "flows/close.py"
+    out["steps"] = module_at(rev, steps_file, uses)
+    out["steps"].get_run_logger = _logger
     return out
 
 
@@ -224,7 +227,7 @@ def tables(impl: dict, state: dict, outcome, invoices, lines: pl.DataFrame, peri
 
 
 def digest(frame: pl.DataFrame, path: Path) -> str:
-    frame.write_parquet(path, **close.PARQUET)
+    frame.write_parquet(path, **PARQUET)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -268,7 +271,7 @@ def main() -> None:
     import transforms.revenue as revenue_now
     import transforms.spend as spend_now
     impls = {"now": {"invoices": invoices_now, "margins": margins_now, "spend": spend_now, "credits": credits_now,
-                     "revenue": revenue_now, "close": close}}
+                     "revenue": revenue_now, "steps": steps}}
     if args.baseline:
         impls[args.baseline] = modules_at(args.baseline)
     wanted = args.only or ["invoices", "invoice_lines", "margins", "spend_alerts", "alerts", "credit_ledger",
@@ -276,10 +279,10 @@ def main() -> None:
     digests: dict[str, dict[str, str]] = {}
     for label, impl in impls.items():
         with Measured() as m:
-            outcome = impl["close"].replay_credits.fn(settlement, reference, catalog, period)
+            outcome = impl["steps"].replay_credits.fn(settlement, reference, catalog, period)
         report_rows.append({"piece": f"replay-credits [{label}]", **m.row()})
         with Measured() as m:
-            invoices = impl["close"].rate_invoices.fn(settlement, reference, outcome, period)
+            invoices = impl["steps"].rate_invoices.fn(settlement, reference, outcome, period)
         report_rows.append({"piece": f"rate-invoices [{label}]", **m.row()})
         invoices = [replace(inv, run_id="bench") for inv in invoices]
         lines = invoices_now.lines_table(invoices)  # margins' input, built once

@@ -48,6 +48,8 @@ TASK_FUNCTIONS = {"fetch_inputs": "fetch-inputs", "check_reference": "check-refe
                   "normalize_usage": "normalize-usage", "settle_usage": "settle-usage",
                   "replay_credits": "replay-credits", "rate_invoices": "rate-invoices",
                   "write_outputs": "write-outputs", "publish": "publish"}
+STEP_FILES = ("flows/steps.py", "flows/outputs.py", "flows/publish.py")
+"""Where the close's task functions are: the step a sampled stack is in is found by its frames."""
 # Prefect names a task run "<task name>-<3 hex digits>"; tasks added to the close later are
 # picked up too (they appear in the order they finish).
 TASK_LINE = re.compile(r"Task run '(?P<task>[a-z][a-z0-9-]*?)-[0-9a-f]{3}' - (?P<msg>.*)$")
@@ -403,7 +405,7 @@ class StackSampler(threading.Thread):
             frames = sys._current_frames()
             step, f = "(outside steps)", frames.get(self.main)
             while f is not None:
-                if f.f_code.co_name in TASK_FUNCTIONS and f.f_code.co_filename.endswith("flows/close.py"):
+                if f.f_code.co_name in TASK_FUNCTIONS and f.f_code.co_filename.endswith(STEP_FILES):
                     step = TASK_FUNCTIONS[f.f_code.co_name]
                     break
                 f = f.f_back
@@ -445,7 +447,7 @@ class StackSampler(threading.Thread):
                      "s": round(sec, 2), "pct_of_step": round(100 * sec / total, 1)}
                     for (where, key), sec in self.seconds.items()
                     if where in (step, f"{step} [threads]")
-                    and not (key[2] in TASK_FUNCTIONS and key[0].endswith("flows/close.py"))]
+                    and not (key[2] in TASK_FUNCTIONS and key[0].endswith(STEP_FILES))]
             rows.sort(key=lambda r: -r["s"])
             out.append({"step": step, "s": round(total, 2), "top": [r for r in rows if r["pct_of_step"] >= 2][:top]})
         return out
@@ -462,11 +464,14 @@ def profile_close(args, label: str, mode: str) -> dict:
     prefect_defaults()
     from prefect import Task
 
-    import flows.close
+    import flows.outputs
+    import flows.publish
+    import flows.steps
     from flows.close import close_period
 
     # every task of the close, whatever was added since this file was written
-    TASK_FUNCTIONS.update({v.fn.__name__: v.name for v in vars(flows.close).values() if isinstance(v, Task)})
+    TASK_FUNCTIONS.update({v.fn.__name__: v.name for module in (flows.steps, flows.outputs, flows.publish)
+                           for v in vars(module).values() if isinstance(v, Task)})
 
     captured: list[tuple[float, str]] = []
     started = time.perf_counter()
@@ -511,7 +516,7 @@ def analyse(stats: pstats.Stats, wall: float, by_log: dict) -> dict:
     for func, (_, _, _, _, callers) in raw.items():
         for caller, edge in callers.items():
             callees.setdefault(caller, {})[func] = edge
-    task_funcs = {f: TASK_FUNCTIONS[f[2]] for f in raw if f[0].endswith("flows/close.py") and f[2] in TASK_FUNCTIONS}
+    task_funcs = {f: TASK_FUNCTIONS[f[2]] for f in raw if f[0].endswith(STEP_FILES) and f[2] in TASK_FUNCTIONS}
     windows = {s["step"]: s["window_s"] for s in by_log["steps"]}
     steps = []
     for func, step in sorted(task_funcs.items(), key=lambda kv: STEPS.index(kv[1])):

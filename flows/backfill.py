@@ -26,26 +26,24 @@ from prefect.utilities.annotations import quote
 
 from flows import tables as lakehouse
 from flows.billed_index import committed_index, correction_index, record_billed
-from flows.close import (
-    IO_RETRIES,
-    PARQUET,
-    _quietly,
-    _read_if_exists,
-    _sha256,
+from flows.engine import period_usage
+from flows.locks import Fence, Fenced, Hold, fault_point, period_lock, warn
+from flows.outputs import PARQUET
+from flows.publish import closed_manifest, quietly, read_if_exists
+from flows.retries import IO_RETRIES
+from flows.secrets import keep_secrets_out_of_logs
+from flows.steps import (
     adjustments_billed_elsewhere,
     catalog_entries,
     check_reference,
-    closed_manifest,
     fetch_inputs,
+    file_sha256,
     plan_entries_for,
     rate_invoices,
     replay_credits,
     seller_block,
     work_dir_for,
 )
-from flows.engine import period_usage
-from flows.locks import Fence, Fenced, Hold, fault_point, period_lock, warn
-from flows.secrets import keep_secrets_out_of_logs
 from flows.store import StoreError, open_store
 from transforms.corrections import (
     correction_documents,
@@ -176,7 +174,7 @@ def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[
     private = run_prefix(run_id, hold.token)
     staging = staging_prefix(run_id, hold.token)
     prefix = correction_prefix(run_id)
-    if _read_if_exists(store, prefix + MANIFEST) != manifest:  # else: a retry after our own commit
+    if read_if_exists(store, prefix + MANIFEST) != manifest:  # else: a retry after our own commit
         fence = Fence(store, hold, run_id, prefix + MANIFEST, [private, prefix])
         try:
             fence.clear(fence.claim())
@@ -193,7 +191,7 @@ def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[
                 raise Fenced(f"{prefix + MANIFEST} was written by another run while this run ({run_id}) was "
                              f"publishing; it writes nothing more")
         except BaseException:
-            _quietly(fence.release)
+            quietly(fence.release)
             raise
     fault_point("backfill-committed")
     try:
@@ -389,7 +387,7 @@ def _write(documents: list[Invoice], revenue_changes: pl.DataFrame, ledger_chang
         "documents": [{"invoice_id": d.invoice_id, "kind": d.kind, "period": d.period,
                        "corrects_invoice_id": d.corrects_invoice_id, "total_minor": d.total_minor,
                        "currency": d.currency} for d in documents],
-        "outputs": [{"key": prefix + n, "size": (out_dir / n).stat().st_size, "sha256": _sha256(out_dir / n)}
+        "outputs": [{"key": prefix + n, "size": (out_dir / n).stat().st_size, "sha256": file_sha256(out_dir / n)}
                     for n in sorted(names)],
     }
     return sorted(names), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()

@@ -40,8 +40,6 @@ from transforms.layout import (
     manifest_key,
 )
 
-index_key = billed_index_key  # the name flows/close.py imports it by
-
 
 @dataclass(frozen=True)
 class IndexFile:

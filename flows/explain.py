@@ -15,14 +15,16 @@ from transforms.errors import InputError
 from transforms.invoices import USAGE_LINE_KINDS
 from transforms.layout import CORRECTIONS_PREFIX, MANIFEST, period_prefix
 
-_ID = re.compile(r"^(INV|CN|DN)-(\d{4}-\d{2})-\d{6}$")
+DOCUMENT_ID = re.compile(r"^(INV|CN|DN)-(\d{4}-\d{2})-\d{6}$")
+"""An invoice, credit note or debit note id: its kind and the period it bills."""
 
 
-def _read(store, key: str) -> pl.DataFrame:
+def frame_at(store, key: str) -> pl.DataFrame:
+    """A Parquet object of the store as a frame."""
     return pl.read_parquet(io.BytesIO(store.read_bytes(key)))
 
 
-def _locate(store, invoice_id: str, period: str) -> tuple[str, dict]:
+def document_folder(store, invoice_id: str, period: str) -> tuple[str, dict]:
     """The folder holding the document, and its run's manifest."""
     if invoice_id.startswith("INV-"):
         folder = period_prefix(period)
@@ -38,24 +40,24 @@ def _locate(store, invoice_id: str, period: str) -> tuple[str, dict]:
 
 
 def explain_invoice(store_uri: str, invoice_id: str) -> dict:
-    match = _ID.match(invoice_id)
+    match = DOCUMENT_ID.match(invoice_id)
     if not match:
         raise InputError(f"{invoice_id!r} is not a document id (INV-, CN- or DN-YYYY-MM-NNNNNN)")
     store = open_store(store_uri)
-    folder, manifest = _locate(store, invoice_id, match.group(2))
-    found = _read(store, folder + "invoices.parquet").filter(pl.col("invoice_id") == invoice_id)
+    folder, manifest = document_folder(store, invoice_id, match.group(2))
+    found = frame_at(store, folder + "invoices.parquet").filter(pl.col("invoice_id") == invoice_id)
     if found.height == 0:
         raise InputError(f"{invoice_id}: no such document in {store.uri}")
     invoice = found.row(0, named=True)
-    lines = _read(store, folder + "invoice_lines.parquet").filter(pl.col("invoice_id") == invoice_id).sort("line_no")
+    lines = frame_at(store, folder + "invoice_lines.parquet").filter(pl.col("invoice_id") == invoice_id).sort("line_no")
     usage = pl.DataFrame()
     if invoice["kind"] == "invoice" and store.exists(folder + "usage_summary.parquet"):
-        usage = _read(store, folder + "usage_summary.parquet").filter(
+        usage = frame_at(store, folder + "usage_summary.parquet").filter(
             pl.col("subscription_id") == invoice["subscription_id"])
     plans = {(p["plan"], p["version"]): p for p in manifest.get("plans", [])}
     adjustments = {}  # the input rows behind the invoice's one-off charges and manual credits
     if invoice["kind"] == "invoice" and store.exists(folder + "adjustments.parquet"):
-        adjustments = {r["adjustment_id"]: r for r in _read(store, folder + "adjustments.parquet").filter(
+        adjustments = {r["adjustment_id"]: r for r in frame_at(store, folder + "adjustments.parquet").filter(
             pl.col("invoice_id") == invoice_id).iter_rows(named=True)}
     explained = []
     for line in lines.iter_rows(named=True):

@@ -17,7 +17,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import (
+from flows.engine import PeriodUsage, period_usage
+from flows.gitplans import catalog_at, revision
+from flows.keys import manifest_key
+from flows.report import closed_periods, fetch_costs
+from flows.steps import (
     Reference,
     adjustments_billed_elsewhere,
     check_reference,
@@ -26,10 +30,6 @@ from flows.close import (
     rate_invoices,
     replay_credits,
 )
-from flows.engine import PeriodUsage, period_usage
-from flows.gitplans import catalog_at, revision
-from flows.keys import manifest_key
-from flows.report import closed_periods, fetch_costs
 from flows.store import open_store
 from transforms.errors import BillrunError, InputError
 from transforms.impact import (

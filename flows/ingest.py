@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from transforms.errors import InputError
-from transforms.layout import ADJUSTMENTS_PREFIX, CUSTOMERS_KEYS, PURCHASES_PREFIX, SUBSCRIPTIONS_KEYS, USAGE_PREFIX  # noqa: F401 - flows/close.py imports them from here
+from transforms.layout import ADJUSTMENTS_PREFIX, PURCHASES_PREFIX, USAGE_PREFIX
 from transforms.usage import malformed_usage, normalized_usage
 
 USAGE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")

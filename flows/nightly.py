@@ -49,22 +49,22 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import (
-    IO_RETRIES,
-    PARQUET,
-    InputObject,
-    Inputs,
-    _one_of,
-    _quietly,
-    _sha256,
-    adjustments_billed_elsewhere,
-    check_reference,
-    work_dir_for,
-)
 from flows.engine import period_usage
 from flows.ingest import is_adjustments_key, is_purchases_key, is_usage_key
 from flows.locks import Fence, Hold, period_lock, warn
+from flows.outputs import PARQUET
+from flows.publish import quietly
+from flows.retries import IO_RETRIES
 from flows.secrets import keep_secrets_out_of_logs, webhook_url
+from flows.steps import (
+    InputObject,
+    Inputs,
+    adjustments_billed_elsewhere,
+    check_reference,
+    file_sha256,
+    one_input_key,
+    work_dir_for,
+)
 from flows.store import StoreError, open_store
 from transforms.alerts import Alert, alerts_table, credit_alerts, price_change_notices
 from transforms.billed_index import id_hash_macro
@@ -208,8 +208,8 @@ def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path)
     before = base["intake"]
     index = json.loads(store.read_bytes(USAGE_INDEX_KEY)) if store.exists(USAGE_INDEX_KEY) else {}
     listed = {o.key: o for o in store.list(USAGE_PREFIX) if is_usage_key(o.key)}
-    customers_key = _one_of(store, CUSTOMERS_KEYS, "customers")
-    subscriptions_key = _one_of(store, SUBSCRIPTIONS_KEYS, "subscriptions")
+    customers_key = one_input_key(store, CUSTOMERS_KEYS, "customers")
+    subscriptions_key = one_input_key(store, SUBSCRIPTIONS_KEYS, "subscriptions")
     if customers_key is None or subscriptions_key is None:
         raise InputError(f"{store.uri}: customers and subscriptions are needed (see the store layout)")
     purchases = [o.key for o in store.list(PURCHASES_PREFIX) if is_purchases_key(o.key)]
@@ -250,7 +250,7 @@ def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path)
     def obj(k: str) -> InputObject:
         path = local[k]
         info = listed.get(k)  # size and hash of the local copy: the bytes taken in
-        return InputObject(k, path.stat().st_size, _sha256(path), path, info.etag if info else None)
+        return InputObject(k, path.stat().st_size, file_sha256(path), path, info.etag if info else None)
 
     rebuild = (base.get("format") != STATE_FORMAT or base.get("per_event_meters") != meters
                or any(not v.get("ids") for v in kept.values()))
@@ -698,7 +698,7 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
             manifest, snapshot = _publish_night(fence.guard(the_store), period, day, intake, usage, result,
                                                 reference, out_dir, night_manifest)
         except BaseException:
-            _quietly(fence.release)
+            quietly(fence.release)
             raise
     try:
         _clear_superseded(the_store, period, [intake.base, snapshot])
@@ -758,7 +758,7 @@ def _publish_night(store, period: Period, day: date, intake: Intake, usage: Nigh
         "intake": {"objects": len(taken), "removed": list(intake.removed), **usage.counts},
         "alerts_fired": new.height, "over_80_percent_of_budget": over,
         "credit_balances_from": result.balances_from,
-        "outputs": [{"key": night_prefix(day) + n, "sha256": _sha256(out_dir / n)} for n in sorted(names)],
+        "outputs": [{"key": night_prefix(day) + n, "sha256": file_sha256(out_dir / n)} for n in sorted(names)],
     }
     for name in names:
         store.put_file(night_prefix(day) + name, out_dir / name)

@@ -15,17 +15,17 @@ from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import (
+from flows.engine import period_usage
+from flows.publish import closed_manifest
+from flows.secrets import keep_secrets_out_of_logs
+from flows.steps import (
     adjustments_billed_elsewhere,
     check_reference,
-    closed_manifest,
     fetch_inputs,
     private_work_dir,
     rate_invoices,
     replay_credits,
 )
-from flows.engine import period_usage
-from flows.secrets import keep_secrets_out_of_logs
 from transforms.credits.reports import CreditSummary, credit_summaries
 from transforms.errors import InputError
 from transforms.invoices import Invoice

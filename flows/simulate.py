@@ -29,20 +29,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
-from flows.close import (
-    PARQUET,
-    Inputs,
-    Reference,
-    check_reference,
-    fetch_inputs,
-    plan_entries_for,
-    private_work_dir,
-    rate_invoices,
-    replay_credits,
-)
 from flows.engine import period_usage
 from flows.ingest import read_table
 from flows.locks import period_lock
+from flows.outputs import PARQUET
 from flows.report import (
     IO_RETRIES,
     NO_COSTS_NOTE,
@@ -57,6 +47,16 @@ from flows.report import (
     margin_charts,
     revenue_charts,
     simulation_html,
+)
+from flows.steps import (
+    Inputs,
+    Reference,
+    check_reference,
+    fetch_inputs,
+    plan_entries_for,
+    private_work_dir,
+    rate_invoices,
+    replay_credits,
 )
 from flows.store import open_store
 from transforms.credits.model import Outcome

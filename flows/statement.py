@@ -13,7 +13,7 @@ from typing import Iterator
 import duckdb
 import polars as pl
 
-from flows.explain import _ID, _locate, _read
+from flows.explain import DOCUMENT_ID, document_folder, frame_at
 from flows.shards import MEMORY_ENV
 from flows.store import open_store
 from transforms.errors import InputError
@@ -73,16 +73,16 @@ def _customer_events(store, folder: str, customer_id: str) -> pl.DataFrame:
 
 def _invoice(store_uri: str, invoice_id: str) -> tuple:
     """The store, the period's folder, the invoice row and its lines, for an invoice of a close."""
-    match = _ID.match(invoice_id)
+    match = DOCUMENT_ID.match(invoice_id)
     if not match or match.group(1) != "INV":
         raise InputError(f"{invoice_id!r} is not an invoice id (INV-YYYY-MM-NNNNNN); lineage is kept for "
                          f"the invoices of a close")
     store = open_store(store_uri)
-    folder, _ = _locate(store, invoice_id, match.group(2))
-    found = _read(store, folder + "invoices.parquet").filter(pl.col("invoice_id") == invoice_id)
+    folder, _ = document_folder(store, invoice_id, match.group(2))
+    found = frame_at(store, folder + "invoices.parquet").filter(pl.col("invoice_id") == invoice_id)
     if found.height == 0:
         raise InputError(f"{invoice_id}: no such invoice in {store.uri}")
-    lines = _read(store, folder + "invoice_lines.parquet").filter(pl.col("invoice_id") == invoice_id).sort("line_no")
+    lines = frame_at(store, folder + "invoice_lines.parquet").filter(pl.col("invoice_id") == invoice_id).sort("line_no")
     return store, folder, found.row(0, named=True), lines
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import polars as pl
 
 from creditutil import at, event, purchase, subscription
-from flows import close
-from flows.close import credit_events_by_customer
+from flows import steps
+from flows.steps import credit_events_by_customer
 from transforms.credits.events import credit_meters, period_credit_events
 from transforms.credits.grants import history_grants
 from transforms.credits.replay import replayed_wallets
@@ -80,7 +80,7 @@ def test_wallets_fed_per_customer_equal_the_replay_of_every_event_at_once():
         frame = per_event_frame(period_rows)
         expected = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog,
                                     history + period_credit_events(frame, segments), OCT)
-        outcome, count = close.replayed_wallets(subs, catalog, purchases, history,
+        outcome, count = steps.replayed_wallets(subs, catalog, purchases, history,
                                                 credit_events_by_customer(frame, segments), OCT)
         assert outcome.entries == expected.entries
         assert outcome.entries, "the scenario replays some wallet"

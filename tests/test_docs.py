@@ -266,7 +266,7 @@ def test_every_quarantine_reason_the_code_emits_is_documented_and_only_those():
 
     sql = (REPO / "transforms" / "sql" / "settle_usage.sql").read_text(encoding="utf-8")
     emitted = set(ROW_REASONS) | set(re.findall(r"THEN '([a-z_]+)'", sql)) - {"billed", "quarantined"}
-    emitted.add("unreadable_object")  # flows/close.py: one row per object that cannot be read
+    emitted.add("unreadable_object")  # flows/outputs.py: one row per object that cannot be read
     emitted.add(MALFORMED_LINE)  # transforms.usage.malformed_usage: one row per line that does not parse
     text = INPUTS_MD.read_text(encoding="utf-8")
     table = text.split("### Quarantine reason codes")[1].split("\n\n")[2]

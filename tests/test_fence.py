@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import flows.locks as locks
-from flows.close import private_work_dir, work_dir_for
 from flows.locks import Fence, Fenced, PeriodLocked, claim_key, lock_key, period_lock, unlock
 from flows.status import store_status
+from flows.steps import private_work_dir, work_dir_for
 from flows.store import LocalStore, StoreError, open_store
 from transforms.periods import Period
 

@@ -65,7 +65,7 @@ def test_a_sigkilled_close_leaves_no_server_and_no_work_folder(tmp_path, monkeyp
     [left] = list((tmp / "billrun-work").iterdir())          # the killed run's folder, as it was
     assert left.name.endswith("close-2026-10")
 
-    from flows.close import work_dir_for
+    from flows.steps import work_dir_for
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     mine = work_dir_for(store, "nightly-2026-11-01")          # the next run, of another job

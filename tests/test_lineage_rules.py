@@ -9,7 +9,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from flows.close import PARQUET
+from flows.outputs import PARQUET
 from flows.statement import billed_events_table
 from transforms.lineage import BILLED_EVENTS_SCHEMA, LINEAGE_COLUMNS, billed_events, statement_rows
 from transforms.settle import Settlement

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from closeutil import copy_tree_to_store
 from flows.cli import app
-from flows.close import FAULT_POINTS, closed_manifest
+from flows.close import FAULT_POINTS
+from flows.publish import closed_manifest
 from flows.store import open_store
 from transforms.periods import Period
 

@@ -89,9 +89,10 @@ def test_pure_work_is_never_retried():
 
 
 def test_io_tasks_carry_the_io_retry_rule():
-    from flows.close import fetch_inputs, publish
     from flows.nightly import publish_night, take_in
+    from flows.publish import publish
     from flows.shards import normalize_batch
+    from flows.steps import fetch_inputs
 
     for io_task in (fetch_inputs, publish, take_in, publish_night, normalize_batch):
         assert io_task.retries == IO_RETRIES["retries"] and io_task.retry_condition_fn is transient, io_task.name

@@ -1,0 +1,188 @@
+"""The close's outputs, written into one local folder before they are published: the period's
+tables (Parquet, written with `PARQUET`, as every published table is), its HTML invoices
+(rendered in worker processes by flows/documents_out.py) and its manifest, whose bytes
+publishing writes last (flows/publish.py).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from importlib.metadata import version as package_version
+from pathlib import Path
+
+import polars as pl
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.documents_out import write_invoice_documents
+from flows.shards import Normalized, local_workers
+from flows.statement import billed_events_table
+from flows.steps import Inputs, Reference, catalog_entries, file_sha256
+from transforms.adjustments import adjustment_counts, billed_table
+from transforms.alerts import alerts_table, credit_alerts, price_change_notices
+from transforms.collector import cycle_collector_paused
+from transforms.credits.events import credit_meters
+from transforms.credits.ledger import balances_table, ledger_table
+from transforms.credits.model import Outcome
+from transforms.credits.reports import credit_report, credit_summaries
+from transforms.invoices import Invoice, invoices_table, lines_table
+from transforms.layout import period_prefix
+from transforms.margins import margins_table, segment_plans
+from transforms.periods import Period
+from transforms.plans import Catalog
+from transforms.reference import subscription_plans
+from transforms.revenue import journal, revenue_table, tax_rows
+from transforms.settle import Settlement
+from transforms.spend import spend_alerts, usage_spend_by_subscription
+
+PARQUET = {"compression": "zstd", "statistics": True, "row_group_size": 262_144}
+"""How every published table is written. The row group size is fixed: without it Polars cuts a
+row group per in-memory chunk, and a sorted table's chunks follow the machine's thread count, so
+the same close wrote different bytes on a 2-core and an 8-core machine."""
+
+
+QUARANTINE_SCHEMA = {
+    "source_key": pl.String, "source_row": pl.Int64, "event_id": pl.String, "customer_id": pl.String,
+    "meter": pl.String, "quantity": pl.String, "timestamp": pl.String, "dims": pl.String,
+    "reason": pl.String, "detail": pl.String, "source": pl.String,
+}
+
+
+@task(name="write-outputs", cache_policy=NO_CACHE)
+def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
+                  reference: Reference, inputs: Inputs, catalog: Catalog, outcome: Outcome, period: Period,
+                  run_id: str, costs: tuple,
+                  plan_entries: list[dict], out_dir: Path, index_entry: dict | None = None) -> tuple[list[str], bytes]:
+    """Tables and HTML into `out_dir`; returns the relative names and the manifest's bytes."""
+    started = time.perf_counter()
+    shutil.rmtree(out_dir, ignore_errors=True)  # a killed run's partial outputs
+    out_dir.mkdir(parents=True)
+    names: list[str] = []
+    spent: dict[str, float] = {}  # seconds per table, for the step's log line
+
+    def write(name: str, frame: pl.DataFrame | pl.LazyFrame) -> None:
+        if isinstance(frame, pl.LazyFrame):  # a table with a row per event is streamed to its file
+            frame.sink_parquet(out_dir / name, **PARQUET)
+        else:
+            frame.write_parquet(out_dir / name, **PARQUET)
+        names.append(name)
+        spent[name] = time.perf_counter() - started - sum(spent.values())
+
+    invoices = [replace(inv, run_id=run_id) for inv in invoices]
+    # The HTML invoices render in worker processes while this process writes the tables: the
+    # documents need only the rated invoices, and the tables are mostly one core's work.
+    customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
+    plans = subscription_plans(reference.segments)
+    stop = threading.Event()  # a table failed: render no further chunk
+    rendering = ThreadPoolExecutor(max_workers=1, thread_name_prefix="documents")
+    documents_future = rendering.submit(write_invoice_documents, invoices, customers, reference.seller, plans.rounding,
+                                        credit_summaries(outcome, period), run_id, out_dir, local_workers(),
+                                        stop=stop)
+    try:
+        with cycle_collector_paused():  # millions of table cells, none of them a cycle
+            by_reason, adjusted = _write_tables(write, invoices, settlement, normalized, reference, catalog,
+                                                outcome, period, costs)
+        tables_done = time.perf_counter()
+        documents = documents_future.result()
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        rendering.shutdown(wait=True)
+    names.extend(name for name, _, _ in documents)
+
+    tables = [n for n in names if "/" not in n]
+    outputs = [(n, (out_dir / n).stat().st_size, file_sha256(out_dir / n)) for n in tables] + documents
+    unreadable = len(normalized.unreadable)
+    rows = {k: settlement.counts[k] + (unreadable if k in ("read", "quarantined") else 0)
+            for k in ("read", "billed", "duplicates", "quarantined")}
+    prefix = period_prefix(period)
+    manifest = {
+        "billrun_version": package_version("billrun"),
+        "run_id": run_id,
+        "period": str(period),
+        "status": "closed",
+        "issued_on": period.end.isoformat(),
+        "inputs": [o.manifest_entry() for o in inputs.all],
+        "credits": credit_report(outcome, period, plans.plan),
+        "plans": plan_entries,
+        "catalog": catalog_entries(catalog),
+        "costs": costs[1],
+        "rows": rows,
+        "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
+        "quarantined_by_reason": by_reason,
+        "conflicting_duplicates": settlement.conflicts.height,
+        "billed_event_index": index_entry,
+        **({"adjustments": adjusted} if adjusted is not None else {}),
+        "totals": _totals(invoices),
+        "outputs": [{"key": prefix + n, "size": size, "sha256": digest} for n, size, digest in sorted(outputs)],
+    }
+    get_run_logger().info("write-outputs: tables %.2fs (%s), documents %.2fs; %d files in %.2fs",
+                          tables_done - started,
+                          ", ".join(f"{n.removesuffix('.parquet')} {t:.1f}" for n, t in spent.items()),
+                          time.perf_counter() - tables_done, len(names), time.perf_counter() - started)
+    return sorted(names), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
+                  reference: Reference, catalog: Catalog, outcome: Outcome, period: Period,
+                  costs: tuple) -> tuple[dict[str, int], dict | None]:
+    """The period's tables, each through `write(name, frame)`; returns the quarantined rows per
+    reason and the account of adjustment rows (None without the input)."""
+    write("invoices.parquet", invoices_table(invoices))
+    lines = lines_table(invoices)
+    write("invoice_lines.parquet", lines)
+    write("usage_summary.parquet", settlement.usage_by_dims)
+    write("margins.parquet", margins_table(lines, settlement.usage_by_day, segment_plans(reference.segments),
+                                           costs[0], period))
+    quarantine = quarantine_table(settlement, normalized)
+    write("quarantine.parquet", quarantine)
+    write("conflicting_duplicates.parquet", settlement.conflicts)
+    write("alerts.parquet", alerts_table(
+        price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period)
+        + spend_alerts(period, list(reference.segments), settlement.usage_by_day, settlement.per_event_usage,
+                       outcome.billable_by_day, credit_meters(list(reference.segments)),
+                       usage_spend_by_subscription(invoices))))
+    ledger = ledger_table(outcome, period)
+    write("credit_ledger.parquet", ledger)
+    with billed_events_table(settlement, lines, quarantine, ledger) as billed_events:
+        write("billed_events.parquet", billed_events)
+    del ledger
+    write("credit_balances.parquet", balances_table(outcome, period))
+    del lines
+    revenue = revenue_table(period, invoices, outcome, reference.segments)
+    write("revenue.parquet", revenue)
+    write("journal.parquet", journal(revenue, tax_rows(invoices, str(period))))
+    adjustments = None
+    if reference.adjustments_table is not None:  # a store without the input writes what it always wrote
+        adjustments = billed_table(reference.adjustments_table, invoices)
+        write("adjustments.parquet", adjustments)
+    return (dict(sorted(quarantine.group_by("reason").len().iter_rows())),
+            adjustment_counts(adjustments) if adjustments is not None else None)
+
+
+def quarantine_table(settlement: Settlement, normalized: Normalized) -> pl.DataFrame:
+    """One row per quarantined row, plus one per unreadable object (source_row empty)."""
+    rows = settlement.quarantine
+    whole = pl.DataFrame([{"source_key": key, "source_row": None, "reason": "unreadable_object", "detail": why}
+                          for key, why in normalized.unreadable],
+                         schema={"source_key": pl.String, "source_row": pl.Int64, "reason": pl.String,
+                                 "detail": pl.String})
+    table = pl.concat([rows, whole], how="diagonal_relaxed").with_columns(
+        pl.when(pl.col("source_row").is_null()).then(pl.col("source_key"))
+        .otherwise(pl.format("{}#row={}", pl.col("source_key"), pl.col("source_row"))).alias("source"))
+    return table.select([pl.col(c).cast(t) for c, t in QUARANTINE_SCHEMA.items()]).sort(
+        "source_key", "source_row", nulls_last=False)
+
+
+def _totals(invoices: list[Invoice]) -> list[dict]:
+    by_currency: dict[str, list[int]] = {}
+    for inv in invoices:
+        entry = by_currency.setdefault(inv.currency, [0, 0])
+        entry[0] += 1
+        entry[1] += inv.total_minor
+    return [{"currency": c, "invoices": n, "total_minor": t} for c, (n, t) in sorted(by_currency.items())]

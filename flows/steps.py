@@ -1,0 +1,341 @@
+"""The steps of billing a period that every flow shares: the close, and the nightly drafts,
+backfill, simulate, preview and impact, which bill a period the same way without closing it.
+
+fetch inputs -> check customers and subscriptions (the period's reference data) -> replay the
+credit wallets -> rate invoices; and the local work folder each run does this in. Usage is
+normalized and settled in shards (flows/shards.py); what the close writes and publishes after
+rating is in flows/outputs.py and flows/publish.py. IO tasks retry with backoff; rating is pure
+and never retried.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import shutil
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
+from pathlib import Path
+from typing import Iterator
+
+import polars as pl
+import yaml
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.embedded import mark_owner, reclaim_stale_work
+from flows.ingest import is_adjustments_key, is_purchases_key, is_usage_key, read_table
+from flows.preflight import closed_periods
+from flows.retries import IO_RETRIES
+from flows.store import open_store, store_identity
+from transforms.adjustments import Adjustment, adjustment_rows, billed_by_periods, checked_rows, period_adjustments
+from transforms.collector import cycle_collector_paused
+from transforms.credits.events import credit_meters
+from transforms.credits.grants import history_grants
+from transforms.credits.model import CreditEvent, Outcome, Purchase
+from transforms.credits.purchases import purchases_from
+from transforms.credits.wallet import replay
+from transforms.engine import rated_invoices
+from transforms.errors import InputError
+from transforms.invoices import Invoice
+from transforms.layout import (
+    ADJUSTMENTS_PREFIX,
+    CORRECTIONS_PREFIX,
+    CUSTOMERS_KEYS,
+    MANIFEST,
+    PURCHASES_PREFIX,
+    SELLER_KEY,
+    SUBSCRIPTIONS_KEYS,
+    USAGE_PREFIX,
+    period_prefix,
+)
+from transforms.periods import Period
+from transforms.plans import Catalog, PlanFile
+from transforms.reference import Segment, Subscription, checked_customers, checked_subscriptions, plan_on, segments_in
+from transforms.settle import Settlement
+from transforms.tax.rules import RULES_KEY, RulesProvider, load_rules
+from transforms.terms import seller_block as terms_seller_block
+
+
+@dataclass(frozen=True)
+class InputObject:
+    key: str
+    size: int
+    sha256: str
+    path: Path
+    etag: str | None = None
+
+    def manifest_entry(self) -> dict:
+        entry = {"key": self.key, "size": self.size, "sha256": self.sha256}
+        if self.etag:
+            entry["etag"] = self.etag
+        return entry
+
+
+@dataclass(frozen=True)
+class Inputs:
+    usage: tuple[InputObject, ...]
+    customers: InputObject
+    subscriptions: InputObject
+    seller: InputObject | None
+    purchases: tuple[InputObject, ...] = ()
+    tax_rules: InputObject | None = None
+    adjustments: tuple[InputObject, ...] = ()
+
+    @property
+    def all(self) -> tuple[InputObject, ...]:
+        """Every input object, ordered by key (for manifests and run ids)."""
+        rest = ((self.customers, self.subscriptions) + ((self.seller,) if self.seller else ())
+                + ((self.tax_rules,) if self.tax_rules else ()))
+        return tuple(sorted(self.usage + self.purchases + self.adjustments + rest, key=lambda o: o.key))
+
+
+@dataclass(frozen=True)
+class Reference:
+    customers: pl.DataFrame
+    subscriptions: tuple[Subscription, ...]
+    segments: tuple[Segment, ...]
+    purchases: tuple[Purchase, ...] = ()
+    seller: dict = field(default_factory=dict)       # transforms.terms.seller_block
+    tax: RulesProvider | None = None                  # None: the store bills no tax
+    adjustments: tuple[Adjustment, ...] = ()          # the period's, each resolved to its invoice
+    adjustments_table: pl.DataFrame | None = None     # every adjustment row of the period; None: no input
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a local file's content, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def one_input_key(store, keys: tuple[str, ...], what: str) -> str | None:
+    """The one of `keys` (the accepted names of one input, e.g. its .csv and .parquet) that the
+    store holds; None for none, an error for two."""
+    present = [k for k in keys if store.exists(k)]
+    if len(present) > 1:
+        raise InputError(f"{store.uri}: both {' and '.join(present)} exist; keep one {what} file")
+    return present[0] if present else None
+
+
+@task(name="fetch-inputs", cache_policy=NO_CACHE, **IO_RETRIES)
+def fetch_inputs(store_uri: str, cache_dir: Path) -> Inputs:
+    """List and fetch every input object; hash each (content, never modification times)."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    store = open_store(store_uri)
+    customers_key = one_input_key(store, CUSTOMERS_KEYS, "customers")
+    subscriptions_key = one_input_key(store, SUBSCRIPTIONS_KEYS, "subscriptions")
+    for key, keys in ((customers_key, CUSTOMERS_KEYS), (subscriptions_key, SUBSCRIPTIONS_KEYS)):
+        if key is None:
+            raise InputError(f"{store.uri}: {keys[0]} (or .parquet) not found; "
+                             f"every store needs customers and subscriptions")
+    seller_key = SELLER_KEY if store.exists(SELLER_KEY) else None
+    rules_key = RULES_KEY if store.exists(RULES_KEY) else None
+    usage_infos = [o for o in store.list(USAGE_PREFIX) if is_usage_key(o.key)]
+    purchase_infos = [o for o in store.list(PURCHASES_PREFIX) if is_purchases_key(o.key)]
+    adjustment_infos = [o for o in store.list(ADJUSTMENTS_PREFIX) if is_adjustments_key(o.key)]
+    listed = usage_infos + purchase_infos + adjustment_infos
+    keys = ([o.key for o in listed] + [customers_key, subscriptions_key]
+            + ([seller_key] if seller_key else []) + ([rules_key] if rules_key else []))
+    local = store.fetch(keys, cache_dir)
+    etags = {o.key: o.etag for o in listed}
+
+    def obj(key: str) -> InputObject:
+        # size and hash of the local copy, the very bytes the close reads and bills
+        path = local[key]
+        return InputObject(key, path.stat().st_size, file_sha256(path), path, etags.get(key))
+
+    inputs = Inputs(tuple(obj(o.key) for o in usage_infos), obj(customers_key), obj(subscriptions_key),
+                    obj(seller_key) if seller_key else None, tuple(obj(o.key) for o in purchase_infos),
+                    obj(rules_key) if rules_key else None, tuple(obj(o.key) for o in adjustment_infos))
+    logger.info("fetch-inputs: %d usage objects, %d bytes in %.2fs", len(inputs.usage),
+                sum(o.size for o in inputs.usage), time.perf_counter() - started)
+    return inputs
+
+
+@task(name="check-reference", cache_policy=NO_CACHE)
+def check_reference(inputs: Inputs, catalog: Catalog, period: Period,
+                    adjustments_billed: dict[str, str] | None = None) -> Reference:
+    """Customers and subscriptions checked; the period's subscription segments and adjustments
+    (`adjustments_billed`: adjustment id -> the other period whose documents bill it)."""
+    customers = checked_customers(read_table(inputs.customers.path, inputs.customers.key), inputs.customers.key)
+    subs = checked_subscriptions(read_table(inputs.subscriptions.path, inputs.subscriptions.key),
+                                 inputs.subscriptions.key, customers, catalog)
+    segments = segments_in(period, subs, catalog)
+    known = set(customers["customer_id"].to_list())
+    purchases = [p for obj in inputs.purchases
+                 for p in purchases_from(read_table(obj.path, obj.key), obj.key, known)]
+    tax = tax_rules(inputs, customers)
+    adjustments, table = [], None
+    if inputs.adjustments:
+        rows = adjustment_rows([(obj.key, read_table(obj.path, obj.key)) for obj in inputs.adjustments])
+        adjustments, table = period_adjustments(checked_rows(rows, known), str(period), segments, adjustments_billed)
+    get_run_logger().info("check-reference: %d customers, %d subscriptions, %d segments, %d credit purchases, "
+                          "%d adjustments in %s", customers.height, len(subs), len(segments), len(purchases),
+                          len(adjustments), period)
+    return Reference(customers, tuple(subs), tuple(segments), tuple(purchases), seller_block(inputs), tax,
+                     tuple(adjustments), table)
+
+
+@task(name="adjustments-billed", cache_policy=NO_CACHE, **IO_RETRIES)
+def adjustments_billed_elsewhere(store_uri: str, inputs: Inputs, leave_out: list[Period]) -> dict[str, str]:
+    """Adjustment id -> the closed period (not one of `leave_out`) whose documents bill it: its
+    close's adjustments table and the committed corrections of it. Nothing is read for a store
+    without an adjustments input."""
+    if not inputs.adjustments:
+        return {}
+    store = open_store(store_uri)
+    skip = {str(p) for p in leave_out}
+    closes = {}
+    for period in closed_periods(store_uri):
+        key = period_prefix(period) + "adjustments.parquet"
+        if str(period) not in skip and store.exists(key):
+            closes[str(period)] = pl.read_parquet(io.BytesIO(store.read_bytes(key)))
+    lines = [pl.read_parquet(io.BytesIO(store.read_bytes(info.key.removesuffix(MANIFEST) + "invoice_lines.parquet")))
+             for info in store.list(CORRECTIONS_PREFIX) if info.key.endswith("/" + MANIFEST)
+             and store.exists(info.key.removesuffix(MANIFEST) + "invoice_lines.parquet")]
+    corrections = pl.concat(lines, how="diagonal_relaxed") if lines else pl.DataFrame()
+    if corrections.height:
+        corrections = corrections.filter(~pl.col("period").is_in(sorted(skip)))
+    return billed_by_periods(closes, corrections)
+
+
+def tax_rules(inputs: Inputs, customers: pl.DataFrame) -> RulesProvider | None:
+    """The store's tax rules (None without tax/rules.yaml); with rules, every customer needs a
+    country, or its tax could not be decided."""
+    if inputs.tax_rules is None:
+        return None
+    provider = load_rules(inputs.tax_rules.path.read_text(encoding="utf-8"), inputs.tax_rules.key)
+    missing = customers.with_row_index("row", 1).filter(pl.col("country").is_null())
+    if missing.height:
+        row = missing.row(0, named=True)
+        raise InputError(f"{inputs.customers.key} row {row['row']}, country: required when {RULES_KEY} exists "
+                         f"(customer {row['customer_id']!r}; two letters, e.g. NL, US)")
+    return provider
+
+
+def seller_block(inputs: Inputs) -> dict:
+    """The seller shown on documents, with payment terms and instructions, from the store's
+    optional seller.yaml (see transforms.terms)."""
+    if inputs.seller is None:
+        return terms_seller_block({})
+    try:
+        loaded = yaml.safe_load(inputs.seller.path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{inputs.seller.key}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return terms_seller_block(loaded, inputs.seller.key)
+
+
+CREDIT_EVENT_COLUMNS = ("customer_id", "subscription_id", "segment_no", "event_id", "event_at", "meter", "dims",
+                        "quantity")
+"""The per-event usage columns a CreditEvent is made of, in the order of its fields."""
+
+
+def credit_events_by_customer(per_event_usage: pl.DataFrame, segments: list[Segment]
+                              ) -> Iterator[tuple[str, list[CreditEvent]]]:
+    """Per customer (in customer_id order), the period's billed events that their segment's plan
+    pays with credits: the events of one customer at a time, never a list of millions."""
+    keys = pl.DataFrame(sorted(credit_meters(segments)), orient="row",
+                        schema={"subscription_id": pl.String, "segment_no": pl.Int64, "meter": pl.String})
+    keys = keys.cast({c: per_event_usage.schema[c] for c in keys.columns})
+    rows = (per_event_usage.join(keys, on=list(keys.columns), how="semi", maintain_order="left")
+            .select(pl.col("customer_id").cast(pl.String), *CREDIT_EVENT_COLUMNS[1:])
+            .sort("customer_id", maintain_order=True))  # within a customer, settlement order
+    for customer_id, group in groupby(rows.iter_rows(), key=itemgetter(0)):
+        yield customer_id, [CreditEvent(*row) for row in group]
+
+
+def replayed_wallets(subs: list[Subscription], catalog: Catalog, purchases: list[Purchase],
+                     history: list[CreditEvent], period_events: Iterator[tuple[str, list[CreditEvent]]],
+                     period: Period) -> tuple[Outcome, int]:
+    """`transforms.credits.wallet_history`, fed one customer at a time: each customer's grants,
+    earlier events (`history`) and period events (`period_events`, by customer in customer_id
+    order) replayed through `period`, customers in order. The same entries in the same order as
+    `wallet_history` of all events at once; returns the outcome and the number of events."""
+    grants: dict[str, list] = defaultdict(list)
+    for g in history_grants(subs, catalog, purchases, period):
+        grants[g.customer_id].append(g)
+    earlier: dict[str, list[CreditEvent]] = defaultdict(list)
+    for ev in history:
+        earlier[ev.customer_id].append(ev)
+    subs_by_id = {s.subscription_id: s for s in subs}
+    plan_that_day: dict[tuple[str, object], PlanFile] = {}  # one lookup per subscription and day, not per event
+    outcome, count = Outcome(), 0
+    without_events = ((customer, []) for customer in sorted(set(grants) | set(earlier)))
+    every_customer = heapq.merge(without_events, period_events, key=itemgetter(0))
+    for customer, lists in groupby(every_customer, key=itemgetter(0)):
+        events = earlier.pop(customer, []) + [ev for _, period_list in lists for ev in period_list]
+        plans_of = {}
+        for ev in events:
+            key = (ev.subscription_id, ev.event_at.date())
+            if key not in plan_that_day:
+                plan_that_day[key] = plan_on(subs_by_id[ev.subscription_id], catalog, key[1])
+            plans_of[ev.event_id] = plan_that_day[key]
+        replay(customer, events, grants.pop(customer, []), plans_of, period.end_at, outcome)
+        count += len(events)
+    return outcome, count
+
+
+@task(name="replay-credits", cache_policy=NO_CACHE)
+def replay_credits(settlement: Settlement, reference: Reference, catalog: Catalog, period: Period) -> Outcome:
+    """Every wallet from its first grant through the period, in event time."""
+    started = time.perf_counter()
+    with cycle_collector_paused():  # a ledger entry per consumed event, none of them a cycle
+        outcome, events = replayed_wallets(
+            list(reference.subscriptions), catalog, list(reference.purchases), settlement.credit_history,
+            credit_events_by_customer(settlement.per_event_usage, list(reference.segments)), period)
+    get_run_logger().info("replay-credits: %d credit events, %d ledger entries in %.2fs", events,
+                          len(outcome.entries), time.perf_counter() - started)
+    return outcome
+
+
+@task(name="rate-invoices", cache_policy=NO_CACHE)
+def rate_invoices(settlement: Settlement, reference: Reference, outcome: Outcome, period: Period) -> list[Invoice]:
+    """The period's invoices (transforms.engine.rated_invoices: nightly drafts with it too)."""
+    started = time.perf_counter()
+    invoices = rated_invoices(period, settlement.usage_by_dims, settlement.per_event_usage, outcome, reference)
+    get_run_logger().info("rate-invoices: %d invoices, %d lines in %.2fs", len(invoices),
+                          sum(len(i.lines) for i in invoices), time.perf_counter() - started)
+    return invoices
+
+
+def catalog_entries(catalog: Catalog) -> list[dict]:
+    """Every plan file loaded (not only those used): a new version of a plan can re-bind
+    subscriptions, so drift checks compare the whole catalog."""
+    return [{"plan": f.plan.plan, "version": f.plan.version, "file": Path(f.path).name, "sha256": f.sha256}
+            for _, f in sorted(catalog.files.items())]
+
+
+def plan_entries_for(segments: tuple[Segment, ...]) -> list[dict]:
+    used = {seg.plan.key: seg.plan for seg in segments}
+    return [{"plan": f.plan.plan, "version": f.plan.version, "file": Path(f.path).name, "sha256": f.sha256}
+            for _, f in sorted(used.items())]
+
+
+def work_dir_for(store: str, label: str) -> Path:
+    """A local work folder per store (the folder it resolves to, or the bucket and prefix: the same
+    relative `--store` from two folders is two stores) and job (`close-2026-10`), emptied at the
+    start of every run, so a killed run's leftovers are reclaimed by the next instead of piling up;
+    the folders of other jobs whose process is gone (a SIGKILL, a lost machine) are removed too. Runs that
+    share a label also share a period lock, so they never share the folder at once."""
+    tag = hashlib.sha256(store_identity(store).encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / "billrun-work" / f"{tag}-{label}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    mark_owner(path)
+    reclaim_stale_work(path.parent)
+    return path
+
+
+def private_work_dir(store: str, job: str) -> Path:
+    """A work folder of its own for a job that takes no period lock (simulate, impact, preview,
+    migrate): two such runs on one store at once never empty each other's folder."""
+    return work_dir_for(store, f"{job}-{uuid.uuid4().hex[:12]}")
