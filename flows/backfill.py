@@ -50,6 +50,8 @@ from transforms.corrections import (
     issued_lines,
     issued_taxes,
     ledger_adjustments,
+    next_note_numbers,
+    original_documents,
     revenue_adjustments,
 )
 from transforms.credits.ledger import balances_table
@@ -135,19 +137,6 @@ def _recorded_balances(store, period: Period, adjustments: list[pl.DataFrame]) -
     frames += [a.filter(pl.col("corrected_period") == str(period)).select("grant_id", "customer_id", "credits")
                for a in adjustments]
     return pl.concat(frames, how="diagonal_relaxed")
-
-
-def _originals(docs: pl.DataFrame) -> dict[str, dict]:
-    """The document each subscription's corrections refer to: its invoice, or for a subscription
-    first billed by a correction, that first document."""
-    out: dict[str, dict] = {}
-    for row in docs.sort(pl.col("kind") != "invoice", "issued_on", "invoice_id").iter_rows(named=True):
-        out.setdefault(row["subscription_id"], row)
-    return out
-
-
-def _next_numbers(docs: pl.DataFrame) -> dict[str, int]:
-    return {kind: docs.filter(pl.col("kind") == kind).height + 1 for kind in ("credit_note", "debit_note")}
 
 
 def backfill_run_id(periods: list[Period], as_of: date, reason: str, input_hashes: list[str],
@@ -262,8 +251,8 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                     due = {row["customer_id"]: due_on(issued_on, reference.seller, row)
                            for row in reference.customers.iter_rows(named=True)}
                     documents += [replace(doc, due_on=due.get(doc.customer_id)) for doc in correction_documents(
-                        str(period), rerated, issued_lines(record.lines), _originals(record.docs),
-                        _next_numbers(record.docs), issued_on, issued_taxes(record.lines), roundings)]
+                        str(period), rerated, issued_lines(record.lines), original_documents(record.docs),
+                        next_note_numbers(record.docs), issued_on, issued_taxes(record.lines), roundings)]
                     revenue_changes.append(revenue_adjustments(
                         revenue_table(period, rerated, outcome, reference.segments),
                         record.revenue, str(period), booked))

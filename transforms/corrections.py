@@ -102,6 +102,22 @@ def _tax_of(was: Issued | None, now: Line | None, original: dict[tuple[Decimal, 
     return tax.label, key[0], key[1], tax.note
 
 
+def original_documents(docs: pl.DataFrame) -> dict[str, dict]:
+    """From invoices rows of one period (the invoice and earlier corrections): per subscription,
+    the document its corrections refer to, its invoice or, for a subscription first billed by a
+    correction, that first document."""
+    out: dict[str, dict] = {}
+    for row in docs.sort(pl.col("kind") != "invoice", "issued_on", "invoice_id").iter_rows(named=True):
+        out.setdefault(row["subscription_id"], row)
+    return out
+
+
+def next_note_numbers(docs: pl.DataFrame) -> dict[str, int]:
+    """The number the next credit note and the next debit note of the period take (series
+    gap-free per kind: one more than those issued)."""
+    return {kind: docs.filter(pl.col("kind") == kind).height + 1 for kind in ("credit_note", "debit_note")}
+
+
 def correction_documents(period: str, rerated: list[Invoice], issued: dict[str, dict[tuple[str, str], Issued]],
                          originals: dict[str, dict], next_number: dict[str, int], as_of: date,
                          taxes: dict[str, dict[tuple[Decimal, bool], IssuedTax]] | None = None,
