@@ -19,7 +19,6 @@ from prefect.utilities.annotations import quote
 from flows.billed_index import committed_index
 from flows.engine import PeriodUsage, period_usage
 from flows.gitplans import catalog_at, revision
-from flows.keys import manifest_key
 from flows.report import closed_periods, fetch_costs
 from flows.steps import (
     Reference,
@@ -48,6 +47,7 @@ from transforms.impact import (
     plan_changes,
     thresholds,
 )
+from transforms.layout import manifest_key
 from transforms.margins import Costs
 from transforms.money import decimal_text
 from transforms.periods import Period

@@ -49,6 +49,7 @@ from transforms.layout import (
     CUSTOMERS_KEYS,
     MANIFEST,
     PURCHASES_PREFIX,
+    RULES_KEY,
     SELLER_KEY,
     SUBSCRIPTIONS_KEYS,
     USAGE_PREFIX,
@@ -58,7 +59,7 @@ from transforms.periods import Period
 from transforms.plans import Catalog, PlanFile
 from transforms.reference import Segment, Subscription, checked_customers, checked_subscriptions, plan_on, segments_in
 from transforms.settle import Settlement
-from transforms.tax.rules import RULES_KEY, RulesProvider, load_rules
+from transforms.tax.rules import RulesProvider, load_rules
 from transforms.terms import seller_block as terms_seller_block
 
 

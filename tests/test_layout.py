@@ -100,7 +100,7 @@ def test_only_close_period_is_imported_from_the_close():
             elif name != "close_period" and (not in_tests or name.startswith("_")):
                 wrong.append(f"{where(path, line)}: imports {name} from {CLOSE}")
     assert not wrong, ("flows/close.py is the close flow, not a library: import what the flows share from "
-                       "flows/steps.py, flows/outputs.py, flows/publish.py or flows/keys.py, and only "
+                       "flows/steps.py, flows/outputs.py, flows/publish.py or transforms/layout.py, and only "
                        "close_period from flows/close.py:\n" + "\n".join(wrong))
 
 

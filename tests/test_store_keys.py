@@ -27,8 +27,6 @@ STORE_KEY = re.compile(
     r"|(?:^|/)(?:manifest\\?\.json|seller\.yaml|billrun\.yaml|rules\.yaml|costs\.csv)\$?$")
 FOLDER = re.compile(rf"^(?:{_FOLDERS}|_state)$")
 """A bare folder name: a key only where it is joined onto a path."""
-WAITING = {"flows/keys.py"}
-"""Modules not moved onto the layout module yet (being split up); this set only shrinks."""
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -74,7 +72,7 @@ def test_a_folder_joined_onto_a_path_is_a_key(tmp_path):
 
 def test_no_store_key_is_typed_outside_the_layout_module():
     found = [hit for folder in SCANNED for path in sorted((REPO / folder).rglob("*.py"))
-             if path != LAYOUT and path.relative_to(REPO).as_posix() not in WAITING
+             if path != LAYOUT
              for hit in typed_keys(path)]
     assert not found, ("store keys typed outside transforms/layout.py (build them with its functions and "
                        "constants):\n" + "\n".join(found))
