@@ -48,7 +48,7 @@ from transforms.guards import close_too_early, close_without_usage, rows_in_peri
 from transforms.layout import MANIFEST, billed_index_key, period_prefix
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
-from transforms.settle import split_at_replay
+from transforms.settle import split_at_replay, usage_row_counts
 
 
 @dataclass
@@ -134,7 +134,8 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_addres
         indexing = index_billed.submit(scratch.uri, list(settlement.billed_ids), str(period), work_dir)
         fault_point("settled")
         no_usage = close_without_usage(
-            period, rows_in_period(settlement.counts["read"], settlement.quarantine) + len(normalized.unreadable),
+            period, rows_in_period(usage_row_counts(settlement.counts, len(normalized.unreadable))["read"],
+                                   settlement.quarantine),
             list(reference.segments))
         if no_usage and not allow_empty:
             raise InputError(no_usage)

@@ -113,7 +113,7 @@ from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
 from transforms.queries import statements
 from transforms.reference import segments_frame
-from transforms.settle import copy_order_macro, plan_meters
+from transforms.settle import copy_order_macro, plan_meters, usage_row_counts
 from transforms.spend import spend_alerts_resumed, subscriptions_over_budget, usage_spend_by_subscription
 
 SQL_FILE = "nightly.sql"
@@ -400,9 +400,9 @@ def settle_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[
     usage_by_day = _usage_by_day(by_day, segments)
     per_event = _per_event_usage(events, segments)
     new = int(tonight["is_new"].sum())
-    counts = {"read": settled["read"] + len(unreadable), "billed": new,
-              "duplicates": settled["duplicates"] + settled["billed"] - new,
-              "quarantined": settled["quarantined"] + len(unreadable)}
+    # billed: the events new tonight; the rest of what settled as billed came in on an earlier night
+    counts = {**usage_row_counts(settled, len(unreadable)), "billed": new,
+              "duplicates": settled["duplicates"] + settled["billed"] - new}
     for key, _ in unreadable:
         ranges[key] = {"first_at": None, "last_at": None, "undated": True}
     end = _night_end(day)

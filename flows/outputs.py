@@ -29,14 +29,14 @@ from transforms.credits.events import credit_meters
 from transforms.credits.ledger import balances_table, ledger_table
 from transforms.credits.model import Outcome
 from transforms.credits.reports import credit_report, credit_summaries
-from transforms.invoices import Invoice, invoices_table, lines_table
+from transforms.invoices import Invoice, invoices_table, lines_table, totals_by_currency
 from transforms.layout import period_prefix
 from transforms.margins import margins_table, segment_plans
 from transforms.periods import Period
 from transforms.plans import Catalog
 from transforms.reference import subscription_plans
 from transforms.revenue import journal, revenue_table, tax_rows
-from transforms.settle import Settlement
+from transforms.settle import Settlement, quarantine_table, quarantined_by_reason, usage_row_counts
 from transforms.spend import spend_alerts, usage_spend_by_subscription
 
 PARQUET = {"compression": "zstd", "statistics": True, "row_group_size": 262_144}
@@ -45,11 +45,6 @@ row group per in-memory chunk, and a sorted table's chunks follow the machine's 
 the same close wrote different bytes on a 2-core and an 8-core machine."""
 
 
-QUARANTINE_SCHEMA = {
-    "source_key": pl.String, "source_row": pl.Int64, "event_id": pl.String, "customer_id": pl.String,
-    "meter": pl.String, "quantity": pl.String, "timestamp": pl.String, "dims": pl.String,
-    "reason": pl.String, "detail": pl.String, "source": pl.String,
-}
 
 
 @task(name="write-outputs", cache_policy=NO_CACHE)
@@ -98,8 +93,6 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     tables = [n for n in names if "/" not in n]
     outputs = [(n, (out_dir / n).stat().st_size, file_sha256(out_dir / n)) for n in tables] + documents
     unreadable = len(normalized.unreadable)
-    rows = {k: settlement.counts[k] + (unreadable if k in ("read", "quarantined") else 0)
-            for k in ("read", "billed", "duplicates", "quarantined")}
     prefix = period_prefix(period)
     manifest = {
         "billrun_version": package_version("billrun"),
@@ -112,13 +105,13 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         "plans": plan_entries,
         "catalog": catalog_entries(catalog),
         "costs": costs[1],
-        "rows": rows,
+        "rows": usage_row_counts(settlement.counts, unreadable),
         "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
         "quarantined_by_reason": by_reason,
         "conflicting_duplicates": settlement.conflicts.height,
         "billed_event_index": index_entry,
         **({"adjustments": adjusted} if adjusted is not None else {}),
-        "totals": _totals(invoices),
+        "totals": totals_by_currency(invoices),
         "outputs": [{"key": prefix + n, "size": size, "sha256": digest} for n, size, digest in sorted(outputs)],
     }
     get_run_logger().info("write-outputs: tables %.2fs (%s), documents %.2fs; %d files in %.2fs",
@@ -139,7 +132,7 @@ def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normal
     write("usage_summary.parquet", settlement.usage_by_dims)
     write("margins.parquet", margins_table(lines, settlement.usage_by_day, segment_plans(reference.segments),
                                            costs[0], period))
-    quarantine = quarantine_table(settlement, normalized)
+    quarantine = quarantine_table(settlement.quarantine, normalized.unreadable)
     write("quarantine.parquet", quarantine)
     write("conflicting_duplicates.parquet", settlement.conflicts)
     write("alerts.parquet", alerts_table(
@@ -161,28 +154,5 @@ def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normal
     if reference.adjustments_table is not None:  # a store without the input writes what it always wrote
         adjustments = billed_table(reference.adjustments_table, invoices)
         write("adjustments.parquet", adjustments)
-    return (dict(sorted(quarantine.group_by("reason").len().iter_rows())),
+    return (quarantined_by_reason(quarantine),
             adjustment_counts(adjustments) if adjustments is not None else None)
-
-
-def quarantine_table(settlement: Settlement, normalized: Normalized) -> pl.DataFrame:
-    """One row per quarantined row, plus one per unreadable object (source_row empty)."""
-    rows = settlement.quarantine
-    whole = pl.DataFrame([{"source_key": key, "source_row": None, "reason": "unreadable_object", "detail": why}
-                          for key, why in normalized.unreadable],
-                         schema={"source_key": pl.String, "source_row": pl.Int64, "reason": pl.String,
-                                 "detail": pl.String})
-    table = pl.concat([rows, whole], how="diagonal_relaxed").with_columns(
-        pl.when(pl.col("source_row").is_null()).then(pl.col("source_key"))
-        .otherwise(pl.format("{}#row={}", pl.col("source_key"), pl.col("source_row"))).alias("source"))
-    return table.select([pl.col(c).cast(t) for c, t in QUARANTINE_SCHEMA.items()]).sort(
-        "source_key", "source_row", nulls_last=False)
-
-
-def _totals(invoices: list[Invoice]) -> list[dict]:
-    by_currency: dict[str, list[int]] = {}
-    for inv in invoices:
-        entry = by_currency.setdefault(inv.currency, [0, 0])
-        entry[0] += 1
-        entry[1] += inv.total_minor
-    return [{"currency": c, "invoices": n, "total_minor": t} for c, (n, t) in sorted(by_currency.items())]

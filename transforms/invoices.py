@@ -408,6 +408,17 @@ LINE_SCHEMA = {
 }
 
 
+def totals_by_currency(invoices: list[Invoice]) -> list[dict]:
+    """One entry per currency, in code order: how many invoices and their total (the manifest's
+    `totals`)."""
+    by_currency: dict[str, list[int]] = {}
+    for inv in invoices:
+        entry = by_currency.setdefault(inv.currency, [0, 0])
+        entry[0] += 1
+        entry[1] += inv.total_minor
+    return [{"currency": c, "invoices": n, "total_minor": t} for c, (n, t) in sorted(by_currency.items())]
+
+
 def invoices_table(invoices: list[Invoice]) -> pl.DataFrame:
     """One row per invoice (contract columns first)."""
     return pl.DataFrame(

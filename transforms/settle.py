@@ -60,6 +60,41 @@ CONFLICT_SCHEMA = {
 """One row per duplicate copy whose content differs from the copy that counts (settle_usage.sql)."""
 
 
+QUARANTINE_SCHEMA = {
+    "source_key": pl.String, "source_row": pl.Int64, "event_id": pl.String, "customer_id": pl.String,
+    "meter": pl.String, "quantity": pl.String, "timestamp": pl.String, "dims": pl.String,
+    "reason": pl.String, "detail": pl.String, "source": pl.String,
+}
+"""The quarantine table: one row per usage row set aside, and per object that could not be read."""
+
+
+def quarantine_table(quarantine: pl.DataFrame, unreadable) -> pl.DataFrame:
+    """One row per quarantined row (a settlement's `quarantine`), plus one per object that could
+    not be read (`unreadable`: (key, why); its source_row empty), in source order."""
+    whole = pl.DataFrame([{"source_key": key, "source_row": None, "reason": "unreadable_object", "detail": why}
+                          for key, why in unreadable],
+                         schema={"source_key": pl.String, "source_row": pl.Int64, "reason": pl.String,
+                                 "detail": pl.String})
+    table = pl.concat([quarantine, whole], how="diagonal_relaxed").with_columns(
+        pl.when(pl.col("source_row").is_null()).then(pl.col("source_key"))
+        .otherwise(pl.format("{}#row={}", pl.col("source_key"), pl.col("source_row"))).alias("source"))
+    return table.select([pl.col(c).cast(t) for c, t in QUARANTINE_SCHEMA.items()]).sort(
+        "source_key", "source_row", nulls_last=False)
+
+
+def quarantined_by_reason(quarantine: pl.DataFrame) -> dict[str, int]:
+    """Rows of a quarantine table per reason code, in code order (the manifest's account)."""
+    return dict(sorted(quarantine.group_by("reason").len().iter_rows()))
+
+
+def usage_row_counts(counts: dict[str, int], unreadable: int) -> dict[str, int]:
+    """The account of a run's usage rows: read = billed + duplicates + quarantined. `counts` is a
+    settlement's; an object that could not be read (`unreadable` of them) counts as one row read
+    and quarantined, since its rows cannot be told apart."""
+    return {"read": counts["read"] + unreadable, "billed": counts["billed"], "duplicates": counts["duplicates"],
+            "quarantined": counts["quarantined"] + unreadable}
+
+
 def split_at_replay(settlement: Settlement, credit_meters: set[tuple[str, int, str]]
                     ) -> tuple[Settlement, Settlement]:
     """The settlement in two: what the wallet replay reads (the per-event rows of meters paid
