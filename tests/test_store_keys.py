@@ -15,6 +15,8 @@ import ast
 import re
 from pathlib import Path
 
+from transforms import layout
+
 REPO = Path(__file__).resolve().parent.parent
 LAYOUT = REPO / "transforms" / "layout.py"
 SCANNED = ("flows", "transforms", "bench")
@@ -76,3 +78,41 @@ def test_no_store_key_is_typed_outside_the_layout_module():
              for hit in typed_keys(path)]
     assert not found, ("store keys typed outside transforms/layout.py (build them with its functions and "
                        "constants):\n" + "\n".join(found))
+
+
+def test_the_parsers_read_back_what_the_builders_wrote():
+    assert layout.period_of_manifest(layout.manifest_key("2026-10")) == "2026-10"
+    assert layout.period_of_manifest(layout.period_prefix("2026-10") + "invoices.parquet") is None
+    assert layout.period_file(layout.period_prefix("2026-10") + "invoices.parquet") == ("2026-10", "invoices.parquet")
+    assert layout.run_of_correction_manifest(layout.correction_prefix("backfill-1") + layout.MANIFEST) == "backfill-1"
+    assert layout.night_of_manifest(layout.night_prefix("2026-10-03") + layout.MANIFEST) == "2026-10-03"
+    assert layout.period_of_lock(layout.lock_key("2026-10")) == "2026-10"
+    assert layout.period_of_lock(layout.claim_key("2026-10")) is None
+    assert layout.billed_index_file(layout.billed_index_key("2026-10", "close-2026-10-ab")) == ("2026-10",
+                                                                                                "close-2026-10-ab")
+    assert layout.night_of_commit("2026-10", layout.night_commit_key("2026-10", "2026-10-03")) == "2026-10-03"
+    key = layout.staging_prefix("close-2026-10-ab", "t0k3n") + "invoices.parquet"
+    assert layout.run_folder_of(key) == layout.run_folder("close-2026-10-ab")
+    assert key.startswith(layout.close_runs_prefix("2026-10"))
+
+
+def test_the_store_layout_page_shows_the_keys_the_module_builds():
+    """docs/store-layout.md and transforms/layout.py describe one layout: each key the module
+    builds, with the page's placeholders, is on the page."""
+    page = (REPO / "docs" / "store-layout.md").read_text(encoding="utf-8")
+    p, day, run = "YYYY-MM", "YYYY-MM-DD", "RUN_ID"
+    keys = [
+        layout.USAGE_PREFIX, *layout.CUSTOMERS_KEYS, layout.SUBSCRIPTIONS_KEYS[0], layout.PURCHASES_PREFIX + "*.csv",
+        layout.ADJUSTMENTS_PREFIX + "*.csv", layout.COSTS_KEY, layout.SELLER_KEY, layout.RULES_KEY, layout.CONFIG_KEY,
+        layout.period_prefix(p) + "*.parquet", layout.invoice_html_key(p, "<INVOICE_ID>"), layout.manifest_key(p),
+        layout.correction_prefix(run) + "*.parquet", layout.correction_prefix(run) + layout.document_html_name("<ID>"),
+        layout.correction_prefix(run) + layout.MANIFEST, layout.night_prefix(day) + "*.parquet",
+        layout.night_prefix(day) + layout.MANIFEST, layout.simulation_prefix("SIMULATION_ID"), layout.report_key(p),
+        layout.TABLES_LOCATION + "/delta/<table>/", layout.lock_key(p), layout.claim_key(p),
+        layout.staging_prefix("<RUN_ID>", "<TOKEN>"), layout.billed_index_key(p, "<RUN_ID>"), layout.checked_key(p),
+        layout.USAGE_INDEX_KEY, layout.nightly_object_key(p, "x").rsplit("/", 1)[0] + "/",
+        layout.to_date_key(p, day, ""), layout.night_commit_key(p, day), layout.fired_alerts_key(p),
+        layout.WORK_PREFIX,
+    ]
+    missing = [key for key in keys if f"`{key}" not in page]
+    assert not missing, f"docs/store-layout.md does not show these keys of transforms/layout.py: {missing}"

@@ -207,9 +207,12 @@ def billed_index_file(key: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2)) if match else None
 
 
+WORK_PREFIX = STATE_PREFIX + "work/"
+
+
 def work_prefix(label: str) -> str:
     """Scratch space of a close whose shard steps run on a cluster, with the store on S3."""
-    return f"{STATE_PREFIX}work/{label}/"
+    return f"{WORK_PREFIX}{label}/"
 
 
 NIGHTLY_STATE_PREFIX = STATE_PREFIX + "nightly/"
