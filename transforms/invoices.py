@@ -68,6 +68,10 @@ TAX_LINE_KINDS = ("tax", "tax_included")
 USAGE_LINE_KINDS = ("usage", "overage")
 """The lines that bill metered usage: a charge's units (`overage`: those beyond its allowance)."""
 
+INVOICE_LEVEL_KINDS = ("cap_waiver", "commitment_true_up")
+"""Lines of the invoice as a whole, amounts with no meter or segment: the hard cap's waiver and
+the commitment's true-up. They follow the plan of the subscription's last segment."""
+
 SPEND_KINDS = ("fixed_fee", "usage", "overage", "cap_waiver")
 """What counts toward a commitment: the service, not credits bought in advance."""
 

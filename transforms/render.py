@@ -16,8 +16,9 @@ from babel.numbers import format_currency
 from jinja2 import Environment, PackageLoader, StrictUndefined, Template, select_autoescape
 from markupsafe import Markup
 
+from transforms.adjustments import KINDS as ADJUSTMENT_KINDS
 from transforms.credits.reports import CreditSummary, GrantMovement
-from transforms.invoices import TAX_LINE_KINDS, USAGE_LINE_KINDS, Invoice, Line
+from transforms.invoices import INVOICE_LEVEL_KINDS, TAX_LINE_KINDS, USAGE_LINE_KINDS, Invoice, Line
 from transforms.money import format_money, minor_exponent
 from transforms.pricing.base import fmt_units
 
@@ -27,10 +28,12 @@ TOTAL_LABELS = {"invoice": "Total due", "credit_note": "Total credited", "debit_
 
 # Invoice-level lines, grouped after the subscription's own lines, in this order.
 SECTIONS = (
-    (("cap_waiver", "commitment_true_up"), "Spend controls and commitments"),
+    (INVOICE_LEVEL_KINDS, "Spend controls and commitments"),
     (("top_up", "credit_purchase"), "Credits bought"),
-    (("adjustment_charge", "adjustment_credit"), "One-off charges and credits"),
+    (ADJUSTMENT_KINDS, "One-off charges and credits"),
 )
+AMOUNT_ONLY_KINDS = INVOICE_LEVEL_KINDS + ADJUSTMENT_KINDS
+"""Lines billed as an amount: no quantity is shown for them, nor for a correction of one."""
 BADGES = {"cap_waiver": "Hard cap", "commitment_true_up": "Commitment", "top_up": "Top-up",
           "credit_purchase": "Credit pack", "adjustment_charge": "One-off", "adjustment_credit": "Credit"}
 GRANT_LABELS = {"grant": "Plan credits", "purchase": "Credit pack", "top_up": "Automatic top-up",
@@ -184,12 +187,11 @@ def _line_view(no: int, line: Line, currency: str, usage_minor: int, spend_minor
     elif kind == "commitment_true_up":
         details = [f"Minimum spend {_money(spend_minor + line.amount_minor, currency)} for the period, "
                    f"spend {_money(spend_minor, currency)}: the difference is billed"]
-    elif kind in ("adjustment_charge", "adjustment_credit"):
+    elif kind in ADJUSTMENT_KINDS:
         details = [s.label for s in line.steps] + (["Not subject to tax"] if line.taxable is False else [])
     return {
         "no": no, "kind": kind, "badge": BADGES.get(kind, ""), "description": line.description,
-        "quantity": "" if kind in ("cap_waiver", "commitment_true_up", "adjustment_charge", "adjustment_credit")
-        else _quantity(line.quantity, line.unit),
+        "quantity": "" if kind in AMOUNT_ONLY_KINDS else _quantity(line.quantity, line.unit),
         "unit_price": single.price_text if single is not None and kind in USAGE_LINE_KINDS else "",
         "amount": _money(line.amount_minor, currency), "details": details,
     }
@@ -231,7 +233,7 @@ def _adjustment_view(no: int, line: Line, currency: str) -> dict:
     """A correction line: what was issued, what is due now, and the difference."""
     known = line.old_amount_minor is not None and line.new_amount_minor is not None
     # amounts only, as on the invoice
-    counted = line.adjusts_kind not in ("cap_waiver", "commitment_true_up", "adjustment_charge", "adjustment_credit")
+    counted = line.adjusts_kind not in AMOUNT_ONLY_KINDS
     if known and counted:
         quantity = (f"Quantity {_quantity(line.old_quantity, line.unit)} \u2192 "
                     f"{_quantity(line.new_quantity, line.unit)}")

@@ -32,7 +32,7 @@ import polars as pl
 
 from transforms.collector import cycle_collector_paused
 from transforms.credits.model import Outcome
-from transforms.invoices import SPEND_KINDS, Invoice
+from transforms.invoices import INVOICE_LEVEL_KINDS, USAGE_LINE_KINDS, Invoice
 from transforms.money import to_minor
 from transforms.periods import Period
 from transforms.reference import subscription_plans
@@ -51,6 +51,9 @@ JOURNAL_SCHEMA = {
     "memo": pl.String,
 }
 
+
+USAGE_STREAM_KINDS = USAGE_LINE_KINDS + INVOICE_LEVEL_KINDS
+"""The lines of the `usage` stream: usage and overage, the cap's waiver and the commitment's true-up."""
 
 ADJUSTMENT_STREAMS = {"one_off": "adjustment_charge", "goodwill_credit": "adjustment_credit"}
 """Revenue stream -> the adjustment line kind it is billed by (transforms.adjustments)."""
@@ -125,8 +128,7 @@ def revenue_rows(period: Period, invoices: list[Invoice], outcome: Outcome,
         if g.kind == "grant" and g.price and period.start_at <= g.granted_at < period.end_at:
             allocated[(g.subscription_id, g.currency)] += to_minor(g.price, g.currency)
     for inv in invoices:
-        usage = sum(line.amount_minor for line in inv.lines if line.kind in SPEND_KINDS and line.kind != "fixed_fee"
-                    or line.kind == "commitment_true_up")
+        usage = sum(line.amount_minor for line in inv.lines if line.kind in USAGE_STREAM_KINDS)
         fixed = sum(line.amount_minor for line in inv.lines if line.kind == "fixed_fee")
         backed = sum(line.amount_minor for line in inv.lines if line.kind == "tax_included")
         if backed:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Protocol, Sequence
 
-from transforms.invoices import TAX_LINE_KINDS, Invoice, Line
+from transforms.invoices import INVOICE_LEVEL_KINDS, TAX_LINE_KINDS, Invoice, Line
 from transforms.money import from_minor, to_minor
 
 TAX_KINDS = TAX_LINE_KINDS
@@ -140,7 +140,7 @@ def taxable_lines(invoice: Invoice, inclusive_plans: frozenset[tuple[str, int]],
             continue
         if line.plan is not None:
             key = (line.plan, line.plan_version)
-        elif line.kind in ("cap_waiver", "commitment_true_up"):
+        elif line.kind in INVOICE_LEVEL_KINDS:
             key = last_plan
         else:
             key = None
