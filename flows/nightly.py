@@ -351,14 +351,15 @@ def settle_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[
         _register(con, "tonight_lineage", billed, BILLED_COLUMNS)
         con.execute(sql["billed_tonight"]).fetchall()
         con.register("per_event_meters", pl.DataFrame({"meter": intake.meters}, schema={"meter": pl.String}).to_arrow())
+        con.execute(sql["accepted_tonight"], {"night": day}).fetchall()
         if intake.rebuild:
             con.register("kept_rows_all", _read_accepted(list(intake.kept_files.values())).to_arrow())
             con.execute(sql["rebuilt_kept_ids"]).fetchall()
         else:
             con.register("gone", _read_accepted(list(intake.gone.values())).to_arrow())
             _kept_copies(con, sql, intake.kept_files)
-        con.execute(sql["accepted_tonight"], {"night": day}).fetchall()
         tonight = con.table("tonight").pl()
+        [(new,)] = con.sql(sql["new_tonight"]).fetchall()
         accepted, ids = {}, {}
         by_key = tonight.partition_by("source_key", as_dict=True)
         for o in intake.inputs.usage:
@@ -383,7 +384,6 @@ def settle_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[
         else:
             needed = con.sql(sql["kept_rows_needed"]).pl()
             con.register("kept_rows", _kept_rows(store_uri, intake, needed, work_dir).to_arrow())
-            con.execute(sql["first_copy_moves"]).fetchall()
             con.execute(sql["delta"]).fetchall()
             by_day = _moved_by_day(pl.read_parquet(intake.state_files["by_day"], columns=list(BY_DAY_COLUMNS)),
                                    con.sql(sql["delta_by_day"]).pl())
@@ -399,7 +399,6 @@ def settle_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[
     segments = segments_frame(list(reference.segments))
     usage_by_day = _usage_by_day(by_day, segments)
     per_event = _per_event_usage(events, segments)
-    new = int(tonight["is_new"].sum())
     # billed: the events new tonight; the rest of what settled as billed came in on an earlier night
     counts = {**usage_row_counts(settled, len(unreadable)), "billed": new,
               "duplicates": settled["duplicates"] + settled["billed"] - new}
@@ -431,15 +430,20 @@ def _event_ranges(rows: list[tuple]) -> dict[str, dict]:
                   "undated": bool(undated)} for key, first, last, undated in rows}
 
 
-def _read_accepted(paths: list[Path]) -> pl.DataFrame:
+def _read_accepted(paths: list[Path], event_ids: list[str] | None = None) -> pl.DataFrame:
     """Accepted events of objects as their state files hold them (files from before nights were
-    recorded have no `night`: such a copy ranks before every recorded one)."""
+    recorded have no `night`: such a copy ranks before every recorded one). With `event_ids`,
+    only those events' rows: the event_id column is read first, and the other columns only for
+    the rows it matches (a night needs a few thousand rows of objects that hold 300,000)."""
     frames = []
     for path in paths:
-        frame = pl.read_parquet(path)
-        if "night" not in frame.columns:
-            frame = frame.with_columns(pl.lit(None, dtype=pl.Date).alias("night"))
-        frames.append(frame.select(list(ACCEPTED_COLUMNS)).cast(ACCEPTED_COLUMNS))
+        if event_ids is None:
+            scan = pl.scan_parquet(path)
+        else:
+            scan = pl.scan_parquet(path, parallel="prefiltered").filter(pl.col("event_id").is_in(event_ids))
+        if "night" not in scan.collect_schema():
+            scan = scan.with_columns(pl.lit(None, dtype=pl.Date).alias("night"))
+        frames.append(scan.select(list(ACCEPTED_COLUMNS)).cast(ACCEPTED_COLUMNS).collect())
     return pl.concat(frames) if frames else pl.DataFrame(schema=ACCEPTED_COLUMNS)
 
 
@@ -521,8 +525,7 @@ def _kept_rows(store_uri: str, intake: Intake, needed: pl.DataFrame, work_dir: P
               for (key,), rows in needed.partition_by("source_key", as_dict=True).items()}
     store = open_store(store_uri)
     files = store.fetch([intake.kept[k]["state"] for k in sorted(wanted)], work_dir / "kept-state")
-    frames = [_read_accepted([files[intake.kept[k]["state"]]]).filter(pl.col("event_id").is_in(list(ids)))
-              for k, ids in sorted(wanted.items())]
+    frames = [_read_accepted([files[intake.kept[k]["state"]]], sorted(ids)) for k, ids in sorted(wanted.items())]
     return pl.concat(frames)
 
 

@@ -44,7 +44,8 @@ def test_a_matching_hash_is_checked_on_the_event_id_and_only_matching_objects_ar
     whose stored hash equals e-2's (a collision, forged here): only e-1's copy is kept. Object c
     shares no hash with tonight, so its event_ids are never read (its file has none to read)."""
     con = connection()
-    con.register("billed_tonight", pl.DataFrame({"event_id": ["e-1", "e-2"]}).to_arrow())
+    con.register("tonight", pl.DataFrame({"event_id": ["e-1", "e-2"], "id_hash": [id_hash("e-1"), id_hash("e-2")]},
+                                         schema={"event_id": pl.String, "id_hash": pl.UInt64}).to_arrow())
     con.register("gone", pl.DataFrame(schema={"event_id": pl.String}).to_arrow())
     files = {"a": ids_file(tmp_path / "a.parquet",
                            [("e-1", "a", DAY1, id_hash("e-1")), ("x", "a", DAY1, id_hash("x"))]),

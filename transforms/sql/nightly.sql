@@ -39,14 +39,23 @@ GROUP BY ALL;
 CREATE OR REPLACE TEMP VIEW billed_tonight AS
 SELECT * FROM tonight_lineage WHERE outcome = 'billed';
 
+-- name: accepted_tonight
+-- One row per event of tonight's objects that bills among tonight's rows, with its index hash.
+-- All of them are kept as their object's state: if the first copy's object is later rewritten
+-- without it, this copy becomes the first.
+CREATE OR REPLACE TEMP TABLE tonight AS
+SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, CAST($night AS DATE) AS night,
+       id_hash(event_id) AS id_hash
+FROM billed_tonight
+ORDER BY source_key, source_row;
+
 -- name: probe_ids
--- One row per event_id whose first copy tonight may decide or move: tonight's billed rows and
--- the rows of gone objects.
+-- One row per event_id whose first copy tonight may decide or move: tonight's accepted rows
+-- (`tonight`, hashed once there) and the rows of gone objects.
 CREATE OR REPLACE TEMP TABLE probe AS
-SELECT event_id, id_hash(event_id) AS id_hash
-FROM (SELECT event_id FROM billed_tonight
-      UNION
-      SELECT event_id FROM gone);
+SELECT event_id, id_hash FROM tonight
+UNION
+SELECT event_id, id_hash(event_id) FROM gone;
 
 -- name: objects_to_check
 -- One row per kept object whose index holds the hash of a probed event_id (a true copy, or,
@@ -63,15 +72,9 @@ SELECT event_id, source_key, night
 FROM kept_candidates
 WHERE event_id IN (SELECT event_id FROM probe);
 
--- name: accepted_tonight
--- One row per event of tonight's objects that bills among tonight's rows, flagged `is_new` when
--- no object kept from an earlier night holds it. All of them are kept as their object's state:
--- if the first copy's object is later rewritten without it, this copy becomes the first.
-CREATE OR REPLACE TEMP TABLE tonight AS
-SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, CAST($night AS DATE) AS night,
-       id_hash(event_id) AS id_hash, event_id NOT IN (SELECT event_id FROM kept_ids) AS is_new
-FROM billed_tonight
-ORDER BY source_key, source_row;
+-- name: new_tonight
+-- One row: how many of tonight's accepted events no object kept from an earlier night holds.
+SELECT count(*) FROM tonight WHERE event_id NOT IN (SELECT event_id FROM kept_ids);
 
 -- name: kept_rows_needed
 -- One row per (object kept from an earlier night, event_id) whose full row tonight's ranking
@@ -79,61 +82,56 @@ ORDER BY source_key, source_row;
 -- copies a client resent, and the events of rewritten objects).
 SELECT DISTINCT source_key, event_id FROM kept_ids ORDER BY ALL;
 
--- name: first_copy_moves
--- One row per event_id whose counting copy changes tonight: the copy that counted until now
--- (`before_*`, among kept and gone objects) and the one that counts from tonight (`after_*`,
--- among kept objects and tonight's), each the first by the close's rule (`copy_order`). Only
--- event_ids of tonight's and of gone objects can move.
-CREATE OR REPLACE TEMP TABLE moves AS
-WITH affected AS (
-    SELECT event_id FROM tonight
-    UNION
-    SELECT event_id FROM gone
-),
-copies AS (
-    SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'kept' AS side
-    FROM kept_rows WHERE event_id IN (SELECT event_id FROM affected)
+-- name: delta
+-- One row per event entering (+1) or leaving (-1) the period to date tonight: for each event_id
+-- of tonight's and of gone objects, the copy that counted until now (among kept and gone
+-- objects) and the one that counts from tonight (among kept objects and tonight's), each the
+-- first by the close's rule (`copy_order`), when they are not the same copy. An id-only pass
+-- first finds the event_ids with two copies or more (the copies a client resent, the events of
+-- rewritten objects: few); only those are ranked. Any other copy is its event_id's only one:
+-- tonight's enters, a gone one leaves. `kept_rows` holds kept copies of these event_ids only
+-- (`kept_rows_needed`).
+CREATE OR REPLACE TEMP TABLE delta AS
+WITH copies AS (
+    SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'kept' AS side FROM kept_rows
     UNION ALL
     SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'gone' FROM gone
     UNION ALL
     SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'tonight' FROM tonight
 ),
+contested AS (
+    SELECT event_id FROM copies GROUP BY event_id HAVING count(*) > 1
+),
+rivals AS (
+    SELECT * FROM copies WHERE event_id IN (SELECT event_id FROM contested)
+),
 before_copy AS (
-    SELECT event_id, side, source_key
-    FROM copies
+    SELECT *
+    FROM rivals
     WHERE side <> 'tonight'
     QUALIFY row_number() OVER (PARTITION BY event_id
                                ORDER BY copy_order(event_at, customer_id, meter, quantity, dims, source_key, NULL)) = 1
 ),
 after_copy AS (
-    SELECT event_id, side, source_key
-    FROM copies
+    SELECT *
+    FROM rivals
     WHERE side <> 'gone'
     QUALIFY row_number() OVER (PARTITION BY event_id
                                ORDER BY copy_order(event_at, customer_id, meter, quantity, dims, source_key, NULL)) = 1
 )
-SELECT COALESCE(b.event_id, a.event_id) AS event_id, b.side AS before_side, b.source_key AS before_key,
-       a.side AS after_side, a.source_key AS after_key
+SELECT -1 AS sign, event_id, customer_id, meter, dims, quantity, event_at
 FROM before_copy AS b
-FULL OUTER JOIN after_copy AS a USING (event_id)
-WHERE b.side IS DISTINCT FROM a.side OR b.source_key IS DISTINCT FROM a.source_key;
-
--- name: delta
--- One row per event entering (+1) or leaving (-1) the period to date tonight.
-CREATE OR REPLACE TEMP TABLE delta AS
-SELECT -1 AS sign, r.event_id, r.customer_id, r.meter, r.dims, r.quantity, r.event_at
-FROM moves AS m
-JOIN (SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'gone' AS side FROM gone
-      UNION ALL
-      SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'kept' FROM kept_rows) AS r
-  ON r.event_id = m.event_id AND r.side = m.before_side AND r.source_key = m.before_key
+WHERE NOT EXISTS (SELECT 1 FROM after_copy AS a
+                  WHERE a.event_id = b.event_id AND a.side = b.side AND a.source_key = b.source_key)
 UNION ALL
-SELECT 1, r.event_id, r.customer_id, r.meter, r.dims, r.quantity, r.event_at
-FROM moves AS m
-JOIN (SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'tonight' AS side FROM tonight
-      UNION ALL
-      SELECT event_id, customer_id, meter, dims, quantity, event_at, source_key, 'kept' FROM kept_rows) AS r
-  ON r.event_id = m.event_id AND r.side = m.after_side AND r.source_key = m.after_key;
+SELECT 1, event_id, customer_id, meter, dims, quantity, event_at
+FROM after_copy AS a
+WHERE NOT EXISTS (SELECT 1 FROM before_copy AS b
+                  WHERE b.event_id = a.event_id AND b.side = a.side AND b.source_key = a.source_key)
+UNION ALL
+SELECT CASE side WHEN 'tonight' THEN 1 ELSE -1 END, event_id, customer_id, meter, dims, quantity, event_at
+FROM copies
+WHERE side <> 'kept' AND event_id NOT IN (SELECT event_id FROM contested);
 
 -- name: delta_by_day
 -- One row per customer x meter x dimensions x UTC day that tonight's delta touches: the units and
@@ -166,7 +164,7 @@ SELECT DISTINCT event_id, source_key, night FROM kept_rows_all;
 CREATE OR REPLACE TEMP VIEW all_accepted AS
 SELECT * FROM kept_rows_all
 UNION ALL
-SELECT * EXCLUDE (id_hash, is_new) FROM tonight;
+SELECT * EXCLUDE (id_hash) FROM tonight;
 
 -- name: first_copies
 -- The period so far from every accepted row, one row per event_id (its copy that counts, by the
