@@ -12,11 +12,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from transforms.errors import InputError
-from transforms.invoices import INVOICE_SCHEMA, LINE_SCHEMA, SegmentUsage, invoices_table, lines_table, period_invoices
+from transforms.invoices import (
+    INVOICE_SCHEMA,
+    LINE_SCHEMA,
+    SegmentUsage,
+    invoices_table,
+    lines_table,
+    period_invoices,
+    totals_by_currency,
+)
 from transforms.money import to_minor
 from transforms.periods import Period
 from transforms.plans import PlanFile, parse_plan
-from transforms.reference import Segment, Subscription
+from transforms.reference import Segment, Subscription, segments_by_subscription, subscription_plans
 
 OCT, NOV, FEB = Period(2026, 10), Period(2026, 11), Period(2026, 2)
 
@@ -304,6 +312,38 @@ def test_commitment_counts_spend_after_the_cap_waiver():
     assert amounts(invoice) == [("fixed_fee", 2000), ("usage", 2500), ("cap_waiver", -1500),
                                 ("commitment_true_up", 2000)]
     assert invoice.total_minor == 5000
+
+
+def test_usage_spend_is_the_usage_and_overage_lines_before_the_waiver():
+    """fee 20.00, usage 25.00, overage 6.00, waiver -1.00: usage spend 25.00 + 6.00 = 31.00 (what
+    budgets and the cap measure); commitment spend 20.00 + 31.00 - 1.00 = 50.00 (the waiver
+    counts, the fee too)."""
+    invoice = one_invoice([segment(plan(CAPPED))], usage(("calls", {}, "25", 1), ("images", {}, "16", 1)))
+    assert amounts(invoice) == [("fixed_fee", 2000), ("usage", 2500), ("overage", 600), ("cap_waiver", -100)]
+    assert (invoice.usage_spend_minor, invoice.commitment_spend_minor) == (3100, 5000)
+
+
+def test_totals_by_currency_count_invoices_and_add_their_totals():
+    usd, eur = plan(fee("20.00")), plan(fee("5.00"), currency="EUR", name="q")
+    segs = [segment(usd, sub=subscription("s1", "c1")), segment(eur, sub=subscription("s2", "c2")),
+            segment(usd, sub=subscription("s3", "c3"))]
+    assert totals_by_currency(period_invoices(OCT, segs, {})) == [
+        {"currency": "EUR", "invoices": 1, "total_minor": 500}, {"currency": "USD", "invoices": 2, "total_minor": 4000}]
+
+
+def test_the_plan_view_is_each_subscriptions_last_segment():
+    """A migration on Oct 16 moves s1 from v1 (half_up, USD) to v2 (half_even): its invoice-level
+    lines, rounding and credits follow v2; s2 has one segment."""
+    v1, v2 = plan(rounding="half_up"), plan(rounding="half_even", version=2)
+    eur = plan(currency="EUR", name="q")
+    s1, s2 = subscription("s1", "c1"), subscription("s2", "c2")
+    segs = [segment(v1, end="2026-10-16", sub=s1, no=1), segment(v2, start="2026-10-16", sub=s1, no=2),
+            segment(eur, sub=s2)]
+    plans = subscription_plans(segs)
+    assert plans.plan == {"s1": v2.plan, "s2": eur.plan}
+    assert (plans.rounding, plans.currency) == ({"s1": "half_even", "s2": "half_up"}, {"s1": "USD", "s2": "EUR"})
+    assert plans.plan_version == {"s1": ("p", 2), "s2": ("q", 1)}
+    assert [[s.segment_no for s in ss] for ss in segments_by_subscription(segs).values()] == [[1, 2], [1]]
 
 
 def test_every_lines_unrounded_amount_is_in_major_units():

@@ -13,7 +13,7 @@ import pytest
 from transforms.periods import Period
 from transforms.plans import Catalog, parse_plan
 from transforms.reference import Subscription, segments_in
-from transforms.settle import settled_usage
+from transforms.settle import settled_usage, usage_row_counts
 from transforms.usage import normalized_usage
 
 OCT = Period(2026, 10)
@@ -339,3 +339,11 @@ def test_the_largest_quantity_of_a_percentage_event_is_where_its_fee_reaches_the
                       "plans/p-v1.yaml")
     [charge] = [c for c in plan.plan.charges if c.meter == "payments"]
     assert largest_quantity(charge.price, "USD") == D("8333333333325")
+
+
+def test_an_unreadable_object_counts_as_one_row_read_and_quarantined():
+    """Settled: 10 read = 6 billed + 1 duplicate + 3 quarantined; 2 objects unreadable: 12 read =
+    6 + 1 + 5, the account still adds up."""
+    counts = usage_row_counts({"read": 10, "billed": 6, "duplicates": 1, "quarantined": 3}, 2)
+    assert counts == {"read": 12, "billed": 6, "duplicates": 1, "quarantined": 5}
+    assert counts["read"] == counts["billed"] + counts["duplicates"] + counts["quarantined"]
