@@ -27,7 +27,7 @@ from transforms.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.collector import cycle_collector_paused
 from transforms.credits.events import credit_meters
 from transforms.credits.ledger import balances_table, ledger_table
-from transforms.credits.model import Outcome
+from transforms.credits.model import WalletReplay
 from transforms.credits.reports import credit_report, credit_summaries
 from transforms.invoices import Invoice, invoices_table, lines_table, totals_by_currency
 from transforms.layout import period_prefix
@@ -49,7 +49,7 @@ the same close wrote different bytes on a 2-core and an 8-core machine."""
 
 @task(name="write-outputs", cache_policy=NO_CACHE)
 def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
-                  reference: Reference, inputs: Inputs, catalog: Catalog, outcome: Outcome, period: Period,
+                  reference: Reference, inputs: Inputs, catalog: Catalog, outcome: WalletReplay, period: Period,
                   run_id: str, costs: tuple,
                   plan_entries: list[dict], out_dir: Path, index_entry: dict | None = None) -> tuple[list[str], bytes]:
     """Tables and HTML into `out_dir`; returns the relative names and the manifest's bytes."""
@@ -122,7 +122,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
 
 
 def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
-                  reference: Reference, catalog: Catalog, outcome: Outcome, period: Period,
+                  reference: Reference, catalog: Catalog, outcome: WalletReplay, period: Period,
                   costs: tuple) -> tuple[dict[str, int], dict | None]:
     """The period's tables, each through `write(name, frame)`; returns the quarantined rows per
     reason and the account of adjustment rows (None without the input)."""

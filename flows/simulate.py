@@ -59,7 +59,7 @@ from flows.steps import (
     replay_credits,
 )
 from flows.store import open_store
-from transforms.credits.model import Outcome
+from transforms.credits.model import WalletReplay
 from transforms.errors import InputError
 from transforms.invoices import Invoice
 from transforms.layout import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, period_prefix, simulation_prefix
@@ -117,7 +117,7 @@ class Rerated:
     reference: Reference
     moved: frozenset[str]          # subscription ids moved
     settlement: Settlement
-    outcome: Outcome
+    outcome: WalletReplay
     invoices: list[Invoice]
     inputs: Inputs
 

@@ -37,7 +37,7 @@ from transforms.adjustments import Adjustment, adjustment_rows, billed_by_period
 from transforms.collector import cycle_collector_paused
 from transforms.credits.events import credit_meters
 from transforms.credits.grants import history_grants
-from transforms.credits.model import CreditEvent, Outcome, Purchase
+from transforms.credits.model import CreditEvent, Purchase, WalletReplay
 from transforms.credits.purchases import purchases_from
 from transforms.credits.wallet import replay
 from transforms.engine import rated_invoices
@@ -256,7 +256,7 @@ def credit_events_by_customer(per_event_usage: pl.DataFrame, segments: list[Segm
 
 def replayed_wallets(subs: list[Subscription], catalog: Catalog, purchases: list[Purchase],
                      history: list[CreditEvent], period_events: Iterator[tuple[str, list[CreditEvent]]],
-                     period: Period) -> tuple[Outcome, int]:
+                     period: Period) -> tuple[WalletReplay, int]:
     """`transforms.credits.wallet_history`, fed one customer at a time: each customer's grants,
     earlier events (`history`) and period events (`period_events`, by customer in customer_id
     order) replayed through `period`, customers in order. The same entries in the same order as
@@ -269,7 +269,7 @@ def replayed_wallets(subs: list[Subscription], catalog: Catalog, purchases: list
         earlier[ev.customer_id].append(ev)
     subs_by_id = {s.subscription_id: s for s in subs}
     plan_that_day: dict[tuple[str, object], PlanFile] = {}  # one lookup per subscription and day, not per event
-    outcome, count = Outcome(), 0
+    outcome, count = WalletReplay(), 0
     without_events = ((customer, []) for customer in sorted(set(grants) | set(earlier)))
     every_customer = heapq.merge(without_events, period_events, key=itemgetter(0))
     for customer, lists in groupby(every_customer, key=itemgetter(0)):
@@ -286,7 +286,7 @@ def replayed_wallets(subs: list[Subscription], catalog: Catalog, purchases: list
 
 
 @task(name="replay-credits", cache_policy=NO_CACHE)
-def replay_credits(settlement: Settlement, reference: Reference, catalog: Catalog, period: Period) -> Outcome:
+def replay_credits(settlement: Settlement, reference: Reference, catalog: Catalog, period: Period) -> WalletReplay:
     """Every wallet from its first grant through the period, in event time."""
     started = time.perf_counter()
     with cycle_collector_paused():  # a ledger entry per consumed event, none of them a cycle
@@ -299,7 +299,7 @@ def replay_credits(settlement: Settlement, reference: Reference, catalog: Catalo
 
 
 @task(name="rate-invoices", cache_policy=NO_CACHE)
-def rate_invoices(settlement: Settlement, reference: Reference, outcome: Outcome, period: Period) -> list[Invoice]:
+def rate_invoices(settlement: Settlement, reference: Reference, outcome: WalletReplay, period: Period) -> list[Invoice]:
     """The period's invoices (transforms.engine.rated_invoices: nightly drafts with it too)."""
     started = time.perf_counter()
     invoices = rated_invoices(period, settlement.usage_by_dims, settlement.per_event_usage, outcome, reference)

@@ -13,7 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from flows.store import open_store
-from transforms.credits.model import CreditEvent, Entry, Outcome, Purchase
+from transforms.credits.model import CreditEvent, Entry, Purchase, WalletReplay
 from transforms.plans import Catalog, PlanFile, parse_plan
 from transforms.reference import Subscription
 
@@ -65,7 +65,7 @@ def _text(value: Decimal) -> str:
     return "0" if text == "-0" else text
 
 
-def drawn_by_event(outcome: Outcome) -> dict[str, Decimal]:
+def drawn_by_event(outcome: WalletReplay) -> dict[str, Decimal]:
     """Credits drawn per event_id (positive)."""
     out: dict[str, Decimal] = defaultdict(Decimal)
     for e in outcome.entries:

@@ -14,7 +14,7 @@ from transforms.corrections import Issued, correction_documents
 from transforms.credits.events import credit_meters
 from transforms.credits.grants import history_grants
 from transforms.credits.lines import credit_lines
-from transforms.credits.model import CreditEvent, Outcome
+from transforms.credits.model import CreditEvent, WalletReplay
 from transforms.credits.replay import replayed_wallets
 from transforms.credits.reports import CreditSummary, credit_summaries
 from transforms.invoices import Invoice, SegmentUsage, apply_credits, period_invoices
@@ -87,7 +87,7 @@ def _usage(mini_tokens: int) -> dict[tuple[str, int], SegmentUsage]:
     return {("sub_1", 1): SegmentUsage(rows)}
 
 
-def wallet() -> Outcome:
+def wallet() -> WalletReplay:
     events = [CreditEvent("c1", "sub_1", 1, event_id, at, "images", "{}", quantity)
               for event_id, at, quantity in IMAGES]
     plans = Catalog.from_files([PLAN])

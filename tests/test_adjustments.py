@@ -32,7 +32,7 @@ from transforms.adjustments import (
     period_adjustments,
     with_adjustments,
 )
-from transforms.credits.model import Outcome
+from transforms.credits.model import WalletReplay
 from transforms.invoices import Invoice, Line
 from transforms.periods import Period
 from transforms.reference import Segment, Subscription
@@ -356,7 +356,7 @@ def test_totals_are_lines_no_invoice_goes_negative_and_the_journal_balances(fees
             assert line.amount_minor == int(line.amount.scaleb(2))
         elif line.kind == "adjustment_credit":  # applied in part at most, never more than asked
             assert int(line.amount.scaleb(2)) <= line.amount_minor <= 0
-    revenue = revenue_rows(P, [inv], Outcome(), {})
+    revenue = revenue_rows(P, [inv], WalletReplay(), {})
     j = journal(revenue, tax_rows([inv], PERIOD))
     assert j["debit_minor"].sum() == j["credit_minor"].sum()
     assert revenue["billed_minor"].sum() == inv.total_minor

@@ -32,7 +32,7 @@ from creditutil import at, catalog, drawn_by_event, event, iso, moves, plan, pur
 from transforms.credits.grants import history_grants, plan_grants, purchase_grants
 from transforms.credits.ledger import in_period, ledger_table
 from transforms.credits.lines import credit_lines
-from transforms.credits.model import Entry, Outcome
+from transforms.credits.model import Entry, WalletReplay
 from transforms.credits.replay import replayed_wallets
 from transforms.credits.wallet import replay
 from transforms.invoices import period_invoices
@@ -143,20 +143,20 @@ PROPORTIONAL = plan("""
 UNIT_CATALOG = catalog(WALLET, MJ, ROLL, BY_MODEL, MONEY, PROPORTIONAL)
 
 
-def replay_wallet(grants, events, until: datetime, plan_file=WALLET) -> Outcome:
+def replay_wallet(grants, events, until: datetime, plan_file=WALLET) -> WalletReplay:
     """One customer's wallet (customer `c`) over hand-made grants and events."""
-    outcome = Outcome()
+    outcome = WalletReplay()
     replay("c", events, grants, {e.event_id: plan_file for e in events}, until, outcome)
     return outcome
 
 
-def history(subs, events, period: Period) -> Outcome:
+def history(subs, events, period: Period) -> WalletReplay:
     """What the close of `period` replays: every grant through it, every event before its end."""
     return replayed_wallets(history_grants(subs, UNIT_CATALOG, [], period), subs, UNIT_CATALOG,
                             [e for e in events if e.event_at < period.end_at], period)
 
 
-def expiries(outcome: Outcome) -> list[tuple[str, str, datetime]]:
+def expiries(outcome: WalletReplay) -> list[tuple[str, str, datetime]]:
     return [(e.grant_id, str(-e.credits), e.occurred_at) for e in outcome.entries if e.kind == "expire"]
 
 
@@ -512,7 +512,7 @@ def world(customers):
     return subs, purchases, events
 
 
-def replayed(subs, purchases, events, period: Period) -> Outcome:
+def replayed(subs, purchases, events, period: Period) -> WalletReplay:
     return replayed_wallets(history_grants(subs, H_CATALOG, purchases, period), subs, H_CATALOG,
                             [e for e in events if e.event_at < period.end_at], period)
 
@@ -953,7 +953,7 @@ def test_a_balance_brought_forward_is_the_grants_opening_in_the_balances_table()
     from transforms.credits.reports import credit_summaries
     start = OCT.start_at
     carried = Grant("s1/2026-09/g1", "c1", "s1", "opening", start, None, D(40), D(0), "USD")
-    outcome = Outcome()
+    outcome = WalletReplay()
     outcome.grants[carried.grant_id] = carried
     outcome.entries += [Entry("c1", carried.grant_id, "opening", D(40), D(40), start, None, D(0), "s1"),
                         Entry("c1", carried.grant_id, "consume", D(-15), D(25), start + timedelta(days=3), None,

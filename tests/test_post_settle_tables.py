@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from transforms import revenue
 from transforms.credits.ledger import LEDGER_SCHEMA, in_period, ledger_table, moves_by_grant
-from transforms.credits.model import Entry, Outcome
+from transforms.credits.model import Entry, WalletReplay
 from transforms.invoices import _group_keys
 from transforms.money import decimal_text
 from transforms.periods import Period
@@ -48,7 +48,7 @@ def entries(draw) -> list[Entry]:
 EXAMPLES = 100
 
 
-def ledger_by_rows(outcome: Outcome, period: Period) -> pl.DataFrame:
+def ledger_by_rows(outcome: WalletReplay, period: Period) -> pl.DataFrame:
     """The ledger as it was built: a dict per entry of the period."""
     rows = []
     for entry in (e for e in outcome.entries if in_period(e, period)):
@@ -68,7 +68,7 @@ def before(entry: Entry, period: Period) -> bool:
     return entry.occurred_at < period.start_at
 
 
-def moves_by_rows(outcome: Outcome, period: Period) -> dict:
+def moves_by_rows(outcome: WalletReplay, period: Period) -> dict:
     """moves_by_grant as it was: in_period and before per entry."""
     moves: dict = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])
     for e in outcome.entries:
@@ -92,7 +92,7 @@ def moves_by_rows(outcome: Outcome, period: Period) -> dict:
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(entries())
 def test_ledger_table_equals_rows(entries_):
-    outcome = Outcome(entries=entries_)
+    outcome = WalletReplay(entries=entries_)
     fast, slow = ledger_table(outcome, PERIOD), ledger_by_rows(outcome, PERIOD)
     assert fast.schema == slow.schema
     assert fast.equals(slow, null_equal=True)
@@ -101,7 +101,7 @@ def test_ledger_table_equals_rows(entries_):
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(entries())
 def test_grant_moves_equal_rows(entries_):
-    outcome = Outcome(entries=entries_)
+    outcome = WalletReplay(entries=entries_)
     assert dict(moves_by_grant(outcome, PERIOD)) == dict(moves_by_rows(outcome, PERIOD))
 
 
@@ -115,7 +115,7 @@ def test_until_at_equals_until(entries_):
 
 
 def test_ledger_table_empty():
-    assert ledger_table(Outcome(), PERIOD).equals(ledger_by_rows(Outcome(), PERIOD))
+    assert ledger_table(WalletReplay(), PERIOD).equals(ledger_by_rows(WalletReplay(), PERIOD))
 
 
 PLAN = """plan: grouped

@@ -23,7 +23,7 @@ from flows.backfill import backfill
 from flows.nightly import nightly
 from flows.status import store_status
 from flows.store import open_store
-from transforms.credits.model import Outcome
+from transforms.credits.model import WalletReplay
 from transforms.errors import InputError
 from transforms.invoices import Invoice, Line
 from transforms.periods import Period
@@ -277,7 +277,7 @@ def test_total_is_subtotal_plus_tax_revenue_excludes_tax_and_the_journal_balance
         assert inv.total_minor == sum(line.amount_minor for line in inv.lines)
         if not inclusive:
             assert inv.subtotal_minor == fee + usage
-    revenue = revenue_rows(Period.parse(PERIOD), invoices, Outcome(), {})
+    revenue = revenue_rows(Period.parse(PERIOD), invoices, WalletReplay(), {})
     for currency in ("EUR", "USD"):
         mine = [i for i in invoices if i.currency == currency]
         assert revenue.filter(pl.col("currency") == currency)["billed_minor"].sum() == sum(i.subtotal_minor

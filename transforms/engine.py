@@ -16,7 +16,7 @@ from transforms.adjustments import with_adjustments
 from transforms.collector import cycle_collector_paused
 from transforms.credits.events import credit_meters, per_event_charged
 from transforms.credits.lines import credit_lines
-from transforms.credits.model import Outcome
+from transforms.credits.model import WalletReplay
 from transforms.invoices import Invoice, apply_credits, period_invoices, usage_by_segment
 from transforms.periods import Period
 from transforms.reference import subscription_plans
@@ -24,7 +24,7 @@ from transforms.tax import Party, customer_parties, taxed_invoices
 from transforms.terms import due_on
 
 
-def rated_invoices(period: Period, usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame, outcome: Outcome,
+def rated_invoices(period: Period, usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame, outcome: WalletReplay,
                    reference) -> list[Invoice]:
     """The period's invoices, ready to send: usage by segment x meter x dimensions
     (`usage_by_dims`) and the per-event rows (`per_event_usage`; rows of meters a segment pays

@@ -31,7 +31,7 @@ from decimal import ROUND_HALF_UP, Decimal
 import polars as pl
 
 from transforms.collector import cycle_collector_paused
-from transforms.credits.model import Outcome
+from transforms.credits.model import WalletReplay
 from transforms.invoices import INVOICE_LEVEL_KINDS, USAGE_LINE_KINDS, Invoice
 from transforms.money import to_minor
 from transforms.periods import Period
@@ -63,7 +63,7 @@ class ReconciliationError(RuntimeError):
     """The revenue tables do not add up: a bug, and the close must not publish."""
 
 
-def _credit_amounts(outcome: Outcome, entries: list, proportional: dict[str, Decimal]
+def _credit_amounts(outcome: WalletReplay, entries: list, proportional: dict[str, Decimal]
                     ) -> dict[tuple[str, str], list[Decimal]]:
     """Per (customer, currency): exact [billed, recognized, breakage] of credits over `entries`."""
     out: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO])
@@ -94,7 +94,7 @@ def _credit_amounts(outcome: Outcome, entries: list, proportional: dict[str, Dec
     return out
 
 
-def proportional_rates(outcome: Outcome, plan_of: dict[str, object]) -> dict[str, Decimal]:
+def proportional_rates(outcome: WalletReplay, plan_of: dict[str, object]) -> dict[str, Decimal]:
     """Grant id -> expected breakage rate, for grants whose plan says `breakage: proportional`.
     `plan_of` maps a subscription id to its plan (the credits block decides)."""
     rates = {}
@@ -105,14 +105,14 @@ def proportional_rates(outcome: Outcome, plan_of: dict[str, object]) -> dict[str
     return rates
 
 
-def revenue_table(period: Period, invoices: list[Invoice], outcome: Outcome, segments) -> pl.DataFrame:
+def revenue_table(period: Period, invoices: list[Invoice], outcome: WalletReplay, segments) -> pl.DataFrame:
     """The period's revenue table from its rated invoices and its credits, whose grants under
     `breakage: proportional` expect the rate of the plan their subscription ends the period on."""
     return revenue_rows(period, invoices, outcome, proportional_rates(outcome, subscription_plans(segments).plan))
 
 
 @cycle_collector_paused()  # a dict per row and per customer's credits (see transforms.invoices)
-def revenue_rows(period: Period, invoices: list[Invoice], outcome: Outcome,
+def revenue_rows(period: Period, invoices: list[Invoice], outcome: WalletReplay,
                  proportional: dict[str, Decimal]) -> pl.DataFrame:
     """The period's revenue table. `proportional` maps grant ids under `breakage: proportional`
     to their expected breakage rate."""

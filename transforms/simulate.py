@@ -18,7 +18,7 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 import polars as pl
 
-from transforms.credits.model import Outcome
+from transforms.credits.model import WalletReplay
 from transforms.errors import InputError
 from transforms.guards import closed_period_problem, notice_problem  # noqa: F401 - the migration's date rules
 from transforms.invoices import Invoice, invoices_table, lines_table
@@ -156,7 +156,7 @@ class Outcomes:
     segments: pl.DataFrame    # segment_plans rows (transforms.margins)
 
 
-def rated_outcomes(period: Period, invoices: list[Invoice], outcome: Outcome, segments: tuple[Segment, ...],
+def rated_outcomes(period: Period, invoices: list[Invoice], outcome: WalletReplay, segments: tuple[Segment, ...],
                    usage: pl.DataFrame, costs: Costs) -> Outcomes:
     """A re-rated model's results: the invoices it would issue, and the revenue and margins the
     close would write for them. `usage` is the billed units the margins cost (by day, or for the

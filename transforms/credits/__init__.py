@@ -2,7 +2,7 @@
 
 One module per idea; import names from the module that holds them:
 
-- `model`: purchases, credit events, grants, ledger entries and a replay's `Outcome`.
+- `model`: purchases, credit events, grants, ledger entries and what a replay gives back (`WalletReplay`).
 - `grants`: the grant schedule (plan grants, purchased packs, expiry, the price booked).
 - `wallet`: the engine: one customer's wallet, its draw order, top-ups, alerts and grace.
 - `replay`: every customer's wallet through a period (`replayed_wallets`).

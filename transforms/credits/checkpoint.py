@@ -19,7 +19,7 @@ import polars as pl
 
 from transforms.credits.events import credit_meters_frame, period_credit_events
 from transforms.credits.ledger import in_period
-from transforms.credits.model import CreditEvent, Entry, Grant, Outcome
+from transforms.credits.model import CreditEvent, Entry, Grant, WalletReplay
 from transforms.credits.replay import by_customer, plan_in_force
 from transforms.credits.wallet import Wallet
 from transforms.periods import Period, utc_midnight
@@ -67,7 +67,7 @@ def credit_events_since(per_event_usage: pl.DataFrame, segments: list,
 
 def wallets_resumed(grants: list[Grant], subs: list[Subscription], catalog: Catalog, events: list[CreditEvent],
                     period: Period, checkpoint: dict | None, since: dict[str, date | None]
-                    ) -> tuple[Outcome, dict]:
+                    ) -> tuple[WalletReplay, dict]:
     """Every customer's wallet through `period`, as `replay.replayed_wallets` gives it (with consumption
     entries summed per grant), and tonight's checkpoint. Customers in `since` continue from
     `checkpoint` with `events` (only their events after it); the others replay `grants` and
@@ -75,10 +75,10 @@ def wallets_resumed(grants: list[Grant], subs: list[Subscription], catalog: Cata
     grants_of, events_of = by_customer(grants), by_customer(events)
     plan_of = plan_in_force(subs, catalog)
     plans_of = {ev.event_id: plan_of(ev) for ev in events}
-    outcome = Outcome()
+    outcome = WalletReplay()
     states = {}
     for customer in sorted(set(grants_of) | set(events_of) | set(since)):
-        part = Outcome()
+        part = WalletReplay()
         if customer in since:
             wallet, last = _wallet_restored(customer, checkpoint["customers"][customer], part)
         else:
@@ -162,7 +162,7 @@ def _wallet_saved(w: Wallet, last: tuple[datetime, str] | None) -> dict:
     }
 
 
-def _wallet_restored(customer_id: str, state: dict, out: Outcome) -> tuple[Wallet, tuple[datetime, str] | None]:
+def _wallet_restored(customer_id: str, state: dict, out: WalletReplay) -> tuple[Wallet, tuple[datetime, str] | None]:
     w = Wallet(customer_id, [], out)
     for row in state["grants"]:
         g = _grant_restored(row)

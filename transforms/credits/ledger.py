@@ -12,7 +12,7 @@ from decimal import Decimal
 import polars as pl
 
 from transforms.collector import cycle_collector_paused
-from transforms.credits.model import ZERO, Entry, Outcome
+from transforms.credits.model import ZERO, Entry, WalletReplay
 from transforms.money import decimal_text
 from transforms.periods import Period
 
@@ -39,7 +39,7 @@ LEDGER_SCHEMA = {
 
 
 @cycle_collector_paused()  # a ledger entry per consumed event: see transforms.collector
-def ledger_table(outcome: Outcome, period: Period) -> pl.DataFrame:
+def ledger_table(outcome: WalletReplay, period: Period) -> pl.DataFrame:
     """One row per wallet movement in `period`, in replay order (customer, then time), numbered
     L-2026-10-00000001...
 
@@ -79,7 +79,7 @@ BALANCES_SCHEMA = {
 }
 
 
-def moves_by_grant(outcome: Outcome, period: Period) -> dict[str, list[Decimal]]:
+def moves_by_grant(outcome: WalletReplay, period: Period) -> dict[str, list[Decimal]]:
     """Per grant: [opening, granted, used, expired, rolled over] credits in `period`. A balance
     brought forward (`opening` entries of a run started from a close) is the grant's opening."""
     moves: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])
@@ -105,7 +105,7 @@ def moves_by_grant(outcome: Outcome, period: Period) -> dict[str, list[Decimal]]
 
 
 @cycle_collector_paused()  # see transforms.collector
-def balances_table(outcome: Outcome, period: Period) -> pl.DataFrame:
+def balances_table(outcome: WalletReplay, period: Period) -> pl.DataFrame:
     """One row per grant alive at some point in `period`: opening + granted - consumed - expired
     - rolled over = closing. The closing balances of one period are the opening of the next."""
     moves = moves_by_grant(outcome, period)

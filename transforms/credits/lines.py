@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from transforms.credits.model import Outcome, Purchase
+from transforms.credits.model import Purchase, WalletReplay
 from transforms.errors import InputError
 from transforms.invoices import Line
 from transforms.money import to_minor
@@ -13,7 +13,7 @@ from transforms.pricing.base import fmt_units
 from transforms.reference import Subscription
 
 
-def credit_lines(period: Period, outcome: Outcome, purchases: list[Purchase], subs: list[Subscription],
+def credit_lines(period: Period, outcome: WalletReplay, purchases: list[Purchase], subs: list[Subscription],
                  currency_of: dict[str, str], rounding_of: dict[str, str]) -> dict[str, list[Line]]:
     """Invoice lines for credits bought in `period`: auto top-ups on the subscription that
     bought them, and purchases on the invoice of the customer's subscription active at

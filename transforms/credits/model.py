@@ -1,5 +1,5 @@
 """The credit wallet's data: what goes in (purchases, credit events, grants) and what a replay
-gives back (ledger entries and the `Outcome` that billing, revenue and alerts read).
+gives back (`WalletReplay`: its ledger entries and what billing, revenue and alerts read).
 
 A grant is usable on [granted_at, expires_at); every movement is a ledger entry with the
 customer's total balance after it, and credits are conserved: granted = consumed + expired +
@@ -77,8 +77,9 @@ class Entry:
 
 
 @dataclass
-class Outcome:
-    """What the replay means for billing, revenue and alerts."""
+class WalletReplay:
+    """What a wallet replay gives back: its ledger entries, and what they mean for billing,
+    revenue and alerts."""
 
     entries: list[Entry] = field(default_factory=list)
     # per (subscription_id, segment_no, meter, dims): units left for the charges (uncovered, or

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from itertools import groupby
 from operator import itemgetter
 
-from transforms.credits.model import CreditEvent, Grant, Outcome
+from transforms.credits.model import CreditEvent, Grant, WalletReplay
 from transforms.credits.wallet import replay
 from transforms.periods import Period
 from transforms.plans import Catalog, PlanFile
@@ -21,14 +21,14 @@ from transforms.reference import Subscription, plan_on
 
 
 def replayed_wallets(grants: list[Grant], subs: list[Subscription], catalog: Catalog, events: list[CreditEvent],
-                     period: Period, events_by_customer: Iterable[tuple[str, list[CreditEvent]]] = ()) -> Outcome:
+                     period: Period, events_by_customer: Iterable[tuple[str, list[CreditEvent]]] = ()) -> WalletReplay:
     """Every customer's wallet, started from its `grants` and fed its credit events in event time,
     through the end of `period`; customers in customer_id order. The events are `events` (a
     list, in any order) and `events_by_customer`: (customer_id, events) pairs in customer_id
     order, read one customer at a time."""
     grants_of, listed = by_customer(grants), by_customer(events)
     plan_of = plan_in_force(subs, catalog)
-    outcome = Outcome()
+    outcome = WalletReplay()
     without_streamed = ((customer, []) for customer in sorted(set(grants_of) | set(listed)))
     every_customer = heapq.merge(without_streamed, events_by_customer, key=itemgetter(0))
     for customer, parts in groupby(every_customer, key=itemgetter(0)):

@@ -9,12 +9,12 @@ from datetime import datetime
 from decimal import Decimal
 
 from transforms.credits.ledger import in_period, moves_by_grant
-from transforms.credits.model import ZERO, Outcome
+from transforms.credits.model import ZERO, WalletReplay
 from transforms.money import decimal_text, to_minor
 from transforms.periods import Period
 
 
-def credit_report(outcome: Outcome, period: Period, plan_of_sub: dict) -> list[dict]:
+def credit_report(outcome: WalletReplay, period: Period, plan_of_sub: dict) -> list[dict]:
     """Per plan (or `purchases`): credits granted, consumed, expired in `period`, and the cost of
     what expired (breakage at expiry), so pricing can see whether allocations fit customers' use."""
     totals: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO])
@@ -79,7 +79,7 @@ class CreditSummary:
                             ZERO), currency, rounding)
 
 
-def credit_summaries(outcome: Outcome, period: Period) -> dict[str, CreditSummary]:
+def credit_summaries(outcome: WalletReplay, period: Period) -> dict[str, CreditSummary]:
     """Per customer with credits moving or held in `period`: each grant's opening, granted, used,
     expired, rolled over and closing credits. The same movements as `balances_table`, grouped for
     the invoice; a balance brought forward (`opening` entries of a run started from a close) is

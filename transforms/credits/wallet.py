@@ -14,7 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from transforms.credits.grants import booked_price, expiry
-from transforms.credits.model import ZERO, CreditEvent, Entry, Grant, Outcome
+from transforms.credits.model import ZERO, CreditEvent, Entry, Grant, WalletReplay
 from transforms.dims import parsed_dims
 from transforms.money import decimal_text
 from transforms.periods import Period
@@ -46,9 +46,9 @@ def _draw_order(g: Grant) -> tuple:
 class Wallet:
     """One customer's wallet while it replays: grants pending and active, the balance, and what
     was fired or bought per period (alerts once a period, top-ups up to the plan's cap). Every
-    movement is appended to `out` (an Outcome shared by the customers of one replay)."""
+    movement is appended to `out` (an WalletReplay shared by the customers of one replay)."""
 
-    def __init__(self, customer_id: str, grants: list[Grant], outcome: Outcome):
+    def __init__(self, customer_id: str, grants: list[Grant], outcome: WalletReplay):
         self.customer_id = customer_id
         self.pending = sorted(grants, key=lambda g: (g.granted_at, g.grant_id))
         self.active: list[Grant] = []
@@ -196,7 +196,7 @@ class Wallet:
 
 
 def replay(customer_id: str, events: list[CreditEvent], grants: list[Grant], plans_of: dict[str, PlanFile],
-           until: datetime, outcome: Outcome) -> None:
+           until: datetime, outcome: WalletReplay) -> None:
     """Replay one customer's wallet up to `until` (expiries at `until` included), its movements
     appended to `outcome`. `plans_of` maps event_id to the plan version in force for that event."""
     wallet = Wallet(customer_id, grants, outcome)
