@@ -10,18 +10,13 @@ and never retried.
 from __future__ import annotations
 
 import hashlib
-import heapq
 import io
 import shutil
 import tempfile
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field
-from itertools import groupby
-from operator import itemgetter
 from pathlib import Path
-from typing import Iterator
 
 import polars as pl
 import yaml
@@ -35,11 +30,11 @@ from flows.retries import IO_RETRIES
 from flows.store import open_store, store_identity
 from transforms.adjustments import Adjustment, adjustment_rows, billed_by_periods, checked_rows, period_adjustments
 from transforms.collector import cycle_collector_paused
-from transforms.credits.events import credit_meters
+from transforms.credits.events import credit_events_by_customer
 from transforms.credits.grants import history_grants
-from transforms.credits.model import CreditEvent, Purchase, WalletReplay
+from transforms.credits.model import Purchase, WalletReplay
 from transforms.credits.purchases import purchases_from
-from transforms.credits.wallet import replay
+from transforms.credits.replay import replayed_wallets
 from transforms.engine import rated_invoices
 from transforms.errors import InputError
 from transforms.invoices import Invoice
@@ -56,8 +51,8 @@ from transforms.layout import (
     period_prefix,
 )
 from transforms.periods import Period
-from transforms.plans import Catalog, PlanFile
-from transforms.reference import Segment, Subscription, checked_customers, checked_subscriptions, plan_on, segments_in
+from transforms.plans import Catalog
+from transforms.reference import Segment, Subscription, checked_customers, checked_subscriptions, segments_in
 from transforms.settle import Settlement
 from transforms.tax.rules import RulesProvider, load_rules
 from transforms.terms import seller_block as terms_seller_block
@@ -235,66 +230,18 @@ def seller_block(inputs: Inputs) -> dict:
     return terms_seller_block(loaded, inputs.seller.key)
 
 
-CREDIT_EVENT_COLUMNS = ("customer_id", "subscription_id", "segment_no", "event_id", "event_at", "meter", "dims",
-                        "quantity")
-"""The per-event usage columns a CreditEvent is made of, in the order of its fields."""
-
-
-def credit_events_by_customer(per_event_usage: pl.DataFrame, segments: list[Segment]
-                              ) -> Iterator[tuple[str, list[CreditEvent]]]:
-    """Per customer (in customer_id order), the period's billed events that their segment's plan
-    pays with credits: the events of one customer at a time, never a list of millions."""
-    keys = pl.DataFrame(sorted(credit_meters(segments)), orient="row",
-                        schema={"subscription_id": pl.String, "segment_no": pl.Int64, "meter": pl.String})
-    keys = keys.cast({c: per_event_usage.schema[c] for c in keys.columns})
-    rows = (per_event_usage.join(keys, on=list(keys.columns), how="semi", maintain_order="left")
-            .select(pl.col("customer_id").cast(pl.String), *CREDIT_EVENT_COLUMNS[1:])
-            .sort("customer_id", maintain_order=True))  # within a customer, settlement order
-    for customer_id, group in groupby(rows.iter_rows(), key=itemgetter(0)):
-        yield customer_id, [CreditEvent(*row) for row in group]
-
-
-def replayed_wallets(subs: list[Subscription], catalog: Catalog, purchases: list[Purchase],
-                     history: list[CreditEvent], period_events: Iterator[tuple[str, list[CreditEvent]]],
-                     period: Period) -> tuple[WalletReplay, int]:
-    """`transforms.credits.wallet_history`, fed one customer at a time: each customer's grants,
-    earlier events (`history`) and period events (`period_events`, by customer in customer_id
-    order) replayed through `period`, customers in order. The same entries in the same order as
-    `wallet_history` of all events at once; returns the outcome and the number of events."""
-    grants: dict[str, list] = defaultdict(list)
-    for g in history_grants(subs, catalog, purchases, period):
-        grants[g.customer_id].append(g)
-    earlier: dict[str, list[CreditEvent]] = defaultdict(list)
-    for ev in history:
-        earlier[ev.customer_id].append(ev)
-    subs_by_id = {s.subscription_id: s for s in subs}
-    plan_that_day: dict[tuple[str, object], PlanFile] = {}  # one lookup per subscription and day, not per event
-    outcome, count = WalletReplay(), 0
-    without_events = ((customer, []) for customer in sorted(set(grants) | set(earlier)))
-    every_customer = heapq.merge(without_events, period_events, key=itemgetter(0))
-    for customer, lists in groupby(every_customer, key=itemgetter(0)):
-        events = earlier.pop(customer, []) + [ev for _, period_list in lists for ev in period_list]
-        plans_of = {}
-        for ev in events:
-            key = (ev.subscription_id, ev.event_at.date())
-            if key not in plan_that_day:
-                plan_that_day[key] = plan_on(subs_by_id[ev.subscription_id], catalog, key[1])
-            plans_of[ev.event_id] = plan_that_day[key]
-        replay(customer, events, grants.pop(customer, []), plans_of, period.end_at, outcome)
-        count += len(events)
-    return outcome, count
-
-
 @task(name="replay-credits", cache_policy=NO_CACHE)
 def replay_credits(settlement: Settlement, reference: Reference, catalog: Catalog, period: Period) -> WalletReplay:
     """Every wallet from its first grant through the period, in event time."""
     started = time.perf_counter()
+    subs = list(reference.subscriptions)
     with cycle_collector_paused():  # a ledger entry per consumed event, none of them a cycle
-        outcome, events = replayed_wallets(
-            list(reference.subscriptions), catalog, list(reference.purchases), settlement.credit_history,
-            credit_events_by_customer(settlement.per_event_usage, list(reference.segments)), period)
-    get_run_logger().info("replay-credits: %d credit events, %d ledger entries in %.2fs", events,
-                          len(outcome.entries), time.perf_counter() - started)
+        outcome = replayed_wallets(
+            history_grants(subs, catalog, list(reference.purchases), period), subs, catalog,
+            settlement.credit_history, period,
+            credit_events_by_customer(settlement.per_event_usage, list(reference.segments)))
+    get_run_logger().info("replay-credits: %d ledger entries in %.2fs", len(outcome.entries),
+                          time.perf_counter() - started)
     return outcome
 
 

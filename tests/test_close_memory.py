@@ -1,8 +1,8 @@
 """The close's large-volume shapes give the results of the simple ones (issue #7).
 
-- The wallet replay fed one customer at a time from the per-event frame (the close's
-  `replayed_wallets`) equals `transforms.credits.replay.replayed_wallets` of every credit event
-  at once: same ledger, same billable units, same alerts.
+- The wallet replay fed one customer at a time from the per-event frame (as the close feeds
+  it) equals the replay of every credit event at once: same ledger, same billable units, same
+  alerts.
 - The settlement splits into the replay's rows (credit meters) and the rest, each row once.
 """
 from __future__ import annotations
@@ -15,9 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from creditutil import at, event, purchase, subscription
-from flows import steps
-from flows.steps import credit_events_by_customer
-from transforms.credits.events import credit_meters, period_credit_events
+from transforms.credits.events import credit_events_by_customer, credit_meters, period_credit_events
 from transforms.credits.grants import history_grants
 from transforms.credits.replay import replayed_wallets
 from transforms.periods import Period
@@ -80,8 +78,8 @@ def test_wallets_fed_per_customer_equal_the_replay_of_every_event_at_once():
         frame = per_event_frame(period_rows)
         expected = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog,
                                     history + period_credit_events(frame, segments), OCT)
-        outcome, count = steps.replayed_wallets(subs, catalog, purchases, history,
-                                                credit_events_by_customer(frame, segments), OCT)
+        outcome = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog, history, OCT,
+                                   credit_events_by_customer(frame, segments))
         assert outcome.entries == expected.entries
         assert outcome.entries, "the scenario replays some wallet"
         assert dict(outcome.billable_units) == dict(expected.billable_units)
@@ -89,12 +87,6 @@ def test_wallets_fed_per_customer_equal_the_replay_of_every_event_at_once():
         assert dict(outcome.blocked_units) == dict(expected.blocked_units)
         assert outcome.alerts == expected.alerts
         assert outcome.grants == expected.grants
-        assert count == len(history) + len(period_credit_events(frame, segments))
-        streamed = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog, history, OCT,
-                                    credit_events_by_customer(frame, segments))
-        assert (streamed.entries, streamed.alerts, streamed.grants) == (expected.entries, expected.alerts,
-                                                                        expected.grants)
-        assert dict(streamed.billable_by_day) == dict(expected.billable_by_day)
 
 
 def test_the_settlement_splits_into_the_replays_rows_and_the_rest_each_row_once():

@@ -1,6 +1,11 @@
 """Which settled usage the wallets consume: the segment x meters whose plan pays with credits,
-their billed events as CreditEvents, and the per-event rows left for the charges."""
+their billed events as CreditEvents (a list, or one customer at a time), and the per-event rows
+left for the charges."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import groupby
+from operator import itemgetter
 
 import polars as pl
 
@@ -15,6 +20,25 @@ def period_credit_events(per_event_usage: pl.DataFrame, segments: list) -> list[
                 "subscription_id", "segment_no", "meter", "dims", "quantity", "customer_id", "event_id",
                 "event_at").iter_rows()
             if plan_of[(sub, seg)].consumes(meter)]
+
+
+CREDIT_EVENT_COLUMNS = ("customer_id", "subscription_id", "segment_no", "event_id", "event_at", "meter", "dims",
+                        "quantity")
+"""The per-event usage columns a CreditEvent is made of, in the order of its fields."""
+
+
+def credit_events_by_customer(per_event_usage: pl.DataFrame, segments: list
+                              ) -> Iterator[tuple[str, list[CreditEvent]]]:
+    """Per customer (in customer_id order), the period's billed events that their segment's plan
+    pays with credits: the events of one customer at a time, never a list of millions."""
+    keys = pl.DataFrame(sorted(credit_meters(segments)), orient="row",
+                        schema={"subscription_id": pl.String, "segment_no": pl.Int64, "meter": pl.String})
+    keys = keys.cast({c: per_event_usage.schema[c] for c in keys.columns})
+    rows = (per_event_usage.join(keys, on=list(keys.columns), how="semi", maintain_order="left")
+            .select(pl.col("customer_id").cast(pl.String), *CREDIT_EVENT_COLUMNS[1:])
+            .sort("customer_id", maintain_order=True))  # within a customer, settlement order
+    for customer_id, group in groupby(rows.iter_rows(), key=itemgetter(0)):
+        yield customer_id, [CreditEvent(*row) for row in group]
 
 
 def credit_meters(segments: list) -> set[tuple[str, int, str]]:
