@@ -21,7 +21,7 @@ from flows.engine import PeriodUsage, period_usage
 from flows.gitplans import catalog_at, revision
 from flows.report import closed_periods, fetch_costs
 from flows.steps import (
-    Reference,
+    CheckedReference,
     adjustments_billed_elsewhere,
     check_reference,
     fetch_inputs,
@@ -74,7 +74,7 @@ def _sided(which: str, step, *args):
         raise type(exc)(f"with the {which} plans: {exc}") from None
 
 
-def rerated_outcomes(store: str, usage: PeriodUsage, reference: Reference, catalog: Catalog, which: str,
+def rerated_outcomes(store: str, usage: PeriodUsage, reference: CheckedReference, catalog: Catalog, which: str,
                      period: Period, costs: Costs) -> Outcomes:
     """The period re-rated with `catalog` by the close's steps, as the close would bill it (and
     as `simulate` re-rates), with the revenue and margins the close would write."""

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.documents_out import write_invoice_documents
 from flows.shards import Normalized, local_workers
 from flows.statement import billed_events_table
-from flows.steps import Inputs, Reference, catalog_entries, file_sha256
+from flows.steps import CheckedReference, Inputs, catalog_entries, file_sha256
 from transforms.adjustments import adjustment_counts, billed_table
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.collector import cycle_collector_paused
@@ -49,7 +49,7 @@ the same close wrote different bytes on a 2-core and an 8-core machine."""
 
 @task(name="write-outputs", cache_policy=NO_CACHE)
 def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
-                  reference: Reference, inputs: Inputs, catalog: Catalog, outcome: WalletReplay, period: Period,
+                  reference: CheckedReference, inputs: Inputs, catalog: Catalog, outcome: WalletReplay, period: Period,
                   run_id: str, costs: tuple,
                   plan_entries: list[dict], out_dir: Path, index_entry: dict | None = None) -> tuple[list[str], bytes]:
     """Tables and HTML into `out_dir`; returns the relative names and the manifest's bytes."""
@@ -122,7 +122,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
 
 
 def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
-                  reference: Reference, catalog: Catalog, outcome: WalletReplay, period: Period,
+                  reference: CheckedReference, catalog: Catalog, outcome: WalletReplay, period: Period,
                   costs: tuple) -> tuple[dict[str, int], dict | None]:
     """The period's tables, each through `write(name, frame)`; returns the quarantined rows per
     reason and the account of adjustment rows (None without the input)."""

@@ -49,8 +49,8 @@ from flows.report import (
     simulation_html,
 )
 from flows.steps import (
+    CheckedReference,
     Inputs,
-    Reference,
     check_reference,
     fetch_inputs,
     plan_entries_for,
@@ -114,7 +114,7 @@ def simulation_catalog(plans: str, candidates: str | None) -> Catalog:
 class Rerated:
     """The close's steps run on the candidate subscriptions."""
 
-    reference: Reference
+    reference: CheckedReference
     moved: frozenset[str]          # subscription ids moved
     settlement: Settlement
     outcome: WalletReplay
@@ -145,8 +145,8 @@ def simulation_id(period: Period, moves: tuple[Move, ...], customers: frozenset[
 
 
 @task(name="move-subscriptions", cache_policy=NO_CACHE)
-def candidate_reference(reference: Reference, moves: tuple[Move, ...], catalog: Catalog, period: Period,
-                        customers: frozenset[str] | None) -> tuple[Reference, frozenset[str]]:
+def candidate_reference(reference: CheckedReference, moves: tuple[Move, ...], catalog: Catalog, period: Period,
+                        customers: frozenset[str] | None) -> tuple[CheckedReference, frozenset[str]]:
     """The close's reference data with the subscriptions moved, and the ids of those moved."""
     subs, moved = moved_subscriptions(reference.subscriptions, moves, catalog, period, customers)
     return replace(reference, subscriptions=subs, segments=tuple(segments_in(period, list(subs), catalog))), moved
@@ -154,7 +154,7 @@ def candidate_reference(reference: Reference, moves: tuple[Move, ...], catalog: 
 
 @task(name="compare-models", cache_policy=NO_CACHE)
 def compare_models(store: str, period: Period, moves: tuple[Move, ...], customers: frozenset[str] | None,
-                   shock: Decimal, original: Reference, rerated: Rerated, closed: ClosedPeriod, costs: Costs,
+                   shock: Decimal, original: CheckedReference, rerated: Rerated, closed: ClosedPeriod, costs: Costs,
                    costs_source: dict | None, history: dict[str, pl.DataFrame]) -> Simulation:
     """Both models side by side: per customer, per currency, and what the charts draw."""
     current = closed_outcomes(closed, original.segments, costs)
@@ -268,8 +268,8 @@ def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: st
     return result
 
 
-def _check_moves(reference: Reference, moved: frozenset[str], moves: tuple[Move, ...], period: Period,
-                 wanted: frozenset[str] | None, original: Reference, require_moves: bool) -> None:
+def _check_moves(reference: CheckedReference, moved: frozenset[str], moves: tuple[Move, ...], period: Period,
+                 wanted: frozenset[str] | None, original: CheckedReference, require_moves: bool) -> None:
     """Refuse a simulation that moves nobody or names customers it cannot move (a typo)."""
     known = set(original.customers["customer_id"].to_list())
     unknown = sorted((wanted or frozenset()) - known)

@@ -92,7 +92,10 @@ class Inputs:
 
 
 @dataclass(frozen=True)
-class Reference:
+class CheckedReference:
+    """The period's reference data, checked: customers, subscriptions and their segments, credit
+    purchases, the seller, the tax rules and the adjustments (every input of the period but usage)."""
+
     customers: pl.DataFrame
     subscriptions: tuple[Subscription, ...]
     segments: tuple[Segment, ...]
@@ -159,7 +162,7 @@ def fetch_inputs(store_uri: str, cache_dir: Path) -> Inputs:
 
 @task(name="check-reference", cache_policy=NO_CACHE)
 def check_reference(inputs: Inputs, catalog: Catalog, period: Period,
-                    adjustments_billed: dict[str, str] | None = None) -> Reference:
+                    adjustments_billed: dict[str, str] | None = None) -> CheckedReference:
     """Customers and subscriptions checked; the period's subscription segments and adjustments
     (`adjustments_billed`: adjustment id -> the other period whose documents bill it)."""
     customers = checked_customers(read_table(inputs.customers.path, inputs.customers.key), inputs.customers.key)
@@ -177,8 +180,8 @@ def check_reference(inputs: Inputs, catalog: Catalog, period: Period,
     get_run_logger().info("check-reference: %d customers, %d subscriptions, %d segments, %d credit purchases, "
                           "%d adjustments in %s", customers.height, len(subs), len(segments), len(purchases),
                           len(adjustments), period)
-    return Reference(customers, tuple(subs), tuple(segments), tuple(purchases), seller_block(inputs), tax,
-                     tuple(adjustments), table)
+    return CheckedReference(customers, tuple(subs), tuple(segments), tuple(purchases), seller_block(inputs),
+                            tax, tuple(adjustments), table)
 
 
 @task(name="adjustments-billed", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -231,7 +234,8 @@ def seller_block(inputs: Inputs) -> dict:
 
 
 @task(name="replay-credits", cache_policy=NO_CACHE)
-def replay_credits(settlement: Settlement, reference: Reference, catalog: Catalog, period: Period) -> WalletReplay:
+def replay_credits(settlement: Settlement, reference: CheckedReference, catalog: Catalog,
+                   period: Period) -> WalletReplay:
     """Every wallet from its first grant through the period, in event time."""
     started = time.perf_counter()
     subs = list(reference.subscriptions)
@@ -246,7 +250,8 @@ def replay_credits(settlement: Settlement, reference: Reference, catalog: Catalo
 
 
 @task(name="rate-invoices", cache_policy=NO_CACHE)
-def rate_invoices(settlement: Settlement, reference: Reference, outcome: WalletReplay, period: Period) -> list[Invoice]:
+def rate_invoices(settlement: Settlement, reference: CheckedReference, outcome: WalletReplay,
+                  period: Period) -> list[Invoice]:
     """The period's invoices (transforms.engine.rated_invoices: nightly drafts with it too)."""
     started = time.perf_counter()
     invoices = rated_invoices(period, settlement.usage_by_dims, settlement.per_event_usage, outcome, reference)

@@ -3,7 +3,7 @@ wallets into the invoices a close issues. The close rates its period with it, an
 the period so far with it (a draft is what the close would issue if the period ended tonight),
 backfill and simulate through the close's steps; none keeps rating of its own.
 
-Pure: no IO, no clock. `reference` is the period's checked reference data (`flows.steps.Reference`:
+Pure: no IO, no clock. `reference` is the period's checked reference data (`flows.steps.CheckedReference`:
 customers, subscriptions, segments, purchases, adjustments, seller block, tax rules).
 """
 from __future__ import annotations
