@@ -27,7 +27,7 @@ from prefect.utilities.annotations import quote
 from flows import tables as lakehouse
 from flows.billed_index import committed_index, correction_index, record_billed
 from flows.engine import period_usage
-from flows.locks import Fence, Fenced, Hold, fault_point, period_lock, warn
+from flows.locks import Fence, Fenced, Hold, period_lock, warn
 from flows.outputs import PARQUET
 from flows.publish import closed_manifest, quietly, read_if_exists
 from flows.retries import IO_RETRIES
@@ -45,6 +45,7 @@ from flows.steps import (
     work_dir_for,
 )
 from flows.store import StoreError, open_store
+from flows.testing_seam import fault_point
 from transforms.corrections import (
     correction_documents,
     issued_lines,

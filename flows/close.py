@@ -23,7 +23,7 @@ from prefect.utilities.annotations import quote
 
 from flows import tables as lakehouse
 from flows.billed_index import committed_index, index_billed, record_billed
-from flows.locks import Hold, fault_point, period_lock, tidy_closed
+from flows.locks import Hold, period_lock, tidy_closed
 from flows.outputs import write_outputs
 from flows.preflight import close_summary
 from flows.publish import closed_manifest, output_folder, publish
@@ -42,6 +42,7 @@ from flows.steps import (
     work_dir_for,
 )
 from flows.store import open_store
+from flows.testing_seam import fault_point
 from transforms.credits.events import credit_meters
 from transforms.errors import InputError
 from transforms.guards import close_too_early, close_without_usage, rows_in_period
@@ -66,11 +67,6 @@ class CloseResult:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-FAULT_POINTS = ("locked", "fetched", "checked", "normalized", "settled", "rated", "written", "staged",
-                "copied-first", "copied-all", "manifest-written")
-"""Where the resume tests kill a close (see flows.locks.fault_point)."""
 
 
 @flow(name="close-period", log_prints=False)

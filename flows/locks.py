@@ -1,5 +1,4 @@
-"""One run at a time per period, a fence that keeps a run which lost its lock out of the period,
-and the test hooks that kill or pause a run where it stands.
+"""One run at a time per period, and a fence that keeps a run which lost its lock out of the period.
 
 **Lock.** `billing/_state/locks/period=P.lock`, created with create-if-absent (S3
 `If-None-Match: *`, a hard link on a folder), so two runs cannot both hold it. Its body names the
@@ -25,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -36,6 +34,7 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 from flows.store import Store, StoreError
+from flows.testing_seam import pause_point
 from transforms.errors import BillrunError
 from transforms.layout import (
     claim_key,
@@ -47,9 +46,6 @@ from transforms.layout import (
     run_folder_of,
 )
 from transforms.periods import Period
-
-FAULT_ENV = "BILLRUN_FAULT_AT"
-PAUSE_ENV = "BILLRUN_PAUSE_AT"
 
 FENCE_SECONDS = 2.0
 """How long a fence check is trusted: no write is started later than this after the last check
@@ -367,22 +363,6 @@ class Fence:
             for prefix in self.scratch:
                 if self.hold.token in prefix:
                     self.store.delete_prefix(prefix)
-
-
-def fault_point(name: str) -> None:
-    """Tests set BILLRUN_FAULT_AT=<name> to kill the run right here, as SIGKILL or a power cut
-    would: no cleanup, no finally. Nothing else reads this variable."""
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-    pause_point(name)
-
-
-def pause_point(name: str) -> None:
-    """Tests set BILLRUN_PAUSE_AT=<name> to stop the run right here (SIGSTOP), as a suspended
-    machine would, until they send SIGCONT. Once per process. Nothing else reads this variable."""
-    if os.environ.get(PAUSE_ENV) == name:
-        os.environ.pop(PAUSE_ENV)
-        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class _Guarded:

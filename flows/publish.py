@@ -12,9 +12,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.locks import Fence, Hold, after_commit, fault_point, warn
+from flows.locks import Fence, Hold, after_commit, warn
 from flows.retries import IO_RETRIES
 from flows.store import open_store
+from flows.testing_seam import fault_point
 from transforms.errors import BillrunError
 from transforms.layout import MANIFEST, close_runs_prefix, period_prefix, run_prefix, staging_prefix
 from transforms.periods import Period

@@ -35,9 +35,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from flows.locks import fault_point
 from flows.retries import IO_RETRIES
 from flows.store import LocalStore, Store, StoreError, open_store
+from flows.testing_seam import fault_point
 from transforms.errors import BillrunError, InputError
 from transforms.layout import (
     CONFIG_KEY,

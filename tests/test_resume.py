@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from closeutil import copy_tree_to_store
 from flows.cli import app
-from flows.close import FAULT_POINTS
 from flows.publish import closed_manifest
 from flows.store import open_store
+from flows.testing_seam import CLOSE_FAULT_POINTS
 from transforms.periods import Period
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -59,7 +59,7 @@ S3_POINTS = ("normalized", "staged", "copied-first", "copied-all", "manifest-wri
 """On S3 the points around publishing (staging, server-side copies, the conditional manifest)."""
 
 
-@pytest.mark.parametrize("backend, point", [("folder", p) for p in FAULT_POINTS] + [("s3", p) for p in S3_POINTS])
+@pytest.mark.parametrize("backend, point", [("folder", p) for p in CLOSE_FAULT_POINTS] + [("s3", p) for p in S3_POINTS])
 def test_a_killed_close_reruns_to_the_bytes_of_a_clean_run(clean_run, tmp_path, backend, point, request):
     if backend == "s3":
         request.getfixturevalue("s3_endpoint")
