@@ -40,6 +40,7 @@ import flows.report as report  # noqa: E402
 import flows.shards as shards  # noqa: E402
 import flows.steps as steps  # noqa: E402
 from flows.outputs import PARQUET  # noqa: E402
+from flows.settings import Settings  # noqa: E402
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices  # noqa: E402
 from transforms.credits.events import credit_meters  # noqa: E402
 from transforms.margins import segment_plans  # noqa: E402
@@ -107,7 +108,8 @@ def settle(store: str, plans: str, period: Period, work: Path) -> dict:
     costs = report.fetch_costs.fn(store)
     reference = steps.check_reference.fn(inputs, catalog, period)
     scratch = shards.scratch_for(store, work, f"bench-{period}", distributed=False)
-    count = shards.shard_count(sum(o.size for o in inputs.usage))
+    settings = Settings.from_environ()
+    count = shards.shard_count(sum(o.size for o in inputs.usage), settings)
     by_shard: dict[int, list[str]] = {}
     for batch in shards.batches(sorted(inputs.usage, key=lambda o: o.key)):
         done = shards.normalize_batch.fn(store, shards.Opaque(batch), scratch, count)
@@ -115,7 +117,8 @@ def settle(store: str, plans: str, period: Period, work: Path) -> dict:
             by_shard.setdefault(shard, []).extend(keys)
     from flows.billed_index import committed_index
     context = shards.Opaque((reference, catalog, committed_index(store)))
-    parts = [shards.settle_shard.fn(scratch, shard, sorted(keys), context, period)
+    parts = [shards.settle_shard.fn(scratch, shard, sorted(keys), context, period,
+                                   settings.duckdb_memory or shards.DEFAULT_SHARD_MEMORY)
              for shard, keys in sorted(by_shard.items())]
     settlement = merged_settlement([p.value for p in parts])
     return {"catalog": catalog, "inputs": inputs, "costs": costs, "reference": reference, "settlement": settlement}

@@ -460,7 +460,7 @@ def profile_close(args, label: str, mode: str) -> dict:
     os.environ.update({k: v for k, v in child_env(args.prefect_home).items() if k.startswith(("PREFECT", "DO_NOT"))})
     sys.path.insert(0, str(REPO))
     os.chdir(REPO)
-    from flows.cli import prefect_defaults
+    from flows.settings import prefect_defaults
     prefect_defaults()
     from prefect import Task
 

@@ -32,6 +32,7 @@ from flows.outputs import PARQUET
 from flows.publish import closed_manifest, quietly, read_if_exists
 from flows.retries import IO_RETRIES
 from flows.secrets import keep_secrets_out_of_logs
+from flows.settings import Settings
 from flows.steps import (
     adjustments_billed_elsewhere,
     catalog_entries,
@@ -194,8 +195,10 @@ def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[
 
 
 @flow(name="backfill", log_prints=False)
-def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: str) -> dict:
+def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: str,
+             settings: Settings | None = None) -> dict:
     """Re-rate the closed periods first..last and issue credit/debit notes for the differences."""
+    settings = settings or Settings.from_environ()
     keep_secrets_out_of_logs()
     periods = periods_between(Period.parse(first), Period.parse(last))
     issued_on = date.fromisoformat(as_of)
@@ -233,7 +236,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             roundings: dict[str, str] = {}
             booked = str(Period.containing(issued_on))
             # normalized once, then each period settled from the same shards as a close settles it
-            with period_usage(store, inputs, work_dir, f"backfill-{first}-{last}") as usage:
+            with period_usage(store, inputs, work_dir, f"backfill-{first}-{last}", settings) as usage:
                 for period in closed:
                     reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
                     customers = reference.customers

@@ -23,7 +23,6 @@ from transforms.layout import report_key  # light: the command line imports the 
 
 DEFAULT_STORE = "./billing-data"
 DEFAULT_PLANS = "./plans"
-WEBHOOK_ENV = "BILLRUN_WEBHOOK_URL"  # where `--webhook URL` is put for the nightly flow to read
 
 class _PlainHelp:
     """--help shows no type placeholder (typer would print `<bool>` beside it)."""
@@ -48,17 +47,6 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group)
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
-
-
-def prefect_defaults(environ: dict = os.environ) -> None:
-    """Run Prefect offline and quietly unless the user configured it: no analytics, an embedded
-    server whose state lives in ./.prefect, and warnings only on the console."""
-    environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    environ.setdefault("DO_NOT_TRACK", "1")
-    environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
-    environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    if "PREFECT_API_URL" not in environ:
-        environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
 
 
 class _OneLineUserErrors(logging.Filter):
@@ -89,6 +77,20 @@ def _quiet_user_errors() -> None:
         handler.addFilter(_OneLineUserErrors())
 
 
+def _settings():
+    """The command's settings (flows/settings.py), read from the environment once, on first need,
+    and kept with the command's options; a malformed value is one line and exit 1."""
+    import click
+
+    from flows.settings import Settings
+
+    ctx = click.get_current_context(silent=True)
+    options = ctx.obj if ctx is not None and isinstance(ctx.obj, dict) else {}
+    if "settings" not in options:
+        options["settings"] = _checked(Settings.from_environ)
+    return options["settings"]
+
+
 def _now() -> datetime:
     """The one read of the clock per command; everything downstream gets it as a parameter."""
     return datetime.now(timezone.utc)
@@ -113,7 +115,7 @@ def _run(fn, *args, **kwargs):
     from flows.store import StoreError
     from transforms.errors import BillrunError
 
-    watch_store(kwargs.get("store"))
+    watch_store(kwargs.get("store"), _settings().prefect_home)
     try:
         return fn(*args, **kwargs)
     except (BillrunError, StoreError) as exc:
@@ -130,7 +132,8 @@ def _shown(ctx: typer.Context, as_json: bool, fn, own_step: str | None = None):
     from flows.progress import show_steps, wanted
 
     options = ctx.obj or {}
-    on = wanted(as_json=as_json, verbose=options.get("verbose", False), enabled=options.get("progress", True))
+    on = wanted(_settings(), as_json=as_json, verbose=options.get("verbose", False),
+                enabled=options.get("progress", True))
 
     def shown(*args, **kwargs):
         with show_steps(err, on, flow=own_step is None) as steps:
@@ -258,7 +261,8 @@ def close(ctx: typer.Context,
 
     _quiet_user_errors()
     _print_close(_run(_shown(ctx, as_json, close_period), store=store, plans=plans, period=period,
-                      dask_address=dask, now=now, before_period_end=before_period_end, allow_empty=allow_empty),
+                      dask_address=dask, now=now, before_period_end=before_period_end, allow_empty=allow_empty,
+                      settings=_settings()),
                  as_json)
 
 
@@ -317,7 +321,7 @@ def demo(ctx: typer.Context,
         out.print(f"sample store at {store}: {written['customers']} customers, "
                   f"{written['subscriptions']} subscriptions, {written['usage_objects']} usage objects")
     closed = _run(_shown(ctx, as_json, close_period), store=store, plans=plans, period=period,
-                  before_period_end=True, allow_empty=True)
+                  before_period_end=True, allow_empty=True, settings=_settings())
     _print_close(closed, as_json)
     if not as_json:
         _print_showcase(store, plans, period, written["showcase"])
@@ -454,16 +458,16 @@ def nightly(ctx: typer.Context,
     store, plans = _opts(ctx, store, plans)
     _checked(_nightly_checks, store, plans, day)
     from flows.nightly import nightly as nightly_flow
+    from flows.settings import hand_over_webhook
 
     _quiet_user_errors()
     if sum(1 for given in (webhook_env, webhook_secret, webhook) if given) > 1:
         _fail("--webhook-env, --webhook-secret and --webhook name one webhook: give one of them")
     if webhook:
         # the flow gets the reference, never the URL: its parameters are stored in Prefect
-        os.environ[WEBHOOK_ENV] = webhook
-        webhook_env = WEBHOOK_ENV
+        webhook_env = hand_over_webhook(webhook)
     result = _run(_shown(ctx, as_json, nightly_flow), store=store, plans=plans, day=day, webhook_env=webhook_env,
-                  webhook_secret=webhook_secret)
+                  webhook_secret=webhook_secret, settings=_settings())
     _warnings(result)
     if as_json:
         out.print_json(json.dumps(result))
@@ -511,7 +515,7 @@ def backfill(ctx: typer.Context,
 
     _quiet_user_errors()
     result = _run(_shown(ctx, as_json, backfill_flow), store=store, plans=plans, first=first, last=last, reason=reason,
-                  as_of=as_of)
+                  as_of=as_of, settings=_settings())
     _warnings(result)
     if as_json:
         out.print_json(json.dumps(result))
@@ -696,7 +700,8 @@ def preview(ctx: typer.Context,
         from flows.preview import rate_so_far
 
         _quiet_user_errors()
-        rated = _run(_shown(ctx, as_json, rate_so_far), store=store, plans=plans, customer=customer, day=the_day)
+        rated = _run(_shown(ctx, as_json, rate_so_far), store=store, plans=plans, customer=customer, day=the_day,
+                     settings=_settings())
         invoices, credits = rated.invoices, rated.credits
         source = f"the store's inputs through {the_day}"
     drafts = customer_drafts(invoices, customer, target["day"], target["seller"], target["customer"])
@@ -827,7 +832,8 @@ def simulate(ctx: typer.Context,
 
     _quiet_user_errors()
     result = _run(simulate_flow, store=store, plans=plans, period=period, plan_map=plan_map, shock=shock,
-                  customers=_csv_option(customers), candidates=candidates, report=not no_report)
+                  customers=_csv_option(customers), candidates=candidates, report=not no_report,
+                  settings=_settings())
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -876,7 +882,7 @@ def migrate(ctx: typer.Context,
     _quiet_user_errors()
     result = _run(migrate_flow, store=store, plans=plans, plan=plan, to=to, on=on,
                   as_of=as_of, customers=_csv_option(customers),
-                  notice_days=notice_days, dry_run=dry_run, report=not no_report)
+                  notice_days=notice_days, dry_run=dry_run, report=not no_report, settings=_settings())
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -966,7 +972,7 @@ def impact(ctx: typer.Context,
 
     _quiet_user_errors()
     result = _run(impact_flow, store=store, plans=plans, base=base, periods=periods, shock=shock,
-                  shock_amount=shock_amount, top=top)
+                  shock_amount=shock_amount, top=top, settings=_settings())
     if out_file is not None:
         _checked(_write_text, out_file, result["markdown"])
     if as_json:
@@ -1021,6 +1027,8 @@ def _write_text(path: str, text: str) -> None:
 
 
 def main() -> None:
+    from flows.settings import prefect_defaults
+
     prefect_defaults()
     try:
         app()

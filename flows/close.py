@@ -29,6 +29,7 @@ from flows.preflight import close_summary
 from flows.publish import closed_manifest, output_folder, publish
 from flows.report import fetch_costs
 from flows.secrets import keep_secrets_out_of_logs
+from flows.settings import Settings
 from flows.shards import drop_scratch, normalize_shards, scratch_for, settle_shards, shard_runner
 from flows.statement import with_local_lineage
 from flows.steps import (
@@ -71,14 +72,15 @@ class CloseResult:
 
 @flow(name="close-period", log_prints=False)
 def close_period(store: str, plans: str, period: str, dask_address: str | None = None, now: datetime | None = None,
-                 before_period_end: bool = False, allow_empty: bool = False) -> dict:
+                 before_period_end: bool = False, allow_empty: bool = False, settings: Settings | None = None) -> dict:
     """Close one calendar month: final invoices, lines, quarantine, alerts, HTML invoices, manifest.
 
     A close is final, so it refuses a month that has not ended at `now` (default: the clock, read
     here once) unless `before_period_end`, and a month without a single usage row while
     subscriptions in it meter usage unless `allow_empty`. The row-level steps run in shards on a
     thread pool, or on the Dask cluster at `dask_address` (tcp://scheduler:8786): the outputs
-    are the same bytes either way."""
+    are the same bytes either way. `settings`: the command's (default: read here, once)."""
+    settings = settings or Settings.from_environ()
     keep_secrets_out_of_logs()
     the_period = Period.parse(period)
     now = now or datetime.now(timezone.utc)
@@ -95,7 +97,7 @@ def close_period(store: str, plans: str, period: str, dask_address: str | None =
             fault_point("locked")
             existing = closed_manifest(store, the_period)  # closed while we waited for the lock?
             if existing is None:
-                result = _close(store, catalog, the_period, hold, dask_address, allow_empty)
+                result = _close(store, catalog, the_period, hold, settings, dask_address, allow_empty)
                 _commit_tables(store, lake, the_period, result["run_id"])
         if existing is None:
             return {**result, "warnings": result["warnings"] + warnings}
@@ -105,8 +107,8 @@ def close_period(store: str, plans: str, period: str, dask_address: str | None =
     return {**_result_from_manifest(existing, store, "already_closed").as_dict(), "warnings": warnings}
 
 
-def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_address: str | None = None,
-           allow_empty: bool = False) -> dict:
+def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: Settings,
+           dask_address: str | None = None, allow_empty: bool = False) -> dict:
     work_dir = work_dir_for(store, f"close-{period}")
     indexing = None
     try:
@@ -117,13 +119,13 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_addres
         billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), [period])
         reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
         fault_point("checked")
-        with shard_runner(dask_address) as runner:
+        with shard_runner(dask_address, settings) as runner:
             scratch = scratch_for(store, work_dir, f"close-{period}", distributed=dask_address is not None)
-            normalized, shard_keys = normalize_shards(runner, store, inputs, scratch)
+            normalized, shard_keys = normalize_shards(runner, store, inputs, scratch, settings)
             fault_point("normalized")
             # what the closed periods' documents bill (their billed-event index) is never billed again
             index = committed_index(store)
-            settlement = settle_shards(runner, scratch, shard_keys, reference, catalog, period, index)
+            settlement = settle_shards(runner, scratch, shard_keys, reference, catalog, period, index, settings)
             settlement = with_local_lineage(settlement, scratch, work_dir)
         # the period's index is sorted and written by DuckDB, off the interpreter's lock, while the
         # wallets replay and the invoices are rated in this process
@@ -152,7 +154,8 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, dask_addres
         [index_entry] = record_billed(store, [(billed_index_key(str(period), run_id), index_file, indexed)])
         names, manifest = write_outputs(quote(invoices), quote(settlement), quote(normalized), quote(reference),
                                         quote(inputs), quote(catalog), quote(outcome),
-                                        period, run_id, quote(costs), plan_entries, out_dir, index_entry)
+                                        period, run_id, quote(costs), plan_entries, out_dir, index_entry,
+                                        settings=settings)
         fault_point("written")
         warnings = publish(store, period, run_id, out_dir, quote(names), quote(manifest), hold)
     finally:

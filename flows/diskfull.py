@@ -9,7 +9,6 @@ one of them has (almost) no space left, that is what the line says.
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,12 +18,14 @@ _FULL_TEXT = ("no space left on device", "disk quota exceeded")
 NEARLY_FULL_BYTES = 1 << 20  # below this, no Parquet file or lock can be written with confidence
 
 
-_watched: list[str] = []
+_watched: dict[str, Path | None] = {"store": None, "prefect_home": None}
 
 
-def watch_store(store: str | None) -> None:
-    """The store the command works on: its disk is checked too when something fails."""
-    _watched[:] = [store] if store else []
+def watch_store(store: str | None, prefect_home: Path | None) -> None:
+    """The store the command works on and Prefect's folder (PREFECT_HOME, from the command's
+    settings): their disks are checked too when something fails."""
+    _watched["store"] = Path(store) if store and "://" not in store else None
+    _watched["prefect_home"] = prefect_home
 
 
 def full_disk_message(exc: BaseException) -> str | None:
@@ -36,7 +37,7 @@ def full_disk_message(exc: BaseException) -> str | None:
             return f"no space left on the device{where}; free some space and run the command again"
         if any(text in str(current).lower() for text in _FULL_TEXT):
             return f"no space left on the device ({_first_line(current)}); free some space and run the command again"
-    for place in _places(_watched[0] if _watched else None):
+    for place in _places():
         free = _free_bytes(place)
         if free is not None and free < NEARLY_FULL_BYTES:
             return (f"no space left on the device holding {place} ({free} bytes free; the command failed with "
@@ -53,14 +54,10 @@ def _chain(exc: BaseException):
         current = current.__cause__ or current.__context__
 
 
-def _places(store: str | None) -> list[Path]:
-    places = []
-    if store and "://" not in store:
-        places.append(Path(store))
-    places.append(Path(tempfile.gettempdir()))  # the work folders
-    if os.environ.get("PREFECT_HOME"):
-        places.append(Path(os.environ["PREFECT_HOME"]))
-    return places
+def _places() -> list[Path]:
+    """The folder store, the work folders' folder and Prefect's home."""
+    found = [_watched["store"], Path(tempfile.gettempdir()), _watched["prefect_home"]]
+    return [place for place in found if place is not None]
 
 
 def _free_bytes(place: Path) -> int | None:

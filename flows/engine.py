@@ -20,6 +20,7 @@ from typing import Iterator
 import polars as pl
 
 from flows.billed_index import CommittedIndex
+from flows.settings import Settings
 from flows.shards import (
     SCRATCH_PARQUET,
     Normalized,
@@ -44,12 +45,14 @@ class PeriodUsage:
     scratch: Scratch
     normalized: Normalized                # rows read and objects set aside (paths: none, see `files`)
     shard_keys: dict[int, list[str]]      # shard -> scratch keys of its files
+    settings: Settings
 
     def settle(self, reference, catalog: Catalog, period: Period, index: CommittedIndex) -> Settlement:
         """The period settled as the close settles it: each shard on its own, merged. Events
         the counted periods of `index` bill are not billed; the settlement's `billed_ids` are
         scratch keys (`billed_files` brings them here)."""
-        return settle_shards(self.runner, self.scratch, self.shard_keys, reference, catalog, period, index)
+        return settle_shards(self.runner, self.scratch, self.shard_keys, reference, catalog, period, index,
+                             self.settings)
 
     def billed_files(self, settlement: Settlement, cache_dir: Path) -> list[Path]:
         """The settlement's billed event_ids as local files (read them before the next period
@@ -94,12 +97,12 @@ class PeriodUsage:
 
 
 @contextmanager
-def period_usage(store_uri: str, inputs, work_dir: Path, label: str) -> Iterator[PeriodUsage]:
+def period_usage(store_uri: str, inputs, work_dir: Path, label: str, settings: Settings) -> Iterator[PeriodUsage]:
     """Normalize `inputs.usage` into shards in the work folder, on this machine's workers."""
-    with shard_runner(None) as runner:
+    with shard_runner(None, settings) as runner:
         scratch = scratch_for(store_uri, work_dir, label, distributed=False)
         try:
-            normalized, shard_keys = normalize_shards(runner, store_uri, inputs, scratch)
-            yield PeriodUsage(runner, scratch, normalized, shard_keys)
+            normalized, shard_keys = normalize_shards(runner, store_uri, inputs, scratch, settings)
+            yield PeriodUsage(runner, scratch, normalized, shard_keys, settings)
         finally:
             drop_scratch(scratch)

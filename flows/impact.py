@@ -20,6 +20,7 @@ from flows.billed_index import committed_index
 from flows.engine import PeriodUsage, period_usage
 from flows.gitplans import catalog_at, revision
 from flows.report import closed_periods, fetch_costs
+from flows.settings import Settings
 from flows.steps import (
     CheckedReference,
     adjustments_billed_elsewhere,
@@ -87,9 +88,11 @@ def rerated_outcomes(store: str, usage: PeriodUsage, reference: CheckedReference
 
 @flow(name="impact", log_prints=False)
 def impact(store: str, plans: str, base: str, periods: int = 1, shock: str = str(SHOCK_PCT_DEFAULT),
-           shock_amount: str = str(SHOCK_AMOUNT_DEFAULT), top: int = TOP_DEFAULT) -> dict:
+           shock_amount: str = str(SHOCK_AMOUNT_DEFAULT), top: int = TOP_DEFAULT,
+           settings: Settings | None = None) -> dict:
     """Re-rate the last `periods` closed periods with the plans at git revision `base` and with
     the plans folder as it is; return the comparison and its markdown report (`markdown`)."""
+    settings = settings or Settings.from_environ()
     limits = thresholds(shock, shock_amount, top)
     rev = revision(plans, base)
     base_catalog, head_catalog = catalog_at(plans, rev), load_catalog(plans)
@@ -109,7 +112,7 @@ def impact(store: str, plans: str, base: str, periods: int = 1, shock: str = str
                 references[(period, which)] = _sided(which, check_reference, quote(inputs), quote(catalog), period,
                                                      billed_elsewhere)
         costs, costs_source = fetch_costs(store)
-        with period_usage(store, inputs, work_dir, f"impact-{label}") as usage:  # normalized once for all
+        with period_usage(store, inputs, work_dir, f"impact-{label}", settings) as usage:  # normalized once for all
             for period in chosen:
                 sides = {which: rerated_outcomes(store, usage, references[(period, which)], catalog, which, period,
                                                  costs)

@@ -56,6 +56,7 @@ from flows.outputs import PARQUET
 from flows.publish import quietly
 from flows.retries import IO_RETRIES
 from flows.secrets import keep_secrets_out_of_logs, webhook_url
+from flows.settings import Settings
 from flows.steps import (
     InputObject,
     Inputs,
@@ -619,12 +620,13 @@ def deliver(webhook: str, payload: dict) -> None:
 
 @flow(name="nightly", log_prints=False)
 def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
-            webhook_secret: str | None = None) -> dict:
+            webhook_secret: str | None = None, settings: Settings | None = None) -> dict:
     """Take in the day's usage and bring the period to date: estimates, balances, alerts.
 
     The webhook that new alerts are POSTed to is given by reference, never as a value (a flow
     run's parameters are stored in Prefect): `webhook_env` names an environment variable holding
     its URL, `webhook_secret` a Prefect Secret block."""
+    settings = settings or Settings.from_environ()
     keep_secrets_out_of_logs()
     webhook = webhook_url(webhook_env, webhook_secret)
     try:
@@ -652,7 +654,7 @@ def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
             reference = check_reference(quote(intake.inputs), quote(catalog), period, billed_elsewhere)
             # an event the documents of another closed period bill is not taken in (billed-event index)
             index = committed_index(store, leave_out=[str(period)])
-            with period_usage(store, intake.inputs, work_dir, f"nightly-{the_day}") as shards:
+            with period_usage(store, intake.inputs, work_dir, f"nightly-{the_day}", settings) as shards:
                 # tonight's objects settled by the engine as the close settles its period, through
                 # the night's end; then ranked against earlier nights' copies by the close's rule
                 tonight = shards.through(the_day).settle(reference, catalog, period, index)

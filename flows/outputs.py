@@ -19,8 +19,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.documents_out import write_invoice_documents
+from flows.settings import Settings
 from flows.shards import Normalized, local_workers
-from flows.statement import billed_events_table
+from flows.statement import LINEAGE_MEMORY, billed_events_table
 from flows.steps import CheckedReference, Inputs, catalog_entries, file_sha256
 from transforms.adjustments import adjustment_counts, billed_table
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
@@ -51,8 +52,10 @@ the same close wrote different bytes on a 2-core and an 8-core machine."""
 def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
                   reference: CheckedReference, inputs: Inputs, catalog: Catalog, outcome: WalletReplay, period: Period,
                   run_id: str, costs: tuple,
-                  plan_entries: list[dict], out_dir: Path, index_entry: dict | None = None) -> tuple[list[str], bytes]:
-    """Tables and HTML into `out_dir`; returns the relative names and the manifest's bytes."""
+                  plan_entries: list[dict], out_dir: Path, index_entry: dict | None = None, *,
+                  settings: Settings) -> tuple[list[str], bytes]:
+    """Tables and HTML into `out_dir` (the HTML by the settings' workers); returns the relative
+    names and the manifest's bytes."""
     started = time.perf_counter()
     shutil.rmtree(out_dir, ignore_errors=True)  # a killed run's partial outputs
     out_dir.mkdir(parents=True)
@@ -75,12 +78,12 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     stop = threading.Event()  # a table failed: render no further chunk
     rendering = ThreadPoolExecutor(max_workers=1, thread_name_prefix="documents")
     documents_future = rendering.submit(write_invoice_documents, invoices, customers, reference.seller, plans.rounding,
-                                        credit_summaries(outcome, period), run_id, out_dir, local_workers(),
+                                        credit_summaries(outcome, period), run_id, out_dir, local_workers(settings),
                                         stop=stop)
     try:
         with cycle_collector_paused():  # millions of table cells, none of them a cycle
             by_reason, adjusted = _write_tables(write, invoices, settlement, normalized, reference, catalog,
-                                                outcome, period, costs)
+                                                outcome, period, costs, settings.duckdb_memory or LINEAGE_MEMORY)
         tables_done = time.perf_counter()
         documents = documents_future.result()
     except BaseException:
@@ -123,7 +126,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
 
 def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
                   reference: CheckedReference, catalog: Catalog, outcome: WalletReplay, period: Period,
-                  costs: tuple) -> tuple[dict[str, int], dict | None]:
+                  costs: tuple, lineage_memory: str) -> tuple[dict[str, int], dict | None]:
     """The period's tables, each through `write(name, frame)`; returns the quarantined rows per
     reason and the account of adjustment rows (None without the input)."""
     write("invoices.parquet", invoices_table(invoices))
@@ -142,7 +145,7 @@ def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normal
                        usage_spend_by_subscription(invoices))))
     ledger = ledger_table(outcome, period)
     write("credit_ledger.parquet", ledger)
-    with billed_events_table(settlement, lines, quarantine, ledger) as billed_events:
+    with billed_events_table(settlement, lines, quarantine, ledger, lineage_memory) as billed_events:
         write("billed_events.parquet", billed_events)
     del ledger
     write("credit_balances.parquet", balances_table(outcome, period))

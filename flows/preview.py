@@ -18,6 +18,7 @@ from flows.billed_index import committed_index
 from flows.engine import period_usage
 from flows.publish import closed_manifest
 from flows.secrets import keep_secrets_out_of_logs
+from flows.settings import Settings
 from flows.steps import (
     adjustments_billed_elsewhere,
     check_reference,
@@ -42,9 +43,10 @@ class Rated:
 
 
 @flow(name="preview", log_prints=False)
-def rate_so_far(store: str, plans: str, customer: str, day: str) -> Rated:
+def rate_so_far(store: str, plans: str, customer: str, day: str, settings: Settings | None = None) -> Rated:
     """Rate the period holding `day` from the store's inputs through the end of `day`, with the
     close's steps, and keep the customer's invoices. Writes nothing to the store."""
+    settings = settings or Settings.from_environ()
     keep_secrets_out_of_logs()
     the_day = parse_day(day, "--date")
     period = Period.containing(the_day)
@@ -59,7 +61,7 @@ def rate_so_far(store: str, plans: str, customer: str, day: str) -> Rated:
         billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), [period])
         reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
         index = committed_index(store, leave_out=[str(period)])
-        with period_usage(store, inputs, work_dir, f"preview-{the_day}") as usage:
+        with period_usage(store, inputs, work_dir, f"preview-{the_day}", settings) as usage:
             # the events up to the end of the day, as a night of that day takes them in
             settlement = usage.through(the_day).settle(reference, catalog, period, index)
         outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)

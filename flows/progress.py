@@ -17,14 +17,17 @@ import logging
 import re
 import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, TextIO
+from typing import TYPE_CHECKING, Literal, TextIO
 
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn, SpinnerColumn, Task, TextColumn
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from flows.settings import Settings
 
 TASK_RUNS = "prefect.task_runs"
 _FINISHED = "Finished in state "
@@ -178,17 +181,15 @@ class _AsBefore(logging.Filter):
         return True
 
 
-def wanted(*, as_json: bool, verbose: bool, enabled: bool = True, stream: TextIO | None = None,
-           environ: Mapping[str, str] | None = None) -> bool:
-    """Show progress only to a person at a terminal who asked for neither JSON nor log lines."""
-    import os
+def wanted(settings: Settings, *, as_json: bool, verbose: bool, enabled: bool = True,
+           stream: TextIO | None = None) -> bool:
+    """Show progress only to a person at a terminal who asked for neither JSON nor log lines
+    (and is not in CI or on a dumb terminal: `settings`)."""
     import sys
 
-    environ = os.environ if environ is None else environ
     stream = sys.stderr if stream is None else stream
     is_tty = getattr(stream, "isatty", lambda: False)()
-    return (enabled and not as_json and not verbose and is_tty and "CI" not in environ
-            and environ.get("TERM") != "dumb"
+    return (enabled and not as_json and not verbose and is_tty and not settings.ci and not settings.dumb_terminal
             and logging.getLogger(TASK_RUNS).getEffectiveLevel() > logging.INFO)
 
 

@@ -14,19 +14,14 @@ Two rules:
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from flows.settings import named_variable, secret_values
 from transforms.errors import InputError
 
 MASK = "***"
-
-# Environment variables whose values are secrets wherever they turn up.
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-# Environment variables holding URLs whose userinfo and query values are secrets.
-URL_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 # scheme://user[:password]@ -> scheme://***@
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"<>]+)@")
@@ -61,9 +56,11 @@ def _credentials_of(url: str) -> set[str]:
 
 
 def _secrets_of_the_environment() -> set[str]:
-    found = {os.environ.get(name) or "" for name in SECRET_ENV}
-    for name in URL_ENV:
-        found |= _credentials_of(os.environ.get(name) or "")
+    """The secret values of the environment (flows.settings: SECRET_ENV, and URL_ENV's credentials)."""
+    values, urls = secret_values()
+    found = set(values)
+    for url in urls:
+        found |= _credentials_of(url)
     return {v for v in found if len(v) >= _SHORTEST}
 
 
@@ -124,7 +121,7 @@ def webhook_url(env: str | None, secret: str | None) -> str | None:
     block `secret`; None when neither is given. A reference that names nothing is a user's error."""
     url = None
     if env:
-        url = os.environ.get(env)
+        url = named_variable(env)
         if not url:
             raise InputError(f"--webhook-env {env}: the environment variable is not set")
     elif secret:

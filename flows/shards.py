@@ -31,6 +31,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.billed_index import CommittedIndex
 from flows.ingest import normalized_object
 from flows.retries import IO_RETRIES
+from flows.settings import MAX_SHARDS, Settings
 from flows.store import LocalStore, open_store
 from transforms.errors import InputError
 from transforms.layout import work_prefix
@@ -43,25 +44,17 @@ SCRATCH_PARQUET = {"compression": "lz4", "statistics": True}
 in CPU as zstd, for 1.7x the bytes. Statistics stay: they let a settlement skip the files of
 other months by event time."""
 
-SHARDS_ENV = "BILLRUN_SHARDS"
 SHARD_INPUT_BYTES = 24 * 1024 * 1024
 """Input bytes per shard: about a million Parquet rows, three times fewer as CSV or JSON."""
-MAX_SHARDS = 1024
 BATCH_INPUT_BYTES = 64 * 1024 * 1024
 """Input bytes per normalize task: few, coarse tasks (a task run costs 5-15 ms in Prefect)."""
 
-MEMORY_ENV = "BILLRUN_DUCKDB_MEMORY"
-DEFAULT_SHARD_MEMORY = "1500MB"
-"""DuckDB's cap per shard connection: above it a shard spills to disk instead of growing."""
 
 
-def shard_count(usage_bytes: int) -> int:
-    """How many shards for this much input: BILLRUN_SHARDS if set, else one per 24 MB."""
-    configured = os.environ.get(SHARDS_ENV, "").strip()
-    if configured:
-        if not configured.isdigit() or not 1 <= int(configured) <= MAX_SHARDS:
-            raise InputError(f"{SHARDS_ENV}={configured!r}: expected a whole number from 1 to {MAX_SHARDS}")
-        return int(configured)
+def shard_count(usage_bytes: int, settings: Settings) -> int:
+    """How many shards for this much input: the settings' (BILLRUN_SHARDS) if set, else one per 24 MB."""
+    if settings.shards is not None:
+        return settings.shards
     return max(1, min(MAX_SHARDS, math.ceil(usage_bytes / SHARD_INPUT_BYTES)))
 
 
@@ -180,8 +173,10 @@ def normalize_batch(store_uri: str, batch: Opaque, scratch: Scratch, shards: int
 
 
 @task(name="settle-usage", cache_policy=NO_CACHE)
-def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period) -> Opaque:
-    """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past its cap.
+def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period,
+                 memory_limit: str) -> Opaque:
+    """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past `memory_limit`
+    (the close's BILLRUN_DUCKDB_MEMORY, also on a Dask worker).
     Events the billed-event index shows billed in another closed period are not billed; the
     shard's billed event_ids go to the scratch area (`billed/`), for the period's index.
     The Settlement comes back in an Opaque, which `settle_shards` empties once merged: Prefect
@@ -197,7 +192,7 @@ def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque,
         spill = Path(tmp) / "spill"
         spill.mkdir()
         con = duckdb.connect(config={"temp_directory": str(spill),
-                                     "memory_limit": os.environ.get(MEMORY_ENV, DEFAULT_SHARD_MEMORY),
+                                     "memory_limit": memory_limit,
                                      "preserve_insertion_order": False})
         try:
             settlement = settled_usage(con, [local[k] for k in sorted(keys)], reference.customers,
@@ -218,21 +213,13 @@ def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque,
     return Opaque(settlement)
 
 
-WORKERS_ENV = "BILLRUN_WORKERS"
-
-
-def local_workers() -> int:
-    """Threads for the shard tasks on this machine: BILLRUN_WORKERS, else one per core."""
-    configured = os.environ.get(WORKERS_ENV, "").strip()
-    if configured:
-        if not configured.isdigit() or int(configured) < 1:
-            raise InputError(f"{WORKERS_ENV}={configured!r}: expected a whole number of at least 1")
-        return int(configured)
-    return os.cpu_count() or 1
+def local_workers(settings: Settings) -> int:
+    """Threads for the shard tasks on this machine: the settings' (BILLRUN_WORKERS), else one per core."""
+    return settings.workers or os.cpu_count() or 1
 
 
 @contextmanager
-def shard_runner(dask_address: str | None) -> Iterator:
+def shard_runner(dask_address: str | None, settings: Settings) -> Iterator:
     """The task runner of the shard steps: a Dask cluster's, or a small thread pool."""
     if dask_address:
         try:
@@ -241,7 +228,7 @@ def shard_runner(dask_address: str | None) -> Iterator:
             raise InputError("--dask needs the prefect-dask package; install billrun with its dependencies") from None
         runner = DaskTaskRunner(address=dask_address)
     else:
-        runner = ThreadPoolTaskRunner(max_workers=local_workers())
+        runner = ThreadPoolTaskRunner(max_workers=local_workers(settings))
     try:
         runner.__enter__()
     except OSError as exc:  # only connecting is the scheduler's fault; errors of the work are not
@@ -273,10 +260,11 @@ def _all(runner, task_, calls: list[dict]) -> list:
     return [future.result() for future in futures]
 
 
-def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch) -> tuple[Normalized, dict[int, list[str]]]:
+def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch,
+                     settings: Settings) -> tuple[Normalized, dict[int, list[str]]]:
     """Every usage object normalized into shards, in batches spread over the runner's workers."""
-    shards = shard_count(sum(o.size for o in inputs.usage))
-    work = batches(sorted(inputs.usage, key=lambda o: o.key), min_batches=2 * local_workers())
+    shards = shard_count(sum(o.size for o in inputs.usage), settings)
+    work = batches(sorted(inputs.usage, key=lambda o: o.key), min_batches=2 * local_workers(settings))
     done = _all(runner, normalize_batch, [{"store_uri": store_uri, "batch": Opaque(b), "scratch": scratch,
                                            "shards": shards} for b in work])
     by_shard: dict[int, list[str]] = {}
@@ -288,13 +276,14 @@ def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch) -> tuple[
 
 
 def settle_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]], reference, catalog: Catalog,
-                  period: Period, index: CommittedIndex) -> Settlement:
+                  period: Period, index: CommittedIndex, settings: Settings) -> Settlement:
     """Each shard settled on its own, then merged into the settlement of all rows. The merged
     settlement's `billed_ids` are the shards' scratch keys of their billed event_ids."""
     todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
     context = Opaque((reference, catalog, index))
     futures = [runner.submit(settle_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,
-                                            "period": period}) for shard, keys in todo.items()]
+                                            "period": period, "memory_limit": settings.duckdb_memory})
+               for shard, keys in todo.items()]
     # Folded in as they come, FOLD_SHARDS at a time: each shard's per-day units span most
     # customers, so all shards' results at once would hold many times the merged table.
     pending: list[Settlement] = []

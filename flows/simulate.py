@@ -48,6 +48,7 @@ from flows.report import (
     revenue_charts,
     simulation_html,
 )
+from flows.settings import Settings
 from flows.steps import (
     CheckedReference,
     Inputs,
@@ -228,9 +229,10 @@ def publish_simulation(store_uri: str, simulation: Simulation) -> str:
 @flow(name="simulate", log_prints=False)
 def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: str = str(SHOCK_DEFAULT),
              customers: list[str] | None = None, candidates: str | None = None, report: bool = True,
-             require_moves: bool = True) -> dict:
+             require_moves: bool = True, settings: Settings | None = None) -> dict:
     """Re-rate a closed period with the subscriptions of `plan_map` moved (OLD=NEW, plan or
     plan:version) and compare bills, breakage and margins with what was billed."""
+    settings = settings or Settings.from_environ()
     the_period = Period.parse(period)
     threshold = shock_threshold(shock)
     catalog = simulation_catalog(plans, candidates)
@@ -248,7 +250,7 @@ def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: st
         _check_moves(reference, moved, moves, the_period, wanted, original, require_moves)
         # settled as the close settles it; what the other closed periods' documents bill is not billed here
         index = committed_index(store, leave_out=[str(the_period)])
-        with period_usage(store, inputs, work_dir, f"simulate-{the_period}-{label}") as usage:
+        with period_usage(store, inputs, work_dir, f"simulate-{the_period}-{label}", settings) as usage:
             settlement = usage.settle(reference, catalog, the_period, index)
         outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), the_period)
         invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), the_period)
@@ -371,9 +373,11 @@ def meters_used(store_uri: str, period: Period) -> dict[str, set[str]]:
 
 @flow(name="migrate-plan", log_prints=False)
 def migrate(store: str, plans: str, plan: str, to: str, on: str, as_of: str, customers: list[str] | None = None,
-            notice_days: int = 30, dry_run: bool = False, report: bool = True) -> dict:
+            notice_days: int = 30, dry_run: bool = False, report: bool = True,
+            settings: Settings | None = None) -> dict:
     """Move subscriptions on `plan` to `to` from `on`: preview on the last closed period, then
     (unless `dry_run`) rewrite the subscriptions file."""
+    settings = settings or Settings.from_environ()
     catalog = load_catalog(plans)
     old, new = plan_ref(plan, catalog, "--plan"), plan_ref(to, catalog, "--to")
     on_day, as_of_day = _day(on, "--on"), _day(as_of, "--as-of")
@@ -397,7 +401,7 @@ def migrate(store: str, plans: str, plan: str, to: str, on: str, as_of: str, cus
         # the preview prices the version customers will get: the one in force on the date
         target = new if new.version else PlanRef(new.plan, catalog.in_force_on(new.plan, on_day).plan.version)
         preview = simulate(store=store, plans=plans, period=str(max(closed)), plan_map=[f"{old}={target}"],
-                           customers=moved_customers, report=report, require_moves=False)
+                           customers=moved_customers, report=report, require_moves=False, settings=settings)
         result["preview"] = {k: preview[k] for k in ("simulation_id", "period", "plan_map", "moved", "totals",
                                                      "quarantined", "notes", "report")}
     first = Period.containing(on_day) if on_day.day == 1 else Period.containing(on_day).next()

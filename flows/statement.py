@@ -3,7 +3,6 @@ close's billed_events output, and the readers behind `billrun explain --events` 
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
@@ -14,7 +13,6 @@ import duckdb
 import polars as pl
 
 from flows.explain import DOCUMENT_ID, document_folder, frame_at
-from flows.shards import MEMORY_ENV
 from flows.store import open_store
 from transforms.errors import InputError
 from transforms.invoices import USAGE_LINE_KINDS
@@ -33,21 +31,21 @@ def with_local_lineage(settlement: Settlement, scratch, work_dir: Path) -> Settl
 
 LINEAGE_MEMORY = "1GB"
 """DuckDB's cap while billed_events is joined and sorted: above it the sort spills to disk
-(the shards' cap, BILLRUN_DUCKDB_MEMORY, when set)."""
+(the shards' cap, BILLRUN_DUCKDB_MEMORY, when set: the close passes it in)."""
 
 
 @contextmanager
 def billed_events_table(settlement: Settlement, lines: pl.DataFrame, quarantine: pl.DataFrame,
-                        ledger: pl.DataFrame) -> Iterator[pl.LazyFrame]:
+                        ledger: pl.DataFrame, memory_limit: str = LINEAGE_MEMORY) -> Iterator[pl.LazyFrame]:
     """The period's billed_events (transforms.lineage.billed_events), sorted by DuckDB into a
     file next to the lineage files (the close's work folder), as a plan that streams it to the
     table's writer; the file is gone after the block. The close's memory holds neither the
-    period's events nor their sort: DuckDB spills past its cap, and the writer reads row groups."""
+    period's events nor their sort: DuckDB spills past `memory_limit`, and the writer reads row groups."""
     folder = Path(settlement.lineage[0]).parent if settlement.lineage else None
     with tempfile.TemporaryDirectory(prefix="billed-events-", dir=folder) as tmp:
         sorted_rows = Path(tmp) / "sorted.parquet"
         con = duckdb.connect(config={"temp_directory": str(Path(tmp) / "spill"),
-                                     "memory_limit": os.environ.get(MEMORY_ENV, LINEAGE_MEMORY)})
+                                     "memory_limit": memory_limit})
         try:
             relation = billed_events(con, list(settlement.lineage), lines, quarantine, ledger)
             relation.write_parquet(str(sorted_rows), compression="lz4")

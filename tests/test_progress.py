@@ -14,6 +14,7 @@ from closeutil import copy_tree_to_store
 from flows import progress
 from flows.cli import app
 from flows.progress import StepEvent, StepLog, StepProgress, show_steps, step_event, wanted
+from flows.settings import Settings
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -130,14 +131,14 @@ class Tty(io.StringIO):
     pytest.param({}, {"TERM": "dumb"}, False, id="a dumb terminal"),
 ])
 def test_progress_is_only_for_a_person_at_a_terminal(quiet_prefect, kwargs: dict, environ: dict, on: bool) -> None:
-    arguments = {"as_json": False, "verbose": False, "stream": Tty(), "environ": environ} | kwargs
-    assert wanted(**arguments) is on
+    arguments = {"as_json": False, "verbose": False, "stream": Tty()} | kwargs
+    assert wanted(Settings.from_environ(environ), **arguments) is on
 
 
 def test_progress_is_off_when_prefect_logs_steps_at_info(quiet_prefect) -> None:
-    assert wanted(as_json=False, verbose=False, stream=Tty(), environ={})
+    assert wanted(Settings(), as_json=False, verbose=False, stream=Tty())
     logging.getLogger("prefect.task_runs").setLevel(logging.INFO)  # PREFECT_LOGGING_LEVEL=INFO
-    assert not wanted(as_json=False, verbose=False, stream=Tty(), environ={})
+    assert not wanted(Settings(), as_json=False, verbose=False, stream=Tty())
 
 
 def test_showing_steps_leaves_logging_as_it_found_it() -> None:
@@ -155,7 +156,7 @@ def test_a_close_with_progress_on_lists_every_step_done(prefect_server, tmp_path
     """Against Prefect's real records: if Prefect changes what it logs, this fails, not the display."""
     store = str(tmp_path / "store")
     copy_tree_to_store(GOLDEN / "store", store)
-    monkeypatch.setattr(progress, "wanted", lambda **kwargs: True)
+    monkeypatch.setattr(progress, "wanted", lambda settings, **kwargs: True)
     level = logging.getLogger("prefect.task_runs").level
     result = CliRunner().invoke(app, ["close", "--period", "2026-10", "--store", store, "--plans",
                                       str(GOLDEN / "plans")], catch_exceptions=False)

@@ -7,7 +7,8 @@ import pytest
 
 from closeutil import PLANS, close, output_bytes
 from flows.demo import write_demo_store
-from flows.shards import SHARDS_ENV, batches, shard_count
+from flows.settings import SHARDS_ENV, Settings
+from flows.shards import batches, shard_count
 from transforms.errors import InputError
 
 PERIOD = "2026-10"
@@ -19,18 +20,16 @@ class Obj:
     size: int
 
 
-def test_shard_count_follows_input_size_and_the_setting(monkeypatch):
-    monkeypatch.delenv(SHARDS_ENV, raising=False)
-    assert shard_count(0) == 1
-    assert shard_count(24 * 1024 * 1024) == 1
-    assert shard_count(24 * 1024 * 1024 + 1) == 2
-    assert shard_count(10**15) == 1024
-    monkeypatch.setenv(SHARDS_ENV, "7")
-    assert shard_count(0) == 7
+def test_shard_count_follows_input_size_and_the_setting():
+    default = Settings.from_environ({})
+    assert shard_count(0, default) == 1
+    assert shard_count(24 * 1024 * 1024, default) == 1
+    assert shard_count(24 * 1024 * 1024 + 1, default) == 2
+    assert shard_count(10**15, default) == 1024
+    assert shard_count(0, Settings.from_environ({SHARDS_ENV: "7"})) == 7
     for bad in ("0", "-1", "x", "1025"):
-        monkeypatch.setenv(SHARDS_ENV, bad)
         with pytest.raises(InputError, match=SHARDS_ENV):
-            shard_count(1)
+            Settings.from_environ({SHARDS_ENV: bad})
 
 
 @pytest.mark.parametrize("sizes,max_bytes,min_batches", [
