@@ -44,8 +44,9 @@ class Settings:
     """BILLRUN_SHARDS: the number of shards of a close; None: one per 24 MB of usage input."""
     workers: int | None = None
     """BILLRUN_WORKERS: shard tasks and invoice renderers at once on this machine; None: one per core."""
-    duckdb_memory: str = DEFAULT_SHARD_MEMORY
-    """BILLRUN_DUCKDB_MEMORY: DuckDB's memory cap per shard connection (`1500MB`, `2GB`)."""
+    duckdb_memory: str | None = None
+    """BILLRUN_DUCKDB_MEMORY: DuckDB's memory cap per connection (`2GB`); None: 1500MB per shard,
+    1GB for the close's sort of billed_events."""
     prefect_home: Path | None = None
     """PREFECT_HOME: Prefect's folder, whose disk is checked when a command fails."""
     ci: bool = False
@@ -61,7 +62,7 @@ class Settings:
         home = environ.get("PREFECT_HOME")
         return cls(shards=_whole(environ, SHARDS_ENV, 1, MAX_SHARDS),
                    workers=_whole(environ, WORKERS_ENV, 1, None),
-                   duckdb_memory=environ.get(MEMORY_ENV, DEFAULT_SHARD_MEMORY),
+                   duckdb_memory=environ.get(MEMORY_ENV) or None,
                    prefect_home=Path(home) if home else None,
                    ci="CI" in environ,
                    dumb_terminal=environ.get("TERM") == "dumb")
@@ -93,8 +94,9 @@ VARIABLES = (
              "shards"),
     Variable(WORKERS_ENV, "one per core", "shard tasks and invoice renderers running at once on this machine",
              "workers"),
-    Variable(MEMORY_ENV, f"`{DEFAULT_SHARD_MEMORY}`", "DuckDB's memory cap per shard (on a Dask cluster too: the "
-             "close's value travels with its tasks)", "duckdb_memory"),
+    Variable(MEMORY_ENV, f"`{DEFAULT_SHARD_MEMORY}` per shard, `1GB` for the sort of billed_events",
+             "DuckDB's memory cap per shard and for the close's sort of billed_events (on a Dask cluster "
+             "too: the close's value travels with its tasks)", "duckdb_memory"),
     Variable("BILLRUN_DASK_ADDRESS", "none", "`billrun close --dask ADDRESS`: run the shard tasks on this Dask "
              "cluster (`tcp://scheduler:8786`)"),
     Variable(WEBHOOK_ENV, "none", "set by `billrun nightly --webhook URL` for the flow to read; name your own "

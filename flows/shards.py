@@ -31,7 +31,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.billed_index import CommittedIndex
 from flows.ingest import normalized_object
 from flows.retries import IO_RETRIES
-from flows.settings import MAX_SHARDS, Settings
+from flows.settings import DEFAULT_SHARD_MEMORY, MAX_SHARDS, Settings
 from flows.store import LocalStore, open_store
 from transforms.errors import InputError
 from transforms.layout import work_prefix
@@ -282,7 +282,8 @@ def settle_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]], re
     todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
     context = Opaque((reference, catalog, index))
     futures = [runner.submit(settle_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,
-                                            "period": period, "memory_limit": settings.duckdb_memory})
+                                            "period": period,
+                                            "memory_limit": settings.duckdb_memory or DEFAULT_SHARD_MEMORY})
                for shard, keys in todo.items()]
     # Folded in as they come, FOLD_SHARDS at a time: each shard's per-day units span most
     # customers, so all shards' results at once would hold many times the merged table.
