@@ -7,7 +7,7 @@ flow itself, `close_period`. A name with a leading underscore is its module's ow
 module that needs it from elsewhere needs a public name in a module meant to be shared.
 
 Tests are left out of the second rule: a test of a module may call that module's private helpers
-directly. They may import the close's public names (closed_manifest, close_period), never
+directly. They may import the close's public names (`close_period`), never
 its private ones. The checks read the source (ast), so they cost no import and run in the fast lane.
 """
 from __future__ import annotations
