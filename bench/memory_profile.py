@@ -6,7 +6,7 @@ Runs `close_period` in this process (after removing the store's billing/ folder,
 does) while a thread samples every 0.1 s: the RSS of this process and of its children (the
 spawned render workers), and which step the close is in (the step entered last; each
 step is timed around its task's body, without Prefect). After settlement it also prints what the
-Settlement's frames take (Polars' estimated size), so a peak can be told apart from the frames.
+CheckedUsage's frames take (Polars' estimated size), so a peak can be told apart from the frames.
 The code measured is whatever `flows` and `transforms` import: set PYTHONPATH to a copy of the
 repository to measure another version.
 """
@@ -26,8 +26,8 @@ STEPS = {  # module: (task or function, step)
                     ("replay_credits", "replay-credits"), ("rate_invoices", "rate-invoices")),
     "flows.outputs": (("write_outputs", "write-outputs"),),
     "flows.publish": (("publish", "publish"),),
-    "flows.shards": (("normalize_batch", "normalize-usage"), ("settle_shard", "settle-usage"),
-                     ("merged_settlement", "settle-merge")),
+    "flows.shards": (("normalize_batch", "normalize-usage"), ("check_shard", "settle-usage"),
+                     ("merged_usage", "settle-merge")),
 }
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024
@@ -118,12 +118,12 @@ class Sampler(threading.Thread):
         self.join()
 
 
-def frame_sizes(settlement) -> dict[str, float]:
-    sizes = {name: getattr(settlement, name).estimated_size() / MB
+def frame_sizes(checked) -> dict[str, float]:
+    sizes = {name: getattr(checked, name).estimated_size() / MB
              for name in ("quarantine", "usage_by_dims", "usage_by_day", "per_event_usage")}
-    sizes["per_event_rows"] = settlement.per_event_usage.height
-    sizes["usage_by_day_rows"] = settlement.usage_by_day.height
-    sizes["credit_history_events"] = len(settlement.credit_history)
+    sizes["per_event_rows"] = checked.per_event_usage.height
+    sizes["usage_by_day_rows"] = checked.usage_by_day.height
+    sizes["credit_history_events"] = len(checked.credit_history)
     return sizes
 
 
@@ -154,15 +154,15 @@ def main() -> None:
                 setattr(module, attr, sampler.wrap(step, target))
 
     settled = {}
-    merge = shards.merged_settlement  # settle_shards returns its last, whole merge
+    merge = shards.merged_usage  # checked_in_shards returns its last, whole merge
 
     def measured_merge(*a, partial: bool = False, **k):
-        settlement = merge(*a, partial=partial, **k)
+        checked = merge(*a, partial=partial, **k)
         if not partial:
-            settled.update(frame_sizes(settlement))
-        return settlement
+            settled.update(frame_sizes(checked))
+        return checked
 
-    shards.merged_settlement = measured_merge
+    shards.merged_usage = measured_merge
     started, cpu0 = time.perf_counter(), cpu_seconds()
     sampler.start()
     result = close_period(store=str(args.store.resolve()), plans=str(args.plans.resolve()), period=args.period)

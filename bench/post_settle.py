@@ -42,11 +42,11 @@ import flows.steps as steps  # noqa: E402
 from flows.outputs import PARQUET  # noqa: E402
 from flows.settings import Settings  # noqa: E402
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices  # noqa: E402
+from transforms.checked_usage import merged_usage  # noqa: E402
 from transforms.credits.events import credit_meters  # noqa: E402
 from transforms.margins import segment_plans  # noqa: E402
 from transforms.periods import Period  # noqa: E402
 from transforms.plans import load_catalog  # noqa: E402
-from transforms.settle import merged_settlement  # noqa: E402
 
 LOG = logging.getLogger("post_settle")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -117,11 +117,11 @@ def settle(store: str, plans: str, period: Period, work: Path) -> dict:
             by_shard.setdefault(shard, []).extend(keys)
     from flows.billed_index import committed_index
     context = shards.Opaque((reference, catalog, committed_index(store)))
-    parts = [shards.settle_shard.fn(scratch, shard, sorted(keys), context, period,
+    parts = [shards.check_shard.fn(scratch, shard, sorted(keys), context, period,
                                    settings.duckdb_memory or shards.DEFAULT_SHARD_MEMORY)
              for shard, keys in sorted(by_shard.items())]
-    settlement = merged_settlement([p.value for p in parts])
-    return {"catalog": catalog, "inputs": inputs, "costs": costs, "reference": reference, "settlement": settlement}
+    checked = merged_usage([p.value for p in parts])
+    return {"catalog": catalog, "inputs": inputs, "costs": costs, "reference": reference, "settlement": checked}
 
 
 def module_at(rev: str, path: str, uses: dict | None = None):
@@ -197,7 +197,7 @@ def tables(impl: dict, state: dict, outcome, invoices, lines: pl.DataFrame, peri
            revenue: dict) -> dict:
     """The write-outputs tables this bench times: name -> a function building the frame.
     `revenue` keeps the revenue frame built, as journal's input."""
-    reference, settlement = state["reference"], state["settlement"]
+    reference, checked = state["reference"], state["settlement"]
     segments = list(reference.segments)
     spend = {inv.subscription_id: sum(line.amount_minor for line in inv.lines if line.kind in ("usage", "overage"))
              for inv in invoices}
@@ -212,15 +212,15 @@ def tables(impl: dict, state: dict, outcome, invoices, lines: pl.DataFrame, peri
         "invoices": lambda: impl["invoices"].invoices_table(invoices),
         "invoice_lines": lambda: impl["invoices"].lines_table(invoices),
         "margins": lambda: impl["margins"].margins_table(
-            lines, settlement.usage_by_day, segment_plans(reference.segments),
+            lines, checked.usage_by_day, segment_plans(reference.segments),
             state["costs"][0], period),
         "spend_alerts": lambda: alerts_table(impl["spend"].spend_alerts(
-            period, segments, settlement.usage_by_day, settlement.per_event_usage, outcome.billable_by_day,
+            period, segments, checked.usage_by_day, checked.per_event_usage, outcome.billable_by_day,
             credit_meters(segments), spend)),
         "alerts": lambda: alerts_table(
             price_change_notices(period, list(reference.subscriptions), state["catalog"])
             + credit_alerts(outcome, period)
-            + impl["spend"].spend_alerts(period, segments, settlement.usage_by_day, settlement.per_event_usage,
+            + impl["spend"].spend_alerts(period, segments, checked.usage_by_day, checked.per_event_usage,
                                          outcome.billable_by_day, credit_meters(segments), spend)),
         "credit_ledger": lambda: impl["credits"].ledger_table(outcome, period),
         "credit_balances": lambda: impl["credits"].balances_table(outcome, period),
@@ -266,7 +266,7 @@ def main() -> None:
         with state_path.open("rb") as fh:
             state = pickle.load(fh)
     report_rows.append({"piece": "load state", **m.row()})
-    reference, settlement, catalog = state["reference"], state["settlement"], state["catalog"]
+    reference, checked, catalog = state["reference"], state["settlement"], state["catalog"]
 
     import transforms.credits.ledger as credits_now
     import transforms.invoices as invoices_now
@@ -282,10 +282,10 @@ def main() -> None:
     digests: dict[str, dict[str, str]] = {}
     for label, impl in impls.items():
         with Measured() as m:
-            outcome = impl["steps"].replay_credits.fn(settlement, reference, catalog, period)
+            outcome = impl["steps"].replay_credits.fn(checked, reference, catalog, period)
         report_rows.append({"piece": f"replay-credits [{label}]", **m.row()})
         with Measured() as m:
-            invoices = impl["steps"].rate_invoices.fn(settlement, reference, outcome, period)
+            invoices = impl["steps"].rate_invoices.fn(checked, reference, outcome, period)
         report_rows.append({"piece": f"rate-invoices [{label}]", **m.row()})
         invoices = [replace(inv, run_id="bench") for inv in invoices]
         lines = invoices_now.lines_table(invoices)  # margins' input, built once

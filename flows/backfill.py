@@ -240,15 +240,15 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                 for period in closed:
                     reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
                     customers = reference.customers
-                    settlement = usage.settle(reference, catalog, period, index)
+                    checked = usage.checked(reference, catalog, period, index)
                     if str(period) in index.decided:  # what its documents will bill after this run
                         changes = work_dir / "billed" / f"changes-{period}.parquet"
-                        billed = usage.billed_files(settlement, work_dir / "billed" / str(period))
+                        billed = usage.billed_files(checked, work_dir / "billed" / str(period))
                         count = correction_index(index, str(period), billed, work_dir / "index-own", changes)
                         if count:
                             index_changes.append((str(period), changes, count))
-                    outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)
-                    rerated = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
+                    outcome = replay_credits(quote(checked), quote(reference), quote(catalog), period)
+                    rerated = rate_invoices(quote(checked), quote(reference), quote(outcome), period)
                     plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
                     record = issued[str(period)]
                     roundings.update(subscription_plans(reference.segments).rounding)

@@ -30,7 +30,7 @@ from flows.publish import closed_manifest, output_folder, publish
 from flows.report import fetch_costs
 from flows.secrets import keep_secrets_out_of_logs
 from flows.settings import Settings
-from flows.shards import drop_scratch, normalize_shards, scratch_for, settle_shards, shard_runner
+from flows.shards import checked_in_shards, drop_scratch, normalize_shards, scratch_for, shard_runner
 from flows.statement import with_local_lineage
 from flows.steps import (
     Inputs,
@@ -44,13 +44,13 @@ from flows.steps import (
 )
 from flows.store import open_store
 from flows.testing_seam import fault_point
+from transforms.checked_usage import split_at_replay, usage_row_counts
 from transforms.credits.events import credit_meters
 from transforms.errors import InputError
 from transforms.guards import close_too_early, close_without_usage, rows_in_period
 from transforms.layout import MANIFEST, billed_index_key, period_prefix
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
-from transforms.settle import split_at_replay, usage_row_counts
 
 
 @dataclass
@@ -125,23 +125,23 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
             fault_point("normalized")
             # what the closed periods' documents bill (their billed-event index) is never billed again
             index = committed_index(store)
-            settlement = settle_shards(runner, scratch, shard_keys, reference, catalog, period, index, settings)
-            settlement = with_local_lineage(settlement, scratch, work_dir)
+            checked = checked_in_shards(runner, scratch, shard_keys, reference, catalog, period, index, settings)
+            checked = with_local_lineage(checked, scratch, work_dir)
         # the period's index is sorted and written by DuckDB, off the interpreter's lock, while the
         # wallets replay and the invoices are rated in this process
-        indexing = index_billed.submit(scratch.uri, list(settlement.billed_ids), str(period), work_dir)
+        indexing = index_billed.submit(scratch.uri, list(checked.billed_ids), str(period), work_dir)
         fault_point("settled")
         no_usage = close_without_usage(
-            period, rows_in_period(usage_row_counts(settlement.counts, len(normalized.unreadable))["read"],
-                                   settlement.quarantine),
+            period, rows_in_period(usage_row_counts(checked.counts, len(normalized.unreadable))["read"],
+                                   checked.quarantine),
             list(reference.segments))
         if no_usage and not allow_empty:
             raise InputError(no_usage)
         # the per-event rows of credit meters (millions at 100M events) go to the replay only;
         # Prefect keeps a task's arguments until the flow ends, so the whole settlement is not one
-        for_replay, settlement = split_at_replay(settlement, credit_meters(list(reference.segments)))
+        for_replay, checked = split_at_replay(checked, credit_meters(list(reference.segments)))
         outcome = replay_credits(quote(for_replay), quote(reference), quote(catalog), period)
-        invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
+        invoices = rate_invoices(quote(checked), quote(reference), quote(outcome), period)
         fault_point("rated")
         index_file, indexed = indexing.result()
         drop_scratch(scratch)
@@ -152,7 +152,7 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
         out_dir = output_folder(store, run_id, hold.token, work_dir)
         # the period's index goes in before the manifest, which names it: it counts once the period is closed
         [index_entry] = record_billed(store, [(billed_index_key(str(period), run_id), index_file, indexed)])
-        names, manifest = write_outputs(quote(invoices), quote(settlement), quote(normalized), quote(reference),
+        names, manifest = write_outputs(quote(invoices), quote(checked), quote(normalized), quote(reference),
                                         quote(inputs), quote(catalog), quote(outcome),
                                         period, run_id, quote(costs), plan_entries, out_dir, index_entry,
                                         settings=settings)

@@ -1,5 +1,5 @@
 """The period engine's row-level steps as every flow runs them: usage normalized into shards
-once, then settled per period by shard (flows/shards.py, transforms/settle.py), then rated
+once, then settled per period by shard (flows/shards.py, transforms/checked_usage.py), then rated
 (transforms/engine.py). Backfill, simulate, impact and preview settle through these, as the
 close does, so a period is settled one way whichever command asks; nightly settles each night's
 objects through them too, and ranks what they bill against earlier nights' copies by the same
@@ -25,16 +25,16 @@ from flows.shards import (
     SCRATCH_PARQUET,
     Normalized,
     Scratch,
+    checked_in_shards,
     drop_scratch,
     normalize_shards,
     scratch_for,
-    settle_shards,
     shard_runner,
 )
 from flows.store import LocalStore, open_store
+from transforms.checked_usage import CheckedUsage
 from transforms.periods import Period, utc_midnight
 from transforms.plans import Catalog
-from transforms.settle import Settlement
 
 
 @dataclass(frozen=True)
@@ -47,22 +47,22 @@ class PeriodUsage:
     shard_keys: dict[int, list[str]]      # shard -> scratch keys of its files
     settings: Settings
 
-    def settle(self, reference, catalog: Catalog, period: Period, index: CommittedIndex) -> Settlement:
+    def checked(self, reference, catalog: Catalog, period: Period, index: CommittedIndex) -> CheckedUsage:
         """The period settled as the close settles it: each shard on its own, merged. Events
         the counted periods of `index` bill are not billed; the settlement's `billed_ids` are
         scratch keys (`billed_files` brings them here)."""
-        return settle_shards(self.runner, self.scratch, self.shard_keys, reference, catalog, period, index,
+        return checked_in_shards(self.runner, self.scratch, self.shard_keys, reference, catalog, period, index,
                              self.settings)
 
-    def billed_files(self, settlement: Settlement, cache_dir: Path) -> list[Path]:
+    def billed_files(self, checked: CheckedUsage, cache_dir: Path) -> list[Path]:
         """The settlement's billed event_ids as local files (read them before the next period
         is settled: each settlement writes its shards' files under the same keys)."""
-        return self._local(sorted(settlement.billed_ids), cache_dir)
+        return self._local(sorted(checked.billed_ids), cache_dir)
 
-    def lineage_files(self, settlement: Settlement, cache_dir: Path) -> list[Path]:
-        """The settlement's billed and duplicate rows (settle_usage.sql `lineage`) as local files
+    def lineage_files(self, checked: CheckedUsage, cache_dir: Path) -> list[Path]:
+        """The settlement's billed and duplicate rows (checked_usage.sql `lineage`) as local files
         (read them before the next period is settled, as `billed_files`)."""
-        return self._local(sorted(settlement.lineage), cache_dir)
+        return self._local(sorted(checked.lineage), cache_dir)
 
     def files(self, cache_dir: Path) -> list[Path]:
         """Every normalized shard file, on this machine."""

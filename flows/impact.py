@@ -80,10 +80,10 @@ def rerated_outcomes(store: str, usage: PeriodUsage, reference: CheckedReference
     """The period re-rated with `catalog` by the close's steps, as the close would bill it (and
     as `simulate` re-rates), with the revenue and margins the close would write."""
     index = committed_index(store, leave_out=[str(period)])
-    settlement = _sided(which, usage.settle, reference, catalog, period, index)
-    outcome = _sided(which, replay_credits, quote(settlement), quote(reference), quote(catalog), period)
-    invoices = _sided(which, rate_invoices, quote(settlement), quote(reference), quote(outcome), period)
-    return rated_outcomes(period, invoices, outcome, reference.segments, settlement.usage_by_day, costs)
+    checked = _sided(which, usage.checked, reference, catalog, period, index)
+    outcome = _sided(which, replay_credits, quote(checked), quote(reference), quote(catalog), period)
+    invoices = _sided(which, rate_invoices, quote(checked), quote(reference), quote(outcome), period)
+    return rated_outcomes(period, invoices, outcome, reference.segments, checked.usage_by_day, costs)
 
 
 @flow(name="impact", log_prints=False)

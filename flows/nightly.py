@@ -69,6 +69,7 @@ from flows.steps import (
 from flows.store import StoreError, open_store
 from transforms.alerts import Alert, alerts_table, credit_alerts, price_change_notices
 from transforms.billed_index import id_hash_macro
+from transforms.checked_usage import copy_order_macro, plan_meters, usage_row_counts
 from transforms.credits.checkpoint import (
     checkpoint_bytes,
     checkpoint_from,
@@ -114,7 +115,6 @@ from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
 from transforms.queries import statements
 from transforms.reference import segments_frame
-from transforms.settle import copy_order_macro, plan_meters, usage_row_counts
 from transforms.spend import spend_alerts_resumed, subscriptions_over_budget, usage_spend_by_subscription
 
 SQL_FILE = "nightly.sql"
@@ -172,7 +172,7 @@ def base_snapshot(store, period: Period, day: date) -> dict:
 
 
 def per_event_meters(catalog) -> list[str]:
-    """Meters some plan prices or pays with credits event by event (see transforms.settle.plan_meters)."""
+    """Meters some plan prices or pays with credits event by event (see transforms.checked_usage.plan_meters)."""
     frame = plan_meters(catalog).filter(pl.col("per_event"))
     return sorted(set(frame["meter"].to_list()))
 
@@ -657,7 +657,7 @@ def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
             with period_usage(store, intake.inputs, work_dir, f"nightly-{the_day}", settings) as shards:
                 # tonight's objects settled by the engine as the close settles its period, through
                 # the night's end; then ranked against earlier nights' copies by the close's rule
-                tonight = shards.through(the_day).settle(reference, catalog, period, index)
+                tonight = shards.through(the_day).checked(reference, catalog, period, index)
                 usage = settle_night(store, shards.files(work_dir / "normalized"), list(shards.normalized.unreadable),
                                      tonight.counts, shards.lineage_files(tonight, work_dir / "lineage"),
                                      quote(intake), quote(reference), period, the_day, work_dir)

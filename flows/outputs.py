@@ -25,6 +25,7 @@ from flows.statement import LINEAGE_MEMORY, billed_events_table
 from flows.steps import CheckedReference, Inputs, catalog_entries, file_sha256
 from transforms.adjustments import adjustment_counts, billed_table
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
+from transforms.checked_usage import CheckedUsage, quarantine_table, quarantined_by_reason, usage_row_counts
 from transforms.collector import cycle_collector_paused
 from transforms.credits.events import credit_meters
 from transforms.credits.ledger import balances_table, ledger_table
@@ -37,7 +38,6 @@ from transforms.periods import Period
 from transforms.plans import Catalog
 from transforms.reference import subscription_plans
 from transforms.revenue import journal, revenue_table, tax_rows
-from transforms.settle import Settlement, quarantine_table, quarantined_by_reason, usage_row_counts
 from transforms.spend import spend_alerts, usage_spend_by_subscription
 
 PARQUET = {"compression": "zstd", "statistics": True, "row_group_size": 262_144}
@@ -49,7 +49,7 @@ the same close wrote different bytes on a 2-core and an 8-core machine."""
 
 
 @task(name="write-outputs", cache_policy=NO_CACHE)
-def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
+def write_outputs(invoices: list[Invoice], checked: CheckedUsage, normalized: Normalized,
                   reference: CheckedReference, inputs: Inputs, catalog: Catalog, outcome: WalletReplay, period: Period,
                   run_id: str, costs: tuple,
                   plan_entries: list[dict], out_dir: Path, index_entry: dict | None = None, *,
@@ -82,7 +82,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
                                         stop=stop)
     try:
         with cycle_collector_paused():  # millions of table cells, none of them a cycle
-            by_reason, adjusted = _write_tables(write, invoices, settlement, normalized, reference, catalog,
+            by_reason, adjusted = _write_tables(write, invoices, checked, normalized, reference, catalog,
                                                 outcome, period, costs, settings.duckdb_memory or LINEAGE_MEMORY)
         tables_done = time.perf_counter()
         documents = documents_future.result()
@@ -108,10 +108,10 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
         "plans": plan_entries,
         "catalog": catalog_entries(catalog),
         "costs": costs[1],
-        "rows": usage_row_counts(settlement.counts, unreadable),
+        "rows": usage_row_counts(checked.counts, unreadable),
         "objects": {"usage": len(inputs.usage), "unreadable": unreadable},
         "quarantined_by_reason": by_reason,
-        "conflicting_duplicates": settlement.conflicts.height,
+        "conflicting_duplicates": checked.conflicts.height,
         "billed_event_index": index_entry,
         **({"adjustments": adjusted} if adjusted is not None else {}),
         "totals": totals_by_currency(invoices),
@@ -124,7 +124,7 @@ def write_outputs(invoices: list[Invoice], settlement: Settlement, normalized: N
     return sorted(names), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normalized: Normalized,
+def _write_tables(write, invoices: list[Invoice], checked: CheckedUsage, normalized: Normalized,
                   reference: CheckedReference, catalog: Catalog, outcome: WalletReplay, period: Period,
                   costs: tuple, lineage_memory: str) -> tuple[dict[str, int], dict | None]:
     """The period's tables, each through `write(name, frame)`; returns the quarantined rows per
@@ -132,20 +132,20 @@ def _write_tables(write, invoices: list[Invoice], settlement: Settlement, normal
     write("invoices.parquet", invoices_table(invoices))
     lines = lines_table(invoices)
     write("invoice_lines.parquet", lines)
-    write("usage_summary.parquet", settlement.usage_by_dims)
-    write("margins.parquet", margins_table(lines, settlement.usage_by_day, segment_plans(reference.segments),
+    write("usage_summary.parquet", checked.usage_by_dims)
+    write("margins.parquet", margins_table(lines, checked.usage_by_day, segment_plans(reference.segments),
                                            costs[0], period))
-    quarantine = quarantine_table(settlement.quarantine, normalized.unreadable)
+    quarantine = quarantine_table(checked.quarantine, normalized.unreadable)
     write("quarantine.parquet", quarantine)
-    write("conflicting_duplicates.parquet", settlement.conflicts)
+    write("conflicting_duplicates.parquet", checked.conflicts)
     write("alerts.parquet", alerts_table(
         price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period)
-        + spend_alerts(period, list(reference.segments), settlement.usage_by_day, settlement.per_event_usage,
+        + spend_alerts(period, list(reference.segments), checked.usage_by_day, checked.per_event_usage,
                        outcome.billable_by_day, credit_meters(list(reference.segments)),
                        usage_spend_by_subscription(invoices))))
     ledger = ledger_table(outcome, period)
     write("credit_ledger.parquet", ledger)
-    with billed_events_table(settlement, lines, quarantine, ledger, lineage_memory) as billed_events:
+    with billed_events_table(checked, lines, quarantine, ledger, lineage_memory) as billed_events:
         write("billed_events.parquet", billed_events)
     del ledger
     write("credit_balances.parquet", balances_table(outcome, period))

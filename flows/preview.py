@@ -63,9 +63,9 @@ def rate_so_far(store: str, plans: str, customer: str, day: str, settings: Setti
         index = committed_index(store, leave_out=[str(period)])
         with period_usage(store, inputs, work_dir, f"preview-{the_day}", settings) as usage:
             # the events up to the end of the day, as a night of that day takes them in
-            settlement = usage.through(the_day).settle(reference, catalog, period, index)
-        outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), period)
-        invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), period)
+            checked = usage.through(the_day).checked(reference, catalog, period, index)
+        outcome = replay_credits(quote(checked), quote(reference), quote(catalog), period)
+        invoices = rate_invoices(quote(checked), quote(reference), quote(outcome), period)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     mine = [inv for inv in invoices if inv.customer_id == customer]

@@ -3,7 +3,7 @@
 Every usage row goes to one of N shards by a hash of its event_id, so all copies of an event
 (in this period and in earlier ones) meet in one shard and deduplication never crosses shards.
 A shard is settled on its own DuckDB connection with a memory cap (it spills rather than grows),
-and the small results are merged (`transforms.settle.merged_settlement`) into exactly what one
+and the small results are merged (`transforms.checked_usage.merged_usage`) into exactly what one
 settlement of all rows gives. N only changes memory and parallelism, never a byte of output.
 
 Normalized shard files live in a scratch area addressed as a store: the close's local work
@@ -33,11 +33,11 @@ from flows.ingest import normalized_object
 from flows.retries import IO_RETRIES
 from flows.settings import DEFAULT_SHARD_MEMORY, MAX_SHARDS, Settings
 from flows.store import LocalStore, open_store
+from transforms.checked_usage import CheckedUsage, checked_usage, merged_usage
 from transforms.errors import InputError
 from transforms.layout import work_prefix
 from transforms.periods import Period
 from transforms.plans import Catalog
-from transforms.settle import Settlement, merged_settlement, settled_usage
 
 SCRATCH_PARQUET = {"compression": "lz4", "statistics": True}
 """Shard files live minutes and are read once: lz4 writes and reads them about twice as cheaply
@@ -173,13 +173,13 @@ def normalize_batch(store_uri: str, batch: Opaque, scratch: Scratch, shards: int
 
 
 @task(name="settle-usage", cache_policy=NO_CACHE)
-def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period,
+def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period,
                  memory_limit: str) -> Opaque:
     """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past `memory_limit`
     (the close's BILLRUN_DUCKDB_MEMORY, also on a Dask worker).
     Events the billed-event index shows billed in another closed period are not billed; the
     shard's billed event_ids go to the scratch area (`billed/`), for the period's index.
-    The Settlement comes back in an Opaque, which `settle_shards` empties once merged: Prefect
+    The CheckedUsage comes back in an Opaque, which `checked_in_shards` empties once merged: Prefect
     keeps every task run's result until the flow ends, and the shards' results together are as
     large as the merged settlement.
     Not retried: the settlement is pure work that fails the same way twice, and its reads and
@@ -195,7 +195,7 @@ def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque,
                                      "memory_limit": memory_limit,
                                      "preserve_insertion_order": False})
         try:
-            settlement = settled_usage(con, [local[k] for k in sorted(keys)], reference.customers,
+            checked = checked_usage(con, [local[k] for k in sorted(keys)], reference.customers,
                                        list(reference.subscriptions), list(reference.segments), catalog, period,
                                        index.local(Path(tmp) / "index"), billed_out,
                                        lineage_to=Path(tmp) / "lineage.parquet")
@@ -205,12 +205,12 @@ def settle_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque,
         open_store(scratch.uri).put_file(lineage_key, Path(tmp) / "lineage.parquet")
         billed_key = scratch.key(f"billed/shard={shard:04d}.parquet")
         open_store(scratch.uri, create=True).put_file(billed_key, billed_out)
-        settlement = replace(settlement, lineage=(lineage_key,), billed_ids=(billed_key,))
-    c = settlement.counts
+        checked = replace(checked, lineage=(lineage_key,), billed_ids=(billed_key,))
+    c = checked.counts
     get_run_logger().info("settle-usage: shard %d: read %d, billed %d, duplicates %d, quarantined %d in %.2fs",
                           shard, c["read"], c["billed"], c["duplicates"], c["quarantined"],
                           time.perf_counter() - started)
-    return Opaque(settlement)
+    return Opaque(checked)
 
 
 def local_workers(settings: Settings) -> int:
@@ -275,26 +275,26 @@ def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch,
     return normalized, {k: sorted(v) for k, v in sorted(by_shard.items())}
 
 
-def settle_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]], reference, catalog: Catalog,
-                  period: Period, index: CommittedIndex, settings: Settings) -> Settlement:
+def checked_in_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]], reference, catalog: Catalog,
+                      period: Period, index: CommittedIndex, settings: Settings) -> CheckedUsage:
     """Each shard settled on its own, then merged into the settlement of all rows. The merged
     settlement's `billed_ids` are the shards' scratch keys of their billed event_ids."""
     todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
     context = Opaque((reference, catalog, index))
-    futures = [runner.submit(settle_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,
+    futures = [runner.submit(check_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,
                                             "period": period,
                                             "memory_limit": settings.duckdb_memory or DEFAULT_SHARD_MEMORY})
                for shard, keys in todo.items()]
     # Folded in as they come, FOLD_SHARDS at a time: each shard's per-day units span most
     # customers, so all shards' results at once would hold many times the merged table.
-    pending: list[Settlement] = []
+    pending: list[CheckedUsage] = []
     for future in futures:
         box = future.result()
         if len(pending) >= FOLD_SHARDS:  # the last part is never folded: the final merge has two parts or more
-            pending = [merged_settlement(pending, partial=True)]
+            pending = [merged_usage(pending, partial=True)]
         pending.append(box.value)
         box.value = None  # Prefect keeps the (now empty) box until the flow ends
-    return merged_settlement(pending)
+    return merged_usage(pending)
 
 
 FOLD_SHARDS = 8

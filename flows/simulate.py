@@ -60,6 +60,7 @@ from flows.steps import (
     replay_credits,
 )
 from flows.store import open_store
+from transforms.checked_usage import CheckedUsage
 from transforms.credits.model import WalletReplay
 from transforms.errors import InputError
 from transforms.invoices import Invoice
@@ -69,7 +70,6 @@ from transforms.money import decimal_text
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
 from transforms.reference import checked_customers, segments_in
-from transforms.settle import Settlement
 from transforms.simulate import (
     SHOCK_DEFAULT,
     Move,
@@ -117,7 +117,7 @@ class Rerated:
 
     reference: CheckedReference
     moved: frozenset[str]          # subscription ids moved
-    settlement: Settlement
+    checked: CheckedUsage
     outcome: WalletReplay
     invoices: list[Invoice]
     inputs: Inputs
@@ -160,7 +160,7 @@ def compare_models(store: str, period: Period, moves: tuple[Move, ...], customer
     """Both models side by side: per customer, per currency, and what the charts draw."""
     current = closed_outcomes(closed, original.segments, costs)
     candidate = rated_outcomes(period, rerated.invoices, rerated.outcome, rerated.reference.segments,
-                               rerated.settlement.usage_by_dims, costs)
+                               rerated.checked.usage_by_dims, costs)
     names = dict(original.customers.select("customer_id", "name").iter_rows())
     models = compared_models(current, candidate, rerated, names, shock, closed.quarantine)
     result = {
@@ -251,15 +251,15 @@ def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: st
         # settled as the close settles it; what the other closed periods' documents bill is not billed here
         index = committed_index(store, leave_out=[str(the_period)])
         with period_usage(store, inputs, work_dir, f"simulate-{the_period}-{label}", settings) as usage:
-            settlement = usage.settle(reference, catalog, the_period, index)
-        outcome = replay_credits(quote(settlement), quote(reference), quote(catalog), the_period)
-        invoices = rate_invoices(quote(settlement), quote(reference), quote(outcome), the_period)
+            checked = usage.checked(reference, catalog, the_period, index)
+        outcome = replay_credits(quote(checked), quote(reference), quote(catalog), the_period)
+        invoices = rate_invoices(quote(checked), quote(reference), quote(outcome), the_period)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     costs, costs_source = fetch_costs(store)
     history = load_revenue_history(store)
     simulation = compare_models(store, the_period, moves, wanted, threshold, quote(original),
-                                quote(Rerated(reference, moved, settlement, outcome, invoices, inputs)),
+                                quote(Rerated(reference, moved, checked, outcome, invoices, inputs)),
                                 quote(closed), quote(costs), costs_source, quote(history))
     result = simulation.result
     if report:

@@ -14,19 +14,19 @@ import polars as pl
 
 from flows.explain import DOCUMENT_ID, document_folder, frame_at
 from flows.store import open_store
+from transforms.checked_usage import CheckedUsage
 from transforms.errors import InputError
 from transforms.invoices import USAGE_LINE_KINDS
 from transforms.lineage import BILLED_EVENTS_SCHEMA, billed_events, decimal_text, statement_rows
-from transforms.settle import Settlement
 
 
-def with_local_lineage(settlement: Settlement, scratch, work_dir: Path) -> Settlement:
+def with_local_lineage(checked: CheckedUsage, scratch, work_dir: Path) -> CheckedUsage:
     """The settlement with its lineage files on this machine (the shards wrote them to the
     scratch area, which a cluster's workers share and which is dropped after settling)."""
-    if not settlement.lineage:
-        return settlement
-    local = open_store(scratch.uri).fetch(sorted(settlement.lineage), work_dir / "lineage")
-    return replace(settlement, lineage=tuple(str(local[k]) for k in sorted(settlement.lineage)))
+    if not checked.lineage:
+        return checked
+    local = open_store(scratch.uri).fetch(sorted(checked.lineage), work_dir / "lineage")
+    return replace(checked, lineage=tuple(str(local[k]) for k in sorted(checked.lineage)))
 
 
 LINEAGE_MEMORY = "1GB"
@@ -35,19 +35,19 @@ LINEAGE_MEMORY = "1GB"
 
 
 @contextmanager
-def billed_events_table(settlement: Settlement, lines: pl.DataFrame, quarantine: pl.DataFrame,
+def billed_events_table(checked: CheckedUsage, lines: pl.DataFrame, quarantine: pl.DataFrame,
                         ledger: pl.DataFrame, memory_limit: str = LINEAGE_MEMORY) -> Iterator[pl.LazyFrame]:
     """The period's billed_events (transforms.lineage.billed_events), sorted by DuckDB into a
     file next to the lineage files (the close's work folder), as a plan that streams it to the
     table's writer; the file is gone after the block. The close's memory holds neither the
     period's events nor their sort: DuckDB spills past `memory_limit`, and the writer reads row groups."""
-    folder = Path(settlement.lineage[0]).parent if settlement.lineage else None
+    folder = Path(checked.lineage[0]).parent if checked.lineage else None
     with tempfile.TemporaryDirectory(prefix="billed-events-", dir=folder) as tmp:
         sorted_rows = Path(tmp) / "sorted.parquet"
         con = duckdb.connect(config={"temp_directory": str(Path(tmp) / "spill"),
                                      "memory_limit": memory_limit})
         try:
-            relation = billed_events(con, list(settlement.lineage), lines, quarantine, ledger)
+            relation = billed_events(con, list(checked.lineage), lines, quarantine, ledger)
             relation.write_parquet(str(sorted_rows), compression="lz4")
         finally:
             con.close()

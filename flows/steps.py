@@ -29,6 +29,7 @@ from flows.preflight import closed_periods
 from flows.retries import IO_RETRIES
 from flows.store import open_store, store_identity
 from transforms.adjustments import Adjustment, adjustment_rows, billed_by_periods, checked_rows, period_adjustments
+from transforms.checked_usage import CheckedUsage
 from transforms.collector import cycle_collector_paused
 from transforms.credits.events import credit_events_by_customer
 from transforms.credits.grants import history_grants
@@ -53,7 +54,6 @@ from transforms.layout import (
 from transforms.periods import Period
 from transforms.plans import Catalog
 from transforms.reference import Segment, Subscription, checked_customers, checked_subscriptions, segments_in
-from transforms.settle import Settlement
 from transforms.tax.rules import RulesProvider, load_rules
 from transforms.terms import seller_block as terms_seller_block
 
@@ -234,7 +234,7 @@ def seller_block(inputs: Inputs) -> dict:
 
 
 @task(name="replay-credits", cache_policy=NO_CACHE)
-def replay_credits(settlement: Settlement, reference: CheckedReference, catalog: Catalog,
+def replay_credits(checked: CheckedUsage, reference: CheckedReference, catalog: Catalog,
                    period: Period) -> WalletReplay:
     """Every wallet from its first grant through the period, in event time."""
     started = time.perf_counter()
@@ -242,19 +242,19 @@ def replay_credits(settlement: Settlement, reference: CheckedReference, catalog:
     with cycle_collector_paused():  # a ledger entry per consumed event, none of them a cycle
         outcome = replayed_wallets(
             history_grants(subs, catalog, list(reference.purchases), period), subs, catalog,
-            settlement.credit_history, period,
-            credit_events_by_customer(settlement.per_event_usage, list(reference.segments)))
+            checked.credit_history, period,
+            credit_events_by_customer(checked.per_event_usage, list(reference.segments)))
     get_run_logger().info("replay-credits: %d ledger entries in %.2fs", len(outcome.entries),
                           time.perf_counter() - started)
     return outcome
 
 
 @task(name="rate-invoices", cache_policy=NO_CACHE)
-def rate_invoices(settlement: Settlement, reference: CheckedReference, outcome: WalletReplay,
+def rate_invoices(checked: CheckedUsage, reference: CheckedReference, outcome: WalletReplay,
                   period: Period) -> list[Invoice]:
     """The period's invoices (transforms.engine.rated_invoices: nightly drafts with it too)."""
     started = time.perf_counter()
-    invoices = rated_invoices(period, settlement.usage_by_dims, settlement.per_event_usage, outcome, reference)
+    invoices = rated_invoices(period, checked.usage_by_dims, checked.per_event_usage, outcome, reference)
     get_run_logger().info("rate-invoices: %d invoices, %d lines in %.2fs", len(invoices),
                           sum(len(i.lines) for i in invoices), time.perf_counter() - started)
     return invoices

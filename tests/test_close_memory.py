@@ -15,13 +15,13 @@ from pathlib import Path
 import polars as pl
 
 from creditutil import at, event, purchase, subscription
+from transforms.checked_usage import CheckedUsage, split_at_replay
 from transforms.credits.events import credit_events_by_customer, credit_meters, period_credit_events
 from transforms.credits.grants import history_grants
 from transforms.credits.replay import replayed_wallets
 from transforms.periods import Period
 from transforms.plans import load_catalog
 from transforms.reference import segments_in
-from transforms.settle import Settlement, split_at_replay
 
 PLANS = Path(__file__).resolve().parent.parent / "plans"
 OCT = Period(2026, 10)
@@ -96,8 +96,8 @@ def test_the_settlement_splits_into_the_replays_rows_and_the_rest_each_row_once(
     frame = per_event_frame(period_rows)
     credit = credit_meters(segments)
     by_day = pl.DataFrame({"subscription_id": ["sub_001"], "units": [D(1)]})
-    settlement = Settlement({"read": 1}, pl.DataFrame(), pl.DataFrame(), by_day, frame, history)
-    for_replay, for_rating = split_at_replay(settlement, credit)
+    checked = CheckedUsage({"read": 1}, pl.DataFrame(), pl.DataFrame(), by_day, frame, history)
+    for_replay, for_rating = split_at_replay(checked, credit)
     assert for_replay.per_event_usage.rows() == [r for r in frame.rows() if (r[0], r[1], r[2]) in credit]
     assert for_rating.per_event_usage.rows() == [r for r in frame.rows() if (r[0], r[1], r[2]) not in credit]
     assert "payments" in for_rating.per_event_usage["meter"] and not {"images", "upscales"} & set(

@@ -264,7 +264,7 @@ def test_the_reference_examples_pass_the_checks_a_close_makes():
 def test_every_quarantine_reason_the_code_emits_is_documented_and_only_those():
     from transforms.usage import MALFORMED_LINE, ROW_REASONS
 
-    sql = (REPO / "transforms" / "sql" / "settle_usage.sql").read_text(encoding="utf-8")
+    sql = (REPO / "transforms" / "sql" / "checked_usage.sql").read_text(encoding="utf-8")
     emitted = set(ROW_REASONS) | set(re.findall(r"THEN '([a-z_]+)'", sql)) - {"billed", "quarantined"}
     emitted.add("unreadable_object")  # flows/outputs.py: one row per object that cannot be read
     emitted.add(MALFORMED_LINE)  # transforms.usage.malformed_usage: one row per line that does not parse

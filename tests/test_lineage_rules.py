@@ -11,8 +11,8 @@ import polars as pl
 
 from flows.outputs import PARQUET
 from flows.statement import billed_events_table
+from transforms.checked_usage import CheckedUsage
 from transforms.lineage import BILLED_EVENTS_SCHEMA, LINEAGE_COLUMNS, billed_events, statement_rows
-from transforms.settle import Settlement
 
 AT = datetime(2026, 10, 3, tzinfo=timezone.utc)
 
@@ -115,8 +115,8 @@ def test_billed_events_streamed_from_duckdbs_sort_has_the_bytes_of_the_whole_tab
     (tmp_path / "shard").mkdir()
     path = tmp_path / "shard" / "lineage.parquet"
     many.sink_parquet(path)
-    settlement = Settlement({}, QUARANTINE, pl.DataFrame(), pl.DataFrame(), pl.DataFrame(), [], lineage=(str(path),))
-    with billed_events_table(settlement, _lines(), QUARANTINE, LEDGER) as table:
+    checked = CheckedUsage({}, QUARANTINE, pl.DataFrame(), pl.DataFrame(), pl.DataFrame(), [], lineage=(str(path),))
+    with billed_events_table(checked, _lines(), QUARANTINE, LEDGER) as table:
         table.sink_parquet(tmp_path / "streamed.parquet", **PARQUET)
     assert list((tmp_path / "shard").iterdir()) == [path], "the sorted file is gone after the block"
     whole = _billed_events(tmp_path, many).sort("customer_id", "event_at", "event_id", "source_key", "source_row",

@@ -82,9 +82,9 @@ def test_io_tasks_retry_through_the_condition():
 
 def test_pure_work_is_never_retried():
     from flows.nightly import estimate
-    from flows.shards import settle_shard
+    from flows.shards import check_shard
 
-    for pure in (settle_shard, estimate):  # the same rows fail the same way on every attempt
+    for pure in (check_shard, estimate):  # the same rows fail the same way on every attempt
         assert pure.retries == 0, pure.name
 
 

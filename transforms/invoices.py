@@ -381,7 +381,7 @@ INT64_MAX_MINOR = 2 ** 63 - 1
 
 def _representable(subscription_id: str, currencies: set[str], lines: list[Line]) -> None:
     """Every line and the total fit int64 minor units. A single event cannot exceed them (it is
-    quarantined as amount_out_of_range, see transforms.settle.ROW_AMOUNT_LIMIT_MINOR); only the
+    quarantined as amount_out_of_range, see transforms.checked_usage.ROW_AMOUNT_LIMIT_MINOR); only the
     sum of very many events at the largest legal amount can, and that is said in one line."""
     total = 0
     for line in lines:

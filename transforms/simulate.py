@@ -200,7 +200,7 @@ def compared_models(current: Outcomes, candidate: Outcomes, rerated, names: dict
                          .with_columns(pl.lit(model).alias("model"))
                          for model, outcomes in (("current", current), ("candidate", candidate))])
     return Comparison(comparison, summarize(comparison, current, candidate),
-                      newly_quarantined(rerated.settlement.quarantine, closed_quarantine, in_period),
+                      newly_quarantined(rerated.checked.quarantine, closed_quarantine, in_period),
                       drifted_customers(current, candidate, ever_moved), margins, in_period)
 
 

@@ -5,7 +5,7 @@
 -- quarantined row with its reason.
 --
 -- Inputs: `lineage` (the settlement's billed and duplicate rows, read from the shards' files:
--- settle_usage.sql `lineage`), `keyed` (one row per distinct billed meter x dims x usage-line
+-- checked_usage.sql `lineage`), `keyed` (one row per distinct billed meter x dims x usage-line
 -- filter that matches it, with the group the dims fall in: transforms.lineage.line_of_dims, the
 -- only step in Python), `usage_lines` (the usage and overage lines of the invoices, filter and
 -- group as '' when absent), `grants` (one row per event_id a credit draw paid for, with its

@@ -1,5 +1,5 @@
 -- Which copy of an event_id counts: the close's rule, stated here once. Every settlement ranks
--- copies by it, whatever brought them together: the close and its shards (settle_usage.sql
+-- copies by it, whatever brought them together: the close and its shards (checked_usage.sql
 -- `settled`, `credit_history`) and the nights, which rank tonight's copies against those of
 -- earlier nights (nightly.sql `delta`, `first_copies`).
 -- Grain: one sort key per copy of an event_id; among an event_id's copies the smallest counts.

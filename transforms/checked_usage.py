@@ -1,4 +1,4 @@
-"""Settle a period's usage in DuckDB: scope, check, deduplicate, aggregate.
+"""A period's usage checked in DuckDB: scoped to the period, checked, deduplicated, aggregated.
 
 The heavy, row-level work happens here, in SQL over local Parquet (DuckDB spills what does not
 fit in memory); what comes out is small: counts, the quarantined rows, and the billed units per
@@ -27,7 +27,7 @@ from transforms.usage import MAX_QUANTITY, NORMALIZED_COLUMNS
 
 _PARAM = re.compile(r"\$(\w+)")
 
-SQL_FILE = "settle_usage.sql"
+SQL_FILE = "checked_usage.sql"
 COPIES_SQL = "copies.sql"
 
 
@@ -38,7 +38,10 @@ def copy_order_macro(con: duckdb.DuckDBPyConnection) -> None:
 
 
 @dataclass(frozen=True)
-class Settlement:
+class CheckedUsage:
+    """A period's (or a shard's) usage, checked, deduplicated and aggregated: the row counts, the
+    rows set aside, the billed units by dims and by day, the per-event rows, the credit history."""
+
     counts: dict[str, int]
     quarantine: pl.DataFrame
     usage_by_dims: pl.DataFrame
@@ -57,7 +60,7 @@ CONFLICT_SCHEMA = {
     "kept_customer_id": pl.String, "kept_meter": pl.String, "kept_dims": pl.String,
     "kept_quantity": pl.Decimal(38, 9), "kept_event_at": pl.Datetime("us", "UTC"),
 }
-"""One row per duplicate copy whose content differs from the copy that counts (settle_usage.sql)."""
+"""One row per duplicate copy whose content differs from the copy that counts (checked_usage.sql)."""
 
 
 QUARANTINE_SCHEMA = {
@@ -95,21 +98,21 @@ def usage_row_counts(counts: dict[str, int], unreadable: int) -> dict[str, int]:
             "quarantined": counts["quarantined"] + unreadable}
 
 
-def split_at_replay(settlement: Settlement, credit_meters: set[tuple[str, int, str]]
-                    ) -> tuple[Settlement, Settlement]:
+def split_at_replay(checked: CheckedUsage, credit_meters: set[tuple[str, int, str]]
+                    ) -> tuple[CheckedUsage, CheckedUsage]:
     """The settlement in two: what the wallet replay reads (the per-event rows of meters paid
     with credits, and the credit history) and what rating and the outputs read (everything
     else: what the credit rows bill is in the replay's billable units, and rating and spend
     alerts skip them). Each part holds its own rows once, so that neither keeps the other alive."""
     keys = pl.DataFrame(sorted(credit_meters), schema={"subscription_id": pl.String, "segment_no": pl.Int64,
                                                        "meter": pl.String}, orient="row")
-    events = settlement.per_event_usage
+    events = checked.per_event_usage
     keys = keys.cast({c: events.schema[c] for c in keys.columns})
     on = list(keys.columns)
-    for_replay = replace(settlement, quarantine=settlement.quarantine.clear(),
-                         usage_by_dims=settlement.usage_by_dims.clear(), usage_by_day=settlement.usage_by_day.clear(),
+    for_replay = replace(checked, quarantine=checked.quarantine.clear(),
+                         usage_by_dims=checked.usage_by_dims.clear(), usage_by_day=checked.usage_by_day.clear(),
                          per_event_usage=events.join(keys, on=on, how="semi", maintain_order="left"))
-    for_rating = replace(settlement, credit_history=[],
+    for_rating = replace(checked, credit_history=[],
                          per_event_usage=events.join(keys, on=on, how="anti", maintain_order="left"))
     return for_replay, for_rating
 
@@ -258,7 +261,7 @@ USAGE_KEYS = ("subscription_id", "segment_no", "meter", "dims")
 TEXT_KEYS = ("subscription_id", "meter", "dims")
 
 
-def merged_settlement(parts: list[Settlement], partial: bool = False) -> Settlement:
+def merged_usage(parts: list[CheckedUsage], partial: bool = False) -> CheckedUsage:
     """One settlement from the settlements of disjoint shards of the usage.
 
     Shards split the rows by a hash of event_id, so every copy of an event_id, and every earlier
@@ -289,7 +292,7 @@ def merged_settlement(parts: list[Settlement], partial: bool = False) -> Settlem
         return frame if partial else frame.sort(*keys)
 
     history = [e for p in parts for e in p.credit_history]
-    return Settlement(
+    return CheckedUsage(
         conflicts=ordered(pl.concat([p.conflicts for p in parts]), "source_key", "source_row"),
         billed_ids=tuple(path for p in parts for path in p.billed_ids),
         counts={k: sum(p.counts[k] for p in parts) for k in parts[0].counts},
@@ -305,10 +308,10 @@ def merged_settlement(parts: list[Settlement], partial: bool = False) -> Settlem
     )
 
 
-def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], customers: pl.DataFrame,
+def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], customers: pl.DataFrame,
                   subscriptions: list[Subscription], segments: list[Segment], catalog: Catalog,
                   period: Period, index: BilledIndex = NO_INDEX, billed_out: Path | None = None,
-                  lineage_to: Path | None = None) -> Settlement:
+                  lineage_to: Path | None = None) -> CheckedUsage:
     """Settle the rows of `normalized` (Parquet files of `transforms.usage.NORMALIZED_COLUMNS`).
 
     `index`: the billed-event index of the decided periods: an event their documents bill is not
@@ -352,7 +355,7 @@ def settled_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     if billed_out is not None:
         billed_out.parent.mkdir(parents=True, exist_ok=True)
         con.sql(sql["billed_ids"]).write_parquet(str(billed_out), compression="lz4")
-    return Settlement(
+    return CheckedUsage(
         billed_ids=(billed_out,) if billed_out is not None else (),
         conflicts=con.sql(sql["conflicts"]).pl().cast(CONFLICT_SCHEMA),
         credit_history=credit_history(con, subscriptions, catalog, period),

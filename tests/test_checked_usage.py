@@ -1,4 +1,4 @@
-"""Settlement in DuckDB on tiny normalized Parquet files: scope, reasons, duplicates, counts, sums."""
+"""Usage checked in DuckDB on tiny normalized Parquet files: scope, reasons, duplicates, counts, sums."""
 from __future__ import annotations
 
 import itertools
@@ -10,10 +10,10 @@ import duckdb
 import polars as pl
 import pytest
 
+from transforms.checked_usage import checked_usage, usage_row_counts
 from transforms.periods import Period
 from transforms.plans import Catalog, parse_plan
 from transforms.reference import Subscription, segments_in
-from transforms.settle import settled_usage, usage_row_counts
 from transforms.usage import normalized_usage
 
 OCT = Period(2026, 10)
@@ -64,7 +64,7 @@ def write(tmp_path) -> Usage:
 def settle(paths: list[Path], period: Period = OCT):
     con = duckdb.connect()
     try:
-        result = settled_usage(con, paths, CUSTOMERS, SUBSCRIPTIONS, segments_in(period, SUBSCRIPTIONS, CATALOG),
+        result = checked_usage(con, paths, CUSTOMERS, SUBSCRIPTIONS, segments_in(period, SUBSCRIPTIONS, CATALOG),
                                CATALOG, period)
         outcomes = con.sql("SELECT event_id, source_key, outcome, final_reason FROM settled ORDER BY ALL").pl()
     finally:
@@ -301,9 +301,9 @@ def test_per_event_usage_lists_percentage_events_in_event_time_order(write):
 def test_merged_aggregates_come_out_in_text_order_whatever_order_categories_were_met():
     # Folds group on categorical codes; the final sort must still be the texts' order, even when
     # the categories were first seen in another order (here: reverse, in two partial folds).
-    from transforms.settle import Settlement, merged_settlement
+    from transforms.checked_usage import CheckedUsage, merged_usage
 
-    def part(subs: list[str], day: int) -> Settlement:
+    def part(subs: list[str], day: int) -> CheckedUsage:
         n = len(subs)
         by_day = pl.DataFrame({"subscription_id": subs, "segment_no": [0] * n, "meter": ["m-b", "m-a"] * (n // 2),
                                "dims": ['{"r":"z"}', "{}"] * (n // 2), "day": [date(2026, 10, day)] * n,
@@ -311,7 +311,7 @@ def test_merged_aggregates_come_out_in_text_order_whatever_order_categories_were
                                "events": list(range(1, n + 1))})
         by_dims = by_day.drop("day")
         quarantine = pl.DataFrame(schema={"source_key": pl.String, "source_row": pl.Int64})
-        return Settlement({"read": n, "billed": n, "duplicates": 0, "quarantined": 0}, quarantine, by_dims,
+        return CheckedUsage({"read": n, "billed": n, "duplicates": 0, "quarantined": 0}, quarantine, by_dims,
                           by_day, pl.DataFrame({"subscription_id": [], "segment_no": [], "meter": [], "event_at": [],
                                                 "event_id": []}, schema={"subscription_id": pl.String,
                                                                          "segment_no": pl.Int64, "meter": pl.String,
@@ -320,8 +320,8 @@ def test_merged_aggregates_come_out_in_text_order_whatever_order_categories_were
 
     names = [f"merge-order-sub-{i:02d}" for i in range(20)][::-1]  # first met in reverse order
     parts = [part(names, 2), part(names[::2] + names[1::2], 1)]
-    folded = [merged_settlement(parts[:1], partial=True), merged_settlement(parts[1:], partial=True)]
-    merged = merged_settlement(folded + [part(names[:10], 3)])
+    folded = [merged_usage(parts[:1], partial=True), merged_usage(parts[1:], partial=True)]
+    merged = merged_usage(folded + [part(names[:10], 3)])
     keys = ["subscription_id", "segment_no", "meter", "dims", "day"]
     assert merged.usage_by_day.schema["subscription_id"] == pl.String
     assert merged.usage_by_day.equals(merged.usage_by_day.sort(keys))
@@ -333,7 +333,7 @@ def test_merged_aggregates_come_out_in_text_order_whatever_order_categories_were
 @pytest.mark.parametrize("free_events", [0, 3], ids=["every event pays", "3 free events: the probe is one that pays"])
 def test_the_largest_quantity_of_a_percentage_event_is_where_its_fee_reaches_the_limit(free_events):
     """1.2% + $0.10 per payment: (10^11 dollars - 0.10) / 0.012 = 8,333,333,333,325 dollars at most."""
-    from transforms.settle import largest_quantity
+    from transforms.checked_usage import largest_quantity
 
     plan = parse_plan(PLAN.replace('fixed_fee: "0.10"}', f'fixed_fee: "0.10", free_events: {free_events}}}'),
                       "plans/p-v1.yaml")
