@@ -175,10 +175,11 @@ def package_at(rev: str, name: str, uses: dict) -> dict:
 
 
 def modules_at(rev: str) -> dict:
-    """The transforms this bench times and the shared steps (`flows/steps.py`; `flows/close.py`
-    at revisions before the steps had a module of their own), as they were at `rev`, each
-    importing the others' baseline versions. `credits` is a module before the wallet's split
-    into a package, then its `ledger` module (the tables this bench builds from it)."""
+    """The transforms this bench times and the shared steps (`flows/steps.py`), as they were at
+    `rev`, each importing the others' baseline versions. `rev` must have `flows/steps.py` (commit
+    2cac018 on): before it the steps were in `flows/close.py`, whose imports have moved since.
+    `credits` is a module before the wallet's split into a package, then its `ledger` module (the
+    tables this bench builds from it)."""
     out: dict = {}
     uses: dict = {}
     for name in BASELINE_MODULES:
@@ -187,8 +188,7 @@ def modules_at(rev: str) -> dict:
             out[name] = uses["transforms.credits.ledger"]
             continue
         out[name] = uses[f"transforms.{name}"] = module_at(rev, f"transforms/{name}.py", uses)
-    steps_file = "flows/steps.py" if "flows/steps.py" in git_paths(rev, "flows") else "flows/close.py"
-    out["steps"] = module_at(rev, steps_file, uses)
+    out["steps"] = module_at(rev, "flows/steps.py", uses)
     out["steps"].get_run_logger = _logger
     return out
 

@@ -661,7 +661,7 @@ def pdf(ctx: typer.Context,
     """Write the PDF of a published invoice, credit note or debit note (from its HTML)."""
     store, _ = _opts(ctx, store, plans)
     _checked(_checked_folders, store, None)
-    from flows.documents import document_pdf
+    from flows.pdf_and_drafts import document_pdf
 
     written = _run(document_pdf, store, invoice, out_path or Path(f"{invoice}.pdf"))
     out.print(f"{invoice}: {written}")
@@ -685,7 +685,7 @@ def preview(ctx: typer.Context,
     store, plans = _opts(ctx, store, plans)
     the_day = day or _now().date().isoformat()
     target = _checked(_preview_checks, store, plans, customer, the_day)
-    from flows.documents import drafts_from_night, write_drafts
+    from flows.pdf_and_drafts import drafts_from_night, write_drafts
     from transforms.drafts import customer_drafts
     from transforms.render import Draft
 

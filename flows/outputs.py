@@ -1,6 +1,6 @@
 """The close's outputs, written into one local folder before they are published: the period's
 tables (Parquet, written with `PARQUET`, as every published table is), its HTML invoices
-(rendered in worker processes by flows/documents_out.py) and its manifest, whose bytes
+(rendered in worker processes by flows/render_pool.py) and its manifest, whose bytes
 publishing writes last (flows/publish.py).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.documents_out import write_invoice_documents
+from flows.render_pool import write_invoice_documents
 from flows.settings import Settings
 from flows.shards import Normalized, local_workers
 from flows.statement import LINEAGE_MEMORY, billed_events_table

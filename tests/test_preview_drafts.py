@@ -108,18 +108,18 @@ def small_store(tmp_path: Path) -> tuple[str, str]:
      "them with `billrun pdf --invoice ID` or `billrun explain --invoice ID`); a preview shows an open period"),
 ])
 def test_mistakes_are_one_line_before_anything_slow(small_store, monkeypatch, args, line):
-    import flows.documents
+    import flows.pdf_and_drafts
 
     def never(*_a, **_k):
         raise AssertionError("a refused preview read or rated something")
-    monkeypatch.setattr(flows.documents, "drafts_from_night", never)
+    monkeypatch.setattr(flows.pdf_and_drafts, "drafts_from_night", never)
     store, plans = small_store
     result = runner.invoke(app, ["preview", *args, "--store", store, "--plans", plans])
     assert (result.exit_code, result.output.strip()) == (1, line)
 
 
 def test_several_drafts_get_numbered_files_and_nothing_goes_elsewhere(tmp_path, monkeypatch):
-    from flows.documents import write_drafts
+    from flows.pdf_and_drafts import write_drafts
 
     inv = renderutil.sample_invoice()
     other = inv.__class__(**{**inv.__dict__, "subscription_id": "sub_2"})
@@ -137,7 +137,7 @@ def test_several_drafts_get_numbered_files_and_nothing_goes_elsewhere(tmp_path, 
 
 @pytest.mark.skipif(shutil.which("fc-list") is None, reason="fontconfig's fc-list is not installed")
 def test_a_draft_pdf_has_the_missing_glyph_check_of_billrun_pdf(tmp_path):
-    from flows.documents import write_drafts
+    from flows.pdf_and_drafts import write_drafts
     from transforms.errors import InputError
 
     drafts = customer_drafts([renderutil.sample_invoice()], "c1", date(2026, 10, 14), SELLER_TERMS, {})
@@ -149,7 +149,7 @@ def test_a_draft_pdf_has_the_missing_glyph_check_of_billrun_pdf(tmp_path):
 
 
 def test_an_out_path_that_cannot_be_written_is_one_line(tmp_path):
-    from flows.documents import write_drafts
+    from flows.pdf_and_drafts import write_drafts
     from transforms.errors import InputError
 
     (tmp_path / "a-file").write_text("")

@@ -73,7 +73,7 @@ def test_invoices_rendered_in_worker_processes_are_the_same_bytes(tmp_path, monk
     import hashlib
     from dataclasses import replace
 
-    from flows.documents_out import write_invoice_documents
+    from flows.render_pool import write_invoice_documents
     from renderutil import CUSTOMER, RUN_ID, SELLER, sample_credits, sample_invoice
 
     base = sample_invoice()
@@ -82,7 +82,7 @@ def test_invoices_rendered_in_worker_processes_are_the_same_bytes(tmp_path, monk
     roundings = {base.subscription_id: "half_up"}
     wallets = {"c1": sample_credits()}
     alone = write_invoice_documents(invoices, customers, SELLER, roundings, wallets, RUN_ID, tmp_path / "one", 1)
-    monkeypatch.setattr("flows.documents_out.CHUNK_INVOICES", 2)  # many small chunks, as 100k invoices give
+    monkeypatch.setattr("flows.render_pool.CHUNK_INVOICES", 2)  # many small chunks, as 100k invoices give
     spread = write_invoice_documents(invoices, customers, SELLER, roundings, wallets, RUN_ID, tmp_path / "two", 2,
                                      parallel_from=1)
     assert alone == spread and len(alone) == 25
@@ -101,7 +101,7 @@ def test_rendering_stops_when_the_close_fails_meanwhile(tmp_path):
 
     import pytest
 
-    from flows.documents_out import DocumentsStopped, write_invoice_documents
+    from flows.render_pool import DocumentsStopped, write_invoice_documents
     from renderutil import CUSTOMER, RUN_ID, SELLER, sample_invoice
 
     base = sample_invoice()
