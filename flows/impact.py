@@ -19,7 +19,8 @@ from prefect.utilities.annotations import quote
 from flows.billed_index import committed_index
 from flows.engine import PeriodUsage, period_usage
 from flows.gitplans import catalog_at, revision
-from flows.report import closed_periods, fetch_costs
+from flows.preflight import closed_periods
+from flows.report import fetch_costs
 from flows.settings import Settings
 from flows.steps import (
     CheckedReference,

@@ -87,6 +87,8 @@ def plan_map_names(texts: list[str], plans: str, candidates: str | None) -> None
 
 
 def closed_periods(store_uri: str) -> list[Period]:
+    """Every period with a manifest (closed), in order: the one reading of which periods are
+    closed, for the command line's checks and for every flow."""
     from flows.store import open_store
 
     return sorted(Period.parse(p) for o in open_store(store_uri).list(PERIODS_PREFIX)

@@ -26,6 +26,7 @@ from markupsafe import Markup
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.preflight import closed_periods
 from flows.retries import IO_RETRIES
 from flows.store import open_store
 from transforms.errors import InputError
@@ -33,8 +34,6 @@ from transforms.layout import (
     CORRECTIONS_PREFIX,
     COSTS_KEY,
     MANIFEST,
-    PERIODS_PREFIX,
-    period_of_manifest,
     period_prefix,
     report_key,
     run_of_correction_manifest,
@@ -71,12 +70,6 @@ def fetch_costs(store_uri: str) -> tuple[Costs, dict | None]:
     except Exception as exc:  # any parser failure is the file's fault, said in one line
         raise InputError(f"{COSTS_KEY}: cannot be read ({str(exc).strip().splitlines()[0]})") from None
     return costs_from(frame, COSTS_KEY), {"key": COSTS_KEY, "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def closed_periods(store_uri: str) -> list[Period]:
-    """Every period with a manifest (closed), in order."""
-    return sorted(Period.parse(p) for o in open_store(store_uri).list(PERIODS_PREFIX)
-                  if (p := period_of_manifest(o.key)))
 
 
 def _parquet(store, key: str) -> pl.DataFrame:

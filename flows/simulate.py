@@ -33,6 +33,7 @@ from flows.engine import period_usage
 from flows.ingest import read_table
 from flows.locks import period_lock
 from flows.outputs import PARQUET
+from flows.preflight import closed_periods
 from flows.report import (
     IO_RETRIES,
     NO_COSTS_NOTE,
@@ -40,7 +41,6 @@ from flows.report import (
     ClosedPeriod,
     breakage_charts,
     changes_chart,
-    closed_periods,
     fetch_costs,
     load_closed_period,
     load_revenue_history,
