@@ -35,11 +35,9 @@ from flows.secrets import keep_secrets_out_of_logs
 from flows.settings import Settings
 from flows.steps import (
     adjustments_billed_elsewhere,
-    catalog_entries,
     check_reference,
     fetch_inputs,
     file_sha256,
-    plan_entries_for,
     rate_invoices,
     replay_credits,
     seller_block,
@@ -74,7 +72,7 @@ from transforms.layout import (
 )
 from transforms.money import format_money
 from transforms.periods import Period, utc_midnight
-from transforms.plans import load_catalog
+from transforms.plans import catalog_entries, load_catalog, plan_entries_for
 from transforms.reference import subscription_plans
 from transforms.render import invoice_html
 from transforms.revenue import journal, revenue_table, tax_rows

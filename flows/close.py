@@ -37,7 +37,6 @@ from flows.steps import (
     adjustments_billed_elsewhere,
     check_reference,
     fetch_inputs,
-    plan_entries_for,
     rate_invoices,
     replay_credits,
     work_dir_for,
@@ -50,7 +49,7 @@ from transforms.errors import InputError
 from transforms.guards import close_too_early, close_without_usage, rows_in_period
 from transforms.layout import MANIFEST, billed_index_key, period_prefix
 from transforms.periods import Period
-from transforms.plans import Catalog, load_catalog
+from transforms.plans import Catalog, load_catalog, plan_entries_for
 
 
 @dataclass

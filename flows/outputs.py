@@ -22,7 +22,7 @@ from flows.render_pool import write_invoice_documents
 from flows.settings import Settings
 from flows.shards import Normalized, local_workers
 from flows.statement import LINEAGE_MEMORY, billed_events_table
-from flows.steps import CheckedReference, Inputs, catalog_entries, file_sha256
+from flows.steps import CheckedReference, Inputs, file_sha256
 from transforms.adjustments import adjustment_counts, billed_table
 from transforms.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.checked_usage import CheckedUsage, quarantine_table, quarantined_by_reason, usage_row_counts
@@ -35,7 +35,7 @@ from transforms.invoices import Invoice, invoices_table, lines_table, totals_by_
 from transforms.layout import period_prefix
 from transforms.margins import margins_table, segment_plans
 from transforms.periods import Period
-from transforms.plans import Catalog
+from transforms.plans import Catalog, catalog_entries
 from transforms.reference import subscription_plans
 from transforms.revenue import journal, revenue_table, tax_rows
 from transforms.spend import spend_alerts, usage_spend_by_subscription

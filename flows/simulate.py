@@ -54,7 +54,6 @@ from flows.steps import (
     Inputs,
     check_reference,
     fetch_inputs,
-    plan_entries_for,
     private_work_dir,
     rate_invoices,
     replay_credits,
@@ -68,7 +67,7 @@ from transforms.layout import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, period_prefix,
 from transforms.margins import Costs
 from transforms.money import decimal_text
 from transforms.periods import Period
-from transforms.plans import Catalog, load_catalog
+from transforms.plans import Catalog, load_catalog, plan_entries_for
 from transforms.reference import checked_customers, segments_in
 from transforms.simulate import (
     SHOCK_DEFAULT,

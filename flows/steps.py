@@ -260,19 +260,6 @@ def rate_invoices(checked: CheckedUsage, reference: CheckedReference, outcome: W
     return invoices
 
 
-def catalog_entries(catalog: Catalog) -> list[dict]:
-    """Every plan file loaded (not only those used): a new version of a plan can re-bind
-    subscriptions, so drift checks compare the whole catalog."""
-    return [{"plan": f.plan.plan, "version": f.plan.version, "file": Path(f.path).name, "sha256": f.sha256}
-            for _, f in sorted(catalog.files.items())]
-
-
-def plan_entries_for(segments: tuple[Segment, ...]) -> list[dict]:
-    used = {seg.plan.key: seg.plan for seg in segments}
-    return [{"plan": f.plan.plan, "version": f.plan.version, "file": Path(f.path).name, "sha256": f.sha256}
-            for _, f in sorted(used.items())]
-
-
 def work_dir_for(store: str, label: str) -> Path:
     """A local work folder per store (the folder it resolves to, or the bucket and prefix: the same
     relative `--store` from two folders is two stores) and job (`close-2026-10`), emptied at the

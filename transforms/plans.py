@@ -299,6 +299,11 @@ class PlanFile:
     def key(self) -> tuple[str, int]:
         return (self.plan.plan, self.plan.version)
 
+    def manifest_entry(self) -> dict:
+        """How manifests name the file: plan, version, file name and sha256."""
+        return {"plan": self.plan.plan, "version": self.plan.version, "file": Path(self.path).name,
+                "sha256": self.sha256}
+
 
 def _format_location(loc: tuple) -> str:
     out = ""
@@ -427,3 +432,14 @@ class Catalog:
         candidates = [f for f in self.versions(plan) if f.plan.effective_from <= day]
         return candidates[-1] if candidates else None
 
+
+def catalog_entries(catalog: Catalog) -> list[dict]:
+    """Every plan file loaded (not only those used), in (plan, version) order: a new version of a
+    plan can re-bind subscriptions, so drift checks compare the whole catalog."""
+    return [f.manifest_entry() for _, f in sorted(catalog.files.items())]
+
+
+def plan_entries_for(segments) -> list[dict]:
+    """The plan files `segments` (transforms.reference.Segment) bill on, in (plan, version) order."""
+    used = {seg.plan.key: seg.plan for seg in segments}
+    return [f.manifest_entry() for _, f in sorted(used.items())]
