@@ -74,8 +74,8 @@ from transforms.credits.checkpoint import (
     checkpoint_bytes,
     checkpoint_from,
     credit_events_since,
+    replayed_wallets_and_checkpoint,
     resume_days,
-    wallets_resumed,
 )
 from transforms.credits.events import credit_meters
 from transforms.credits.grants import history_grants
@@ -566,7 +566,7 @@ def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Peri
     else:
         grants = history_grants(subs, catalog, purchases, period)
         balances_from = f"grants only ({period.previous()} is not closed: earlier consumption is not known)"
-    outcome, wallets = wallets_resumed(grants, subs, catalog, events, period, checkpoint, since)
+    outcome, wallets = replayed_wallets_and_checkpoint(grants, subs, catalog, events, period, checkpoint, since)
     # rated as the close rates its period: the draft is the invoice the close would issue now
     invoices = rated_invoices(period, usage.usage_by_dims, usage.per_event_usage, outcome, reference)
     spend = usage_spend_by_subscription(invoices)

@@ -34,7 +34,7 @@ from transforms.credits.ledger import in_period, ledger_table
 from transforms.credits.lines import credit_lines
 from transforms.credits.model import Entry, WalletReplay
 from transforms.credits.replay import replayed_wallets
-from transforms.credits.wallet import replay
+from transforms.credits.wallet import Wallet
 from transforms.invoices import period_invoices
 from transforms.money import to_minor
 from transforms.periods import Period
@@ -146,7 +146,9 @@ UNIT_CATALOG = catalog(WALLET, MJ, ROLL, BY_MODEL, MONEY, PROPORTIONAL)
 def replay_wallet(grants, events, until: datetime, plan_file=WALLET) -> WalletReplay:
     """One customer's wallet (customer `c`) over hand-made grants and events."""
     outcome = WalletReplay()
-    replay("c", events, grants, {e.event_id: plan_file for e in events}, until, outcome)
+    wallet = Wallet("c", grants, outcome)
+    wallet.consume_in_order(events, {e.event_id: plan_file for e in events})
+    wallet.advance(until)
     return outcome
 
 

@@ -23,8 +23,8 @@ from transforms.credits.checkpoint import (
     checkpoint_bytes,
     checkpoint_from,
     credit_events_since,
+    replayed_wallets_and_checkpoint,
     resume_days,
-    wallets_resumed,
 )
 from transforms.credits.grants import history_grants
 from transforms.credits.ledger import balances_table
@@ -127,7 +127,8 @@ def outputs(outcome, subs, purchases) -> dict:
 
 
 def one_go(subs, purchases, events):
-    return wallets_resumed(history_grants(subs, CATALOG, purchases, OCT), subs, CATALOG, events, OCT, None, {})
+    return replayed_wallets_and_checkpoint(history_grants(subs, CATALOG, purchases, OCT), subs, CATALOG, events, OCT,
+                                           None, {})
 
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -154,7 +155,7 @@ def test_wallets_resumed_night_by_night_equal_one_replay(customers, nights):
             changed_from[e.customer_id] = min(changed_from.get(e.customer_id, e.event_at.date()), e.event_at.date())
         since = resume_days(checkpoint, changed_from)
         tonight = credit_events_since(per_event_usage(so_far), segments, since)
-        outcome, saved = wallets_resumed(grants_of(), subs, CATALOG, tonight, OCT, checkpoint, since)
+        outcome, saved = replayed_wallets_and_checkpoint(grants_of(), subs, CATALOG, tonight, OCT, checkpoint, since)
         every = credit_events_since(per_event_usage(so_far), segments, {})  # quantities as settled: 9 decimals
         full, full_saved = one_go(subs, purchases, every)
         assert outputs(outcome, subs, purchases) == outputs(full, subs, purchases)

@@ -7,7 +7,8 @@ One module per idea; import names from the module that holds them:
 - `wallet`: the engine: one customer's wallet, its draw order, top-ups, alerts and grace.
 - `replay`: every customer's wallet through a period (`replayed_wallets`).
 - `opening`: a period's wallets started from the previous close's balances.
-- `checkpoint`: nightly runs resuming each wallet from the last night's state.
+- `checkpoint`: nightly runs resuming each wallet from the last night's state
+  (`replayed_wallets_and_checkpoint`).
 - `events`: the settled usage that wallets consume, and the rows left for the charges.
 - `ledger`: the credit_ledger and credit_balances tables, and which period an entry is in.
 - `lines`: invoice lines for credits bought (auto top-ups, purchased packs).

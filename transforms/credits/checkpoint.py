@@ -65,11 +65,11 @@ def credit_events_since(per_event_usage: pl.DataFrame, segments: list,
     return period_credit_events(frame, segments)
 
 
-def wallets_resumed(grants: list[Grant], subs: list[Subscription], catalog: Catalog, events: list[CreditEvent],
-                    period: Period, checkpoint: dict | None, since: dict[str, date | None]
-                    ) -> tuple[WalletReplay, dict]:
-    """Every customer's wallet through `period`, as `replay.replayed_wallets` gives it (with consumption
-    entries summed per grant), and tonight's checkpoint. Customers in `since` continue from
+def replayed_wallets_and_checkpoint(grants: list[Grant], subs: list[Subscription], catalog: Catalog,
+                                    events: list[CreditEvent], period: Period, checkpoint: dict | None,
+                                    since: dict[str, date | None]) -> tuple[WalletReplay, dict]:
+    """Every customer's wallet through `period`, as `replay.replayed_wallets` gives it (with
+    consumption entries summed per grant), and tonight's checkpoint. Customers in `since` continue from
     `checkpoint` with `events` (only their events after it); the others replay `grants` and
     `events` from the start."""
     grants_of, events_of = by_customer(grants), by_customer(events)

@@ -14,7 +14,7 @@ from itertools import groupby
 from operator import itemgetter
 
 from transforms.credits.model import CreditEvent, Grant, WalletReplay
-from transforms.credits.wallet import replay
+from transforms.credits.wallet import Wallet
 from transforms.periods import Period
 from transforms.plans import Catalog, PlanFile
 from transforms.reference import Subscription, plan_on
@@ -33,8 +33,9 @@ def replayed_wallets(grants: list[Grant], subs: list[Subscription], catalog: Cat
     every_customer = heapq.merge(without_streamed, events_by_customer, key=itemgetter(0))
     for customer, parts in groupby(every_customer, key=itemgetter(0)):
         mine = listed.pop(customer, []) + [ev for _, part in parts for ev in part]
-        replay(customer, mine, grants_of.pop(customer, []), {ev.event_id: plan_of(ev) for ev in mine},
-               period.end_at, outcome)
+        wallet = Wallet(customer, grants_of.pop(customer, []), outcome)
+        wallet.consume_in_order(mine, {ev.event_id: plan_of(ev) for ev in mine})
+        wallet.advance(period.end_at)  # expiries at the period's end instant included
     return outcome
 
 

@@ -46,7 +46,7 @@ def _draw_order(g: Grant) -> tuple:
 class Wallet:
     """One customer's wallet while it replays: grants pending and active, the balance, and what
     was fired or bought per period (alerts once a period, top-ups up to the plan's cap). Every
-    movement is appended to `out` (an WalletReplay shared by the customers of one replay)."""
+    movement is appended to `out` (a WalletReplay shared by the customers of one replay)."""
 
     def __init__(self, customer_id: str, grants: list[Grant], outcome: WalletReplay):
         self.customer_id = customer_id
@@ -193,12 +193,3 @@ class Wallet:
         self.out.alerts.append((ev.customer_id, ev.subscription_id, "auto_top_up", str(n), decimal_text(top.price),
                                 ev.event_at))
         return True
-
-
-def replay(customer_id: str, events: list[CreditEvent], grants: list[Grant], plans_of: dict[str, PlanFile],
-           until: datetime, outcome: WalletReplay) -> None:
-    """Replay one customer's wallet up to `until` (expiries at `until` included), its movements
-    appended to `outcome`. `plans_of` maps event_id to the plan version in force for that event."""
-    wallet = Wallet(customer_id, grants, outcome)
-    wallet.consume_in_order(events, plans_of)
-    wallet.advance(until)
