@@ -23,7 +23,6 @@ SQL_FILE = "billed_index.sql"
 INDEX_COLUMNS = {"period": pl.String, "event_id": pl.String, "id_hash": pl.UInt64, "change": pl.Int8}
 INDEX_ROW_GROUP = 65536
 """Small row groups: a lookup by hash reads only the groups whose hash range holds one."""
-BILLED_IN_PERIOD = "billed_in_period"
 
 
 @dataclass(frozen=True)

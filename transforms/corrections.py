@@ -223,9 +223,6 @@ def revenue_adjustments(rerated: pl.DataFrame, recorded: pl.DataFrame, corrected
         .alias("closing_deferred_minor"))
 
 
-BALANCE_AMOUNTS = ["granted", "consumed", "expired", "rolled_over", "closing"]
-
-
 def ledger_adjustments(rerated: pl.DataFrame, recorded: pl.DataFrame, corrected: str, booked: str,
                        at) -> pl.DataFrame:
     """One `adjustment` ledger entry per grant whose re-rated closing balance for `corrected`

@@ -5,7 +5,7 @@ plan's rule, to an integer count of the currency's minor unit. Totals are sums o
 """
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
 from functools import lru_cache
 
 from babel.numbers import UnknownCurrencyError, format_currency, get_currency_name, get_currency_precision
@@ -49,17 +49,6 @@ def format_money(amount_minor: int, currency: str, locale: str = "en_US") -> str
     """`1234` USD -> `$12.34`; the currency's own digits, never a float on the way."""
     return format_currency(from_minor(amount_minor, currency), currency, locale=locale,
                            currency_digits=True)
-
-
-def parse_decimal(text: str) -> Decimal:
-    """A price string from a plan file to an exact Decimal; raises ValueError on anything else."""
-    try:
-        value = Decimal(text)
-    except (InvalidOperation, TypeError):
-        raise ValueError(f"{text!r} is not a decimal number") from None
-    if not value.is_finite():
-        raise ValueError(f"{text!r} is not a finite number")
-    return value
 
 
 def decimal_text(value: Decimal) -> str:

@@ -18,6 +18,3 @@ def statements(filename: str) -> dict[str, str]:
     parts = _HEADER.split(text)
     return {name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
-
-def statement(filename: str, name: str) -> str:
-    return statements(filename)[name]
