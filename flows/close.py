@@ -23,6 +23,7 @@ from prefect.utilities.annotations import quote
 
 from flows import tables as lakehouse
 from flows.billed_index import committed_index, index_billed, record_billed
+from flows.engine import period_usage
 from flows.locks import Hold, period_lock, tidy_closed
 from flows.outputs import write_outputs
 from flows.preflight import close_summary
@@ -30,7 +31,6 @@ from flows.publish import closed_manifest, output_folder, publish
 from flows.report import fetch_costs
 from flows.secrets import keep_secrets_out_of_logs
 from flows.settings import Settings
-from flows.shards import checked_in_shards, drop_scratch, normalize_shards, scratch_for, shard_runner
 from flows.statement import with_local_lineage
 from flows.steps import (
     Inputs,
@@ -109,7 +109,6 @@ def close_period(store: str, plans: str, period: str, dask_address: str | None =
 def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: Settings,
            dask_address: str | None = None, allow_empty: bool = False) -> dict:
     work_dir = work_dir_for(store, f"close-{period}")
-    indexing = None
     try:
         inputs = fetch_inputs(store, work_dir / "inputs")
         costs = fetch_costs(store)
@@ -118,32 +117,33 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
         billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), [period])
         reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
         fault_point("checked")
-        with shard_runner(dask_address, settings) as runner:
-            scratch = scratch_for(store, work_dir, f"close-{period}", distributed=dask_address is not None)
-            normalized, shard_keys = normalize_shards(runner, store, inputs, scratch, settings)
+        with period_usage(store, inputs, work_dir, f"close-{period}", settings, dask_address) as usage:
+            normalized = usage.normalized
             fault_point("normalized")
             # what the closed periods' documents bill (their billed-event index) is never billed again
-            index = committed_index(store)
-            checked = checked_in_shards(runner, scratch, shard_keys, reference, catalog, period, index, settings)
-            checked = with_local_lineage(checked, scratch, work_dir)
-        # the period's index is sorted and written by DuckDB, off the interpreter's lock, while the
-        # wallets replay and the invoices are rated in this process
-        indexing = index_billed.submit(scratch.uri, list(checked.billed_ids), str(period), work_dir)
-        fault_point("settled")
-        no_usage = close_without_usage(
-            period, rows_in_period(usage_row_counts(checked.counts, len(normalized.unreadable))["read"],
-                                   checked.quarantine),
-            list(reference.segments))
-        if no_usage and not allow_empty:
-            raise InputError(no_usage)
-        # the per-event rows of credit meters (millions at 100M events) go to the replay only;
-        # Prefect keeps a task's arguments until the flow ends, so the whole settlement is not one
-        for_replay, checked = split_at_replay(checked, credit_meters(list(reference.segments)))
-        outcome = replay_credits(quote(for_replay), quote(reference), quote(catalog), period)
-        invoices = rate_invoices(quote(checked), quote(reference), quote(outcome), period)
-        fault_point("rated")
-        index_file, indexed = indexing.result()
-        drop_scratch(scratch)
+            checked = with_local_lineage(usage.checked(reference, catalog, period, committed_index(store)),
+                                         usage.scratch, work_dir)
+            # the period's index is sorted and written by DuckDB, off the interpreter's lock, while the
+            # wallets replay and the invoices are rated in this process (it reads the shards' files of
+            # billed events: the block waits for it, and they go when the block ends)
+            indexing = index_billed.submit(usage.scratch.uri, list(checked.billed_ids), str(period), work_dir)
+            try:
+                fault_point("settled")
+                no_usage = close_without_usage(
+                    period, rows_in_period(usage_row_counts(checked.counts, len(normalized.unreadable))["read"],
+                                           checked.quarantine),
+                    list(reference.segments))
+                if no_usage and not allow_empty:
+                    raise InputError(no_usage)
+                # the per-event rows of credit meters (millions at 100M events) go to the replay only;
+                # Prefect keeps a task's arguments until the flow ends, so the whole settlement is not one
+                for_replay, checked = split_at_replay(checked, credit_meters(list(reference.segments)))
+                outcome = replay_credits(quote(for_replay), quote(reference), quote(catalog), period)
+                invoices = rate_invoices(quote(checked), quote(reference), quote(outcome), period)
+                fault_point("rated")
+                index_file, indexed = indexing.result()
+            finally:
+                indexing.wait()
         plan_entries = plan_entries_for(reference.segments)
         run_id = run_id_for(period, inputs, plan_entries)
         # quote(): hand big values over as they are; Prefect would otherwise walk every
@@ -158,8 +158,6 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
         fault_point("written")
         warnings = publish(store, period, run_id, out_dir, quote(names), quote(manifest), hold)
     finally:
-        if indexing is not None:
-            indexing.wait()  # a failure elsewhere: the index's files are in the work folder
         shutil.rmtree(work_dir, ignore_errors=True)
     result = _result_from_manifest(json.loads(manifest), store, "closed")
     _report(result)

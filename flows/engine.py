@@ -1,7 +1,7 @@
 """The period engine's row-level steps as every flow runs them: usage normalized into shards
 once, then settled per period by shard (flows/shards.py, transforms/checked_usage.py), then rated
-(transforms/engine.py). Backfill, simulate, impact and preview settle through these, as the
-close does, so a period is settled one way whichever command asks; nightly settles each night's
+(transforms/engine.py). The close settles its period through these, and so do backfill,
+simulate, impact and preview, so a period is settled one way whichever command asks; nightly settles each night's
 objects through them too, and ranks what they bill against earlier nights' copies by the same
 rule (transforms/sql/copies.sql).
 
@@ -97,10 +97,13 @@ class PeriodUsage:
 
 
 @contextmanager
-def period_usage(store_uri: str, inputs, work_dir: Path, label: str, settings: Settings) -> Iterator[PeriodUsage]:
-    """Normalize `inputs.usage` into shards in the work folder, on this machine's workers."""
-    with shard_runner(None, settings) as runner:
-        scratch = scratch_for(store_uri, work_dir, label, distributed=False)
+def period_usage(store_uri: str, inputs, work_dir: Path, label: str, settings: Settings,
+                 dask_address: str | None = None) -> Iterator[PeriodUsage]:
+    """Normalize `inputs.usage` into shards, on this machine's workers (shard files in the work
+    folder) or on the Dask cluster at `dask_address` (in a scratch prefix of an S3 store, which
+    every worker reads). The runner stays open until the block ends, and the shard files too."""
+    with shard_runner(dask_address, settings) as runner:
+        scratch = scratch_for(store_uri, work_dir, label, distributed=dask_address is not None)
         try:
             normalized, shard_keys = normalize_shards(runner, store_uri, inputs, scratch, settings)
             yield PeriodUsage(runner, scratch, normalized, shard_keys, settings)
