@@ -102,8 +102,22 @@ def demo_story(prefect_server, tmp_path_factory) -> Path:
 SLOW_FIXTURES = frozenset({"prefect_server", "s3_endpoint", "s3_bucket"})
 
 
+# On workers (pytest-xdist: `-n 3 --dist loadfile --no-loadscope-reorder`, README's Tests), each has
+# a session of its own: its own Prefect server, S3 server and, where needed, demo_story. A file's
+# tests stay on one worker, so its module-scoped fixtures (a close, a month of nights) are built once.
+# (Not loadgroup: under pytest 9.2 it groups nothing, since it renames the item's `_nodeid`, which
+# pytest no longer reads; pytest-xdist issue #1386.)
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items) -> None:
+    slow_tests: dict[Path, int] = {}
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) or "s3" in params.values():
             item.add_marker(pytest.mark.slow)
+        slow_tests[item.path] = slow_tests.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    if hasattr(config, "workerinput"):
+        # Workers are handed files in this order (`--no-loadscope-reorder`): the files with the most
+        # slow tests first, so that a long file does not start last while the other workers sit idle.
+        # Every worker sorts the same collection the same way, as xdist requires; a file's tests keep
+        # their order, and a run without workers keeps the files' order.
+        items.sort(key=lambda item: -slow_tests[item.path])

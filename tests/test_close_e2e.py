@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
 
 import polars as pl
 import pytest
@@ -21,7 +22,9 @@ def folder_and_s3(prefect_server, s3_endpoint, tmp_path_factory):
     import boto3
 
     folder = str(tmp_path_factory.mktemp("e2e") / "store")
-    bucket = "billrun-e2e"
+    # a bucket of its own: the close's local work folder is named by the store's URI, so two sessions
+    # on one machine (or two workers) closing the same bucket name would share it
+    bucket = f"billrun-e2e-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     s3 = f"s3://{bucket}/acme/prod"
     written = write_demo_store(folder, PLANS, PERIOD, 60, 11)
