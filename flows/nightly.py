@@ -98,7 +98,6 @@ from transforms.layout import (
     USAGE_INDEX_KEY,
     USAGE_PREFIX,
     fired_alerts_key,
-    legacy_intake_key,
     manifest_key,
     night_commit_key,
     night_commits_prefix,
@@ -140,11 +139,10 @@ def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def _object_state_key(period: Period, key: str, night: date | None = None) -> str:
+def _object_state_key(period: Period, key: str, night: date) -> str:
     """An object's accepted events as the night `night` took them in (named by night, so a
     night that has not committed yet never overwrites what the committed state points to)."""
-    suffix = f"-{night}" if night else ""  # without a night: state written before STATE_FORMAT 2
-    return nightly_object_key(period, f"{_key_hash(key)}{suffix}")
+    return nightly_object_key(period, f"{_key_hash(key)}-{night}")
 
 
 def _ids_key(period: Period, key: str, night: date | None) -> str:
@@ -155,20 +153,15 @@ def _ids_key(period: Period, key: str, night: date | None) -> str:
 def base_snapshot(store, period: Period, day: date) -> dict:
     """The committed state night `day` starts from: the last night before it (a night killed
     after committing its own state but before its manifest starts again from the night before,
-    so it reruns to the same result), or the latest night if a later one already ran. State
-    from an earlier billrun (one `intake.json`) reads as a snapshot without period-to-date
-    tables; none at all is an empty period."""
+    so it reruns to the same result), or the latest night if a later one already ran. None at
+    all is an empty period, which the night builds from scratch."""
     nights = sorted(date.fromisoformat(night_of_commit(period, o.key))
                     for o in store.list(night_commits_prefix(period)) if o.key.endswith(".json"))
     earlier = [n for n in nights if n < day]
     pick = nights[-1] if nights and nights[-1] > day else (earlier[-1] if earlier else None)
     if pick is not None:
         return json.loads(store.read_bytes(night_commit_key(period, pick)))
-    legacy = legacy_intake_key(period)
-    intake = json.loads(store.read_bytes(legacy)) if store.exists(legacy) else {}
-    return {"format": 1, "night": None, "intake": {
-        k: {**v, "night": None, "through": None, "state": _object_state_key(period, k), "ids": None}
-        for k, v in intake.items()}}
+    return {"format": None, "night": None, "intake": {}}
 
 
 def per_event_meters(catalog) -> list[str]:
@@ -316,7 +309,7 @@ class NightUsage:
     counts: dict[str, int]
     accepted: dict[str, Path]          # tonight's accepted events, by object key
     ids: dict[str, Path]               # their event_ids (the index kept objects are checked against)
-    rebuilt_ids: dict[str, Path]       # the index of kept objects whose state had none (older billrun)
+    rebuilt_ids: dict[str, Path]       # the index of kept objects a rebuild wrote afresh
     nights: dict[str, str | None]      # the night each kept object was taken in, when the rebuild learned it
     by_day: Path                       # the period to date: customer x meter x dims x day
     events: Path                       # the period to date: events of per-event meters
@@ -432,8 +425,7 @@ def _event_ranges(rows: list[tuple]) -> dict[str, dict]:
 
 
 def _read_accepted(paths: list[Path], event_ids: list[str] | None = None) -> pl.DataFrame:
-    """Accepted events of objects as their state files hold them (files from before nights were
-    recorded have no `night`: such a copy ranks before every recorded one). With `event_ids`,
+    """Accepted events of objects as their state files hold them. With `event_ids`,
     only those events' rows: the event_id column is read first, and the other columns only for
     the rows it matches (a night needs a few thousand rows of objects that hold 300,000)."""
     frames = []
@@ -442,8 +434,6 @@ def _read_accepted(paths: list[Path], event_ids: list[str] | None = None) -> pl.
             scan = pl.scan_parquet(path)
         else:
             scan = pl.scan_parquet(path, parallel="prefiltered").filter(pl.col("event_id").is_in(event_ids))
-        if "night" not in scan.collect_schema():
-            scan = scan.with_columns(pl.lit(None, dtype=pl.Date).alias("night"))
         frames.append(scan.select(list(ACCEPTED_COLUMNS)).cast(ACCEPTED_COLUMNS).collect())
     return pl.concat(frames) if frames else pl.DataFrame(schema=ACCEPTED_COLUMNS)
 
@@ -718,7 +708,7 @@ def _publish_night(store, period: Period, day: date, intake: Intake, usage: Nigh
                    reference, out_dir: Path, night_manifest: str) -> tuple[dict, dict]:
     intake_now = {k: dict(v) for k, v in intake.kept.items()}
     for key, path in usage.rebuilt_ids.items():
-        if not intake_now[key].get("ids"):  # state from an earlier billrun gets its event_id index
+        if not intake_now[key].get("ids"):  # a rebuild gives the kept objects their event_id index afresh
             intake_now[key]["ids"] = _ids_key(period, key, None)
             intake_now[key]["night"] = usage.nights.get(key)
             store.put_file(intake_now[key]["ids"], path)
@@ -746,8 +736,6 @@ def _publish_night(store, period: Period, day: date, intake: Intake, usage: Nigh
     fired_key = fired_alerts_key(period)
     fired = pl.read_parquet(io.BytesIO(store.read_bytes(fired_key))) if store.exists(fired_key) else None
     if fired is not None:  # a retry of this task must find tonight's alerts new again
-        if "night" not in fired.columns:  # state written before alerts remembered their night
-            fired = fired.with_columns(pl.lit(None, dtype=pl.Date).alias("night"))
         fired = fired.filter(pl.col("night").is_null() | (pl.col("night") != day))
     every = alerts_table(result.alerts)
     identity = ["customer_id", "period", "kind", "threshold"]
@@ -800,8 +788,6 @@ def _clear_superseded(store, period: Period, snapshots: list[dict]) -> None:
         for info in store.list(prefix + folder):
             if info.key not in keep:
                 store.delete(info.key)
-    if snapshots[-1].get("night"):
-        store.delete(legacy_intake_key(period))  # state from an earlier billrun, now carried by the snapshots
 
 
 def _report(manifest: dict, store_uri: str) -> None:

@@ -264,7 +264,3 @@ def pending_delivery_key(period) -> str:
     """Alerts a failed webhook delivery still has to deliver."""
     return nightly_state_prefix(period) + "pending_delivery.json"
 
-
-def legacy_intake_key(period) -> str:
-    """The nightly state of a billrun before night commits, read once and then removed."""
-    return nightly_state_prefix(period) + "intake.json"

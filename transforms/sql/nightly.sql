@@ -169,8 +169,8 @@ SELECT * EXCLUDE (id_hash) FROM tonight;
 -- name: first_copies
 -- The period so far from every accepted row, one row per event_id (its copy that counts, by the
 -- close's rule, `copy_order`): how a period's tables are built when there is no state to move
--- from (its first night, state written by an earlier billrun, or plans that changed which
--- meters are handled event by event).
+-- from (its first night, a new state format, or plans that changed which meters are handled
+-- event by event).
 CREATE OR REPLACE TEMP TABLE to_date AS
 SELECT * EXCLUDE (copy_no)
 FROM (SELECT *, row_number() OVER (PARTITION BY event_id
