@@ -33,6 +33,7 @@ from flows.secrets import keep_secrets_out_of_logs
 from flows.settings import Settings
 from flows.statement import with_local_lineage
 from flows.steps import (
+    CheckedReference,
     Inputs,
     adjustments_billed_elsewhere,
     check_reference,
@@ -43,7 +44,7 @@ from flows.steps import (
 )
 from flows.store import open_store
 from flows.testing_seam import fault_point
-from transforms.checked_usage import split_at_replay, usage_row_counts
+from transforms.checked_usage import CheckedUsage, split_at_replay, usage_row_counts
 from transforms.credits.events import credit_meters
 from transforms.errors import InputError
 from transforms.guards import close_too_early, close_without_usage, rows_in_period
@@ -129,12 +130,8 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
             indexing = index_billed.submit(usage.scratch.uri, list(checked.billed_ids), str(period), work_dir)
             try:
                 fault_point("settled")
-                no_usage = close_without_usage(
-                    period, rows_in_period(usage_row_counts(checked.counts, len(normalized.unreadable))["read"],
-                                           checked.quarantine),
-                    list(reference.segments))
-                if no_usage and not allow_empty:
-                    raise InputError(no_usage)
+                if not allow_empty:
+                    refuse_without_usage(period, checked, len(normalized.unreadable), reference)
                 # the per-event rows of credit meters (millions at 100M events) go to the replay only;
                 # Prefect keeps a task's arguments until the flow ends, so the whole settlement is not one
                 for_replay, checked = split_at_replay(checked, credit_meters(list(reference.segments)))
@@ -162,6 +159,16 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
     result = _result_from_manifest(json.loads(manifest), store, "closed")
     _report(result)
     return {**result.as_dict(), "warnings": warnings}
+
+
+def refuse_without_usage(period: Period, checked: CheckedUsage, unreadable: int, reference: CheckedReference) -> None:
+    """A close is final: a month without a single usage row (`unreadable` objects count as read)
+    while subscriptions in it meter usage is refused, as its usage was most likely not uploaded."""
+    no_usage = close_without_usage(
+        period, rows_in_period(usage_row_counts(checked.counts, unreadable)["read"], checked.quarantine),
+        list(reference.segments))
+    if no_usage:
+        raise InputError(no_usage)
 
 
 def _commit_tables(store: str, lake: lakehouse.TablesSettings, period: Period, run_id: str) -> None:
