@@ -4,7 +4,7 @@
 
 billrun opens DuckDB with its default memory_limit (80% of RAM), which leaves no room for the
 Python process around it, the Prefect server and anything else on the machine. This wrapper
-answers "would the close finish, and how fast, if settle-usage were told to spill earlier?"
+answers "would the close finish, and how fast, if check-usage were told to spill earlier?"
 without touching billrun's code: it wraps `duckdb.connect` before billrun imports it, then runs
 billrun's own command line. bench/run.py uses it with --duckdb-memory-limit.
 """

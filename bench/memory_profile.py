@@ -26,8 +26,8 @@ STEPS = {  # module: (task or function, step)
                     ("replay_credits", "replay-credits"), ("rate_invoices", "rate-invoices")),
     "flows.outputs": (("write_outputs", "write-outputs"),),
     "flows.publish": (("publish", "publish"),),
-    "flows.shards": (("normalize_batch", "normalize-usage"), ("check_shard", "settle-usage"),
-                     ("merged_usage", "settle-merge")),
+    "flows.shards": (("normalize_batch", "normalize-usage"), ("check_shard", "check-usage"),
+                     ("merged_usage", "merge-usage")),
 }
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024

@@ -49,7 +49,7 @@ PYTHON = REPO / ".venv" / "bin" / "python"
 TIME = Path("/usr/bin/time")
 PERIOD = "2026-10"
 FIRST = date(2026, 10, 1)
-STEPS = ("take-in", "check-reference", "normalize-usage", "settle-night", "estimate", "publish-night")
+STEPS = ("take-in", "check-reference", "normalize-usage", "check-night", "estimate", "publish-night")
 LOG_LINE = re.compile(r"^(?P<clock>\d\d:\d\d:\d\d\.\d{3}) \| \w+\s*\| (?P<what>Flow run|Task run) "
                       r"'(?P<name>[^']+)' - (?P<msg>.*)$")
 BODY = re.compile(r"^(?P<step>[a-z-]+): .* in (?P<seconds>\d+(\.\d+)?)s$")

@@ -102,7 +102,7 @@ class Measured:
 
 
 def settle(store: str, plans: str, period: Period, work: Path) -> dict:
-    """fetch-inputs .. settle-usage, as the close runs them (shards one at a time)."""
+    """fetch-inputs .. check-usage, as the close runs them (shards one at a time)."""
     catalog = load_catalog(plans)
     inputs = steps.fetch_inputs.fn(store, work / "inputs")
     costs = report.fetch_costs.fn(store)

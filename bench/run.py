@@ -42,10 +42,10 @@ from transforms.layout import BILLING, USAGE_PREFIX, manifest_key  # noqa: E402 
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 BILLRUN = REPO / ".venv" / "bin" / "billrun"
 TIME = Path("/usr/bin/time")
-STEPS = ("fetch-inputs", "check-reference", "normalize-usage", "settle-usage", "replay-credits",
+STEPS = ("fetch-inputs", "check-reference", "normalize-usage", "check-usage", "replay-credits",
          "rate-invoices", "write-outputs", "publish")
 TASK_FUNCTIONS = {"fetch_inputs": "fetch-inputs", "check_reference": "check-reference",
-                  "normalize_usage": "normalize-usage", "settle_usage": "settle-usage",
+                  "normalize_usage": "normalize-usage", "check_shard": "check-usage",
                   "replay_credits": "replay-credits", "rate_invoices": "rate-invoices",
                   "write_outputs": "write-outputs", "publish": "publish"}
 STEP_FILES = ("flows/steps.py", "flows/outputs.py", "flows/publish.py")

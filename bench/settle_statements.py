@@ -1,4 +1,4 @@
-"""Where settle-usage spends its time and memory, statement by statement.
+"""Where check-usage spends its time and memory, statement by statement.
 
     python bench/settle_statements.py --store .bench/store-10m --period 2026-10 [--duckdb-memory-limit 8GB]
 

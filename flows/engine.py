@@ -52,7 +52,7 @@ class PeriodUsage:
         the counted periods of `index` bill are not billed; the settlement's `billed_ids` are
         scratch keys (`billed_files` brings them here)."""
         return checked_in_shards(self.runner, self.scratch, self.shard_keys, reference, catalog, period, index,
-                             self.settings)
+                                 self.settings)
 
     def billed_files(self, checked: CheckedUsage, cache_dir: Path) -> list[Path]:
         """The settlement's billed event_ids as local files (read them before the next period

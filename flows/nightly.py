@@ -321,10 +321,10 @@ class NightUsage:
     per_event_usage: pl.DataFrame
 
 
-@task(name="settle-night", cache_policy=NO_CACHE)
-def settle_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[str, str]], settled: dict[str, int],
-                 billed: list[Path], intake: Intake, reference, period: Period, day: date,
-                 work_dir: Path) -> NightUsage:
+@task(name="check-night", cache_policy=NO_CACHE)
+def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[str, str]], settled: dict[str, int],
+                billed: list[Path], intake: Intake, reference, period: Period, day: date,
+                work_dir: Path) -> NightUsage:
     """The period to date, moved from the last night's by tonight's settlement. Tonight's rows
     up to the night's end were settled by the period engine as the close settles its period
     (`settled`: its counts; `billed`: its lineage files); what it bills is ranked by the close's
@@ -404,7 +404,7 @@ def settle_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[
     usage_by_dims = (usage_by_day.group_by("subscription_id", "segment_no", "meter", "dims")
                      .agg(pl.col("units").sum(), pl.col("events").sum())
                      .sort("subscription_id", "segment_no", "meter", "dims"))
-    get_run_logger().info("settle-night: read %d, accepted %d, duplicates %d, quarantined %d in %.2fs",
+    get_run_logger().info("check-night: read %d, accepted %d, duplicates %d, quarantined %d in %.2fs",
                           counts["read"], counts["billed"], counts["duplicates"], counts["quarantined"],
                           time.perf_counter() - started)
     return NightUsage(counts, accepted, ids, rebuilt_ids, nights, by_day_path, events_path, ranges, not_yet,
@@ -648,9 +648,9 @@ def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
                 # tonight's objects settled by the engine as the close settles its period, through
                 # the night's end; then ranked against earlier nights' copies by the close's rule
                 tonight = shards.through(the_day).checked(reference, catalog, period, index)
-                usage = settle_night(store, shards.files(work_dir / "normalized"), list(shards.normalized.unreadable),
-                                     tonight.counts, shards.lineage_files(tonight, work_dir / "lineage"),
-                                     quote(intake), quote(reference), period, the_day, work_dir)
+                usage = check_night(store, shards.files(work_dir / "normalized"), list(shards.normalized.unreadable),
+                                    tonight.counts, shards.lineage_files(tonight, work_dir / "lineage"),
+                                    quote(intake), quote(reference), period, the_day, work_dir)
             result = estimate(store, quote(usage), quote(reference), quote(catalog), period, intake.known_spend,
                               intake.base.get("wallets"))
             manifest = publish_night(store, period, the_day, quote(intake), quote(usage), quote(result),

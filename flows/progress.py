@@ -1,7 +1,7 @@
 """A live list of a flow's steps in the terminal, read from the log records Prefect already writes.
 
 Prefect logs every task run under `prefect.task_runs`, each record carrying the task's name and
-run id: a debug line when the run is created, the step's own summary ("settle-usage: read 14,
+run id: a debug line when the run is created, the step's own summary ("check-usage: read 14,
 billed 8, duplicates 1, quarantined 5 in 0.07s") and "Finished in state Completed()" at the end.
 `step_event` turns one record into a step event, `StepLog` (a logging handler) feeds those events
 to `StepProgress`, which shows them with rich: a spinner and the time so far on the running step,

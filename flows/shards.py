@@ -172,9 +172,9 @@ def normalize_batch(store_uri: str, batch: Opaque, scratch: Scratch, shards: int
     return NormalizedBatch(shard_keys, unreadable, rows)
 
 
-@task(name="settle-usage", cache_policy=NO_CACHE)
+@task(name="check-usage", cache_policy=NO_CACHE)
 def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period,
-                 memory_limit: str) -> Opaque:
+                memory_limit: str) -> Opaque:
     """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past `memory_limit`
     (the close's BILLRUN_DUCKDB_MEMORY, also on a Dask worker).
     Events the billed-event index shows billed in another closed period are not billed; the
@@ -196,9 +196,9 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
                                      "preserve_insertion_order": False})
         try:
             checked = checked_usage(con, [local[k] for k in sorted(keys)], reference.customers,
-                                       list(reference.subscriptions), list(reference.segments), catalog, period,
-                                       index.local(Path(tmp) / "index"), billed_out,
-                                       lineage_to=Path(tmp) / "lineage.parquet")
+                                    list(reference.subscriptions), list(reference.segments), catalog, period,
+                                    index.local(Path(tmp) / "index"), billed_out,
+                                    lineage_to=Path(tmp) / "lineage.parquet")
         finally:
             con.close()
         lineage_key = scratch.key(f"lineage/shard={shard:04d}.parquet")
@@ -207,7 +207,7 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
         open_store(scratch.uri, create=True).put_file(billed_key, billed_out)
         checked = replace(checked, lineage=(lineage_key,), billed_ids=(billed_key,))
     c = checked.counts
-    get_run_logger().info("settle-usage: shard %d: read %d, billed %d, duplicates %d, quarantined %d in %.2fs",
+    get_run_logger().info("check-usage: shard %d: read %d, billed %d, duplicates %d, quarantined %d in %.2fs",
                           shard, c["read"], c["billed"], c["duplicates"], c["quarantined"],
                           time.perf_counter() - started)
     return Opaque(checked)
@@ -282,8 +282,8 @@ def checked_in_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]]
     todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
     context = Opaque((reference, catalog, index))
     futures = [runner.submit(check_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,
-                                            "period": period,
-                                            "memory_limit": settings.duckdb_memory or DEFAULT_SHARD_MEMORY})
+                                           "period": period,
+                                           "memory_limit": settings.duckdb_memory or DEFAULT_SHARD_MEMORY})
                for shard, keys in todo.items()]
     # Folded in as they come, FOLD_SHARDS at a time: each shard's per-day units span most
     # customers, so all shards' results at once would hold many times the merged table.

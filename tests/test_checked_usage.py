@@ -312,11 +312,11 @@ def test_merged_aggregates_come_out_in_text_order_whatever_order_categories_were
         by_dims = by_day.drop("day")
         quarantine = pl.DataFrame(schema={"source_key": pl.String, "source_row": pl.Int64})
         return CheckedUsage({"read": n, "billed": n, "duplicates": 0, "quarantined": 0}, quarantine, by_dims,
-                          by_day, pl.DataFrame({"subscription_id": [], "segment_no": [], "meter": [], "event_at": [],
-                                                "event_id": []}, schema={"subscription_id": pl.String,
-                                                                         "segment_no": pl.Int64, "meter": pl.String,
-                                                                         "event_at": pl.Datetime("us", "UTC"),
-                                                                         "event_id": pl.String}), [])
+                            by_day, pl.DataFrame({"subscription_id": [], "segment_no": [], "meter": [], "event_at": [],
+                                                  "event_id": []}, schema={"subscription_id": pl.String,
+                                                                           "segment_no": pl.Int64, "meter": pl.String,
+                                                                           "event_at": pl.Datetime("us", "UTC"),
+                                                                           "event_id": pl.String}), [])
 
     names = [f"merge-order-sub-{i:02d}" for i in range(20)][::-1]  # first met in reverse order
     parts = [part(names, 2), part(names[::2] + names[1::2], 1)]

@@ -19,7 +19,7 @@ from flows.settings import Settings
 GOLDEN = Path(__file__).parent / "golden"
 
 
-def task_record(message: str, *args, task: str | None = "settle-usage", run_id: str | None = "run-1",
+def task_record(message: str, *args, task: str | None = "check-usage", run_id: str | None = "run-1",
                 level: int = logging.INFO) -> logging.LogRecord:
     """A record as Prefect's task-run logger makes it: the task's name and run id ride along."""
     record = logging.LogRecord("prefect.task_runs", level, __file__, 1, message, args, None)
@@ -31,24 +31,24 @@ def task_record(message: str, *args, task: str | None = "settle-usage", run_id: 
 
 
 @pytest.mark.parametrize("record, event", [
-    pytest.param(task_record("Created task run 'settle-usage-a1b' for task 'settle-usage'", level=logging.DEBUG),
-                 StepEvent("start", "run-1", "settle-usage"), id="created: the step starts"),
-    pytest.param(task_record("Executing task 'settle-usage' for task run 'settle-usage-a1b'...", level=logging.DEBUG),
-                 StepEvent("start", "run-1", "settle-usage"), id="executing: starts too (once is enough)"),
-    pytest.param(task_record("settle-usage: read %d, billed %d in %.2fs", 14, 8, 1.234),
-                 StepEvent("note", "run-1", "settle-usage", "read 14, billed 8"),
+    pytest.param(task_record("Created task run 'check-usage-a1b' for task 'check-usage'", level=logging.DEBUG),
+                 StepEvent("start", "run-1", "check-usage"), id="created: the step starts"),
+    pytest.param(task_record("Executing task 'check-usage' for task run 'check-usage-a1b'...", level=logging.DEBUG),
+                 StepEvent("start", "run-1", "check-usage"), id="executing: starts too (once is enough)"),
+    pytest.param(task_record("check-usage: read %d, billed %d in %.2fs", 14, 8, 1.234),
+                 StepEvent("note", "run-1", "check-usage", "read 14, billed 8"),
                  id="the step's own summary, without its timing"),
-    pytest.param(task_record("settle-usage: shard 0: read 14"),
-                 StepEvent("note", "run-1", "settle-usage", "shard 0: read 14"), id="a summary without a timing"),
+    pytest.param(task_record("check-usage: shard 0: read 14"),
+                 StepEvent("note", "run-1", "check-usage", "shard 0: read 14"), id="a summary without a timing"),
     pytest.param(task_record("Finished in state Completed()"),
-                 StepEvent("finish", "run-1", "settle-usage"), id="completed"),
+                 StepEvent("finish", "run-1", "check-usage"), id="completed"),
     pytest.param(task_record("Finished in state Cached(type=COMPLETED)"),
-                 StepEvent("finish", "run-1", "settle-usage"), id="cached is done too"),
+                 StepEvent("finish", "run-1", "check-usage"), id="cached is done too"),
     pytest.param(task_record("Finished in state Failed('Task run encountered an exception InputError: bad')",
                              level=logging.ERROR),
-                 StepEvent("finish", "run-1", "settle-usage", "failed", ok=False), id="failed"),
+                 StepEvent("finish", "run-1", "check-usage", "failed", ok=False), id="failed"),
     pytest.param(task_record("Finished in state Crashed('Execution was interrupted')", level=logging.ERROR),
-                 StepEvent("finish", "run-1", "settle-usage", "crashed", ok=False), id="crashed"),
+                 StepEvent("finish", "run-1", "check-usage", "crashed", ok=False), id="crashed"),
     pytest.param(task_record("Task run failed with %s: %r - Retry %s/%s will start %s", "exception",
                              OSError("timed out"), 1, 3, "2 second(s) from now", task="fetch-inputs"),
                  StepEvent("retry", "run-1", "fetch-inputs", "retry 1/3 after OSError('timed out')"), id="retry"),
@@ -162,7 +162,7 @@ def test_a_close_with_progress_on_lists_every_step_done(prefect_server, tmp_path
                                       str(GOLDEN / "plans")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     done = [line.split()[1] for line in result.stderr.splitlines() if line.startswith("✓")]
-    for step in ("prefect", "fetch-inputs", "check-reference", "normalize-usage", "settle-usage", "replay-credits",
+    for step in ("prefect", "fetch-inputs", "check-reference", "normalize-usage", "check-usage", "replay-credits",
                  "rate-invoices", "write-outputs", "publish"):
         assert step in done, result.stderr
     assert "closed" in result.stdout and "✓" not in result.stdout
@@ -183,7 +183,7 @@ def test_the_console_keeps_what_the_list_does_not_say() -> None:
         import sys
         bug = task_record("Task run failed with exception", level=logging.ERROR)
         bug.exc_info = sys.exc_info()
-    for record in [task_record("Created", level=logging.DEBUG), task_record("settle-usage: read 3"),
+    for record in [task_record("Created", level=logging.DEBUG), task_record("check-usage: read 3"),
                    task_record("Finished in state Failed('x')", level=logging.ERROR), user_error, bug,
                    logging.LogRecord("prefect.client", logging.WARNING, __file__, 1, "slow API", (), None)]:
         assert keep.filter(record) is False  # never written across the live display

@@ -104,7 +104,7 @@ def world(customers):
 
 
 def per_event_usage(events) -> pl.DataFrame:
-    """The events as settle-night gives them (one segment per subscription here)."""
+    """The events as check-night gives them (one segment per subscription here)."""
     return pl.DataFrame([(e.subscription_id, 1, e.meter, e.dims, e.quantity, e.customer_id, e.event_id, e.event_at)
                          for e in events],
                         schema={"subscription_id": pl.String, "segment_no": pl.Int64, "meter": pl.String,
