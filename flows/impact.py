@@ -54,7 +54,7 @@ from transforms.margins import Costs
 from transforms.money import decimal_text
 from transforms.periods import Period
 from transforms.plans import Catalog, load_catalog
-from transforms.simulate import Outcomes, rated_outcomes
+from transforms.simulate import ModelTables, rated_model_tables
 
 
 def periods_to_rerate(store: str, periods: int) -> list[Period]:
@@ -76,15 +76,15 @@ def _sided(which: str, step, *args):
         raise type(exc)(f"with the {which} plans: {exc}") from None
 
 
-def rerated_outcomes(store: str, usage: PeriodUsage, reference: CheckedReference, catalog: Catalog, which: str,
-                     period: Period, costs: Costs) -> Outcomes:
+def rerated_model_tables(store: str, usage: PeriodUsage, reference: CheckedReference, catalog: Catalog, which: str,
+                         period: Period, costs: Costs) -> ModelTables:
     """The period re-rated with `catalog` by the close's steps, as the close would bill it (and
     as `simulate` re-rates), with the revenue and margins the close would write."""
     index = committed_index(store, leave_out=[str(period)])
     checked = _sided(which, usage.checked, reference, catalog, period, index)
     outcome = _sided(which, replay_credits, quote(checked), quote(reference), quote(catalog), period)
     invoices = _sided(which, rate_invoices, quote(checked), quote(reference), quote(outcome), period)
-    return rated_outcomes(period, invoices, outcome, reference.segments, checked.usage_by_day, costs)
+    return rated_model_tables(period, invoices, outcome, reference.segments, checked.usage_by_day, costs)
 
 
 @flow(name="impact", log_prints=False)
@@ -115,8 +115,8 @@ def impact(store: str, plans: str, base: str, periods: int = 1, shock: str = str
         costs, costs_source = fetch_costs(store)
         with period_usage(store, inputs, work_dir, f"impact-{label}", settings) as usage:  # normalized once for all
             for period in chosen:
-                sides = {which: rerated_outcomes(store, usage, references[(period, which)], catalog, which, period,
-                                                 costs)
+                sides = {which: rerated_model_tables(store, usage, references[(period, which)], catalog, which, period,
+                                                     costs)
                          for which, catalog in (("base", base_catalog), ("head", head_catalog))}
                 rerated.append(PeriodRerates(period, _run_id(store, period), sides["base"], sides["head"]))
     finally:

@@ -71,12 +71,12 @@ from transforms.plans import Catalog, load_catalog, plan_entries_for
 from transforms.reference import checked_customers, segments_in
 from transforms.simulate import (
     SHOCK_DEFAULT,
+    ModelTables,
     Move,
-    Outcomes,
     PlanRef,
     breakage_by_period,
     change_bins,
-    closed_outcomes,
+    closed_model_tables,
     closed_period_problem,
     compared_models,
     customer_plans,
@@ -86,7 +86,7 @@ from transforms.simulate import (
     notice_problem,
     plan_moves,
     plan_ref,
-    rated_outcomes,
+    rated_model_tables,
     revenue_by_plan_stream,
 )
 
@@ -157,9 +157,9 @@ def compare_models(store: str, period: Period, moves: tuple[Move, ...], customer
                    shock: Decimal, original: CheckedReference, rerated: Rerated, closed: ClosedPeriod, costs: Costs,
                    costs_source: dict | None, history: dict[str, pl.DataFrame]) -> Simulation:
     """Both models side by side: per customer, per currency, and what the charts draw."""
-    current = closed_outcomes(closed, original.segments, costs)
-    candidate = rated_outcomes(period, rerated.invoices, rerated.outcome, rerated.reference.segments,
-                               rerated.checked.usage_by_dims, costs)
+    current = closed_model_tables(closed, original.segments, costs)
+    candidate = rated_model_tables(period, rerated.invoices, rerated.outcome, rerated.reference.segments,
+                                   rerated.checked.usage_by_dims, costs)
     names = dict(original.customers.select("customer_id", "name").iter_rows())
     models = compared_models(current, candidate, rerated, names, shock, closed.quarantine)
     result = {
@@ -195,12 +195,12 @@ def _notes(quarantined: dict, drift: list[str], costs_source: dict | None) -> li
     return notes
 
 
-def _charts(current: Outcomes, candidate: Outcomes, comparison: pl.DataFrame, margins: pl.DataFrame,
+def _charts(current: ModelTables, candidate: ModelTables, comparison: pl.DataFrame, margins: pl.DataFrame,
             moved: frozenset[str], history: dict[str, pl.DataFrame], period: Period, shock: Decimal) -> list[Chart]:
     """Revenue by plan and stream, breakage over the closed periods, the distribution of bill
     changes and margin by meter, each model beside the other."""
-    revenue = [{**e, "model": name} for name, outcomes in (("current", current), ("candidate", candidate))
-               for e in revenue_by_plan_stream(outcomes.revenue, customer_plans(outcomes.segments), moved)]
+    revenue = [{**e, "model": name} for name, tables in (("current", current), ("candidate", candidate))
+               for e in revenue_by_plan_stream(tables.revenue, customer_plans(tables.segments), moved)]
     return (revenue_charts(revenue, "of the moved customers")
             + breakage_charts(breakage_by_period(history), breakage_by_period({str(period): candidate.revenue}),
                               str(period))

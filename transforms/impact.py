@@ -2,7 +2,7 @@
 
 The flow re-rates each closed period twice with the close's own steps, once with the catalog at
 the base revision and once with the working tree's, and hands both results here as
-`transforms.simulate.Outcomes`. This module sets them side by side (per currency, per plan, per
+`transforms.simulate.ModelTables`. This module sets them side by side (per currency, per plan, per
 customer), finds the bill shocks, the breakage and margin change and the subscriptions whose
 contract is billed at another price (their customers need a notice), and writes the report as
 markdown. The report's bytes depend only on its inputs: rows are sorted, nothing reads a clock.
@@ -22,7 +22,7 @@ from transforms.money import format_money, to_minor
 from transforms.periods import Period
 from transforms.plans import Catalog, PlanFile
 from transforms.reference import Subscription, bound_versions
-from transforms.simulate import Outcomes, change_pct, compare, outcome
+from transforms.simulate import ModelTables, change_pct, compare, outcome
 
 SHOCK_PCT_DEFAULT = Decimal("0.2")
 SHOCK_AMOUNT_DEFAULT = Decimal("10")
@@ -40,8 +40,8 @@ class PeriodRerates:
 
     period: Period
     run_id: str        # the close that closed it (what the store's invoices are)
-    base: Outcomes
-    head: Outcomes
+    base: ModelTables
+    head: ModelTables
 
 
 @dataclass(frozen=True)
@@ -230,11 +230,11 @@ def plan_changes(rerated: list[PeriodRerates]) -> list[dict]:
     versions: dict[tuple[str, str], tuple[set, set]] = defaultdict(lambda: (set(), set()))
     by_customer: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
     for r in rerated:
-        for side, outcomes in enumerate((r.base, r.head)):
-            plan_of = dict(outcomes.segments.select("subscription_id", "plan").iter_rows())
-            for plan, version, currency in outcomes.segments.select("plan", "plan_version", "currency").iter_rows():
+        for side, tables in enumerate((r.base, r.head)):
+            plan_of = dict(tables.segments.select("subscription_id", "plan").iter_rows())
+            for plan, version, currency in tables.segments.select("plan", "plan_version", "currency").iter_rows():
                 versions[(plan, currency)][side].add(version)
-            docs = outcomes.documents.with_columns(
+            docs = tables.documents.with_columns(
                 pl.col("subscription_id").replace_strict(plan_of, default="(no plan)", return_dtype=pl.String)
                 .alias("plan"))
             for (plan, currency, customer), total in _sums(docs, "plan", "currency", "customer_id").items():
@@ -263,15 +263,15 @@ def breakage_and_margin(rerated: list[PeriodRerates], credit_plans: set[str], ha
     breakage: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     margin: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0])
     for r in rerated:
-        for side, outcomes in enumerate((r.base, r.head)):
-            plan_of = dict(((c, cur), p) for c, cur, p in _in_order(outcomes.segments)
+        for side, tables in enumerate((r.base, r.head)):
+            plan_of = dict(((c, cur), p) for c, cur, p in _in_order(tables.segments)
                            .select("customer_id", "currency", "plan").iter_rows())
-            credits = outcomes.revenue.filter(pl.col("stream") == "credits")
+            credits = tables.revenue.filter(pl.col("stream") == "credits")
             for customer, currency, minor in credits.select("customer_id", "currency", "breakage_minor").iter_rows():
                 plan = plan_of.get((customer, currency), "(no plan)")
                 breakage[(plan, currency)][side] += int(minor)
             for plan, currency, known, minor in (
-                    outcomes.margins.group_by("plan", "currency")
+                    tables.margins.group_by("plan", "currency")
                     .agg(pl.col("margin_minor").is_not_null().all().alias("known"), pl.col("margin_minor").sum())
                     .iter_rows()):
                 before = margin[(plan or "(no plan)", currency)][side]

@@ -147,8 +147,9 @@ def customer_plans(segment_plans: pl.DataFrame) -> dict[tuple[str, str], str]:
 
 
 @dataclass(frozen=True)
-class Outcomes:
-    """One billing model's results for a period."""
+class ModelTables:
+    """One billing model's tables for a period: what it bills, its revenue and margins, and which
+    plan each subscription segment is on."""
 
     documents: pl.DataFrame   # every document billed for the period: customer_id, currency, total_minor
     revenue: pl.DataFrame     # revenue rows (transforms.revenue)
@@ -156,23 +157,23 @@ class Outcomes:
     segments: pl.DataFrame    # segment_plans rows (transforms.margins)
 
 
-def rated_outcomes(period: Period, invoices: list[Invoice], outcome: WalletReplay, segments: tuple[Segment, ...],
-                   usage: pl.DataFrame, costs: Costs) -> Outcomes:
+def rated_model_tables(period: Period, invoices: list[Invoice], outcome: WalletReplay, segments: tuple[Segment, ...],
+                       usage: pl.DataFrame, costs: Costs) -> ModelTables:
     """A re-rated model's results: the invoices it would issue, and the revenue and margins the
     close would write for them. `usage` is the billed units the margins cost (by day, or for the
     whole period: see `margins_table`)."""
     plans = segment_plans(segments)
-    return Outcomes(invoices_table(invoices), revenue_table(period, invoices, outcome, segments),
-                    margins_table(lines_table(invoices), usage, plans, costs, period), plans)
+    return ModelTables(invoices_table(invoices), revenue_table(period, invoices, outcome, segments),
+                       margins_table(lines_table(invoices), usage, plans, costs, period), plans)
 
 
-def closed_outcomes(closed, segments: tuple[Segment, ...], costs: Costs) -> Outcomes:
+def closed_model_tables(closed, segments: tuple[Segment, ...], costs: Costs) -> ModelTables:
     """The billed model's results: every document issued for `closed.period` (the close's and
     its corrections'), the close's revenue, and margins of its lines costed over its usage summary
     (`closed`: a closed period as read back from the store, flows.report.ClosedPeriod)."""
     plans = segment_plans(segments)
-    return Outcomes(closed.documents, closed.revenue,
-                    margins_table(closed.lines, closed.usage_summary, plans, costs, closed.period), plans)
+    return ModelTables(closed.documents, closed.revenue,
+                       margins_table(closed.lines, closed.usage_summary, plans, costs, closed.period), plans)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ class Comparison:
     moved_customers: frozenset[str]   # customers with a moved subscription active in the period
 
 
-def compared_models(current: Outcomes, candidate: Outcomes, rerated, names: dict[str, str], shock: Decimal,
+def compared_models(current: ModelTables, candidate: ModelTables, rerated, names: dict[str, str], shock: Decimal,
                     closed_quarantine: pl.DataFrame) -> Comparison:
     """The billed model (`current`) beside the candidate re-rate (`candidate`, from `rerated`:
     its reference, the subscription ids it moved and its settlement). `names`: customer names by
@@ -196,9 +197,9 @@ def compared_models(current: Outcomes, candidate: Outcomes, rerated, names: dict
     ever_moved = frozenset(s.customer_id for s in rerated.reference.subscriptions if s.subscription_id in moved)
     in_period = frozenset(s.subscription.customer_id for s in segments if s.subscription.subscription_id in moved)
     comparison = compare(current, candidate, in_period, names, shock)
-    margins = pl.concat([outcomes.margins.filter(pl.col("customer_id").is_in(list(in_period)))
+    margins = pl.concat([tables.margins.filter(pl.col("customer_id").is_in(list(in_period)))
                          .with_columns(pl.lit(model).alias("model"))
-                         for model, outcomes in (("current", current), ("candidate", candidate))])
+                         for model, tables in (("current", current), ("candidate", candidate))])
     return Comparison(comparison, summarize(comparison, current, candidate),
                       newly_quarantined(rerated.checked.quarantine, closed_quarantine, in_period),
                       drifted_customers(current, candidate, ever_moved), margins, in_period)
@@ -245,7 +246,7 @@ COMPARISON_SCHEMA = {
 }
 
 
-def compare(current: Outcomes, candidate: Outcomes, customers: frozenset[str], names: dict[str, str],
+def compare(current: ModelTables, candidate: ModelTables, customers: frozenset[str], names: dict[str, str],
             shock: Decimal) -> pl.DataFrame:
     """One row per moved customer x currency: what it was billed for the period and what it
     would have been billed, the change, whether that is a bill shock, and the breakage and
@@ -273,7 +274,7 @@ def _known_sum(values: list[int | None]) -> int | None:
     return None if any(v is None for v in values) else sum(values)
 
 
-def summarize(comparison: pl.DataFrame, current: Outcomes, candidate: Outcomes) -> list[dict]:
+def summarize(comparison: pl.DataFrame, current: ModelTables, candidate: ModelTables) -> list[dict]:
     """One entry per currency over the moved customers: billed, revenue (recognized + breakage),
     breakage and margin under both models, and how many customers' bills jump (`shock`), rise
     within the threshold, stay or drop."""
@@ -282,8 +283,8 @@ def summarize(comparison: pl.DataFrame, current: Outcomes, candidate: Outcomes) 
         rows = comparison.filter(pl.col("currency") == currency)
         customers = set(rows["customer_id"])
 
-        def revenue(outcomes: Outcomes, column: str, customers=customers, currency=currency) -> int:
-            r = outcomes.revenue.filter(pl.col("customer_id").is_in(list(customers)) & (pl.col("currency") == currency))
+        def revenue(tables: ModelTables, column: str, customers=customers, currency=currency) -> int:
+            r = tables.revenue.filter(pl.col("customer_id").is_in(list(customers)) & (pl.col("currency") == currency))
             return int(r[column].sum() or 0)
 
         paid, would = int(rows["paid_minor"].sum()), int(rows["would_pay_minor"].sum())
@@ -315,7 +316,7 @@ def newly_quarantined(candidate: pl.DataFrame, closed: pl.DataFrame, customers: 
             "by_reason": dict(sorted(new.group_by("reason").len().iter_rows()))}
 
 
-def drifted_customers(current: Outcomes, candidate: Outcomes, moved: frozenset[str]) -> list[str]:
+def drifted_customers(current: ModelTables, candidate: ModelTables, moved: frozenset[str]) -> list[str]:
     """Customers not moved whose re-rated bill differs from what was issued: the store's usage,
     subscriptions or plans changed since the close, and the moved customers' figures carry that
     change too (`billrun status` says what changed; a backfill settles it)."""
