@@ -52,7 +52,7 @@ class IndexFile:
 class CommittedIndex:
     """The committed index files of the store's closed periods, and which periods count.
 
-    `decided`: closed periods with an index; `counted`: those whose billing a settlement must
+    `decided`: closed periods with an index; `counted`: those whose billing a usage check must
     respect (all decided periods but the ones a backfill re-rates itself)."""
 
     uri: str

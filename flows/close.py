@@ -133,7 +133,7 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
                 if not allow_empty:
                     refuse_without_usage(period, checked, len(normalized.unreadable), reference)
                 # the per-event rows of credit meters (millions at 100M events) go to the replay only;
-                # Prefect keeps a task's arguments until the flow ends, so the whole settlement is not one
+                # Prefect keeps a task's arguments until the flow ends, so the whole checked usage is not one
                 for_replay, checked = split_at_replay(checked, credit_meters(list(reference.segments)))
                 outcome = replay_credits(quote(for_replay), quote(reference), quote(catalog), period)
                 invoices = rate_invoices(quote(checked), quote(reference), quote(outcome), period)

@@ -49,18 +49,18 @@ class PeriodUsage:
 
     def checked(self, reference, catalog: Catalog, period: Period, index: CommittedIndex) -> CheckedUsage:
         """The period settled as the close settles it: each shard on its own, merged. Events
-        the counted periods of `index` bill are not billed; the settlement's `billed_ids` are
+        the counted periods of `index` bill are not billed; the checked usage's `billed_ids` are
         scratch keys (`billed_files` brings them here)."""
         return checked_in_shards(self.runner, self.scratch, self.shard_keys, reference, catalog, period, index,
                                  self.settings)
 
     def billed_files(self, checked: CheckedUsage, cache_dir: Path) -> list[Path]:
-        """The settlement's billed event_ids as local files (read them before the next period
-        is settled: each settlement writes its shards' files under the same keys)."""
+        """The checked usage's billed event_ids as local files (read them before the next period
+        is settled: each check writes its shards' files under the same keys)."""
         return self._local(sorted(checked.billed_ids), cache_dir)
 
     def lineage_files(self, checked: CheckedUsage, cache_dir: Path) -> list[Path]:
-        """The settlement's billed and duplicate rows (checked_usage.sql `lineage`) as local files
+        """The checked usage's billed and duplicate rows (checked_usage.sql `lineage`) as local files
         (read them before the next period is settled, as `billed_files`)."""
         return self._local(sorted(checked.lineage), cache_dir)
 

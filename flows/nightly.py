@@ -325,7 +325,7 @@ class NightUsage:
 def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[str, str]], settled: dict[str, int],
                 billed: list[Path], intake: Intake, reference, period: Period, day: date,
                 work_dir: Path) -> NightUsage:
-    """The period to date, moved from the last night's by tonight's settlement. Tonight's rows
+    """The period to date, moved from the last night's by tonight's checked usage. Tonight's rows
     up to the night's end were settled by the period engine as the close settles its period
     (`settled`: its counts; `billed`: its lineage files); what it bills is ranked by the close's
     rule against the copies taken in before, and the period to date moves by the difference (or

@@ -4,7 +4,7 @@ Every usage row goes to one of N shards by a hash of its event_id, so all copies
 (in this period and in earlier ones) meet in one shard and deduplication never crosses shards.
 A shard is settled on its own DuckDB connection with a memory cap (it spills rather than grows),
 and the small results are merged (`transforms.checked_usage.merged_usage`) into exactly what one
-settlement of all rows gives. N only changes memory and parallelism, never a byte of output.
+check of all rows gives. N only changes memory and parallelism, never a byte of output.
 
 Normalized shard files live in a scratch area addressed as a store: the close's local work
 folder, or, when tasks run on a Dask cluster and the store is on S3, a prefix of the store under
@@ -41,7 +41,7 @@ from transforms.plans import Catalog
 
 SCRATCH_PARQUET = {"compression": "lz4", "statistics": True}
 """Shard files live minutes and are read once: lz4 writes and reads them about twice as cheaply
-in CPU as zstd, for 1.7x the bytes. Statistics stay: they let a settlement skip the files of
+in CPU as zstd, for 1.7x the bytes. Statistics stay: they let a check skip the files of
 other months by event time."""
 
 SHARD_INPUT_BYTES = 24 * 1024 * 1024
@@ -181,8 +181,8 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
     shard's billed event_ids go to the scratch area (`billed/`), for the period's index.
     The CheckedUsage comes back in an Opaque, which `checked_in_shards` empties once merged: Prefect
     keeps every task run's result until the flow ends, and the shards' results together are as
-    large as the merged settlement.
-    Not retried: the settlement is pure work that fails the same way twice, and its reads and
+    large as the merged checked usage.
+    Not retried: the check is pure work that fails the same way twice, and its reads and
     writes of the scratch store carry the store's own retries (botocore's, on S3)."""
     started = time.perf_counter()
     reference, catalog, index = context.value
@@ -277,8 +277,8 @@ def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch,
 
 def checked_in_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]], reference, catalog: Catalog,
                       period: Period, index: CommittedIndex, settings: Settings) -> CheckedUsage:
-    """Each shard settled on its own, then merged into the settlement of all rows. The merged
-    settlement's `billed_ids` are the shards' scratch keys of their billed event_ids."""
+    """Each shard settled on its own, then merged into the checked usage of all rows. The merged
+    checked usage's `billed_ids` are the shards' scratch keys of their billed event_ids."""
     todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
     context = Opaque((reference, catalog, index))
     futures = [runner.submit(check_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,

@@ -1,4 +1,4 @@
-"""Lineage IO: the settlement's per-shard lineage files brought to this machine and made into the
+"""Lineage IO: the checked usage's per-shard lineage files brought to this machine and made into the
 close's billed_events output, and the readers behind `billrun explain --events` and `billrun statement`."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from transforms.lineage import BILLED_EVENTS_SCHEMA, billed_events, decimal_text
 
 
 def with_local_lineage(checked: CheckedUsage, scratch, work_dir: Path) -> CheckedUsage:
-    """The settlement with its lineage files on this machine (the shards wrote them to the
+    """The checked usage with its lineage files on this machine (the shards wrote them to the
     scratch area, which a cluster's workers share and which is dropped after settling)."""
     if not checked.lineage:
         return checked

@@ -3,7 +3,7 @@
 - The wallet replay fed one customer at a time from the per-event frame (as the close feeds
   it) equals the replay of every credit event at once: same ledger, same billable units, same
   alerts.
-- The settlement splits into the replay's rows (credit meters) and the rest, each row once.
+- The checked usage splits into the replay's rows (credit meters) and the rest, each row once.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def world(seed: int, customers: int = 40):
 
 
 def per_event_frame(events) -> pl.DataFrame:
-    """The settlement's per_event_usage of `events`, in its order (segment, meter, time)."""
+    """The checked usage's per_event_usage of `events`, in its order (segment, meter, time)."""
     rows = [(e.subscription_id, e.segment_no, e.meter, e.dims, e.quantity, e.customer_id, e.event_id, e.event_at)
             for e in events]
     frame = pl.DataFrame(rows, schema=PER_EVENT_SCHEMA, orient="row")
@@ -89,7 +89,7 @@ def test_wallets_fed_per_customer_equal_the_replay_of_every_event_at_once():
         assert outcome.grants == expected.grants
 
 
-def test_the_settlement_splits_into_the_replays_rows_and_the_rest_each_row_once():
+def test_the_checked_usage_splits_into_the_replays_rows_and_the_rest_each_row_once():
     catalog = load_catalog(str(PLANS))
     subs, _, history, period_rows = world(1)
     segments = segments_in(OCT, subs, catalog)

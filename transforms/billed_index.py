@@ -27,7 +27,7 @@ INDEX_ROW_GROUP = 65536
 
 @dataclass(frozen=True)
 class BilledIndex:
-    """The index files that count for one settlement, as local files.
+    """The index files that count for one usage check, as local files.
 
     `files` maps each file to the run that wrote it; only rows of `periods` (the decided periods:
     closed, with an index) count. A backfill leaves out the periods it re-rates itself."""
@@ -63,7 +63,7 @@ def look_up_billed(con: duckdb.DuckDBPyConnection, index: BilledIndex) -> int:
 
 
 def write_period_index(billed: list[Path], period: str, out: Path) -> int:
-    """One period's index from the billed ids (event_id, id_hash) of its settlement's parts,
+    """One period's index from the billed ids (event_id, id_hash) of its checked usage's parts,
     written to `out`; the same events give the same bytes, however they were split. Returns the
     number of events."""
     con = duckdb.connect()

@@ -32,7 +32,7 @@ COPIES_SQL = "copies.sql"
 
 
 def copy_order_macro(con: duckdb.DuckDBPyConnection) -> None:
-    """`copy_order(...)`: which copy of an event_id counts (copies.sql), for every settlement,
+    """`copy_order(...)`: which copy of an event_id counts (copies.sql), for every check,
     the close's and each night's, to rank copies by."""
     con.execute(statements(COPIES_SQL)["copy_order_macro"]).fetchall()
 
@@ -72,7 +72,7 @@ QUARANTINE_SCHEMA = {
 
 
 def quarantine_table(quarantine: pl.DataFrame, unreadable) -> pl.DataFrame:
-    """One row per quarantined row (a settlement's `quarantine`), plus one per object that could
+    """One row per quarantined row (a checked usage's `quarantine`), plus one per object that could
     not be read (`unreadable`: (key, why); its source_row empty), in source order."""
     whole = pl.DataFrame([{"source_key": key, "source_row": None, "reason": "unreadable_object", "detail": why}
                           for key, why in unreadable],
@@ -92,7 +92,7 @@ def quarantined_by_reason(quarantine: pl.DataFrame) -> dict[str, int]:
 
 def usage_row_counts(counts: dict[str, int], unreadable: int) -> dict[str, int]:
     """The account of a run's usage rows: read = billed + duplicates + quarantined. `counts` is a
-    settlement's; an object that could not be read (`unreadable` of them) counts as one row read
+    checked usage's; an object that could not be read (`unreadable` of them) counts as one row read
     and quarantined, since its rows cannot be told apart."""
     return {"read": counts["read"] + unreadable, "billed": counts["billed"], "duplicates": counts["duplicates"],
             "quarantined": counts["quarantined"] + unreadable}
@@ -100,7 +100,7 @@ def usage_row_counts(counts: dict[str, int], unreadable: int) -> dict[str, int]:
 
 def split_at_replay(checked: CheckedUsage, credit_meters: set[tuple[str, int, str]]
                     ) -> tuple[CheckedUsage, CheckedUsage]:
-    """The settlement in two: what the wallet replay reads (the per-event rows of meters paid
+    """The checked usage in two: what the wallet replay reads (the per-event rows of meters paid
     with credits, and the credit history) and what rating and the outputs read (everything
     else: what the credit rows bill is in the replay's billable units, and rating and spend
     alerts skip them). Each part holds its own rows once, so that neither keeps the other alive."""
@@ -262,11 +262,11 @@ TEXT_KEYS = ("subscription_id", "meter", "dims")
 
 
 def merged_usage(parts: list[CheckedUsage], partial: bool = False) -> CheckedUsage:
-    """One settlement from the settlements of disjoint shards of the usage.
+    """One checked usage from those of disjoint shards of the usage.
 
     Shards split the rows by a hash of event_id, so every copy of an event_id, and every earlier
     copy of it, is settled in the same shard: deduplication never crosses shards, counts add up,
-    aggregates re-add, and per-row outputs are put back in the order one settlement gives them.
+    aggregates re-add, and per-row outputs are put back in the order one check of all rows gives them.
     The result is the same, byte for byte, whatever the number of shards.
 
     `partial`: a fold of some shards, to be merged again with at least one other part: aggregates
@@ -316,7 +316,7 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
 
     `index`: the billed-event index of the decided periods: an event their documents bill is not
     billed here (its copy is quarantined as `billed_in_period`). `billed_out`: where to write the
-    billed events (event_id, id_hash), this settlement's part of the period's index. With
+    billed events (event_id, id_hash), this check's part of the period's index. With
     `lineage_to`, also write there the billed and duplicate rows, one row each (the lineage of the
     billed_events output), straight from DuckDB: never a frame in memory."""
     sql = statements(SQL_FILE)

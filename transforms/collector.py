@@ -2,7 +2,7 @@
 
 The close and nightly build invoice lines, ledger entries and table cells by the million. None of
 them is part of a reference cycle, so the collector finds nothing to free, but each of its full
-passes walks every object alive: a cProfile of the steps after settlement on a 10M-event close
+passes walks every object alive: a cProfile of the steps after the usage check on a 10M-event close
 found it at about 40% of rating 100k invoices (533b3cc), and a few seconds a pass once a close's
 invoices and ledger are in memory. Pausing it changes no result, only the time.
 """

@@ -29,7 +29,7 @@ LINEAGE_COLUMNS = {
     "outcome": pl.String, "source_key": pl.String, "source_row": pl.Int64,
     "duplicate_of_source_key": pl.String, "duplicate_of_source_row": pl.Int64,
 }
-"""The settlement's lineage files: one row per billed or duplicate row (checked_usage.sql)."""
+"""The checked usage's lineage files: one row per billed or duplicate row (checked_usage.sql)."""
 
 BILLED_EVENTS_SCHEMA = {
     "customer_id": pl.String, "event_at": pl.Datetime("us", "UTC"), "event_id": pl.String, "meter": pl.String,
@@ -68,7 +68,7 @@ def billed_events(con: duckdb.DuckDBPyConnection, lineage: list[str], lines: pl.
     a relation on `con` (transforms/sql/billed_events.sql), run by its writer, so the period's
     events are joined and sorted by DuckDB under the connection's memory cap, never held here.
 
-    `lineage`: the settlement's Parquet files of billed and duplicate rows (checked_usage.sql,
+    `lineage`: the checked usage's Parquet files of billed and duplicate rows (checked_usage.sql,
     `lineage`); `lines`: the invoice_lines table; `quarantine`: the quarantine table; `ledger`:
     the credit ledger (its `consume` entries name the event each credit draw paid for)."""
     sql = statements(SQL_FILE)

@@ -191,7 +191,7 @@ class Comparison:
 def compared_models(current: ModelTables, candidate: ModelTables, rerated, names: dict[str, str], shock: Decimal,
                     closed_quarantine: pl.DataFrame) -> Comparison:
     """The billed model (`current`) beside the candidate re-rate (`candidate`, from `rerated`:
-    its reference, the subscription ids it moved and its settlement). `names`: customer names by
+    its reference, the subscription ids it moved and its checked usage). `names`: customer names by
     id; `closed_quarantine`: the rows the close quarantined."""
     segments, moved = rerated.reference.segments, rerated.moved
     ever_moved = frozenset(s.customer_id for s in rerated.reference.subscriptions if s.subscription_id in moved)

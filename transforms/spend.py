@@ -209,7 +209,7 @@ def _days_with_usage(usage_by_day: pl.DataFrame, subs: list[str]) -> dict[str, l
 
 
 def _with_negative_usage(usage_by_day: pl.DataFrame, per_event_usage: pl.DataFrame) -> set[str]:
-    """Subscriptions with a negative quantity somewhere (settlement quarantines them, but a
+    """Subscriptions with a negative quantity somewhere (the usage check quarantines them, but a
     spend that can fall from one day to the next must be walked, not bisected)."""
     return (set(usage_by_day.filter(pl.col("units") < 0)["subscription_id"].to_list())
             | set(per_event_usage.filter(pl.col("quantity") < 0)["subscription_id"].to_list()))

@@ -36,7 +36,7 @@ def credit_events_by_customer(per_event_usage: pl.DataFrame, segments: list
     keys = keys.cast({c: per_event_usage.schema[c] for c in keys.columns})
     rows = (per_event_usage.join(keys, on=list(keys.columns), how="semi", maintain_order="left")
             .select(pl.col("customer_id").cast(pl.String), *CREDIT_EVENT_COLUMNS[1:])
-            .sort("customer_id", maintain_order=True))  # within a customer, settlement order
+            .sort("customer_id", maintain_order=True))  # within a customer, checked-usage order
     for customer_id, group in groupby(rows.iter_rows(), key=itemgetter(0)):
         yield customer_id, [CreditEvent(*row) for row in group]
 

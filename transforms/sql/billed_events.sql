@@ -4,7 +4,7 @@
 -- credit grants that paid for it), a duplicate with the copy that billed in its place, a
 -- quarantined row with its reason.
 --
--- Inputs: `lineage` (the settlement's billed and duplicate rows, read from the shards' files:
+-- Inputs: `lineage` (the checked usage's billed and duplicate rows, read from the shards' files:
 -- checked_usage.sql `lineage`), `keyed` (one row per distinct billed meter x dims x usage-line
 -- filter that matches it, with the group the dims fall in: transforms.lineage.line_of_dims, the
 -- only step in Python), `usage_lines` (the usage and overage lines of the invoices, filter and

@@ -220,7 +220,7 @@ LEFT JOIN (SELECT event_id, source_key, source_row FROM settled WHERE outcome = 
 WHERE s.outcome IN ('billed', 'duplicate');
 
 -- name: billed_ids
--- One row per event billed here, with its index hash: this settlement's part of the billed-event
+-- One row per event billed here, with its index hash: this check's part of the billed-event
 -- index (billed_index.sql).
 SELECT event_id, id_hash(event_id) AS id_hash
 FROM settled

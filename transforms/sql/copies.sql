@@ -1,4 +1,4 @@
--- Which copy of an event_id counts: the close's rule, stated here once. Every settlement ranks
+-- Which copy of an event_id counts: the close's rule, stated here once. Every usage check ranks
 -- copies by it, whatever brought them together: the close and its shards (checked_usage.sql
 -- `settled`, `credit_history`) and the nights, which rank tonight's copies against those of
 -- earlier nights (nightly.sql `delta`, `first_copies`).

@@ -1,4 +1,4 @@
--- A night's period to date, moved from the last night's by tonight's settlement. Tonight's
+-- A night's period to date, moved from the last night's by tonight's checked usage. Tonight's
 -- objects are settled by the period engine as the close settles its period (flows/engine.py:
 -- scope, checks, duplicates among themselves, the billed-event index); what it bills tonight
 -- (`billed_tonight`: its lineage rows with outcome 'billed') is then ranked against the copies
@@ -35,7 +35,7 @@ FROM read_tonight
 GROUP BY ALL;
 
 -- name: billed_tonight
--- One row per event tonight's settlement bills (the engine's lineage rows: `tonight_lineage`).
+-- One row per event tonight's checked usage bills (the engine's lineage rows: `tonight_lineage`).
 CREATE OR REPLACE TEMP VIEW billed_tonight AS
 SELECT * FROM tonight_lineage WHERE outcome = 'billed';
 
