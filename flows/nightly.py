@@ -110,6 +110,15 @@ from transforms.layout import (
     period_prefix,
     to_date_key,
 )
+from transforms.period_to_date import (
+    BY_DAY_COLUMNS,
+    EVENT_COLUMNS,
+    by_day_to_date,
+    events_to_date,
+    per_event_usage,
+    usage_by_day,
+    usage_by_dims,
+)
 from transforms.periods import Period, utc_midnight
 from transforms.plans import load_catalog
 from transforms.queries import statements
@@ -121,10 +130,6 @@ ACCEPTED_COLUMNS = {"event_id": pl.String, "customer_id": pl.String, "meter": pl
                     "quantity": pl.Decimal(38, 9), "event_at": pl.Datetime("us", "UTC"), "source_key": pl.String,
                     "night": pl.Date}
 ID_COLUMNS = {"event_id": pl.String, "source_key": pl.String, "night": pl.Date, "id_hash": pl.UInt64}
-BY_DAY_COLUMNS = {"customer_id": pl.String, "meter": pl.String, "dims": pl.String, "day": pl.Date,
-                  "units": pl.Decimal(38, 9), "events": pl.Int64}
-EVENT_COLUMNS = {"customer_id": pl.String, "meter": pl.String, "dims": pl.String, "quantity": pl.Decimal(38, 9),
-                 "event_id": pl.String, "event_at": pl.Datetime("us", "UTC")}
 STATE_FORMAT = 3  # 3: the event_id index carries id_hash (see nightly.sql)
 STATE_PARQUET = {**PARQUET, "compression_level": 1}
 """State files are written every night and read back only by later nights: zstd's fastest level
@@ -379,10 +384,10 @@ def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[s
             needed = con.sql(sql["kept_rows_needed"]).pl()
             con.register("kept_rows", _kept_rows(store_uri, intake, needed, work_dir).to_arrow())
             con.execute(sql["delta"]).fetchall()
-            by_day = _moved_by_day(pl.read_parquet(intake.state_files["by_day"], columns=list(BY_DAY_COLUMNS)),
-                                   con.sql(sql["delta_by_day"]).pl())
-            events = _moved_events(pl.read_parquet(intake.state_files["events"], columns=list(EVENT_COLUMNS)),
-                                   con.sql(sql["delta_leaving_ids"]).pl(), con.sql(sql["delta_entering_events"]).pl())
+            by_day = by_day_to_date(pl.read_parquet(intake.state_files["by_day"], columns=list(BY_DAY_COLUMNS)),
+                                    con.sql(sql["delta_by_day"]).pl())
+            events = events_to_date(pl.read_parquet(intake.state_files["events"], columns=list(EVENT_COLUMNS)),
+                                    con.sql(sql["delta_leaving_ids"]).pl(), con.sql(sql["delta_entering_events"]).pl())
             changed_from = dict(con.sql(sql["changed_from"]).fetchall())
     finally:
         con.close()
@@ -391,8 +396,8 @@ def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[s
     by_day.write_parquet(by_day_path, **STATE_PARQUET)
     events.write_parquet(events_path, **STATE_PARQUET)
     segments = segments_frame(list(reference.segments))
-    usage_by_day = _usage_by_day(by_day, segments)
-    per_event = _per_event_usage(events, segments)
+    per_day = usage_by_day(by_day, segments)
+    per_event = per_event_usage(events, segments)
     # billed: the events new tonight; the rest of what settled as billed came in on an earlier night
     counts = {**usage_row_counts(settled, len(unreadable)), "billed": new,
               "duplicates": settled["duplicates"] + settled["billed"] - new}
@@ -401,14 +406,11 @@ def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[s
     end = _night_end(day)
     not_yet = tuple(sorted(k for k, r in ranges.items()
                            if not r["undated"] and r["first_at"] and datetime.fromisoformat(r["first_at"]) >= end))
-    usage_by_dims = (usage_by_day.group_by("subscription_id", "segment_no", "meter", "dims")
-                     .agg(pl.col("units").sum(), pl.col("events").sum())
-                     .sort("subscription_id", "segment_no", "meter", "dims"))
     get_run_logger().info("check-night: read %d, accepted %d, duplicates %d, quarantined %d in %.2fs",
                           counts["read"], counts["billed"], counts["duplicates"], counts["quarantined"],
                           time.perf_counter() - started)
     return NightUsage(counts, accepted, ids, rebuilt_ids, nights, by_day_path, events_path, ranges, not_yet,
-                      changed_from, usage_by_dims, usage_by_day, per_event)
+                      changed_from, usage_by_dims(per_day), per_day, per_event)
 
 
 BILLED_COLUMNS = {"event_id": pl.String, "customer_id": pl.String, "meter": pl.String, "dims": pl.String,
@@ -444,56 +446,6 @@ def _register(con: duckdb.DuckDBPyConnection, name: str, paths: list[Path], sche
         con.read_parquet([str(p) for p in paths], union_by_name=True).select(*schema).create_view(name)
     else:
         con.register(name, pl.DataFrame(schema=schema).to_arrow())
-
-
-BY_DAY_KEYS = ["customer_id", "meter", "dims", "day"]
-
-
-def _moved_by_day(state: pl.DataFrame, moves: pl.DataFrame) -> pl.DataFrame:
-    """One row per customer x meter x dims x UTC day of the period to date: the last night's
-    table moved by tonight's `moves` (nightly.sql `delta_by_day`; a group that empties
-    disappears). Only the groups tonight touches are summed again; the month's other groups are
-    carried as they are, so the work beyond tonight's rows is one sort of the table."""
-    state, moves = state.cast(BY_DAY_COLUMNS), moves.cast(BY_DAY_COLUMNS)
-    on_days = pl.col("day").is_in(moves["day"].unique().implode())  # a night moves few days
-    nearby, carried = state.filter(on_days), state.filter(~on_days)
-    touched = moves.select(BY_DAY_KEYS)
-    summed = (pl.concat([nearby.join(touched, on=BY_DAY_KEYS, how="semi", nulls_equal=True), moves])
-              .group_by(BY_DAY_KEYS).agg(pl.col("units").sum(), pl.col("events").sum())
-              .filter(pl.col("events") != 0))
-    carried = pl.concat([carried, nearby.join(touched, on=BY_DAY_KEYS, how="anti", nulls_equal=True)])
-    return pl.concat([carried, summed.cast(BY_DAY_COLUMNS)]).sort(BY_DAY_KEYS, nulls_last=True)
-
-
-def _moved_events(state: pl.DataFrame, leaving: pl.DataFrame, entering: pl.DataFrame) -> pl.DataFrame:
-    """One row per event of the period to date of a meter handled event by event: the last
-    night's rows less those whose event_id left or moved tonight, plus those that entered."""
-    kept = state.cast(EVENT_COLUMNS)
-    if leaving.height:  # most nights none does: no pass over the month's rows to take nothing out
-        kept = kept.join(leaving.cast({"event_id": pl.String}), on="event_id", how="anti")
-    return (pl.concat([kept, entering.cast(EVENT_COLUMNS)])
-            .sort("customer_id", "meter", "event_at", "event_id", nulls_last=True))
-
-
-def _in_segment(frame: pl.DataFrame, segments: pl.DataFrame, at: pl.Expr) -> pl.DataFrame:
-    """`frame`'s rows with the subscription segment of their customer that holds `at`."""
-    spans = segments.select("customer_id", "subscription_id", "segment_no", "start_at", "end_at")
-    return frame.join(spans, on="customer_id").filter((at >= pl.col("start_at")) & (at < pl.col("end_at")))
-
-
-def _usage_by_day(by_day: pl.DataFrame, segments: pl.DataFrame) -> pl.DataFrame:
-    """One row per subscription segment x meter x dimensions x UTC day: units so far this period.
-    Segments start and end at UTC midnights, so a day belongs to one segment of its customer."""
-    keys = ["subscription_id", "segment_no", "meter", "dims", "day"]  # unique: one segment per customer and day
-    return (_in_segment(by_day, segments, pl.col("day").cast(pl.Datetime("us", "UTC")))
-            .select(*keys, "units", "events").sort(keys, nulls_last=True))
-
-
-def _per_event_usage(events: pl.DataFrame, segments: pl.DataFrame) -> pl.DataFrame:
-    """One row per event so far of a meter priced or paid event by event, in event-time order."""
-    return (_in_segment(events, segments, pl.col("event_at"))
-            .select("subscription_id", "segment_no", "meter", "dims", "quantity", "customer_id", "event_id", "event_at")
-            .sort("subscription_id", "segment_no", "meter", "event_at", "event_id", nulls_last=True))
 
 
 def _kept_copies(con: duckdb.DuckDBPyConnection, sql: dict[str, str], kept_files: dict[str, Path]) -> None:

@@ -9,8 +9,9 @@ from decimal import Decimal
 import duckdb
 import polars as pl
 
-from flows.nightly import BY_DAY_COLUMNS, EVENT_COLUMNS, ID_COLUMNS, PARQUET, _kept_copies, _moved_by_day, _moved_events
+from flows.nightly import ID_COLUMNS, PARQUET, _kept_copies
 from transforms.billed_index import id_hash_macro
+from transforms.period_to_date import BY_DAY_COLUMNS, EVENT_COLUMNS, by_day_to_date, events_to_date
 from transforms.queries import statements
 
 SQL = statements("nightly.sql")
@@ -68,7 +69,7 @@ def test_the_by_day_table_moves_only_the_groups_tonight_touches():
                     ("c3", "api", None, DAY1, Decimal("7"), 2)])
     moves = by_day([("c1", "api", "{}", DAY1, Decimal("-2"), -1), ("c2", "api", "{}", DAY1, Decimal("-1"), -1),
                     ("c1", "api", "{}", DAY2, Decimal("4"), 1), ("c3", "api", None, DAY2, Decimal("1"), 1)])
-    assert _moved_by_day(state, moves).rows() == [
+    assert by_day_to_date(state, moves).rows() == [
         ("c1", "api", "{}", DAY1, Decimal("3"), 2),       # 5 - 2 units, 3 - 1 events
         ("c1", "api", "{}", DAY2, Decimal("4"), 1),
         ("c3", "api", None, DAY1, Decimal("7"), 2),
@@ -83,7 +84,7 @@ def test_the_per_event_table_drops_what_left_and_adds_what_entered():
     entering = pl.DataFrame([("c1", "img", "{}", Decimal("3"), "e-2", at),
                              ("c0", "img", "{}", Decimal("1"), "e-9", at)],
                             schema=EVENT_COLUMNS, orient="row")
-    moved = _moved_events(state, pl.DataFrame({"event_id": ["e-2"]}), entering)
+    moved = events_to_date(state, pl.DataFrame({"event_id": ["e-2"]}), entering)
     assert moved.select("customer_id", "event_id", "quantity").rows() == [
         ("c0", "e-9", Decimal("1")), ("c1", "e-1", Decimal("1")), ("c1", "e-2", Decimal("3"))]
 
@@ -94,5 +95,5 @@ def test_with_nothing_leaving_the_per_event_table_only_gains_what_entered():
     state = pl.DataFrame([("c1", "img", "{}", Decimal("1"), "e-1", at), ("c2", "img", "{}", Decimal("2"), "e-2", at)],
                          schema=EVENT_COLUMNS, orient="row")
     entering = pl.DataFrame([("c1", "img", "{}", Decimal("3"), "e-3", at)], schema=EVENT_COLUMNS, orient="row")
-    moved = _moved_events(state, pl.DataFrame(schema={"event_id": pl.String}), entering)
+    moved = events_to_date(state, pl.DataFrame(schema={"event_id": pl.String}), entering)
     assert moved.select("customer_id", "event_id").rows() == [("c1", "e-1"), ("c1", "e-3"), ("c2", "e-2")]

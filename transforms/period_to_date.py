@@ -1,0 +1,72 @@
+"""The period to date as a night keeps it: pure Polars steps, no store, no clock.
+
+Each night carries two tables from the last one and moves them by tonight's events
+(flows/nightly.py reads and writes them; nightly.sql works out the moves):
+- by day: one row per customer x meter x dims x UTC day (BY_DAY_COLUMNS), units and events;
+- events: one row per event of a meter priced or paid event by event (EVENT_COLUMNS).
+From them come the usage the draft invoices and spend alerts are rated on, per subscription
+segment: `usage_by_day`, `usage_by_dims` and `per_event_usage`.
+"""
+from __future__ import annotations
+
+import polars as pl
+
+BY_DAY_COLUMNS = {"customer_id": pl.String, "meter": pl.String, "dims": pl.String, "day": pl.Date,
+                  "units": pl.Decimal(38, 9), "events": pl.Int64}
+EVENT_COLUMNS = {"customer_id": pl.String, "meter": pl.String, "dims": pl.String, "quantity": pl.Decimal(38, 9),
+                 "event_id": pl.String, "event_at": pl.Datetime("us", "UTC")}
+BY_DAY_KEYS = ["customer_id", "meter", "dims", "day"]
+
+
+def by_day_to_date(state: pl.DataFrame, moves: pl.DataFrame) -> pl.DataFrame:
+    """One row per customer x meter x dims x UTC day of the period to date: the last night's
+    table moved by tonight's `moves` (nightly.sql `delta_by_day`; a group that empties
+    disappears). Only the groups tonight touches are summed again; the month's other groups are
+    carried as they are, so the work beyond tonight's rows is one sort of the table."""
+    state, moves = state.cast(BY_DAY_COLUMNS), moves.cast(BY_DAY_COLUMNS)
+    on_days = pl.col("day").is_in(moves["day"].unique().implode())  # a night moves few days
+    nearby, carried = state.filter(on_days), state.filter(~on_days)
+    touched = moves.select(BY_DAY_KEYS)
+    summed = (pl.concat([nearby.join(touched, on=BY_DAY_KEYS, how="semi", nulls_equal=True), moves])
+              .group_by(BY_DAY_KEYS).agg(pl.col("units").sum(), pl.col("events").sum())
+              .filter(pl.col("events") != 0))
+    carried = pl.concat([carried, nearby.join(touched, on=BY_DAY_KEYS, how="anti", nulls_equal=True)])
+    return pl.concat([carried, summed.cast(BY_DAY_COLUMNS)]).sort(BY_DAY_KEYS, nulls_last=True)
+
+
+def events_to_date(state: pl.DataFrame, leaving: pl.DataFrame, entering: pl.DataFrame) -> pl.DataFrame:
+    """One row per event of the period to date of a meter handled event by event: the last
+    night's rows less those whose event_id left or moved tonight, plus those that entered."""
+    kept = state.cast(EVENT_COLUMNS)
+    if leaving.height:  # most nights none does: no pass over the month's rows to take nothing out
+        kept = kept.join(leaving.cast({"event_id": pl.String}), on="event_id", how="anti")
+    return (pl.concat([kept, entering.cast(EVENT_COLUMNS)])
+            .sort("customer_id", "meter", "event_at", "event_id", nulls_last=True))
+
+
+def _in_segment(frame: pl.DataFrame, segments: pl.DataFrame, at: pl.Expr) -> pl.DataFrame:
+    """`frame`'s rows with the subscription segment of their customer that holds `at`."""
+    spans = segments.select("customer_id", "subscription_id", "segment_no", "start_at", "end_at")
+    return frame.join(spans, on="customer_id").filter((at >= pl.col("start_at")) & (at < pl.col("end_at")))
+
+
+def usage_by_day(by_day: pl.DataFrame, segments: pl.DataFrame) -> pl.DataFrame:
+    """One row per subscription segment x meter x dimensions x UTC day: units so far this period.
+    Segments start and end at UTC midnights, so a day belongs to one segment of its customer."""
+    keys = ["subscription_id", "segment_no", "meter", "dims", "day"]  # unique: one segment per customer and day
+    return (_in_segment(by_day, segments, pl.col("day").cast(pl.Datetime("us", "UTC")))
+            .select(*keys, "units", "events").sort(keys, nulls_last=True))
+
+
+def usage_by_dims(usage_by_day: pl.DataFrame) -> pl.DataFrame:
+    """One row per subscription segment x meter x dimensions: units and events so far this period."""
+    return (usage_by_day.group_by("subscription_id", "segment_no", "meter", "dims")
+            .agg(pl.col("units").sum(), pl.col("events").sum())
+            .sort("subscription_id", "segment_no", "meter", "dims"))
+
+
+def per_event_usage(events: pl.DataFrame, segments: pl.DataFrame) -> pl.DataFrame:
+    """One row per event so far of a meter priced or paid event by event, in event-time order."""
+    return (_in_segment(events, segments, pl.col("event_at"))
+            .select("subscription_id", "segment_no", "meter", "dims", "quantity", "customer_id", "event_id", "event_at")
+            .sort("subscription_id", "segment_no", "meter", "event_at", "event_id", nulls_last=True))
