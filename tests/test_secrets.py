@@ -141,7 +141,8 @@ def test_no_planted_secret_reaches_prefects_database(prefect_server, tmp_path, m
     by_env, by_block, plain = (f"{hook.base}/hook?token={planted(k)}" for k in ("env", "block", "plain"))
     secrets = [endpoint_pw, aws_key, aws_token] + [u.split("token=")[1] for u in (by_env, by_block, plain)]
     try:
-        # 1. a close that fails on an unreachable endpoint whose URL holds credentials
+        # 1. a close that fails on an unreachable endpoint whose URL holds credentials (the command
+        #    line's check before Prefect finds it, so the message is the only place it could leak)
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://AKIAEXAMPLE:{endpoint_pw}@127.0.0.1:9")
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_key)
@@ -180,6 +181,8 @@ def test_no_planted_secret_reaches_prefects_database(prefect_server, tmp_path, m
     finally:
         hook.close()
     database = _database_bytes()
-    assert b"nightly" in database and b"close-period" in database   # the runs are recorded there
+    # the nights are recorded there (whether a close-period run is depends on which other tests
+    # this session's server has seen: the close above refuses before Prefect starts)
+    assert b"nightly" in database
     for secret in secrets:
         assert secret.encode() not in database, f"{secret[:20]}... is in Prefect's database"
