@@ -327,12 +327,12 @@ class NightUsage:
 
 
 @task(name="check-night", cache_policy=NO_CACHE)
-def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[str, str]], settled: dict[str, int],
-                billed: list[Path], intake: Intake, reference, period: Period, day: date,
-                work_dir: Path) -> NightUsage:
+def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[str, str]],
+                checked_counts: dict[str, int], billed: list[Path], intake: Intake, reference, period: Period,
+                day: date, work_dir: Path) -> NightUsage:
     """The period to date, moved from the last night's by tonight's checked usage. Tonight's rows
     up to the night's end were settled by the period engine as the close settles its period
-    (`settled`: its counts; `billed`: its lineage files); what it bills is ranked by the close's
+    (`checked_counts`: its counts; `billed`: its lineage files); what it bills is ranked by the close's
     rule against the copies taken in before, and the period to date moves by the difference (or
     is rebuilt when there is no state to move from). `normalized`: tonight's objects as read
     (with the days after the night), for the usage index."""
@@ -399,8 +399,8 @@ def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[s
     per_day = usage_by_day(by_day, segments)
     per_event = per_event_usage(events, segments)
     # billed: the events new tonight; the rest of what settled as billed came in on an earlier night
-    counts = {**usage_row_counts(settled, len(unreadable)), "billed": new,
-              "duplicates": settled["duplicates"] + settled["billed"] - new}
+    counts = {**usage_row_counts(checked_counts, len(unreadable)), "billed": new,
+              "duplicates": checked_counts["duplicates"] + checked_counts["billed"] - new}
     for key, _ in unreadable:
         ranges[key] = {"first_at": None, "last_at": None, "undated": True}
     end = _night_end(day)
