@@ -102,9 +102,10 @@ def demo_story(prefect_server, tmp_path_factory) -> Path:
 SLOW_FIXTURES = frozenset({"prefect_server", "s3_endpoint", "s3_bucket"})
 
 
-# On workers (pytest-xdist: `-n 3 --dist loadfile --no-loadscope-reorder`, README's Tests), each has
-# a session of its own: its own Prefect server, S3 server and, where needed, demo_story. A file's
-# tests stay on one worker, so its module-scoped fixtures (a close, a month of nights) are built once.
+# The suite runs on workers (pytest-xdist: `-n 3 --dist loadfile --no-loadscope-reorder` in
+# pyproject.toml), each with a session of its own: its own Prefect server, S3 server and, where
+# needed, demo_story. A file's tests stay on one worker, so its module-scoped fixtures (a close, a
+# month of nights) are built once.
 # (Not loadgroup: under pytest 9.2 it groups nothing, since it renames the item's `_nodeid`, which
 # pytest no longer reads; pytest-xdist issue #1386.)
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
