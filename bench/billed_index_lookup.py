@@ -12,7 +12,7 @@ from pathlib import Path
 
 import duckdb
 
-from transforms.billed_index import BilledIndex, id_hash_macro, look_up_billed, write_period_index
+from transforms.engine.billed_index import BilledIndex, id_hash_macro, look_up_billed, write_period_index
 
 
 def main(n: int = 2_000_000, m: int = 100_000, hits: int = 1_000) -> None:

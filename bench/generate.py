@@ -11,7 +11,7 @@ subscription that starts before the period, and every event uses a meter and dim
 that its customer's plan prices, so a close bills `events - duplicates` rows and quarantines none.
 
 Every event is a pure function of (seed, its index): splitmix64 of a counter, as wrapping UInt64
-arithmetic in Polars expressions (the approach of transforms/synth.py, re-implemented here so the
+arithmetic in Polars expressions (the approach of transforms/demo/synth.py, re-implemented here so the
 benchmark does not move when that module does). A duplicate re-derives its source event from the
 source's index, so no earlier chunk has to be kept in memory. No float touches a quantity.
 

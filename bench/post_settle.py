@@ -41,12 +41,12 @@ import flows.shards as shards  # noqa: E402
 import flows.steps as steps  # noqa: E402
 from flows.outputs import PARQUET  # noqa: E402
 from flows.settings import Settings  # noqa: E402
-from transforms.alerts import alerts_table, credit_alerts, price_change_notices  # noqa: E402
-from transforms.checked_usage import merged_usage  # noqa: E402
 from transforms.credits.events import credit_meters  # noqa: E402
-from transforms.margins import segment_plans  # noqa: E402
+from transforms.engine.checked_usage import merged_usage  # noqa: E402
+from transforms.finance.alerts import alerts_table, credit_alerts, price_change_notices  # noqa: E402
+from transforms.finance.margins import segment_plans  # noqa: E402
+from transforms.inputs.plans import load_catalog  # noqa: E402
 from transforms.periods import Period  # noqa: E402
-from transforms.plans import load_catalog  # noqa: E402
 
 LOG = logging.getLogger("post_settle")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -125,7 +125,7 @@ def settle(store: str, plans: str, period: Period, work: Path) -> dict:
 
 
 def module_at(rev: str, path: str, uses: dict | None = None):
-    """`path` (e.g. `transforms/spend.py`) as it was at git revision `rev`, loaded as its own
+    """`path` (e.g. `transforms/finance/spend.py`) as it was at git revision `rev`, loaded as its own
     module; `uses` maps module names to the (baseline) modules its imports get instead."""
     source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True,
                             capture_output=True, text=True).stdout
@@ -146,6 +146,8 @@ def module_at(rev: str, path: str, uses: dict | None = None):
 
 
 BASELINE_MODULES = ("invoices", "margins", "spend", "credits", "revenue")
+# The layer folder each of them moved into; a revision before that move has them flat in transforms/.
+LAYERS = {"invoices": "engine", "margins": "finance", "spend": "finance", "revenue": "finance"}
 
 
 def git_paths(rev: str, folder: str) -> list[str]:
@@ -187,7 +189,10 @@ def modules_at(rev: str) -> dict:
             uses.update(package_at(rev, name, uses))
             out[name] = uses["transforms.credits.ledger"]
             continue
-        out[name] = uses[f"transforms.{name}"] = module_at(rev, f"transforms/{name}.py", uses)
+        path = f"transforms/{LAYERS[name]}/{name}.py"
+        if path not in git_paths(rev, f"transforms/{LAYERS[name]}"):
+            path = f"transforms/{name}.py"
+        out[name] = uses[path.removesuffix(".py").replace("/", ".")] = module_at(rev, path, uses)
     out["steps"] = module_at(rev, "flows/steps.py", uses)
     out["steps"].get_run_logger = _logger
     return out
@@ -269,10 +274,10 @@ def main() -> None:
     reference, checked, catalog = state["reference"], state["settlement"], state["catalog"]
 
     import transforms.credits.ledger as credits_now
-    import transforms.invoices as invoices_now
-    import transforms.margins as margins_now
-    import transforms.revenue as revenue_now
-    import transforms.spend as spend_now
+    import transforms.engine.invoices as invoices_now
+    import transforms.finance.margins as margins_now
+    import transforms.finance.revenue as revenue_now
+    import transforms.finance.spend as spend_now
     impls = {"now": {"invoices": invoices_now, "margins": margins_now, "spend": spend_now, "credits": credits_now,
                      "revenue": revenue_now, "steps": steps}}
     if args.baseline:

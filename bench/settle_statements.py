@@ -2,8 +2,8 @@
 
     python bench/settle_statements.py --store .bench/store-10m --period 2026-10 [--duckdb-memory-limit 8GB]
 
-Runs billrun's own normalize and settle functions (transforms.usage.normalized_usage,
-transforms.checked_usage.checked_usage) outside Prefect, on a DuckDB connection wrapped so that each
+Runs billrun's own normalize and settle functions (transforms.inputs.usage.normalized_usage,
+transforms.engine.checked_usage.checked_usage) outside Prefect, on a DuckDB connection wrapped so that each
 named statement of transforms/sql/checked_usage.sql is timed, with the process's peak RSS after
 it and DuckDB's own memory use. Nothing of billrun is changed; the normalized files go to a
 temporary folder that is removed at the end.
@@ -24,12 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from flows.ingest import normalized_object, read_table  # noqa: E402
-from transforms.checked_usage import SQL_FILE, checked_usage  # noqa: E402
+from transforms.engine.checked_usage import SQL_FILE, checked_usage  # noqa: E402
+from transforms.inputs.plans import load_catalog  # noqa: E402
+from transforms.inputs.reference import checked_customers, checked_subscriptions, segments_in  # noqa: E402
 from transforms.layout import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, USAGE_PREFIX  # noqa: E402
 from transforms.periods import Period  # noqa: E402
-from transforms.plans import load_catalog  # noqa: E402
 from transforms.queries import statements  # noqa: E402
-from transforms.reference import checked_customers, checked_subscriptions, segments_in  # noqa: E402
 
 
 def peak_rss_mb() -> float:

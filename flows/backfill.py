@@ -45,7 +45,12 @@ from flows.steps import (
 )
 from flows.store import StoreError, open_store
 from flows.testing_seam import fault_point
-from transforms.corrections import (
+from transforms.credits.ledger import balances_table
+from transforms.documents.render import invoice_html
+from transforms.documents.terms import due_on
+from transforms.engine.invoices import Invoice, invoices_table, lines_table
+from transforms.errors import InputError
+from transforms.finance.corrections import (
     correction_documents,
     issued_lines,
     issued_taxes,
@@ -54,10 +59,10 @@ from transforms.corrections import (
     original_documents,
     revenue_adjustments,
 )
-from transforms.credits.ledger import balances_table
-from transforms.errors import InputError
-from transforms.guards import backfill_dated_too_early
-from transforms.invoices import Invoice, invoices_table, lines_table
+from transforms.finance.revenue import journal, revenue_table, tax_rows
+from transforms.inputs.guards import backfill_dated_too_early
+from transforms.inputs.plans import catalog_entries, load_catalog, plan_entries_for
+from transforms.inputs.reference import subscription_plans
 from transforms.layout import (
     CORRECTIONS_PREFIX,
     MANIFEST,
@@ -72,11 +77,6 @@ from transforms.layout import (
 )
 from transforms.money import format_money
 from transforms.periods import Period, utc_midnight
-from transforms.plans import catalog_entries, load_catalog, plan_entries_for
-from transforms.reference import subscription_plans
-from transforms.render import invoice_html
-from transforms.revenue import journal, revenue_table, tax_rows
-from transforms.terms import due_on
 
 
 def periods_between(first: Period, last: Period) -> list[Period]:

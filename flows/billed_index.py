@@ -1,6 +1,6 @@
 """Where the billed-event index lives in the store, and which of its files count.
 
-One Parquet file per document run and period (transforms/billed_index.py has the columns):
+One Parquet file per document run and period (transforms/engine/billed_index.py has the columns):
 
     billing/_state/billed_events/period=P/<run_id>.parquet
 
@@ -30,7 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.retries import IO_RETRIES
 from flows.store import open_store
-from transforms.billed_index import BilledIndex, write_period_changes, write_period_index
+from transforms.engine.billed_index import BilledIndex, write_period_changes, write_period_index
 from transforms.layout import (
     BILLED_INDEX_PREFIX,
     MANIFEST,

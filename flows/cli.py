@@ -271,7 +271,7 @@ def _close_checks(store: str, plans: str, period: str, now: datetime, before_per
     """What a close can answer without Prefect: a malformed month, missing folders, a closed
     period (answered from its manifest), a month not ended, a store without any usage."""
     from flows import preflight
-    from transforms.guards import close_too_early
+    from transforms.inputs.guards import close_too_early
     from transforms.periods import Period
 
     the_period = Period.parse(period)
@@ -484,7 +484,7 @@ def nightly(ctx: typer.Context,
 
 def _nightly_checks(store: str, plans: str, day: str) -> None:
     from flows import preflight
-    from transforms.guards import night_of_closed_period
+    from transforms.inputs.guards import night_of_closed_period
     from transforms.periods import Period, parse_day
 
     the_day = parse_day(day, "--date")
@@ -538,7 +538,7 @@ def backfill(ctx: typer.Context,
 
 def _backfill_checks(store: str, plans: str, first: str, last: str, as_of: str) -> None:
     from flows import preflight
-    from transforms.guards import backfill_dated_too_early, periods_in_order
+    from transforms.inputs.guards import backfill_dated_too_early, periods_in_order
     from transforms.periods import Period, parse_day
 
     start, end = Period.parse(first, "--from"), Period.parse(last, "--to")
@@ -686,8 +686,8 @@ def preview(ctx: typer.Context,
     the_day = day or _now().date().isoformat()
     target = _checked(_preview_checks, store, plans, customer, the_day)
     from flows.pdf_and_drafts import drafts_from_night, write_drafts
-    from transforms.drafts import customer_drafts
-    from transforms.render import Draft
+    from transforms.documents.drafts import customer_drafts
+    from transforms.documents.render import Draft
 
     period, night = target["period"], target["night"]
     invoices, credits = _run(drafts_from_night, store, night, customer) if night is not None else ([], None)
@@ -912,7 +912,7 @@ def migrate(ctx: typer.Context,
 
 def _migrate_checks(store: str, plans: str, plan: str, to: str, on: str, as_of: str, notice_days: int) -> None:
     from flows import preflight
-    from transforms.guards import closed_period_problem, notice_problem
+    from transforms.inputs.guards import closed_period_problem, notice_problem
     from transforms.periods import parse_day
 
     on_day, as_of_day = parse_day(on, "--on"), parse_day(as_of, "--as-of")
@@ -995,8 +995,8 @@ def _impact_checks(store: str, plans: str, base: str, periods: int, shock: str, 
     revision and both catalogs, a closed period to re-rate and a folder for the report."""
     from flows import preflight
     from flows.gitplans import catalog_at, revision
-    from transforms.impact import thresholds
-    from transforms.plans import load_catalog
+    from transforms.finance.impact import thresholds
+    from transforms.inputs.plans import load_catalog
 
     thresholds(shock, shock_amount, top)
     if periods < 1:

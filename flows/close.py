@@ -44,13 +44,13 @@ from flows.steps import (
 )
 from flows.store import open_store
 from flows.testing_seam import fault_point
-from transforms.checked_usage import CheckedUsage, split_at_replay, usage_row_counts
 from transforms.credits.events import credit_meters
+from transforms.engine.checked_usage import CheckedUsage, split_at_replay, usage_row_counts
 from transforms.errors import InputError
-from transforms.guards import close_too_early, close_without_usage, rows_in_period
+from transforms.inputs.guards import close_too_early, close_without_usage, rows_in_period
+from transforms.inputs.plans import Catalog, load_catalog, plan_entries_for
 from transforms.layout import MANIFEST, billed_index_key, period_prefix
 from transforms.periods import Period
-from transforms.plans import Catalog, load_catalog, plan_entries_for
 
 
 @dataclass

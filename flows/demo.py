@@ -10,11 +10,11 @@ import polars as pl
 import yaml
 
 from flows.store import open_store
+from transforms.demo.showcase import ADJUSTMENTS_KEY, PURCHASES_KEY, USAGE_KEY, showcase
+from transforms.demo.synth import DEMO_TAX_RULES, DEMO_TERMS, synth_store, write_bytes
+from transforms.inputs.plans import load_catalog
 from transforms.layout import COSTS_KEY, CUSTOMERS_KEYS, RULES_KEY, SELLER_KEY, SUBSCRIPTIONS_KEYS, period_prefix
 from transforms.periods import Period
-from transforms.plans import load_catalog
-from transforms.showcase import ADJUSTMENTS_KEY, PURCHASES_KEY, USAGE_KEY, showcase
-from transforms.synth import DEMO_TAX_RULES, DEMO_TERMS, synth_store, write_bytes
 
 DEMO_SELLER = {
     "name": "Lumen AI, Inc.",

@@ -1,6 +1,6 @@
 """The period engine's row-level steps as every flow runs them: usage normalized into shards
-once, then settled per period by shard (flows/shards.py, transforms/checked_usage.py), then rated
-(transforms/engine.py). The close settles its period through these, and so do backfill,
+once, then settled per period by shard (flows/shards.py, transforms/engine/checked_usage.py), then rated
+(transforms/engine/rating.py). The close settles its period through these, and so do backfill,
 simulate, impact and preview, so a period is settled one way whichever command asks; nightly settles each night's
 objects through them too, and ranks what they bill against earlier nights' copies by the same
 rule (transforms/sql/copies.sql).
@@ -32,9 +32,9 @@ from flows.shards import (
     shard_runner,
 )
 from flows.store import LocalStore, open_store
-from transforms.checked_usage import CheckedUsage
+from transforms.engine.checked_usage import CheckedUsage
+from transforms.inputs.plans import Catalog
 from transforms.periods import Period, utc_midnight
-from transforms.plans import Catalog
 
 
 @dataclass(frozen=True)

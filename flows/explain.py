@@ -9,10 +9,10 @@ import re
 import polars as pl
 
 from flows.store import open_store
-from transforms.adjustments import KINDS as ADJUSTMENT_KINDS
-from transforms.adjustments import REF
+from transforms.engine.invoices import USAGE_LINE_KINDS
 from transforms.errors import InputError
-from transforms.invoices import USAGE_LINE_KINDS
+from transforms.inputs.adjustments import KINDS as ADJUSTMENT_KINDS
+from transforms.inputs.adjustments import REF
 from transforms.layout import CORRECTIONS_PREFIX, MANIFEST, period_prefix
 
 DOCUMENT_ID = re.compile(r"^(INV|CN|DN)-(\d{4}-\d{2})-\d{6}$")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transforms.errors import InputError
-from transforms.plans import Catalog, PlanError, parse_plan
+from transforms.inputs.plans import Catalog, PlanError, parse_plan
 
 PLAN_SUFFIXES = (".yaml", ".yml")
 """The files `load_catalog` reads (top level of the folder only)."""

@@ -3,7 +3,7 @@
 The plan catalog at a git revision (the base: `origin/main` in a pull request) and the working
 tree's (the head) each re-rate the last N closed periods of the store with the close's own steps
 (the ones `simulate` runs: fetch, check, normalize, settle, replay credits, rate), on the same
-inputs, and transforms.impact sets the two side by side and writes the markdown report. Nothing is
+inputs, and transforms.finance.impact sets the two side by side and writes the markdown report. Nothing is
 written to the store: the report is returned (the command line prints it or writes `--out`).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from flows.steps import (
 )
 from flows.store import open_store
 from transforms.errors import BillrunError, InputError
-from transforms.impact import (
+from transforms.finance.impact import (
     SHOCK_AMOUNT_DEFAULT,
     SHOCK_PCT_DEFAULT,
     TOP_DEFAULT,
@@ -49,12 +49,12 @@ from transforms.impact import (
     plan_changes,
     thresholds,
 )
+from transforms.finance.margins import Costs
+from transforms.finance.simulate import ModelTables, rated_model_tables
+from transforms.inputs.plans import Catalog, load_catalog
 from transforms.layout import manifest_key
-from transforms.margins import Costs
 from transforms.money import decimal_text
 from transforms.periods import Period
-from transforms.plans import Catalog, load_catalog
-from transforms.simulate import ModelTables, rated_model_tables
 
 
 def periods_to_rerate(store: str, periods: int) -> list[Period]:

@@ -18,8 +18,8 @@ from pathlib import Path
 import polars as pl
 
 from transforms.errors import InputError
+from transforms.inputs.usage import malformed_usage, normalized_usage
 from transforms.layout import ADJUSTMENTS_PREFIX, PURCHASES_PREFIX, USAGE_PREFIX
-from transforms.usage import malformed_usage, normalized_usage
 
 USAGE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
 
@@ -203,7 +203,7 @@ def _finite(text: str) -> str:
 
 
 def normalized_object(path: Path, key: str) -> tuple[pl.DataFrame | None, str | None]:
-    """One usage object read and normalized (transforms.usage), its malformed lines included as
+    """One usage object read and normalized (transforms.inputs.usage), its malformed lines included as
     quarantined rows; or (None, why) for an object that cannot be read at all. Whatever the
     reader or the normalization meets in the object's bytes (a Polars or DuckDB error, an
     unsupported column type, a panic in a Rust reader) is the object's fault, not the close's."""

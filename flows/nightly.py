@@ -67,9 +67,6 @@ from flows.steps import (
     work_dir_for,
 )
 from flows.store import StoreError, open_store
-from transforms.alerts import Alert, alerts_table, credit_alerts, price_change_notices
-from transforms.billed_index import id_hash_macro
-from transforms.checked_usage import copy_order_macro, plan_meters, usage_row_counts
 from transforms.credits.checkpoint import (
     checkpoint_bytes,
     checkpoint_from,
@@ -81,11 +78,26 @@ from transforms.credits.events import credit_meters
 from transforms.credits.grants import history_grants
 from transforms.credits.ledger import balances_table
 from transforms.credits.opening import grants_from_balances, opening_grants
-from transforms.drafts import usage_estimates
-from transforms.engine import rated_invoices
+from transforms.documents.drafts import usage_estimates
+from transforms.engine.billed_index import id_hash_macro
+from transforms.engine.checked_usage import copy_order_macro, plan_meters, usage_row_counts
+from transforms.engine.invoices import invoices_table, lines_table
+from transforms.engine.period_to_date import (
+    BY_DAY_COLUMNS,
+    EVENT_COLUMNS,
+    by_day_to_date,
+    events_to_date,
+    per_event_usage,
+    usage_by_day,
+    usage_by_dims,
+)
+from transforms.engine.rating import rated_invoices
 from transforms.errors import BillrunError, InputError
-from transforms.guards import night_of_closed_period
-from transforms.invoices import invoices_table, lines_table
+from transforms.finance.alerts import Alert, alerts_table, credit_alerts, price_change_notices
+from transforms.finance.spend import spend_alerts_resumed, subscriptions_over_budget, usage_spend_by_subscription
+from transforms.inputs.guards import night_of_closed_period
+from transforms.inputs.plans import load_catalog
+from transforms.inputs.reference import segments_frame
 from transforms.layout import (
     ADJUSTMENTS_PREFIX,
     CUSTOMERS_KEYS,
@@ -110,20 +122,8 @@ from transforms.layout import (
     period_prefix,
     to_date_key,
 )
-from transforms.period_to_date import (
-    BY_DAY_COLUMNS,
-    EVENT_COLUMNS,
-    by_day_to_date,
-    events_to_date,
-    per_event_usage,
-    usage_by_day,
-    usage_by_dims,
-)
 from transforms.periods import Period, utc_midnight
-from transforms.plans import load_catalog
 from transforms.queries import statements
-from transforms.reference import segments_frame
-from transforms.spend import spend_alerts_resumed, subscriptions_over_budget, usage_spend_by_subscription
 
 SQL_FILE = "nightly.sql"
 ACCEPTED_COLUMNS = {"event_id": pl.String, "customer_id": pl.String, "meter": pl.String, "dims": pl.String,
@@ -170,7 +170,7 @@ def base_snapshot(store, period: Period, day: date) -> dict:
 
 
 def per_event_meters(catalog) -> list[str]:
-    """Meters some plan prices or pays with credits event by event (see transforms.checked_usage.plan_meters)."""
+    """Meters some plan prices or pays with credits event by event (see transforms.engine.checked_usage.plan_meters)."""
     frame = plan_meters(catalog).filter(pl.col("per_event"))
     return sorted(set(frame["meter"].to_list()))
 

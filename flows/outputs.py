@@ -23,22 +23,22 @@ from flows.settings import Settings
 from flows.shards import Normalized, local_workers
 from flows.statement import LINEAGE_MEMORY, billed_events_table
 from flows.steps import CheckedReference, Inputs, file_sha256
-from transforms.adjustments import adjustment_counts, billed_table
-from transforms.alerts import alerts_table, credit_alerts, price_change_notices
-from transforms.checked_usage import CheckedUsage, quarantine_table, quarantined_by_reason, usage_row_counts
 from transforms.collector import cycle_collector_paused
 from transforms.credits.events import credit_meters
 from transforms.credits.ledger import balances_table, ledger_table
 from transforms.credits.model import WalletReplay
 from transforms.credits.reports import credit_report, credit_summaries
-from transforms.invoices import Invoice, invoices_table, lines_table, totals_by_currency
+from transforms.engine.checked_usage import CheckedUsage, quarantine_table, quarantined_by_reason, usage_row_counts
+from transforms.engine.invoices import Invoice, invoices_table, lines_table, totals_by_currency
+from transforms.finance.alerts import alerts_table, credit_alerts, price_change_notices
+from transforms.finance.margins import margins_table, segment_plans
+from transforms.finance.revenue import journal, revenue_table, tax_rows
+from transforms.finance.spend import spend_alerts, usage_spend_by_subscription
+from transforms.inputs.adjustments import adjustment_counts, billed_table
+from transforms.inputs.plans import Catalog, catalog_entries
+from transforms.inputs.reference import subscription_plans
 from transforms.layout import period_prefix
-from transforms.margins import margins_table, segment_plans
 from transforms.periods import Period
-from transforms.plans import Catalog, catalog_entries
-from transforms.reference import subscription_plans
-from transforms.revenue import journal, revenue_table, tax_rows
-from transforms.spend import spend_alerts, usage_spend_by_subscription
 
 PARQUET = {"compression": "zstd", "statistics": True, "row_group_size": 262_144}
 """How every published table is written. The row group size is fixed: without it Polars cuts a

@@ -14,11 +14,11 @@ import polars as pl
 from flows.fonts import check_glyphs
 from flows.store import open_store
 from transforms.credits.reports import CreditSummary
-from transforms.drafts import draft_file_stem, wallet_from_balances
+from transforms.documents.drafts import draft_file_stem, wallet_from_balances
+from transforms.documents.render import Draft, invoice_html
+from transforms.engine.invoices import Invoice, invoices_from_tables
 from transforms.errors import InputError
-from transforms.invoices import Invoice, invoices_from_tables
 from transforms.layout import CORRECTIONS_PREFIX, MANIFEST, document_html_name, invoice_html_key, night_prefix
-from transforms.render import Draft, invoice_html
 
 _ID = re.compile(r"^(INV|CN|DN)-(\d{4}-\d{2})-\d{6}$")
 

@@ -151,9 +151,9 @@ def usage_missing_refusal(store_uri: str, plans: str, period: Period) -> str | N
     subscriptions_key = next((k for k in SUBSCRIPTIONS_KEYS if k in present), None)
     if customers_key is None or subscriptions_key is None:
         return None  # the close names what is missing
-    from transforms.guards import close_without_usage
-    from transforms.plans import load_catalog
-    from transforms.reference import checked_customers, checked_subscriptions, segments_in
+    from transforms.inputs.guards import close_without_usage
+    from transforms.inputs.plans import load_catalog
+    from transforms.inputs.reference import checked_customers, checked_subscriptions, segments_in
 
     catalog = load_catalog(plans)
     with tempfile.TemporaryDirectory(prefix="billrun-preflight-") as tmp:
@@ -179,9 +179,9 @@ def preview_target(store_uri: str, plans: str, customer: str, day: date) -> dict
     import yaml  # the checks below read and check the reference files (pandera, the plans)
 
     from flows.ingest import read_table
-    from transforms.plans import load_catalog
-    from transforms.reference import checked_customers, checked_subscriptions, segments_in, subscription_plans
-    from transforms.terms import seller_block
+    from transforms.documents.terms import seller_block
+    from transforms.inputs.plans import load_catalog
+    from transforms.inputs.reference import checked_customers, checked_subscriptions, segments_in, subscription_plans
 
     keys = {}
     for what, options in (("customers", CUSTOMERS_KEYS), ("subscriptions", SUBSCRIPTIONS_KEYS)):

@@ -28,10 +28,10 @@ from flows.steps import (
     replay_credits,
 )
 from transforms.credits.reports import CreditSummary, credit_summaries
+from transforms.engine.invoices import Invoice
 from transforms.errors import InputError
-from transforms.invoices import Invoice
+from transforms.inputs.plans import load_catalog
 from transforms.periods import Period, parse_day
-from transforms.plans import load_catalog
 
 
 @dataclass(frozen=True)

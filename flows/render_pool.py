@@ -17,8 +17,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from transforms.collector import cycle_collector_paused
+from transforms.documents.render import invoice_html
 from transforms.layout import INVOICES_FOLDER, invoice_html_name
-from transforms.render import invoice_html
 
 
 class DocumentsStopped(Exception):

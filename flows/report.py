@@ -29,7 +29,23 @@ from prefect.cache_policies import NO_CACHE
 from flows.preflight import closed_periods
 from flows.retries import IO_RETRIES
 from flows.store import open_store
+from transforms.documents.render import visible_bidi
 from transforms.errors import InputError
+from transforms.finance.margins import (
+    NO_COSTS,
+    Costs,
+    costs_from,
+    margin_pct,
+    margins_table,
+    segment_plans_from_lines,
+)
+from transforms.finance.simulate import (
+    NO_METER,
+    breakage_by_period,
+    customer_plans,
+    margin_by_meter,
+    revenue_by_plan_stream,
+)
 from transforms.layout import (
     CORRECTIONS_PREFIX,
     COSTS_KEY,
@@ -38,18 +54,8 @@ from transforms.layout import (
     report_key,
     run_of_correction_manifest,
 )
-from transforms.margins import (
-    NO_COSTS,
-    Costs,
-    costs_from,
-    margin_pct,
-    margins_table,
-    segment_plans_from_lines,
-)
 from transforms.money import format_money, from_minor
 from transforms.periods import Period
-from transforms.render import visible_bidi
-from transforms.simulate import NO_METER, breakage_by_period, customer_plans, margin_by_meter, revenue_by_plan_stream
 
 STREAM_COLORS = {"usage": "#3b6ea8", "fixed_fee": "#8fb1d9", "credits": "#e0a33b"}
 MODEL_COLORS = {"current": "#7d8799", "candidate": "#3b6ea8", "closed": "#7d8799"}

@@ -3,7 +3,7 @@
 Every usage row goes to one of N shards by a hash of its event_id, so all copies of an event
 (in this period and in earlier ones) meet in one shard and deduplication never crosses shards.
 A shard is settled on its own DuckDB connection with a memory cap (it spills rather than grows),
-and the small results are merged (`transforms.checked_usage.merged_usage`) into exactly what one
+and the small results are merged (`transforms.engine.checked_usage.merged_usage`) into exactly what one
 check of all rows gives. N only changes memory and parallelism, never a byte of output.
 
 Normalized shard files live in a scratch area addressed as a store: the close's local work
@@ -33,11 +33,11 @@ from flows.ingest import normalized_object
 from flows.retries import IO_RETRIES
 from flows.settings import DEFAULT_SHARD_MEMORY, MAX_SHARDS, Settings
 from flows.store import LocalStore, open_store
-from transforms.checked_usage import CheckedUsage, checked_usage, merged_usage
+from transforms.engine.checked_usage import CheckedUsage, checked_usage, merged_usage
 from transforms.errors import InputError
+from transforms.inputs.plans import Catalog
 from transforms.layout import work_prefix
 from transforms.periods import Period
-from transforms.plans import Catalog
 
 SCRATCH_PARQUET = {"compression": "lz4", "statistics": True}
 """Shard files live minutes and are read once: lz4 writes and reads them about twice as cheaply
@@ -145,7 +145,7 @@ def _local_copy(store_uri: str, obj, cache_dir: Path) -> Path:
 
 @task(name="normalize-usage", cache_policy=NO_CACHE, **IO_RETRIES)
 def normalize_batch(store_uri: str, batch: Opaque, scratch: Scratch, shards: int) -> NormalizedBatch:
-    """Each object of the batch read, validated and normalized (transforms.usage), its rows
+    """Each object of the batch read, validated and normalized (transforms.inputs.usage), its rows
     split into shards by a hash of event_id; an object that cannot be read is set aside whole."""
     started = time.perf_counter()
     objects = batch.value

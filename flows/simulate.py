@@ -59,17 +59,12 @@ from flows.steps import (
     replay_credits,
 )
 from flows.store import open_store
-from transforms.checked_usage import CheckedUsage
 from transforms.credits.model import WalletReplay
+from transforms.engine.checked_usage import CheckedUsage
+from transforms.engine.invoices import Invoice
 from transforms.errors import InputError
-from transforms.invoices import Invoice
-from transforms.layout import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, period_prefix, simulation_prefix
-from transforms.margins import Costs
-from transforms.money import decimal_text
-from transforms.periods import Period
-from transforms.plans import Catalog, load_catalog, plan_entries_for
-from transforms.reference import checked_customers, segments_in
-from transforms.simulate import (
+from transforms.finance.margins import Costs
+from transforms.finance.simulate import (
     SHOCK_DEFAULT,
     ModelTables,
     Move,
@@ -89,6 +84,11 @@ from transforms.simulate import (
     rated_model_tables,
     revenue_by_plan_stream,
 )
+from transforms.inputs.plans import Catalog, load_catalog, plan_entries_for
+from transforms.inputs.reference import checked_customers, segments_in
+from transforms.layout import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, period_prefix, simulation_prefix
+from transforms.money import decimal_text
+from transforms.periods import Period
 
 
 def shock_threshold(text: str) -> Decimal:

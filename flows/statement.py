@@ -14,10 +14,10 @@ import polars as pl
 
 from flows.explain import DOCUMENT_ID, document_folder, frame_at
 from flows.store import open_store
-from transforms.checked_usage import CheckedUsage
+from transforms.engine.checked_usage import CheckedUsage
+from transforms.engine.invoices import USAGE_LINE_KINDS
+from transforms.engine.lineage import BILLED_EVENTS_SCHEMA, billed_events, decimal_text, statement_rows
 from transforms.errors import InputError
-from transforms.invoices import USAGE_LINE_KINDS
-from transforms.lineage import BILLED_EVENTS_SCHEMA, billed_events, decimal_text, statement_rows
 
 
 def with_local_lineage(checked: CheckedUsage, scratch, work_dir: Path) -> CheckedUsage:
@@ -37,7 +37,7 @@ LINEAGE_MEMORY = "1GB"
 @contextmanager
 def billed_events_table(checked: CheckedUsage, lines: pl.DataFrame, quarantine: pl.DataFrame,
                         ledger: pl.DataFrame, memory_limit: str = LINEAGE_MEMORY) -> Iterator[pl.LazyFrame]:
-    """The period's billed_events (transforms.lineage.billed_events), sorted by DuckDB into a
+    """The period's billed_events (transforms.engine.lineage.billed_events), sorted by DuckDB into a
     file next to the lineage files (the close's work folder), as a plan that streams it to the
     table's writer; the file is gone after the block. The close's memory holds neither the
     period's events nor their sort: DuckDB spills past `memory_limit`, and the writer reads row groups."""
@@ -129,7 +129,7 @@ def explain_events(store_uri: str, invoice_id: str, line_no: int | None) -> dict
 
 
 def write_statement(store_uri: str, invoice_id: str, out: Path) -> dict:
-    """The customer's usage statement of one invoice as CSV (see transforms.lineage.statement_rows)."""
+    """The customer's usage statement of one invoice as CSV (see transforms.engine.lineage.statement_rows)."""
     store, folder, invoice, lines = _invoice(store_uri, invoice_id)
     events = _customer_events(store, folder, invoice["customer_id"])
     table = statement_rows(events.filter(pl.col("invoice_id") == invoice_id), lines)

@@ -11,6 +11,7 @@ from flows.ingest import is_adjustments_key, is_purchases_key, is_usage_key, nor
 from flows.locks import lock_state
 from flows.store import ObjectInfo, Store, open_store
 from flows.tables import tables_lag
+from transforms.inputs.plans import Catalog, load_catalog
 from transforms.layout import (
     CUSTOMERS_KEYS,
     LOCKS_PREFIX,
@@ -25,7 +26,6 @@ from transforms.layout import (
     period_of_lock,
 )
 from transforms.periods import Period
-from transforms.plans import Catalog, load_catalog
 
 _EVERY_PERIOD = datetime.min.replace(tzinfo=timezone.utc)
 

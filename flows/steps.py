@@ -28,17 +28,26 @@ from flows.ingest import is_adjustments_key, is_purchases_key, is_usage_key, rea
 from flows.preflight import closed_periods
 from flows.retries import IO_RETRIES
 from flows.store import open_store, store_identity
-from transforms.adjustments import Adjustment, adjustment_rows, billed_by_periods, checked_rows, period_adjustments
-from transforms.checked_usage import CheckedUsage
 from transforms.collector import cycle_collector_paused
 from transforms.credits.events import credit_events_by_customer
 from transforms.credits.grants import history_grants
 from transforms.credits.model import Purchase, WalletReplay
 from transforms.credits.purchases import purchases_from
 from transforms.credits.replay import replayed_wallets
-from transforms.engine import rated_invoices
+from transforms.documents.terms import seller_block as terms_seller_block
+from transforms.engine.checked_usage import CheckedUsage
+from transforms.engine.invoices import Invoice
+from transforms.engine.rating import rated_invoices
 from transforms.errors import InputError
-from transforms.invoices import Invoice
+from transforms.inputs.adjustments import (
+    Adjustment,
+    adjustment_rows,
+    billed_by_periods,
+    checked_rows,
+    period_adjustments,
+)
+from transforms.inputs.plans import Catalog
+from transforms.inputs.reference import Segment, Subscription, checked_customers, checked_subscriptions, segments_in
 from transforms.layout import (
     ADJUSTMENTS_PREFIX,
     CORRECTIONS_PREFIX,
@@ -52,10 +61,7 @@ from transforms.layout import (
     period_prefix,
 )
 from transforms.periods import Period
-from transforms.plans import Catalog
-from transforms.reference import Segment, Subscription, checked_customers, checked_subscriptions, segments_in
 from transforms.tax.rules import RulesProvider, load_rules
-from transforms.terms import seller_block as terms_seller_block
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ class CheckedReference:
     subscriptions: tuple[Subscription, ...]
     segments: tuple[Segment, ...]
     purchases: tuple[Purchase, ...] = ()
-    seller: dict = field(default_factory=dict)       # transforms.terms.seller_block
+    seller: dict = field(default_factory=dict)       # transforms.documents.terms.seller_block
     tax: RulesProvider | None = None                  # None: the store bills no tax
     adjustments: tuple[Adjustment, ...] = ()          # the period's, each resolved to its invoice
     adjustments_table: pl.DataFrame | None = None     # every adjustment row of the period; None: no input
@@ -223,7 +229,7 @@ def tax_rules(inputs: Inputs, customers: pl.DataFrame) -> RulesProvider | None:
 
 def seller_block(inputs: Inputs) -> dict:
     """The seller shown on documents, with payment terms and instructions, from the store's
-    optional seller.yaml (see transforms.terms)."""
+    optional seller.yaml (see transforms.documents.terms)."""
     if inputs.seller is None:
         return terms_seller_block({})
     try:
@@ -252,7 +258,7 @@ def replay_credits(checked: CheckedUsage, reference: CheckedReference, catalog: 
 @task(name="rate-invoices", cache_policy=NO_CACHE)
 def rate_invoices(checked: CheckedUsage, reference: CheckedReference, outcome: WalletReplay,
                   period: Period) -> list[Invoice]:
-    """The period's invoices (transforms.engine.rated_invoices: nightly drafts with it too)."""
+    """The period's invoices (transforms.engine.rating.rated_invoices: nightly drafts with it too)."""
     started = time.perf_counter()
     invoices = rated_invoices(period, checked.usage_by_dims, checked.per_event_usage, outcome, reference)
     get_run_logger().info("rate-invoices: %d invoices, %d lines in %.2fs", len(invoices),

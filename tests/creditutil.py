@@ -14,8 +14,8 @@ from pathlib import Path
 
 from flows.store import open_store
 from transforms.credits.model import CreditEvent, Entry, Purchase, WalletReplay
-from transforms.plans import Catalog, PlanFile, parse_plan
-from transforms.reference import Subscription
+from transforms.inputs.plans import Catalog, PlanFile, parse_plan
+from transforms.inputs.reference import Subscription
 
 YEAR = 2026
 

@@ -10,17 +10,17 @@ from dataclasses import replace
 from datetime import date, datetime, timezone
 from decimal import Decimal
 
-from transforms.corrections import Issued, correction_documents
 from transforms.credits.events import credit_meters
 from transforms.credits.grants import history_grants
 from transforms.credits.lines import credit_lines
 from transforms.credits.model import CreditEvent, WalletReplay
 from transforms.credits.replay import replayed_wallets
 from transforms.credits.reports import CreditSummary, credit_summaries
-from transforms.invoices import Invoice, SegmentUsage, apply_credits, period_invoices
+from transforms.engine.invoices import Invoice, SegmentUsage, apply_credits, period_invoices
+from transforms.finance.corrections import Issued, correction_documents
+from transforms.inputs.plans import Catalog, parse_plan
+from transforms.inputs.reference import Segment, Subscription
 from transforms.periods import Period
-from transforms.plans import Catalog, parse_plan
-from transforms.reference import Segment, Subscription
 
 OCT = Period(2026, 10)
 RUN_ID = "close-2026-10-0123456789ab"

@@ -22,7 +22,10 @@ from closeutil import close, table
 from flows.backfill import backfill
 from flows.status import store_status
 from flows.store import open_store
-from transforms.adjustments import (
+from transforms.credits.model import WalletReplay
+from transforms.engine.invoices import Invoice, Line
+from transforms.finance.revenue import journal, revenue_rows, tax_rows
+from transforms.inputs.adjustments import (
     Adjustment,
     adjustment_counts,
     adjustment_rows,
@@ -32,11 +35,8 @@ from transforms.adjustments import (
     period_adjustments,
     with_adjustments,
 )
-from transforms.credits.model import WalletReplay
-from transforms.invoices import Invoice, Line
+from transforms.inputs.reference import Segment, Subscription
 from transforms.periods import Period
-from transforms.reference import Segment, Subscription
-from transforms.revenue import journal, revenue_rows, tax_rows
 
 PERIOD = "2026-10"
 RULES = """\
@@ -382,7 +382,7 @@ def test_billed_by_periods_follows_the_documents():
 
 
 def test_every_adjustment_reason_is_documented_and_only_those():
-    from transforms.adjustments import PERIOD_REASONS, ROW_REASONS
+    from transforms.inputs.adjustments import PERIOD_REASONS, ROW_REASONS
     text = (Path(__file__).resolve().parent.parent / "docs" / "inputs.md").read_text()
     table = text.split("## Adjustments")[1].split("| reason | the row... |")[1].split("\n\n")[0]
     documented = [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transforms.alerts import alerts_table, price_change_notices
-from transforms.invoices import SegmentUsage, lines_table, period_invoices
+from transforms.engine.invoices import SegmentUsage, lines_table, period_invoices
+from transforms.finance.alerts import alerts_table, price_change_notices
+from transforms.inputs.plans import Catalog, parse_plan
+from transforms.inputs.reference import Subscription, segments_in
 from transforms.periods import Period
-from transforms.plans import Catalog, parse_plan
-from transforms.reference import Subscription, segments_in
 
 
 def catalog(migrate_on: str = "2026-12-01", notice: str = "notice_days: 30\n", v2_from: str = "2026-10-15",

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from closeutil import copy_tree_to_store
 from flows.cli import app
 from flows.store import open_store
-from transforms.corrections import issued_lines
+from transforms.finance.corrections import issued_lines
 from transforms.layout import checked_key, lock_key
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -12,8 +12,8 @@ from decimal import Decimal as D
 
 import pytest
 
-from transforms.invoices import Invoice, Line
-from transforms.render import invoice_html, visible_bidi
+from transforms.documents.render import invoice_html, visible_bidi
+from transforms.engine.invoices import Invoice, Line
 
 CONTROLS = [chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))]
 CUSTOMER = {"customer_id": "c1", "name": "Acme\u202eFDP.exe", "email": "ap@acme.test",

@@ -10,11 +10,11 @@ import duckdb
 import polars as pl
 import pytest
 
-from transforms.checked_usage import checked_usage, usage_row_counts
+from transforms.engine.checked_usage import checked_usage, usage_row_counts
+from transforms.inputs.plans import Catalog, parse_plan
+from transforms.inputs.reference import Subscription, segments_in
+from transforms.inputs.usage import normalized_usage
 from transforms.periods import Period
-from transforms.plans import Catalog, parse_plan
-from transforms.reference import Subscription, segments_in
-from transforms.usage import normalized_usage
 
 OCT = Period(2026, 10)
 
@@ -301,7 +301,7 @@ def test_per_event_usage_lists_percentage_events_in_event_time_order(write):
 def test_merged_aggregates_come_out_in_text_order_whatever_order_categories_were_met():
     # Folds group on categorical codes; the final sort must still be the texts' order, even when
     # the categories were first seen in another order (here: reverse, in two partial folds).
-    from transforms.checked_usage import CheckedUsage, merged_usage
+    from transforms.engine.checked_usage import CheckedUsage, merged_usage
 
     def part(subs: list[str], day: int) -> CheckedUsage:
         n = len(subs)
@@ -333,7 +333,7 @@ def test_merged_aggregates_come_out_in_text_order_whatever_order_categories_were
 @pytest.mark.parametrize("free_events", [0, 3], ids=["every event pays", "3 free events: the probe is one that pays"])
 def test_the_largest_quantity_of_a_percentage_event_is_where_its_fee_reaches_the_limit(free_events):
     """1.2% + $0.10 per payment: (10^11 dollars - 0.10) / 0.012 = 8,333,333,333,325 dollars at most."""
-    from transforms.checked_usage import largest_quantity
+    from transforms.engine.checked_usage import largest_quantity
 
     plan = parse_plan(PLAN.replace('fixed_fee: "0.10"}', f'fixed_fee: "0.10", free_events: {free_events}}}'),
                       "plans/p-v1.yaml")

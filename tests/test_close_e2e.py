@@ -114,7 +114,7 @@ def test_same_inputs_in_another_store_and_file_order_give_the_same_bytes(folder_
 
 
 def test_the_demo_shows_a_tier_crossing_a_hard_cap_a_version_split_and_a_credit_pack(folder_and_s3):
-    """The showcase customers (transforms/showcase.py) on the demo plans, worked by hand."""
+    """The showcase customers (transforms/demo/showcase.py) on the demo plans, worked by hand."""
     folder, *_ = folder_and_s3
     lines = table(folder, PERIOD, "invoice_lines.parquet").filter(pl.col("amount_minor") != 0)
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import polars as pl
 
 from creditutil import at, event, purchase, subscription
-from transforms.checked_usage import CheckedUsage, split_at_replay
 from transforms.credits.events import credit_events_by_customer, credit_meters, period_credit_events
 from transforms.credits.grants import history_grants
 from transforms.credits.replay import replayed_wallets
+from transforms.engine.checked_usage import CheckedUsage, split_at_replay
+from transforms.inputs.plans import load_catalog
+from transforms.inputs.reference import segments_in
 from transforms.periods import Period
-from transforms.plans import load_catalog
-from transforms.reference import segments_in
 
 PLANS = Path(__file__).resolve().parent.parent / "plans"
 OCT = Period(2026, 10)

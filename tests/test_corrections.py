@@ -12,8 +12,8 @@ from decimal import Decimal
 
 import polars as pl
 
-from transforms.corrections import correction_documents, issued_lines
-from transforms.invoices import Invoice, Line, invoices_table, lines_table
+from transforms.engine.invoices import Invoice, Line, invoices_table, lines_table
+from transforms.finance.corrections import correction_documents, issued_lines
 
 PERIOD = "2026-10"
 AS_OF = date(2026, 12, 5)

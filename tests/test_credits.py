@@ -35,11 +35,11 @@ from transforms.credits.lines import credit_lines
 from transforms.credits.model import Entry, WalletReplay
 from transforms.credits.replay import replayed_wallets
 from transforms.credits.wallet import Wallet
-from transforms.invoices import period_invoices
+from transforms.engine.invoices import period_invoices
+from transforms.finance.revenue import journal, proportional_rates, revenue_rows
+from transforms.inputs.reference import segments_in
 from transforms.money import to_minor
 from transforms.periods import Period
-from transforms.reference import segments_in
-from transforms.revenue import journal, proportional_rates, revenue_rows
 
 OCT, NOV, DEC = Period(2026, 10), Period(2026, 11), Period(2026, 12)
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from transforms.invoices import SegmentUsage, period_invoices
+from transforms.engine.invoices import SegmentUsage, period_invoices
+from transforms.inputs.plans import Catalog, parse_plan
+from transforms.inputs.reference import Subscription, segments_in
 from transforms.money import from_minor
 from transforms.periods import Period
-from transforms.plans import Catalog, parse_plan
-from transforms.reference import Subscription, segments_in
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -216,7 +216,7 @@ def input_example(header_starts: str, language: str = "csv") -> str:
 def test_the_usage_examples_are_valid_rows_and_the_quantity_forms_parse():
     import polars as pl
 
-    from transforms.usage import normalized_usage
+    from transforms.inputs.usage import normalized_usage
 
     csv_rows = normalized_usage(pl.read_csv(input_example("event_id,").encode(), infer_schema=False), "usage/a.csv")
     jsonl_rows = normalized_usage(pl.read_ndjson(input_example('{"event_id"', "jsonl").encode()), "usage/a.jsonl")
@@ -242,9 +242,9 @@ def test_the_reference_examples_pass_the_checks_a_close_makes():
     import yaml
 
     from transforms.credits.purchases import purchases_from
-    from transforms.margins import costs_from
-    from transforms.plans import load_catalog
-    from transforms.reference import checked_customers, checked_subscriptions
+    from transforms.finance.margins import costs_from
+    from transforms.inputs.plans import load_catalog
+    from transforms.inputs.reference import checked_customers, checked_subscriptions
 
     def frame(header: str) -> pl.DataFrame:
         return pl.read_csv(input_example(header).encode(), infer_schema=False)
@@ -257,17 +257,17 @@ def test_the_reference_examples_pass_the_checks_a_close_makes():
     assert len(costs_from(frame("meter,filter,")).rows) == 3
     seller = yaml.safe_load(input_example("name:", "yaml"))
     assert set(seller) == {"name", "address", "email", "tax_id", "payment_terms_days", "payment"}
-    from transforms.terms import seller_block
+    from transforms.documents.terms import seller_block
     assert seller_block(seller)["payment_terms_days"] == 30
 
 
 def test_every_quarantine_reason_the_code_emits_is_documented_and_only_those():
-    from transforms.usage import MALFORMED_LINE, ROW_REASONS
+    from transforms.inputs.usage import MALFORMED_LINE, ROW_REASONS
 
     sql = (REPO / "transforms" / "sql" / "checked_usage.sql").read_text(encoding="utf-8")
     emitted = set(ROW_REASONS) | set(re.findall(r"THEN '([a-z_]+)'", sql)) - {"billed", "quarantined"}
     emitted.add("unreadable_object")  # flows/outputs.py: one row per object that cannot be read
-    emitted.add(MALFORMED_LINE)  # transforms.usage.malformed_usage: one row per line that does not parse
+    emitted.add(MALFORMED_LINE)  # transforms.inputs.usage.malformed_usage: one row per line that does not parse
     text = INPUTS_MD.read_text(encoding="utf-8")
     table = text.split("### Quarantine reason codes")[1].split("\n\n")[2]
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M))
@@ -387,7 +387,7 @@ def test_the_exit_codes_page_names_the_codes_the_command_line_gives(monkeypatch,
 
 
 def test_every_field_a_plan_file_accepts_is_documented():
-    from transforms import plans
+    from transforms.inputs import plans
     from transforms.pricing import PRICE_MODELS
     from transforms.pricing.graduated_percentage import PercentTier
     from transforms.pricing.tiers import UnitTier
@@ -404,7 +404,7 @@ def test_every_field_a_plan_file_accepts_is_documented():
 def test_the_parquet_usage_example_writes_rows_billrun_accepts(tmp_path, monkeypatch):
     import polars as pl
 
-    from transforms.usage import normalized_usage
+    from transforms.inputs.usage import normalized_usage
 
     (code,) = [body for _, body in blocks(INPUTS_MD.read_text(encoding="utf-8"), "python")]
     monkeypatch.chdir(tmp_path)

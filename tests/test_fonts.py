@@ -17,7 +17,7 @@ import renderutil
 from flows.cli import app
 from flows.fonts import document_characters, missing_glyphs
 from flows.store import open_store
-from transforms.render import invoice_html
+from transforms.documents.render import invoice_html
 
 pytestmark = pytest.mark.skipif(shutil.which("fc-list") is None, reason="fontconfig's fc-list is not installed")
 runner = CliRunner()

@@ -25,7 +25,7 @@ from closeutil import copy_tree_to_store
 from flows import cli
 from flows.cli import app
 from transforms.errors import InputError
-from transforms.guards import backfill_dated_too_early, close_too_early, notice_problem
+from transforms.inputs.guards import backfill_dated_too_early, close_too_early, notice_problem
 from transforms.periods import Period, parse_day
 
 REPO = Path(__file__).resolve().parent.parent

@@ -30,10 +30,10 @@ from typer.testing import CliRunner
 from closeutil import REPO, close, table
 from flows.cli import app
 from flows.store import open_store
-from transforms.impact import catalog_changes, md, migration_notices
+from transforms.finance.impact import catalog_changes, md, migration_notices
+from transforms.inputs.plans import Catalog, parse_plan
+from transforms.inputs.reference import Subscription
 from transforms.money import format_money
-from transforms.plans import Catalog, parse_plan
-from transforms.reference import Subscription
 
 PERIODS = ("2026-09", "2026-10")
 TOK_V1 = """\

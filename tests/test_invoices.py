@@ -11,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transforms.errors import InputError
-from transforms.invoices import (
+from transforms.engine.invoices import (
     INVOICE_SCHEMA,
     LINE_SCHEMA,
     SegmentUsage,
@@ -21,10 +20,11 @@ from transforms.invoices import (
     period_invoices,
     totals_by_currency,
 )
+from transforms.errors import InputError
+from transforms.inputs.plans import PlanFile, parse_plan
+from transforms.inputs.reference import Segment, Subscription, segments_by_subscription, subscription_plans
 from transforms.money import to_minor
 from transforms.periods import Period
-from transforms.plans import PlanFile, parse_plan
-from transforms.reference import Segment, Subscription, segments_by_subscription, subscription_plans
 
 OCT, NOV, FEB = Period(2026, 10), Period(2026, 11), Period(2026, 2)
 

@@ -1,4 +1,4 @@
-"""transforms.lineage on tiny frames: which line bills an event, and what a duplicate and a
+"""transforms.engine.lineage on tiny frames: which line bills an event, and what a duplicate and a
 quarantined row become; the close's billed_events file, sorted by DuckDB, in the table's bytes."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import polars as pl
 
 from flows.outputs import PARQUET
 from flows.statement import billed_events_table
-from transforms.checked_usage import CheckedUsage
-from transforms.lineage import BILLED_EVENTS_SCHEMA, LINEAGE_COLUMNS, billed_events, statement_rows
+from transforms.engine.checked_usage import CheckedUsage
+from transforms.engine.lineage import BILLED_EVENTS_SCHEMA, LINEAGE_COLUMNS, billed_events, statement_rows
 
 AT = datetime(2026, 10, 3, tzinfo=timezone.utc)
 

@@ -10,7 +10,7 @@ import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transforms.margins import MARGINS_SCHEMA, _decimal_text, _margin_pct, costs_from, margin_pct, margins_table
+from transforms.finance.margins import MARGINS_SCHEMA, _decimal_text, _margin_pct, costs_from, margin_pct, margins_table
 from transforms.money import decimal_text, to_minor
 from transforms.periods import Period
 

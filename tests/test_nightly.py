@@ -565,11 +565,11 @@ def test_the_first_night_of_a_month_leaves_the_last_months_objects_unread(prefec
 
 
 def test_spend_resumed_from_an_earlier_night_fires_what_a_full_replay_fires(tmp_path):
-    """transforms.spend: spend through days no usage changed is reused, every other day re-rated."""
+    """transforms.finance.spend: spend through days no usage changed is reused, every other day re-rated."""
+    from transforms.finance.spend import spend_alerts, spend_alerts_resumed
+    from transforms.inputs.plans import load_catalog
+    from transforms.inputs.reference import checked_subscriptions, segments_in
     from transforms.periods import Period
-    from transforms.plans import load_catalog
-    from transforms.reference import checked_subscriptions, segments_in
-    from transforms.spend import spend_alerts, spend_alerts_resumed
 
     period = Period.containing(date(2026, 10, 1))
     (tmp_path / "gpu-v1.yaml").write_text(PLAN, encoding="utf-8")

@@ -10,8 +10,8 @@ import duckdb
 import polars as pl
 
 from flows.nightly import ID_COLUMNS, PARQUET, _kept_copies
-from transforms.billed_index import id_hash_macro
-from transforms.period_to_date import BY_DAY_COLUMNS, EVENT_COLUMNS, by_day_to_date, events_to_date
+from transforms.engine.billed_index import id_hash_macro
+from transforms.engine.period_to_date import BY_DAY_COLUMNS, EVENT_COLUMNS, by_day_to_date, events_to_date
 from transforms.queries import statements
 
 SQL = statements("nightly.sql")

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from test_invoices import charges, plan, segment
-from transforms.invoices import SegmentUsage, charge_lines, usage_by_segment
+from transforms.engine.invoices import SegmentUsage, charge_lines, usage_by_segment
 from transforms.pricing import Usage, percentage
 from transforms.pricing.base import ZERO
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from transforms.plans import Catalog, PlanError, load_catalog, parse_plan
+from transforms.inputs.plans import Catalog, PlanError, load_catalog, parse_plan
 
 REPO_PLANS = Path(__file__).resolve().parent.parent / "plans"
 PATH = "plans/api-v1.yaml"

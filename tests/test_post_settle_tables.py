@@ -11,13 +11,13 @@ import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transforms import revenue
 from transforms.credits.ledger import LEDGER_SCHEMA, in_period, ledger_table, moves_by_grant
 from transforms.credits.model import Entry, WalletReplay
-from transforms.invoices import _group_keys
+from transforms.engine.invoices import _group_keys
+from transforms.finance import revenue
+from transforms.inputs.plans import parse_plan
 from transforms.money import decimal_text
 from transforms.periods import Period
-from transforms.plans import parse_plan
 
 PERIOD = Period.parse("2026-10")
 ZERO = D(0)
@@ -151,9 +151,9 @@ def test_watched_thresholds_shared_by_plan_and_overrides():
     budget of 10 and one of 10.0 apart (their labels differ), and a caller may pop its copy."""
     from datetime import date
 
-    from transforms import spend
-    from transforms.plans import Catalog
-    from transforms.reference import Subscription, segments_in
+    from transforms.finance import spend
+    from transforms.inputs.plans import Catalog
+    from transforms.inputs.reference import Subscription, segments_in
 
     plan_file = parse_plan(PLAN.format(version=1), "grouped.yaml")
     catalog = Catalog({plan_file.key: plan_file})

@@ -16,9 +16,9 @@ from flows.cli import app
 from flows.store import open_store
 from transforms.credits.ledger import balances_table
 from transforms.credits.reports import credit_summaries
-from transforms.drafts import customer_drafts, draft_file_stem, wallet_from_balances
-from transforms.invoices import invoices_from_tables, invoices_table, lines_table
-from transforms.render import Draft, invoice_html
+from transforms.documents.drafts import customer_drafts, draft_file_stem, wallet_from_balances
+from transforms.documents.render import Draft, invoice_html
+from transforms.engine.invoices import invoices_from_tables, invoices_table, lines_table
 
 runner = CliRunner()
 SELLER_TERMS = {**renderutil.SELLER, "payment_terms_days": 30,

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
-from transforms.plans import PlanError, parse_plan
+from transforms.inputs.plans import PlanError, parse_plan
 from transforms.pricing import PRICE_MODELS, Price, Usage, rate
 
 PRICE = TypeAdapter(Price)

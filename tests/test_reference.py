@@ -9,9 +9,8 @@ import polars as pl
 import pytest
 
 from transforms.errors import InputError
-from transforms.periods import Period
-from transforms.plans import Catalog, parse_plan
-from transforms.reference import (
+from transforms.inputs.plans import Catalog, parse_plan
+from transforms.inputs.reference import (
     Subscription,
     bound_versions,
     checked_customers,
@@ -19,6 +18,7 @@ from transforms.reference import (
     segments_frame,
     segments_in,
 )
+from transforms.periods import Period
 
 CUSTOMERS_CSV = "customers/customers.csv"
 SUBS_CSV = "subscriptions/subscriptions.csv"

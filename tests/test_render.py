@@ -19,13 +19,13 @@ from transforms.credits.grants import history_grants
 from transforms.credits.ledger import balances_table, ledger_table
 from transforms.credits.replay import replayed_wallets
 from transforms.credits.reports import credit_summaries
-from transforms.invoices import Invoice, Line, period_invoices
+from transforms.documents.render import _exact_money, _money, _template, invoice_html, line_groups
+from transforms.engine.invoices import Invoice, Line, period_invoices
+from transforms.inputs.plans import parse_plan
+from transforms.inputs.reference import Segment, Subscription
 from transforms.money import format_money
 from transforms.periods import Period
-from transforms.plans import parse_plan
 from transforms.pricing.base import Step
-from transforms.reference import Segment, Subscription
-from transforms.render import _exact_money, _money, _template, invoice_html, line_groups
 
 OCT = Period(2026, 10)
 CUSTOMER = {"customer_id": "c1", "name": "Acme Ltd", "email": "billing@acme.test", "address": "1 Main St",

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from jinja2 import Environment, StrictUndefined, UndefinedError
 
 import renderutil
-import transforms.render as render
+import transforms.documents.render as render
+from transforms.documents.render import _digits, _Environment, _template, invoice_html
 from transforms.money import from_minor, minor_exponent
-from transforms.render import _digits, _Environment, _template, invoice_html
 
 
 @given(st.integers(min_value=-10**22, max_value=10**22), st.sampled_from(["USD", "JPY", "KWD", "EUR", "CLF"]))

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image, ImageChops
 
 import renderutil
-from transforms.render import invoice_html
+from transforms.documents.render import invoice_html
 
 pytestmark = pytest.mark.slow  # every test here starts headless Chromium
 
@@ -130,8 +130,8 @@ def _draft_invoice() -> str:
     watermark over the page, a draft id instead of an invoice number, dated "as of" the day."""
     from datetime import date
 
-    from transforms.drafts import customer_drafts
-    from transforms.render import Draft
+    from transforms.documents.drafts import customer_drafts
+    from transforms.documents.render import Draft
 
     seller = {**renderutil.SELLER, "payment_terms_days": 30, "payment": [("Bank", "First Example Bank")]}
     [draft] = customer_drafts([renderutil.sample_invoice()], "c1", date(2026, 10, 14), seller, {})

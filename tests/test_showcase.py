@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transforms.margins import costs_from
+from transforms.demo.showcase import showcase
+from transforms.finance.margins import costs_from
+from transforms.inputs.plans import load_catalog
 from transforms.periods import Period
-from transforms.plans import load_catalog
-from transforms.showcase import showcase
 
 PLANS = Path(__file__).resolve().parents[1] / "plans"
 

@@ -34,11 +34,8 @@ from flows.cli import app
 from flows.simulate import migrate, simulate
 from flows.store import open_store
 from transforms.errors import InputError
-from transforms.margins import Costs, CostsError, costs_from, margins_table
-from transforms.periods import Period
-from transforms.plans import Catalog, load_catalog, parse_plan
-from transforms.reference import Subscription
-from transforms.simulate import (
+from transforms.finance.margins import Costs, CostsError, costs_from, margins_table
+from transforms.finance.simulate import (
     PlanRef,
     change_bins,
     closed_period_problem,
@@ -48,6 +45,9 @@ from transforms.simulate import (
     outcome,
     plan_moves,
 )
+from transforms.inputs.plans import Catalog, load_catalog, parse_plan
+from transforms.inputs.reference import Subscription
+from transforms.periods import Period
 
 PERIOD = "2026-10"
 EVIL = "<b>Evil & Co</b>"
@@ -308,7 +308,7 @@ def test_margins_worked_examples(lines, usage_rows, meter, expected):
 def test_margins_revenue_adds_up_to_the_invoices(world):
     invoices = table(world["store"], PERIOD, "invoices.parquet")
     lines = table(world["store"], PERIOD, "invoice_lines.parquet")
-    from transforms.margins import segment_plans_from_lines
+    from transforms.finance.margins import segment_plans_from_lines
     margins = margins_table(lines, table(world["store"], PERIOD, "usage_summary.parquet"),
                             segment_plans_from_lines(lines), costs(COSTS), Period.parse(PERIOD))
     assert dict(margins.group_by("customer_id").agg(pl.col("revenue_minor").sum()).iter_rows()) == dict(

@@ -9,13 +9,13 @@ import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import transforms.spend as spend
-from transforms.invoices import SegmentUsage, charge_lines
+import transforms.finance.spend as spend
+from transforms.engine.invoices import SegmentUsage, charge_lines
+from transforms.finance.spend import spend_alerts, spend_alerts_resumed, thresholds
+from transforms.inputs.plans import Catalog, parse_plan
+from transforms.inputs.reference import Subscription, segments_in
 from transforms.money import decimal_text, from_minor, to_minor
 from transforms.periods import Period
-from transforms.plans import Catalog, parse_plan
-from transforms.reference import Subscription, segments_in
-from transforms.spend import spend_alerts, spend_alerts_resumed, thresholds
 
 PERIOD = Period.parse("2026-10")
 ZERO = D(0)

@@ -13,10 +13,18 @@ from datetime import date
 import polars as pl
 import pytest
 
+from transforms.demo.synth import (
+    EXPECTED_KEYS,
+    UNKNOWN_METER,
+    SynthStore,
+    random_bits,
+    stream_key,
+    synth_store,
+    write_bytes,
+)
 from transforms.errors import InputError
+from transforms.inputs.plans import Catalog, parse_plan
 from transforms.periods import Period
-from transforms.plans import Catalog, parse_plan
-from transforms.synth import EXPECTED_KEYS, UNKNOWN_METER, SynthStore, random_bits, stream_key, synth_store, write_bytes
 
 API_V1 = """
 plan: api

@@ -24,10 +24,10 @@ from flows.nightly import nightly
 from flows.status import store_status
 from flows.store import open_store
 from transforms.credits.model import WalletReplay
+from transforms.engine.invoices import Invoice, Line
 from transforms.errors import InputError
-from transforms.invoices import Invoice, Line
+from transforms.finance.revenue import journal, revenue_rows, tax_rows
 from transforms.periods import Period
-from transforms.revenue import journal, revenue_rows, tax_rows
 from transforms.tax import EXEMPT, REVERSE_CHARGE, Party, TaxableLine, invoice_with_tax, tax_line
 from transforms.tax.rules import load_rules
 
@@ -302,9 +302,9 @@ def test_the_demo_store_bills_tax_by_its_customers_countries():
     """The demo's rules and customers: EU businesses carry valid-looking VAT IDs of their own
     country (reverse charge), EU consumers pay their country's rate, New York customers New York
     City's sales tax, and customers where the seller is not registered pay none."""
-    from transforms.plans import load_catalog
-    from transforms.reference import checked_customers
-    from transforms.synth import DEMO_TAX_RULES, synth_store
+    from transforms.demo.synth import DEMO_TAX_RULES, synth_store
+    from transforms.inputs.plans import load_catalog
+    from transforms.inputs.reference import checked_customers
     from transforms.tax import customer_parties
 
     rules = load_rules(DEMO_TAX_RULES)
@@ -325,8 +325,8 @@ def test_the_demo_store_bills_tax_by_its_customers_countries():
 def test_a_debit_note_adds_tax_at_the_original_rate():
     # invoiced 100.00 + 20% = 120.00; re-rated 120.00 at a new 21%: the debit note adds
     # 20.00 + 20% of it = 4.00 (not 4.20), 24.00 in all
-    from transforms.corrections import correction_documents, issued_lines, issued_taxes
-    from transforms.invoices import lines_table
+    from transforms.engine.invoices import lines_table
+    from transforms.finance.corrections import correction_documents, issued_lines, issued_taxes
 
     def invoice(fee: int, rate: str) -> Invoice:
         inv = Invoice("INV-2026-10-000001", "invoice", "fr_b2c", "s1", PERIOD, "EUR", date(2026, 11, 1),

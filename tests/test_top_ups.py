@@ -22,11 +22,11 @@ from closeutil import table
 from creditutil import at, catalog, event, iso, plan, subscription, write_store
 from flows.cli import app
 from flows.store import open_store
-from transforms.alerts import credit_alerts
 from transforms.credits.grants import history_grants
 from transforms.credits.ledger import balances_table
 from transforms.credits.lines import credit_lines
 from transforms.credits.replay import replayed_wallets
+from transforms.finance.alerts import credit_alerts
 from transforms.periods import Period
 
 OCT = Period(2026, 10)

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-import transforms.usage as usage_module
-from transforms.usage import NORMALIZED_COLUMNS, ROW_REASONS, normalized_usage
+import transforms.inputs.usage as usage_module
+from transforms.inputs.usage import NORMALIZED_COLUMNS, ROW_REASONS, normalized_usage
 
 UTC = timezone.utc
 GOOD = {"event_id": "e1", "customer_id": "c1", "meter": "calls", "quantity": "5",

@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from creditutil import catalog, event, plan, purchase, subscription
-from transforms.alerts import credit_alerts
 from transforms.credits.checkpoint import (
     checkpoint_bytes,
     checkpoint_from,
@@ -30,8 +29,9 @@ from transforms.credits.grants import history_grants
 from transforms.credits.ledger import balances_table
 from transforms.credits.lines import credit_lines
 from transforms.credits.replay import replayed_wallets
+from transforms.finance.alerts import credit_alerts
+from transforms.inputs.reference import segments_in
 from transforms.periods import Period
-from transforms.reference import segments_in
 
 OCT = Period(2026, 10)
 

@@ -22,9 +22,9 @@ from transforms.credits.ledger import in_period
 from transforms.credits.model import CreditEvent, Entry, Grant, WalletReplay
 from transforms.credits.replay import by_customer, plan_in_force
 from transforms.credits.wallet import Wallet
+from transforms.inputs.plans import Catalog
+from transforms.inputs.reference import Subscription
 from transforms.periods import Period, utc_midnight
-from transforms.plans import Catalog
-from transforms.reference import Subscription
 
 CHECKPOINT_FORMAT = 1
 

@@ -12,10 +12,10 @@ from decimal import Decimal
 import isodate
 
 from transforms.credits.model import Grant, Purchase
+from transforms.inputs.plans import Catalog, Credits
+from transforms.inputs.reference import Subscription, bound_versions
 from transforms.money import from_minor, to_minor
 from transforms.periods import Period, utc_midnight
-from transforms.plans import Catalog, Credits
-from transforms.reference import Subscription, bound_versions
 
 
 def expiry(spec: str, granted_at: datetime, period_end: datetime) -> datetime | None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections import defaultdict
 
 from transforms.credits.model import Purchase, WalletReplay
+from transforms.engine.invoices import Line
 from transforms.errors import InputError
-from transforms.invoices import Line
+from transforms.inputs.reference import Subscription
 from transforms.money import to_minor
 from transforms.periods import Period
 from transforms.pricing.base import fmt_units
-from transforms.reference import Subscription
 
 
 def credit_lines(period: Period, outcome: WalletReplay, purchases: list[Purchase], subs: list[Subscription],

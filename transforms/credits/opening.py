@@ -9,9 +9,9 @@ import polars as pl
 
 from transforms.credits.grants import plan_grants, purchase_grants
 from transforms.credits.model import ZERO, Grant, Purchase
+from transforms.inputs.plans import Catalog
+from transforms.inputs.reference import Subscription
 from transforms.periods import Period
-from transforms.plans import Catalog
-from transforms.reference import Subscription
 
 
 def grants_from_balances(balances: pl.DataFrame) -> list[Grant]:

@@ -15,9 +15,9 @@ from operator import itemgetter
 
 from transforms.credits.model import CreditEvent, Grant, WalletReplay
 from transforms.credits.wallet import Wallet
+from transforms.inputs.plans import Catalog, PlanFile
+from transforms.inputs.reference import Subscription, plan_on
 from transforms.periods import Period
-from transforms.plans import Catalog, PlanFile
-from transforms.reference import Subscription, plan_on
 
 
 def replayed_wallets(grants: list[Grant], subs: list[Subscription], catalog: Catalog, events: list[CreditEvent],

@@ -15,10 +15,10 @@ from decimal import Decimal
 
 from transforms.credits.grants import booked_price, expiry
 from transforms.credits.model import ZERO, CreditEvent, Entry, Grant, WalletReplay
-from transforms.dims import parsed_dims
+from transforms.engine.dims import parsed_dims
+from transforms.inputs.plans import ConsumeByDimension, Credits, PlanFile
 from transforms.money import decimal_text
 from transforms.periods import Period
-from transforms.plans import ConsumeByDimension, Credits, PlanFile
 
 
 def credits_needed(plan: PlanFile, event: CreditEvent) -> Decimal:

@@ -1,4 +1,4 @@
--- The billed_events output: lineage from invoice line to event (transforms/lineage.py).
+-- The billed_events output: lineage from invoice line to event (transforms/engine/lineage.py).
 -- One row per usage row the close counted (the manifest's `rows.read`), sorted by customer,
 -- event time, event_id and source: a billed row with the invoice line that billed it (and the
 -- credit grants that paid for it), a duplicate with the copy that billed in its place, a
@@ -6,7 +6,7 @@
 --
 -- Inputs: `lineage` (the checked usage's billed and duplicate rows, read from the shards' files:
 -- checked_usage.sql `lineage`), `keyed` (one row per distinct billed meter x dims x usage-line
--- filter that matches it, with the group the dims fall in: transforms.lineage.line_of_dims, the
+-- filter that matches it, with the group the dims fall in: transforms.engine.lineage.line_of_dims, the
 -- only step in Python), `usage_lines` (the usage and overage lines of the invoices, filter and
 -- group as '' when absent), `grants` (one row per event_id a credit draw paid for, with its
 -- grants as sorted, comma-joined ids), `set_aside` (the quarantined rows, already in the

@@ -21,7 +21,7 @@ SELECT s.*,
                 CASE WHEN c.customer_id IS NULL THEN 'unknown_customer'
                      WHEN seg.subscription_id IS NULL THEN 'no_subscription'
                      WHEN pm.meter IS NULL THEN 'unknown_meter'
-                     -- its amount at the plan's price would not fit (transforms.checked_usage.plan_meters)
+                     -- its amount at the plan's price would not fit (transforms.engine.checked_usage.plan_meters)
                      WHEN s.quantity > pm.max_quantity THEN 'amount_out_of_range'
                 END) AS final_reason
 FROM (SELECT *

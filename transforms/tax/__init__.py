@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Protocol, Sequence
 
-from transforms.invoices import INVOICE_LEVEL_KINDS, TAX_LINE_KINDS, Invoice, Line
+from transforms.engine.invoices import INVOICE_LEVEL_KINDS, TAX_LINE_KINDS, Invoice, Line
 from transforms.money import from_minor, to_minor
 
 TAX_KINDS = TAX_LINE_KINDS
@@ -163,7 +163,7 @@ def taxed_invoices(invoices: list[Invoice], provider: TaxProvider, seller: Party
 
 
 def customer_parties(customers) -> dict[str, Party]:
-    """Customer id -> Party, from the checked customers table (transforms.reference)."""
+    """Customer id -> Party, from the checked customers table (transforms.inputs.reference)."""
     return {row["customer_id"]: Party(row.get("country"), row.get("region"), row.get("tax_id"),
                                       (row.get("tax_exempt") or "false") in ("true", "yes", "1"))
             for row in customers.iter_rows(named=True)}

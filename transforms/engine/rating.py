@@ -12,16 +12,16 @@ from dataclasses import replace
 
 import polars as pl
 
-from transforms.adjustments import with_adjustments
 from transforms.collector import cycle_collector_paused
 from transforms.credits.events import credit_meters, per_event_charged
 from transforms.credits.lines import credit_lines
 from transforms.credits.model import WalletReplay
-from transforms.invoices import Invoice, apply_credits, period_invoices, usage_by_segment
+from transforms.documents.terms import due_on
+from transforms.engine.invoices import Invoice, apply_credits, period_invoices, usage_by_segment
+from transforms.inputs.adjustments import with_adjustments
+from transforms.inputs.reference import subscription_plans
 from transforms.periods import Period
-from transforms.reference import subscription_plans
 from transforms.tax import Party, customer_parties, taxed_invoices
-from transforms.terms import due_on
 
 
 def rated_invoices(period: Period, usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame, outcome: WalletReplay,

@@ -6,7 +6,7 @@ credits), a duplicate with the copy that billed in its place, a quarantined row 
 Per-event work is joins and a sort in DuckDB (transforms/sql/billed_events.sql); only the
 distinct (meter, dims) texts and the distinct line keys are looked at in Python.
 
-Which line bills an event is the invoice's own rule (transforms.invoices.charge_lines): the
+Which line bills an event is the invoice's own rule (transforms.engine.invoices.charge_lines): the
 usage or overage line of the event's subscription segment whose charge has the event's meter,
 whose filter the event's dims match, and whose group (the charge's group_by values) is the
 event's. Plans refuse two charges that could bill one event, so an event has at most one line.
@@ -18,7 +18,7 @@ import json
 import duckdb
 import polars as pl
 
-from transforms.invoices import USAGE_LINE_KINDS
+from transforms.engine.invoices import USAGE_LINE_KINDS
 from transforms.queries import statements
 
 SQL_FILE = "billed_events.sql"

@@ -26,7 +26,7 @@ MAX_QUANTITY = 10 ** 18
 """Quantities stay below 10^18 units, so a sum of up to 10^11 of them (100 billion events of one
 subscription, meter and dimensions in a shard) fits DECIMAL(38, 9), the type DuckDB sums them in.
 A larger quantity is `amount_out_of_range`: it could not be added up, let alone billed. The
-amount a quantity bills at its plan's prices is bounded when usage is checked (`transforms.checked_usage`)."""
+amount a quantity bills at its plan's prices is bounded when usage is checked (`transforms.engine.checked_usage`)."""
 
 # Reason codes of the row-level rules, most telling first: a row is quarantined with the first.
 ROW_REASONS = ("missing_field", "bad_timestamp", "bad_quantity", "negative_quantity", "amount_out_of_range")

@@ -19,14 +19,14 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 import polars as pl
 
 from transforms.credits.model import WalletReplay
+from transforms.engine.invoices import Invoice, invoices_table, lines_table
 from transforms.errors import InputError
-from transforms.guards import closed_period_problem, notice_problem  # noqa: F401 - the migration's date rules
-from transforms.invoices import Invoice, invoices_table, lines_table
-from transforms.margins import Costs, decimal_text_fixed, margins_table, segment_plans
+from transforms.finance.margins import Costs, decimal_text_fixed, margins_table, segment_plans
+from transforms.finance.revenue import revenue_table
+from transforms.inputs.guards import closed_period_problem, notice_problem  # noqa: F401 - the migration's date rules
+from transforms.inputs.plans import Catalog
+from transforms.inputs.reference import Segment, Subscription, checked_subscriptions, plan_on, segments_in
 from transforms.periods import Period
-from transforms.plans import Catalog
-from transforms.reference import Segment, Subscription, checked_subscriptions, plan_on, segments_in
-from transforms.revenue import revenue_table
 
 SHOCK_DEFAULT = Decimal("0.2")
 NO_METER = "(fees and credits)"
@@ -152,9 +152,9 @@ class ModelTables:
     plan each subscription segment is on."""
 
     documents: pl.DataFrame   # every document billed for the period: customer_id, currency, total_minor
-    revenue: pl.DataFrame     # revenue rows (transforms.revenue)
-    margins: pl.DataFrame     # margins rows (transforms.margins)
-    segments: pl.DataFrame    # segment_plans rows (transforms.margins)
+    revenue: pl.DataFrame     # revenue rows (transforms.finance.revenue)
+    margins: pl.DataFrame     # margins rows (transforms.finance.margins)
+    segments: pl.DataFrame    # segment_plans rows (transforms.finance.margins)
 
 
 def rated_model_tables(period: Period, invoices: list[Invoice], outcome: WalletReplay, segments: tuple[Segment, ...],

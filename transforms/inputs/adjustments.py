@@ -32,11 +32,11 @@ import pandera.polars as pa
 import polars as pl
 from pandera.errors import SchemaErrors
 
-from transforms.checked_usage import ROW_AMOUNT_LIMIT_MINOR
-from transforms.invoices import Invoice, Line
+from transforms.engine.checked_usage import ROW_AMOUNT_LIMIT_MINOR
+from transforms.engine.invoices import Invoice, Line
+from transforms.inputs.reference import Segment
 from transforms.money import format_money, is_known_currency, minor_exponent
 from transforms.pricing.base import Step
-from transforms.reference import Segment
 
 REQUIRED = ("adjustment_id", "customer_id", "period", "description", "amount", "currency", "reason")
 OPTIONAL = ("subscription_id", "taxable")

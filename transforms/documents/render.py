@@ -16,9 +16,9 @@ from babel.numbers import format_currency
 from jinja2 import Environment, PackageLoader, StrictUndefined, Template, select_autoescape
 from markupsafe import Markup
 
-from transforms.adjustments import KINDS as ADJUSTMENT_KINDS
 from transforms.credits.reports import CreditSummary, GrantMovement
-from transforms.invoices import INVOICE_LEVEL_KINDS, TAX_LINE_KINDS, USAGE_LINE_KINDS, Invoice, Line
+from transforms.engine.invoices import INVOICE_LEVEL_KINDS, TAX_LINE_KINDS, USAGE_LINE_KINDS, Invoice, Line
+from transforms.inputs.adjustments import KINDS as ADJUSTMENT_KINDS
 from transforms.money import format_money, minor_exponent
 from transforms.pricing.base import fmt_units
 

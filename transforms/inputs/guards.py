@@ -13,8 +13,8 @@ from transforms.layout import USAGE_PREFIX
 from transforms.periods import Period
 
 if TYPE_CHECKING:  # the command line checks arguments with this module before the heavy imports
-    from transforms.plans import Plan
-    from transforms.reference import Segment
+    from transforms.inputs.plans import Plan
+    from transforms.inputs.reference import Segment
 
 
 def close_too_early(period: Period, now: datetime) -> str | None:

@@ -21,7 +21,7 @@ from decimal import Decimal
 
 import polars as pl
 
-from transforms.invoices import TAX_LINE_KINDS, Invoice, Line
+from transforms.engine.invoices import TAX_LINE_KINDS, Invoice, Line
 from transforms.money import decimal_text, format_money
 from transforms.pricing.base import ZERO, fmt_units
 from transforms.tax import tax_document_lines, tax_line

@@ -16,8 +16,8 @@ import polars as pl
 from pandera.errors import SchemaErrors
 
 from transforms.errors import InputError
+from transforms.inputs.plans import Catalog, Plan, PlanFile
 from transforms.periods import Period, utc_midnight
-from transforms.plans import Catalog, Plan, PlanFile
 
 DATE = r"^\d{4}-\d{2}-\d{2}$"
 MONEY = r"^\d+(\.\d+)?$"  # budgets and caps are amounts, never negative

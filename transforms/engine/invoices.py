@@ -18,13 +18,13 @@ from operator import attrgetter
 import polars as pl
 
 from transforms.collector import cycle_collector_paused
-from transforms.dims import parsed_dims
+from transforms.engine.dims import parsed_dims
 from transforms.errors import InputError
+from transforms.inputs.reference import Segment, Subscription, segments_by_subscription
 from transforms.money import decimal_text, from_minor, to_minor
 from transforms.periods import Period
 from transforms.pricing import Step, Usage, rate
 from transforms.pricing.base import ZERO
-from transforms.reference import Segment, Subscription, segments_by_subscription
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Line:
     taxable_base_minor: int | None = None
     tax_note: str | None = None
     tax_inclusive: bool | None = None
-    # a one-off charge or manual credit (transforms.adjustments): its id, and False when it is
+    # a one-off charge or manual credit (transforms.inputs.adjustments): its id, and False when it is
     # outside tax
     adjustment_id: str | None = None
     taxable: bool | None = None
@@ -381,7 +381,7 @@ INT64_MAX_MINOR = 2 ** 63 - 1
 
 def _representable(subscription_id: str, currencies: set[str], lines: list[Line]) -> None:
     """Every line and the total fit int64 minor units. A single event cannot exceed them (it is
-    quarantined as amount_out_of_range, see transforms.checked_usage.ROW_AMOUNT_LIMIT_MINOR); only the
+    quarantined as amount_out_of_range, see transforms.engine.checked_usage.ROW_AMOUNT_LIMIT_MINOR); only the
     sum of very many events at the largest legal amount can, and that is said in one line."""
     total = 0
     for line in lines:

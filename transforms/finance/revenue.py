@@ -32,10 +32,10 @@ import polars as pl
 
 from transforms.collector import cycle_collector_paused
 from transforms.credits.model import WalletReplay
-from transforms.invoices import INVOICE_LEVEL_KINDS, USAGE_LINE_KINDS, Invoice
+from transforms.engine.invoices import INVOICE_LEVEL_KINDS, USAGE_LINE_KINDS, Invoice
+from transforms.inputs.reference import subscription_plans
 from transforms.money import to_minor
 from transforms.periods import Period
-from transforms.reference import subscription_plans
 
 ZERO = Decimal(0)
 
@@ -56,7 +56,7 @@ USAGE_STREAM_KINDS = USAGE_LINE_KINDS + INVOICE_LEVEL_KINDS
 """The lines of the `usage` stream: usage and overage, the cap's waiver and the commitment's true-up."""
 
 ADJUSTMENT_STREAMS = {"one_off": "adjustment_charge", "goodwill_credit": "adjustment_credit"}
-"""Revenue stream -> the adjustment line kind it is billed by (transforms.adjustments)."""
+"""Revenue stream -> the adjustment line kind it is billed by (transforms.inputs.adjustments)."""
 
 
 class ReconciliationError(RuntimeError):
@@ -111,7 +111,7 @@ def revenue_table(period: Period, invoices: list[Invoice], outcome: WalletReplay
     return revenue_rows(period, invoices, outcome, proportional_rates(outcome, subscription_plans(segments).plan))
 
 
-@cycle_collector_paused()  # a dict per row and per customer's credits (see transforms.invoices)
+@cycle_collector_paused()  # a dict per row and per customer's credits (see transforms.engine.invoices)
 def revenue_rows(period: Period, invoices: list[Invoice], outcome: WalletReplay,
                  proportional: dict[str, Decimal]) -> pl.DataFrame:
     """The period's revenue table. `proportional` maps grant ids under `breakage: proportional`

@@ -18,8 +18,8 @@ from decimal import Decimal
 import polars as pl
 
 from transforms.credits.reports import CreditSummary, GrantMovement
-from transforms.invoices import USAGE_LINE_KINDS, Invoice
-from transforms.terms import due_on
+from transforms.documents.terms import due_on
+from transforms.engine.invoices import USAGE_LINE_KINDS, Invoice
 
 FILE_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """A customer id that may name a file as it is; any other is named by its hash."""

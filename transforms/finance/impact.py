@@ -2,7 +2,7 @@
 
 The flow re-rates each closed period twice with the close's own steps, once with the catalog at
 the base revision and once with the working tree's, and hands both results here as
-`transforms.simulate.ModelTables`. This module sets them side by side (per currency, per plan, per
+`transforms.finance.simulate.ModelTables`. This module sets them side by side (per currency, per plan, per
 customer), finds the bill shocks, the breakage and margin change and the subscriptions whose
 contract is billed at another price (their customers need a notice), and writes the report as
 markdown. The report's bytes depend only on its inputs: rows are sorted, nothing reads a clock.
@@ -18,11 +18,11 @@ from decimal import Decimal, InvalidOperation
 import polars as pl
 
 from transforms.errors import InputError
+from transforms.finance.simulate import ModelTables, change_pct, compare, outcome
+from transforms.inputs.plans import Catalog, PlanFile
+from transforms.inputs.reference import Subscription, bound_versions
 from transforms.money import format_money, to_minor
 from transforms.periods import Period
-from transforms.plans import Catalog, PlanFile
-from transforms.reference import Subscription, bound_versions
-from transforms.simulate import ModelTables, change_pct, compare, outcome
 
 SHOCK_PCT_DEFAULT = Decimal("0.2")
 SHOCK_AMOUNT_DEFAULT = Decimal("10")

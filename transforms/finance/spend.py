@@ -22,12 +22,12 @@ from decimal import Decimal
 
 import polars as pl
 
-from transforms.alerts import Alert
 from transforms.collector import cycle_collector_paused
-from transforms.invoices import Invoice, SegmentUsage, charge_lines, usage_spend_minor
+from transforms.engine.invoices import Invoice, SegmentUsage, charge_lines, usage_spend_minor
+from transforms.finance.alerts import Alert
+from transforms.inputs.reference import Segment, segments_by_subscription, subscription_plans
 from transforms.money import decimal_text, from_minor, to_minor
 from transforms.periods import Period
-from transforms.reference import Segment, segments_by_subscription, subscription_plans
 
 DEFAULT_AMOUNTS = (Decimal(100), Decimal(1000), Decimal(10000))
 """Alerts for a usage plan with no budget: when spend reaches 100, 1,000 and 10,000 of its currency."""

@@ -24,10 +24,10 @@ from typing import Literal
 
 import polars as pl
 
+from transforms.inputs.plans import Catalog
 from transforms.layout import usage_day_prefix
 from transforms.money import minor_exponent
 from transforms.periods import Period
-from transforms.plans import Catalog
 
 # What a close of the period must make of the usage. Rows it reads (its manifest's `read`) are
 # rows_in_period_valid_unique + duplicates + the six quarantine counts; `other_period` rows are

@@ -1,6 +1,6 @@
 """The demo's showcase: a handful of named customers whose month shows one feature each.
 
-The seeded sample (`transforms.synth`) is realistic but small-spending, so on its own a demo
+The seeded sample (`transforms.demo.synth`) is realistic but small-spending, so on its own a demo
 close never crosses a price tier, reaches a hard cap, splits a month between two plan versions
 or draws a purchased credit pack, and it has no one-off charge or manual credit.
 `showcase(catalog, period)` adds one customer per feature that the catalog can show, drawn from
@@ -16,9 +16,9 @@ from decimal import ROUND_CEILING, Decimal
 
 import polars as pl
 
+from transforms.inputs.plans import Catalog, Charge, PlanFile
 from transforms.layout import ADJUSTMENTS_PREFIX, PURCHASES_PREFIX, USAGE_PREFIX
 from transforms.periods import Period
-from transforms.plans import Catalog, Charge, PlanFile
 
 COST_SHARE = Decimal("0.4")  # the demo's cost of goods: 40% of the list price
 USAGE_KEY = USAGE_PREFIX + "showcase/events.jsonl"

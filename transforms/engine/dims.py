@@ -1,5 +1,5 @@
 """An event's dimensions as the usage boundary encodes them (`dims`: canonical JSON text, keys
-sorted, see transforms.usage), parsed once per distinct text for the code that reads them row by
+sorted, see transforms.inputs.usage), parsed once per distinct text for the code that reads them row by
 row: rating (a charge's filter and groups) and the wallet (a money wallet's price, a per-dimension
 credit rate)."""
 from __future__ import annotations

@@ -440,6 +440,6 @@ def catalog_entries(catalog: Catalog) -> list[dict]:
 
 
 def plan_entries_for(segments) -> list[dict]:
-    """The plan files `segments` (transforms.reference.Segment) bill on, in (plan, version) order."""
+    """The plan files `segments` (transforms.inputs.reference.Segment) bill on, in (plan, version) order."""
     used = {seg.plan.key: seg.plan for seg in segments}
     return [f.manifest_entry() for _, f in sorted(used.items())]

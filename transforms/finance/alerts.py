@@ -11,9 +11,9 @@ from datetime import date, timedelta
 
 import polars as pl
 
+from transforms.inputs.plans import Catalog
+from transforms.inputs.reference import Subscription, bound_versions
 from transforms.periods import Period
-from transforms.plans import Catalog
-from transforms.reference import Subscription, bound_versions
 
 ALERT_SCHEMA = {
     "customer_id": pl.String, "subscription_id": pl.String, "period": pl.String, "kind": pl.String,

@@ -15,15 +15,15 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from transforms.billed_index import NO_INDEX, BilledIndex, id_hash_macro, look_up_billed
 from transforms.credits.model import CreditEvent
+from transforms.engine.billed_index import NO_INDEX, BilledIndex, id_hash_macro, look_up_billed
+from transforms.inputs.plans import Catalog
+from transforms.inputs.reference import Segment, Subscription, plan_on, segments_frame
+from transforms.inputs.usage import MAX_QUANTITY, NORMALIZED_COLUMNS
 from transforms.money import minor_exponent
 from transforms.periods import Period
-from transforms.plans import Catalog
 from transforms.pricing import Usage, rate
 from transforms.queries import statements
-from transforms.reference import Segment, Subscription, plan_on, segments_frame
-from transforms.usage import MAX_QUANTITY, NORMALIZED_COLUMNS
 
 _PARAM = re.compile(r"\$(\w+)")
 
@@ -312,7 +312,7 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
                   subscriptions: list[Subscription], segments: list[Segment], catalog: Catalog,
                   period: Period, index: BilledIndex = NO_INDEX, billed_out: Path | None = None,
                   lineage_to: Path | None = None) -> CheckedUsage:
-    """Settle the rows of `normalized` (Parquet files of `transforms.usage.NORMALIZED_COLUMNS`).
+    """Settle the rows of `normalized` (Parquet files of `transforms.inputs.usage.NORMALIZED_COLUMNS`).
 
     `index`: the billed-event index of the decided periods: an event their documents bill is not
     billed here (its copy is quarantined as `billed_in_period`). `billed_out`: where to write the

@@ -28,10 +28,10 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 import polars as pl
 
 from transforms.errors import InputError
+from transforms.inputs.plans import IDENTIFIER
 from transforms.layout import COSTS_KEY
 from transforms.money import is_known_currency, to_minor
 from transforms.periods import Period
-from transforms.plans import IDENTIFIER
 
 ZERO = Decimal(0)
 COST_COLUMNS = ("meter", "filter", "unit_cost", "per", "currency", "effective_from")
@@ -174,7 +174,7 @@ def _day(text: str, where: str) -> date:
 
 
 def segment_plans(segments) -> pl.DataFrame:
-    """One row per subscription segment (`transforms.reference.Segment`): its customer, plan
+    """One row per subscription segment (`transforms.inputs.reference.Segment`): its customer, plan
     version, currency and first day."""
     return pl.DataFrame([{"subscription_id": s.subscription.subscription_id, "segment_no": s.segment_no,
                           "customer_id": s.subscription.customer_id, "plan": s.plan.plan.plan,

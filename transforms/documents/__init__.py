@@ -1,0 +1,2 @@
+"""Customer documents: HTML invoices and notes (`render`, `../templates/`), draft invoices, and
+payment terms."""
