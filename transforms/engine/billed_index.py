@@ -112,7 +112,7 @@ def _capped(out: Path) -> duckdb.DuckDBPyConnection:
 
 def _write(con: duckdb.DuckDBPyConnection, query: str, params: dict, out: Path) -> int:
     """Streamed by DuckDB (spilling its sort past INDEX_MEMORY), never held whole in memory."""
-    con.execute(f"CREATE TEMP TABLE index_rows AS {query}", params).fetchall()  # sorted on every core
+    con.sql(query, params=params).to_table("index_rows")  # sorted on every core, values bound
     con.execute("SET threads = 1").fetchall()  # one writer: row groups cut the same way every time
     con.table("index_rows").write_parquet(str(out), compression="zstd", row_group_size=INDEX_ROW_GROUP)
     return con.execute("SELECT count(*) FROM read_parquet($out)", {"out": str(out)}).fetchone()[0]
