@@ -198,7 +198,7 @@ def modules_at(rev: str) -> dict:
     return out
 
 
-def tables(impl: dict, state: dict, outcome, invoices, lines: pl.DataFrame, period: Period,
+def tables(impl: dict, state: dict, replay, invoices, lines: pl.DataFrame, period: Period,
            revenue: dict) -> dict:
     """The write-outputs tables this bench times: name -> a function building the frame.
     `revenue` keeps the revenue frame built, as journal's input."""
@@ -210,7 +210,7 @@ def tables(impl: dict, state: dict, outcome, invoices, lines: pl.DataFrame, peri
 
     def revenue_table():
         revenue["frame"] = impl["revenue"].revenue_rows(
-            period, invoices, outcome, impl["revenue"].proportional_rates(outcome, plan_of_sub))
+            period, invoices, replay, impl["revenue"].proportional_rates(replay, plan_of_sub))
         return revenue["frame"]
 
     return {
@@ -220,15 +220,15 @@ def tables(impl: dict, state: dict, outcome, invoices, lines: pl.DataFrame, peri
             lines, checked.usage_by_day, segment_plans(reference.segments),
             state["costs"][0], period),
         "spend_alerts": lambda: alerts_table(impl["spend"].spend_alerts(
-            period, segments, checked.usage_by_day, checked.per_event_usage, outcome.billable_by_day,
+            period, segments, checked.usage_by_day, checked.per_event_usage, replay.billable_by_day,
             credit_meters(segments), spend)),
         "alerts": lambda: alerts_table(
             price_change_notices(period, list(reference.subscriptions), state["catalog"])
-            + credit_alerts(outcome, period)
+            + credit_alerts(replay, period)
             + impl["spend"].spend_alerts(period, segments, checked.usage_by_day, checked.per_event_usage,
-                                         outcome.billable_by_day, credit_meters(segments), spend)),
-        "credit_ledger": lambda: impl["credits"].ledger_table(outcome, period),
-        "credit_balances": lambda: impl["credits"].balances_table(outcome, period),
+                                         replay.billable_by_day, credit_meters(segments), spend)),
+        "credit_ledger": lambda: impl["credits"].ledger_table(replay, period),
+        "credit_balances": lambda: impl["credits"].balances_table(replay, period),
         "revenue": revenue_table,
         "journal": lambda: impl["revenue"].journal(revenue["frame"] if "frame" in revenue else revenue_table()),
     }
@@ -287,15 +287,15 @@ def main() -> None:
     digests: dict[str, dict[str, str]] = {}
     for label, impl in impls.items():
         with Measured() as m:
-            outcome = impl["steps"].replay_credits.fn(checked, reference, catalog, period)
+            replay = impl["steps"].replay_credits.fn(checked, reference, catalog, period)
         report_rows.append({"piece": f"replay-credits [{label}]", **m.row()})
         with Measured() as m:
-            invoices = impl["steps"].rate_invoices.fn(checked, reference, outcome, period)
+            invoices = impl["steps"].rate_invoices.fn(checked, reference, replay, period)
         report_rows.append({"piece": f"rate-invoices [{label}]", **m.row()})
         invoices = [replace(inv, run_id="bench") for inv in invoices]
         lines = invoices_now.lines_table(invoices)  # margins' input, built once
         revenue: dict = {}
-        built = tables(impl, state, outcome, invoices, lines, period, revenue)
+        built = tables(impl, state, replay, invoices, lines, period, revenue)
         digests.setdefault("invoices (rated)", {})[label] = digest(invoices_now.invoices_table(invoices),
                                                                    out / f"rated.{label}.parquet")
         for table in wanted:
@@ -304,7 +304,7 @@ def main() -> None:
             digests.setdefault(table, {})[label] = digest(frame, out / f"{table}.{label}.parquet")
             report_rows.append({"piece": f"{table} [{label}]", "rows": frame.height, **m.row()})
             del frame
-        del outcome, invoices, lines, revenue, built
+        del replay, invoices, lines, revenue, built
     for row in report_rows:
         print(json.dumps(row))
     for table, by_label in digests.items():

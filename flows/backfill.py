@@ -245,8 +245,8 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                         count = correction_index(index, str(period), billed, work_dir / "index-own", changes)
                         if count:
                             index_changes.append((str(period), changes, count))
-                    outcome = replay_credits(quote(checked), quote(reference), quote(catalog), period)
-                    rerated = rate_invoices(quote(checked), quote(reference), quote(outcome), period)
+                    replay = replay_credits(quote(checked), quote(reference), quote(catalog), period)
+                    rerated = rate_invoices(quote(checked), quote(reference), quote(replay), period)
                     plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
                     record = issued[str(period)]
                     roundings.update(subscription_plans(reference.segments).rounding)
@@ -256,9 +256,9 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                         str(period), rerated, issued_lines(record.lines), original_documents(record.docs),
                         next_note_numbers(record.docs), issued_on, issued_taxes(record.lines), roundings)]
                     revenue_changes.append(revenue_adjustments(
-                        revenue_table(period, rerated, outcome, reference.segments),
+                        revenue_table(period, rerated, replay, reference.segments),
                         record.revenue, str(period), booked))
-                    ledger_changes.append(ledger_adjustments(balances_table(outcome, period), record.balances,
+                    ledger_changes.append(ledger_adjustments(balances_table(replay, period), record.balances,
                                                              str(period), booked, utc_midnight(issued_on)))
             revenue_changes = pl.concat(revenue_changes)
             ledger_changes = pl.concat(ledger_changes)

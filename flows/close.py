@@ -135,8 +135,8 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
                 # the per-event rows of credit meters (millions at 100M events) go to the replay only;
                 # Prefect keeps a task's arguments until the flow ends, so the whole checked usage is not one
                 for_replay, checked = split_at_replay(checked, credit_meters(list(reference.segments)))
-                outcome = replay_credits(quote(for_replay), quote(reference), quote(catalog), period)
-                invoices = rate_invoices(quote(checked), quote(reference), quote(outcome), period)
+                replay = replay_credits(quote(for_replay), quote(reference), quote(catalog), period)
+                invoices = rate_invoices(quote(checked), quote(reference), quote(replay), period)
                 fault_point("rated")
                 index_file, indexed = indexing.result()
             finally:
@@ -149,7 +149,7 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
         # the period's index goes in before the manifest, which names it: it counts once the period is closed
         [index_entry] = record_billed(store, [(billed_index_key(str(period), run_id), index_file, indexed)])
         names, manifest = write_outputs(quote(invoices), quote(checked), quote(normalized), quote(reference),
-                                        quote(inputs), quote(catalog), quote(outcome),
+                                        quote(inputs), quote(catalog), quote(replay),
                                         period, run_id, quote(costs), plan_entries, out_dir, index_entry,
                                         settings=settings)
         fault_point("written")

@@ -508,19 +508,19 @@ def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Peri
     else:
         grants = history_grants(subs, catalog, purchases, period)
         balances_from = f"grants only ({period.previous()} is not closed: earlier consumption is not known)"
-    outcome, wallets = replayed_wallets_and_checkpoint(grants, subs, catalog, events, period, checkpoint, since)
+    replay, wallets = replayed_wallets_and_checkpoint(grants, subs, catalog, events, period, checkpoint, since)
     # rated as the close rates its period: the draft is the invoice the close would issue now
-    invoices = rated_invoices(period, usage.usage_by_dims, usage.per_event_usage, outcome, reference)
+    invoices = rated_invoices(period, usage.usage_by_dims, usage.per_event_usage, replay, reference)
     spend = usage_spend_by_subscription(invoices)
     known = {} if known_spend is None else {(s, d): v for s, d, v in pl.read_parquet(known_spend).iter_rows()}
     spent, spend_through = spend_alerts_resumed(period, segments, usage.usage_by_day, usage.per_event_usage,
-                                                outcome.billable_by_day, credit_meters(segments), spend, known,
+                                                replay.billable_by_day, credit_meters(segments), spend, known,
                                                 usage.changed_from if known_spend is not None else None)
-    alerts = (price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period)
+    alerts = (price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(replay, period)
               + spent)
     spend_frame = pl.DataFrame([(s, d, v) for (s, d), v in sorted(spend_through.items())], schema=SPEND_COLUMNS,
                                orient="row")
-    return NightResult(invoices, balances_table(outcome, period), alerts, balances_from, spend_frame,
+    return NightResult(invoices, balances_table(replay, period), alerts, balances_from, spend_frame,
                        checkpoint_bytes(wallets))
 
 

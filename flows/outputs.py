@@ -50,7 +50,7 @@ the same close wrote different bytes on a 2-core and an 8-core machine."""
 
 @task(name="write-outputs", cache_policy=NO_CACHE)
 def write_outputs(invoices: list[Invoice], checked: CheckedUsage, normalized: Normalized,
-                  reference: CheckedReference, inputs: Inputs, catalog: Catalog, outcome: WalletReplay, period: Period,
+                  reference: CheckedReference, inputs: Inputs, catalog: Catalog, replay: WalletReplay, period: Period,
                   run_id: str, costs: tuple,
                   plan_entries: list[dict], out_dir: Path, index_entry: dict | None = None, *,
                   settings: Settings) -> tuple[list[str], bytes]:
@@ -78,12 +78,12 @@ def write_outputs(invoices: list[Invoice], checked: CheckedUsage, normalized: No
     stop = threading.Event()  # a table failed: render no further chunk
     rendering = ThreadPoolExecutor(max_workers=1, thread_name_prefix="documents")
     documents_future = rendering.submit(write_invoice_documents, invoices, customers, reference.seller, plans.rounding,
-                                        credit_summaries(outcome, period), run_id, out_dir, local_workers(settings),
+                                        credit_summaries(replay, period), run_id, out_dir, local_workers(settings),
                                         stop=stop)
     try:
         with cycle_collector_paused():  # millions of table cells, none of them a cycle
             by_reason, adjusted = _write_tables(write, invoices, checked, normalized, reference, catalog,
-                                                outcome, period, costs, settings.duckdb_memory or LINEAGE_MEMORY)
+                                                replay, period, costs, settings.duckdb_memory or LINEAGE_MEMORY)
         tables_done = time.perf_counter()
         documents = documents_future.result()
     except BaseException:
@@ -104,7 +104,7 @@ def write_outputs(invoices: list[Invoice], checked: CheckedUsage, normalized: No
         "status": "closed",
         "issued_on": period.end.isoformat(),
         "inputs": [o.manifest_entry() for o in inputs.all],
-        "credits": credit_report(outcome, period, plans.plan),
+        "credits": credit_report(replay, period, plans.plan),
         "plans": plan_entries,
         "catalog": catalog_entries(catalog),
         "costs": costs[1],
@@ -125,7 +125,7 @@ def write_outputs(invoices: list[Invoice], checked: CheckedUsage, normalized: No
 
 
 def _write_tables(write, invoices: list[Invoice], checked: CheckedUsage, normalized: Normalized,
-                  reference: CheckedReference, catalog: Catalog, outcome: WalletReplay, period: Period,
+                  reference: CheckedReference, catalog: Catalog, replay: WalletReplay, period: Period,
                   costs: tuple, lineage_memory: str) -> tuple[dict[str, int], dict | None]:
     """The period's tables, each through `write(name, frame)`; returns the quarantined rows per
     reason and the account of adjustment rows (None without the input)."""
@@ -139,18 +139,18 @@ def _write_tables(write, invoices: list[Invoice], checked: CheckedUsage, normali
     write("quarantine.parquet", quarantine)
     write("conflicting_duplicates.parquet", checked.conflicts)
     write("alerts.parquet", alerts_table(
-        price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(outcome, period)
+        price_change_notices(period, list(reference.subscriptions), catalog) + credit_alerts(replay, period)
         + spend_alerts(period, list(reference.segments), checked.usage_by_day, checked.per_event_usage,
-                       outcome.billable_by_day, credit_meters(list(reference.segments)),
+                       replay.billable_by_day, credit_meters(list(reference.segments)),
                        usage_spend_by_subscription(invoices))))
-    ledger = ledger_table(outcome, period)
+    ledger = ledger_table(replay, period)
     write("credit_ledger.parquet", ledger)
     with billed_events_table(checked, lines, quarantine, ledger, lineage_memory) as billed_events:
         write("billed_events.parquet", billed_events)
     del ledger
-    write("credit_balances.parquet", balances_table(outcome, period))
+    write("credit_balances.parquet", balances_table(replay, period))
     del lines
-    revenue = revenue_table(period, invoices, outcome, reference.segments)
+    revenue = revenue_table(period, invoices, replay, reference.segments)
     write("revenue.parquet", revenue)
     write("journal.parquet", journal(revenue, tax_rows(invoices, str(period))))
     adjustments = None

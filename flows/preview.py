@@ -64,10 +64,10 @@ def rate_so_far(store: str, plans: str, customer: str, day: str, settings: Setti
         with period_usage(store, inputs, work_dir, f"preview-{the_day}", settings) as usage:
             # the events up to the end of the day, as a night of that day takes them in
             checked = usage.through(the_day).checked(reference, catalog, period, index)
-        outcome = replay_credits(quote(checked), quote(reference), quote(catalog), period)
-        invoices = rate_invoices(quote(checked), quote(reference), quote(outcome), period)
+        replay = replay_credits(quote(checked), quote(reference), quote(catalog), period)
+        invoices = rate_invoices(quote(checked), quote(reference), quote(replay), period)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     mine = [inv for inv in invoices if inv.customer_id == customer]
     get_run_logger().info("preview: %d draft invoices of %s for %s as of %s", len(mine), period, customer, the_day)
-    return Rated(mine, credit_summaries(outcome, period).get(customer))
+    return Rated(mine, credit_summaries(replay, period).get(customer))

@@ -117,7 +117,7 @@ class Rerated:
     reference: CheckedReference
     moved: frozenset[str]          # subscription ids moved
     checked: CheckedUsage
-    outcome: WalletReplay
+    replay: WalletReplay
     invoices: list[Invoice]
     inputs: Inputs
 
@@ -158,7 +158,7 @@ def compare_models(store: str, period: Period, moves: tuple[Move, ...], customer
                    costs_source: dict | None, history: dict[str, pl.DataFrame]) -> Simulation:
     """Both models side by side: per customer, per currency, and what the charts draw."""
     current = closed_model_tables(closed, original.segments, costs)
-    candidate = rated_model_tables(period, rerated.invoices, rerated.outcome, rerated.reference.segments,
+    candidate = rated_model_tables(period, rerated.invoices, rerated.replay, rerated.reference.segments,
                                    rerated.checked.usage_by_dims, costs)
     names = dict(original.customers.select("customer_id", "name").iter_rows())
     models = compared_models(current, candidate, rerated, names, shock, closed.quarantine)
@@ -251,14 +251,14 @@ def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: st
         index = committed_index(store, leave_out=[str(the_period)])
         with period_usage(store, inputs, work_dir, f"simulate-{the_period}-{label}", settings) as usage:
             checked = usage.checked(reference, catalog, the_period, index)
-        outcome = replay_credits(quote(checked), quote(reference), quote(catalog), the_period)
-        invoices = rate_invoices(quote(checked), quote(reference), quote(outcome), the_period)
+        replay = replay_credits(quote(checked), quote(reference), quote(catalog), the_period)
+        invoices = rate_invoices(quote(checked), quote(reference), quote(replay), the_period)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     costs, costs_source = fetch_costs(store)
     history = load_revenue_history(store)
     simulation = compare_models(store, the_period, moves, wanted, threshold, quote(original),
-                                quote(Rerated(reference, moved, checked, outcome, invoices, inputs)),
+                                quote(Rerated(reference, moved, checked, replay, invoices, inputs)),
                                 quote(closed), quote(costs), costs_source, quote(history))
     result = simulation.result
     if report:

@@ -246,21 +246,21 @@ def replay_credits(checked: CheckedUsage, reference: CheckedReference, catalog: 
     started = time.perf_counter()
     subs = list(reference.subscriptions)
     with cycle_collector_paused():  # a ledger entry per consumed event, none of them a cycle
-        outcome = replayed_wallets(
+        replay = replayed_wallets(
             history_grants(subs, catalog, list(reference.purchases), period), subs, catalog,
             checked.credit_history, period,
             credit_events_by_customer(checked.per_event_usage, list(reference.segments)))
-    get_run_logger().info("replay-credits: %d ledger entries in %.2fs", len(outcome.entries),
+    get_run_logger().info("replay-credits: %d ledger entries in %.2fs", len(replay.entries),
                           time.perf_counter() - started)
-    return outcome
+    return replay
 
 
 @task(name="rate-invoices", cache_policy=NO_CACHE)
-def rate_invoices(checked: CheckedUsage, reference: CheckedReference, outcome: WalletReplay,
+def rate_invoices(checked: CheckedUsage, reference: CheckedReference, replay: WalletReplay,
                   period: Period) -> list[Invoice]:
     """The period's invoices (transforms.engine.rating.rated_invoices: nightly drafts with it too)."""
     started = time.perf_counter()
-    invoices = rated_invoices(period, checked.usage_by_dims, checked.per_event_usage, outcome, reference)
+    invoices = rated_invoices(period, checked.usage_by_dims, checked.per_event_usage, replay, reference)
     get_run_logger().info("rate-invoices: %d invoices, %d lines in %.2fs", len(invoices),
                           sum(len(i.lines) for i in invoices), time.perf_counter() - started)
     return invoices

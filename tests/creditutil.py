@@ -65,10 +65,10 @@ def _text(value: Decimal) -> str:
     return "0" if text == "-0" else text
 
 
-def drawn_by_event(outcome: WalletReplay) -> dict[str, Decimal]:
+def drawn_by_event(replay: WalletReplay) -> dict[str, Decimal]:
     """Credits drawn per event_id (positive)."""
     out: dict[str, Decimal] = defaultdict(Decimal)
-    for e in outcome.entries:
+    for e in replay.entries:
         if e.kind == "consume":
             out[e.event_id] -= e.credits
     return dict(out)

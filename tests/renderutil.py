@@ -96,9 +96,9 @@ def wallet() -> WalletReplay:
 
 def sample_invoice(mini_tokens: int = 52_000_000) -> Invoice:
     """INV-2026-10-000001, rated as the close rates it."""
-    outcome = wallet()
-    usage = apply_credits(_usage(mini_tokens), outcome.billable_units, credit_meters([SEGMENT]))
-    extra = credit_lines(OCT, outcome, [], [SUB], {"sub_1": "USD"}, {"sub_1": "half_up"})
+    replay = wallet()
+    usage = apply_credits(_usage(mini_tokens), replay.billable_units, credit_meters([SEGMENT]))
+    extra = credit_lines(OCT, replay, [], [SUB], {"sub_1": "USD"}, {"sub_1": "half_up"})
     [invoice] = period_invoices(OCT, [SEGMENT], usage, extra)
     return replace(invoice, run_id=RUN_ID)
 

@@ -78,15 +78,15 @@ def test_wallets_fed_per_customer_equal_the_replay_of_every_event_at_once():
         frame = per_event_frame(period_rows)
         expected = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog,
                                     history + period_credit_events(frame, segments), OCT)
-        outcome = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog, history, OCT,
+        replay = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog, history, OCT,
                                    credit_events_by_customer(frame, segments))
-        assert outcome.entries == expected.entries
-        assert outcome.entries, "the scenario replays some wallet"
-        assert dict(outcome.billable_units) == dict(expected.billable_units)
-        assert dict(outcome.billable_by_day) == dict(expected.billable_by_day)
-        assert dict(outcome.blocked_units) == dict(expected.blocked_units)
-        assert outcome.alerts == expected.alerts
-        assert outcome.grants == expected.grants
+        assert replay.entries == expected.entries
+        assert replay.entries, "the scenario replays some wallet"
+        assert dict(replay.billable_units) == dict(expected.billable_units)
+        assert dict(replay.billable_by_day) == dict(expected.billable_by_day)
+        assert dict(replay.blocked_units) == dict(expected.blocked_units)
+        assert replay.alerts == expected.alerts
+        assert replay.grants == expected.grants
 
 
 def test_the_checked_usage_splits_into_the_replays_rows_and_the_rest_each_row_once():

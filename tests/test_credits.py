@@ -145,11 +145,11 @@ UNIT_CATALOG = catalog(WALLET, MJ, ROLL, BY_MODEL, MONEY, PROPORTIONAL)
 
 def replay_wallet(grants, events, until: datetime, plan_file=WALLET) -> WalletReplay:
     """One customer's wallet (customer `c`) over hand-made grants and events."""
-    outcome = WalletReplay()
-    wallet = Wallet("c", grants, outcome)
+    replay = WalletReplay()
+    wallet = Wallet("c", grants, replay)
     wallet.consume_in_order(events, {e.event_id: plan_file for e in events})
     wallet.advance(until)
-    return outcome
+    return replay
 
 
 def history(subs, events, period: Period) -> WalletReplay:
@@ -158,8 +158,8 @@ def history(subs, events, period: Period) -> WalletReplay:
                             [e for e in events if e.event_at < period.end_at], period)
 
 
-def expiries(outcome: WalletReplay) -> list[tuple[str, str, datetime]]:
-    return [(e.grant_id, str(-e.credits), e.occurred_at) for e in outcome.entries if e.kind == "expire"]
+def expiries(replay: WalletReplay) -> list[tuple[str, str, datetime]]:
+    return [(e.grant_id, str(-e.credits), e.occurred_at) for e in replay.entries if e.kind == "expire"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,14 +177,14 @@ OM_G2 = purchase("om-g2", "c", 50, "5.00", at(10, 10, 0), at(11, 10, 0))
 
 def test_openmeter_grant_expiry_published_70_of_100_used_then_50_granted_30_expire_balance_50():
     used = [event("c", "s", "use-70", at(10, 5), 70)]
-    outcome = replay_wallet(purchase_grants([OM_G1, OM_G2]), used, until=OCT.end_at)
-    assert moves(outcome.entries) == [
+    replay = replay_wallet(purchase_grants([OM_G1, OM_G2]), used, until=OCT.end_at)
+    assert moves(replay.entries) == [
         ("purchase/om-g1", "purchase", "100", "100"),   # Grant1: balance 100
         ("purchase/om-g1", "consume", "-70", "30"),     # use 70: balance 30
         ("purchase/om-g2", "purchase", "50", "80"),     # Grant2 takes effect: balance 80
         ("purchase/om-g1", "expire", "-30", "50"),      # Grant1 expires: balance 50
     ]
-    assert expiries(outcome) == [("purchase/om-g1", "30", at(10, 20, 0))]
+    assert expiries(replay) == [("purchase/om-g1", "30", at(10, 20, 0))]
 
 
 def test_openmeter_grant_expiry_extended_70_more_after_grant2_draws_30_from_g1_first_breakage_0_then_10():
@@ -233,8 +233,8 @@ NEVER_PAID_NEW = purchase("never-paid-new", "c", 10, "1.00", at(10, 3, 0))
                     "+ never paid Oct 1 10 + never paid Oct 3 5"),
 ])
 def test_draw_order(grants, need, drawn):
-    outcome = replay_wallet(purchase_grants(grants), [event("c", "s", "e", at(10, 10), need)], until=at(10, 11))
-    consumed = [(e.grant_id.removeprefix("purchase/"), str(-e.credits)) for e in outcome.entries
+    replay = replay_wallet(purchase_grants(grants), [event("c", "s", "e", at(10, 10), need)], until=at(10, 11))
+    consumed = [(e.grant_id.removeprefix("purchase/"), str(-e.credits)) for e in replay.entries
                 if e.kind == "consume"]
     assert consumed == drawn
 
@@ -250,13 +250,13 @@ WINDOW = purchase("window", "c", 10, "1.00", at(10, 10, 0), at(10, 20, 0))
     pytest.param(at(10, 20, 0), "0", id="Oct 20 00:00 = expires_at, expiry before consumption: 0 drawn, 1 billed"),
 ])
 def test_grant_is_usable_on_granted_at_to_expires_at_half_open(when, drawn):
-    outcome = replay_wallet(purchase_grants([WINDOW]), [event("c", "s", "e", when, 1)], until=OCT.end_at)
-    assert drawn_by_event(outcome).get("e", D(0)) == D(drawn)
-    assert outcome.billable_units[("s", 1, "images", "{}")] == 1 - D(drawn)
+    replay = replay_wallet(purchase_grants([WINDOW]), [event("c", "s", "e", when, 1)], until=OCT.end_at)
+    assert drawn_by_event(replay).get("e", D(0)) == D(drawn)
+    assert replay.billable_units[("s", 1, "images", "{}")] == 1 - D(drawn)
     # the expiry takes the rest: 10 if nothing was drawn, else 9
-    assert expiries(outcome) == [("purchase/window", str(10 - D(drawn)), at(10, 20, 0))]
+    assert expiries(replay) == [("purchase/window", str(10 - D(drawn)), at(10, 20, 0))]
     if when == WINDOW.expires_at:  # at one instant the expiry is written before the draw attempt
-        assert [e.kind for e in outcome.entries] == ["purchase", "expire"]
+        assert [e.kind for e in replay.entries] == ["purchase", "expire"]
 
 
 def test_period_end_expiry_belongs_to_the_period_it_ends():
@@ -316,9 +316,9 @@ def test_per_dimension_rates_gpt4o_10x3_plus_mini_10x1_default_is_40_of_100():
     sub = subscription("s-dim", "c-dim", "by-model")
     events = [event("c-dim", "s-dim", "4o", at(10, 2), 10, meter="tokens", dims={"model": "gpt-4o"}),
               event("c-dim", "s-dim", "mini", at(10, 3), 10, meter="tokens", dims={"model": "gpt-4o-mini"})]
-    outcome = history([sub], events, OCT)
-    assert drawn_by_event(outcome) == {"4o": D(30), "mini": D(10)}
-    assert outcome.entries[-1].balance_after == 60
+    replay = history([sub], events, OCT)
+    assert drawn_by_event(replay) == {"4o": D(30), "mini": D(10)}
+    assert replay.entries[-1].balance_after == 60
 
 
 def test_money_wallet_draws_rated_amount_1234567_tokens_is_3_0864175_25_images_1_00_then_20m_leaves_1634567_billed():
@@ -330,11 +330,11 @@ def test_money_wallet_draws_rated_amount_1234567_tokens_is_3_0864175_25_images_1
     events = [event("c-money", "s-money", "small", at(10, 2), 1234567, meter="input_tokens"),
               event("c-money", "s-money", "images", at(10, 2, 13), 25, meter="images"),
               event("c-money", "s-money", "big", at(10, 3), 20000000, meter="input_tokens")]
-    outcome = history([sub], events, OCT)
-    assert drawn_by_event(outcome) == {"small": D("3.0864175"), "images": D("1.00"), "big": D("45.9135825")}
-    assert outcome.billable_units[("s-money", 1, "input_tokens", "{}")] == 1634567
-    assert outcome.billable_units[("s-money", 1, "images", "{}")] == 0
-    grant = outcome.grants["s-money/once/g1"]
+    replay = history([sub], events, OCT)
+    assert drawn_by_event(replay) == {"small": D("3.0864175"), "images": D("1.00"), "big": D("45.9135825")}
+    assert replay.billable_units[("s-money", 1, "input_tokens", "{}")] == 1634567
+    assert replay.billable_units[("s-money", 1, "images", "{}")] == 0
+    grant = replay.grants["s-money/once/g1"]
     assert (grant.credits, grant.price, grant.cost_basis, grant.expires_at) == (50, D("50.00"), 1, None)
 
 
@@ -373,10 +373,10 @@ def test_auto_top_up_500_images_vs_200_grant_buys_2_packs_max_per_period_100_bil
 ])
 def test_auto_top_up_buys_when_the_balance_falls_below_below_after_an_event(images, packs, balance):
     sub = subscription("s-mj", "c-mj", "mj")
-    outcome = history([sub], [event("c-mj", "s-mj", "e", at(10, 5), images)], OCT)
-    assert sum(1 for g in outcome.grants.values() if g.kind == "top_up") == packs
-    assert [str(e.balance_after) for e in outcome.entries if e.occurred_at == at(10, 5)][-1] == balance
-    assert [a[2] for a in outcome.alerts] == ["auto_top_up"] * packs   # no credits_low: the pack restored it
+    replay = history([sub], [event("c-mj", "s-mj", "e", at(10, 5), images)], OCT)
+    assert sum(1 for g in replay.grants.values() if g.kind == "top_up") == packs
+    assert [str(e.balance_after) for e in replay.entries if e.occurred_at == at(10, 5)][-1] == balance
+    assert [a[2] for a in replay.alerts] == ["auto_top_up"] * packs   # no credits_low: the pack restored it
 
 
 def test_allocated_is_prorated_by_days_like_the_fee_10_00_x17_over_31_from_oct_15():
@@ -394,8 +394,8 @@ def test_proportional_breakage_never_exceeds_what_is_deferred_95_of_100_used_rec
     # of breakage along. 95 used in October: recognized 9.50; breakage 95 x 0.0111 = 1.0556 would
     # exceed the 0.50 still deferred, so it stops at 0.50 and nothing is left deferred.
     sub = subscription("s-prop", "c-prop", "prop")
-    outcome = history([sub], [event("c-prop", "s-prop", "e", at(10, 5), 95)], OCT)
-    rows = revenue_rows(OCT, [], outcome, proportional_rates(outcome, {"s-prop": PROPORTIONAL.plan}))
+    replay = history([sub], [event("c-prop", "s-prop", "e", at(10, 5), 95)], OCT)
+    rows = revenue_rows(OCT, [], replay, proportional_rates(replay, {"s-prop": PROPORTIONAL.plan}))
     row = rows.row(0, named=True)
     assert (row["billed_minor"], row["recognized_minor"], row["breakage_minor"],
             row["closing_deferred_minor"]) == (1000, 950, 50, 0)
@@ -405,8 +405,8 @@ def test_proportional_breakage_50_of_100_used_rides_along_at_10_over_90():
     # The case the rule is written for: 50 used = 5.00 recognized, 5.00 x 0.1/0.9 = 0.5556 -> 0.56
     # breakage, 4.44 still deferred.
     sub = subscription("s-prop", "c-prop", "prop")
-    outcome = history([sub], [event("c-prop", "s-prop", "e", at(10, 5), 50)], OCT)
-    row = revenue_rows(OCT, [], outcome, proportional_rates(outcome, {"s-prop": PROPORTIONAL.plan})).row(0, named=True)
+    replay = history([sub], [event("c-prop", "s-prop", "e", at(10, 5), 50)], OCT)
+    row = revenue_rows(OCT, [], replay, proportional_rates(replay, {"s-prop": PROPORTIONAL.plan})).row(0, named=True)
     assert (row["billed_minor"], row["recognized_minor"], row["breakage_minor"],
             row["closing_deferred_minor"]) == (1000, 500, 56, 444)
 
@@ -415,11 +415,11 @@ def test_revenue_billed_equals_invoiced_prorated_allocations_5_48_plus_5_33_is_1
     sub = subscription("s-pro", "c-pro", "mj", start=date(2026, 10, 15), end=date(2026, 11, 17))
     invoiced = billed = 0
     for period in (OCT, NOV):
-        outcome = history([sub], [], period)
-        lines = credit_lines(period, outcome, [], [sub], {"s-pro": "USD"}, {"s-pro": "half_up"})
+        replay = history([sub], [], period)
+        lines = credit_lines(period, replay, [], [sub], {"s-pro": "USD"}, {"s-pro": "half_up"})
         invoices = period_invoices(period, segments_in(period, [sub], UNIT_CATALOG), {}, lines)
         invoiced += sum(i.total_minor for i in invoices)
-        billed += revenue_rows(period, invoices, outcome, {})["billed_minor"].sum()
+        billed += revenue_rows(period, invoices, replay, {})["billed_minor"].sum()
     assert invoiced == 548 + 533
     assert billed == invoiced
 
@@ -531,10 +531,10 @@ H_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[He
 @example([("h-roll", 1, [], [(24, 105)])])
 def test_credits_are_conserved_and_the_balance_is_the_running_sum_never_negative(customers):
     subs, purchases, events = world(customers)
-    outcome = replayed(subs, purchases, events, DEC)
+    replay = replayed(subs, purchases, events, DEC)
     plan_of = {s.customer_id: s.plan for s in subs}
     for sub in subs:
-        entries = [e for e in outcome.entries if e.customer_id == sub.customer_id]
+        entries = [e for e in replay.entries if e.customer_id == sub.customer_id]
         running = D(0)
         for e in entries:
             running += e.credits
@@ -548,17 +548,17 @@ def test_credits_are_conserved_and_the_balance_is_the_running_sum_never_negative
         final = entries[-1].balance_after if entries else D(0)
         assert granted == used + expired + rolled_out + final
         # the final balance is what the customer's grants still hold
-        assert final == sum((g.remaining for g in outcome.grants.values() if g.customer_id == sub.customer_id), D(0))
+        assert final == sum((g.remaining for g in replay.grants.values() if g.customer_id == sub.customer_id), D(0))
         # every draw is inside its grant's [granted_at, expires_at)
         for e in entries:
             if e.kind == "consume":
-                g = outcome.grants[e.grant_id]
+                g = replay.grants[e.grant_id]
                 assert g.granted_at <= e.occurred_at and (g.expires_at is None or e.occurred_at < g.expires_at)
         # every unit is covered by credits, left for the charges or blocked
         quantity = sum((ev.quantity for ev in events if ev.customer_id == sub.customer_id), D(0))
         covered = used / RATE[plan_of[sub.customer_id]]
-        left = sum((u for k, u in outcome.billable_units.items() if k[0] == sub.subscription_id), D(0))
-        blocked = sum((u for k, u in outcome.blocked_units.items() if k[0] == sub.subscription_id), D(0))
+        left = sum((u for k, u in replay.billable_units.items() if k[0] == sub.subscription_id), D(0))
+        blocked = sum((u for k, u in replay.blocked_units.items() if k[0] == sub.subscription_id), D(0))
         assert covered + left + blocked == quantity
 
 
@@ -592,9 +592,9 @@ def _revenue_rolls_forward(customers):
     billed = defaultdict(int)
     recognized = defaultdict(int)
     for period in PERIODS:
-        outcome = replayed(subs, purchases, events, period)
+        replay = replayed(subs, purchases, events, period)
         # revenue_rows raises if it does not reconcile
-        rows = revenue_rows(period, [], outcome, proportional_rates(outcome, plan_of))
+        rows = revenue_rows(period, [], replay, proportional_rates(replay, plan_of))
         for r in rows.iter_rows(named=True):
             key = (r["customer_id"], r["stream"], r["currency"])
             assert r["opening_deferred_minor"] == closing.get(key, 0)
@@ -955,13 +955,13 @@ def test_a_balance_brought_forward_is_the_grants_opening_in_the_balances_table()
     from transforms.credits.reports import credit_summaries
     start = OCT.start_at
     carried = Grant("s1/2026-09/g1", "c1", "s1", "opening", start, None, D(40), D(0), "USD")
-    outcome = WalletReplay()
-    outcome.grants[carried.grant_id] = carried
-    outcome.entries += [Entry("c1", carried.grant_id, "opening", D(40), D(40), start, None, D(0), "s1"),
+    replay = WalletReplay()
+    replay.grants[carried.grant_id] = carried
+    replay.entries += [Entry("c1", carried.grant_id, "opening", D(40), D(40), start, None, D(0), "s1"),
                         Entry("c1", carried.grant_id, "consume", D(-15), D(25), start + timedelta(days=3), None,
                               D(0), "s1", "e1", "images")]
-    row = balances_table(outcome, OCT).row(0, named=True)
+    row = balances_table(replay, OCT).row(0, named=True)
     assert (row["opening"], row["granted"], row["consumed"], row["rolled_over"], row["closing"]) == (
         "40", "0", "15", "0", "25")
-    movement = credit_summaries(outcome, OCT)["c1"].grants[0]
+    movement = credit_summaries(replay, OCT)["c1"].grants[0]
     assert (movement.opening, movement.used, movement.closing) == (D(40), D(15), D(25))

@@ -48,10 +48,10 @@ def entries(draw) -> list[Entry]:
 EXAMPLES = 100
 
 
-def ledger_by_rows(outcome: WalletReplay, period: Period) -> pl.DataFrame:
+def ledger_by_rows(replay: WalletReplay, period: Period) -> pl.DataFrame:
     """The ledger as it was built: a dict per entry of the period."""
     rows = []
-    for entry in (e for e in outcome.entries if in_period(e, period)):
+    for entry in (e for e in replay.entries if in_period(e, period)):
         rows.append({"entry_id": f"L-{period}-{len(rows) + 1:08d}", "customer_id": entry.customer_id,
                      "grant_id": entry.grant_id, "kind": entry.kind, "credits": decimal_text(entry.credits),
                      "balance_after": decimal_text(entry.balance_after), "occurred_at": entry.occurred_at,
@@ -68,10 +68,10 @@ def before(entry: Entry, period: Period) -> bool:
     return entry.occurred_at < period.start_at
 
 
-def moves_by_rows(outcome: WalletReplay, period: Period) -> dict:
+def moves_by_rows(replay: WalletReplay, period: Period) -> dict:
     """moves_by_grant as it was: in_period and before per entry."""
     moves: dict = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])
-    for e in outcome.entries:
+    for e in replay.entries:
         if in_period(e, period):
             acc = moves[e.grant_id]
             if e.kind == "opening":
@@ -92,8 +92,8 @@ def moves_by_rows(outcome: WalletReplay, period: Period) -> dict:
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(entries())
 def test_ledger_table_equals_rows(entries_):
-    outcome = WalletReplay(entries=entries_)
-    fast, slow = ledger_table(outcome, PERIOD), ledger_by_rows(outcome, PERIOD)
+    replay = WalletReplay(entries=entries_)
+    fast, slow = ledger_table(replay, PERIOD), ledger_by_rows(replay, PERIOD)
     assert fast.schema == slow.schema
     assert fast.equals(slow, null_equal=True)
 
@@ -101,8 +101,8 @@ def test_ledger_table_equals_rows(entries_):
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(entries())
 def test_grant_moves_equal_rows(entries_):
-    outcome = WalletReplay(entries=entries_)
-    assert dict(moves_by_grant(outcome, PERIOD)) == dict(moves_by_rows(outcome, PERIOD))
+    replay = WalletReplay(entries=entries_)
+    assert dict(moves_by_grant(replay, PERIOD)) == dict(moves_by_rows(replay, PERIOD))
 
 
 @settings(max_examples=EXAMPLES, deadline=None)

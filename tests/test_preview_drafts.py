@@ -32,9 +32,9 @@ def test_a_nights_tables_read_back_into_the_documents_they_were_written_from(doc
 
 
 def test_a_nights_credit_balances_read_back_into_the_wallet_the_invoice_shows():
-    outcome = renderutil.wallet()
-    balances = balances_table(outcome, renderutil.OCT)
-    assert wallet_from_balances(balances, "c1") == credit_summaries(outcome, renderutil.OCT)["c1"]
+    replay = renderutil.wallet()
+    balances = balances_table(replay, renderutil.OCT)
+    assert wallet_from_balances(balances, "c1") == credit_summaries(replay, renderutil.OCT)["c1"]
     assert wallet_from_balances(balances, "someone-else") is None
 
 

@@ -354,9 +354,9 @@ def _story():
 
 
 def test_credit_summaries_equal_the_balances_table_grant_by_grant():
-    outcome = _story()
-    summaries = credit_summaries(outcome, OCT)
-    balances = balances_table(outcome, OCT)
+    replay = _story()
+    summaries = credit_summaries(replay, OCT)
+    balances = balances_table(replay, OCT)
     shown = {(c, g.grant_id): [g.opening, g.granted, g.used, g.expired, g.rolled_over, g.closing]
              for c, s in summaries.items() for g in s.grants}
     recorded = {(r["customer_id"], r["grant_id"]): [D(r[k]) for k in ("opening", "granted", "consumed", "expired",
@@ -369,9 +369,9 @@ def test_credit_summaries_equal_the_balances_table_grant_by_grant():
 
 
 def test_credit_summaries_used_and_closing_equal_the_ledger():
-    outcome = _story()
-    ledger = ledger_table(outcome, OCT)
-    for customer, summary in credit_summaries(outcome, OCT).items():
+    replay = _story()
+    ledger = ledger_table(replay, OCT)
+    for customer, summary in credit_summaries(replay, OCT).items():
         mine = ledger.filter(ledger["customer_id"] == customer)
         consumed = -sum((D(c) for c, k in zip(mine["credits"], mine["kind"], strict=True) if k == "consume"), D(0))
         assert summary.total("used") == consumed
@@ -379,8 +379,8 @@ def test_credit_summaries_used_and_closing_equal_the_ledger():
 
 
 def test_the_rendered_credit_totals_are_the_summary_totals():
-    outcome = _story()
-    summary = credit_summaries(outcome, OCT)["c1"]
+    replay = _story()
+    summary = credit_summaries(replay, OCT)["c1"]
     out = invoice_html(SAMPLE, CUSTOMER, SELLER, "half_up", "r", credits=summary)
     total = _text(re.search(r'<tr class="total"><td colspan="3">(.*?)</tr>', out, re.S).group(1))
     columns = ["opening", "granted", "used", "expired", "rolled_over", "closing"]

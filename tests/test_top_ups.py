@@ -55,30 +55,30 @@ EVENTS = [event("c1", "s1", f"e{day}", at(10, day), 10) for day in range(1, 6)]
 def october(plan_file):
     sub = subscription("s1", "c1", "t")
     plans = catalog(plan_file)
-    outcome = replayed_wallets(history_grants([sub], plans, [], OCT), [sub], plans, EVENTS, OCT)
-    lines = credit_lines(OCT, outcome, [], [sub], {"s1": "USD"}, {"s1": "half_up"})["s1"]
-    return outcome, lines
+    replay = replayed_wallets(history_grants([sub], plans, [], OCT), [sub], plans, EVENTS, OCT)
+    lines = credit_lines(OCT, replay, [], [sub], {"s1": "USD"}, {"s1": "half_up"})["s1"]
+    return replay, lines
 
 
 def test_no_cap_by_default_five_packs_bought_five_dollars_balance_10_no_overage():
-    outcome, lines = october(t_plan())
+    replay, lines = october(t_plan())
     top_ups = [(line.kind, line.amount_minor) for line in lines if line.kind == "top_up"]
     assert top_ups == [("top_up", 100)] * 5                              # 5 x $1.00
     assert sum(minor for _, minor in top_ups) == 500                     # $5.00
-    assert [e.balance_after for e in outcome.entries][-1] == 10          # 0 + the fifth pack
-    assert sum(D(c) for c in balances_table(outcome, OCT)["closing"]) == 10
-    assert sum(outcome.billable_units.values()) == 0                     # nothing for the charges
-    kinds = [a.kind for a in credit_alerts(outcome, OCT)]
+    assert [e.balance_after for e in replay.entries][-1] == 10          # 0 + the fifth pack
+    assert sum(D(c) for c in balances_table(replay, OCT)["closing"]) == 10
+    assert sum(replay.billable_units.values()) == 0                     # nothing for the charges
+    kinds = [a.kind for a in credit_alerts(replay, OCT)]
     assert kinds.count("auto_top_up") == 5 and "top_up_limit_reached" not in kinds
 
 
 def test_a_cap_set_by_the_plan_binds_and_says_so_once():
     # max 3: Oct 1-3 buy packs; Oct 4 leaves 0 and no pack; Oct 5's 10 images are uncovered:
     # 10 x 0.10 = $1.00 of overage
-    outcome, lines = october(t_plan(", max_per_period: 3"))
+    replay, lines = october(t_plan(", max_per_period: 3"))
     assert [line.amount_minor for line in lines if line.kind == "top_up"] == [100] * 3
-    assert outcome.billable_units[("s1", 1, "images", "{}")] == 10
-    limits = [a for a in credit_alerts(outcome, OCT) if a.kind == "top_up_limit_reached"]
+    assert replay.billable_units[("s1", 1, "images", "{}")] == 10
+    limits = [a for a in credit_alerts(replay, OCT) if a.kind == "top_up_limit_reached"]
     assert [(a.threshold, a.occurred_on.day) for a in limits] == [("3", 4)]   # first bound on Oct 4
     assert "3" in limits[0].message
 
@@ -87,11 +87,11 @@ def test_a_pack_bought_mid_event_counts_towards_the_cap():
     # one event of 35 images: 10 granted + 2 packs cover 30, the cap (2) keeps the rest uncovered
     sub = subscription("s1", "c1", "t")
     plans = catalog(t_plan(", max_per_period: 2"))
-    outcome = replayed_wallets(history_grants([sub], plans, [], OCT), [sub], plans,
+    replay = replayed_wallets(history_grants([sub], plans, [], OCT), [sub], plans,
                                [event("c1", "s1", "big", at(10, 2), 35)], OCT)
-    assert sum(1 for g in outcome.grants.values() if g.kind == "top_up") == 2
-    assert outcome.billable_units[("s1", 1, "images", "{}")] == 5
-    assert [a[2] for a in outcome.alerts].count("top_up_limit_reached") == 1
+    assert sum(1 for g in replay.grants.values() if g.kind == "top_up") == 2
+    assert replay.billable_units[("s1", 1, "images", "{}")] == 5
+    assert [a[2] for a in replay.alerts].count("top_up_limit_reached") == 1
 
 
 runner = CliRunner()

@@ -112,17 +112,17 @@ def per_event_usage(events) -> pl.DataFrame:
                                 "event_id": pl.String, "event_at": pl.Datetime("us", "UTC")}, orient="row")
 
 
-def outputs(outcome, subs, purchases) -> dict:
+def outputs(replay, subs, purchases) -> dict:
     """What a night publishes from the wallets, exactly (decimals as text, so 1.0 != 1.00)."""
     return {
-        "balances": balances_table(outcome, OCT).to_dicts(),
+        "balances": balances_table(replay, OCT).to_dicts(),
         "lines": {s: [(line.kind, line.description, str(line.amount), line.amount_minor) for line in lines]
-                  for s, lines in credit_lines(OCT, outcome, purchases, subs, {s.subscription_id: "USD" for s in subs},
+                  for s, lines in credit_lines(OCT, replay, purchases, subs, {s.subscription_id: "USD" for s in subs},
                                                {s.subscription_id: "half_up" for s in subs}).items()},
-        "alerts": credit_alerts(outcome, OCT),
-        "billable": {k: str(v) for k, v in outcome.billable_units.items()},
-        "billable_by_day": {k: str(v) for k, v in outcome.billable_by_day.items()},
-        "blocked": {k: str(v) for k, v in outcome.blocked_units.items()},
+        "alerts": credit_alerts(replay, OCT),
+        "billable": {k: str(v) for k, v in replay.billable_units.items()},
+        "billable_by_day": {k: str(v) for k, v in replay.billable_by_day.items()},
+        "blocked": {k: str(v) for k, v in replay.blocked_units.items()},
     }
 
 
@@ -155,14 +155,14 @@ def test_wallets_resumed_night_by_night_equal_one_replay(customers, nights):
             changed_from[e.customer_id] = min(changed_from.get(e.customer_id, e.event_at.date()), e.event_at.date())
         since = resume_days(checkpoint, changed_from)
         tonight = credit_events_since(per_event_usage(so_far), segments, since)
-        outcome, saved = replayed_wallets_and_checkpoint(grants_of(), subs, CATALOG, tonight, OCT, checkpoint, since)
+        replay, saved = replayed_wallets_and_checkpoint(grants_of(), subs, CATALOG, tonight, OCT, checkpoint, since)
         every = credit_events_since(per_event_usage(so_far), segments, {})  # quantities as settled: 9 decimals
         full, full_saved = one_go(subs, purchases, every)
-        assert outputs(outcome, subs, purchases) == outputs(full, subs, purchases)
+        assert outputs(replay, subs, purchases) == outputs(full, subs, purchases)
         assert checkpoint_bytes(saved) == checkpoint_bytes(full_saved)
         # the close's replay (the whole ledger) gives the same balances and alerts
         close = replayed_wallets(history_grants(subs, CATALOG, purchases, OCT), subs, CATALOG, every, OCT)
-        assert outputs(outcome, subs, purchases) == outputs(close, subs, purchases)
+        assert outputs(replay, subs, purchases) == outputs(close, subs, purchases)
         checkpoint, previous = checkpoint_from(checkpoint_bytes(saved), OCT), night
 
 

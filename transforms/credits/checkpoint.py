@@ -75,7 +75,7 @@ def replayed_wallets_and_checkpoint(grants: list[Grant], subs: list[Subscription
     grants_of, events_of = by_customer(grants), by_customer(events)
     plan_of = plan_in_force(subs, catalog)
     plans_of = {ev.event_id: plan_of(ev) for ev in events}
-    outcome = WalletReplay()
+    replay = WalletReplay()
     states = {}
     for customer in sorted(set(grants_of) | set(events_of) | set(since)):
         part = WalletReplay()
@@ -87,13 +87,13 @@ def replayed_wallets_and_checkpoint(grants: list[Grant], subs: list[Subscription
         part.entries = _consumption_summed(part.entries, period)
         states[customer] = _wallet_saved(wallet, last)
         wallet.advance(period.end_at)  # on the wallet as tonight leaves it, after the checkpoint
-        outcome.entries.extend(part.entries)
-        outcome.billable_units.update(part.billable_units)  # keyed by subscription: one customer's
-        outcome.billable_by_day.update(part.billable_by_day)
-        outcome.blocked_units.update(part.blocked_units)
-        outcome.grants.update(part.grants)
-        outcome.alerts.extend(part.alerts)
-    return outcome, {"format": CHECKPOINT_FORMAT, "period": str(period), "customers": states}
+        replay.entries.extend(part.entries)
+        replay.billable_units.update(part.billable_units)  # keyed by subscription: one customer's
+        replay.billable_by_day.update(part.billable_by_day)
+        replay.blocked_units.update(part.blocked_units)
+        replay.grants.update(part.grants)
+        replay.alerts.extend(part.alerts)
+    return replay, {"format": CHECKPOINT_FORMAT, "period": str(period), "customers": states}
 
 
 def checkpoint_bytes(checkpoint: dict) -> bytes:

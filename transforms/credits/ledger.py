@@ -39,14 +39,14 @@ LEDGER_SCHEMA = {
 
 
 @cycle_collector_paused()  # a ledger entry per consumed event: see transforms.collector
-def ledger_table(outcome: WalletReplay, period: Period) -> pl.DataFrame:
+def ledger_table(replay: WalletReplay, period: Period) -> pl.DataFrame:
     """One row per wallet movement in `period`, in replay order (customer, then time), numbered
     L-2026-10-00000001...
 
     Built column by column (no dict per entry; a 50M-event close has millions of entries), the
     numbers and the period in Polars, and each distinct cost basis formatted once."""
     start_at, end_at = period.start_at, period.end_at
-    entries = [e for e in outcome.entries if _within(e, start_at, end_at)]
+    entries = [e for e in replay.entries if _within(e, start_at, end_at)]
     bases: dict[Decimal, str] = {}
 
     def basis_text(value: Decimal) -> str:
@@ -79,12 +79,12 @@ BALANCES_SCHEMA = {
 }
 
 
-def moves_by_grant(outcome: WalletReplay, period: Period) -> dict[str, list[Decimal]]:
+def moves_by_grant(replay: WalletReplay, period: Period) -> dict[str, list[Decimal]]:
     """Per grant: [opening, granted, used, expired, rolled over] credits in `period`. A balance
     brought forward (`opening` entries of a run started from a close) is the grant's opening."""
     moves: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])
     start_at, end_at = period.start_at, period.end_at  # once, not per entry
-    for e in outcome.entries:
+    for e in replay.entries:
         kind, at = e.kind, e.occurred_at
         ends = kind == "expire" or (kind == "rollover" and e.credits < 0)  # see in_period
         if start_at < at <= end_at if ends else start_at <= at < end_at:
@@ -105,17 +105,17 @@ def moves_by_grant(outcome: WalletReplay, period: Period) -> dict[str, list[Deci
 
 
 @cycle_collector_paused()  # see transforms.collector
-def balances_table(outcome: WalletReplay, period: Period) -> pl.DataFrame:
+def balances_table(replay: WalletReplay, period: Period) -> pl.DataFrame:
     """One row per grant alive at some point in `period`: opening + granted - consumed - expired
     - rolled over = closing. The closing balances of one period are the opening of the next."""
-    moves = moves_by_grant(outcome, period)
+    moves = moves_by_grant(replay, period)
     rows = []
     for grant_id in sorted(moves):
         opening, granted, consumed, expired, rolled = moves[grant_id]
         closing = opening + granted - consumed - expired - rolled
         if opening == granted == consumed == expired == rolled == closing == 0:
             continue
-        g = outcome.grants[grant_id]
+        g = replay.grants[grant_id]
         rows.append({"customer_id": g.customer_id, "grant_id": grant_id, "kind": g.kind,
                      "subscription_id": g.subscription_id, "granted_at": g.granted_at, "expires_at": g.expires_at,
                      "credits": decimal_text(g.credits), "price": decimal_text(g.price), "currency": g.currency,

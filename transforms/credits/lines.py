@@ -13,13 +13,13 @@ from transforms.periods import Period
 from transforms.pricing.base import fmt_units
 
 
-def credit_lines(period: Period, outcome: WalletReplay, purchases: list[Purchase], subs: list[Subscription],
+def credit_lines(period: Period, replay: WalletReplay, purchases: list[Purchase], subs: list[Subscription],
                  currency_of: dict[str, str], rounding_of: dict[str, str]) -> dict[str, list[Line]]:
     """Invoice lines for credits bought in `period`: auto top-ups on the subscription that
     bought them, and purchases on the invoice of the customer's subscription active at
     purchased_at."""
     lines: dict[str, list[Line]] = defaultdict(list)
-    for g in sorted(outcome.grants.values(), key=lambda g: (g.granted_at, g.grant_id)):
+    for g in sorted(replay.grants.values(), key=lambda g: (g.granted_at, g.grant_id)):
         if g.kind == "top_up" and period.start_at <= g.granted_at < period.end_at:
             # numbered within the period, not timed: a correction that moves a top-up in time
             # is not a different top-up

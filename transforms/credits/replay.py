@@ -28,15 +28,15 @@ def replayed_wallets(grants: list[Grant], subs: list[Subscription], catalog: Cat
     order, read one customer at a time."""
     grants_of, listed = by_customer(grants), by_customer(events)
     plan_of = plan_in_force(subs, catalog)
-    outcome = WalletReplay()
+    replay = WalletReplay()
     without_streamed = ((customer, []) for customer in sorted(set(grants_of) | set(listed)))
     every_customer = heapq.merge(without_streamed, events_by_customer, key=itemgetter(0))
     for customer, parts in groupby(every_customer, key=itemgetter(0)):
         mine = listed.pop(customer, []) + [ev for _, part in parts for ev in part]
-        wallet = Wallet(customer, grants_of.pop(customer, []), outcome)
+        wallet = Wallet(customer, grants_of.pop(customer, []), replay)
         wallet.consume_in_order(mine, {ev.event_id: plan_of(ev) for ev in mine})
         wallet.advance(period.end_at)  # expiries at the period's end instant included
-    return outcome
+    return replay
 
 
 def by_customer(items: list) -> dict[str, list]:

@@ -14,14 +14,14 @@ from transforms.money import decimal_text, to_minor
 from transforms.periods import Period
 
 
-def credit_report(outcome: WalletReplay, period: Period, plan_of_sub: dict) -> list[dict]:
+def credit_report(replay: WalletReplay, period: Period, plan_of_sub: dict) -> list[dict]:
     """Per plan (or `purchases`): credits granted, consumed, expired in `period`, and the cost of
     what expired (breakage at expiry), so pricing can see whether allocations fit customers' use."""
     totals: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO])
-    for e in outcome.entries:
+    for e in replay.entries:
         if not in_period(e, period):
             continue
-        g = outcome.grants[e.grant_id]
+        g = replay.grants[e.grant_id]
         plan = plan_of_sub.get(g.subscription_id)
         key = ("purchases" if g.kind == "purchase" or plan is None else f"{plan.plan} v{plan.version}", g.currency)
         acc = totals[key]
@@ -79,17 +79,17 @@ class CreditSummary:
                             ZERO), currency, rounding)
 
 
-def credit_summaries(outcome: WalletReplay, period: Period) -> dict[str, CreditSummary]:
+def credit_summaries(replay: WalletReplay, period: Period) -> dict[str, CreditSummary]:
     """Per customer with credits moving or held in `period`: each grant's opening, granted, used,
     expired, rolled over and closing credits. The same movements as `balances_table`, grouped for
     the invoice; a balance brought forward (`opening` entries of a run started from a close) is
     the grant's opening, not a new grant."""
-    moves = moves_by_grant(outcome, period)
+    moves = moves_by_grant(replay, period)
     by_customer: dict[str, list[GrantMovement]] = defaultdict(list)
     for grant_id, (opening, granted, used, expired, rolled) in moves.items():
         if opening == granted == used == expired == rolled == 0:
             continue
-        g = outcome.grants[grant_id]
+        g = replay.grants[grant_id]
         by_customer[g.customer_id].append(GrantMovement(
             grant_id, g.kind, g.subscription_id, g.granted_at, g.expires_at, g.currency, g.cost_basis,
             opening, granted, used, expired, rolled))

@@ -48,11 +48,11 @@ class Wallet:
     was fired or bought per period (alerts once a period, top-ups up to the plan's cap). Every
     movement is appended to `out` (a WalletReplay shared by the customers of one replay)."""
 
-    def __init__(self, customer_id: str, grants: list[Grant], outcome: WalletReplay):
+    def __init__(self, customer_id: str, grants: list[Grant], replay: WalletReplay):
         self.customer_id = customer_id
         self.pending = sorted(grants, key=lambda g: (g.granted_at, g.grant_id))
         self.active: list[Grant] = []
-        self.out = outcome
+        self.out = replay
         self.balance = ZERO
         self.top_ups: dict[Period, int] = defaultdict(int)
         self.low_fired: set[Period] = set()

@@ -24,19 +24,19 @@ from transforms.periods import Period
 from transforms.tax import Party, customer_parties, taxed_invoices
 
 
-def rated_invoices(period: Period, usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame, outcome: WalletReplay,
+def rated_invoices(period: Period, usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame, replay: WalletReplay,
                    reference) -> list[Invoice]:
     """The period's invoices, ready to send: usage by segment x meter x dimensions
     (`usage_by_dims`) and the per-event rows (`per_event_usage`; rows of meters a segment pays
-    with credits are left to the wallet, whose `outcome` says what credits did not cover), the
+    with credits are left to the wallet, whose `replay` says what credits did not cover), the
     plans' fixed fees, caps and true-ups, credit purchase lines, the period's adjustments, then
     tax and due dates."""
     segments = list(reference.segments)
     with cycle_collector_paused():  # 100k invoices of lines, none of them a cycle
         usage = apply_credits(usage_by_segment(usage_by_dims, per_event_charged(per_event_usage, segments)),
-                              outcome.billable_units, credit_meters(segments))
+                              replay.billable_units, credit_meters(segments))
         plans = subscription_plans(segments)
-        extra = credit_lines(period, outcome, list(reference.purchases), list(reference.subscriptions),
+        extra = credit_lines(period, replay, list(reference.purchases), list(reference.subscriptions),
                              plans.currency, plans.rounding)
         return invoices_to_send(with_adjustments(period_invoices(period, segments, usage, extra),
                                                  list(reference.adjustments)), reference)

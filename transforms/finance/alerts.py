@@ -54,13 +54,13 @@ def price_change_notices(period: Period, subs: list[Subscription], catalog: Cata
     return alerts
 
 
-def credit_alerts(outcome, period: Period) -> list[Alert]:
+def credit_alerts(replay, period: Period) -> list[Alert]:
     """`credits_low`, `credits_exhausted`, `auto_top_up` and `top_up_limit_reached` alerts the
     wallet replay fired in `period` (at most one low, one exhausted and one limit per customer
     and period; one per top-up)."""
     return [Alert(customer, sub, str(period), kind, threshold, value, at.date(), _CREDIT_MESSAGES[kind].format(
                 threshold=threshold, value=value))
-            for customer, sub, kind, threshold, value, at in outcome.alerts
+            for customer, sub, kind, threshold, value, at in replay.alerts
             if period.start_at <= at < period.end_at]
 
 

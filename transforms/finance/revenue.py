@@ -63,14 +63,14 @@ class ReconciliationError(RuntimeError):
     """The revenue tables do not add up: a bug, and the close must not publish."""
 
 
-def _credit_amounts(outcome: WalletReplay, entries: list, proportional: dict[str, Decimal]
+def _credit_amounts(replay: WalletReplay, entries: list, proportional: dict[str, Decimal]
                     ) -> dict[tuple[str, str], list[Decimal]]:
     """Per (customer, currency): exact [billed, recognized, breakage] of credits over `entries`."""
     out: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO])
     proportional_taken: dict[str, Decimal] = defaultdict(Decimal)
     consumed_value: dict[str, Decimal] = defaultdict(Decimal)
     for e in entries:
-        g = outcome.grants[e.grant_id]
+        g = replay.grants[e.grant_id]
         if g.currency is None:
             continue
         acc = out[(e.customer_id, g.currency)]
@@ -94,25 +94,25 @@ def _credit_amounts(outcome: WalletReplay, entries: list, proportional: dict[str
     return out
 
 
-def proportional_rates(outcome: WalletReplay, plan_of: dict[str, object]) -> dict[str, Decimal]:
+def proportional_rates(replay: WalletReplay, plan_of: dict[str, object]) -> dict[str, Decimal]:
     """Grant id -> expected breakage rate, for grants whose plan says `breakage: proportional`.
     `plan_of` maps a subscription id to its plan (the credits block decides)."""
     rates = {}
-    for g in outcome.grants.values():
+    for g in replay.grants.values():
         plan = plan_of.get(g.subscription_id)
         if plan is not None and plan.credits is not None and plan.credits.breakage == "proportional":
             rates[g.grant_id] = plan.credits.expected_breakage
     return rates
 
 
-def revenue_table(period: Period, invoices: list[Invoice], outcome: WalletReplay, segments) -> pl.DataFrame:
+def revenue_table(period: Period, invoices: list[Invoice], replay: WalletReplay, segments) -> pl.DataFrame:
     """The period's revenue table from its rated invoices and its credits, whose grants under
     `breakage: proportional` expect the rate of the plan their subscription ends the period on."""
-    return revenue_rows(period, invoices, outcome, proportional_rates(outcome, subscription_plans(segments).plan))
+    return revenue_rows(period, invoices, replay, proportional_rates(replay, subscription_plans(segments).plan))
 
 
 @cycle_collector_paused()  # a dict per row and per customer's credits (see transforms.engine.invoices)
-def revenue_rows(period: Period, invoices: list[Invoice], outcome: WalletReplay,
+def revenue_rows(period: Period, invoices: list[Invoice], replay: WalletReplay,
                  proportional: dict[str, Decimal]) -> pl.DataFrame:
     """The period's revenue table. `proportional` maps grant ids under `breakage: proportional`
     to their expected breakage rate."""
@@ -124,7 +124,7 @@ def revenue_rows(period: Period, invoices: list[Invoice], outcome: WalletReplay,
             "opening_deferred_minor": 0, "billed_minor": 0, "recognized_minor": 0, "breakage_minor": 0})
 
     allocated: dict[tuple[str, str], int] = defaultdict(int)
-    for g in outcome.grants.values():
+    for g in replay.grants.values():
         if g.kind == "grant" and g.price and period.start_at <= g.granted_at < period.end_at:
             allocated[(g.subscription_id, g.currency)] += to_minor(g.price, g.currency)
     for inv in invoices:
@@ -146,10 +146,10 @@ def revenue_rows(period: Period, invoices: list[Invoice], outcome: WalletReplay,
                 r["recognized_minor"] += billed
 
     end_now, end_before = period.end_at, period.previous().end_at  # once, not per entry
-    through = [e for e in outcome.entries if _until_at(e, end_now)]
+    through = [e for e in replay.entries if _until_at(e, end_now)]
     before = [e for e in through if _until_at(e, end_before)]
-    cum_now = _credit_amounts(outcome, through, proportional)
-    cum_before = _credit_amounts(outcome, before, proportional)
+    cum_now = _credit_amounts(replay, through, proportional)
+    cum_before = _credit_amounts(replay, before, proportional)
     for key in sorted(set(cum_now) | set(cum_before)):
         customer, currency = key
         b0, r0, k0 = _rounded(cum_before.get(key), currency)

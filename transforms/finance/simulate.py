@@ -157,13 +157,13 @@ class ModelTables:
     segments: pl.DataFrame    # segment_plans rows (transforms.finance.margins)
 
 
-def rated_model_tables(period: Period, invoices: list[Invoice], outcome: WalletReplay, segments: tuple[Segment, ...],
+def rated_model_tables(period: Period, invoices: list[Invoice], replay: WalletReplay, segments: tuple[Segment, ...],
                        usage: pl.DataFrame, costs: Costs) -> ModelTables:
     """A re-rated model's results: the invoices it would issue, and the revenue and margins the
     close would write for them. `usage` is the billed units the margins cost (by day, or for the
     whole period: see `margins_table`)."""
     plans = segment_plans(segments)
-    return ModelTables(invoices_table(invoices), revenue_table(period, invoices, outcome, segments),
+    return ModelTables(invoices_table(invoices), revenue_table(period, invoices, replay, segments),
                        margins_table(lines_table(invoices), usage, plans, costs, period), plans)
 
 
