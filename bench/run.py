@@ -519,7 +519,10 @@ def analyse(stats: pstats.Stats, wall: float, by_log: dict) -> dict:
     task_funcs = {f: TASK_FUNCTIONS[f[2]] for f in raw if f[0].endswith(STEP_FILES) and f[2] in TASK_FUNCTIONS}
     windows = {s["step"]: s["window_s"] for s in by_log["steps"]}
     steps = []
-    for func, step in sorted(task_funcs.items(), key=lambda kv: STEPS.index(kv[1])):
+    def order(step: str) -> tuple[int, str]:  # the close's steps in order, tasks added since after them
+        return (STEPS.index(step), "") if step in STEPS else (len(STEPS), step)
+
+    for func, step in sorted(task_funcs.items(), key=lambda kv: order(kv[1])):
         body = raw[func][3]
         steps.append({"step": step, "body_s": round(body, 2), "pct_of_wall": round(100 * body / wall, 1),
                       "window_s": windows.get(step),
