@@ -37,7 +37,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -92,6 +92,7 @@ from transforms.engine.period_to_date import (
     usage_by_dims,
 )
 from transforms.engine.rating import rated_invoices
+from transforms.engine.usage_index import event_ranges, has_days_after, night_end, nothing_in
 from transforms.errors import BillrunError, InputError
 from transforms.finance.alerts import Alert, alerts_table, credit_alerts, price_change_notices
 from transforms.finance.spend import spend_alerts_resumed, subscriptions_over_budget, usage_spend_by_subscription
@@ -122,7 +123,7 @@ from transforms.layout import (
     period_prefix,
     to_date_key,
 )
-from transforms.periods import Period, utc_midnight
+from transforms.periods import Period
 from transforms.queries import statements
 
 SQL_FILE = "nightly.sql"
@@ -175,9 +176,6 @@ def per_event_meters(catalog) -> list[str]:
     return sorted(set(frame["meter"].to_list()))
 
 
-def _night_end(day: date) -> datetime:
-    return utc_midnight(day + timedelta(days=1))
-
 
 @dataclass(frozen=True)
 class Intake:
@@ -227,16 +225,16 @@ def take_in(store_uri: str, period: Period, day: date, catalog, cache_dir: Path)
             sha_of[info.key] = store.sha256(info.key)
         return sha_of[info.key] == seen["sha256"]
 
-    window = (period.start_at, min(period.end_at, _night_end(day)))
+    window = (period.start_at, min(period.end_at, night_end(day)))
     fresh, kept, skipped = [], {}, 0
     for k, info in sorted(listed.items()):
         seen = before.get(k)
         if unchanged(info, seen):
-            if _has_days_after(index.get(k), seen.get("through"), day):
+            if has_days_after(index.get(k), seen.get("through"), day):
                 fresh.append(k)
             else:
                 kept[k] = seen
-        elif seen is None and unchanged(info, index.get(k)) and _nothing_in(index[k], window):
+        elif seen is None and unchanged(info, index.get(k)) and nothing_in(index[k], window):
             skipped += 1
         else:
             fresh.append(k)
@@ -290,24 +288,6 @@ def spend_terms(inputs: Inputs, catalog, previous_balances_sha: str | None) -> s
     return hashlib.sha256(json.dumps(terms).encode()).hexdigest()
 
 
-def _has_days_after(entry: dict | None, through: str | None, day: date) -> bool:
-    """Whether an object taken in through night `through` holds events of later days that
-    night `day` must now take in (the usage index knows its last event)."""
-    if entry is None or through is None or not entry.get("last_at") or date.fromisoformat(through) >= day:
-        return False
-    return datetime.fromisoformat(entry["last_at"]) >= _night_end(date.fromisoformat(through))
-
-
-def _nothing_in(entry: dict, window: tuple[datetime, datetime]) -> bool:
-    """An object whose every row has an event time outside `window` (rows without one belong to
-    every period, so such an object is always read)."""
-    if entry.get("undated", True):
-        return False
-    if not entry.get("first_at"):
-        return True  # no rows at all
-    first, last = datetime.fromisoformat(entry["first_at"]), datetime.fromisoformat(entry["last_at"])
-    return last < window[0] or first >= window[1]
-
 
 @dataclass(frozen=True)
 class NightUsage:
@@ -346,7 +326,7 @@ def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[s
         id_hash_macro(con)
         copy_order_macro(con)
         _register(con, "read_tonight", normalized, {"source_key": pl.String, "event_at": pl.Datetime("us", "UTC")})
-        ranges = _event_ranges(con.sql(sql["event_ranges"]).fetchall())
+        ranges = event_ranges(con.sql(sql["event_ranges"]).fetchall())
         _register(con, "tonight_lineage", billed, BILLED_COLUMNS)
         con.execute(sql["billed_tonight"]).fetchall()
         con.register("per_event_meters", pl.DataFrame({"meter": intake.meters}, schema={"meter": pl.String}).to_arrow())
@@ -403,7 +383,7 @@ def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[s
               "duplicates": checked_counts["duplicates"] + checked_counts["billed"] - new}
     for key, _ in unreadable:
         ranges[key] = {"first_at": None, "last_at": None, "undated": True}
-    end = _night_end(day)
+    end = night_end(day)
     not_yet = tuple(sorted(k for k, r in ranges.items()
                            if not r["undated"] and r["first_at"] and datetime.fromisoformat(r["first_at"]) >= end))
     get_run_logger().info("check-night: read %d, accepted %d, duplicates %d, quarantined %d in %.2fs",
@@ -418,12 +398,6 @@ BILLED_COLUMNS = {"event_id": pl.String, "customer_id": pl.String, "meter": pl.S
                   "source_key": pl.String, "source_row": pl.Int64}
 """The columns of the engine's lineage rows a night takes in (flows/statement.py LINEAGE_COLUMNS)."""
 
-
-def _event_ranges(rows: list[tuple]) -> dict[str, dict]:
-    """Per object read tonight (nightly.sql `event_ranges`): its first and last event time, and
-    whether a row has none."""
-    return {key: {"first_at": first.isoformat() if first else None, "last_at": last.isoformat() if last else None,
-                  "undated": bool(undated)} for key, first, last, undated in rows}
 
 
 def _read_accepted(paths: list[Path], event_ids: list[str] | None = None) -> pl.DataFrame:
