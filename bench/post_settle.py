@@ -239,6 +239,19 @@ def digest(frame: pl.DataFrame, path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _loaded(path: Path):
+    """The settled state pickled at `path`, or None when there is none or it was pickled by older code
+    (a class it holds moved or was renamed since): then the store is settled again."""
+    if not path.exists():
+        return None
+    try:
+        with path.open("rb") as fh:
+            return pickle.load(fh)
+    except (AttributeError, ImportError, pickle.UnpicklingError, EOFError) as e:
+        print(f"{path}: pickled by older code ({e}); settling again", file=sys.stderr)
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True)
@@ -259,7 +272,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     report_rows: list[dict] = []
 
-    if not state_path.exists():
+    with Measured() as m:
+        state = _loaded(state_path)
+    if state is None:
         work = ROOT / ".bench" / f"post-settle-{name}-work"
         with Measured() as m:
             state = settle(args.store, args.plans, period, work)
@@ -267,10 +282,8 @@ def main() -> None:
         with state_path.open("wb") as fh:
             pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
         subprocess.run(["rm", "-rf", str(work)], check=False)
-    with Measured() as m:
-        with state_path.open("rb") as fh:
-            state = pickle.load(fh)
-    report_rows.append({"piece": "load state", **m.row()})
+    else:
+        report_rows.append({"piece": "load state", **m.row()})
     reference, checked, catalog = state["reference"], state["settlement"], state["catalog"]
 
     import transforms.credits.ledger as credits_now
