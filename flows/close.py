@@ -49,7 +49,7 @@ from transforms.engine.checked_usage import CheckedUsage, split_at_replay, usage
 from transforms.errors import InputError
 from transforms.inputs.guards import close_too_early, close_without_usage, rows_in_period
 from transforms.inputs.plans import Catalog, load_catalog, plan_entries_for
-from transforms.layout import MANIFEST, billed_index_key, period_prefix
+from transforms.layout import MANIFEST, billed_index_key, close_run_id, period_prefix
 from transforms.periods import Period
 
 
@@ -187,7 +187,7 @@ def run_id_for(period: Period, inputs: Inputs, plan_entries: list[dict]) -> str:
         digest.update(f"|{obj.key}|{obj.sha256}".encode())
     for entry in plan_entries:
         digest.update(f"|plan|{entry['plan']}|{entry['version']}|{entry['sha256']}".encode())
-    return f"close-{period}-{digest.hexdigest()[:12]}"
+    return close_run_id(period, digest.hexdigest()[:12])
 
 
 def _result_from_manifest(manifest: dict, store_uri: str, status: str) -> CloseResult:

@@ -91,8 +91,10 @@ def test_the_parsers_read_back_what_the_builders_wrote():
     assert layout.billed_index_file(layout.billed_index_key("2026-10", "close-2026-10-ab")) == ("2026-10",
                                                                                                 "close-2026-10-ab")
     assert layout.night_of_commit("2026-10", layout.night_commit_key("2026-10", "2026-10-03")) == "2026-10-03"
-    key = layout.staging_prefix("close-2026-10-ab", "t0k3n") + "invoices.parquet"
-    assert layout.run_folder_of(key) == layout.run_folder("close-2026-10-ab")
+    run_id = layout.close_run_id("2026-10", "ab")
+    assert run_id == "close-2026-10-ab"
+    key = layout.staging_prefix(run_id, "t0k3n") + "invoices.parquet"
+    assert layout.run_folder_of(key) == layout.run_folder(run_id)
     assert key.startswith(layout.close_runs_prefix("2026-10"))
 
 

@@ -181,9 +181,15 @@ def staging_prefix(run_id: str, token: str) -> str:
     return run_prefix(run_id, token) + "out/"
 
 
+def close_run_id(period, fingerprint: str) -> str:
+    """A close's run id: `close-<period>-<fingerprint>`, the fingerprint a hash of the close's
+    inputs and plans (flows/close.py `run_id_for`)."""
+    return f"close-{period}-{fingerprint}"
+
+
 def close_runs_prefix(period) -> str:
-    """The private folders of every close of `period` (a close's run id is `close-<period>-<hash>`)."""
-    return f"{RUNS_PREFIX}close-{period}-"
+    """The private folders of every close of `period`, whatever its fingerprint."""
+    return RUNS_PREFIX + close_run_id(period, "")
 
 
 def run_folder_of(key: str) -> str:
