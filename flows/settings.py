@@ -9,8 +9,9 @@ Every variable is listed in VARIABLES, which docs/configuration.md is generated 
 the page, the `Settings` fields and the code to it). Besides the settings, the module owns the
 environment's other uses: the secrets that logs must never show (read when a record is redacted,
 so a secret set later is masked too), the variable a user names for the nightly webhook, and
-Prefect's defaults for an offline command line. The test seam's two variables are its own
-(flows/testing_seam.py): they are no settings.
+Prefect's defaults for an offline command line. The test seam's two variables are no settings:
+flows/testing_seam.py names them and reads them through `named_variable` and `drop_variable`,
+at the moment a point is reached.
 """
 from __future__ import annotations
 
@@ -126,8 +127,15 @@ def secret_values(environ: Mapping[str, str] | None = None) -> tuple[list[str], 
 
 
 def named_variable(name: str) -> str | None:
-    """The value of a variable the user names (`--webhook-env NAME`), read when the URL is needed."""
+    """The value variable `name` has now, for what is read where and when it is needed rather than
+    once at the start: the variable a user names for the webhook (`--webhook-env NAME`), read
+    when the URL is needed, and the test seam's, read when a point is reached."""
     return os.environ.get(name)
+
+
+def drop_variable(name: str) -> None:
+    """Unset variable `name` in this process (and the processes it starts from now on)."""
+    os.environ.pop(name, None)
 
 
 def hand_over_webhook(url: str) -> str:

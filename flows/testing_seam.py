@@ -8,15 +8,19 @@ tests (tests/test_killed_close.py, test_resume.py, test_fence_e2e.py, test_table
 - `BILLRUN_PAUSE_AT=<point>`: SIGSTOP, as a suspended machine would, until the test sends SIGCONT
   (once per process: a resumed run goes on).
 
-Nothing else reads these variables, and they are deliberately not in `flows.settings.Settings`:
+Nothing else names these variables, and they are deliberately not in `flows.settings.Settings`:
 a point must act in whichever process reaches it (a task thread, a Dask worker), at the moment
-it is reached, without a test hook threaded through every production signature. With neither
-variable set, which is every run but a test's, a point does nothing.
+it is reached, without a test hook threaded through every production signature. So they are
+read when a point is reached, through flows/settings.py's accessor of the environment (the one
+module that touches it). With neither variable set, which is every run but a test's, a point
+does nothing.
 """
 from __future__ import annotations
 
 import os
 import signal
+
+from flows.settings import drop_variable, named_variable
 
 FAULT_ENV = "BILLRUN_FAULT_AT"
 PAUSE_ENV = "BILLRUN_PAUSE_AT"
@@ -35,7 +39,7 @@ POINTS = CLOSE_FAULT_POINTS + BACKFILL_FAULT_POINTS + TABLES_FAULT_POINTS + PAUS
 def fault_point(name: str) -> None:
     """Kill this process here (SIGKILL) when BILLRUN_FAULT_AT names this point; else pause it
     here when BILLRUN_PAUSE_AT does (see pause_point); else nothing."""
-    if os.environ.get(FAULT_ENV) == name:
+    if named_variable(FAULT_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
     pause_point(name)
 
@@ -43,6 +47,6 @@ def fault_point(name: str) -> None:
 def pause_point(name: str) -> None:
     """Stop this process here (SIGSTOP) when BILLRUN_PAUSE_AT names this point, until it gets
     SIGCONT. Once per process: the variable is dropped before the stop."""
-    if os.environ.get(PAUSE_ENV) == name:
-        os.environ.pop(PAUSE_ENV)
+    if named_variable(PAUSE_ENV) == name:
+        drop_variable(PAUSE_ENV)
         os.kill(os.getpid(), signal.SIGSTOP)

@@ -1,8 +1,8 @@
 """What billrun reads from its environment, and where.
 
-- Only flows/settings.py reads the environment (and the test seam its own two variables); every
-  variable it reads is in VARIABLES, every Settings field comes from one of them, and
-  docs/configuration.md shows the table VARIABLES generates.
+- Only flows/settings.py reads the environment (the test seam reads its own two variables
+  through it); every variable billrun names is in VARIABLES or is the seam's, every Settings
+  field comes from one of them, and docs/configuration.md shows the table VARIABLES generates.
 - The crash tests stop a real run at points named in flows/testing_seam.py; a point the code
   marks but the seam does not list (or the reverse) is a crash test that silently never fires.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_a_malformed_setting_is_one_line_naming_the_variable(name, value, expect
 
 def test_only_the_settings_module_reads_the_environment():
     readers = {path.name for path in CODE if re.search(r"os\.environ|getenv", path.read_text())}
-    assert readers == {"settings.py", "testing_seam.py"}
+    assert readers == {"settings.py"}
 
 
 def test_every_variable_the_code_names_is_documented():
@@ -102,3 +103,18 @@ def test_every_point_the_code_marks_is_the_seams_and_only_those():
 def test_only_the_seam_reads_its_variables():
     readers = {path.name for path in CODE if re.search(r"BILLRUN_(?:FAULT|PAUSE)_AT", path.read_text())}
     assert readers == {"testing_seam.py"}
+
+
+def test_a_point_acts_when_the_seams_variable_names_it_and_a_pause_acts_once(monkeypatch):
+    signals = []
+    monkeypatch.setattr(testing_seam.os, "kill", lambda pid, sig: signals.append(sig))
+    monkeypatch.setenv(testing_seam.FAULT_ENV, "staged")
+    monkeypatch.setenv(testing_seam.PAUSE_ENV, "fence-checked")
+    testing_seam.fault_point("rated")
+    assert signals == []
+    testing_seam.fault_point("staged")
+    assert signals == [signal.SIGKILL]
+    testing_seam.pause_point("fence-checked")
+    testing_seam.pause_point("fence-checked")  # resumed: the variable was dropped before the stop
+    assert signals == [signal.SIGKILL, signal.SIGSTOP]
+    assert testing_seam.PAUSE_ENV not in os.environ
