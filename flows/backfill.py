@@ -27,9 +27,9 @@ from prefect.utilities.annotations import quote
 from flows import tables as lakehouse
 from flows.billed_index import committed_index, correction_index, record_billed
 from flows.engine import period_usage
-from flows.locks import Fence, Fenced, Hold, period_lock, warn
+from flows.locks import Hold, period_lock
 from flows.outputs import PARQUET
-from flows.publish import closed_manifest, quietly, read_if_exists
+from flows.publish import CrashPoints, closed_manifest, manifest_bytes, output_entries, publish_outputs
 from flows.retries import IO_RETRIES
 from flows.secrets import keep_secrets_out_of_logs
 from flows.settings import Settings
@@ -37,13 +37,12 @@ from flows.steps import (
     adjustments_billed_elsewhere,
     check_reference,
     fetch_inputs,
-    file_sha256,
     rate_invoices,
     replay_credits,
     seller_block,
     work_dir_for,
 )
-from flows.store import StoreError, open_store
+from flows.store import open_store
 from flows.testing_seam import fault_point
 from transforms.credits.ledger import balances_table
 from transforms.documents.render import invoice_html
@@ -73,7 +72,6 @@ from transforms.layout import (
     run_folder,
     run_of_correction_manifest,
     run_prefix,
-    staging_prefix,
 )
 from transforms.money import format_money
 from transforms.periods import Period, utc_midnight
@@ -150,46 +148,22 @@ def backfill_run_id(periods: list[Period], as_of: date, reason: str, input_hashe
     return f"backfill-{as_of:%Y%m%d}-{digest.hexdigest()[:12]}"
 
 
+BACKFILL_POINTS = CrashPoints(staged=lambda: fault_point("backfill-staged"),
+                              copied=lambda: fault_point("backfill-copied"),
+                              committed=lambda: fault_point("backfill-committed"))
+
+
 @task(name="publish-corrections", cache_policy=NO_CACHE, **IO_RETRIES)
 def publish_corrections(store_uri: str, run_id: str, out_dir: Path, names: list[str], manifest: bytes,
                         hold: Hold) -> list[str]:
-    """The documents into `billing/corrections/run=<id>/`, manifest last (create-if-absent).
+    """The documents into `billing/corrections/run=<id>/`, manifest last (see publish_outputs).
 
-    The run claims its periods first (flows/locks.py): the folders an earlier, interrupted
-    attempt left (its staging, its correction folder without a manifest, which holds the same
-    document numbers as this run) are deleted before anything is written, and every write into
-    the correction folder is fenced, so a backfill that lost its locks while paused adds nothing."""
-    store = open_store(store_uri)
-    private = run_prefix(run_id, hold.token)
-    staging = staging_prefix(run_id, hold.token)
-    prefix = correction_prefix(run_id)
-    if read_if_exists(store, prefix + MANIFEST) != manifest:  # else: a retry after our own commit
-        fence = Fence(store, hold, run_id, prefix + MANIFEST, [private, prefix])
-        try:
-            fence.clear(fence.claim())
-            fence.guard(store).put_files([(staging + name, out_dir / name) for name in names])
-            fault_point("backfill-staged")
-            keys = {prefix + name for name in names}
-            for leftover in [o.key for o in store.list(prefix) if o.key not in keys]:
-                fence.ensure()
-                store.delete(leftover)
-            store.copy_many([(staging + name, prefix + name) for name in names], before=fence.ensure)
-            fault_point("backfill-copied")
-            fence.ensure()
-            if not store.put_if_absent(prefix + MANIFEST, manifest) and store.read_bytes(prefix + MANIFEST) != manifest:
-                raise Fenced(f"{prefix + MANIFEST} was written by another run while this run ({run_id}) was "
-                             f"publishing; it writes nothing more")
-        except BaseException:
-            quietly(fence.release)
-            raise
-    fault_point("backfill-committed")
-    try:
-        store.delete_prefix(run_folder(run_id))
-    except StoreError as exc:
-        line = f"published, but could not tidy up afterwards ({exc}); run the command again to finish"
-        warn(line)
-        return [line]
-    return []
+    The correction folder is one of the run's private folders until its manifest exists: an
+    earlier, interrupted attempt's (with the same document numbers as this run, under the same
+    run id or another day's) is deleted before anything is written."""
+    return publish_outputs(open_store(store_uri), hold, run_id, correction_prefix(run_id), out_dir, names, manifest,
+                           scratch=[run_prefix(run_id, hold.token), correction_prefix(run_id)],
+                           private=run_folder(run_id), points=BACKFILL_POINTS)
 
 
 @flow(name="backfill", log_prints=False)
@@ -368,9 +342,8 @@ def _write(documents: list[Invoice], revenue_changes: pl.DataFrame, ledger_chang
         (out_dir / name).write_text(invoice_html(doc, customer, seller, roundings.get(doc.subscription_id, "half_up"),
                                                  run_id), encoding="utf-8")
         names.append(name)
-    prefix = correction_prefix(run_id)
     manifest = {
-        "billrun_version": package_version("billrun"), "run_id": run_id, "kind": "backfill",
+        "run_id": run_id, "kind": "backfill",
         "reason": reason, "as_of": as_of.isoformat(), "periods": [str(p) for p in periods],
         "inputs": [o.manifest_entry() for o in inputs.all],
         "plans": plan_entries,
@@ -378,7 +351,6 @@ def _write(documents: list[Invoice], revenue_changes: pl.DataFrame, ledger_chang
         "documents": [{"invoice_id": d.invoice_id, "kind": d.kind, "period": d.period,
                        "corrects_invoice_id": d.corrects_invoice_id, "total_minor": d.total_minor,
                        "currency": d.currency} for d in documents],
-        "outputs": [{"key": prefix + n, "size": (out_dir / n).stat().st_size, "sha256": file_sha256(out_dir / n)}
-                    for n in sorted(names)],
+        "outputs": output_entries(correction_prefix(run_id), out_dir, names),
     }
-    return sorted(names), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    return sorted(names), manifest_bytes(manifest)

@@ -211,15 +211,16 @@ def drop_stale(store: Store, period: Period | str) -> None:
             store.delete(claim_key(period))
 
 
-def after_commit(store, prefix: str, listed: set[str], private: str) -> list[str]:
+def after_commit(store, prefix: str, listed: set[str], private: str | None) -> list[str]:
     """After the commit point: sweep what the manifest does not list out of the published folder,
     and every run's private files under `private` (this run's and any attempt's of the same
-    job, killed or fenced out). The result stands whatever happens here, so a failure is a
-    warning (running the command again finishes the tidying), never an error."""
+    job, killed or fenced out; None: the run kept none). The result stands whatever happens
+    here, so a failure is a warning (running the command again finishes the tidying), never an
+    error."""
     try:
         for stray in [o.key for o in store.list(prefix) if o.key not in listed]:
             store.delete(stray)
-        runs = {run_folder_of(o.key) for o in store.list(private)}
+        runs = {run_folder_of(o.key) for o in store.list(private)} if private else set()
         for folder in sorted(runs):
             store.delete_prefix(folder)
     except StoreError as exc:

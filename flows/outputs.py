@@ -5,24 +5,23 @@ publishing writes last (flows/publish.py).
 """
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from importlib.metadata import version as package_version
 from pathlib import Path
 
 import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.publish import manifest_bytes, output_entries
 from flows.render_pool import write_invoice_documents
 from flows.settings import Settings
 from flows.shards import Normalized, local_workers
 from flows.statement import LINEAGE_MEMORY, billed_events_table
-from flows.steps import CheckedReference, Inputs, file_sha256
+from flows.steps import CheckedReference, Inputs
 from transforms.collector import cycle_collector_paused
 from transforms.credits.events import credit_meters
 from transforms.credits.ledger import balances_table, ledger_table
@@ -93,12 +92,8 @@ def write_outputs(invoices: list[Invoice], checked: CheckedUsage, normalized: No
         rendering.shutdown(wait=True)
     names.extend(name for name, _, _ in documents)
 
-    tables = [n for n in names if "/" not in n]
-    outputs = [(n, (out_dir / n).stat().st_size, file_sha256(out_dir / n)) for n in tables] + documents
     unreadable = len(normalized.unreadable)
-    prefix = period_prefix(period)
     manifest = {
-        "billrun_version": package_version("billrun"),
         "run_id": run_id,
         "period": str(period),
         "status": "closed",
@@ -115,13 +110,13 @@ def write_outputs(invoices: list[Invoice], checked: CheckedUsage, normalized: No
         "billed_event_index": index_entry,
         **({"adjustments": adjusted} if adjusted is not None else {}),
         "totals": totals_by_currency(invoices),
-        "outputs": [{"key": prefix + n, "size": size, "sha256": digest} for n, size, digest in sorted(outputs)],
+        "outputs": output_entries(period_prefix(period), out_dir, names, hashed=documents),
     }
     get_run_logger().info("write-outputs: tables %.2fs (%s), documents %.2fs; %d files in %.2fs",
                           tables_done - started,
                           ", ".join(f"{n.removesuffix('.parquet')} {t:.1f}" for n, t in spent.items()),
                           time.perf_counter() - tables_done, len(names), time.perf_counter() - started)
-    return sorted(names), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    return sorted(names), manifest_bytes(manifest)
 
 
 def _write_tables(write, invoices: list[Invoice], checked: CheckedUsage, normalized: Normalized,
