@@ -336,7 +336,7 @@ def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[s
             con.execute(sql["rebuilt_kept_ids"]).fetchall()
         else:
             con.register("gone", _read_accepted(list(intake.gone.values())).to_arrow())
-            _kept_copies(con, sql, intake.kept_files)
+            kept_copies(con, sql, intake.kept_files)
         tonight = con.table("tonight").pl()
         [(new,)] = con.sql(sql["new_tonight"]).fetchall()
         accepted, ids = {}, {}
@@ -422,7 +422,7 @@ def _register(con: duckdb.DuckDBPyConnection, name: str, paths: list[Path], sche
         con.register(name, pl.DataFrame(schema=schema).to_arrow())
 
 
-def _kept_copies(con: duckdb.DuckDBPyConnection, sql: dict[str, str], kept_files: dict[str, Path]) -> None:
+def kept_copies(con: duckdb.DuckDBPyConnection, sql: dict[str, str], kept_files: dict[str, Path]) -> None:
     """`kept_ids`: every copy, among the objects kept from earlier nights, of an event_id that
     tonight's rows or the gone objects hold. The whole index is read as hashes only; event_ids
     are compared in the objects whose hashes match."""

@@ -157,7 +157,7 @@ class StepLog(logging.Handler):
             self.handleError(record)
 
 
-class _AsBefore(logging.Filter):
+class AsBefore(logging.Filter):
     """Keeps a handler's output as it was before the task-run logger was opened up to debug for
     the progress: task-run records below the level the user chose stay out. A console handler's
     records are printed through the progress console, above the live display, not across it,
@@ -214,7 +214,7 @@ def show_steps(console: Console, on: bool, flow: bool = True) -> Iterator[StepPr
     filters = []
     for handler in _handlers_of(logger):
         to_console = isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "isatty", lambda: False)()
-        keep = _AsBefore(user_level, handler, console if to_console else None)
+        keep = AsBefore(user_level, handler, console if to_console else None)
         handler.addFilter(keep)
         filters.append((handler, keep))
     steps = StepProgress(console)

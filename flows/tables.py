@@ -393,7 +393,7 @@ def open_formats(store: Store, settings: TablesSettings) -> list:
 # Commit and catch up
 
 
-def _published_rows(store: Store, run: PublishedRun, table: str) -> pa.Table:
+def published_rows(store: Store, run: PublishedRun, table: str) -> pa.Table:
     return pq.read_table(io.BytesIO(store.read_bytes(f"{run.prefix}{table}.parquet")))
 
 
@@ -427,7 +427,7 @@ def commit_runs(store: Store, settings: TablesSettings, runs: list[PublishedRun]
             for run in wanted:
                 if run.run_id in have:
                     continue
-                fmt.commit(table, lake_rows(table, _published_rows(store, run, table), run), run)
+                fmt.commit(table, lake_rows(table, published_rows(store, run, table), run), run)
                 done.append(f"{fmt.name}/{table}@{run.run_id}")
                 fault_point("table-committed")
     return done

@@ -10,7 +10,14 @@ import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transforms.finance.margins import MARGINS_SCHEMA, _decimal_text, _margin_pct, costs_from, margin_pct, margins_table
+from transforms.finance.margins import (
+    MARGINS_SCHEMA,
+    costs_from,
+    margin_pct,
+    margin_pct_in_integers,
+    margins_table,
+    units_text,
+)
 from transforms.money import decimal_text, to_minor
 from transforms.periods import Period
 
@@ -99,13 +106,13 @@ def test_margins_equal_the_row_by_row_rule(lines, usage, by_day):
 @given(margin=st.one_of(st.none(), st.integers(-10**12, 10**12)), revenue=st.integers(-10**12, 10**12))
 def test_margin_pct_in_integers_equals_the_decimal_rule(margin, revenue):
     frame = pl.DataFrame({"m": [margin], "r": [revenue]}, schema={"m": pl.Int64, "r": pl.Int64})
-    assert frame.select(_margin_pct(pl.col("m"), pl.col("r"))).item() == margin_pct(margin, revenue)
+    assert frame.select(margin_pct_in_integers(pl.col("m"), pl.col("r"))).item() == margin_pct(margin, revenue)
 
 
 def test_margin_pct_rounds_half_away_from_zero():
     """1 of 8 = 12.5% exactly; 1 of 16 = 6.25% -> 6.3; -1 of 16 -> -6.3; -1 of 3000 = -0.033% -> 0.0."""
     frame = pl.DataFrame({"m": [1, 1, -1, -1, 1], "r": [8, 16, 16, 3000, -16]})
-    assert frame.select(_margin_pct(pl.col("m"), pl.col("r"))).to_series().to_list() == [
+    assert frame.select(margin_pct_in_integers(pl.col("m"), pl.col("r"))).to_series().to_list() == [
         "12.5", "6.3", "-6.3", "0.0", "-6.3"]
 
 
@@ -115,4 +122,4 @@ def test_units_text_equals_decimal_text(value):
     """Up to 28 significant digits, where Python's Decimal context is exact too (past them
     `decimal_text` rounds; Polars keeps every digit of a DECIMAL(38, 9))."""
     frame = pl.DataFrame({"u": [value]}, schema={"u": pl.Decimal(38, 9)})
-    assert frame.select(_decimal_text(pl.col("u"))).item() == decimal_text(value)
+    assert frame.select(units_text(pl.col("u"))).item() == decimal_text(value)

@@ -9,7 +9,7 @@ from decimal import Decimal
 import duckdb
 import polars as pl
 
-from flows.nightly import ID_COLUMNS, PARQUET, _kept_copies
+from flows.nightly import ID_COLUMNS, PARQUET, kept_copies
 from transforms.engine.billed_index import id_hash_macro
 from transforms.engine.period_to_date import BY_DAY_COLUMNS, EVENT_COLUMNS, by_day_to_date, events_to_date
 from transforms.queries import statements
@@ -54,7 +54,7 @@ def test_a_matching_hash_is_checked_on_the_event_id_and_only_matching_objects_ar
              "c": tmp_path / "c.parquet"}
     pl.DataFrame({"id_hash": [id_hash("e-3")], "source_key": ["c"]},
                  schema={"id_hash": pl.UInt64, "source_key": pl.String}).write_parquet(files["c"])
-    _kept_copies(con, SQL, files)
+    kept_copies(con, SQL, files)
     assert con.sql("SELECT * FROM kept_ids").fetchall() == [("e-1", "a", DAY1)]
 
 

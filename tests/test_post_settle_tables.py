@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from transforms.credits.ledger import LEDGER_SCHEMA, in_period, ledger_table, moves_by_grant
 from transforms.credits.model import Entry, WalletReplay
-from transforms.engine.invoices import _group_keys
+from transforms.engine.invoices import groups_by_dims
 from transforms.finance import revenue
 from transforms.inputs.plans import parse_plan
 from transforms.money import decimal_text
@@ -107,11 +107,11 @@ def test_grant_moves_equal_rows(entries_):
 
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(entries())
-def test_until_at_equals_until(entries_):
+def test_in_period_or_before_equals_the_rule(entries_):
     for period in (PERIOD, PERIOD.previous()):
         for e in entries_:
             by_rule = e.occurred_at < period.end_at or in_period(e, period)  # in the period or before
-            assert revenue._until_at(e, period.end_at) == by_rule
+            assert revenue.in_period_or_before(e, period.end_at) == by_rule
 
 
 def test_ledger_table_empty():
@@ -139,7 +139,7 @@ def test_group_of_shared_across_charges_equals_prices(dims_list):
     import json
     charges = [c for version in (1, 2) for c in parse_plan(PLAN.format(version=version), "grouped.yaml").plan.charges]
     for charge in charges:
-        group_of = _group_keys(charge)
+        group_of = groups_by_dims(charge)
         for dims in dims_list:
             text = json.dumps(dims, sort_keys=True)
             want = tuple(dims.get(g) for g in charge.group_by) if charge.prices(charge.meter, dims) else None
@@ -163,10 +163,10 @@ def test_watched_thresholds_shared_by_plan_and_overrides():
     for seg in segments_in(PERIOD, subs, catalog) * 2:
         want = sorted(((kind, spend.to_minor(amount, "USD", "half_up"), label)
                        for kind, amount, label in spend.thresholds(seg)), key=lambda w: w[1])
-        got = spend._watched([seg])
+        got = spend.watched_thresholds([seg])
         assert got == want
         got.pop(0)
-    labels = {seg.subscription.subscription_id: spend._watched([seg])[0][2]
+    labels = {seg.subscription.subscription_id: spend.watched_thresholds([seg])[0][2]
               for seg in segments_in(PERIOD, subs, catalog)}
     assert labels["s1"] != labels["s2"]
 

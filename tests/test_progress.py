@@ -174,7 +174,7 @@ def test_the_console_keeps_what_the_list_does_not_say() -> None:
     final state (its mark says it) and a user's mistake (the command's one line says it)."""
     printed = io.StringIO()
     handler = logging.StreamHandler(io.StringIO())
-    keep = progress._AsBefore(logging.WARNING, handler, Console(file=printed, width=200))
+    keep = progress.AsBefore(logging.WARNING, handler, Console(file=printed, width=200))
     user_error = task_record("InputError: customers.csv row 2", level=logging.ERROR)
     user_error.billrun_user_error = True
     try:

@@ -19,7 +19,7 @@ from transforms.credits.grants import history_grants
 from transforms.credits.ledger import balances_table, ledger_table
 from transforms.credits.replay import replayed_wallets
 from transforms.credits.reports import credit_summaries
-from transforms.documents.render import _exact_money, _money, _template, invoice_html, line_groups
+from transforms.documents.render import compiled_template, exact_money_text, invoice_html, line_groups, money_text
 from transforms.engine.invoices import Invoice, Line, period_invoices
 from transforms.inputs.plans import parse_plan
 from transforms.inputs.reference import Segment, Subscription
@@ -192,22 +192,22 @@ CURRENCIES = ["USD", "EUR", "JPY", "KWD", "CHF", "GBP", "INR", "BHD", "CLF"]
 @settings(max_examples=300, deadline=None)
 @given(st.integers(min_value=-10**15, max_value=10**15), st.sampled_from(CURRENCIES))
 def test_cached_money_shape_formats_exactly_like_format_money(amount_minor, currency):
-    assert _money(amount_minor, currency) == format_money(amount_minor, currency)
+    assert money_text(amount_minor, currency) == format_money(amount_minor, currency)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.decimals(min_value=-10**9, max_value=10**9, places=9, allow_nan=False, allow_infinity=False),
        st.sampled_from(CURRENCIES))
 def test_step_amounts_show_every_digit_like_babel(amount, currency):
-    assert _exact_money(amount, currency) == format_currency(amount, currency, locale="en_US", currency_digits=True,
+    assert exact_money_text(amount, currency) == format_currency(amount, currency, locale="en_US", currency_digits=True,
                                                               decimal_quantization=False)
 
 
 def test_template_is_compiled_once():
-    _template.cache_clear()
+    compiled_template.cache_clear()
     for _ in range(3):
         html(invoice(line(100)))
-    assert _template.cache_info().misses == 1
+    assert compiled_template.cache_info().misses == 1
 
 
 # The whole invoice: groups, usage detail, caps, commitments -------------------------------------

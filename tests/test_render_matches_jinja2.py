@@ -11,26 +11,26 @@ from jinja2 import Environment, StrictUndefined, UndefinedError
 
 import renderutil
 import transforms.documents.render as render
-from transforms.documents.render import _digits, _Environment, _template, invoice_html
+from transforms.documents.render import DictFirstEnvironment, compiled_template, invoice_html, money_digits
 from transforms.money import from_minor, minor_exponent
 
 
 @given(st.integers(min_value=-10**22, max_value=10**22), st.sampled_from(["USD", "JPY", "KWD", "EUR", "CLF"]))
 def test_integer_digits_are_the_decimal_digits(amount_minor, currency):
     expected = format(from_minor(abs(amount_minor), currency), f",.{minor_exponent(currency)}f")
-    assert _digits(amount_minor, currency) == expected
+    assert money_digits(amount_minor, currency) == expected
 
 
 @pytest.mark.parametrize("obj, name", [({"kind": "usage"}, "kind"), ({"items": "x"}, "items"), ({}, "keys"),
                                        (Decimal(1), "real"), ("text", "upper")])
 def test_dict_first_lookup_gives_what_jinja2_gives(obj, name):
-    ours, theirs = _Environment(undefined=StrictUndefined), Environment(undefined=StrictUndefined)
+    ours, theirs = DictFirstEnvironment(undefined=StrictUndefined), Environment(undefined=StrictUndefined)
     assert ours.getattr(obj, name) == theirs.getattr(obj, name)
 
 
 def test_a_missing_key_is_still_an_error():
     with pytest.raises(UndefinedError):
-        str(_Environment(undefined=StrictUndefined).getattr({"kind": "usage"}, "amount"))
+        str(DictFirstEnvironment(undefined=StrictUndefined).getattr({"kind": "usage"}, "amount"))
 
 
 @pytest.mark.parametrize("document", ["invoice", "credit_note"])
@@ -42,10 +42,10 @@ def test_documents_are_the_bytes_of_jinja2s_own_environment(monkeypatch, documen
         args = (renderutil.sample_credit_note(), renderutil.CUSTOMER, renderutil.SELLER, "half_up", renderutil.RUN_ID)
         kwargs = {}
     fast = invoice_html(*args, **kwargs)
-    _template.cache_clear()
-    monkeypatch.setattr(render, "_Environment", Environment)
+    compiled_template.cache_clear()
+    monkeypatch.setattr(render, "DictFirstEnvironment", Environment)
     try:
         plain = invoice_html(*args, **kwargs)
     finally:
-        _template.cache_clear()
+        compiled_template.cache_clear()
     assert fast == plain

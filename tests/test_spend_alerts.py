@@ -168,12 +168,12 @@ def test_volume_pricing_is_walked_day_by_day_not_bisected():
 
 def rated_days(monkeypatch) -> list[date]:
     days: list[date] = []
-    real = spend._spend_minor
+    real = spend.spend_to_date_minor
 
     def counting(segments, usage, through):
         days.append(through)
         return real(segments, usage, through)
-    monkeypatch.setattr(spend, "_spend_minor", counting)
+    monkeypatch.setattr(spend, "spend_to_date_minor", counting)
     return days
 
 

@@ -123,7 +123,7 @@ def test_a_commit_retried_behind_the_history_replaces_instead_of_appending(tiny)
     commit_runs(store, BOTH_SETTINGS, runs)
     for fmt in open_formats(store, BOTH_SETTINGS):
         for run in runs:
-            rows = tables.lake_rows("invoices", tables._published_rows(store, run, "invoices"), run)
+            rows = tables.lake_rows("invoices", tables.published_rows(store, run, "invoices"), run)
             fmt.commit("invoices", rows, run)
         frame = pl.from_arrow(fmt.read("invoices"))
         assert sorted(frame["invoice_id"].to_list()) == ["CN-1", "INV-1", "INV-2"], fmt.name

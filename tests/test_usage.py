@@ -349,7 +349,7 @@ def test_the_plain_quantity_shortcut_gives_what_duckdb_gives(quantities, typed):
     text = normalized_usage(raw, "usage/x.parquet").select(
         "source_key", "source_row", "event_id", "customer_id", "meter", "quantity_raw", "timestamp_raw", "dims",
         pl.Series("timestamp_typed", stamps, dtype=pl.Datetime("us", "UTC")))
-    assert_frame_equal(usage_module._parse(text), usage_module._parsed_in_duckdb(text))
+    assert_frame_equal(usage_module.parsed_values(text), usage_module.parsed_in_duckdb(text))
 
 
 def test_dimensions_encoded_once_per_value_equal_the_row_by_row_encoding():

@@ -73,7 +73,7 @@ def visible_bidi(value):
 _DICT_ATTRIBUTES = frozenset(dir(dict))
 
 
-class _Environment(Environment):
+class DictFirstEnvironment(Environment):
     """jinja2 reads `line.amount` as getattr(line, "amount") first and as the key only once that
     has raised; the views here are dicts, and that raise (~1 us, ~80 per document) was a third of
     the template's time. A plain dict's key is read first unless the name is a dict attribute
@@ -89,12 +89,12 @@ class _Environment(Environment):
 
 
 @lru_cache(maxsize=None)
-def _template(name: str) -> Template:
+def compiled_template(name: str) -> Template:
     """Compiled once per process; auto_reload off, so no file check per document."""
-    env = _Environment(loader=PackageLoader("transforms", "templates"),
-                       autoescape=select_autoescape(default=True, default_for_string=True),
-                       undefined=StrictUndefined, keep_trailing_newline=True, auto_reload=False,
-                       trim_blocks=True, lstrip_blocks=True, finalize=visible_bidi)
+    env = DictFirstEnvironment(loader=PackageLoader("transforms", "templates"),
+                               autoescape=select_autoescape(default=True, default_for_string=True),
+                               undefined=StrictUndefined, keep_trailing_newline=True, auto_reload=False,
+                               trim_blocks=True, lstrip_blocks=True, finalize=visible_bidi)
     return env.get_template(name)
 
 
@@ -105,7 +105,7 @@ def _money_shape(currency: str) -> tuple[str, str, str, str] | None:
     digits with text around them."""
     exponent = minor_exponent(currency)
     probe = 1234567 * 10 ** exponent + int("8" * exponent or "0")  # 1,234,567.888...
-    digits = _digits(probe, currency)
+    digits = money_digits(probe, currency)
     shape = []
     for text in (format_money(probe, currency), format_money(-probe, currency)):
         if text.count(digits) != 1:
@@ -114,7 +114,7 @@ def _money_shape(currency: str) -> tuple[str, str, str, str] | None:
     return tuple(shape)
 
 
-def _digits(amount_minor: int, currency: str) -> str:
+def money_digits(amount_minor: int, currency: str) -> str:
     """`123456789` USD -> `1,234,567.89`: integer arithmetic on the minor units, exact like the
     Decimal formatting it replaces (format(from_minor(...), ",.2f")) at a third of its cost."""
     exponent = minor_exponent(currency)
@@ -124,7 +124,7 @@ def _digits(amount_minor: int, currency: str) -> str:
     return f"{major:,}.{minor:0{exponent}d}"
 
 
-def _money(amount_minor: int, currency: str) -> str:
+def money_text(amount_minor: int, currency: str) -> str:
     """format_money, without Babel's pattern engine on every amount (16 us each, most of the
     cost of a document): the currency's symbol and sign placement come from Babel once, the
     digits from exact Decimal formatting. tests/test_render.py checks both agree."""
@@ -132,13 +132,13 @@ def _money(amount_minor: int, currency: str) -> str:
     if shape is None:
         return format_money(amount_minor, currency)
     prefix, suffix = (shape[0], shape[1]) if amount_minor >= 0 else (shape[2], shape[3])
-    return prefix + _digits(amount_minor, currency) + suffix
+    return prefix + money_digits(amount_minor, currency) + suffix
 
 
-def _exact_money(amount: Decimal, currency: str) -> str:
+def exact_money_text(amount: Decimal, currency: str) -> str:
     """A rating step's unrounded amount with all its digits ($0.0000025, never less than the
     currency's own): the audit trail, not a line amount (lines are rounded once and shown with
-    _money). Babel's format_currency(..., decimal_quantization=False), in the same shape."""
+    money_text). Babel's format_currency(..., decimal_quantization=False), in the same shape."""
     shape = _money_shape(currency)
     if shape is None:
         return format_currency(amount, currency, locale="en_US", currency_digits=True, decimal_quantization=False)
@@ -169,7 +169,7 @@ def _usage_details(line: Line, currency: str) -> list[str]:
         details.append(f"{fmt_units(line.total_units)} units used, {fmt_units(line.included_units)} included, "
                        f"{fmt_units(line.quantity)} billed")
     if len(line.steps) > 1:
-        details += [f"{s.label} = {_exact_money(s.amount, currency)}" for s in line.steps]
+        details += [f"{s.label} = {exact_money_text(s.amount, currency)}" for s in line.steps]
     elif line.steps:
         details.append(line.steps[0].label)
     return details
@@ -182,18 +182,18 @@ def _line_view(no: int, line: Line, currency: str, usage_minor: int, spend_minor
     if kind in USAGE_LINE_KINDS:
         details = _usage_details(line, currency)
     elif kind == "cap_waiver":
-        details = [f"Usage charges {_money(usage_minor, currency)}, billed up to the cap: "
-                   f"{_money(usage_minor + line.amount_minor, currency)}"]
+        details = [f"Usage charges {money_text(usage_minor, currency)}, billed up to the cap: "
+                   f"{money_text(usage_minor + line.amount_minor, currency)}"]
     elif kind == "commitment_true_up":
-        details = [f"Minimum spend {_money(spend_minor + line.amount_minor, currency)} for the period, "
-                   f"spend {_money(spend_minor, currency)}: the difference is billed"]
+        details = [f"Minimum spend {money_text(spend_minor + line.amount_minor, currency)} for the period, "
+                   f"spend {money_text(spend_minor, currency)}: the difference is billed"]
     elif kind in ADJUSTMENT_KINDS:
         details = [s.label for s in line.steps] + (["Not subject to tax"] if line.taxable is False else [])
     return {
         "no": no, "kind": kind, "badge": BADGES.get(kind, ""), "description": line.description,
         "quantity": "" if kind in AMOUNT_ONLY_KINDS else _quantity(line.quantity, line.unit),
         "unit_price": single.price_text if single is not None and kind in USAGE_LINE_KINDS else "",
-        "amount": _money(line.amount_minor, currency), "details": details,
+        "amount": money_text(line.amount_minor, currency), "details": details,
     }
 
 
@@ -201,7 +201,7 @@ def _group(title: str, subtitle: str, rows: list[tuple[int, Line]], currency: st
            spend_minor: int) -> dict:
     return {"title": title, "subtitle": subtitle,
             "lines": [_line_view(no, line, currency, usage_minor, spend_minor) for no, line in rows],
-            "subtotal": _money(sum(line.amount_minor for _, line in rows), currency)}
+            "subtotal": money_text(sum(line.amount_minor for _, line in rows), currency)}
 
 
 def line_groups(invoice: Invoice) -> list[dict]:
@@ -241,9 +241,9 @@ def _adjustment_view(no: int, line: Line, currency: str) -> dict:
         quantity = f"Quantity {_quantity(line.quantity, line.unit)}" if counted and line.quantity else ""
     return {
         "no": no, "description": line.adjusts_description or line.description, "quantity": quantity,
-        "was": _money(line.old_amount_minor, currency) if known else "",
-        "now": _money(line.new_amount_minor, currency) if known else "",
-        "change": _money(line.amount_minor, currency),
+        "was": money_text(line.old_amount_minor, currency) if known else "",
+        "now": money_text(line.new_amount_minor, currency) if known else "",
+        "change": money_text(line.amount_minor, currency),
     }
 
 
@@ -255,10 +255,11 @@ def tax_view(invoice: Invoice) -> dict | None:
         return None
     currency = invoice.currency
     rows = [{"label": line.description + (", included in the prices" if line.tax_inclusive else ""),
-             "base": _money(line.taxable_base_minor or 0, currency), "amount": _money(line.amount_minor, currency)}
+             "base": money_text(line.taxable_base_minor or 0, currency),
+             "amount": money_text(line.amount_minor, currency)}
             for line in taxes]
     notes = list(dict.fromkeys(line.tax_note for line in taxes if line.tax_note))
-    return {"subtotal": _money(invoice.subtotal_minor, currency), "rows": rows, "notes": notes,
+    return {"subtotal": money_text(invoice.subtotal_minor, currency), "rows": rows, "notes": notes,
             "inclusive": any(line.tax_inclusive for line in taxes)}
 
 
@@ -287,8 +288,8 @@ def credits_view(summary: CreditSummary, currency: str, rounding: str) -> dict:
     used_value = summary.value_minor("used", currency, rounding)
     closing_value = summary.value_minor("closing", currency, rounding)
     return {"rows": rows, "total": total, "rolled": rolled,
-            "used_value": _money(used_value, currency) if used_value or closing_value else "",
-            "closing_value": _money(closing_value, currency) if used_value or closing_value else ""}
+            "used_value": money_text(used_value, currency) if used_value or closing_value else "",
+            "closing_value": money_text(closing_value, currency) if used_value or closing_value else ""}
 
 
 def invoice_html(invoice: Invoice, customer: dict, seller: dict, rounding: str, run_id: str, *,
@@ -305,7 +306,7 @@ def invoice_html(invoice: Invoice, customer: dict, seller: dict, rounding: str, 
     note = invoice.kind != "invoice"
     due_on = invoice.due_on
     payment = (seller.get("payment") or []) if invoice.kind != "credit_note" else []
-    return _template(TEMPLATES[invoice.kind]).render(
+    return compiled_template(TEMPLATES[invoice.kind]).render(
         title=f"Draft {TITLES[invoice.kind].lower()}" if draft else TITLES[invoice.kind],
         draft={"note": draft.note, "source": draft.source} if draft else None,
         number_label="Draft id" if draft else f"{TITLES[invoice.kind]} number",
@@ -326,7 +327,7 @@ def invoice_html(invoice: Invoice, customer: dict, seller: dict, rounding: str, 
         payment=payment,
         credits=credits_view(credits, currency, rounding) if credits is not None and not note else None,
         total_label=TOTAL_LABELS[invoice.kind],
-        total=_money(invoice.total_minor, currency),
+        total=money_text(invoice.total_minor, currency),
         rounding=rounding.replace("_", " "),
         run_id=run_id,
     )

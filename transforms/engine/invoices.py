@@ -178,7 +178,7 @@ def _known_groups(charge) -> dict[str, tuple | None]:
     return known
 
 
-def _group_keys(charge, known: dict | None = None) -> Callable[[str], tuple | None]:
+def groups_by_dims(charge, known: dict | None = None) -> Callable[[str], tuple | None]:
     """The group (values of `group_by`) of `charge` that a row of its meter falls in, by the
     row's dims; None when the charge's filter leaves the row out. Worked out once per dims."""
     known = _known_groups(charge) if known is None else known
@@ -223,7 +223,7 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
         groups: dict[tuple, list] = {}
         events: dict[tuple, list[Decimal] | pl.Series] = defaultdict(list)
         known = _known_groups(charge)  # group_of's answers, read inline: millions of rows per close
-        group_of = _group_keys(charge, known)
+        group_of = groups_by_dims(charge, known)
         for _, dims_json, units, count in by_dims_of.get(charge.meter, ()):
             key = known[dims_json] if dims_json in known else group_of(dims_json)
             if key is not None:

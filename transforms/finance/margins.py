@@ -218,13 +218,13 @@ def margins_table(lines: pl.DataFrame, usage: pl.DataFrame, segments: pl.DataFra
     rows = (revenue.join(billed, on=MARGIN_KEY, how="full", coalesce=True, nulls_equal=True)
             .with_columns(pl.col("revenue_minor").fill_null(0))
             .with_columns(pl.when(pl.col("meter").is_null()).then(pl.lit(None, dtype=pl.String))
-                          .otherwise(_decimal_text(pl.col("units"))).fill_null(pl.when(pl.col("meter").is_not_null())
+                          .otherwise(units_text(pl.col("units"))).fill_null(pl.when(pl.col("meter").is_not_null())
                                                                                .then(pl.lit("0"))).alias("units"),
                           pl.when(pl.col("meter").is_null() | pl.col("priced").is_null())
                           .then(pl.lit(0, dtype=pl.Int64))
                           .otherwise(pl.col("cost_minor")).alias("cost_minor")))
     rows = (rows.with_columns((pl.col("revenue_minor") - pl.col("cost_minor")).alias("margin_minor"))
-            .with_columns(_margin_pct(pl.col("margin_minor"), pl.col("revenue_minor")).alias("margin_pct"),
+            .with_columns(margin_pct_in_integers(pl.col("margin_minor"), pl.col("revenue_minor")).alias("margin_pct"),
                           pl.lit(str(period)).alias("period"))
             .sort(pl.col("customer_id"), pl.col("plan").fill_null(""), pl.col("plan_version").fill_null(0),
                   pl.col("meter").fill_null(""), pl.col("currency")))
@@ -298,7 +298,7 @@ def _billed_units(usage: pl.DataFrame, segs: pl.DataFrame, costs: Costs, period:
                           pl.Series("cost_minor", cost_minor, dtype=pl.Int64), pl.lit(True).alias("priced"))
 
 
-def _decimal_text(units: pl.Expr) -> pl.Expr:
+def units_text(units: pl.Expr) -> pl.Expr:
     """`decimal_text` of a Decimal column: plain digits, no trailing zeros (100, 0.5, 0)."""
     text = units.cast(pl.String)
     trimmed = pl.when(text.str.contains(".", literal=True)).then(
@@ -306,7 +306,7 @@ def _decimal_text(units: pl.Expr) -> pl.Expr:
     return pl.when(trimmed == "-0").then(pl.lit("0")).otherwise(trimmed)
 
 
-def _margin_pct(margin: pl.Expr, revenue: pl.Expr) -> pl.Expr:
+def margin_pct_in_integers(margin: pl.Expr, revenue: pl.Expr) -> pl.Expr:
     """`margin_pct` in integers: tenths of a percent = margin x 1000 / revenue, rounded half up
     (away from zero), as `decimal_text_fixed` rounds."""
     size, over = margin.abs() * 2000 + revenue.abs(), revenue.abs() * 2

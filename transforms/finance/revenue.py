@@ -146,8 +146,8 @@ def revenue_rows(period: Period, invoices: list[Invoice], replay: WalletReplay,
                 r["recognized_minor"] += billed
 
     end_now, end_before = period.end_at, period.previous().end_at  # once, not per entry
-    through = [e for e in replay.entries if _until_at(e, end_now)]
-    before = [e for e in through if _until_at(e, end_before)]
+    through = [e for e in replay.entries if in_period_or_before(e, end_now)]
+    before = [e for e in through if in_period_or_before(e, end_before)]
     cum_now = _credit_amounts(replay, through, proportional)
     cum_before = _credit_amounts(replay, before, proportional)
     for key in sorted(set(cum_now) | set(cum_before)):
@@ -202,7 +202,7 @@ def _rounded(amounts: list[Decimal] | None, currency: str) -> tuple[int, int, in
     return to_minor(billed, currency), recognized_minor, both - recognized_minor
 
 
-def _until_at(entry, end_at) -> bool:
+def in_period_or_before(entry, end_at) -> bool:
     """Whether a ledger entry falls in the period ending at `end_at` or before it: before its
     end, or an expiry (or rollover out) at its end instant, which in_period gives to the period
     it ends."""

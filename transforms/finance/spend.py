@@ -86,11 +86,11 @@ def subscriptions_over_budget(invoices: list[Invoice], segments: list[Segment], 
 
 
 _WATCHED: dict[tuple, tuple] = {}
-"""_watched's answers by (plan, budget, hard cap), the only things they depend on: a close asks
-for 100k subscriptions' thresholds, and most share a few plans and no overrides."""
+"""What watched_thresholds gives, by (plan, budget, hard cap), the only things it depends on: a
+close asks for 100k subscriptions' thresholds, and most share a few plans and no overrides."""
 
 
-def _watched(segs: list[Segment]) -> list[tuple[str, int, str]]:
+def watched_thresholds(segs: list[Segment]) -> list[tuple[str, int, str]]:
     """The subscription's thresholds in minor units, lowest first (ties keep their order)."""
     plan, sub = segs[-1].plan.plan, segs[-1].subscription
     key = (id(plan), str(sub.budget), str(sub.hard_cap))  # as text: labels print 10.0 and 10 apart
@@ -108,7 +108,7 @@ def _watched(segs: list[Segment]) -> list[tuple[str, int, str]]:
 def _may_alert(segs: list[Segment], final_minor: int) -> bool:
     """Whether the subscription can fire a spend alert: spend only ever reaches a threshold if
     the period's whole spend reaches its lowest."""
-    watch = _watched(segs)
+    watch = watched_thresholds(segs)
     return bool(watch) and final_minor >= watch[0][1]
 
 
@@ -139,7 +139,7 @@ class _SubscriptionUsage:
         return SegmentUsage(tuple(rows), tuple(e for day, e in self.per_event.get(segment_no, ()) if day <= through))
 
 
-def _spend_minor(segments: list[Segment], usage: _SubscriptionUsage, through: date) -> int:
+def spend_to_date_minor(segments: list[Segment], usage: _SubscriptionUsage, through: date) -> int:
     """Usage charges of the subscription for its usage up to and including `through`."""
     allowance_used: dict[tuple, Decimal] = {}
     return sum(usage_spend_minor(charge_lines(seg, usage.segment_usage(seg.segment_no, through), "", allowance_used))
@@ -236,7 +236,7 @@ def spend_alerts(period: Period, segments: list[Segment], usage_by_day, per_even
 
         def spend_through(day: date, segs=segs, usage=usage[sub_id], rated=rated) -> int:
             if day not in rated:
-                rated[day] = _spend_minor(segs, usage, day)
+                rated[day] = spend_to_date_minor(segs, usage, day)
             return rated[day]
 
         alerts += _crossings(period, segs, day_lists.get(sub_id, []), final_spend_minor.get(sub_id, 0),
@@ -257,7 +257,7 @@ def _crossings(period: Period, segs: list[Segment], day_list: list[date], final_
     currency = segs[-1].plan.plan.currency
     sub = segs[-1].subscription
     crossed: list[tuple[tuple[str, int, str], date, int]] = []
-    pending = _watched(segs)
+    pending = watched_thresholds(segs)
     if bisect:
         first = 0  # thresholds are sorted, so each crossing is on or after the one before
         for watch in pending:
@@ -349,7 +349,7 @@ def spend_alerts_resumed(period: Period, segments: list[Segment], usage_by_day, 
             if still_known(sub_id, day):
                 spend[(sub_id, day)] = known_spend[(sub_id, day)]
             else:
-                spend[(sub_id, day)] = _spend_minor(segs, usage[sub_id], day)
+                spend[(sub_id, day)] = spend_to_date_minor(segs, usage[sub_id], day)
             return spend[(sub_id, day)]
 
         alerts += _crossings(period, segs, day_lists.get(sub_id, []), final_spend_minor.get(sub_id, 0), spend_through)

@@ -227,7 +227,7 @@ def normalized_usage(raw: pl.DataFrame, source_key: str, source_rows: pl.Series 
         _typed_timestamp(raw),
         _dims_json(raw),
     )
-    parsed = _parse(text)
+    parsed = parsed_values(text)
     return parsed.with_columns(_reasons(parsed), pl.lit(None, dtype=pl.String).alias("detail")).select(
         [pl.col(c).cast(t) for c, t in NORMALIZED_COLUMNS.items()])
 
@@ -249,7 +249,7 @@ PLAIN_QUANTITY = r"^[0-9]{1,18}(\.[0-9]{1,9})?$"
 """A quantity whose text is exact as it stands: digits, and at most 9 decimal places."""
 
 
-def _parse(text: pl.DataFrame) -> pl.DataFrame:
+def parsed_values(text: pl.DataFrame) -> pl.DataFrame:
     """`_PARSE_SQL` over `text`. Most rows need no parser: a plain quantity ("3393", "0.25")
     casts exactly in Polars, and a timestamp read as a datetime is already one. Only the other
     rows (CSV timestamps, exponents, signs, junk) go through DuckDB, and the two parts are put
@@ -265,11 +265,11 @@ def _parse(text: pl.DataFrame) -> pl.DataFrame:
                                        pl.lit(False).alias("quantity_inexact"),
                                        pl.col("timestamp_typed").alias("event_at")).drop("timestamp_typed"))
     if hard.height or not parts:
-        parts.append(_parsed_in_duckdb(hard))
+        parts.append(parsed_in_duckdb(hard))
     return parts[0] if len(parts) == 1 else pl.concat(parts).sort("source_row")
 
 
-def _parsed_in_duckdb(text: pl.DataFrame) -> pl.DataFrame:
+def parsed_in_duckdb(text: pl.DataFrame) -> pl.DataFrame:
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")  # a timestamp without an offset is UTC
