@@ -5,8 +5,8 @@
 Runs `close_period` in this process (after removing the store's billing/ folder, as bench/run.py
 does) while a thread samples every 0.1 s: the RSS of this process and of its children (the
 spawned render workers), and which step the close is in (the step entered last; each
-step is timed around its task's body, without Prefect). After settlement it also prints what the
-CheckedUsage's frames take (Polars' estimated size), so a peak can be told apart from the frames.
+step is timed around its task's body, without Prefect). After settlement it also prints the
+checked usage's tables (rows, and MB as files).
 The code measured is whatever `flows` and `transforms` import: set PYTHONPATH to a copy of the
 repository to measure another version.
 """
@@ -21,13 +21,15 @@ import threading
 import time
 from pathlib import Path
 
+import polars as pl
+
 STEPS = {  # module: (task or function, step)
     "flows.steps": (("fetch_inputs", "fetch-inputs"), ("check_reference", "check-reference"),
                     ("replay_credits", "replay-credits"), ("rate_invoices", "rate-invoices")),
     "flows.outputs": (("write_outputs", "write-outputs"),),
     "flows.publish": (("publish", "publish"),),
     "flows.shards": (("normalize_batch", "normalize-usage"), ("check_shard", "check-usage"),
-                     ("merged_usage", "merge-usage")),
+                     ("merged_files", "merge-usage")),
 }
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024
@@ -119,11 +121,12 @@ class Sampler(threading.Thread):
 
 
 def frame_sizes(checked) -> dict[str, float]:
-    sizes = {name: getattr(checked, name).estimated_size() / MB
-             for name in ("quarantine", "usage_by_dims", "usage_by_day", "per_event_usage")}
-    sizes["per_event_rows"] = checked.per_event_usage.height
-    sizes["usage_by_day_rows"] = checked.usage_by_day.height
-    sizes["credit_history_events"] = len(checked.credit_history)
+    """The checked usage's tables: rows and file MB (from the files' metadata: nothing is loaded,
+    so the measure does not move the close's peak)."""
+    sizes = {}
+    for name in ("quarantine", "usage_by_dims", "usage_by_day", "per_event_usage", "credit_history"):
+        sizes[f"{name}_file_mb"] = os.path.getsize(checked.tables[name]) / MB
+        sizes[f"{name}_rows"] = checked.scan(name).select(pl.len()).collect().item()
     return sizes
 
 
@@ -154,15 +157,14 @@ def main() -> None:
                 setattr(module, attr, sampler.wrap(step, target))
 
     settled = {}
-    merge = shards.merged_usage  # checked_in_shards returns its last, whole merge
+    merge = shards.merged_files  # checked_in_shards returns the merge of its shards
 
-    def measured_merge(*a, partial: bool = False, **k):
-        checked = merge(*a, partial=partial, **k)
-        if not partial:
-            settled.update(frame_sizes(checked))
+    def measured_merge(*a, **k):
+        checked = merge(*a, **k)
+        settled.update(frame_sizes(checked))
         return checked
 
-    shards.merged_usage = measured_merge
+    shards.merged_files = measured_merge
     started, cpu0 = time.perf_counter(), cpu_seconds()
     sampler.start()
     result = close_period(store=str(args.store.resolve()), plans=str(args.plans.resolve()), period=args.period)

@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import duckdb  # noqa: E402
 import polars as pl  # noqa: E402
 
 import flows.report as report  # noqa: E402
@@ -42,7 +43,7 @@ import flows.steps as steps  # noqa: E402
 from flows.outputs import PARQUET  # noqa: E402
 from flows.settings import Settings  # noqa: E402
 from transforms.credits.events import credit_meters  # noqa: E402
-from transforms.engine.checked_usage import merged_usage  # noqa: E402
+from transforms.engine.checked_usage import merged_files  # noqa: E402
 from transforms.finance.alerts import alerts_table, credit_alerts, price_change_notices  # noqa: E402
 from transforms.finance.margins import segment_plans  # noqa: E402
 from transforms.inputs.plans import load_catalog  # noqa: E402
@@ -117,10 +118,16 @@ def settle(store: str, plans: str, period: Period, work: Path) -> dict:
             by_shard.setdefault(shard, []).extend(keys)
     from flows.billed_index import committed_index
     context = shards.Opaque((reference, catalog, committed_index(store)))
-    parts = [shards.check_shard.fn(scratch, shard, sorted(keys), context, period,
-                                   settings.duckdb_memory or shards.DEFAULT_SHARD_MEMORY)
-             for shard, keys in sorted(by_shard.items())]
-    checked = merged_usage([p.value for p in parts])
+    memory = settings.duckdb_memory or shards.DEFAULT_SHARD_MEMORY
+    parts = []
+    for shard, keys in sorted(by_shard.items()):
+        part = shards.check_shard.fn(scratch, shard, sorted(keys), context, period, memory, "bench")
+        names = sorted(part.tables)
+        paths = shards.local_files(scratch, [part.tables[n] for n in names], work / "checked")
+        parts.append(replace(part, tables={n: str(p) for n, p in zip(names, paths, strict=True)}))
+    con = duckdb.connect(config={"memory_limit": memory, "temp_directory": str(work / "spill")})
+    checked = merged_files(con, parts, work / "checked").loaded()  # pickled: its files go with `work`
+    con.close()
     return {"catalog": catalog, "inputs": inputs, "costs": costs, "reference": reference, "settlement": checked}
 
 

@@ -219,8 +219,8 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                         count = correction_index(index, str(period), billed, work_dir / "index-own", changes)
                         if count:
                             index_changes.append((str(period), changes, count))
-                    replay = replay_credits(quote(checked), quote(reference), quote(catalog), period)
-                    rerated = rate_invoices(quote(checked), quote(reference), quote(replay), period)
+                    replay = replay_credits(checked, quote(reference), quote(catalog), period)
+                    rerated = rate_invoices(checked, quote(reference), quote(replay), period)
                     plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
                     record = issued[str(period)]
                     roundings.update(subscription_plans(reference.segments).rounding)

@@ -44,8 +44,7 @@ from flows.steps import (
 )
 from flows.store import open_store
 from flows.testing_seam import fault_point
-from transforms.credits.events import credit_meters
-from transforms.engine.checked_usage import CheckedUsage, split_at_replay, usage_row_counts
+from transforms.engine.checked_usage import CheckedFiles, usage_row_counts
 from transforms.errors import InputError
 from transforms.inputs.guards import close_too_early, close_without_usage, rows_in_period
 from transforms.inputs.plans import Catalog, load_catalog, plan_entries_for
@@ -132,11 +131,9 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
                 fault_point("settled")
                 if not allow_empty:
                     refuse_without_usage(period, checked, len(normalized.unreadable), reference)
-                # the per-event rows of credit meters (millions at 100M events) go to the replay only;
-                # Prefect keeps a task's arguments until the flow ends, so the whole checked usage is not one
-                for_replay, checked = split_at_replay(checked, credit_meters(list(reference.segments)))
-                replay = replay_credits(quote(for_replay), quote(reference), quote(catalog), period)
-                invoices = rate_invoices(quote(checked), quote(reference), quote(replay), period)
+                # the checked usage is its files: each step reads the tables it needs, and Prefect keeps paths
+                replay = replay_credits(checked, quote(reference), quote(catalog), period)
+                invoices = rate_invoices(checked, quote(reference), quote(replay), period)
                 fault_point("rated")
                 index_file, indexed = indexing.result()
             finally:
@@ -148,7 +145,7 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
         out_dir = output_folder(store, run_id, hold.token, work_dir)
         # the period's index goes in before the manifest, which names it: it counts once the period is closed
         [index_entry] = record_billed(store, [(billed_index_key(str(period), run_id), index_file, indexed)])
-        names, manifest = write_outputs(quote(invoices), quote(checked), quote(normalized), quote(reference),
+        names, manifest = write_outputs(quote(invoices), checked, quote(normalized), quote(reference),
                                         quote(inputs), quote(catalog), quote(replay),
                                         period, run_id, quote(costs), plan_entries, out_dir, index_entry,
                                         settings=settings)
@@ -161,7 +158,7 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
     return {**result.as_dict(), "warnings": warnings}
 
 
-def refuse_without_usage(period: Period, checked: CheckedUsage, unreadable: int, reference: CheckedReference) -> None:
+def refuse_without_usage(period: Period, checked: CheckedFiles, unreadable: int, reference: CheckedReference) -> None:
     """A close is final: a month without a single usage row (`unreadable` objects count as read)
     while subscriptions in it meter usage is refused, as its usage was most likely not uploaded."""
     no_usage = close_without_usage(

@@ -27,12 +27,13 @@ from flows.shards import (
     Scratch,
     checked_in_shards,
     drop_scratch,
+    local_files,
     normalize_shards,
     scratch_for,
     shard_runner,
 )
-from flows.store import LocalStore, open_store
-from transforms.engine.checked_usage import CheckedUsage
+from flows.store import open_store
+from transforms.engine.checked_usage import CheckedFiles
 from transforms.inputs.plans import Catalog
 from transforms.periods import Period, utc_midnight
 
@@ -46,20 +47,24 @@ class PeriodUsage:
     normalized: Normalized                # rows read and objects set aside (paths: none, see `files`)
     shard_keys: dict[int, list[str]]      # shard -> scratch keys of its files
     settings: Settings
+    work_dir: Path                        # the run's local work folder: each check's tables go in it
 
-    def checked(self, reference, catalog: Catalog, period: Period, index: CommittedIndex) -> CheckedUsage:
+    def checked(self, reference, catalog: Catalog, period: Period, index: CommittedIndex) -> CheckedFiles:
         """The period settled as the close settles it: each shard on its own, merged. Events
         the counted periods of `index` bill are not billed; the checked usage's `billed_ids` are
-        scratch keys (`billed_files` brings them here)."""
+        scratch keys (`billed_files` brings them here). Its tables are files in a folder of the
+        work folder of their own (no later check writes there), there until the work folder goes."""
+        folder = self.work_dir / "checked"
+        folder.mkdir(parents=True, exist_ok=True)
         return checked_in_shards(self.runner, self.scratch, self.shard_keys, reference, catalog, period, index,
-                                 self.settings)
+                                 self.settings, Path(tempfile.mkdtemp(prefix="check-", dir=folder)))
 
-    def billed_files(self, checked: CheckedUsage, cache_dir: Path) -> list[Path]:
+    def billed_files(self, checked: CheckedFiles, cache_dir: Path) -> list[Path]:
         """The checked usage's billed event_ids as local files (read them before the next period
         is settled: each check writes its shards' files under the same keys)."""
         return self._local(sorted(checked.billed_ids), cache_dir)
 
-    def lineage_files(self, checked: CheckedUsage, cache_dir: Path) -> list[Path]:
+    def lineage_files(self, checked: CheckedFiles, cache_dir: Path) -> list[Path]:
         """The checked usage's billed and duplicate rows (checked_usage.sql `lineage`) as local files
         (read them before the next period is settled, as `billed_files`)."""
         return self._local(sorted(checked.lineage), cache_dir)
@@ -89,11 +94,7 @@ class PeriodUsage:
         return replace(self, shard_keys=cut)
 
     def _local(self, keys: list[str], cache_dir: Path) -> list[Path]:
-        store = open_store(self.scratch.uri)
-        if isinstance(store, LocalStore):  # the work folder: read in place
-            return [store.root.joinpath(*key.split("/")) for key in keys]
-        local = store.fetch(keys, cache_dir)
-        return [local[k] for k in keys]
+        return local_files(self.scratch, keys, cache_dir)
 
 
 @contextmanager
@@ -106,6 +107,6 @@ def period_usage(store_uri: str, inputs, work_dir: Path, label: str, settings: S
         scratch = scratch_for(store_uri, work_dir, label, distributed=dask_address is not None)
         try:
             normalized, shard_keys = normalize_shards(runner, store_uri, inputs, scratch, settings)
-            yield PeriodUsage(runner, scratch, normalized, shard_keys, settings)
+            yield PeriodUsage(runner, scratch, normalized, shard_keys, settings, work_dir)
         finally:
             drop_scratch(scratch)

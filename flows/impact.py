@@ -82,8 +82,8 @@ def rerated_model_tables(store: str, usage: PeriodUsage, reference: CheckedRefer
     as `simulate` re-rates), with the revenue and margins the close would write."""
     index = committed_index(store, leave_out=[str(period)])
     checked = _sided(which, usage.checked, reference, catalog, period, index)
-    replay = _sided(which, replay_credits, quote(checked), quote(reference), quote(catalog), period)
-    invoices = _sided(which, rate_invoices, quote(checked), quote(reference), quote(replay), period)
+    replay = _sided(which, replay_credits, checked, quote(reference), quote(catalog), period)
+    invoices = _sided(which, rate_invoices, checked, quote(reference), quote(replay), period)
     return rated_model_tables(period, invoices, replay, reference.segments, checked.usage_by_day, costs)
 
 

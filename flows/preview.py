@@ -64,8 +64,8 @@ def rate_so_far(store: str, plans: str, customer: str, day: str, settings: Setti
         with period_usage(store, inputs, work_dir, f"preview-{the_day}", settings) as usage:
             # the events up to the end of the day, as a night of that day takes them in
             checked = usage.through(the_day).checked(reference, catalog, period, index)
-        replay = replay_credits(quote(checked), quote(reference), quote(catalog), period)
-        invoices = rate_invoices(quote(checked), quote(reference), quote(replay), period)
+        replay = replay_credits(checked, quote(reference), quote(catalog), period)
+        invoices = rate_invoices(checked, quote(reference), quote(replay), period)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     mine = [inv for inv in invoices if inv.customer_id == customer]

@@ -3,8 +3,8 @@
 Every usage row goes to one of N shards by a hash of its event_id, so all copies of an event
 (in this period and in earlier ones) meet in one shard and deduplication never crosses shards.
 A shard is settled on its own DuckDB connection with a memory cap (it spills rather than grows),
-and the small results are merged (`transforms.engine.checked_usage.merged_usage`) into exactly what one
-check of all rows gives. N only changes memory and parallelism, never a byte of output.
+and their results, Parquet files in the scratch area, are merged (`transforms.engine.checked_usage.merged_files`)
+into exactly what one check of all rows gives. N only changes memory and parallelism, never a byte of output.
 
 Normalized shard files live in a scratch area addressed as a store: the close's local work
 folder, or, when tasks run on a Dask cluster and the store is on S3, a prefix of the store under
@@ -33,7 +33,7 @@ from flows.ingest import normalized_object
 from flows.retries import IO_RETRIES
 from flows.settings import DEFAULT_SHARD_MEMORY, MAX_SHARDS, Settings
 from flows.store import LocalStore, open_store
-from transforms.engine.checked_usage import CheckedUsage, checked_usage, merged_usage
+from transforms.engine.checked_usage import CheckedFiles, checked_tables, checked_usage, merged_files
 from transforms.errors import InputError
 from transforms.inputs.plans import Catalog
 from transforms.layout import work_prefix
@@ -174,20 +174,21 @@ def normalize_batch(store_uri: str, batch: Opaque, scratch: Scratch, shards: int
 
 @task(name="check-usage", cache_policy=NO_CACHE)
 def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period,
-                memory_limit: str) -> Opaque:
+                memory_limit: str, check: str) -> CheckedFiles:
     """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past `memory_limit`
     (the close's BILLRUN_DUCKDB_MEMORY, also on a Dask worker).
     Events the billed-event index shows billed in another closed period are not billed; the
     shard's billed event_ids go to the scratch area (`billed/`), for the period's index.
-    The CheckedUsage comes back in an Opaque, which `checked_in_shards` empties once merged: Prefect
-    keeps every task run's result until the flow ends, and the shards' results together are as
-    large as the merged checked usage.
+    The checked usage's tables go to the scratch area too (`checked/<check>/shard=N/`), and what
+    comes back is their keys and the counts: Prefect keeps every task run's result until the
+    flow ends, and the shards' tables together are as large as the merged checked usage.
     Not retried: the check is pure work that fails the same way twice, and its reads and
     writes of the scratch store carry the store's own retries (botocore's, on S3)."""
     started = time.perf_counter()
     reference, catalog, index = context.value
+    scratch_store = open_store(scratch.uri, create=True)
     with tempfile.TemporaryDirectory(prefix=f"billrun-shard{shard:04d}-") as tmp:
-        local = open_store(scratch.uri).fetch(sorted(keys), Path(tmp) / "in")
+        local = scratch_store.fetch(sorted(keys), Path(tmp) / "in")
         billed_out = Path(tmp) / "billed.parquet"
         spill = Path(tmp) / "spill"
         spill.mkdir()
@@ -202,15 +203,18 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
         finally:
             con.close()
         lineage_key = scratch.key(f"lineage/shard={shard:04d}.parquet")
-        open_store(scratch.uri).put_file(lineage_key, Path(tmp) / "lineage.parquet")
+        scratch_store.put_file(lineage_key, Path(tmp) / "lineage.parquet")
         billed_key = scratch.key(f"billed/shard={shard:04d}.parquet")
-        open_store(scratch.uri, create=True).put_file(billed_key, billed_out)
-        checked = replace(checked, lineage=(lineage_key,), billed_ids=(billed_key,))
+        scratch_store.put_file(billed_key, billed_out)
+    tables = {}
+    for name, frame in checked_tables(checked).items():
+        tables[name] = scratch.key(f"checked/{check}/shard={shard:04d}/{name}.parquet")
+        _write(scratch_store, tables[name], frame)
     c = checked.counts
     get_run_logger().info("check-usage: shard %d: read %d, billed %d, duplicates %d, quarantined %d in %.2fs",
                           shard, c["read"], c["billed"], c["duplicates"], c["quarantined"],
                           time.perf_counter() - started)
-    return Opaque(checked)
+    return CheckedFiles(dict(c), tables, lineage=(lineage_key,), billed_ids=(billed_key,))
 
 
 def local_workers(settings: Settings) -> int:
@@ -275,26 +279,35 @@ def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch,
     return normalized, {k: sorted(v) for k, v in sorted(by_shard.items())}
 
 
+def local_files(scratch: Scratch, keys: list[str], cache_dir: Path) -> list[Path]:
+    """Scratch files on this machine: read in place from the work folder, else fetched."""
+    store = open_store(scratch.uri)
+    if isinstance(store, LocalStore):
+        return [store.root.joinpath(*key.split("/")) for key in keys]
+    local = store.fetch(keys, cache_dir)
+    return [local[k] for k in keys]
+
+
 def checked_in_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]], reference, catalog: Catalog,
-                      period: Period, index: CommittedIndex, settings: Settings) -> CheckedUsage:
-    """Each shard settled on its own, then merged into the checked usage of all rows. The merged
-    checked usage's `billed_ids` are the shards' scratch keys of their billed event_ids."""
+                      period: Period, index: CommittedIndex, settings: Settings, folder: Path) -> CheckedFiles:
+    """Each shard checked on its own, then merged (from the shards' files, by DuckDB within the
+    shards' memory cap) into the checked usage of all rows, its tables written in `folder` (a
+    local folder of its own per check). The merged checked usage's `billed_ids` and `lineage`
+    are the shards' scratch keys of their billed event_ids and lineage rows."""
     todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
     context = Opaque((reference, catalog, index))
+    memory_limit = settings.duckdb_memory or DEFAULT_SHARD_MEMORY
     futures = [runner.submit(check_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,
-                                           "period": period,
-                                           "memory_limit": settings.duckdb_memory or DEFAULT_SHARD_MEMORY})
+                                           "period": period, "memory_limit": memory_limit, "check": folder.name})
                for shard, keys in todo.items()]
-    # Folded in as they come, FOLD_SHARDS at a time: each shard's per-day units span most
-    # customers, so all shards' results at once would hold many times the merged table.
-    pending: list[CheckedUsage] = []
+    parts = []
     for future in futures:
-        box = future.result()
-        if len(pending) >= FOLD_SHARDS:  # the last part is never folded: the final merge has two parts or more
-            pending = [merged_usage(pending, partial=True)]
-        pending.append(box.value)
-        box.value = None  # Prefect keeps the (now empty) box until the flow ends
-    return merged_usage(pending)
-
-
-FOLD_SHARDS = 8
+        part = future.result()
+        names = sorted(part.tables)
+        paths = local_files(scratch, [part.tables[n] for n in names], folder / "shards")
+        parts.append(replace(part, tables={n: str(p) for n, p in zip(names, paths, strict=True)}))
+    con = duckdb.connect(config={"temp_directory": str(folder / "spill"), "memory_limit": memory_limit})
+    try:
+        return merged_files(con, parts, folder)
+    finally:
+        con.close()

@@ -251,8 +251,9 @@ def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: st
         index = committed_index(store, leave_out=[str(the_period)])
         with period_usage(store, inputs, work_dir, f"simulate-{the_period}-{label}", settings) as usage:
             checked = usage.checked(reference, catalog, the_period, index)
-        replay = replay_credits(quote(checked), quote(reference), quote(catalog), the_period)
-        invoices = rate_invoices(quote(checked), quote(reference), quote(replay), the_period)
+        replay = replay_credits(checked, quote(reference), quote(catalog), the_period)
+        invoices = rate_invoices(checked, quote(reference), quote(replay), the_period)
+        checked = checked.loaded()  # compared below, after its files have gone with the work folder
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     costs, costs_source = fetch_costs(store)

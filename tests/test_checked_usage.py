@@ -298,12 +298,12 @@ def test_per_event_usage_lists_percentage_events_in_event_time_order(write):
     assert result.per_event_usage.select("meter", "quantity").rows() == [("payments", D("50")), ("payments", D("20"))]
 
 
-def test_merged_aggregates_come_out_in_text_order_whatever_order_categories_were_met():
-    # Folds group on categorical codes; the final sort must still be the texts' order, even when
-    # the categories were first seen in another order (here: reverse, in two partial folds).
-    from transforms.engine.checked_usage import CheckedUsage, merged_usage
+def test_shards_merged_from_their_files_come_out_in_text_order_with_their_units_re_added(tmp_path):
+    # The merge reads the shards' tables from their Parquet files (DuckDB, within a memory cap):
+    # the aggregates re-add across shards, sorted by their texts, typed as one check types them.
+    from transforms.engine.checked_usage import CheckedFiles, CheckedUsage, checked_tables, merged_files
 
-    def part(subs: list[str], day: int) -> CheckedUsage:
+    def part(subs: list[str], day: int, name: str) -> CheckedFiles:
         n = len(subs)
         by_day = pl.DataFrame({"subscription_id": subs, "segment_no": [0] * n, "meter": ["m-b", "m-a"] * (n // 2),
                                "dims": ['{"r":"z"}', "{}"] * (n // 2), "day": [date(2026, 10, day)] * n,
@@ -311,23 +311,28 @@ def test_merged_aggregates_come_out_in_text_order_whatever_order_categories_were
                                "events": list(range(1, n + 1))})
         by_dims = by_day.drop("day")
         quarantine = pl.DataFrame(schema={"source_key": pl.String, "source_row": pl.Int64})
-        return CheckedUsage({"read": n, "billed": n, "duplicates": 0, "quarantined": 0}, quarantine, by_dims,
-                            by_day, pl.DataFrame({"subscription_id": [], "segment_no": [], "meter": [], "event_at": [],
-                                                  "event_id": []}, schema={"subscription_id": pl.String,
-                                                                           "segment_no": pl.Int64, "meter": pl.String,
-                                                                           "event_at": pl.Datetime("us", "UTC"),
-                                                                           "event_id": pl.String}), [])
+        checked = CheckedUsage({"read": n, "billed": n, "duplicates": 0, "quarantined": 0}, quarantine, by_dims,
+                               by_day, pl.DataFrame(schema={"subscription_id": pl.String, "segment_no": pl.Int64,
+                                                            "meter": pl.String, "event_at": pl.Datetime("us", "UTC"),
+                                                            "event_id": pl.String}), [])
+        (tmp_path / name).mkdir()
+        tables = {}
+        for table, frame in checked_tables(checked).items():
+            tables[table] = str(tmp_path / name / f"{table}.parquet")
+            frame.write_parquet(tables[table])
+        return CheckedFiles(checked.counts, tables)
 
-    names = [f"merge-order-sub-{i:02d}" for i in range(20)][::-1]  # first met in reverse order
-    parts = [part(names, 2), part(names[::2] + names[1::2], 1)]
-    folded = [merged_usage(parts[:1], partial=True), merged_usage(parts[1:], partial=True)]
-    merged = merged_usage(folded + [part(names[:10], 3)])
+    names = [f"merge-order-sub-{i:02d}" for i in range(20)][::-1]  # met in reverse order
+    parts = [part(names, 2, "a"), part(names[::2] + names[1::2], 1, "b"), part(names[:10], 3, "c")]
+    merged = merged_files(duckdb.connect(), parts, tmp_path / "merged")
     keys = ["subscription_id", "segment_no", "meter", "dims", "day"]
-    assert merged.usage_by_day.schema["subscription_id"] == pl.String
-    assert merged.usage_by_day.equals(merged.usage_by_day.sort(keys))
-    assert merged.usage_by_dims.equals(merged.usage_by_dims.sort(keys[:4]))
-    assert merged.usage_by_day.height == 20 * 2 + 10
-    assert merged.usage_by_dims["units"].sum() == sum(range(1, 21)) * 2 + sum(range(1, 11))
+    by_day, by_dims = merged.usage_by_day, merged.usage_by_dims
+    assert by_day.schema == parts[0].usage_by_day.schema and by_dims.schema == parts[0].usage_by_dims.schema
+    assert by_day.equals(by_day.sort(keys))
+    assert by_dims.equals(by_dims.sort(keys[:4]))
+    assert by_day.height == 20 * 2 + 10
+    assert by_dims["units"].sum() == sum(range(1, 21)) * 2 + sum(range(1, 11))
+    assert merged.counts == {"read": 50, "billed": 50, "duplicates": 0, "quarantined": 0}
 
 
 @pytest.mark.parametrize("free_events", [0, 3], ids=["every event pays", "3 free events: the probe is one that pays"])

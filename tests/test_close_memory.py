@@ -3,7 +3,7 @@
 - The wallet replay fed one customer at a time from the per-event frame (as the close feeds
   it) equals the replay of every credit event at once: same ledger, same billable units, same
   alerts.
-- The checked usage splits into the replay's rows (credit meters) and the rest, each row once.
+- The checked usage read back from its files (as the close's steps get it) is the checked usage.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from pathlib import Path
 import polars as pl
 
 from creditutil import at, event, purchase, subscription
-from transforms.credits.events import credit_events_by_customer, credit_meters, period_credit_events
+from transforms.credits.events import credit_events_by_customer, period_credit_events
 from transforms.credits.grants import history_grants
 from transforms.credits.replay import replayed_wallets
-from transforms.engine.checked_usage import CheckedUsage, split_at_replay
+from transforms.engine.checked_usage import CheckedFiles, CheckedUsage, checked_tables
 from transforms.inputs.plans import load_catalog
 from transforms.inputs.reference import segments_in
 from transforms.periods import Period
@@ -89,19 +89,21 @@ def test_wallets_fed_per_customer_equal_the_replay_of_every_event_at_once():
         assert replay.grants == expected.grants
 
 
-def test_the_checked_usage_splits_into_the_replays_rows_and_the_rest_each_row_once():
-    catalog = load_catalog(str(PLANS))
+def test_the_checked_usage_read_back_from_its_files_is_the_checked_usage(tmp_path):
+    # The close's steps get the checked usage as files (a task hands over paths): each table,
+    # the credit history's events too, reads back as the check made it.
     subs, _, history, period_rows = world(1)
-    segments = segments_in(OCT, subs, catalog)
     frame = per_event_frame(period_rows)
-    credit = credit_meters(segments)
-    by_day = pl.DataFrame({"subscription_id": ["sub_001"], "units": [D(1)]})
-    checked = CheckedUsage({"read": 1}, pl.DataFrame(), pl.DataFrame(), by_day, frame, history)
-    for_replay, for_rating = split_at_replay(checked, credit)
-    assert for_replay.per_event_usage.rows() == [r for r in frame.rows() if (r[0], r[1], r[2]) in credit]
-    assert for_rating.per_event_usage.rows() == [r for r in frame.rows() if (r[0], r[1], r[2]) not in credit]
-    assert "payments" in for_rating.per_event_usage["meter"] and not {"images", "upscales"} & set(
-        for_rating.per_event_usage["meter"])
-    assert for_replay.credit_history == history and for_rating.credit_history == []
-    assert for_replay.usage_by_day.height == 0 and for_rating.usage_by_day.equals(by_day)
-    assert period_credit_events(for_replay.per_event_usage, segments) == period_credit_events(frame, segments)
+    by_day = pl.DataFrame({"subscription_id": ["sub_001"], "day": [date(2026, 10, 3)],
+                           "units": pl.Series([D("1.5")], dtype=pl.Decimal(38, 9))})
+    quarantine = pl.DataFrame({"source_key": ["usage/a.csv"], "source_row": [3], "reason": ["unknown_meter"]})
+    checked = CheckedUsage({"read": 1}, quarantine, by_day.drop("day"), by_day, frame, history)
+    tables = {}
+    for name, table in checked_tables(checked).items():
+        tables[name] = str(tmp_path / f"{name}.parquet")
+        table.write_parquet(tables[name])
+    files = CheckedFiles(checked.counts, tables)
+    assert files.per_event_usage.equals(frame) and files.usage_by_day.equals(by_day)
+    assert files.quarantine.equals(quarantine) and files.usage_by_dims.equals(by_day.drop("day"))
+    assert files.credit_history == history and history, "the scenario has a credit history"
+    assert files.loaded().credit_history == history and files.conflicts.height == 0

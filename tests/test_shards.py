@@ -60,7 +60,6 @@ def test_shards_never_change_a_byte(prefect_server, demo_written, monkeypatch):
     monkeypatch.setenv(SHARDS_ENV, "1")
     single = close(one, PLANS, PERIOD)
     monkeypatch.setenv(SHARDS_ENV, "7")
-    monkeypatch.setattr("flows.shards.FOLD_SHARDS", 2)  # shard results folded in as they come, unsorted
     sharded = close(many, PLANS, PERIOD)
     assert single["rows"] == sharded["rows"] and single["rows"]["duplicates"] > 0
     assert single["rows"]["quarantined"] > 0

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
+from operator import attrgetter
 from pathlib import Path
 
 import duckdb
@@ -96,25 +97,6 @@ def usage_row_counts(counts: dict[str, int], unreadable: int) -> dict[str, int]:
     and quarantined, since its rows cannot be told apart."""
     return {"read": counts["read"] + unreadable, "billed": counts["billed"], "duplicates": counts["duplicates"],
             "quarantined": counts["quarantined"] + unreadable}
-
-
-def split_at_replay(checked: CheckedUsage, credit_meters: set[tuple[str, int, str]]
-                    ) -> tuple[CheckedUsage, CheckedUsage]:
-    """The checked usage in two: what the wallet replay reads (the per-event rows of meters paid
-    with credits, and the credit history) and what rating and the outputs read (everything
-    else: what the credit rows bill is in the replay's billable units, and rating and spend
-    alerts skip them). Each part holds its own rows once, so that neither keeps the other alive."""
-    keys = pl.DataFrame(sorted(credit_meters), schema={"subscription_id": pl.String, "segment_no": pl.Int64,
-                                                       "meter": pl.String}, orient="row")
-    events = checked.per_event_usage
-    keys = keys.cast({c: events.schema[c] for c in keys.columns})
-    on = list(keys.columns)
-    for_replay = replace(checked, quarantine=checked.quarantine.clear(),
-                         usage_by_dims=checked.usage_by_dims.clear(), usage_by_day=checked.usage_by_day.clear(),
-                         per_event_usage=events.join(keys, on=on, how="semi", maintain_order="left"))
-    for_rating = replace(checked, credit_history=[],
-                         per_event_usage=events.join(keys, on=on, how="anti", maintain_order="left"))
-    return for_replay, for_rating
 
 
 ROW_AMOUNT_LIMIT_MINOR = 10 ** 13
@@ -257,55 +239,97 @@ def billed_elsewhere(copies: pl.DataFrame, subscriptions: list[Subscription], ca
     return billed
 
 
-USAGE_KEYS = ("subscription_id", "segment_no", "meter", "dims")
-TEXT_KEYS = ("subscription_id", "meter", "dims")
+CHECKED_TABLES = ("quarantine", "usage_by_dims", "usage_by_day", "per_event_usage", "conflicts", "credit_history")
+"""The tables of a checked usage, each a Parquet file of CheckedFiles (merged_usage.sql merges each)."""
+
+CREDIT_HISTORY_SCHEMA = {
+    "customer_id": pl.String, "subscription_id": pl.String, "segment_no": pl.Int64, "event_id": pl.String,
+    "event_at": pl.Datetime("us", "UTC"), "meter": pl.String, "dims": pl.String, "quantity": pl.Decimal(38, 9),
+}
+"""The credit history as a table: one row per CreditEvent, its fields in order."""
 
 
-def merged_usage(parts: list[CheckedUsage], partial: bool = False) -> CheckedUsage:
-    """One checked usage from those of disjoint shards of the usage.
+def checked_tables(checked: CheckedUsage) -> dict[str, pl.DataFrame]:
+    """A checked usage's tables by name (CHECKED_TABLES), the credit history as a frame."""
+    fields = attrgetter(*CREDIT_HISTORY_SCHEMA)
+    history = pl.DataFrame([fields(e) for e in checked.credit_history],
+                           schema=CREDIT_HISTORY_SCHEMA, orient="row")
+    return {"quarantine": checked.quarantine, "usage_by_dims": checked.usage_by_dims,
+            "usage_by_day": checked.usage_by_day, "per_event_usage": checked.per_event_usage,
+            "conflicts": checked.conflicts, "credit_history": history}
 
-    Shards split the rows by a hash of event_id, so every copy of an event_id, and every earlier
-    copy of it, is settled in the same shard: deduplication never crosses shards, counts add up,
-    aggregates re-add, and per-row outputs are put back in the order one check of all rows gives them.
-    The result is the same, byte for byte, whatever the number of shards.
 
-    `partial`: a fold of some shards, to be merged again with at least one other part: aggregates
-    are summed but nothing is sorted (the final merge, of two parts or more, sorts once).
-    """
-    if len(parts) == 1 and not partial:
+@dataclass(frozen=True)
+class CheckedFiles:
+    """A checked usage whose tables are Parquet files (`tables`: name -> path, CHECKED_TABLES):
+    what a task hands over is this handle, and each table is read where a step needs it, so
+    no process holds the period's per-day units between the steps that read them. Its
+    attributes read as CheckedUsage's (each access reads the file again: keep what you need)."""
+
+    counts: dict[str, int]
+    tables: dict[str, str]
+    lineage: tuple[str, ...] = ()
+    billed_ids: tuple = ()
+
+    def scan(self, name: str) -> pl.LazyFrame:
+        return pl.scan_parquet(self.tables[name])
+
+    def _read(self, name: str) -> pl.DataFrame:
+        return pl.read_parquet(self.tables[name])
+
+    @property
+    def quarantine(self) -> pl.DataFrame:
+        return self._read("quarantine")
+
+    @property
+    def usage_by_dims(self) -> pl.DataFrame:
+        return self._read("usage_by_dims")
+
+    @property
+    def usage_by_day(self) -> pl.DataFrame:
+        return self._read("usage_by_day")
+
+    @property
+    def per_event_usage(self) -> pl.DataFrame:
+        return self._read("per_event_usage")
+
+    @property
+    def conflicts(self) -> pl.DataFrame:
+        return self._read("conflicts").cast(CONFLICT_SCHEMA)
+
+    @property
+    def credit_history(self) -> list[CreditEvent]:
+        return [CreditEvent(*row) for row in self._read("credit_history").cast(CREDIT_HISTORY_SCHEMA).iter_rows()]
+
+    def loaded(self) -> CheckedUsage:
+        """The same checked usage in memory (for a result kept after its files are gone)."""
+        return CheckedUsage(self.counts, self.quarantine, self.usage_by_dims, self.usage_by_day, self.per_event_usage,
+                            self.credit_history, self.lineage, self.conflicts, self.billed_ids)
+
+
+MERGED_SQL = "merged_usage.sql"
+
+
+def merged_files(con: duckdb.DuckDBPyConnection, parts: list[CheckedFiles], folder: Path) -> CheckedFiles:
+    """One checked usage from those of disjoint shards of the usage (merged_usage.sql), each table
+    read from the shards' files and written to `folder` by DuckDB: within `con`'s memory limit,
+    it spills rather than grows. The result is the same, byte for byte, whatever the number of
+    shards; one part is returned as it is."""
+    if len(parts) == 1:
         return parts[0]
-
-    def summed(frames: list[pl.DataFrame], keys: tuple[str, ...]) -> pl.DataFrame:
-        # Text keys are grouped as categoricals: a fold re-sums tens of millions of rows at 50M
-        # events, and on codes it takes 0.6x the CPU and the folded table 0.55x the memory.
-        # Folds stay categorical; the final merge sorts, then turns them back into text.
-        codes = {c: pl.Categorical for c in TEXT_KEYS if c in keys}
-        schema = frames[0].schema | {c: pl.String for c in codes}
-        grouped = (pl.concat([f.cast(codes) for f in frames]).group_by(list(keys))
-                   .agg(pl.col("units").sum(), pl.col("events").sum()))
-        if partial:
-            return grouped
-        # categoricals sort by their text (a rank per category, not a string compare per row)
-        return grouped.sort(list(keys)).select([pl.col(c).cast(t) for c, t in schema.items()])
-
-    def ordered(frame: pl.DataFrame, *keys: str) -> pl.DataFrame:
-        return frame if partial else frame.sort(*keys)
-
-    history = [e for p in parts for e in p.credit_history]
-    return CheckedUsage(
-        conflicts=ordered(pl.concat([p.conflicts for p in parts]), "source_key", "source_row"),
-        billed_ids=tuple(path for p in parts for path in p.billed_ids),
-        counts={k: sum(p.counts[k] for p in parts) for k in parts[0].counts},
-        quarantine=ordered(pl.concat([p.quarantine for p in parts]), "source_key", "source_row"),
-        usage_by_dims=summed([p.usage_by_dims for p in parts], USAGE_KEYS),
-        usage_by_day=summed([p.usage_by_day for p in parts], USAGE_KEYS + ("day",)),
-        per_event_usage=ordered(pl.concat([p.per_event_usage for p in parts]),
-                                "subscription_id", "segment_no", "meter", "event_at", "event_id"),
-        # within a shard the history is in event_id order already, and a fold keeps each shard's
-        # rows in order; a stable sort keeps the order of each event_id's copies
-        credit_history=history if partial else sorted(history, key=lambda e: e.event_id),
-        lineage=tuple(f for p in parts for f in p.lineage),
-    )
+    sql = statements(MERGED_SQL)
+    con.execute("SET TimeZone = 'UTC'")
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = {}
+    for name in CHECKED_TABLES:
+        files = [p.tables[name] for p in parts]
+        positional = name == "credit_history"  # copies of an event_id keep their shard's order
+        con.read_parquet(files, filename=positional, file_row_number=positional).create_view(f"{name}_parts")
+        tables[name] = str(folder / f"{name}.parquet")
+        con.sql(sql[name]).write_parquet(tables[name], compression="lz4")
+    return CheckedFiles(counts={k: sum(p.counts[k] for p in parts) for k in parts[0].counts}, tables=tables,
+                        lineage=tuple(f for p in parts for f in p.lineage),
+                        billed_ids=tuple(path for p in parts for path in p.billed_ids))
 
 
 def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], customers: pl.DataFrame,
