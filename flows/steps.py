@@ -29,13 +29,13 @@ from flows.preflight import closed_periods
 from flows.retries import IO_RETRIES
 from flows.store import open_store, store_identity
 from transforms.collector import cycle_collector_paused
-from transforms.credits.events import credit_events_by_customer
+from transforms.credits.events import CREDIT_EVENT_SCHEMA, credit_events_frame, period_credit_rows
 from transforms.credits.grants import history_grants
 from transforms.credits.model import Purchase, WalletReplay
 from transforms.credits.purchases import purchases_from
 from transforms.credits.replay import replayed_wallets
 from transforms.documents.terms import seller_block as terms_seller_block
-from transforms.engine.checked_usage import CheckedUsage
+from transforms.engine.checked_usage import CheckedFiles, CheckedUsage
 from transforms.engine.invoices import Invoice
 from transforms.engine.rating import rated_invoices
 from transforms.errors import InputError
@@ -239,18 +239,27 @@ def seller_block(inputs: Inputs) -> dict:
     return terms_seller_block(loaded, inputs.seller.key)
 
 
+def credit_events(checked: CheckedUsage | CheckedFiles, segments: list) -> pl.DataFrame:
+    """The credit events a replay consumes (events.CREDIT_EVENT_SCHEMA): the earlier periods'
+    (the usage check's credit history) and the period's rows of meters paid with credits, read
+    from the checked usage's files when it has them (only those rows), never as objects."""
+    if isinstance(checked, CheckedFiles):
+        history = checked.scan("credit_history").collect().cast(CREDIT_EVENT_SCHEMA)
+        return pl.concat([history, period_credit_rows(checked.scan("per_event_usage"), segments)])
+    return pl.concat([credit_events_frame(checked.credit_history), period_credit_rows(checked.per_event_usage,
+                                                                                      segments)])
+
+
 @task(name="replay-credits", cache_policy=NO_CACHE)
 def replay_credits(checked: CheckedUsage, reference: CheckedReference, catalog: Catalog,
                    period: Period) -> WalletReplay:
     """Every wallet from its first grant through the period, in event time."""
     started = time.perf_counter()
     subs = list(reference.subscriptions)
-    with cycle_collector_paused():  # a ledger entry per consumed event, none of them a cycle
-        replay = replayed_wallets(
-            history_grants(subs, catalog, list(reference.purchases), period), subs, catalog,
-            checked.credit_history, period,
-            credit_events_by_customer(checked.per_event_usage, list(reference.segments)))
-    get_run_logger().info("replay-credits: %d ledger entries in %.2fs", len(replay.entries),
+    with cycle_collector_paused():  # ledger entries and runs by the thousand, none of them a cycle
+        replay = replayed_wallets(history_grants(subs, catalog, list(reference.purchases), period), subs, catalog,
+                                  credit_events(checked, list(reference.segments)), period)
+    get_run_logger().info("replay-credits: %d ledger entries in %.2fs", replay.entry_count(),
                           time.perf_counter() - started)
     return replay
 

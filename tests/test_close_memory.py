@@ -1,8 +1,8 @@
 """The close's large-volume shapes give the results of the simple ones (issue #7).
 
-- The wallet replay fed one customer at a time from the per-event frame (as the close feeds
-  it) equals the replay of every credit event at once: same ledger, same billable units, same
-  alerts.
+- The wallet replay fed the per-event frame as columns a batch of customers at a time, moving
+  through stretches at once (as the close runs it), equals the replay of every credit event one
+  at a time: same ledger, same billable units, same alerts.
 - The checked usage read back from its files (as the close's steps get it) is the checked usage.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 import polars as pl
 
 from creditutil import at, event, purchase, subscription
-from transforms.credits.events import credit_events_by_customer, period_credit_events
+from flows.steps import credit_events
+from transforms.credits.events import credit_events_frame, credit_meters, period_credit_rows
 from transforms.credits.grants import history_grants
 from transforms.credits.replay import replayed_wallets
 from transforms.engine.checked_usage import CheckedFiles, CheckedUsage, checked_tables
@@ -70,16 +71,19 @@ def per_event_frame(events) -> pl.DataFrame:
     return frame.sort("subscription_id", "segment_no", "meter", "event_at", "event_id")
 
 
-def test_wallets_fed_per_customer_equal_the_replay_of_every_event_at_once():
+def test_wallets_fed_as_columns_in_batches_equal_the_replay_of_every_event_one_at_a_time(monkeypatch):
     catalog = load_catalog(str(PLANS))
+    monkeypatch.setattr("transforms.credits.replay.BATCH_EVENTS", 7)  # many batches, customers never split
     for seed in range(5):
         subs, purchases, history, period_rows = world(seed)
         segments = segments_in(OCT, subs, catalog)
         frame = per_event_frame(period_rows)
-        expected = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog,
-                                    history + period_credit_events(frame, segments), OCT)
-        replay = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog, history, OCT,
-                                   credit_events_by_customer(frame, segments))
+        credit = credit_meters(segments)
+        listed = history + [e for e in period_rows if (e.subscription_id, e.segment_no, e.meter) in credit]
+        expected = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog, listed, OCT,
+                                    stretches=False)
+        replay = replayed_wallets(history_grants(subs, catalog, purchases, OCT), subs, catalog,
+                                  pl.concat([credit_events_frame(history), period_credit_rows(frame, segments)]), OCT)
         assert replay.entries == expected.entries
         assert replay.entries, "the scenario replays some wallet"
         assert dict(replay.billable_units) == dict(expected.billable_units)
@@ -107,3 +111,7 @@ def test_the_checked_usage_read_back_from_its_files_is_the_checked_usage(tmp_pat
     assert files.quarantine.equals(quarantine) and files.usage_by_dims.equals(by_day.drop("day"))
     assert files.credit_history == history and history, "the scenario has a credit history"
     assert files.loaded().credit_history == history and files.conflicts.height == 0
+    # the replay's events, read from the files (only the credit rows) as from the checked usage
+    segments = segments_in(OCT, subs, load_catalog(str(PLANS)))
+    assert credit_events(files, segments).equals(credit_events(checked, segments))
+    assert credit_events(files, segments).height > len(history)

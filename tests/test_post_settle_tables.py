@@ -1,6 +1,7 @@
 """The post-settle tables built column by column, with the period's bounds worked out once, equal
 the row-by-row rules they replace: the credit ledger, the grants' movements, the entries revenue
-reads, and the charge groups shared across invoices."""
+reads, and the charge groups shared across invoices; consume entries packed into runs (as the
+wallet's stretches keep them) give what the single entries give."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transforms.credits.ledger import LEDGER_SCHEMA, in_period, ledger_table, moves_by_grant
-from transforms.credits.model import Entry, WalletReplay
+from transforms.credits.model import ConsumeRun, Entry, WalletReplay
 from transforms.engine.invoices import groups_by_dims
 from transforms.finance import revenue
 from transforms.inputs.plans import parse_plan
@@ -39,6 +40,29 @@ def entries(draw) -> list[Entry]:
                          draw(st.sampled_from(INSTANTS)), draw(st.sampled_from([None, PERIOD.end_at])),
                          draw(st.sampled_from([ZERO, D("0.01"), D("0.0125")])), draw(st.sampled_from([None, "s1"])),
                          f"e{i}" if kind == "consume" else None, "tokens" if kind == "consume" else None))
+    return out
+
+
+def packed(entries_: list[Entry]) -> list:
+    """The entries as a replay keeps them: consecutive consume entries of one customer, grant
+    and period packed into a ConsumeRun (the wallet's stretches)."""
+    out: list = []
+    for e in entries_:
+        last = out[-1] if out else None
+        if e.kind != "consume":
+            out.append(e)
+        elif (isinstance(last, ConsumeRun) and (last.customer_id, last.grant_id, last.expires_at, last.cost_basis,
+                                                last.subscription_id) == (e.customer_id, e.grant_id, e.expires_at,
+                                                                          e.cost_basis, e.subscription_id)
+              and Period.containing(last.occurred_at[0].date()) == Period.containing(e.occurred_at.date())):
+            last.event_ids.append(e.event_id)
+            last.meters.append(e.meter)
+            last.occurred_at.append(e.occurred_at)
+            last.credits.append(e.credits)
+            last.balance_after.append(e.balance_after)
+        else:
+            out.append(ConsumeRun(e.customer_id, e.grant_id, e.expires_at, e.cost_basis, e.subscription_id,
+                                  [e.event_id], [e.meter], [e.occurred_at], [e.credits], [e.balance_after]))
     return out
 
 
@@ -92,7 +116,8 @@ def moves_by_rows(replay: WalletReplay, period: Period) -> dict:
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(entries())
 def test_ledger_table_equals_rows(entries_):
-    replay = WalletReplay(entries=entries_)
+    replay = WalletReplay(movements=packed(entries_))
+    assert replay.entries == entries_
     fast, slow = ledger_table(replay, PERIOD), ledger_by_rows(replay, PERIOD)
     assert fast.schema == slow.schema
     assert fast.equals(slow, null_equal=True)
@@ -101,7 +126,7 @@ def test_ledger_table_equals_rows(entries_):
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(entries())
 def test_grant_moves_equal_rows(entries_):
-    replay = WalletReplay(entries=entries_)
+    replay = WalletReplay(movements=packed(entries_))
     assert dict(moves_by_grant(replay, PERIOD)) == dict(moves_by_rows(replay, PERIOD))
 
 
@@ -112,6 +137,10 @@ def test_in_period_or_before_equals_the_rule(entries_):
         for e in entries_:
             by_rule = e.occurred_at < period.end_at or in_period(e, period)  # in the period or before
             assert revenue.in_period_or_before(e, period.end_at) == by_rule
+        for run in packed(entries_):
+            if isinstance(run, ConsumeRun):
+                whole = revenue.in_period_or_before(run, period.end_at)
+                assert all(revenue.in_period_or_before(e, period.end_at) == whole for e in run.entries())
 
 
 def test_ledger_table_empty():

@@ -185,4 +185,4 @@ def test_credit_events_since_takes_a_resumed_customers_rows_from_its_day_and_eve
               event("c1", "s1", "b1", at(3, 1), 1), event("c2", "s2", "c1", at(4, 1), 1)]
     picked = credit_events_since(per_event_usage(events), segments_in(OCT, subs, CATALOG),
                                  {"c0": date(2026, 10, 4), "c2": None})
-    assert [e.event_id for e in picked] == ["a2", "b1"]
+    assert picked["event_id"].to_list() == ["a2", "b1"]

@@ -17,10 +17,10 @@ from decimal import Decimal
 
 import polars as pl
 
-from transforms.credits.events import credit_meters_frame, period_credit_events
+from transforms.credits.events import period_credit_rows
 from transforms.credits.ledger import in_period
-from transforms.credits.model import CreditEvent, Entry, Grant, WalletReplay
-from transforms.credits.replay import by_customer, plan_in_force
+from transforms.credits.model import ConsumeRun, CreditEvent, Entry, Grant, Movement, WalletReplay
+from transforms.credits.replay import by_customer, customers_with_events
 from transforms.credits.wallet import Wallet
 from transforms.inputs.plans import Catalog
 from transforms.inputs.reference import Subscription
@@ -47,13 +47,11 @@ def resume_days(checkpoint: dict | None, changed_from: dict[str, date] | None) -
 
 
 def credit_events_since(per_event_usage: pl.DataFrame, segments: list,
-                        since: dict[str, date | None]) -> list[CreditEvent]:
-    """The period's credit events still to replay: a resumed customer's (in `since`) from its
-    day on (none when its day is None), every other customer's all of them."""
-    frame = per_event_usage.select("subscription_id", "segment_no", "meter", "dims", "quantity", "customer_id",
-                                   "event_id", "event_at")
-    frame = frame.join(credit_meters_frame(segments, frame), on=["subscription_id", "segment_no", "meter"],
-                       how="semi", maintain_order="left")
+                        since: dict[str, date | None]) -> pl.DataFrame:
+    """The period's credit events still to replay (events.CREDIT_EVENT_SCHEMA): a resumed
+    customer's (in `since`) from its day on (none when its day is None), every other customer's
+    all of them."""
+    frame = period_credit_rows(per_event_usage, segments)
     if since:
         never = datetime.max.replace(tzinfo=timezone.utc)
         starts = pl.DataFrame({"customer_id": list(since),
@@ -62,32 +60,31 @@ def credit_events_since(per_event_usage: pl.DataFrame, segments: list,
         frame = (frame.join(starts, on="customer_id", how="left", maintain_order="left")
                  .filter(pl.col("since_at").is_null() | (pl.col("event_at") >= pl.col("since_at")))
                  .drop("since_at"))
-    return period_credit_events(frame, segments)
+    return frame
 
 
 def replayed_wallets_and_checkpoint(grants: list[Grant], subs: list[Subscription], catalog: Catalog,
-                                    events: list[CreditEvent], period: Period, checkpoint: dict | None,
+                                    events: pl.DataFrame | list[CreditEvent], period: Period, checkpoint: dict | None,
                                     since: dict[str, date | None]) -> tuple[WalletReplay, dict]:
     """Every customer's wallet through `period`, as `replay.replayed_wallets` gives it (with
     consumption entries summed per grant), and tonight's checkpoint. Customers in `since` continue from
     `checkpoint` with `events` (only their events after it); the others replay `grants` and
     `events` from the start."""
-    grants_of, events_of = by_customer(grants), by_customer(events)
-    plan_of = plan_in_force(subs, catalog)
-    plans_of = {ev.event_id: plan_of(ev) for ev in events}
+    grants_of = by_customer(grants)
     replay = WalletReplay()
     states = {}
-    for customer in sorted(set(grants_of) | set(events_of) | set(since)):
+    for customer, columns, lo, hi in customers_with_events(set(grants_of) | set(since), events, subs, catalog):
         part = WalletReplay()
         if customer in since:
             wallet, last = _wallet_restored(customer, checkpoint["customers"][customer], part)
         else:
             wallet, last = Wallet(customer, grants_of.get(customer, []), part), None
-        last = wallet.consume_in_order(events_of.get(customer, []), plans_of) or last
-        part.entries = _consumption_summed(part.entries, period)
+        if columns is not None:
+            last = wallet.consume_events(columns, lo, hi) or last
+        part.movements = _consumption_summed(part.movements, period)
         states[customer] = _wallet_saved(wallet, last)
         wallet.advance(period.end_at)  # on the wallet as tonight leaves it, after the checkpoint
-        replay.entries.extend(part.entries)
+        replay.movements.extend(part.movements)
         replay.billable_units.update(part.billable_units)  # keyed by subscription: one customer's
         replay.billable_by_day.update(part.billable_by_day)
         replay.blocked_units.update(part.blocked_units)
@@ -109,22 +106,23 @@ def checkpoint_from(data: bytes, period: Period) -> dict | None:
     return checkpoint
 
 
-def _consumption_summed(entries: list[Entry], period: Period) -> list[Entry]:
+def _consumption_summed(movements: list[Movement], period: Period) -> list[Entry]:
     """The entries with each grant's consumption in `period` summed into one entry, at the place
     of its first. Sums are taken in replay order, so the per-grant totals are the ones the single
     entries give (negation is exact). Applied again to its own output plus later entries, it
     gives what it gives on all of them at once."""
     out: list[Entry] = []
     at: dict[str, int] = {}
-    for e in entries:
-        if e.kind != "consume" or not in_period(e, period):
-            out.append(e)
-        elif e.grant_id not in at:
-            at[e.grant_id] = len(out)
-            out.append(replace(e, event_id=None, meter=None))
-        else:
-            first = out[at[e.grant_id]]
-            out[at[e.grant_id]] = replace(first, credits=first.credits + e.credits, balance_after=e.balance_after)
+    for m in movements:
+        for e in m.entries() if isinstance(m, ConsumeRun) else (m,):
+            if e.kind != "consume" or not in_period(e, period):
+                out.append(e)
+            elif e.grant_id not in at:
+                at[e.grant_id] = len(out)
+                out.append(replace(e, event_id=None, meter=None))
+            else:
+                first = out[at[e.grant_id]]
+                out[at[e.grant_id]] = replace(first, credits=first.credits + e.credits, balance_after=e.balance_after)
     return out
 
 
@@ -154,7 +152,7 @@ def _wallet_saved(w: Wallet, last: tuple[datetime, str] | None) -> dict:
         "grace_used": [[sub, str(p), str(v)] for (sub, p), v in w.grace_used.items()],
         "entries": [[e.customer_id, e.grant_id, e.kind, str(e.credits), str(e.balance_after), _at_text(e.occurred_at),
                      _at_text(e.expires_at), str(e.cost_basis), e.subscription_id, e.event_id, e.meter]
-                    for e in out.entries],
+                    for e in out.movements],
         "billable_units": [[*k, str(v)] for k, v in out.billable_units.items()],
         "billable_by_day": [[*k[:4], k[4].isoformat(), str(v)] for k, v in out.billable_by_day.items()],
         "blocked_units": [[*k, str(v)] for k, v in out.blocked_units.items()],
@@ -177,7 +175,7 @@ def _wallet_restored(customer_id: str, state: dict, out: WalletReplay) -> tuple[
     w.limit_fired = {Period.parse(p) for p in state.get("limit_fired", ())}  # absent in older checkpoints
     for sub, p, v in state["grace_used"]:
         w.grace_used[(sub, Period.parse(p))] = Decimal(v)
-    out.entries = [Entry(c, gid, kind, Decimal(credits), Decimal(after), _at(at), _at(expires), Decimal(basis), sub,
+    out.movements = [Entry(c, gid, kind, Decimal(credits), Decimal(after), _at(at), _at(expires), Decimal(basis), sub,
                          event_id, meter)
                    for c, gid, kind, credits, after, at, expires, basis, sub, event_id, meter in state["entries"]]
     for *k, v in state["billable_units"]:

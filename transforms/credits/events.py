@@ -1,44 +1,34 @@
-"""Which settled usage the wallets consume: the segment x meters whose plan pays with credits,
-their billed events as CreditEvents (a list, or one customer at a time), and the per-event rows
-left for the charges."""
+"""Which checked usage the wallets consume: the segment x meters whose plan pays with credits,
+their billed events as one frame of columns (CREDIT_EVENT_SCHEMA), and the per-event rows left
+for the charges."""
 from __future__ import annotations
-
-from collections.abc import Iterator
-from itertools import groupby
-from operator import itemgetter
 
 import polars as pl
 
 from transforms.credits.model import CreditEvent
 
-
-def period_credit_events(per_event_usage: pl.DataFrame, segments: list) -> list[CreditEvent]:
-    """The period's billed events that their segment's plan pays with credits."""
-    plan_of = {(s.subscription.subscription_id, s.segment_no): s.plan.plan for s in segments}
-    return [CreditEvent(customer_id, sub, seg, event_id, event_at, meter, dims, quantity)
-            for sub, seg, meter, dims, quantity, customer_id, event_id, event_at in per_event_usage.select(
-                "subscription_id", "segment_no", "meter", "dims", "quantity", "customer_id", "event_id",
-                "event_at").iter_rows()
-            if plan_of[(sub, seg)].consumes(meter)]
+CREDIT_EVENT_SCHEMA = {
+    "customer_id": pl.String, "subscription_id": pl.String, "segment_no": pl.Int64, "event_id": pl.String,
+    "event_at": pl.Datetime("us", "UTC"), "meter": pl.String, "dims": pl.String, "quantity": pl.Decimal(38, 9),
+}
+"""One row per credit event: the per-event usage columns a CreditEvent is made of, in its order."""
 
 
-CREDIT_EVENT_COLUMNS = ("customer_id", "subscription_id", "segment_no", "event_id", "event_at", "meter", "dims",
-                        "quantity")
-"""The per-event usage columns a CreditEvent is made of, in the order of its fields."""
+def period_credit_rows(per_event_usage: pl.DataFrame | pl.LazyFrame, segments: list) -> pl.DataFrame:
+    """One row per billed event of the period that its segment's plan pays with credits, in the
+    checked usage's order (CREDIT_EVENT_SCHEMA); from a frame, or a scan of its file (only the
+    credit rows are read)."""
+    rows = per_event_usage.lazy()
+    keys = credit_meters_frame(segments, rows.collect_schema()["segment_no"])
+    return (rows.join(keys.lazy(), on=["subscription_id", "segment_no", "meter"], how="semi", maintain_order="left")
+            .select(list(CREDIT_EVENT_SCHEMA)).cast(CREDIT_EVENT_SCHEMA).collect())
 
 
-def credit_events_by_customer(per_event_usage: pl.DataFrame, segments: list
-                              ) -> Iterator[tuple[str, list[CreditEvent]]]:
-    """Per customer (in customer_id order), the period's billed events that their segment's plan
-    pays with credits: the events of one customer at a time, never a list of millions."""
-    keys = pl.DataFrame(sorted(credit_meters(segments)), orient="row",
-                        schema={"subscription_id": pl.String, "segment_no": pl.Int64, "meter": pl.String})
-    keys = keys.cast({c: per_event_usage.schema[c] for c in keys.columns})
-    rows = (per_event_usage.join(keys, on=list(keys.columns), how="semi", maintain_order="left")
-            .select(pl.col("customer_id").cast(pl.String), *CREDIT_EVENT_COLUMNS[1:])
-            .sort("customer_id", maintain_order=True))  # within a customer, checked-usage order
-    for customer_id, group in groupby(rows.iter_rows(), key=itemgetter(0)):
-        yield customer_id, [CreditEvent(*row) for row in group]
+def credit_events_frame(events: list[CreditEvent]) -> pl.DataFrame:
+    """CreditEvents (earlier periods' events from the usage check, or events made by hand) as
+    rows of CREDIT_EVENT_SCHEMA."""
+    return pl.DataFrame([tuple(getattr(e, c) for c in CREDIT_EVENT_SCHEMA) for e in events],
+                        schema=CREDIT_EVENT_SCHEMA, orient="row")
 
 
 def credit_meters(segments: list) -> set[tuple[str, int, str]]:
@@ -55,12 +45,12 @@ def credit_meters(segments: list) -> set[tuple[str, int, str]]:
 def per_event_charged(per_event_usage: pl.DataFrame, segments: list) -> pl.DataFrame:
     """The per-event rows the charges price: those of meters their segment does not pay with
     credits (what the wallet leaves of those is billed by units, see invoices.apply_credits)."""
-    return per_event_usage.join(credit_meters_frame(segments, per_event_usage), on=["subscription_id", "segment_no",
-                                "meter"], how="anti", maintain_order="left")
+    return per_event_usage.join(credit_meters_frame(segments, per_event_usage.schema["segment_no"]),
+                                on=["subscription_id", "segment_no", "meter"], how="anti", maintain_order="left")
 
 
-def credit_meters_frame(segments: list, like: pl.DataFrame) -> pl.DataFrame:
-    """credit_meters as a frame, typed like the per-event table `like`."""
+def credit_meters_frame(segments: list, segment_no: pl.DataType) -> pl.DataFrame:
+    """credit_meters as a frame, its segment_no of type `segment_no` (the per-event table's)."""
     return pl.DataFrame(sorted(credit_meters(segments)), schema={"subscription_id": pl.String,
                                                                  "segment_no": pl.Int64, "meter": pl.String},
-                        orient="row").cast({"segment_no": like.schema["segment_no"]})
+                        orient="row").cast({"segment_no": segment_no})

@@ -12,7 +12,7 @@ from decimal import Decimal
 import polars as pl
 
 from transforms.collector import cycle_collector_paused
-from transforms.credits.model import ZERO, Entry, WalletReplay
+from transforms.credits.model import ZERO, ConsumeRun, Entry, WalletReplay
 from transforms.money import decimal_text
 from transforms.periods import Period
 
@@ -38,15 +38,15 @@ LEDGER_SCHEMA = {
 }
 
 
-@cycle_collector_paused()  # a ledger entry per consumed event: see transforms.collector
+@cycle_collector_paused()  # see transforms.collector
 def ledger_table(replay: WalletReplay, period: Period) -> pl.DataFrame:
     """One row per wallet movement in `period`, in replay order (customer, then time), numbered
     L-2026-10-00000001...
 
-    Built column by column (no dict per entry; a 50M-event close has millions of entries), the
-    numbers and the period in Polars, and each distinct cost basis formatted once."""
+    Built column by column (no dict per entry; a 50M-event close has millions of entries): a run
+    of consume entries extends the columns with its own, the numbers and the period in Polars,
+    and each distinct cost basis formatted once."""
     start_at, end_at = period.start_at, period.end_at
-    entries = [e for e in replay.entries if _within(e, start_at, end_at)]
     bases: dict[Decimal, str] = {}
 
     def basis_text(value: Decimal) -> str:
@@ -55,15 +55,39 @@ def ledger_table(replay: WalletReplay, period: Period) -> pl.DataFrame:
             text = bases[value] = decimal_text(value)
         return text
 
-    columns = {
-        "customer_id": [e.customer_id for e in entries], "grant_id": [e.grant_id for e in entries],
-        "kind": [e.kind for e in entries], "credits": [decimal_text(e.credits) for e in entries],
-        "balance_after": [decimal_text(e.balance_after) for e in entries],
-        "occurred_at": [e.occurred_at for e in entries], "expires_at": [e.expires_at for e in entries],
-        "cost_basis": [basis_text(e.cost_basis) for e in entries],
-        "subscription_id": [e.subscription_id for e in entries], "event_id": [e.event_id for e in entries],
-        "meter": [e.meter for e in entries],
-    }
+    columns: dict[str, list] = {c: [] for c in ("customer_id", "grant_id", "kind", "credits", "balance_after",
+                                                "occurred_at", "expires_at", "cost_basis", "subscription_id",
+                                                "event_id", "meter")}
+    (customer_id, grant_id, kind, credits, balance_after, occurred_at, expires_at, cost_basis, subscription_id,
+     event_id, meter) = columns.values()
+    for m in replay.movements:
+        if isinstance(m, ConsumeRun):
+            if not start_at <= m.occurred_at[0] < end_at:  # a run lies in one period
+                continue
+            n = len(m.credits)
+            customer_id.extend([m.customer_id] * n)
+            grant_id.extend([m.grant_id] * n)
+            kind.extend(["consume"] * n)
+            credits.extend(map(decimal_text, m.credits))
+            balance_after.extend(map(decimal_text, m.balance_after))
+            occurred_at.extend(m.occurred_at)
+            expires_at.extend([m.expires_at] * n)
+            cost_basis.extend([basis_text(m.cost_basis)] * n)
+            subscription_id.extend([m.subscription_id] * n)
+            event_id.extend(m.event_ids)
+            meter.extend(m.meters)
+        elif _within(m, start_at, end_at):
+            customer_id.append(m.customer_id)
+            grant_id.append(m.grant_id)
+            kind.append(m.kind)
+            credits.append(decimal_text(m.credits))
+            balance_after.append(decimal_text(m.balance_after))
+            occurred_at.append(m.occurred_at)
+            expires_at.append(m.expires_at)
+            cost_basis.append(basis_text(m.cost_basis))
+            subscription_id.append(m.subscription_id)
+            event_id.append(m.event_id)
+            meter.append(m.meter)
     schema = {c: t for c, t in LEDGER_SCHEMA.items() if c in columns}
     return pl.DataFrame(columns, schema=schema).select(
         pl.format(f"L-{period}-{{}}", (pl.int_range(1, pl.len() + 1)).cast(pl.String).str.zfill(8))
@@ -84,7 +108,17 @@ def moves_by_grant(replay: WalletReplay, period: Period) -> dict[str, list[Decim
     brought forward (`opening` entries of a run started from a close) is the grant's opening."""
     moves: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO, ZERO])
     start_at, end_at = period.start_at, period.end_at  # once, not per entry
-    for e in replay.entries:
+    for e in replay.movements:
+        if isinstance(e, ConsumeRun):  # in one period: in this one, before it or after it
+            if e.occurred_at[0] < end_at:
+                acc = moves[e.grant_id]
+                if start_at <= e.occurred_at[0]:
+                    for credits in e.credits:
+                        acc[2] -= credits
+                else:
+                    for credits in e.credits:
+                        acc[0] += credits
+            continue
         kind, at = e.kind, e.occurred_at
         ends = kind == "expire" or (kind == "rollover" and e.credits < 0)  # see in_period
         if start_at < at <= end_at if ends else start_at <= at < end_at:

@@ -1,5 +1,5 @@
 """The credit wallet's data: what goes in (purchases, credit events, grants) and what a replay
-gives back (`WalletReplay`: its ledger entries and what billing, revenue and alerts read).
+gives back (`WalletReplay`: its ledger movements and what billing, revenue and alerts read).
 
 A grant is usable on [granted_at, expires_at); every movement is a ledger entry with the
 customer's total balance after it, and credits are conserved: granted = consumed + expired +
@@ -76,12 +76,47 @@ class Entry:
     meter: str | None = None
 
 
+@dataclass(slots=True)
+class ConsumeRun:
+    """Consecutive `consume` entries of one customer drawn from one grant, as columns: a stretch
+    of events that each drew only from `grant_id` and left it holding credits (see
+    wallet.Wallet.consume_events). Entry k of the run is the consume Entry of event k; all of a
+    run's events fall in one period, so a run is in a period or not as a whole."""
+
+    customer_id: str
+    grant_id: str
+    expires_at: datetime | None
+    cost_basis: Decimal
+    subscription_id: str | None
+    event_ids: list[str]
+    meters: list[str]
+    occurred_at: list[datetime]
+    credits: list[Decimal]        # signed (negative), one per event
+    balance_after: list[Decimal]
+
+    kind = "consume"
+
+    def __len__(self) -> int:
+        return len(self.credits)
+
+    def entries(self) -> list[Entry]:
+        """The run as Entry objects (tests and small readers; the tables read the columns)."""
+        return [Entry(self.customer_id, self.grant_id, "consume", c, b, at, self.expires_at, self.cost_basis,
+                      self.subscription_id, event_id, meter)
+                for c, b, at, event_id, meter in zip(self.credits, self.balance_after, self.occurred_at,
+                                                     self.event_ids, self.meters, strict=True)]
+
+
+Movement = Entry | ConsumeRun
+"""A ledger movement as a replay keeps it: one entry, or a run of consume entries as columns."""
+
+
 @dataclass
 class WalletReplay:
-    """What a wallet replay gives back: its ledger entries, and what they mean for billing,
-    revenue and alerts."""
+    """What a wallet replay gives back: its ledger movements (entries and runs of consume
+    entries, in replay order), and what they mean for billing, revenue and alerts."""
 
-    entries: list[Entry] = field(default_factory=list)
+    movements: list[Movement] = field(default_factory=list)
     # per (subscription_id, segment_no, meter, dims): units left for the charges (uncovered, or
     # covered by grace) and units blocked (not billed)
     billable_units: dict[tuple, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
@@ -90,4 +125,24 @@ class WalletReplay:
     blocked_units: dict[tuple, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     grants: dict[str, Grant] = field(default_factory=dict)
     alerts: list[tuple] = field(default_factory=list)  # (customer, subscription, kind, threshold, value, at)
+
+    @property
+    def entries(self) -> list[Entry]:
+        """Every ledger entry in replay order, runs spelled out one Entry per event (for tests and
+        readers of a few wallets; the published tables read `movements`)."""
+        out: list[Entry] = []
+        for m in self.movements:
+            if isinstance(m, ConsumeRun):
+                out.extend(m.entries())
+            else:
+                out.append(m)
+        return out
+
+    @entries.setter
+    def entries(self, entries: list[Entry]) -> None:
+        self.movements = list(entries)
+
+    def entry_count(self) -> int:
+        """How many ledger entries the movements hold."""
+        return sum(len(m) if isinstance(m, ConsumeRun) else 1 for m in self.movements)
 

@@ -2,60 +2,146 @@
 
 What differs between the runs that replay wallets is which grants the wallets start from (the
 whole history, `grants.history_grants`, or the previous close's balances brought forward,
-`opening.opening_grants`) and how their events arrive: a list, or one customer at a time (the
-close's period events, never a list of millions).
+`opening.opening_grants`) and which credit events they consume. The events arrive as one frame
+(events.CREDIT_EVENT_SCHEMA) and are read as columns a batch of customers at a time, never as an
+object per event; what each event draws is worked out once per plan version, meter and dims.
 """
 from __future__ import annotations
 
-import heapq
 from collections import defaultdict
-from collections.abc import Callable, Iterable
-from itertools import groupby
-from operator import itemgetter
+from collections.abc import Iterator
+from itertools import pairwise
 
+import polars as pl
+
+from transforms.credits.events import CREDIT_EVENT_SCHEMA
 from transforms.credits.model import CreditEvent, Grant, WalletReplay
-from transforms.credits.wallet import Wallet
-from transforms.inputs.plans import Catalog, PlanFile
+from transforms.credits.wallet import EventColumns, Wallet, credit_rate, needed, same_plan_runs
+from transforms.inputs.plans import Catalog
 from transforms.inputs.reference import Subscription, plan_on
 from transforms.periods import Period
 
+BATCH_EVENTS = 50_000
+"""Events read into Python columns at once (whole customers): the replay's working set."""
 
-def replayed_wallets(grants: list[Grant], subs: list[Subscription], catalog: Catalog, events: list[CreditEvent],
-                     period: Period, events_by_customer: Iterable[tuple[str, list[CreditEvent]]] = ()) -> WalletReplay:
-    """Every customer's wallet, started from its `grants` and fed its credit events in event time,
-    through the end of `period`; customers in customer_id order. The events are `events` (a
-    list, in any order) and `events_by_customer`: (customer_id, events) pairs in customer_id
-    order, read one customer at a time."""
-    grants_of, listed = by_customer(grants), by_customer(events)
-    plan_of = plan_in_force(subs, catalog)
+
+def replayed_wallets(grants: list[Grant], subs: list[Subscription], catalog: Catalog,
+                     events: pl.DataFrame | list[CreditEvent], period: Period, stretches: bool = True) -> WalletReplay:
+    """Every customer's wallet, started from its `grants` and fed its credit events (a frame of
+    CREDIT_EVENT_SCHEMA, or hand-made CreditEvents, whose decimals are kept as given; in any
+    order) in event time, through the end of `period`; customers in customer_id order.
+    `stretches=False` consumes every event one at a time: the reference the stretch replay is
+    checked against."""
+    grants_of = by_customer(grants)
     replay = WalletReplay()
-    without_streamed = ((customer, []) for customer in sorted(set(grants_of) | set(listed)))
-    every_customer = heapq.merge(without_streamed, events_by_customer, key=itemgetter(0))
-    for customer, parts in groupby(every_customer, key=itemgetter(0)):
-        mine = listed.pop(customer, []) + [ev for _, part in parts for ev in part]
-        wallet = Wallet(customer, grants_of.pop(customer, []), replay)
-        wallet.consume_in_order(mine, {ev.event_id: plan_of(ev) for ev in mine})
+    for customer, columns, lo, hi in customers_with_events(set(grants_of), events, subs, catalog):
+        wallet = Wallet(customer, grants_of.pop(customer, []), replay, stretches)
+        if columns is not None:
+            wallet.consume_events(columns, lo, hi)
         wallet.advance(period.end_at)  # expiries at the period's end instant included
     return replay
 
 
+def customers_with_events(customers: set[str], events: pl.DataFrame | list[CreditEvent], subs: list[Subscription],
+                          catalog: Catalog) -> Iterator[tuple[str, EventColumns | None, int, int]]:
+    """Per customer of `customers` or of `events`, in customer_id order: (customer, columns, lo,
+    hi), its events being lo..hi-1 of `columns` (None when it has none)."""
+    if isinstance(events, list):
+        streamed = _listed_batches(events, subs, catalog)
+        with_events = {e.customer_id for e in events}
+    else:
+        frame = events.select(list(CREDIT_EVENT_SCHEMA)).sort("customer_id", "event_at", "event_id")
+        streamed = _event_batches(frame, subs, catalog)
+        with_events = set(frame["customer_id"].unique().to_list())
+    current = next(streamed, None)
+    for customer in sorted(customers | with_events):
+        if current is not None and current[0] == customer:
+            yield current
+            current = next(streamed, None)
+        else:
+            yield customer, None, 0, 0
+
+
+def _listed_batches(events: list[CreditEvent], subs: list[Subscription], catalog: Catalog
+                    ) -> Iterator[tuple[str, EventColumns, int, int]]:
+    """(customer, columns, lo, hi) per customer of hand-made `events`, their decimals as given."""
+    ordered = sorted(events, key=lambda e: (e.customer_id, e.event_at, e.event_id))
+    plan_at = _plans_in_force(subs, catalog)
+    bounds = [k for k in range(len(ordered)) if k == 0 or ordered[k].customer_id != ordered[k - 1].customer_id]
+    bounds.append(len(ordered))
+    columns = EventColumns.listed(ordered, [plan_at(e.subscription_id, e.event_at.date()) for e in ordered], bounds)
+    for lo, hi in pairwise(bounds):
+        yield ordered[lo].customer_id, columns, lo, hi
+
+
+def _event_batches(frame: pl.DataFrame, subs: list[Subscription], catalog: Catalog
+                   ) -> Iterator[tuple[str, EventColumns, int, int]]:
+    """(customer, columns, lo, hi) per customer of `frame` (sorted by customer, then event
+    time), the columns read a batch of whole customers at a time."""
+    if frame.height == 0:
+        return
+    runs = frame["customer_id"].rle()
+    names, lengths = runs.struct.field("value").to_list(), runs.struct.field("len").to_list()
+    plan_at = _plans_in_force(subs, catalog)
+    first = i = 0
+    while i < len(names):
+        start, j, size = first, i, 0
+        while j < len(names) and (size == 0 or size + lengths[j] <= BATCH_EVENTS):
+            size += lengths[j]
+            j += 1
+        columns = _columns(frame.slice(start, size), plan_at)
+        lo = 0
+        for name, length in zip(names[i:j], lengths[i:j], strict=True):
+            yield name, columns, lo, lo + length
+            lo += length
+        first, i = start + size, j
+
+
+def _columns(frame: pl.DataFrame, plan_at) -> EventColumns:
+    """One batch of events (whole customers, each in event time) as columns, with the plan in
+    force for each event and what it draws."""
+    frame = frame.with_columns(pl.col("event_at").dt.date().alias("day"))
+    days = frame.select("subscription_id", "day").unique(maintain_order=True)
+    plans, plan_no = [], {}
+    numbers = []
+    for sub, day in days.iter_rows():
+        plan = plan_at(sub, day)
+        numbers.append(plan_no.setdefault(id(plan), len(plan_no)))
+        if len(plans) < len(plan_no):
+            plans.append(plan)
+    frame = frame.join(days.with_columns(pl.Series("plan_no", numbers, dtype=pl.Int64)),
+                       on=["subscription_id", "day"], how="left", maintain_order="left")
+    prices = frame.select("plan_no", "meter", "dims").unique(maintain_order=True)
+    rates = [credit_rate(plans[p], meter, dims) for p, meter, dims in prices.iter_rows()]
+    frame = frame.join(prices.with_row_index("rate_no"), on=["plan_no", "meter", "dims"], how="left",
+                       maintain_order="left")
+    quantity = frame["quantity"].to_list()
+    plan_of_event = [plans[p] for p in frame["plan_no"].to_list()]
+    bounds = [0, *frame["customer_id"].rle().struct.field("len").cum_sum().to_list()]
+    return EventColumns(
+        frame["subscription_id"].to_list(), frame["segment_no"].to_list(), frame["event_id"].to_list(),
+        frame["event_at"].to_list(), frame["day"].to_list(), frame["meter"].to_list(), frame["dims"].to_list(),
+        quantity, needed(quantity, [rates[r] for r in frame["rate_no"].to_list()]), plan_of_event,
+        same_plan_runs(plan_of_event, bounds))
+
+
 def by_customer(items: list) -> dict[str, list]:
-    """Grants or events grouped by customer_id, each customer's in their given order."""
+    """Grants grouped by customer_id, each customer's in their given order."""
     out: dict[str, list] = defaultdict(list)
     for item in items:
         out[item.customer_id].append(item)
     return out
 
 
-def plan_in_force(subs: list[Subscription], catalog: Catalog) -> Callable[[CreditEvent], PlanFile]:
-    """The plan version in force for an event, looked up once per subscription and day."""
+def _plans_in_force(subs: list[Subscription], catalog: Catalog):
+    """The plan version in force for a subscription on a day, looked up once per pair."""
     subs_by_id = {s.subscription_id: s for s in subs}
-    that_day: dict[tuple[str, object], PlanFile] = {}
+    that_day: dict[tuple, object] = {}
 
-    def plan_of(ev: CreditEvent) -> PlanFile:
-        key = (ev.subscription_id, ev.event_at.date())
+    def plan_at(subscription_id: str, day):
+        key = (subscription_id, day)
         plan = that_day.get(key)
         if plan is None:
-            plan = that_day[key] = plan_on(subs_by_id[ev.subscription_id], catalog, key[1])
+            plan = that_day[key] = plan_on(subs_by_id[subscription_id], catalog, day)
         return plan
-    return plan_of
+    return plan_at

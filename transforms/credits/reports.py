@@ -9,7 +9,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from transforms.credits.ledger import in_period, moves_by_grant
-from transforms.credits.model import ZERO, WalletReplay
+from transforms.credits.model import ZERO, ConsumeRun, WalletReplay
 from transforms.money import decimal_text, to_minor
 from transforms.periods import Period
 
@@ -18,14 +18,19 @@ def credit_report(replay: WalletReplay, period: Period, plan_of_sub: dict) -> li
     """Per plan (or `purchases`): credits granted, consumed, expired in `period`, and the cost of
     what expired (breakage at expiry), so pricing can see whether allocations fit customers' use."""
     totals: dict[str, list[Decimal]] = defaultdict(lambda: [ZERO, ZERO, ZERO, ZERO])
-    for e in replay.entries:
-        if not in_period(e, period):
+    for e in replay.movements:
+        if isinstance(e, ConsumeRun) and not period.start_at <= e.occurred_at[0] < period.end_at:
+            continue  # a run lies in one period
+        if not isinstance(e, ConsumeRun) and not in_period(e, period):
             continue
         g = replay.grants[e.grant_id]
         plan = plan_of_sub.get(g.subscription_id)
         key = ("purchases" if g.kind == "purchase" or plan is None else f"{plan.plan} v{plan.version}", g.currency)
         acc = totals[key]
-        if e.kind in ("grant", "purchase", "top_up"):
+        if isinstance(e, ConsumeRun):
+            for credits in e.credits:
+                acc[1] -= credits
+        elif e.kind in ("grant", "purchase", "top_up"):
             acc[0] += e.credits
         elif e.kind == "consume":
             acc[1] -= e.credits

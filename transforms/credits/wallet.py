@@ -6,36 +6,81 @@ event of its history in time order. At one instant expiries come first (a grant 
 expires first, then free grants before paid ones, then the oldest. A grant that expires at a
 period's end expires in that period. An event the wallet cannot cover buys auto top-ups (up to
 the plan's cap), or is billed (or blocked past the plan's grace) by units.
+
+Most events change nothing but balances: they draw from the grant in use and leave it holding
+credits, with no grant, expiry, top-up, alert or period end among them. The wallet moves
+through such a stretch at once (cumulative sums over the events' columns find where it ends,
+the balances after each event are the running sums the one-by-one replay would compute, and
+its consume entries are kept as columns, a ConsumeRun); only the events at a breakpoint are
+consumed one at a time.
 """
 from __future__ import annotations
 
+import operator
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import date, datetime
 from decimal import Decimal
+from itertools import accumulate
 
 from transforms.credits.grants import booked_price, expiry
-from transforms.credits.model import ZERO, CreditEvent, Entry, Grant, WalletReplay
+from transforms.credits.model import ZERO, ConsumeRun, CreditEvent, Entry, Grant, WalletReplay
 from transforms.engine.dims import parsed_dims
 from transforms.inputs.plans import ConsumeByDimension, Credits, PlanFile
 from transforms.money import decimal_text
 from transforms.periods import Period
 
 
-def credits_needed(plan: PlanFile, event: CreditEvent) -> Decimal:
-    """Credits one event draws: `consume` per unit, or the event's rated amount for a money wallet."""
+def credit_rate(plan: PlanFile, meter: str, dims: str) -> tuple[Decimal, Decimal | None]:
+    """What one unit of `meter` with `dims` draws: (credits per unit, None) for a credit wallet,
+    (unit price, per) for a money wallet, whose event draws quantity x unit price / per."""
     credits = plan.plan.credits
     if credits.unit == "money":
-        dims = parsed_dims(event.dims)
-        charge = next(c for c in plan.plan.charges if c.prices(event.meter, dims))
-        return event.quantity * charge.price.unit_price / charge.price.per
-    rate = credits.consume[event.meter]
+        parsed = parsed_dims(dims)
+        charge = next(c for c in plan.plan.charges if c.prices(meter, parsed))
+        return charge.price.unit_price, charge.price.per
+    rate = credits.consume[meter]
     if isinstance(rate, ConsumeByDimension):
         by = rate.by
-        value = parsed_dims(event.dims).get(by)
+        value = parsed_dims(dims).get(by)
         rate = rate.rates.get(value, rate.default)
         if rate is None:
-            raise ValueError(f"no credit rate for {event.meter} with {by}={value!r}")  # checked upstream
-    return event.quantity * rate
+            raise ValueError(f"no credit rate for {meter} with {by}={value!r}")  # checked upstream
+    return rate, None
+
+
+@dataclass(frozen=True)
+class EventColumns:
+    """Credit events as columns (index k is one event), customers one after another, each
+    customer's in event time (event_at, then event_id); `need` is what each draws, `plan` the
+    plan version in force for it, `same_plan_to` the end of its run of events under that plan."""
+
+    subscription_id: list[str]
+    segment_no: list[int | None]
+    event_id: list[str]
+    event_at: list[datetime]
+    day: list[date]
+    meter: list[str]
+    dims: list[str]
+    quantity: list[Decimal]
+    need: list[Decimal]
+    plan: list[PlanFile]
+    same_plan_to: list[int]
+
+    @classmethod
+    def listed(cls, events: list[CreditEvent], plans: list[PlanFile], bounds: list[int]) -> EventColumns:
+        """`events` made by hand (each customer's in event time; customers start at `bounds`,
+        which end with the length) under `plans`, as columns, their decimals as given."""
+        rates = [credit_rate(p, e.meter, e.dims) for e, p in zip(events, plans, strict=True)]
+        return cls([e.subscription_id for e in events], [e.segment_no for e in events],
+                   [e.event_id for e in events], [e.event_at for e in events], [e.event_at.date() for e in events],
+                   [e.meter for e in events], [e.dims for e in events], [e.quantity for e in events],
+                   needed([e.quantity for e in events], rates), plans, same_plan_runs(plans, bounds))
+
+    def event(self, k: int, customer_id: str) -> CreditEvent:
+        return CreditEvent(customer_id, self.subscription_id[k], self.segment_no[k], self.event_id[k],
+                           self.event_at[k], self.meter[k], self.dims[k], self.quantity[k])
 
 
 def _draw_order(g: Grant) -> tuple:
@@ -48,8 +93,9 @@ class Wallet:
     was fired or bought per period (alerts once a period, top-ups up to the plan's cap). Every
     movement is appended to `out` (a WalletReplay shared by the customers of one replay)."""
 
-    def __init__(self, customer_id: str, grants: list[Grant], replay: WalletReplay):
+    def __init__(self, customer_id: str, grants: list[Grant], replay: WalletReplay, stretches: bool = True):
         self.customer_id = customer_id
+        self.stretches = stretches  # False: every event one at a time (the reference the tests compare with)
         self.pending = sorted(grants, key=lambda g: (g.granted_at, g.grant_id))
         self.active: list[Grant] = []
         self.out = replay
@@ -63,7 +109,7 @@ class Wallet:
 
     def _entry(self, g: Grant, kind: str, credits: Decimal, at: datetime, **extra) -> None:
         self.balance += credits
-        self.out.entries.append(Entry(self.customer_id, g.grant_id, kind, credits, self.balance, at, g.expires_at,
+        self.out.movements.append(Entry(self.customer_id, g.grant_id, kind, credits, self.balance, at, g.expires_at,
                                       g.cost_basis, g.subscription_id, **extra))
 
     def _grant(self, g: Grant) -> None:
@@ -118,19 +164,119 @@ class Wallet:
 
     def consume_in_order(self, events: list[CreditEvent], plans_of: dict[str, PlanFile]
                          ) -> tuple[datetime, str] | None:
-        """Consume `events` in event time (event_at, then event_id), each after the expiries and
-        grants due at its instant; the (event_at, event_id) of the last one (None: no events).
-        `plans_of` maps event_id to the plan version in force for that event."""
+        """Consume hand-made `events` (any order; `plans_of` maps event_id to the plan version
+        in force for it) as `consume_events` does; the (event_at, event_id) of the last one."""
         ordered = sorted(events, key=lambda e: (e.event_at, e.event_id))
-        for ev in ordered:
-            self.advance(ev.event_at)
-            self.consume(ev, plans_of[ev.event_id])
-        return (ordered[-1].event_at, ordered[-1].event_id) if ordered else None
+        columns = EventColumns.listed(ordered, [plans_of[e.event_id] for e in ordered], [0, len(ordered)])
+        return self.consume_events(columns, 0, len(ordered))
 
-    def consume(self, ev: CreditEvent, plan: PlanFile) -> None:
+    def consume_events(self, ev: EventColumns, lo: int, hi: int) -> tuple[datetime, str] | None:
+        """Consume events lo..hi-1 of `ev` (this customer's, in event time), each after the
+        expiries and grants due at its instant; the (event_at, event_id) of the last one (None:
+        no events). Stretches that change nothing but balances go at once (`_stretch_end`)."""
+        if lo == hi:
+            return None
+        so_far = list(accumulate(ev.need[lo:hi], initial=ZERO))  # so_far[k - lo]: drawn by events lo..k-1
+        k = lo
+        while k < hi:
+            self.advance(ev.event_at[k])
+            end = self._stretch_end(ev, k, hi, so_far, lo) if self.stretches else k
+            if end > k:
+                k = self._consume_stretch(ev, k, end)
+            else:
+                self.consume(ev.event(k, self.customer_id), ev.plan[k], ev.need[k])
+                k += 1
+        return ev.event_at[hi - 1], ev.event_id[hi - 1]
+
+    def _stretch_end(self, ev: EventColumns, k: int, hi: int, so_far: list[Decimal], lo: int) -> int:
+        """Where the stretch of events from k ends (k: none): the events before the next grant,
+        expiry or period end, under the same plan, that the grant in use covers while it keeps
+        credits and the balance stays at or above the plan's top-up and (unfired) low-balance
+        thresholds. Found on the cumulative sums; `_consume_stretch` checks it on the exact ones."""
+        using = self._in_use()
+        if using is None:
+            return k
+        at = ev.event_at[k]
+        period = Period.containing(at.date())
+        limit = period.end_at
+        if self.pending:
+            limit = min(limit, self.pending[0].granted_at)
+        for g in self.active:
+            if g.expires_at is not None and g.expires_at < limit:
+                limit = g.expires_at
+        end = bisect_left(ev.event_at, limit, k, min(hi, ev.same_plan_to[k]))  # events strictly before it
+        base = so_far[k - lo]
+        # drawn by events k..m-1 (so_far[m - lo] - base) must stay below what the grant holds
+        end = min(end, bisect_left(so_far, base + using.remaining, k - lo, end - lo + 1) - 1 + lo)
+        floor = self._floor(ev.plan[k].plan.credits, period)
+        if floor is not None:
+            end = min(end, bisect_right(so_far, base + self.balance - floor, k - lo, end - lo + 1) - 1 + lo)
+        return max(end, k)
+
+    def _in_use(self) -> Grant | None:
+        """The grant the next draw takes from: the first in draw order still holding credits."""
+        if self._drawn_from is None:
+            self._drawn_from = sorted(self.active, key=_draw_order)
+        return next((g for g in self._drawn_from if g.remaining > 0), None)
+
+    def _floor(self, spec: Credits, period: Period) -> Decimal | None:
+        """The balance below which consuming does more than draw: an auto top-up, or the low
+        balance alert not yet fired in `period` (None: neither)."""
+        top = spec.top_up
+        floors = [top.below] if top and top.auto else []
+        low = spec.low_balance if spec.low_balance is not None else (top.below if top else None)
+        if low is not None and period not in self.low_fired:
+            floors.append(low)
+        return max(floors) if floors else None
+
+    def _consume_stretch(self, ev: EventColumns, k: int, end: int) -> int:
+        """Consume events k..end-1, each drawn wholly from the grant in use: the balance and the
+        grant's credits run down by the events' needs in order, with the same Decimal operations
+        as one event at a time; the entries are a ConsumeRun. Returns where it stopped: `end`, or
+        earlier at the first event after which the exact sums break the stretch (rounding)."""
+        g = self._in_use()
+        spec = ev.plan[k].plan.credits
+        floor = self._floor(spec, Period.containing(ev.event_at[k].date()))
+        drawing = [i for i in range(k, end) if ev.need[i]]  # an event that needs nothing draws nothing
+        taken = [ev.need[i] - ZERO for i in drawing]
+        left = list(accumulate(taken, operator.sub, initial=g.remaining))[1:]
+        balances = list(accumulate([-t for t in taken], operator.add, initial=self.balance))
+        ok = len(taken)
+        while ok and not (left[ok - 1] > 0 and (floor is None or balances[ok] >= floor)):
+            ok -= 1  # both fall as events draw: the first that breaks ends the stretch
+        if floor is not None and self.balance < floor:
+            return self._one(ev, k)
+        if ok < len(taken):
+            end = drawing[ok]
+            drawing, taken, left, balances = drawing[:ok], taken[:ok], left[:ok], balances[:ok + 1]
+            if end == k:
+                return self._one(ev, k)
+        if taken:
+            g.remaining = left[-1]
+            self.balance = balances[-1]
+            self.out.movements.append(ConsumeRun(
+                self.customer_id, g.grant_id, g.expires_at, g.cost_basis, g.subscription_id,
+                [ev.event_id[i] for i in drawing], [ev.meter[i] for i in drawing],
+                [ev.event_at[i] for i in drawing], [-t for t in taken], balances[1:]))
+        billable, by_day = self.out.billable_units, self.out.billable_by_day
+        for i in range(k, end):
+            need = ev.need[i]
+            # what the one-by-one replay adds: the units nothing left uncovered, a zero whose
+            # exponent is that of quantity x (need - drawn) / need
+            units = ev.quantity[i] * (need - (ZERO + (need - ZERO))) / need if need else ZERO
+            key = (ev.subscription_id[i], ev.segment_no[i], ev.meter[i], ev.dims[i])
+            billable[key] += units
+            by_day[key + (ev.day[i],)] += units
+        return end
+
+    def _one(self, ev: EventColumns, k: int) -> int:
+        self.consume(ev.event(k, self.customer_id), ev.plan[k], ev.need[k])
+        return k + 1
+
+    def consume(self, ev: CreditEvent, plan: PlanFile, need: Decimal) -> None:
+        """Consume one event that needs `need` credits under `plan`."""
         spec = plan.plan.credits
         period = Period.containing(ev.event_at.date())
-        need = credits_needed(plan, ev)
         drawn = self._draw(need, ev)
         if need - drawn > 0 and spec.top_up and spec.top_up.auto:
             while need - drawn > 0 and self._buy_top_up(spec, plan, ev, period):
@@ -193,3 +339,21 @@ class Wallet:
         self.out.alerts.append((ev.customer_id, ev.subscription_id, "auto_top_up", str(n), decimal_text(top.price),
                                 ev.event_at))
         return True
+
+
+def needed(quantities: list[Decimal], rates: list[tuple[Decimal, Decimal | None]]) -> list[Decimal]:
+    """Credits each event draws, from its quantity and its `credit_rate`."""
+    return [q * r if per is None else q * r / per for q, (r, per) in zip(quantities, rates, strict=True)]
+
+
+def same_plan_runs(plans: list, bounds: list[int]) -> list[int]:
+    """Per event, the end of its run of consecutive events under the same plan object, runs cut
+    at `bounds` (each customer's first event, and the end)."""
+    out = [0] * len(plans)
+    cuts = set(bounds)
+    end = len(plans)
+    for k in range(len(plans) - 1, -1, -1):
+        if k + 1 in cuts or plans[k + 1] is not plans[k]:
+            end = k + 1
+        out[k] = end
+    return out

@@ -31,7 +31,7 @@ from decimal import ROUND_HALF_UP, Decimal
 import polars as pl
 
 from transforms.collector import cycle_collector_paused
-from transforms.credits.model import WalletReplay
+from transforms.credits.model import ConsumeRun, WalletReplay
 from transforms.engine.invoices import INVOICE_LEVEL_KINDS, USAGE_LINE_KINDS, Invoice
 from transforms.inputs.reference import subscription_plans
 from transforms.money import to_minor
@@ -78,15 +78,16 @@ def _credit_amounts(replay: WalletReplay, entries: list, proportional: dict[str,
         if e.kind in ("grant", "purchase", "top_up"):  # a rollover moves credits already paid for
             acc[0] += g.price
         elif e.kind == "consume":
-            value = -e.credits * e.cost_basis
-            acc[1] += value
-            consumed_value[e.grant_id] += value
-            if rate is not None:
-                # proportional breakage (ASC 606-10-55-48): the expected unused share rides along
-                # with use, never more than what is still unused, so deferred stays >= 0
-                target = min(consumed_value[e.grant_id] * rate / (1 - rate), g.price - consumed_value[e.grant_id])
-                acc[2] += target - proportional_taken[e.grant_id]
-                proportional_taken[e.grant_id] = target
+            for credits in e.credits if isinstance(e, ConsumeRun) else (e.credits,):
+                value = -credits * e.cost_basis
+                acc[1] += value
+                consumed_value[e.grant_id] += value
+                if rate is not None:
+                    # proportional breakage (ASC 606-10-55-48): the expected unused share rides
+                    # along with use, never more than what is still unused, so deferred stays >= 0
+                    target = min(consumed_value[e.grant_id] * rate / (1 - rate), g.price - consumed_value[e.grant_id])
+                    acc[2] += target - proportional_taken[e.grant_id]
+                    proportional_taken[e.grant_id] = target
         elif e.kind == "expire":
             # at expiry the breakage still due: what expires, less what was taken in proportion
             left = -e.credits * e.cost_basis
@@ -146,7 +147,7 @@ def revenue_rows(period: Period, invoices: list[Invoice], replay: WalletReplay,
                 r["recognized_minor"] += billed
 
     end_now, end_before = period.end_at, period.previous().end_at  # once, not per entry
-    through = [e for e in replay.entries if in_period_or_before(e, end_now)]
+    through = [e for e in replay.movements if in_period_or_before(e, end_now)]
     before = [e for e in through if in_period_or_before(e, end_before)]
     cum_now = _credit_amounts(replay, through, proportional)
     cum_before = _credit_amounts(replay, before, proportional)
@@ -206,6 +207,8 @@ def in_period_or_before(entry, end_at) -> bool:
     """Whether a ledger entry falls in the period ending at `end_at` or before it: before its
     end, or an expiry (or rollover out) at its end instant, which in_period gives to the period
     it ends."""
+    if isinstance(entry, ConsumeRun):
+        return entry.occurred_at[0] < end_at  # a run of consume entries lies in one period
     at = entry.occurred_at
     return at < end_at or (at == end_at and (entry.kind == "expire"
                                              or (entry.kind == "rollover" and entry.credits < 0)))
