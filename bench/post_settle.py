@@ -113,7 +113,7 @@ def settle(store: str, plans: str, period: Period, work: Path) -> dict:
     count = shards.shard_count(sum(o.size for o in inputs.usage), settings)
     by_shard: dict[int, list[str]] = {}
     for batch in shards.batches(sorted(inputs.usage, key=lambda o: o.key)):
-        done = shards.normalize_batch.fn(store, shards.Opaque(batch), scratch, count)
+        done = shards.normalize_batch.fn(store, batch, scratch, count)
         for shard, keys in done.shard_keys.items():
             by_shard.setdefault(shard, []).extend(keys)
     from flows.billed_index import committed_index

@@ -145,7 +145,7 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
         out_dir = output_folder(store, run_id, hold.token, work_dir)
         # the period's index goes in before the manifest, which names it: it counts once the period is closed
         [index_entry] = record_billed(store, [(billed_index_key(str(period), run_id), index_file, indexed)])
-        names, manifest = write_outputs(quote(invoices), checked, quote(normalized), quote(reference),
+        names, manifest = write_outputs(quote(invoices), checked, normalized, quote(reference),
                                         quote(inputs), quote(catalog), quote(replay),
                                         period, run_id, quote(costs), plan_entries, out_dir, index_entry,
                                         settings=settings)

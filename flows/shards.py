@@ -79,9 +79,11 @@ def batches(objects: list, max_bytes: int = BATCH_INPUT_BYTES, min_batches: int 
 
 
 class Opaque:
-    """A value handed to a task as it is. Task runners walk their parameters looking for futures
-    (and rebuild what they walk): slow for 100k subscriptions, and Prefect's `quote()` does not
-    survive the Dask runner's walk. They do not look inside this."""
+    """A value handed to a task as it is: the period's reference data every shard checks against
+    (100k subscriptions and their segments, the catalog, the billed-event index). Task runners
+    walk their parameters looking for futures (and rebuild what they walk), and Prefect's
+    `quote()` does not survive the Dask runner's walk. They do not look inside this. What the
+    shard tasks take and return otherwise is small: keys of scratch files, and counts."""
 
     __slots__ = ("value",)
 
@@ -144,11 +146,11 @@ def _local_copy(store_uri: str, obj, cache_dir: Path) -> Path:
 
 
 @task(name="normalize-usage", cache_policy=NO_CACHE, **IO_RETRIES)
-def normalize_batch(store_uri: str, batch: Opaque, scratch: Scratch, shards: int) -> NormalizedBatch:
-    """Each object of the batch read, validated and normalized (transforms.inputs.usage), its rows
-    split into shards by a hash of event_id; an object that cannot be read is set aside whole."""
+def normalize_batch(store_uri: str, objects: list, scratch: Scratch, shards: int) -> NormalizedBatch:
+    """Each object of the batch (a few input objects: keys, hashes, paths) read, validated and
+    normalized (transforms.inputs.usage), its rows split into shards by a hash of event_id; an
+    object that cannot be read is set aside whole."""
     started = time.perf_counter()
-    objects = batch.value
     scratch_store = open_store(scratch.uri, create=True)
     shard_keys: dict[int, list[str]] = {}
     unreadable, rows = [], 0
@@ -269,7 +271,7 @@ def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch,
     """Every usage object normalized into shards, in batches spread over the runner's workers."""
     shards = shard_count(sum(o.size for o in inputs.usage), settings)
     work = batches(sorted(inputs.usage, key=lambda o: o.key), min_batches=2 * local_workers(settings))
-    done = _all(runner, normalize_batch, [{"store_uri": store_uri, "batch": Opaque(b), "scratch": scratch,
+    done = _all(runner, normalize_batch, [{"store_uri": store_uri, "objects": b, "scratch": scratch,
                                            "shards": shards} for b in work])
     by_shard: dict[int, list[str]] = {}
     for batch in done:
