@@ -203,13 +203,24 @@ def _event_columns(events: pl.DataFrame, dims_seen: tuple[str, ...], group_of: C
             for key in keys if key is not None}
 
 
+Made = dict[tuple, Line]
+"""Lines already made in one rating of a period, by everything a line is a function of (see
+charge_lines): a charge model is pure and a line is frozen, so an equal usage is rated once and
+its line shared by every invoice that bills it."""
+
+
 def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
-                 allowance_used: dict[tuple, Decimal]) -> list[Line]:
+                 allowance_used: dict[tuple, Decimal], made: Made | None = None) -> list[Line]:
     """One line per charge of the segment's plan (per group with `group_by`).
 
     An allowance (`included`) belongs to the subscription's period, not to a segment: when a
     migration splits the period, the first segment draws on it first and the second gets what
     is left (up to its own version's `included`). `allowance_used` carries that across segments.
+
+    `made` (period_invoices passes one per period) shares the lines of equal usage: most of
+    100k invoices bill a charge they did not use (0 units) or the same few units, so the line of
+    a (plan version, charge, segment, group, units, allowance used, events) is rated once. Lines
+    of models given each event's quantity are always rated.
     """
     plan = segment.plan.plan
     lines = []
@@ -219,7 +230,7 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
         by_dims_of[row[0]].append(row)
     for row in usage.per_event:
         per_event_of[row[0]].append(row)
-    for charge in plan.charges:
+    for index, charge in enumerate(plan.charges):
         groups: dict[tuple, list] = {}
         events: dict[tuple, list[Decimal] | pl.Series] = defaultdict(list)
         known = _known_groups(charge)  # group_of's answers, read inline: millions of rows per close
@@ -239,43 +250,63 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
                 events[key].append(quantity)
         if not charge.group_by and not groups:
             groups[()] = [ZERO, 0]  # a metered charge shows on the invoice even when unused
-        for key in sorted(groups, key=lambda k: tuple((v is None, v or "") for v in k)):
+        pool = (charge.meter, tuple(sorted(charge.filter.items())))
+        for key in sorted(groups, key=lambda k: tuple((v is None, v or "") for v in k)) if len(groups) > 1 else groups:
             units, count = groups[key]
-            pool = (charge.meter, tuple(sorted(charge.filter.items())))
             allowance = max(charge.included - allowance_used.get(pool, ZERO), ZERO)
             used = min(units, allowance)
             if charge.included > 0:
                 allowance_used[pool] = allowance_used.get(pool, ZERO) + used
-            billable = units - used
             quantities = events.get(key, ())
-            rating = rate(charge.price, Usage(billable, count, quantities if isinstance(quantities, pl.Series)
-                                              else tuple(quantities)))
-            group = dict(zip(charge.group_by, key, strict=True))
-            group_text = ", ".join(f"{k}: {v if v is not None else '(none)'}" for k, v in group.items())
-            description = charge.title + (f" ({group_text})" if group_text else "") + label_suffix
-            lines.append(Line(
-                kind="overage" if charge.included > 0 else "usage",
-                description=description,
-                quantity=billable,
-                amount_minor=to_minor(rating.amount, plan.currency, plan.rounding),
-                meter=charge.meter,
-                unit="units",
-                segment_no=segment.segment_no,
-                plan=plan.plan,
-                plan_version=plan.version,
-                group=group,
-                filter=dict(charge.filter),
-                total_units=units,
-                included_units=used if charge.included > 0 else None,
-                amount=rating.amount,
-                steps=rating.steps,
-            ))
+            if made is None or len(quantities):
+                lines.append(_charge_line(segment, charge, key, units, used, count, quantities, label_suffix))
+                continue
+            # str: the exact decimal (5 and 5.000 are equal, but a line shows the one it was given)
+            made_key = (id(plan), index, segment.segment_no, label_suffix, key, str(units), str(used), count)
+            line = made.get(made_key)
+            if line is None:
+                line = made[made_key] = _charge_line(segment, charge, key, units, used, count, (), label_suffix)
+            lines.append(line)
     return lines
 
 
-def fixed_fee_lines(segment: Segment, label_suffix: str) -> list[Line]:
-    """Fixed fees of the segment's plan, prorated by days when the segment is part of the period."""
+def _charge_line(segment: Segment, charge, key: tuple, units: Decimal, used: Decimal, count: int,
+                 quantities: list[Decimal] | pl.Series, label_suffix: str) -> Line:
+    """The line of one charge (one group of it): `units` used, `used` of them drawn from the
+    allowance, the rest rated by the charge's model."""
     plan = segment.plan.plan
+    billable = units - used
+    rating = rate(charge.price, Usage(billable, count, quantities if isinstance(quantities, pl.Series)
+                                      else tuple(quantities)))
+    group = dict(zip(charge.group_by, key, strict=True))
+    group_text = ", ".join(f"{k}: {v if v is not None else '(none)'}" for k, v in group.items())
+    return Line(
+        kind="overage" if charge.included > 0 else "usage",
+        description=charge.title + (f" ({group_text})" if group_text else "") + label_suffix,
+        quantity=billable,
+        amount_minor=to_minor(rating.amount, plan.currency, plan.rounding),
+        meter=charge.meter,
+        unit="units",
+        segment_no=segment.segment_no,
+        plan=plan.plan,
+        plan_version=plan.version,
+        group=group,
+        filter=dict(charge.filter),
+        total_units=units,
+        included_units=used if charge.included > 0 else None,
+        amount=rating.amount,
+        steps=rating.steps,
+    )
+
+
+def fixed_fee_lines(segment: Segment, label_suffix: str, made: Made | None = None) -> list[Line]:
+    """Fixed fees of the segment's plan, prorated by days when the segment is part of the period.
+    `made`: the lines already made for a segment of the same plan version, number and days (see
+    charge_lines)."""
+    plan = segment.plan.plan
+    made_key = (id(plan), "fixed_fees", segment.segment_no, segment.days, segment.period.days, label_suffix)
+    if made is not None and made_key in made:
+        return list(made[made_key])
     lines = []
     for fee in plan.fixed_fees:
         amount = fee.amount * segment.days / segment.period.days
@@ -293,6 +324,8 @@ def fixed_fee_lines(segment: Segment, label_suffix: str) -> list[Line]:
             steps=(Step(f"{fee.amount} x {segment.days}/{segment.period.days} days", Decimal(segment.days),
                         None, amount),),
         ))
+    if made is not None:
+        made[made_key] = tuple(lines)
     return lines
 
 
@@ -343,6 +376,8 @@ def period_invoices(period: Period, segments: list[Segment], usage: dict[tuple[s
     ordered = sorted(segments_by_subscription(segments).values(), key=lambda segs: (segs[0].subscription.customer_id,
                                                        segs[0].subscription.subscription_id))
     invoices = []
+    made: Made = {}
+    period_text, issued_on = str(period), period.end
     for number, segs in enumerate(ordered, start=1):
         sub = segs[0].subscription
         currencies = {s.plan.plan.currency for s in segs}
@@ -354,9 +389,9 @@ def period_invoices(period: Period, segments: list[Segment], usage: dict[tuple[s
         allowance_used: dict[tuple, Decimal] = {}
         for seg in segs:
             suffix = _segment_label(seg, many)
-            lines += fixed_fee_lines(seg, suffix)
+            lines += fixed_fee_lines(seg, suffix, made)
             lines += charge_lines(seg, usage.get((sub.subscription_id, seg.segment_no), SegmentUsage(())),
-                                  suffix, allowance_used)
+                                  suffix, allowance_used, made)
         lines += _cap_and_commitment(segs, sub, lines)
         lines += (extra_lines or {}).get(sub.subscription_id, [])
         _representable(sub.subscription_id, currencies, lines)
@@ -365,9 +400,9 @@ def period_invoices(period: Period, segments: list[Segment], usage: dict[tuple[s
             kind="invoice",
             customer_id=sub.customer_id,
             subscription_id=sub.subscription_id,
-            period=str(period),
+            period=period_text,
             currency=currencies.pop(),
-            issued_on=period.end,
+            issued_on=issued_on,
             lines=tuple(lines),
             service_start=segs[0].start_at.date(),
             service_end=segs[-1].end_at.date(),
