@@ -37,10 +37,22 @@ def render_chunk(jobs: list[tuple], seller: dict, run_id: str, folder: str) -> l
     for invoice, customer, rounding, wallet in jobs:
         name = invoice_html_name(invoice.invoice_id)
         data = invoice_html(invoice, customer, seller, rounding, run_id, credits=wallet).encode("utf-8")
-        with open(os.path.join(folder, name), "wb") as handle:
-            handle.write(data)
+        _write_file(os.path.join(folder, name), data)
         written.append((name, len(data), hashlib.sha256(data).hexdigest()))
     return written
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """`data` as the file at `path`, in one write of the whole document: os.open and os.write
+    without the buffered file object open() builds around them (half of a file's CPU here).
+    No fsync: the close publishes the folder, and syncs what it publishes, once."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def _render_packed(packed: bytes, seller: dict, run_id: str, folder: str) -> list[tuple[str, int, str]]:

@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 
 from transforms.inputs.plans import PlanError, parse_plan
 from transforms.pricing import PRICE_MODELS, Price, Usage, rate
+from transforms.pricing.base import fmt_units
 
 PRICE = TypeAdapter(Price)
 
@@ -404,3 +405,18 @@ def test_bad_price_block_is_refused_naming_the_field(block, message):
 @pytest.mark.parametrize("key", sorted(PRICE_MODELS))
 def test_registry_key_is_the_model_literal(key):
     assert typing.get_args(PRICE_MODELS[key].Price.model_fields["model"].annotation) == (key,)
+
+
+@pytest.mark.parametrize("value, text", [(D("1000000"), "1,000,000"), (D("1E+6"), "1,000,000"), (D("2.50"), "2.5"),
+                                         (D("12345.000"), "12,345"), (D("-0"), "0"), (D("0.000"), "0"),
+                                         (D("-1234.5"), "-1,234.5"), (D("0.0000025"), "0.0000025")])
+def test_units_text_examples(value, text):
+    assert fmt_units(value) == text
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False))
+def test_units_text_of_a_whole_number_is_its_int_digits(value):
+    """fmt_units formats with Decimal's `,f` only: a whole number gives what an int would."""
+    normalized = value.normalize()
+    expected = f"{int(normalized):,}" if normalized == normalized.to_integral_value() else f"{normalized:,f}"
+    assert fmt_units(value) == expected

@@ -135,7 +135,10 @@ def compiled_template(name: str) -> Template:
     env = DictFirstEnvironment(loader=PackageLoader("transforms", "templates"),
                                autoescape=select_autoescape(default=True, default_for_string=True),
                                undefined=StrictUndefined, keep_trailing_newline=True, auto_reload=False,
-                               trim_blocks=True, lstrip_blocks=True, finalize=visible_bidi)
+                               trim_blocks=True, lstrip_blocks=True, finalize=visible_bidi, cache_size=-1)
+    # The documents call none of jinja2's default globals (range, dict, lipsum, cycler, joiner,
+    # namespace); without them each render does not copy them into its context.
+    env.globals.clear()
     return env.get_template(name)
 
 
@@ -199,13 +202,21 @@ def _quantity(value: Decimal | None, unit: str) -> str:
     return "" if value is None else f"{fmt_units(value)} {unit}".strip()
 
 
+@lru_cache(maxsize=4096)
+def _meter_text(meter: str, filter_items: tuple, group_items: tuple) -> str:
+    """`meter input_tokens · model gpt-4o`: the meter and the dimension values a usage line
+    counts (its charge's filter, then its group; a missing group value is `(none)`). The same
+    few per plan across all the period's invoices, so built once each."""
+    dims = {**dict(filter_items), **{k: v if v is not None else "(none)" for k, v in group_items}}
+    return " · ".join([f"meter {meter}"] + [f"{k} {v}" for k, v in dims.items()])
+
+
 def _usage_details(line: Line, currency: str) -> list[str]:
     """What a usage line bills, in the customer's words: the meter and dimensions it counts,
     the allowance, and the tiers (or packages, or rates) the units went through."""
     details = []
-    dims = {**line.filter, **{k: v if v is not None else "(none)" for k, v in line.group.items()}}
     if line.meter:
-        details.append(" · ".join([f"meter {line.meter}"] + [f"{k} {v}" for k, v in dims.items()]))
+        details.append(_meter_text(line.meter, tuple(line.filter.items()), tuple(line.group.items())))
     if line.included_units is not None:
         details.append(f"{fmt_units(line.total_units)} units used, {fmt_units(line.included_units)} included, "
                        f"{fmt_units(line.quantity)} billed")
@@ -216,16 +227,21 @@ def _usage_details(line: Line, currency: str) -> list[str]:
     return details
 
 
-def _line_view(no: int, line: Line, currency: str, usage_minor: int, spend_minor: int) -> dict:
-    kind = line.kind
-    single = line.steps[0] if len(line.steps) == 1 else None
+def _line_view(no: int, line: Line, invoice: Invoice) -> dict:
+    kind, currency = line.kind, invoice.currency
+    if kind in USAGE_LINE_KINDS:  # most lines: a quantity, a unit price when one price applies
+        steps = line.steps
+        return {"no": no, "kind": kind, "badge": "", "description": line.description,
+                "quantity": _quantity(line.quantity, line.unit),
+                "unit_price": steps[0].price_text if len(steps) == 1 else "",
+                "amount": money_text(line.amount_minor, currency), "details": _usage_details(line, currency)}
     details: list[str] = []
-    if kind in USAGE_LINE_KINDS:
-        details = _usage_details(line, currency)
-    elif kind == "cap_waiver":
+    if kind == "cap_waiver":
+        usage_minor = invoice.usage_spend_minor
         details = [f"Usage charges {money_text(usage_minor, currency)}, billed up to the cap: "
                    f"{money_text(usage_minor + line.amount_minor, currency)}"]
     elif kind == "commitment_true_up":
+        spend_minor = invoice.commitment_spend_minor
         details = [f"Minimum spend {money_text(spend_minor + line.amount_minor, currency)} for the period, "
                    f"spend {money_text(spend_minor, currency)}: the difference is billed"]
     elif kind in ADJUSTMENT_KINDS:
@@ -233,40 +249,37 @@ def _line_view(no: int, line: Line, currency: str, usage_minor: int, spend_minor
     return {
         "no": no, "kind": kind, "badge": BADGES.get(kind, ""), "description": line.description,
         "quantity": "" if kind in AMOUNT_ONLY_KINDS else _quantity(line.quantity, line.unit),
-        "unit_price": single.price_text if single is not None and kind in USAGE_LINE_KINDS else "",
-        "amount": money_text(line.amount_minor, currency), "details": details,
+        "unit_price": "", "amount": money_text(line.amount_minor, currency), "details": details,
     }
 
 
-def _group(title: str, subtitle: str, rows: list[tuple[int, Line]], currency: str, usage_minor: int,
-           spend_minor: int) -> dict:
+def _group(title: str, subtitle: str, rows: list[tuple[int, Line]], invoice: Invoice) -> dict:
     return {"title": title, "subtitle": subtitle,
-            "lines": [_line_view(no, line, currency, usage_minor, spend_minor) for no, line in rows],
-            "subtotal": money_text(sum(line.amount_minor for _, line in rows), currency)}
+            "lines": [_line_view(no, line, invoice) for no, line in rows],
+            "subtotal": money_text(sum(line.amount_minor for _, line in rows), invoice.currency)}
+
+
+_SECTION_OF = {kind: title for kinds, title in SECTIONS for kind in kinds}
+_SECTION_ORDER = tuple(title for _, title in SECTIONS) + ("Other charges",)
 
 
 def line_groups(invoice: Invoice) -> list[dict]:
     """The invoice's lines grouped as the customer reads them: the subscription's lines per plan
     version it ran on (a plan change mid-period gives two groups), then spend controls and
     commitments, then credits bought. Line numbers stay those of invoice_lines."""
-    currency = invoice.currency
-    usage_minor, spend_minor = invoice.usage_spend_minor, invoice.commitment_spend_minor
     by_plan: dict[tuple, list] = {}
     by_section: dict[str, list] = {}
-    section_of = {kind: title for kinds, title in SECTIONS for kind in kinds}
     for no, line in enumerate(invoice.lines, start=1):
         if line.kind in TAX_LINE_KINDS:  # shown with the totals (tax_view)
             continue
         if line.plan is not None:
             by_plan.setdefault((line.segment_no, line.plan, line.plan_version), []).append((no, line))
         else:
-            by_section.setdefault(section_of.get(line.kind, "Other charges"), []).append((no, line))
-    groups = [_group(f"Subscription {invoice.subscription_id}", f"Plan {plan} v{version}", rows, currency,
-                     usage_minor, spend_minor)
+            by_section.setdefault(_SECTION_OF.get(line.kind, "Other charges"), []).append((no, line))
+    groups = [_group(f"Subscription {invoice.subscription_id}", f"Plan {plan} v{version}", rows, invoice)
               for (_, plan, version), rows in by_plan.items()]
-    for title in [t for _, t in SECTIONS] + ["Other charges"]:
-        if title in by_section:
-            groups.append(_group(title, "", by_section[title], currency, usage_minor, spend_minor))
+    if by_section:
+        groups += [_group(title, "", by_section[title], invoice) for title in _SECTION_ORDER if title in by_section]
     return groups
 
 

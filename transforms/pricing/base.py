@@ -122,8 +122,8 @@ def per_suffix(per: Decimal) -> str:
 
 
 def fmt_units(value: Decimal) -> str:
-    """Units for labels: `1000000` -> `1,000,000`, `2.50` -> `2.5`."""
+    """Units for labels: `1000000` -> `1,000,000`, `2.50` -> `2.5`, `-0` -> `0`. Decimal's own `,f`
+    format writes a whole number's digits as an int's would (`1E+6` -> `1,000,000`); only zero's
+    sign is dropped. An invoice prints ~13 of these, so no int() round trip."""
     normalized = value.normalize()
-    if normalized == normalized.to_integral_value():
-        return f"{int(normalized):,}"
-    return f"{normalized:,f}"
+    return f"{normalized:,f}" if normalized else "0"
