@@ -18,7 +18,7 @@ from transforms.credits.events import CREDIT_EVENT_SCHEMA
 from transforms.credits.model import CreditEvent, Grant, WalletReplay
 from transforms.credits.wallet import EventColumns, Wallet, credit_rate, needed, same_plan_runs
 from transforms.inputs.plans import Catalog
-from transforms.inputs.reference import Subscription, plan_on
+from transforms.inputs.reference import Subscription, bound_versions
 from transforms.periods import Period
 
 BATCH_EVENTS = 50_000
@@ -134,14 +134,14 @@ def by_customer(items: list) -> dict[str, list]:
 
 
 def _plans_in_force(subs: list[Subscription], catalog: Catalog):
-    """The plan version in force for a subscription on a day, looked up once per pair."""
+    """The plan version in force for a subscription on a day (`reference.plan_on`), its
+    versions' timeline worked out once per subscription."""
     subs_by_id = {s.subscription_id: s for s in subs}
-    that_day: dict[tuple, object] = {}
+    timelines: dict[str, list] = {}
 
     def plan_at(subscription_id: str, day):
-        key = (subscription_id, day)
-        plan = that_day.get(key)
-        if plan is None:
-            plan = that_day[key] = plan_on(subs_by_id[subscription_id], catalog, day)
-        return plan
+        timeline = timelines.get(subscription_id)
+        if timeline is None:
+            timeline = timelines[subscription_id] = bound_versions(subs_by_id[subscription_id], catalog)
+        return [plan for starts_on, plan in timeline if starts_on <= day][-1]  # plan_on(sub, catalog, day)
     return plan_at

@@ -11,8 +11,10 @@ Most events change nothing but balances: they draw from the grant in use and lea
 credits, with no grant, expiry, top-up, alert or period end among them. The wallet moves
 through such a stretch at once (cumulative sums over the events' columns find where it ends,
 the balances after each event are the running sums the one-by-one replay would compute, and
-its consume entries are kept as columns, a ConsumeRun); only the events at a breakpoint are
-consumed one at a time.
+its consume entries are kept as columns, a ConsumeRun). So does a wallet with nothing left once
+nothing more can happen in the period (exhaustion said, top-ups capped, overage): its events
+only bill by units until the next grant. Only the events at a breakpoint are consumed one at a
+time.
 """
 from __future__ import annotations
 
@@ -189,15 +191,17 @@ class Wallet:
         return ev.event_at[hi - 1], ev.event_id[hi - 1]
 
     def _stretch_end(self, ev: EventColumns, k: int, hi: int, so_far: list[Decimal], lo: int) -> int:
-        """Where the stretch of events from k ends (k: none): the events before the next grant,
-        expiry or period end, under the same plan, that the grant in use covers while it keeps
-        credits and the balance stays at or above the plan's top-up and (unfired) low-balance
-        thresholds. Found on the cumulative sums; `_consume_stretch` checks it on the exact ones."""
+        """Where the stretch of events from k ends (k: none). A stretch holds the events before
+        the next grant, expiry or period end, under the same plan, that the grant in use covers
+        while it keeps credits and the balance stays at or above the plan's (uncapped) top-up and
+        (unfired) low-balance thresholds: found on the cumulative sums, `_consume_stretch` checks
+        it on the exact ones. With no grant holding credits, the events before the next grant are
+        a stretch too once nothing more can happen in the period (`_exhausted`): they bill by units."""
         using = self._in_use()
-        if using is None:
+        spec = ev.plan[k].plan.credits
+        period = Period.containing(ev.event_at[k].date())
+        if using is None and not self._exhausted(spec, period):
             return k
-        at = ev.event_at[k]
-        period = Period.containing(at.date())
         limit = period.end_at
         if self.pending:
             limit = min(limit, self.pending[0].granted_at)
@@ -205,13 +209,33 @@ class Wallet:
             if g.expires_at is not None and g.expires_at < limit:
                 limit = g.expires_at
         end = bisect_left(ev.event_at, limit, k, min(hi, ev.same_plan_to[k]))  # events strictly before it
+        if using is None:
+            return end
         base = so_far[k - lo]
         # drawn by events k..m-1 (so_far[m - lo] - base) must stay below what the grant holds
         end = min(end, bisect_left(so_far, base + using.remaining, k - lo, end - lo + 1) - 1 + lo)
-        floor = self._floor(ev.plan[k].plan.credits, period)
+        floor = self._floor(spec, period)
         if floor is not None:
             end = min(end, bisect_right(so_far, base + self.balance - floor, k - lo, end - lo + 1) - 1 + lo)
         return max(end, k)
+
+    def _exhausted(self, spec: Credits, period: Period) -> bool:
+        """Whether an event the wallet cannot cover only bills by units in `period`: its
+        exhaustion alert fired, no top-up to buy (none, or the cap reached and said), the
+        low-balance alert fired or not due, and overage billing (grace under `block` counts down
+        event by event)."""
+        top = spec.top_up
+        low = spec.low_balance if spec.low_balance is not None else (top.below if top else None)
+        return (spec.when_exhausted != "block" and period in self.exhausted_fired
+                and not (top and top.auto and not self._capped(spec, period))
+                and not (low is not None and self.balance < low and period not in self.low_fired))
+
+    def _capped(self, spec: Credits, period: Period) -> bool:
+        """Whether the plan's top-up cap binds in `period` and its alert was said: a top-up tried
+        then changes nothing."""
+        top = spec.top_up
+        return (top.max_per_period is not None and self.top_ups.get(period, 0) >= top.max_per_period
+                and period in self.limit_fired)
 
     def _in_use(self) -> Grant | None:
         """The grant the next draw takes from: the first in draw order still holding credits."""
@@ -220,10 +244,10 @@ class Wallet:
         return next((g for g in self._drawn_from if g.remaining > 0), None)
 
     def _floor(self, spec: Credits, period: Period) -> Decimal | None:
-        """The balance below which consuming does more than draw: an auto top-up, or the low
-        balance alert not yet fired in `period` (None: neither)."""
+        """The balance below which consuming does more than draw: an auto top-up (the cap not
+        reached), or the low balance alert not yet fired in `period` (None: neither)."""
         top = spec.top_up
-        floors = [top.below] if top and top.auto else []
+        floors = [top.below] if top and top.auto and not self._capped(spec, period) else []
         low = spec.low_balance if spec.low_balance is not None else (top.below if top else None)
         if low is not None and period not in self.low_fired:
             floors.append(low)
@@ -236,6 +260,8 @@ class Wallet:
         earlier at the first event after which the exact sums break the stretch (rounding)."""
         g = self._in_use()
         spec = ev.plan[k].plan.credits
+        if g is None:
+            return self._bill_stretch(ev, k, end, spec)
         floor = self._floor(spec, Period.containing(ev.event_at[k].date()))
         drawing = [i for i in range(k, end) if ev.need[i]]  # an event that needs nothing draws nothing
         taken = [ev.need[i] - ZERO for i in drawing]
@@ -264,6 +290,18 @@ class Wallet:
             # what the one-by-one replay adds: the units nothing left uncovered, a zero whose
             # exponent is that of quantity x (need - drawn) / need
             units = ev.quantity[i] * (need - (ZERO + (need - ZERO))) / need if need else ZERO
+            key = (ev.subscription_id[i], ev.segment_no[i], ev.meter[i], ev.dims[i])
+            billable[key] += units
+            by_day[key + (ev.day[i],)] += units
+        return end
+
+    def _bill_stretch(self, ev: EventColumns, k: int, end: int, spec: Credits) -> int:
+        """Events k..end-1 of an exhausted wallet (`_exhausted`): each draws nothing and bills its
+        units, quantity x (need - nothing drawn) / need, as one event at a time would."""
+        billable, by_day = self.out.billable_units, self.out.billable_by_day
+        for i in range(k, end):
+            need = ev.need[i]
+            units = ev.quantity[i] * (need - ZERO) / need if need else ZERO
             key = (ev.subscription_id[i], ev.segment_no[i], ev.meter[i], ev.dims[i])
             billable[key] += units
             by_day[key + (ev.day[i],)] += units
