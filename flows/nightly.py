@@ -38,7 +38,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from importlib.metadata import version as package_version
 from pathlib import Path
 
 import duckdb
@@ -51,9 +50,9 @@ from prefect.utilities.annotations import quote
 from flows.billed_index import committed_index
 from flows.engine import period_usage
 from flows.ingest import is_adjustments_key, is_purchases_key, is_usage_key
-from flows.locks import Fence, Hold, period_lock, warn
+from flows.locks import Hold, period_lock, warn
 from flows.outputs import PARQUET
-from flows.publish import quietly
+from flows.publish import manifest_bytes, manifest_of, output_entries, publish_outputs
 from flows.retries import IO_RETRIES
 from flows.secrets import keep_secrets_out_of_logs, webhook_url
 from flows.settings import Settings
@@ -599,66 +598,14 @@ def _deliver_pending(store, key: str, webhook: str | None) -> None:
 @task(name="publish-night", cache_policy=NO_CACHE, **IO_RETRIES)
 def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usage: NightUsage,
                   result: NightResult, reference, out_dir: Path, hold: Hold) -> dict:
-    """State files first (tonight's objects, the period to date; all named by night, so nothing
-    the committed state points to is overwritten), then the night's outputs and the usage index,
-    then the commit (`nights/night=D.json`) and the fired alerts, the manifest last, then what
-    no state points to any more is cleared away. A night killed anywhere reruns from the night
-    before to the same result.
-
-    Every write up to the manifest is fenced (flows/locks.py): a night that lost its lock while
-    paused writes nothing more."""
-    the_store = open_store(store_uri)
-    night_manifest = night_prefix(day) + MANIFEST
-    if the_store.exists(night_manifest):  # a retry after our own commit: only the clearing is left
-        manifest = json.loads(the_store.read_bytes(night_manifest))
-        snapshot = json.loads(the_store.read_bytes(night_commit_key(period, day)))
-    else:
-        fence = Fence(the_store, hold, f"nightly {day}", night_manifest, [])
-        try:
-            fence.clear(fence.claim())
-            manifest, snapshot = _publish_night(fence.guard(the_store), period, day, intake, usage, result,
-                                                reference, out_dir, night_manifest)
-        except BaseException:
-            quietly(fence.release)
-            raise
-    try:
-        _clear_superseded(the_store, period, [intake.base, snapshot])
-    except StoreError as exc:  # the night is committed; the next night clears what is left
-        line = f"night written, but could not clear superseded state ({exc}); the next night clears it"
-        warn(line)
-        manifest = {**manifest, "warnings": [line]}
-    return manifest
-
-
-def _publish_night(store, period: Period, day: date, intake: Intake, usage: NightUsage, result: NightResult,
-                   reference, out_dir: Path, night_manifest: str) -> tuple[dict, dict]:
-    intake_now = {k: dict(v) for k, v in intake.kept.items()}
-    for key, path in usage.rebuilt_ids.items():
-        if not intake_now[key].get("ids"):  # a rebuild gives the kept objects their event_id index afresh
-            intake_now[key]["ids"] = _ids_key(period, key, None)
-            intake_now[key]["night"] = usage.nights.get(key)
-            store.put_file(intake_now[key]["ids"], path)
-    taken = [o for o in intake.inputs.usage if o.key not in usage.not_yet]
-    for o in taken:
-        entry = {"size": o.size, "sha256": o.sha256, "etag": o.etag, "night": day.isoformat(),
-                 "through": day.isoformat(), "state": _object_state_key(period, o.key, day),
-                 "ids": _ids_key(period, o.key, day)}
-        store.put_file(entry["state"], usage.accepted[o.key])
-        store.put_file(entry["ids"], usage.ids[o.key])
-        intake_now[o.key] = entry
-    tables = {"by_day": usage.by_day, "events": usage.events}
-    snapshot = {"format": STATE_FORMAT, "night": day.isoformat(), "intake": dict(sorted(intake_now.items())),
-                "per_event_meters": intake.meters, "terms": intake.terms}
-    for name, path in tables.items():
-        snapshot[name] = to_date_key(period, day, f"{name}.parquet")
-        store.put_file(snapshot[name], path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result.spend.write_parquet(out_dir / "spend.parquet", **PARQUET)
-    snapshot["spend"] = to_date_key(period, day, "spend.parquet")
-    store.put_file(snapshot["spend"], out_dir / "spend.parquet")
-    snapshot["wallets"] = to_date_key(period, day, "wallets.json")
-    store.put_bytes(snapshot["wallets"], result.wallets)
-
+    """The night's outputs into `billing/nightly/date=D/`, the manifest last (flows.publish's
+    publish_outputs, fenced as every publish): written straight into the folder, unstaged, for a
+    night's folder without its manifest is a draft that the rerun replaces. Just before the
+    manifest, the night's state: tonight's objects and the period to date (all named by night,
+    so nothing the committed state points to is overwritten), the usage index, the commit
+    (`nights/night=D.json`) and the fired alerts. After it, what no state points to any more is
+    cleared away. A night killed anywhere reruns from the night before to the same result."""
+    store = open_store(store_uri)
     fired_key = fired_alerts_key(period)
     fired = pl.read_parquet(io.BytesIO(store.read_bytes(fired_key))) if store.exists(fired_key) else None
     if fired is not None:  # a retry of this task must find tonight's alerts new again
@@ -666,40 +613,83 @@ def _publish_night(store, period: Period, day: date, intake: Intake, usage: Nigh
     every = alerts_table(result.alerts)
     identity = ["customer_id", "period", "kind", "threshold"]
     new = every if fired is None else every.join(fired.select(identity), on=identity, how="anti")
-    names = {"alerts.parquet": new, "draft_invoices.parquet": invoices_table(result.invoices),
-             "draft_invoice_lines.parquet": lines_table(result.invoices), "credit_balances.parquet": result.balances,
-             "usage.parquet": usage_estimates(result.invoices)}
-    for name, frame in names.items():
+    tables = {"alerts.parquet": new, "draft_invoices.parquet": invoices_table(result.invoices),
+              "draft_invoice_lines.parquet": lines_table(result.invoices), "credit_balances.parquet": result.balances,
+              "usage.parquet": usage_estimates(result.invoices)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
         frame.write_parquet(out_dir / name, **PARQUET)
-    over = subscriptions_over_budget(result.invoices, list(reference.segments))
-    manifest = {
-        "billrun_version": package_version("billrun"), "date": day.isoformat(), "period": str(period),
+    result.spend.write_parquet(out_dir / "spend.parquet", **PARQUET)  # state, not an output
+    taken = [o for o in intake.inputs.usage if o.key not in usage.not_yet]
+    snapshot, state_files = _night_snapshot(period, day, intake, usage, taken, out_dir / "spend.parquet")
+    fields = {
+        "date": day.isoformat(), "period": str(period),
         "intake": {"objects": len(taken), "removed": list(intake.removed), **usage.counts},
-        "alerts_fired": new.height, "over_80_percent_of_budget": over,
+        "alerts_fired": new.height, "over_80_percent_of_budget": subscriptions_over_budget(
+            result.invoices, list(reference.segments)),
         "credit_balances_from": result.balances_from,
-        "outputs": [{"key": night_prefix(day) + n, "sha256": file_sha256(out_dir / n)} for n in sorted(names)],
+        "outputs": output_entries(night_prefix(day), out_dir, tables, sizes=False),
     }
-    for name in names:
-        store.put_file(night_prefix(day) + name, out_dir / name)
-    index = json.loads(store.read_bytes(USAGE_INDEX_KEY)) if store.exists(USAGE_INDEX_KEY) else {}
-    for o in intake.inputs.usage:  # read again just now: nights of other periods write it too
-        index[o.key] = {"size": o.size, "sha256": o.sha256, "etag": o.etag, **usage.ranges.get(
-            o.key, {"first_at": None, "last_at": None, "undated": False})}
-    store.put_bytes(USAGE_INDEX_KEY, (json.dumps(dict(sorted(index.items())), indent=1) + "\n").encode())
-    store.put_bytes(night_commit_key(period, day), (json.dumps(snapshot, indent=1) + "\n").encode())
-    tonight = new.with_columns(pl.lit(day).alias("night"))
-    merged = tonight if fired is None else pl.concat([fired, tonight])
-    buffer = io.BytesIO()
-    merged.write_parquet(buffer, **PARQUET)
-    store.put_bytes(fired_key, buffer.getvalue())
-    if new.height:
-        pending = pending_delivery_key(period)
-        earlier = json.loads(store.read_bytes(pending))["alerts"] if store.exists(pending) else []
-        ours = new.with_columns(pl.col("occurred_on").cast(pl.String)).to_dicts()
-        earlier = [a for a in earlier if a not in ours]  # a retry does not queue them twice
-        store.put_bytes(pending, json.dumps({"alerts": earlier + ours}, sort_keys=True).encode())
-    store.put_bytes(night_manifest, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    return manifest, snapshot
+    body = manifest_bytes(fields)
+
+    def night_state(fenced) -> None:
+        for key, path in state_files:
+            fenced.put_file(key, path)
+        fenced.put_bytes(snapshot["wallets"], result.wallets)
+        index = json.loads(fenced.read_bytes(USAGE_INDEX_KEY)) if fenced.exists(USAGE_INDEX_KEY) else {}
+        for o in intake.inputs.usage:  # read again just now: nights of other periods write it too
+            index[o.key] = {"size": o.size, "sha256": o.sha256, "etag": o.etag, **usage.ranges.get(
+                o.key, {"first_at": None, "last_at": None, "undated": False})}
+        fenced.put_bytes(USAGE_INDEX_KEY, (json.dumps(dict(sorted(index.items())), indent=1) + "\n").encode())
+        fenced.put_bytes(night_commit_key(period, day), (json.dumps(snapshot, indent=1) + "\n").encode())
+        tonight = new.with_columns(pl.lit(day).alias("night"))
+        merged = tonight if fired is None else pl.concat([fired, tonight])
+        buffer = io.BytesIO()
+        merged.write_parquet(buffer, **PARQUET)
+        fenced.put_bytes(fired_key, buffer.getvalue())
+        if new.height:
+            pending = pending_delivery_key(period)
+            earlier = json.loads(fenced.read_bytes(pending))["alerts"] if fenced.exists(pending) else []
+            ours = new.with_columns(pl.col("occurred_on").cast(pl.String)).to_dicts()
+            earlier = [a for a in earlier if a not in ours]  # a retry does not queue them twice
+            fenced.put_bytes(pending, json.dumps({"alerts": earlier + ours}, sort_keys=True).encode())
+
+    warnings = publish_outputs(store, hold, f"nightly {day}", night_prefix(day), out_dir, sorted(tables), body,
+                               scratch=[], private=None, staged=False, before_manifest=night_state)
+    try:
+        _clear_superseded(store, period, [intake.base, snapshot])
+    except StoreError as exc:  # the night is committed; the next night clears what is left
+        line = f"night written, but could not clear superseded state ({exc}); the next night clears it"
+        warn(line)
+        warnings.append(line)
+    manifest = manifest_of(fields)
+    return {**manifest, "warnings": warnings} if warnings else manifest
+
+
+def _night_snapshot(period: Period, day: date, intake: Intake, usage: NightUsage, taken: list[InputObject],
+                    spend: Path) -> tuple[dict, list[tuple[str, Path]]]:
+    """The commit of night `day` (`nights/night=D.json`: which files make up the state after it),
+    and the local files to write under the keys it names (all but the wallets)."""
+    intake_now = {k: dict(v) for k, v in intake.kept.items()}
+    files = []
+    for key, path in usage.rebuilt_ids.items():
+        if not intake_now[key].get("ids"):  # a rebuild gives the kept objects their event_id index afresh
+            intake_now[key]["ids"] = _ids_key(period, key, None)
+            intake_now[key]["night"] = usage.nights.get(key)
+            files.append((intake_now[key]["ids"], path))
+    for o in taken:
+        entry = {"size": o.size, "sha256": o.sha256, "etag": o.etag, "night": day.isoformat(),
+                 "through": day.isoformat(), "state": _object_state_key(period, o.key, day),
+                 "ids": _ids_key(period, o.key, day)}
+        files += [(entry["state"], usage.accepted[o.key]), (entry["ids"], usage.ids[o.key])]
+        intake_now[o.key] = entry
+    snapshot = {"format": STATE_FORMAT, "night": day.isoformat(), "intake": dict(sorted(intake_now.items())),
+                "per_event_meters": intake.meters, "terms": intake.terms}
+    for name, path in (("by_day", usage.by_day), ("events", usage.events), ("spend", spend)):
+        snapshot[name] = to_date_key(period, day, f"{name}.parquet")
+        files.append((snapshot[name], path))
+    snapshot["wallets"] = to_date_key(period, day, "wallets.json")
+    return snapshot, files
 
 
 def _clear_superseded(store, period: Period, snapshots: list[dict]) -> None:

@@ -153,11 +153,15 @@ def output_entries(prefix: str, out_dir: Path, names: Iterable[str], *, hashed: 
             for name, (size, digest) in sorted(known.items())]
 
 
+def manifest_of(fields: dict) -> dict:
+    """A run's manifest: `fields` and the version of billrun that wrote them."""
+    return {"billrun_version": package_version("billrun"), **fields}
+
+
 def manifest_bytes(fields: dict) -> bytes:
-    """A manifest as published: `fields` with the billrun version, keys sorted, indented, one
-    trailing newline (its bytes depend only on its content)."""
-    return (json.dumps({"billrun_version": package_version("billrun"), **fields}, indent=2, sort_keys=True)
-            + "\n").encode()
+    """`manifest_of(fields)` as published: keys sorted, indented, one trailing newline (its bytes
+    depend only on its content)."""
+    return (json.dumps(manifest_of(fields), indent=2, sort_keys=True) + "\n").encode()
 
 
 @task(name="publish", cache_policy=NO_CACHE, **IO_RETRIES)
