@@ -179,10 +179,13 @@ class Wallet:
         if lo == hi:
             return None
         so_far = list(accumulate(ev.need[lo:hi], initial=ZERO))  # so_far[k - lo]: drawn by events lo..k-1
+        # the bisections need sums that never fall: a negative need (a price below zero) goes
+        # event by event
+        stretches = self.stretches and min(ev.need[lo:hi]) >= 0
         k = lo
         while k < hi:
             self.advance(ev.event_at[k])
-            end = self._stretch_end(ev, k, hi, so_far, lo) if self.stretches else k
+            end = self._stretch_end(ev, k, hi, so_far, lo) if stretches else k
             if end > k:
                 k = self._consume_stretch(ev, k, end)
             else:
