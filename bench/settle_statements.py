@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             config["memory_limit"] = args.duckdb_memory_limit
         con = Timed(duckdb.connect(config=config))
         started = time.perf_counter()
-        checked = checked_usage(con, paths, customers, subs, segments, catalog, period)
+        checked = checked_usage(con, paths, customers, subs, segments, catalog, period, Path(tmp) / "checked")
         report["settle_s"] = round(time.perf_counter() - started, 2)
         report["counts"] = checked.counts
         report["temp_tables"] = [{"table": t, "rows": n, "columns": c} for t, n, c in con._con.sql(

@@ -33,7 +33,7 @@ from flows.ingest import normalized_object
 from flows.retries import IO_RETRIES
 from flows.settings import DEFAULT_SHARD_MEMORY, MAX_SHARDS, Settings
 from flows.store import LocalStore, open_store
-from transforms.engine.checked_usage import CheckedFiles, checked_tables, checked_usage, merged_files
+from transforms.engine.checked_usage import CheckedFiles, checked_usage, merged_files
 from transforms.errors import InputError
 from transforms.inputs.plans import Catalog
 from transforms.layout import work_prefix
@@ -189,18 +189,21 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
     started = time.perf_counter()
     reference, catalog, index = context.value
     scratch_store = open_store(scratch.uri, create=True)
+    prefix = scratch.key(f"checked/{check}/shard={shard:04d}/")
     with tempfile.TemporaryDirectory(prefix=f"billrun-shard{shard:04d}-") as tmp:
         local = scratch_store.fetch(sorted(keys), Path(tmp) / "in")
         billed_out = Path(tmp) / "billed.parquet"
         spill = Path(tmp) / "spill"
         spill.mkdir()
+        in_place = scratch_store.local_folder(prefix)  # the work folder: the tables are written where they stay
+        tables_to = in_place or Path(tmp) / "checked"
         con = duckdb.connect(config={"temp_directory": str(spill),
                                      "memory_limit": memory_limit,
                                      "preserve_insertion_order": False})
         try:
             checked = checked_usage(con, [local[k] for k in sorted(keys)], reference.customers,
                                     list(reference.subscriptions), list(reference.segments), catalog, period,
-                                    index.local(Path(tmp) / "index"), billed_out,
+                                    tables_to, index.local(Path(tmp) / "index"), billed_out,
                                     lineage_to=Path(tmp) / "lineage.parquet")
         finally:
             con.close()
@@ -208,10 +211,9 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
         scratch_store.put_file(lineage_key, Path(tmp) / "lineage.parquet")
         billed_key = scratch.key(f"billed/shard={shard:04d}.parquet")
         scratch_store.put_file(billed_key, billed_out)
-    tables = {}
-    for name, frame in checked_tables(checked).items():
-        tables[name] = scratch.key(f"checked/{check}/shard={shard:04d}/{name}.parquet")
-        _write(scratch_store, tables[name], frame)
+        tables = {name: prefix + Path(path).name for name, path in checked.tables.items()}
+        if in_place is None:
+            scratch_store.put_files([(tables[name], Path(path)) for name, path in checked.tables.items()])
     c = checked.counts
     get_run_logger().info("check-usage: shard %d: read %d, billed %d, duplicates %d, quarantined %d in %.2fs",
                           shard, c["read"], c["billed"], c["duplicates"], c["quarantined"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import tempfile
 from datetime import date
 from decimal import Decimal as D
 from pathlib import Path
@@ -62,10 +63,12 @@ def write(tmp_path) -> Usage:
 
 
 def settle(paths: list[Path], period: Period = OCT):
+    """The check of `paths`, its tables read back from the files it wrote, and each row's outcome."""
     con = duckdb.connect()
     try:
-        result = checked_usage(con, paths, CUSTOMERS, SUBSCRIPTIONS, segments_in(period, SUBSCRIPTIONS, CATALOG),
-                               CATALOG, period)
+        with tempfile.TemporaryDirectory() as tables:
+            result = checked_usage(con, paths, CUSTOMERS, SUBSCRIPTIONS, segments_in(period, SUBSCRIPTIONS, CATALOG),
+                                   CATALOG, period, Path(tables)).loaded()
         outcomes = con.sql("SELECT event_id, source_key, outcome, final_reason FROM settled ORDER BY ALL").pl()
     finally:
         con.close()

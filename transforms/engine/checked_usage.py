@@ -249,11 +249,15 @@ CREDIT_HISTORY_SCHEMA = {
 """The credit history as a table: one row per CreditEvent, its fields in order."""
 
 
+def credit_history_frame(events: list[CreditEvent]) -> pl.DataFrame:
+    """The credit history as a table (CREDIT_HISTORY_SCHEMA), in its order."""
+    fields = attrgetter(*CREDIT_HISTORY_SCHEMA)
+    return pl.DataFrame([fields(e) for e in events], schema=CREDIT_HISTORY_SCHEMA, orient="row")
+
+
 def checked_tables(checked: CheckedUsage) -> dict[str, pl.DataFrame]:
     """A checked usage's tables by name (CHECKED_TABLES), the credit history as a frame."""
-    fields = attrgetter(*CREDIT_HISTORY_SCHEMA)
-    history = pl.DataFrame([fields(e) for e in checked.credit_history],
-                           schema=CREDIT_HISTORY_SCHEMA, orient="row")
+    history = credit_history_frame(checked.credit_history)
     return {"quarantine": checked.quarantine, "usage_by_dims": checked.usage_by_dims,
             "usage_by_day": checked.usage_by_day, "per_event_usage": checked.per_event_usage,
             "conflicts": checked.conflicts, "credit_history": history}
@@ -334,10 +338,12 @@ def merged_files(con: duckdb.DuckDBPyConnection, parts: list[CheckedFiles], fold
 
 def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], customers: pl.DataFrame,
                   subscriptions: list[Subscription], segments: list[Segment], catalog: Catalog,
-                  period: Period, index: BilledIndex = NO_INDEX, billed_out: Path | None = None,
-                  lineage_to: Path | None = None) -> CheckedUsage:
+                  period: Period, tables_to: Path, index: BilledIndex = NO_INDEX, billed_out: Path | None = None,
+                  lineage_to: Path | None = None) -> CheckedFiles:
     """Settle the rows of `normalized` (Parquet files of `transforms.inputs.usage.NORMALIZED_COLUMNS`).
 
+    The checked usage's tables (CHECKED_TABLES) are written by DuckDB into the folder `tables_to`,
+    a Parquet file each: the per-day units and per-event rows never become frames here.
     `index`: the billed-event index of the decided periods: an event their documents bill is not
     billed here (its copy is quarantined as `billed_in_period`). `billed_out`: where to write the
     billed events (event_id, id_hash), this check's part of the period's index. With
@@ -372,21 +378,19 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     _run(con, sql["settled"], params)
     counts = dict(zip(("read", "billed", "duplicates", "quarantined"),
                       (int(v) for v in _run(con, sql["counts"], params)[0]), strict=True))
-    usage_by_day = con.sql(sql["usage_by_day"]).pl()
+    _run(con, sql["by_day"], params)
     if lineage_to is not None:
         con.sql(sql["lineage"]).write_parquet(str(lineage_to), compression="zstd")
-    con.register("by_day", usage_by_day.to_arrow())
     if billed_out is not None:
         billed_out.parent.mkdir(parents=True, exist_ok=True)
         con.sql(sql["billed_ids"]).write_parquet(str(billed_out), compression="lz4")
-    return CheckedUsage(
-        billed_ids=(billed_out,) if billed_out is not None else (),
-        conflicts=con.sql(sql["conflicts"]).pl().cast(CONFLICT_SCHEMA),
-        credit_history=credit_history(con, subscriptions, catalog, period),
-        counts=counts,
-        quarantine=con.sql(sql["quarantine"], params={"period": str(period)}).pl(),
-        usage_by_dims=con.sql(sql["usage_by_dims"]).pl(),
-        usage_by_day=usage_by_day,
-        per_event_usage=con.sql(sql["per_event_usage"]).pl(),
-        lineage=(str(lineage_to),) if lineage_to is not None else (),
-    )
+    tables_to.mkdir(parents=True, exist_ok=True)
+    tables = {name: str(tables_to / f"{name}.parquet") for name in CHECKED_TABLES}
+    for name in ("quarantine", "usage_by_dims", "usage_by_day", "per_event_usage", "conflicts"):
+        query = sql[name]
+        con.sql(query, params={p: params[p] for p in _PARAM.findall(query)}).write_parquet(tables[name],
+                                                                                          compression="lz4")
+    credit_history_frame(credit_history(con, subscriptions, catalog, period)).write_parquet(
+        tables["credit_history"], compression="lz4")
+    return CheckedFiles(counts, tables, billed_ids=(billed_out,) if billed_out is not None else (),
+                        lineage=(str(lineage_to),) if lineage_to is not None else ())

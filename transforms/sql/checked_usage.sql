@@ -163,19 +163,25 @@ FROM settled
 WHERE outcome = 'quarantined'
 ORDER BY source_key, source_row;
 
--- name: usage_by_day
+-- name: by_day
 -- One row per subscription segment x meter x distinct dimensions x UTC day: the billed units,
--- for spend alerts replayed in event time.
+-- for spend alerts replayed in event time. Materialized (DuckDB's memory, which spills): both
+-- usage_by_day and usage_by_dims read it.
+CREATE OR REPLACE TEMP TABLE by_day AS
 SELECT subscription_id, segment_no, meter, dims, CAST(event_at AS DATE) AS day,
        sum(quantity) AS units, count(*) AS events
 FROM settled
 WHERE outcome = 'billed'
-GROUP BY ALL
+GROUP BY ALL;
+
+-- name: usage_by_day
+-- One row per subscription segment x meter x distinct dimensions x UTC day (`by_day`), in order.
+SELECT * FROM by_day
 ORDER BY ALL;
 
 -- name: usage_by_dims
 -- One row per subscription segment x meter x distinct dimensions: the billed units, summed from
--- `by_day` (the result of usage_by_day) rather than from every row again.
+-- `by_day` rather than from every row again.
 SELECT subscription_id, segment_no, meter, dims,
        CAST(sum(units) AS DECIMAL(38, 9)) AS units, CAST(sum(events) AS BIGINT) AS events
 FROM by_day
