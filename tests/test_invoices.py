@@ -509,3 +509,42 @@ def test_a_line_beyond_int64_minor_units_fails_in_one_line_not_a_traceback():
     pf = plan(charges('{meter: calls, price: {model: standard, unit_price: "1.00"}}'))
     with pytest.raises(InputError, match=r"^subscription 's1': the line 'calls' exceeds the largest amount"):
         period_invoices(OCT, [segment(pf)], usage(("calls", {}, "100000000000000000", 1000000)))
+
+
+SHARED = plan(fee("20") + charges(
+    '{meter: calls, included: 100, price: {model: standard, unit_price: "0.01"}}',
+    '{meter: tokens, price: {model: graduated, per: 1000, tiers: [{up_to: 10, unit_price: "0.5"}, '
+    '{up_to: null, unit_price: "0.25", flat_fee: "1"}]}}',
+    '{meter: images, group_by: [size], price: {model: package, package_size: 10, package_price: "2"}}',
+    '{meter: exports, price: {model: volume, tiers: [{up_to: 5, unit_price: "1"}, {up_to: null, unit_price: "0.5"}]}}'),
+    name="shared")
+SHARED_V2 = plan(charges('{meter: calls, included: 50, price: {model: standard, unit_price: "0.02"}}'),
+                 name="shared", version=2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(
+    st.lists(st.tuples(st.sampled_from(["calls", "tokens", "images", "exports", "unpriced"]),
+                       st.sampled_from([{}, {"size": "s"}, {"size": "l"}]),
+                       st.sampled_from(["0", "0.000", "5", "5.000", "100", "150", "10000", "12345.5"]),
+                       st.integers(0, 3)), max_size=4),
+    st.booleans()), min_size=1, max_size=6))
+def test_lines_of_equal_usage_shared_across_invoices_are_the_lines_rated_alone(subs):
+    """A period rates a line of equal usage once and shares it (charge_lines' `made`): every
+    invoice's lines, to the exact decimal, are those it gets when rated on its own."""
+    segments, used = [], {}
+    for i, (rows, migrated) in enumerate(subs):
+        sub = subscription(f"s{i}", f"c{i}")
+        if migrated:  # a second version from the 16th: the allowance carries across segments
+            segments += [segment(SHARED, end="2026-10-16", sub=sub), segment(SHARED_V2, start="2026-10-16", sub=sub,
+                                                                             no=2)]
+        else:
+            segments.append(segment(SHARED, sub=sub))
+        used |= usage(*rows, sid=f"s{i}")
+        if migrated:
+            used |= usage(*rows, sid=f"s{i}", no=2)
+    together = period_invoices(OCT, segments, used)
+    alone = [inv for sid in sorted({s.subscription.subscription_id for s in segments})
+             for inv in period_invoices(OCT, [s for s in segments if s.subscription.subscription_id == sid], used)]
+    assert [(i.subscription_id, [repr(line) for line in i.lines]) for i in together] == \
+        [(i.subscription_id, [repr(line) for line in i.lines]) for i in alone]

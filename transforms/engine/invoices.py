@@ -143,6 +143,10 @@ class SegmentUsage:
     per_event: tuple[tuple[str, str | tuple[str, ...], Decimal | pl.DataFrame], ...] = ()  # meter, dims, quantity
 
 
+NO_USAGE = SegmentUsage(())
+"""The usage of a segment that used nothing."""
+
+
 def usage_by_segment(usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame
                      ) -> dict[tuple[str, int], SegmentUsage]:
     """Regroup the settled usage tables by (subscription_id, segment_no), rows in table order.
@@ -233,21 +237,33 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
     for index, charge in enumerate(plan.charges):
         groups: dict[tuple, list] = {}
         events: dict[tuple, list[Decimal] | pl.Series] = defaultdict(list)
-        known = _known_groups(charge)  # group_of's answers, read inline: millions of rows per close
-        group_of = groups_by_dims(charge, known)
-        for _, dims_json, units, count in by_dims_of.get(charge.meter, ()):
-            key = known[dims_json] if dims_json in known else group_of(dims_json)
-            if key is not None:
-                total = groups.setdefault(key, [ZERO, 0])
-                total[0] += units
-                total[1] += count
-        for _, dims_json, quantity in per_event_of.get(charge.meter, ()):
-            if isinstance(quantity, pl.DataFrame):  # all of the meter's events, see usage_by_segment
-                events.update(_event_columns(quantity, dims_json, group_of))
-                continue
-            key = known[dims_json] if dims_json in known else group_of(dims_json)
-            if key is not None:
-                events[key].append(quantity)
+        rows, event_rows = by_dims_of.get(charge.meter), per_event_of.get(charge.meter)
+        if made is not None and not rows and not event_rows:
+            # unused: 0 units, none of them from the allowance, so the line is the same on every
+            # invoice of the plan version (and the allowance used is left as it was)
+            if not charge.group_by:
+                unused_key = (id(plan), index, segment.segment_no, label_suffix)
+                line = made.get(unused_key)
+                if line is None:
+                    line = made[unused_key] = _charge_line(segment, charge, (), ZERO, ZERO, 0, (), label_suffix)
+                lines.append(line)
+            continue
+        if rows or event_rows:
+            known = _known_groups(charge)  # group_of's answers, read inline: millions of rows per close
+            group_of = groups_by_dims(charge, known)
+            for _, dims_json, units, count in rows or ():
+                key = known[dims_json] if dims_json in known else group_of(dims_json)
+                if key is not None:
+                    total = groups.setdefault(key, [ZERO, 0])
+                    total[0] += units
+                    total[1] += count
+            for _, dims_json, quantity in event_rows or ():
+                if isinstance(quantity, pl.DataFrame):  # all of the meter's events, see usage_by_segment
+                    events.update(_event_columns(quantity, dims_json, group_of))
+                    continue
+                key = known[dims_json] if dims_json in known else group_of(dims_json)
+                if key is not None:
+                    events[key].append(quantity)
         if not charge.group_by and not groups:
             groups[()] = [ZERO, 0]  # a metered charge shows on the invoice even when unused
         pool = (charge.meter, tuple(sorted(charge.filter.items())))
@@ -262,7 +278,8 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
                 lines.append(_charge_line(segment, charge, key, units, used, count, quantities, label_suffix))
                 continue
             # str: the exact decimal (5 and 5.000 are equal, but a line shows the one it was given)
-            made_key = (id(plan), index, segment.segment_no, label_suffix, key, str(units), str(used), count)
+            made_key = (id(plan), index, segment.segment_no, label_suffix, key,
+                        "0" if units is ZERO else str(units), "0" if used is ZERO else str(used), count)
             line = made.get(made_key)
             if line is None:
                 line = made[made_key] = _charge_line(segment, charge, key, units, used, count, (), label_suffix)
@@ -304,7 +321,8 @@ def fixed_fee_lines(segment: Segment, label_suffix: str, made: Made | None = Non
     `made`: the lines already made for a segment of the same plan version, number and days (see
     charge_lines)."""
     plan = segment.plan.plan
-    made_key = (id(plan), "fixed_fees", segment.segment_no, segment.days, segment.period.days, label_suffix)
+    made_key = (id(plan), "fixed_fees", segment.segment_no, segment.start_at, segment.end_at, segment.period,
+                label_suffix)
     if made is not None and made_key in made:
         return list(made[made_key])
     lines = []
@@ -338,17 +356,16 @@ def _cap_and_commitment(segments: list[Segment], sub: Subscription, lines: list[
     out: list[Line] = []
     controls = last.spend_controls
     cap = sub.hard_cap if sub.hard_cap is not None else (controls.hard_cap if controls else None)
-    usage_minor = usage_spend_minor(lines)
     if cap is not None:
-        cap_minor = to_minor(cap, currency, rounding)
+        usage_minor, cap_minor = usage_spend_minor(lines), to_minor(cap, currency, rounding)
         if usage_minor > cap_minor:
             excess = usage_minor - cap_minor
             out.append(Line(kind="cap_waiver", quantity=Decimal(1), amount_minor=-excess,
                             description=f"Hard cap: usage above {cap} {currency} is waived",
                             amount=from_minor(-excess, currency)))
-    minimum = sum((s.plan.plan.commitment.minimum * s.days / s.period.days
-                   for s in segments if s.plan.plan.commitment), ZERO)
     if any(s.plan.plan.commitment for s in segments):
+        minimum = sum((s.plan.plan.commitment.minimum * s.days / s.period.days
+                       for s in segments if s.plan.plan.commitment), ZERO)
         minimum_minor = to_minor(minimum, currency, rounding)
         spend_minor = commitment_spend_minor(lines + out)
         if spend_minor < minimum_minor:
@@ -390,7 +407,7 @@ def period_invoices(period: Period, segments: list[Segment], usage: dict[tuple[s
         for seg in segs:
             suffix = _segment_label(seg, many)
             lines += fixed_fee_lines(seg, suffix, made)
-            lines += charge_lines(seg, usage.get((sub.subscription_id, seg.segment_no), SegmentUsage(())),
+            lines += charge_lines(seg, usage.get((sub.subscription_id, seg.segment_no)) or NO_USAGE,
                                   suffix, allowance_used, made)
         lines += _cap_and_commitment(segs, sub, lines)
         lines += (extra_lines or {}).get(sub.subscription_id, [])
