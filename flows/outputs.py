@@ -29,6 +29,7 @@ from transforms.credits.model import WalletReplay
 from transforms.credits.reports import credit_report, credit_summaries
 from transforms.engine.checked_usage import CheckedUsage, quarantine_table, quarantined_by_reason, usage_row_counts
 from transforms.engine.invoices import Invoice, invoices_table, lines_table, totals_by_currency
+from transforms.engine.lineage import credit_draws, lineage_lines
 from transforms.finance.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.finance.margins import margins_table, segment_plans
 from transforms.finance.revenue import journal, revenue_table, tax_rows
@@ -130,6 +131,8 @@ def _write_tables(write, invoices: list[Invoice], checked: CheckedUsage, normali
     write("usage_summary.parquet", checked.usage_by_dims)
     write("margins.parquet", margins_table(lines, checked.usage_by_day, segment_plans(reference.segments),
                                            costs[0], period))
+    billing_lines = lineage_lines(lines)
+    del lines
     quarantine = quarantine_table(checked.quarantine, normalized.unreadable)
     write("quarantine.parquet", quarantine)
     write("conflicting_duplicates.parquet", checked.conflicts)
@@ -140,17 +143,20 @@ def _write_tables(write, invoices: list[Invoice], checked: CheckedUsage, normali
                        usage_spend_by_subscription(invoices))))
     ledger = ledger_table(replay, period)
     write("credit_ledger.parquet", ledger)
-    with billed_events_table(checked, lines, quarantine, ledger, lineage_memory) as billed_events:
-        write("billed_events.parquet", billed_events)
+    draws = credit_draws(ledger)
     del ledger
     write("credit_balances.parquet", balances_table(replay, period))
-    del lines
     revenue = revenue_table(period, invoices, replay, reference.segments)
     write("revenue.parquet", revenue)
     write("journal.parquet", journal(revenue, tax_rows(invoices, str(period))))
+    del revenue
     adjustments = None
     if reference.adjustments_table is not None:  # a store without the input writes what it always wrote
         adjustments = billed_table(reference.adjustments_table, invoices)
         write("adjustments.parquet", adjustments)
+    # billed_events last, from the lines and ledger entries it reads: its sort (DuckDB, spilling
+    # past its cap) runs beside the least of this process's memory
+    with billed_events_table(checked, billing_lines, quarantine, draws, lineage_memory) as billed_events:
+        write("billed_events.parquet", billed_events)
     return (quarantined_by_reason(quarantine),
             adjustment_counts(adjustments) if adjustments is not None else None)

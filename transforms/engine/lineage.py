@@ -77,7 +77,7 @@ def billed_events(con: duckdb.DuckDBPyConnection, lineage: list[str], lines: pl.
         con.read_parquet(list(lineage)).create_view("lineage")
     else:
         con.register("lineage", pl.DataFrame(schema=LINEAGE_COLUMNS).to_arrow())
-    usage_lines = (lines.filter(pl.col("kind").is_in(USAGE_LINE_KINDS))
+    usage_lines = (lineage_lines(lines)
                    .select("invoice_id", pl.col("line_no").cast(pl.Int32), "subscription_id",
                            pl.col("segment_no").cast(pl.Int32), "meter",
                            pl.col("filter").fill_null(""), pl.col("group").fill_null("")))
@@ -85,12 +85,24 @@ def billed_events(con: duckdb.DuckDBPyConnection, lineage: list[str], lines: pl.
     con.register("keyed", line_of_dims(event_dims, usage_lines).to_arrow())
     con.register("usage_lines", usage_lines.to_arrow())
     con.execute(sql["dims_lines"])
-    grants = (ledger.filter((pl.col("kind") == "consume") & pl.col("event_id").is_not_null())
+    grants = (credit_draws(ledger)
               .group_by("event_id").agg(pl.col("grant_id").unique().sort().str.join(",")))
     con.register("grants", grants.select(pl.col("event_id").cast(pl.String), pl.col("grant_id").cast(pl.String))
                  .to_arrow())
     con.register("set_aside", set_aside_rows(quarantine).to_arrow())
     return con.sql(sql["billed_events"])
+
+
+def lineage_lines(lines: pl.DataFrame) -> pl.DataFrame:
+    """The lines of an invoice_lines table that bill events: its usage and overage lines (all
+    that `billed_events` reads of the table)."""
+    return lines.filter(pl.col("kind").is_in(USAGE_LINE_KINDS))
+
+
+def credit_draws(ledger: pl.DataFrame) -> pl.DataFrame:
+    """The credit ledger's entries that paid for one event: its `consume` entries with an
+    event_id (all that `billed_events` reads of the ledger)."""
+    return ledger.filter((pl.col("kind") == "consume") & pl.col("event_id").is_not_null())
 
 
 def set_aside_rows(quarantine: pl.DataFrame) -> pl.DataFrame:
