@@ -159,8 +159,9 @@ def usage_by_segment(usage_by_dims: pl.DataFrame, per_event_usage: pl.DataFrame
     per_event: dict[tuple[str, int], list] = defaultdict(list)
     offset = 0
     groups = events.group_by(keys, maintain_order=True).agg(pl.len(), pl.col("dims").unique(maintain_order=True))
+    narrow = events.select("dims", "quantity")  # sliced per group: a slice is a view, a select a query
     for sub, seg, meter, count, dims in groups.iter_rows():
-        per_event[(sub, seg)].append((meter, tuple(dims), events.slice(offset, count).select("dims", "quantity")))
+        per_event[(sub, seg)].append((meter, tuple(dims), narrow.slice(offset, count)))
         offset += count
     return {key: SegmentUsage(by_dims.get(key, ()), tuple(per_event.get(key, ())))
             for key in set(by_dims) | set(per_event)}
@@ -180,6 +181,23 @@ def _known_groups(charge) -> dict[str, tuple | None]:
             _GROUPS.clear()
         known = _GROUPS[key] = {}
     return known
+
+
+_CHARGES: dict[int, tuple] = {}
+"""Per charge (by id, the charge kept to tell a reused id), what charge_lines reads for it on
+every invoice: its groups' answers, its group_of and its allowance pool."""
+
+
+def _charge_parts(charge) -> tuple[dict[str, tuple | None], Callable[[str], tuple | None], tuple]:
+    """(known groups, group_of, allowance pool) of `charge`, worked out once per charge."""
+    entry = _CHARGES.get(id(charge))
+    if entry is None or entry[0] is not charge:
+        if len(_CHARGES) > 4096:  # a long-lived process with many catalogs: start over
+            _CHARGES.clear()
+        known = _known_groups(charge)
+        entry = _CHARGES[id(charge)] = (charge, known, groups_by_dims(charge, known),
+                                        (charge.meter, tuple(sorted(charge.filter.items()))))
+    return entry[1:]
 
 
 def groups_by_dims(charge, known: dict | None = None) -> Callable[[str], tuple | None]:
@@ -248,9 +266,8 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
                     line = made[unused_key] = _charge_line(segment, charge, (), ZERO, ZERO, 0, (), label_suffix)
                 lines.append(line)
             continue
+        known, group_of, pool = _charge_parts(charge)  # group_of's answers, read inline: millions of rows
         if rows or event_rows:
-            known = _known_groups(charge)  # group_of's answers, read inline: millions of rows per close
-            group_of = groups_by_dims(charge, known)
             for _, dims_json, units, count in rows or ():
                 key = known[dims_json] if dims_json in known else group_of(dims_json)
                 if key is not None:
@@ -266,7 +283,6 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
                     events[key].append(quantity)
         if not charge.group_by and not groups:
             groups[()] = [ZERO, 0]  # a metered charge shows on the invoice even when unused
-        pool = (charge.meter, tuple(sorted(charge.filter.items())))
         for key in sorted(groups, key=lambda k: tuple((v is None, v or "") for v in k)) if len(groups) > 1 else groups:
             units, count = groups[key]
             allowance = max(charge.included - allowance_used.get(pool, ZERO), ZERO)
@@ -413,7 +429,7 @@ def period_invoices(period: Period, segments: list[Segment], usage: dict[tuple[s
         lines += (extra_lines or {}).get(sub.subscription_id, [])
         _representable(sub.subscription_id, currencies, lines)
         invoices.append(Invoice(
-            invoice_id=f"INV-{period}-{number:06d}",
+            invoice_id=f"INV-{period_text}-{number:06d}",
             kind="invoice",
             customer_id=sub.customer_id,
             subscription_id=sub.subscription_id,
@@ -435,6 +451,8 @@ def _representable(subscription_id: str, currencies: set[str], lines: list[Line]
     """Every line and the total fit int64 minor units. A single event cannot exceed them (it is
     quarantined as amount_out_of_range, see transforms.engine.checked_usage.ROW_AMOUNT_LIMIT_MINOR); only the
     sum of very many events at the largest legal amount can, and that is said in one line."""
+    if sum(map(abs, map(attrgetter("amount_minor"), lines))) <= INT64_MAX_MINOR:
+        return  # then no line and no running total can exceed it
     total = 0
     for line in lines:
         total += line.amount_minor
@@ -553,7 +571,11 @@ def apply_credits(usage: dict[tuple[str, int], SegmentUsage], billable: dict[tup
     paid with credits, the units the wallet did not cover (`billable`, by segment x meter x
     dims) replace the units used."""
     out = {}
+    paid = {(sub, seg) for sub, seg, _ in credit_meters}
     for (sub, seg), su in usage.items():
+        if (sub, seg) not in paid:  # no meter of the segment paid with credits: its usage as it is
+            out[(sub, seg)] = su
+            continue
         rows = tuple((m, d, billable.get((sub, seg, m, d), ZERO) if (sub, seg, m) in credit_meters else u, n)
                      for m, d, u, n in su.by_dims)
         per_event = tuple(r for r in su.per_event if (sub, seg, r[0]) not in credit_meters)
