@@ -47,7 +47,7 @@ class Settings:
     """BILLRUN_WORKERS: shard tasks and invoice renderers at once on this machine; None: one per core."""
     duckdb_memory: str | None = None
     """BILLRUN_DUCKDB_MEMORY: DuckDB's memory cap per connection (`2GB`); None: 1500MB per shard,
-    256MB for the close's sort of billed_events."""
+    1GB for the close's sort of billed_events."""
     prefect_home: Path | None = None
     """PREFECT_HOME: Prefect's folder, whose disk is checked when a command fails."""
     ci: bool = False
@@ -95,7 +95,7 @@ VARIABLES = (
              "shards"),
     Variable(WORKERS_ENV, "one per core", "shard tasks and invoice renderers running at once on this machine",
              "workers"),
-    Variable(MEMORY_ENV, f"`{DEFAULT_SHARD_MEMORY}` per shard, `256MB` for the sort of billed_events",
+    Variable(MEMORY_ENV, f"`{DEFAULT_SHARD_MEMORY}` per shard, `1GB` for the sort of billed_events",
              "DuckDB's memory cap per shard and for the close's sort of billed_events (on a Dask cluster "
              "too: the close's value travels with its tasks)", "duckdb_memory"),
     Variable("BILLRUN_DASK_ADDRESS", "none", "`billrun close --dask ADDRESS`: run the shard tasks on this Dask "

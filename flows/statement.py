@@ -29,11 +29,10 @@ def with_local_lineage(checked: CheckedUsage, scratch, work_dir: Path) -> Checke
     return replace(checked, lineage=tuple(str(local[k]) for k in sorted(checked.lineage)))
 
 
-LINEAGE_MEMORY = "256MB"
+LINEAGE_MEMORY = "1GB"
 """DuckDB's cap while billed_events is joined and sorted: above it the sort spills to disk
-(the shards' cap, BILLRUN_DUCKDB_MEMORY, when set: the close passes it in). The sort spills at
-10M events under any cap the close can afford, so a low one costs little: on a 1M-event close
-the step took 720 MB above the close's own memory under 1GB and 250 MB under 256MB."""
+(the shards' cap, BILLRUN_DUCKDB_MEMORY, when set: the close passes it in). Not lower: under
+256MB a 10M-event close failed here, DuckDB unable to pin a block for the sort ("Out of Memory")."""
 
 
 @contextmanager
