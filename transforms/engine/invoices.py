@@ -245,6 +245,7 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
     of models given each event's quantity are always rated.
     """
     plan = segment.plan.plan
+    plan_id, segment_no = id(plan), segment.segment_no
     lines = []
     # a charge prices one meter: each charge looks only at its meter's rows
     by_dims_of, per_event_of = defaultdict(list), defaultdict(list)
@@ -260,7 +261,7 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
             # unused: 0 units, none of them from the allowance, so the line is the same on every
             # invoice of the plan version (and the allowance used is left as it was)
             if not charge.group_by:
-                unused_key = (id(plan), index, segment.segment_no, label_suffix)
+                unused_key = (plan_id, index, segment_no, label_suffix)
                 line = made.get(unused_key)
                 if line is None:
                     line = made[unused_key] = _charge_line(segment, charge, (), ZERO, ZERO, 0, (), label_suffix)
@@ -294,7 +295,7 @@ def charge_lines(segment: Segment, usage: SegmentUsage, label_suffix: str,
                 lines.append(_charge_line(segment, charge, key, units, used, count, quantities, label_suffix))
                 continue
             # str: the exact decimal (5 and 5.000 are equal, but a line shows the one it was given)
-            made_key = (id(plan), index, segment.segment_no, label_suffix, key,
+            made_key = (plan_id, index, segment_no, label_suffix, key,
                         "0" if units is ZERO else str(units), "0" if used is ZERO else str(used), count)
             line = made.get(made_key)
             if line is None:
