@@ -510,60 +510,78 @@ def invoices_table(invoices: list[Invoice]) -> pl.DataFrame:
 def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
     """One row per invoice line, numbered from 1 within its invoice.
 
-    Built column by column from flat comprehensions: no per-line row objects (a million small
-    containers keep Python's cycle collector walking the whole heap), and texts that repeat
-    across invoices (filters, groups, the tier details of equal ratings) are formatted once."""
-    jsons: dict = {}
-
-    def as_json(mapping: dict) -> str | None:
-        if not mapping:
-            return None
-        key = tuple(mapping.items())
-        out = jsons.get(key)
-        if out is None:
-            out = jsons[key] = json.dumps(mapping, sort_keys=True)
-        return out
-
-    details_of: dict = {}
-
-    def details(steps: tuple[Step, ...]) -> str | None:
-        if not steps:
-            return None
-        out = details_of.get(steps)
-        if out is None:
-            out = details_of[steps] = json.dumps([s.as_dict() for s in steps])
-        return out
-
+    Built column by column: one pass over the lines reads all their fields at once (an
+    `attrgetter` of every field, transposed), with no per-line row objects (a million small
+    containers keep Python's cycle collector walking the whole heap). Texts are formatted once
+    per distinct object, then per distinct value: the decimals, filters, groups and tier details
+    that repeat across lines (equal ratings share their objects) are grouped by identity in C,
+    so a Decimal or a tuple of steps is hashed once per object, not once per line."""
     lines = [line for inv in invoices for line in inv.lines]
     counts = [len(inv.lines) for inv in invoices]
+    rows = list(map(attrgetter(*_LINE_FIELDS), lines))  # a tuple of its fields per line, in C
+    fields = dict(zip(_LINE_FIELDS, zip(*rows, strict=True) if rows else [()] * len(_LINE_FIELDS), strict=True))
+    del rows
+
     def per_invoice(name: str) -> list:
         return [value for value, n in zip(map(attrgetter(name), invoices), counts, strict=True) for _ in range(n)]
 
-    def per_line(name: str) -> list:
-        return list(map(attrgetter(name), lines))  # the loop in C, not a getattr call per cell
+    def formatted(values, text, key=lambda value: value) -> list:
+        """`text` of each value: computed once per distinct object, then once per distinct `key`
+        of the value (equal values give equal texts); the per-line work runs in C."""
+        ids = list(map(id, values))
+        by_key: dict = {}
+        texts_by_id = {}
+        for ident, value in dict(zip(ids, values, strict=True)).items():  # values alive: ids their own
+            k = key(value)
+            got = by_key.get(k, by_key)
+            if got is by_key:
+                got = by_key[k] = text(value)
+            texts_by_id[ident] = got
+        return list(map(texts_by_id.__getitem__, ids))
+
+    def as_json(mapping: dict) -> str | None:
+        return json.dumps(mapping, sort_keys=True) if mapping else None
+
+    def items(mapping: dict) -> tuple:
+        return tuple(mapping.items())  # a dict is not hashable: equal ones are found by their items
+
+    def optional_text(value: Decimal | None) -> str | None:
+        return None if value is None else decimal_text(value)
+
+    def details(steps: tuple[Step, ...]) -> str | None:
+        return json.dumps([s.as_dict() for s in steps]) if steps else None
 
     def texts(name: str) -> list:
-        return [None if v is None else decimal_text(v) for v in map(attrgetter(name), lines)]
+        values = fields[name]
+        if values.count(None) == len(values):  # correction and tax columns, empty on most closes
+            return [None] * len(values)
+        return formatted(values, optional_text)
 
     columns = {
         "invoice_id": per_invoice("invoice_id"),
         "line_no": [no for n in counts for no in range(1, n + 1)],
         "customer_id": per_invoice("customer_id"), "subscription_id": per_invoice("subscription_id"),
-        "period": per_invoice("period"), "kind": per_line("kind"), "description": per_line("description"),
-        "meter": per_line("meter"), "quantity": texts("quantity"), "unit": per_line("unit"),
-        "amount_minor": per_line("amount_minor"), "currency": per_invoice("currency"),
-        "segment_no": per_line("segment_no"), "plan": per_line("plan"), "plan_version": per_line("plan_version"),
-        "group": [as_json(g) for g in map(attrgetter("group"), lines)],
-        "filter": [as_json(f) for f in map(attrgetter("filter"), lines)],
+        "period": per_invoice("period"), "kind": fields["kind"], "description": fields["description"],
+        "meter": fields["meter"], "quantity": texts("quantity"), "unit": fields["unit"],
+        "amount_minor": fields["amount_minor"], "currency": per_invoice("currency"),
+        "segment_no": fields["segment_no"], "plan": fields["plan"], "plan_version": fields["plan_version"],
+        "group": formatted(fields["group"], as_json, items), "filter": formatted(fields["filter"], as_json, items),
         "total_units": texts("total_units"), "included_units": texts("included_units"), "amount": texts("amount"),
-        "details": [details(steps) for steps in map(attrgetter("steps"), lines)],
-        "adjusts_kind": per_line("adjusts_kind"), "adjusts_description": per_line("adjusts_description"),
+        "details": formatted(fields["steps"], details),
+        "adjusts_kind": fields["adjusts_kind"], "adjusts_description": fields["adjusts_description"],
         "old_quantity": texts("old_quantity"), "new_quantity": texts("new_quantity"),
-        "old_amount_minor": per_line("old_amount_minor"), "new_amount_minor": per_line("new_amount_minor"),
-        "tax_rate": texts("tax_rate"), "taxable_base_minor": per_line("taxable_base_minor"),
-        "tax_note": per_line("tax_note"), "tax_inclusive": per_line("tax_inclusive"),
+        "old_amount_minor": fields["old_amount_minor"], "new_amount_minor": fields["new_amount_minor"],
+        "tax_rate": texts("tax_rate"), "taxable_base_minor": fields["taxable_base_minor"],
+        "tax_note": fields["tax_note"], "tax_inclusive": fields["tax_inclusive"],
     }
-    return pl.DataFrame(columns, schema=LINE_SCHEMA)
+    return pl.DataFrame({name: list(values) for name, values in columns.items()}, schema=LINE_SCHEMA)
+
+
+_LINE_FIELDS = ("kind", "description", "meter", "quantity", "unit", "amount_minor", "segment_no", "plan",
+                "plan_version", "group", "filter", "total_units", "included_units", "amount", "steps",
+                "adjusts_kind", "adjusts_description", "old_quantity", "new_quantity", "old_amount_minor",
+                "new_amount_minor", "tax_rate", "taxable_base_minor", "tax_note", "tax_inclusive")
+"""The fields of a Line that `lines_table` writes, read in one pass."""
 
 
 def apply_credits(usage: dict[tuple[str, int], SegmentUsage], billable: dict[tuple, Decimal],
