@@ -287,13 +287,12 @@ def _billed_units(usage: pl.DataFrame, segs: pl.DataFrame, costs: Costs, period:
     per_row = (by_segment.join(numbered, on="_segment")
                .group_by(*MARGIN_KEY, "cost_row").agg(pl.col("units").sum())
                .group_by(MARGIN_KEY).agg(pl.col("cost_row"), pl.col("units")))
-    cost_minor = []
-    for currency, rows_of_cost, units in per_row.select("currency", "cost_row", "units").iter_rows():
-        if any(r is None for r in rows_of_cost):
-            cost_minor.append(None)
-        else:
-            exact = sum((costs.rows[r].cost_of(u) for r, u in zip(rows_of_cost, units, strict=True)), ZERO)
-            cost_minor.append(to_minor(exact, currency))
+    cost_minor: list[int | None] = [None] * per_row.height  # unknown where some usage has no cost
+    complete = pl.col("cost_row").list.drop_nulls().list.len() == pl.col("cost_row").list.len()
+    for row, currency, rows_of_cost, units in (per_row.with_row_index("_row").filter(complete)
+                                               .select("_row", "currency", "cost_row", "units").iter_rows()):
+        exact = sum((costs.rows[r].cost_of(u) for r, u in zip(rows_of_cost, units, strict=True)), ZERO)
+        cost_minor[row] = to_minor(exact, currency)
     return per_row.select(*MARGIN_KEY, pl.col("units").list.sum().alias("units"),
                           pl.Series("cost_minor", cost_minor, dtype=pl.Int64), pl.lit(True).alias("priced"))
 
