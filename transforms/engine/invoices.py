@@ -518,9 +518,11 @@ def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
     so a Decimal or a tuple of steps is hashed once per object, not once per line."""
     lines = [line for inv in invoices for line in inv.lines]
     counts = [len(inv.lines) for inv in invoices]
-    rows = list(map(attrgetter(*_LINE_FIELDS), lines))  # a tuple of its fields per line, in C
-    fields = dict(zip(_LINE_FIELDS, zip(*rows, strict=True) if rows else [()] * len(_LINE_FIELDS), strict=True))
-    del rows
+    fields: dict[str, list] = {name: [] for name in _LINE_FIELDS}
+    every_field, into = attrgetter(*_LINE_FIELDS), list(fields.values())
+    for start in range(0, len(lines), 65536):  # a tuple of its fields per line, in C, a slice at a time
+        for column, values in zip(into, zip(*map(every_field, lines[start:start + 65536]), strict=True), strict=True):
+            column.extend(values)
 
     def per_invoice(name: str) -> list:
         return [value for value, n in zip(map(attrgetter(name), invoices), counts, strict=True) for _ in range(n)]
@@ -574,7 +576,7 @@ def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
         "tax_rate": texts("tax_rate"), "taxable_base_minor": fields["taxable_base_minor"],
         "tax_note": fields["tax_note"], "tax_inclusive": fields["tax_inclusive"],
     }
-    return pl.DataFrame({name: list(values) for name, values in columns.items()}, schema=LINE_SCHEMA)
+    return pl.DataFrame(columns, schema=LINE_SCHEMA)
 
 
 _LINE_FIELDS = ("kind", "description", "meter", "quantity", "unit", "amount_minor", "segment_no", "plan",
