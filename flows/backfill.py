@@ -43,7 +43,6 @@ from flows.steps import (
     work_dir_for,
 )
 from flows.store import open_store
-from flows.testing_seam import fault_point
 from transforms.credits.ledger import balances_table
 from transforms.documents.render import invoice_html
 from transforms.documents.terms import due_on
@@ -148,9 +147,7 @@ def backfill_run_id(periods: list[Period], as_of: date, reason: str, input_hashe
     return f"backfill-{as_of:%Y%m%d}-{digest.hexdigest()[:12]}"
 
 
-BACKFILL_POINTS = CrashPoints(staged=lambda: fault_point("backfill-staged"),
-                              copied=lambda: fault_point("backfill-copied"),
-                              committed=lambda: fault_point("backfill-committed"))
+BACKFILL_POINTS = CrashPoints(staged="backfill-staged", copied="backfill-copied", committed="backfill-committed")
 
 
 @task(name="publish-corrections", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -36,23 +36,25 @@ class LostRace(BillrunError):
     """Another run published into the same folder first."""
 
 
-def _nowhere() -> None:
-    """No crash point here (see CrashPoints)."""
-
-
 @dataclass(frozen=True)
 class CrashPoints:
     """Where the crash tests stop a publish (flows/testing_seam.py), under each flow's own names:
-    after staging, after the first table is copied, after every copy, after the manifest."""
+    after staging, after the first table is copied, after every copy, after the manifest. None:
+    no point there."""
 
-    staged: Callable[[], None] = _nowhere
-    copied_first: Callable[[], None] = _nowhere
-    copied: Callable[[], None] = _nowhere
-    committed: Callable[[], None] = _nowhere
+    staged: str | None = None
+    copied_first: str | None = None
+    copied: str | None = None
+    committed: str | None = None
 
 
-CLOSE_POINTS = CrashPoints(staged=lambda: fault_point("staged"), copied_first=lambda: fault_point("copied-first"),
-                           copied=lambda: fault_point("copied-all"), committed=lambda: fault_point("manifest-written"))
+CLOSE_POINTS = CrashPoints(staged="staged", copied_first="copied-first", copied="copied-all",
+                           committed="manifest-written")
+
+
+def _reached(point: str | None) -> None:
+    if point is not None:
+        fault_point(point)
 
 
 def publish_outputs(store: Store, hold: Hold, run_id: str, prefix: str, out_dir: Path, names: list[str],
@@ -85,13 +87,13 @@ def publish_outputs(store: Store, hold: Hold, run_id: str, prefix: str, out_dir:
             fence.clear(fence.claim())
             if staged:
                 _stage(store, fence, run_id, out_dir, names)
-                points.staged()
+                _reached(points.staged)
             _delete_leftovers(store, fence, prefix, keys)
             if staged:
                 _copy_into_place(store, fence, staging_prefix(run_id, hold.token), prefix, names, points)
             else:
                 fence.guard(store).put_files([(prefix + name, out_dir / name) for name in names])
-            points.copied()
+            _reached(points.copied)
             if before_manifest is not None:
                 before_manifest(fence.guard(store))
             fence.ensure()
@@ -102,7 +104,7 @@ def publish_outputs(store: Store, hold: Hold, run_id: str, prefix: str, out_dir:
         except BaseException:
             quietly(fence.release)
             raise
-    points.committed()
+    _reached(points.committed)
     warnings = after_commit(store, prefix, keys | {key}, private)
     get_run_logger().info("publish: %d outputs and the manifest to %s/%s in %.2fs", len(names), store.uri.rstrip("/"),
                           prefix, time.perf_counter() - started)
@@ -132,7 +134,7 @@ def _copy_into_place(store: Store, fence: Fence, staging: str, prefix: str, name
     if tables:
         fence.ensure()
         store.copy(staging + tables[0], prefix + tables[0])
-        points.copied_first()
+        _reached(points.copied_first)
         store.copy_many([(staging + name, prefix + name) for name in tables[1:]], before=fence.ensure)
     for folder in sorted({n.split("/", 1)[0] + "/" for n in documents}):
         store.move_prefix(staging + folder, prefix + folder,
