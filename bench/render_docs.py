@@ -74,13 +74,13 @@ def render_inputs(store: str, period_text: str, plans: str) -> dict:
     state = post_settle.settle(store, plans, period, work)
     shutil.rmtree(work, ignore_errors=True)
     reference, checked = state["reference"], state["settlement"]
-    outcome = steps.replay_credits.fn(checked, reference, state["catalog"], period)
-    invoices = [replace(inv, run_id="close-bench") for inv in steps.rate_invoices.fn(checked, reference, outcome,
+    replay = steps.replay_credits.fn(checked, reference, state["catalog"], period)
+    invoices = [replace(inv, run_id="close-bench") for inv in steps.rate_invoices.fn(checked, reference, replay,
                                                                                    period)]
     return {"invoices": invoices,
             "customers": {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)},
             "seller": reference.seller, "roundings": subscription_plans(reference.segments).rounding,
-            "wallets": credit_summaries(outcome, period), "run_id": "close-bench"}
+            "wallets": credit_summaries(replay, period), "run_id": "close-bench"}
 
 
 def best_cpu(repeat: int, work) -> tuple[float, object]:
