@@ -123,12 +123,15 @@ def _monotone(segs: list[Segment]) -> bool:
 class _SubscriptionUsage:
     """One subscription's usage as rating a day reads it, per segment: for each (meter, dims),
     its days with usage and the units and events summed through each of them (units after
-    credits for meters paid with credits); and the per-event quantities, with their days, in
-    the order of the per-event table."""
+    credits for meters paid with credits); and per meter priced event by event, its events
+    (day, dims, quantity) in the order of the per-event table, with their last day and
+    distinct dims. The events stay a Polars frame: rating a day takes those up to it as a
+    column (as the invoice rates them), never a Python object per event."""
 
     by_key: dict[int, dict[tuple[str, str], tuple[list, list, list]]] = field(
         default_factory=lambda: defaultdict(dict))
-    per_event: dict[int, list[tuple[date, tuple]]] = field(default_factory=lambda: defaultdict(list))
+    per_event: dict[int, list[tuple[str, pl.DataFrame, date, tuple[str, ...]]]] = field(
+        default_factory=lambda: defaultdict(list))
 
     def segment_usage(self, segment_no: int, through: date) -> SegmentUsage:
         rows = []
@@ -136,7 +139,14 @@ class _SubscriptionUsage:
             i = bisect_right(days, through)
             if i:
                 rows.append((meter, dims, units[i - 1], events[i - 1]))
-        return SegmentUsage(tuple(rows), tuple(e for day, e in self.per_event.get(segment_no, ()) if day <= through))
+        per_event = []
+        for meter, events, last_day, dims in self.per_event.get(segment_no, ()):
+            if last_day > through:  # the meter's events up to `through` only, in table order
+                events = events.filter(pl.col("day") <= through)
+                dims = tuple(events["dims"].unique(maintain_order=True))
+            if events.height:
+                per_event.append((meter, dims, events))
+        return SegmentUsage(tuple(rows), tuple(per_event))
 
 
 def spend_to_date_minor(segments: list[Segment], usage: _SubscriptionUsage, through: date) -> int:
@@ -188,15 +198,22 @@ def _usage_from(usage_by_day: pl.DataFrame, per_event_usage: pl.DataFrame, since
         days.append(day)
         units.append((units[-1] if units else ZERO) + billable_by_day.get((sub, seg, meter, dims, day), ZERO))
         counts.append(events)
+    keys = ["subscription_id", "segment_no", "meter"]
     events_of = (per_event_usage.lazy()
-                 .select(*USAGE_KEY, "quantity", pl.col("event_at").dt.date().alias("day"))
+                 .select(*keys, "dims", "quantity", pl.col("event_at").dt.date().alias("day"))
                  .join(starts.lazy().select("subscription_id"), on="subscription_id", how="semi",
                        maintain_order="left")
                  .join(paid_with_credits.lazy(), on=["subscription_id", "segment_no", "meter"], how="anti",
                        maintain_order="left")
+                 .sort(keys, maintain_order=True)  # each meter's events together, in table order
                  .collect())
-    for sub, seg, meter, dims, quantity, day in events_of.iter_rows():
-        usage[sub].per_event[seg].append((day, (meter, dims, quantity)))
+    groups = events_of.group_by(keys, maintain_order=True).agg(
+        pl.len(), pl.col("day").max(), pl.col("dims").unique(maintain_order=True))
+    narrow = events_of.select("day", "dims", "quantity")  # sliced per meter: a slice is a view
+    offset = 0
+    for sub, seg, meter, count, last_day, dims in groups.iter_rows():
+        usage[sub].per_event[seg].append((meter, narrow.slice(offset, count), last_day, tuple(dims)))
+        offset += count
     return usage
 
 
