@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
-from operator import attrgetter
+from itertools import chain, repeat
+from operator import attrgetter, is_not
 
 import polars as pl
 
@@ -506,40 +507,40 @@ def invoices_table(invoices: list[Invoice]) -> pl.DataFrame:
          for i in invoices], schema=INVOICE_SCHEMA)
 
 
-@cycle_collector_paused()  # its JSON texts are built from dicts, a million times
+@cycle_collector_paused()  # its JSON texts are built from dicts, once per distinct line
 def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
     """One row per invoice line, numbered from 1 within its invoice.
 
-    Built column by column: one pass over the lines reads all their fields at once (an
-    `attrgetter` of every field, transposed), with no per-line row objects (a million small
-    containers keep Python's cycle collector walking the whole heap). Texts are formatted once
-    per distinct object, then per distinct value: the decimals, filters, groups and tier details
-    that repeat across lines (equal ratings share their objects) are grouped by identity in C,
-    so a Decimal or a tuple of steps is hashed once per object, not once per line."""
-    lines = [line for inv in invoices for line in inv.lines]
-    counts = [len(inv.lines) for inv in invoices]
+    Rating shares a line among the invoices that bill the same thing (see charge_lines: most of
+    100k invoices bill a charge they did not use, or the same few units), so a close's lines are
+    far fewer objects than rows. Each distinct line object is read and formatted once, into a
+    frame of its own, and the rows are gathered from it in Polars; the invoice's own columns are
+    gathered the same way from one row per invoice. Within the distinct lines, the decimals,
+    filters, groups and tier details that repeat are formatted once per distinct value."""
+    counts = list(map(len, map(attrgetter("lines"), invoices)))
+    lines = list(chain.from_iterable(map(attrgetter("lines"), invoices)))
+    ids = list(map(id, lines))
+    distinct = dict(zip(ids, lines, strict=True))  # one line per object, in first-seen order
+    row_of = {ident: row for row, ident in enumerate(distinct)}
     fields: dict[str, list] = {name: [] for name in _LINE_FIELDS}
     every_field, into = attrgetter(*_LINE_FIELDS), list(fields.values())
-    for start in range(0, len(lines), 65536):  # a tuple of its fields per line, in C, a slice at a time
-        for column, values in zip(into, zip(*map(every_field, lines[start:start + 65536]), strict=True), strict=True):
+    if distinct:  # a tuple of its fields per distinct line, in C
+        for column, values in zip(into, zip(*map(every_field, distinct.values()), strict=True), strict=True):
             column.extend(values)
-
-    def per_invoice(name: str) -> list:
-        return [value for value, n in zip(map(attrgetter(name), invoices), counts, strict=True) for _ in range(n)]
 
     def formatted(values, text, key=lambda value: value) -> list:
         """`text` of each value: computed once per distinct object, then once per distinct `key`
         of the value (equal values give equal texts); the per-line work runs in C."""
-        ids = list(map(id, values))
+        value_ids = list(map(id, values))
         by_key: dict = {}
         texts_by_id = {}
-        for ident, value in dict(zip(ids, values, strict=True)).items():  # values alive: ids their own
+        for ident, value in dict(zip(value_ids, values, strict=True)).items():  # values alive: ids their own
             k = key(value)
             got = by_key.get(k, by_key)
             if got is by_key:
                 got = by_key[k] = text(value)
             texts_by_id[ident] = got
-        return list(map(texts_by_id.__getitem__, ids))
+        return list(map(texts_by_id.__getitem__, value_ids))
 
     def as_json(mapping: dict) -> str | None:
         return json.dumps(mapping, sort_keys=True) if mapping else None
@@ -555,17 +556,14 @@ def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
 
     def texts(name: str) -> list:
         values = fields[name]
-        if values.count(None) == len(values):  # correction and tax columns, empty on most closes
+        if not any(map(is_not, values, repeat(None))):  # correction and tax columns, empty on most closes
             return [None] * len(values)
         return formatted(values, optional_text)
 
-    columns = {
-        "invoice_id": per_invoice("invoice_id"),
-        "line_no": [no for n in counts for no in range(1, n + 1)],
-        "customer_id": per_invoice("customer_id"), "subscription_id": per_invoice("subscription_id"),
-        "period": per_invoice("period"), "kind": fields["kind"], "description": fields["description"],
+    per_line = pl.DataFrame({
+        "kind": fields["kind"], "description": fields["description"],
         "meter": fields["meter"], "quantity": texts("quantity"), "unit": fields["unit"],
-        "amount_minor": fields["amount_minor"], "currency": per_invoice("currency"),
+        "amount_minor": fields["amount_minor"],
         "segment_no": fields["segment_no"], "plan": fields["plan"], "plan_version": fields["plan_version"],
         "group": formatted(fields["group"], as_json, items), "filter": formatted(fields["filter"], as_json, items),
         "total_units": texts("total_units"), "included_units": texts("included_units"), "amount": texts("amount"),
@@ -575,9 +573,22 @@ def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
         "old_amount_minor": fields["old_amount_minor"], "new_amount_minor": fields["new_amount_minor"],
         "tax_rate": texts("tax_rate"), "taxable_base_minor": fields["taxable_base_minor"],
         "tax_note": fields["tax_note"], "tax_inclusive": fields["tax_inclusive"],
-    }
-    return pl.DataFrame(columns, schema=LINE_SCHEMA)
+    }, schema={name: LINE_SCHEMA[name] for name in _LINE_COLUMNS})
+    per_invoice = pl.DataFrame({name: list(map(attrgetter(name), invoices)) for name in _INVOICE_COLUMNS},
+                               schema={name: LINE_SCHEMA[name] for name in _INVOICE_COLUMNS})
+    invoice_rows = pl.Series([n for n, count in enumerate(counts) for _ in range(count)], dtype=pl.UInt32)
+    return pl.concat([
+        per_invoice[invoice_rows],
+        pl.DataFrame({"line_no": [no for count in counts for no in range(1, count + 1)]}, schema={"line_no": pl.Int32}),
+        per_line[pl.Series(list(map(row_of.__getitem__, ids)), dtype=pl.UInt32)],
+    ], how="horizontal").select(list(LINE_SCHEMA))
 
+
+_INVOICE_COLUMNS = ("invoice_id", "customer_id", "subscription_id", "period", "currency")
+"""The columns of invoice_lines that are the invoice's, the same on each of its lines."""
+
+_LINE_COLUMNS = tuple(name for name in LINE_SCHEMA if name not in _INVOICE_COLUMNS and name != "line_no")
+"""The columns of invoice_lines that are the line's own."""
 
 _LINE_FIELDS = ("kind", "description", "meter", "quantity", "unit", "amount_minor", "segment_no", "plan",
                 "plan_version", "group", "filter", "total_units", "included_units", "amount", "steps",
