@@ -215,10 +215,14 @@ def credit_history(con: duckdb.DuckDBPyConnection, subscriptions: list[Subscript
     return out
 
 
+def _bound(sql: str, params: dict) -> dict:
+    """The parameters one statement names (DuckDB refuses any it does not)."""
+    return {name: params[name] for name in _PARAM.findall(sql)}
+
+
 def _run(con: duckdb.DuckDBPyConnection, sql: str, params: dict) -> list[tuple]:
     """Execute one statement with the parameters it names, and finish its result."""
-    used = {name: params[name] for name in _PARAM.findall(sql)}
-    return con.execute(sql, used).fetchall()
+    return con.execute(sql, _bound(sql, params)).fetchall()
 
 
 def billed_elsewhere(copies: pl.DataFrame, subscriptions: list[Subscription], catalog: Catalog) -> set[str]:
@@ -362,16 +366,15 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     con.register("plan_meters", plan_meters(catalog).to_arrow())
     params = {"period": str(period), "period_start": period.start_at, "period_end": period.end_at,
               "decided": list(index.periods)}
-    _run(con, sql["checked"], params)
-    con.register("priced_dims", priced_dims(con.sql(sql["dims_to_price"]).pl(), catalog).to_arrow())
-    _run(con, sql["priced"], params)
+    _run(con, sql["candidates"], params)
+    combos = con.sql(sql["dims_to_price"], params=_bound(sql["dims_to_price"], params)).pl()
+    con.register("priced_dims", priced_dims(combos, catalog).to_arrow())
     if index:
         _run(con, sql["probed"], params)
     look_up_billed(con, index)
     billed_before: set[str] = set()
     if _run(con, sql["any_earlier"], params)[0][0]:  # most closes read no earlier rows at all
-        earlier = con.sql(sql["earlier_copies"], params={"period_start": period.start_at,
-                                                         "decided": list(index.periods)}).pl()
+        earlier = con.sql(sql["earlier_copies"], params=_bound(sql["earlier_copies"], params)).pl()
         billed_before = billed_elsewhere(earlier, subscriptions, catalog)
     con.register("billed_before", pl.DataFrame({"event_id": sorted(billed_before)},
                                                schema={"event_id": pl.String}).to_arrow())
@@ -387,9 +390,7 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     tables_to.mkdir(parents=True, exist_ok=True)
     tables = {name: str(tables_to / f"{name}.parquet") for name in CHECKED_TABLES}
     for name in ("quarantine", "usage_by_dims", "usage_by_day", "per_event_usage", "conflicts"):
-        query = sql[name]
-        con.sql(query, params={p: params[p] for p in _PARAM.findall(query)}).write_parquet(tables[name],
-                                                                                          compression="lz4")
+        con.sql(sql[name], params=_bound(sql[name], params)).write_parquet(tables[name], compression="lz4")
     credit_history_frame(credit_history(con, subscriptions, catalog, period)).write_parquet(
         tables["credit_history"], compression="lz4")
     return CheckedFiles(counts, tables, billed_ids=(billed_out,) if billed_out is not None else (),

@@ -1,62 +1,42 @@
 -- Settle one period's usage: which rows bill, which are duplicates, which are quarantined.
 -- Inputs: `events` (normalized usage rows of every object read), `customers`, `segments`
 -- (one row per subscription segment in the period), `plan_meters` (one row per plan version x
--- meter it prices), `billed_elsewhere` (event_ids the documents of other closed periods bill,
--- from the billed-event index: billed_index.sql). Parameters: $period ('YYYY-MM'),
+-- meter it prices), `priced_dims` (one row per plan version x meter x dimensions a charge
+-- prices, from `dims_to_price`), `billed_elsewhere` (event_ids the documents of other closed
+-- periods bill, from the billed-event index: billed_index.sql). Parameters: $period ('YYYY-MM'),
 -- $period_start, $period_end (UTC instants, half-open), $decided (the closed periods whose
 -- index counts: what they billed is known, so their usage never decides anything here).
 -- Macros: `id_hash` (billed_index.sql), `copy_order` (copies.sql: which copy of an event counts).
+-- Only `settled` holds every row: the rows are read from `events` and checked on the way into it,
+-- never copied into a table of their own first.
 
--- name: checked
--- One row per usage row this close counts (scoped: rows whose event time falls in the period,
--- and rows with no usable event time, which belong to no period, so every close that reads them
--- counts them), with its final reason: the row's own rule first, then the rules that need other
--- tables. Segments of one customer never overlap, so a row joins at most one. Only `checked`
--- and `settled` are materialized, so a shard holds two copies of its rows at most.
-CREATE OR REPLACE TEMP TABLE checked AS
-SELECT s.*,
-       seg.subscription_id,
-       seg.segment_no,
-       COALESCE(s.reason,
-                CASE WHEN c.customer_id IS NULL THEN 'unknown_customer'
-                     WHEN seg.subscription_id IS NULL THEN 'no_subscription'
-                     WHEN pm.meter IS NULL THEN 'unknown_meter'
-                     -- its amount at the plan's price would not fit (transforms.engine.checked_usage.plan_meters)
-                     WHEN s.quantity > pm.max_quantity THEN 'amount_out_of_range'
-                END) AS final_reason
-FROM (SELECT *
-      FROM events
-      WHERE event_at IS NULL
-         OR (event_at >= $period_start AND event_at < $period_end)) AS s
-LEFT JOIN customers AS c
-       ON c.customer_id = s.customer_id
-LEFT JOIN segments AS seg
-       ON s.reason IS NULL
-      AND seg.customer_id = s.customer_id
-      AND s.event_at >= seg.start_at AND s.event_at < seg.end_at
-LEFT JOIN plan_meters AS pm
-       ON pm.plan = seg.plan AND pm.plan_version = seg.plan_version AND pm.meter = s.meter;
+-- name: candidates
+-- One row per 64-bit hash of an event_id (DuckDB's hash(), within this connection) that two or
+-- more scoped rows valid on their own have: only their event_ids can have two clean copies. A
+-- row whose hash is not a candidate is the only copy of its event_id here and is never ranked.
+-- A hash never decides alone: the candidates' rows are ranked by event_id itself (`settled`),
+-- so a collision only ranks an event_id that has one clean copy, which comes first.
+CREATE OR REPLACE TEMP TABLE candidates AS
+SELECT hash(event_id) AS event_hash
+FROM events
+WHERE reason IS NULL
+  AND (event_at IS NULL OR (event_at >= $period_start AND event_at < $period_end))
+GROUP BY 1
+HAVING count(*) > 1;
 
 -- name: dims_to_price
--- One row per plan version x meter x distinct dimensions among the rows still clean: small,
--- so matching them against the charges' filters happens once per combination, not per row.
-SELECT DISTINCT seg.plan, seg.plan_version, c.meter, c.dims
-FROM checked AS c
-JOIN segments AS seg USING (subscription_id, segment_no)
-WHERE c.final_reason IS NULL
+-- One row per plan version x meter x distinct dimensions among the scoped rows valid on their
+-- own that fall in a subscription segment: small, so matching them against the charges' filters
+-- happens once per combination, not per row. Rows set aside later for another reason (an
+-- unknown meter, say) only add combinations that no row is priced by.
+SELECT DISTINCT seg.plan, seg.plan_version, e.meter, e.dims
+FROM events AS e
+JOIN segments AS seg
+  ON seg.customer_id = e.customer_id
+ AND e.event_at >= seg.start_at AND e.event_at < seg.end_at
+WHERE e.reason IS NULL
+  AND e.event_at >= $period_start AND e.event_at < $period_end
 ORDER BY ALL;
-
--- name: priced
--- One row per scoped row; a row that no charge of its plan version prices (its dimensions fit
--- no charge's filter) is quarantined rather than silently billed at nothing. A view (see checked).
-CREATE OR REPLACE TEMP VIEW priced AS
-SELECT c.* REPLACE (COALESCE(c.final_reason,
-                             CASE WHEN pd.meter IS NULL THEN 'no_matching_charge' END) AS final_reason)
-FROM checked AS c
-LEFT JOIN segments AS seg USING (subscription_id, segment_no)
-LEFT JOIN priced_dims AS pd
-       ON pd.plan = seg.plan AND pd.plan_version = seg.plan_version
-      AND pd.meter = c.meter AND pd.dims = c.dims;
 
 -- name: any_earlier
 -- Whether any row of this usage is dated before the period (if none, no copy billed before).
@@ -64,51 +44,82 @@ SELECT EXISTS (SELECT 1 FROM events WHERE reason IS NULL AND event_at < $period_
 
 -- name: earlier_copies
 -- One row per copy, earlier in time and in an earlier period not yet decided, of an event_id
--- that is clean here (valid on its own, known customer). Whether that copy bills in its own
--- period (a subscription, a meter and a charge for it then) is decided against subscriptions
--- and plans; if it does, the copy here is a duplicate, so an event_id bills once, ever,
--- whichever period is closed first. A copy in a decided period (closed, with its billed-event
--- index) is left out: what that period bills is its index (`billed_elsewhere`), whatever copies
--- arrived there since.
+-- that has a scoped copy here valid on its own. Whether that copy bills in its own period (a
+-- subscription, a meter and a charge for it then) is decided against subscriptions and plans;
+-- if it does, a clean copy here is a duplicate, so an event_id bills once, ever, whichever
+-- period is closed first. A copy in a decided period (closed, with its billed-event index) is
+-- left out: what that period bills is its index (`billed_elsewhere`), whatever copies arrived
+-- there since.
 SELECT DISTINCT e.event_id, e.customer_id, e.meter, e.dims, e.event_at
 FROM events AS e
 JOIN customers AS c ON c.customer_id = e.customer_id
 WHERE e.reason IS NULL
   AND e.event_at < $period_start
   AND strftime(e.event_at, '%Y-%m') NOT IN (SELECT unnest($decided::VARCHAR[]))
-  AND e.event_id IN (SELECT event_id FROM priced WHERE final_reason IS NULL)
+  AND e.event_id IN (SELECT event_id FROM events
+                     WHERE reason IS NULL
+                       AND (event_at IS NULL OR (event_at >= $period_start AND event_at < $period_end)))
 ORDER BY ALL;
 
 -- name: probed
--- One row per event_id with a clean copy here, with its index hash: what the billed-event index
--- is looked up for (only when some closed period has an index).
+-- One row per event_id with a scoped copy here valid on its own, with its index hash: what the
+-- billed-event index is looked up for (only when some closed period has an index). Only the
+-- copy that bills is held to what the lookup finds (`settled`).
 CREATE OR REPLACE TEMP TABLE probed AS
 SELECT DISTINCT event_id, id_hash(event_id) AS id_hash
-FROM priced
-WHERE final_reason IS NULL;
+FROM events
+WHERE reason IS NULL
+  AND (event_at IS NULL OR (event_at >= $period_start AND event_at < $period_end));
 
 -- name: settled
 -- One row per scoped row with its outcome: billed, duplicate or quarantined. Among clean copies
 -- of one event_id the earliest bills; ties are broken by content, then by source, so the outcome
 -- never depends on the order objects were listed or read (the rule: copies.sql `copy_order`).
--- Only the event_ids with two clean copies or more in `checked` (a few in a hundred; `priced`
--- only quarantines more) are ranked: any other clean row is the only clean copy of its
--- event_id. The copy that would bill is quarantined instead (`billed_in_period`) when another
--- closed period's documents bill the event already (`billed_elsewhere`): reported, never billed
--- twice. The fields as read are kept for quarantined rows only (the quarantine's), and the row's
--- own reason only as its final_reason.
+-- Only the rows whose event_id hash is a candidate (a few in a hundred) are ranked, by event_id:
+-- any other clean row is the only clean copy of its event_id. The copy that would bill is
+-- quarantined instead (`billed_in_period`) when another closed period's documents bill the
+-- event already (`billed_elsewhere`): reported, never billed twice. The fields as read are kept
+-- for quarantined rows only (the quarantine's), and the row's own reason only as its final_reason.
+-- `checked`: one row per usage row this close counts (scoped: rows whose event time falls in the
+-- period, and rows with no usable event time, which belong to no period, so every close that
+-- reads them counts them), with its final reason: the row's own rule first, then the rules that
+-- need other tables; a row that no charge of its plan version prices (its dimensions fit no
+-- charge's filter) is quarantined rather than silently billed at nothing. Segments of one
+-- customer never overlap, so a row joins at most one. Not materialized: the rows are read and
+-- checked once on their way into `settled` (the candidates' few again, to be ranked).
 CREATE OR REPLACE TEMP TABLE settled AS
-WITH copied AS (
-    SELECT event_id
-    FROM checked
-    WHERE final_reason IS NULL
-    GROUP BY event_id
-    HAVING count(*) > 1
+WITH checked AS NOT MATERIALIZED (
+    SELECT s.*,
+           seg.subscription_id,
+           seg.segment_no,
+           COALESCE(s.reason,
+                    CASE WHEN c.customer_id IS NULL THEN 'unknown_customer'
+                         WHEN seg.subscription_id IS NULL THEN 'no_subscription'
+                         WHEN pm.meter IS NULL THEN 'unknown_meter'
+                         -- its amount at the plan's price would not fit (transforms.engine.checked_usage.plan_meters)
+                         WHEN s.quantity > pm.max_quantity THEN 'amount_out_of_range'
+                         WHEN pd.meter IS NULL THEN 'no_matching_charge'
+                    END) AS final_reason
+    FROM (SELECT *
+          FROM events
+          WHERE event_at IS NULL
+             OR (event_at >= $period_start AND event_at < $period_end)) AS s
+    LEFT JOIN customers AS c
+           ON c.customer_id = s.customer_id
+    LEFT JOIN segments AS seg
+           ON s.reason IS NULL
+          AND seg.customer_id = s.customer_id
+          AND s.event_at >= seg.start_at AND s.event_at < seg.end_at
+    LEFT JOIN plan_meters AS pm
+           ON pm.plan = seg.plan AND pm.plan_version = seg.plan_version AND pm.meter = s.meter
+    LEFT JOIN priced_dims AS pd
+           ON pd.plan = seg.plan AND pd.plan_version = seg.plan_version
+          AND pd.meter = s.meter AND pd.dims = s.dims
 ),
 ranked AS (
     SELECT *, CASE WHEN final_reason IS NULL THEN 1 END AS copy_no
-    FROM priced
-    WHERE NOT EXISTS (SELECT 1 FROM copied WHERE copied.event_id = priced.event_id)
+    FROM checked
+    WHERE hash(event_id) NOT IN (SELECT event_hash FROM candidates)
     UNION ALL
     SELECT *,
            CASE WHEN final_reason IS NULL THEN
@@ -116,8 +127,8 @@ ranked AS (
                                   ORDER BY copy_order(event_at, customer_id, meter, quantity, dims, source_key,
                                                       source_row))
            END AS copy_no
-    FROM priced
-    WHERE event_id IN (SELECT event_id FROM copied)
+    FROM checked
+    WHERE hash(event_id) IN (SELECT event_hash FROM candidates)
 ),
 decided AS (
     SELECT r.* REPLACE (CASE WHEN r.final_reason IS NULL AND r.copy_no = 1 AND b.event_id IS NOT NULL
@@ -221,7 +232,8 @@ SELECT s.customer_id, s.event_at, s.event_id, s.meter, s.dims, s.quantity, s.sub
        s.outcome, s.source_key, s.source_row,
        b.source_key AS duplicate_of_source_key, b.source_row AS duplicate_of_source_row
 FROM settled AS s
-LEFT JOIN (SELECT event_id, source_key, source_row FROM settled WHERE outcome = 'billed') AS b
+LEFT JOIN (SELECT event_id, source_key, source_row FROM settled
+           WHERE outcome = 'billed' AND event_id IN (SELECT event_id FROM settled WHERE outcome = 'duplicate')) AS b
        ON s.outcome = 'duplicate' AND b.event_id = s.event_id
 WHERE s.outcome IN ('billed', 'duplicate');
 
