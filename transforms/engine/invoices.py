@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import date
 from decimal import Decimal
 from itertools import chain, repeat
@@ -62,6 +62,20 @@ class Line:
     # outside tax
     adjustment_id: str | None = None
     taxable: bool | None = None
+
+
+_LINE_STATE = {f.name: f.default for f in fields(Line)}
+"""Every field of a Line, in order, at its default (`group` and `filter` have factories: MISSING)."""
+
+
+def _line(given: dict) -> Line:
+    """A Line of the fields `given` (which must include `group` and `filter`), the others at their
+    defaults: the state Line's own __init__ leaves, set as one dict. That __init__, frozen, sets
+    its 30 fields one object.__setattr__ at a time, about 9 us a line; rating a 10M-event close
+    makes 300k lines, so this is about 2 s less."""
+    line = object.__new__(Line)
+    object.__setattr__(line, "__dict__", {**_LINE_STATE, **given})
+    return line
 
 
 TAX_LINE_KINDS = ("tax", "tax_included")
@@ -313,25 +327,33 @@ def _charge_line(segment: Segment, charge, key: tuple, units: Decimal, used: Dec
     billable = units - used
     rating = rate(charge.price, Usage(billable, count, quantities if isinstance(quantities, pl.Series)
                                       else tuple(quantities)))
-    group = dict(zip(charge.group_by, key, strict=True))
-    group_text = ", ".join(f"{k}: {v if v is not None else '(none)'}" for k, v in group.items())
-    return Line(
-        kind="overage" if charge.included > 0 else "usage",
-        description=charge.title + (f" ({group_text})" if group_text else "") + label_suffix,
-        quantity=billable,
-        amount_minor=to_minor(rating.amount, plan.currency, plan.rounding),
-        meter=charge.meter,
-        unit="units",
-        segment_no=segment.segment_no,
-        plan=plan.plan,
-        plan_version=plan.version,
-        group=group,
-        filter=dict(charge.filter),
-        total_units=units,
-        included_units=used if charge.included > 0 else None,
-        amount=rating.amount,
-        steps=rating.steps,
-    )
+    kind, description, group, filter_ = _charge_face(charge, key, label_suffix)
+    return _line({
+        "kind": kind, "description": description, "quantity": billable,
+        "amount_minor": to_minor(rating.amount, plan.currency, plan.rounding),
+        "meter": charge.meter, "unit": "units", "segment_no": segment.segment_no, "plan": plan.plan,
+        "plan_version": plan.version, "group": group, "filter": filter_, "total_units": units,
+        "included_units": used if kind == "overage" else None, "amount": rating.amount, "steps": rating.steps})
+
+
+_FACES: dict[tuple, tuple] = {}
+"""_charge_face's answers, by (charge id, group, label suffix), the charge kept to tell a reused id."""
+
+
+def _charge_face(charge, key: tuple, label_suffix: str) -> tuple[str, str, dict, dict]:
+    """(kind, description, group, filter) of the lines of one group of `charge`: the same on every
+    invoice that bills the group, so worked out once and shared (a line's dicts are never changed)."""
+    face_key = (id(charge), key, label_suffix)
+    face = _FACES.get(face_key)
+    if face is None or face[0] is not charge:
+        if len(_FACES) > 65536:  # a long-lived process with many catalogs: start over
+            _FACES.clear()
+        group = dict(zip(charge.group_by, key, strict=True))
+        group_text = ", ".join(f"{k}: {v if v is not None else '(none)'}" for k, v in group.items())
+        face = _FACES[face_key] = (charge, "overage" if charge.included > 0 else "usage",
+                                   charge.title + (f" ({group_text})" if group_text else "") + label_suffix,
+                                   group, dict(charge.filter))
+    return face[1:]
 
 
 def fixed_fee_lines(segment: Segment, label_suffix: str, made: Made | None = None) -> list[Line]:
