@@ -176,7 +176,7 @@ def normalize_batch(store_uri: str, objects: list, scratch: Scratch, shards: int
 
 @task(name="check-usage", cache_policy=NO_CACHE)
 def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period,
-                memory_limit: str, check: str) -> CheckedFiles:
+                memory_limit: str, check: str, for_merge: bool = False) -> CheckedFiles:
     """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past `memory_limit`
     (the close's BILLRUN_DUCKDB_MEMORY, also on a Dask worker).
     Events the billed-event index shows billed in another closed period are not billed; the
@@ -184,6 +184,8 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
     The checked usage's tables go to the scratch area too (`checked/<check>/shard=N/`), and what
     comes back is their keys and the counts: Prefect keeps every task run's result until the
     flow ends, and the shards' tables together are as large as the merged checked usage.
+    `for_merge`: other shards are merged with this one, which leaves the per-dims units and the
+    order of the per-day ones to the merge (`checked_usage`).
     Not retried: the check is pure work that fails the same way twice, and its reads and
     writes of the scratch store carry the store's own retries (botocore's, on S3)."""
     started = time.perf_counter()
@@ -204,7 +206,7 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
             checked = checked_usage(con, [local[k] for k in sorted(keys)], reference.customers,
                                     list(reference.subscriptions), list(reference.segments), catalog, period,
                                     tables_to, index.local(Path(tmp) / "index"), billed_out,
-                                    lineage_to=Path(tmp) / "lineage.parquet")
+                                    lineage_to=Path(tmp) / "lineage.parquet", for_merge=for_merge)
         finally:
             con.close()
         lineage_key = scratch.key(f"lineage/shard={shard:04d}.parquet")
@@ -302,7 +304,8 @@ def checked_in_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]]
     context = Opaque((reference, catalog, index))
     memory_limit = settings.duckdb_memory or DEFAULT_SHARD_MEMORY
     futures = [runner.submit(check_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,
-                                           "period": period, "memory_limit": memory_limit, "check": folder.name})
+                                           "period": period, "memory_limit": memory_limit, "check": folder.name,
+                                           "for_merge": len(todo) > 1})
                for shard, keys in todo.items()]
     parts = []
     for future in futures:

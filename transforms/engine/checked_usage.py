@@ -321,8 +321,9 @@ MERGED_SQL = "merged_usage.sql"
 def merged_files(con: duckdb.DuckDBPyConnection, parts: list[CheckedFiles], folder: Path) -> CheckedFiles:
     """One checked usage from those of disjoint shards of the usage (merged_usage.sql), each table
     read from the shards' files and written to `folder` by DuckDB: within `con`'s memory limit,
-    it spills rather than grows. The result is the same, byte for byte, whatever the number of
-    shards; one part is returned as it is."""
+    it spills rather than grows. The per-dims units are summed from the merged per-day units, so
+    a part checked `for_merge` needs none. The result is the same, byte for byte, whatever the
+    number of shards; one part (checked whole, not `for_merge`) is returned as it is."""
     if len(parts) == 1:
         return parts[0]
     sql = statements(MERGED_SQL)
@@ -330,11 +331,16 @@ def merged_files(con: duckdb.DuckDBPyConnection, parts: list[CheckedFiles], fold
     folder.mkdir(parents=True, exist_ok=True)
     tables = {}
     for name in CHECKED_TABLES:
+        if name == "usage_by_dims":
+            continue  # summed from the merged usage_by_day below
         files = [p.tables[name] for p in parts]
         positional = name == "credit_history"  # copies of an event_id keep their shard's order
         con.read_parquet(files, filename=positional, file_row_number=positional).create_view(f"{name}_parts")
         tables[name] = str(folder / f"{name}.parquet")
         con.sql(sql[name]).write_parquet(tables[name], compression="lz4")
+    con.read_parquet(tables["usage_by_day"]).create_view("usage_by_day_merged")
+    tables["usage_by_dims"] = str(folder / "usage_by_dims.parquet")
+    con.sql(sql["usage_by_dims"]).write_parquet(tables["usage_by_dims"], compression="lz4")
     return CheckedFiles(counts={k: sum(p.counts[k] for p in parts) for k in parts[0].counts}, tables=tables,
                         lineage=tuple(f for p in parts for f in p.lineage),
                         billed_ids=tuple(path for p in parts for path in p.billed_ids))
@@ -343,7 +349,7 @@ def merged_files(con: duckdb.DuckDBPyConnection, parts: list[CheckedFiles], fold
 def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], customers: pl.DataFrame,
                   subscriptions: list[Subscription], segments: list[Segment], catalog: Catalog,
                   period: Period, tables_to: Path, index: BilledIndex = NO_INDEX, billed_out: Path | None = None,
-                  lineage_to: Path | None = None) -> CheckedFiles:
+                  lineage_to: Path | None = None, for_merge: bool = False) -> CheckedFiles:
     """Settle the rows of `normalized` (Parquet files of `transforms.inputs.usage.NORMALIZED_COLUMNS`).
 
     The checked usage's tables (CHECKED_TABLES) are written by DuckDB into the folder `tables_to`,
@@ -352,7 +358,10 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     billed here (its copy is quarantined as `billed_in_period`). `billed_out`: where to write the
     billed events (event_id, id_hash), this check's part of the period's index. With
     `lineage_to`, also write there the billed and duplicate rows, one row each (the lineage of the
-    billed_events output), straight from DuckDB: never a frame in memory."""
+    billed_events output), straight from DuckDB: never a frame in memory. `for_merge`: these rows
+    are one part of the usage, whose tables `merged_files` merges with the other parts' (which
+    re-adds and sorts the per-day units and sums the per-dims ones from them): the per-day units
+    are written unsorted and the per-dims units not at all, work the merge would only redo."""
     sql = statements(SQL_FILE)
     con.execute("SET TimeZone = 'UTC'")
     id_hash_macro(con)
@@ -389,8 +398,12 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
         con.sql(sql["billed_ids"]).write_parquet(str(billed_out), compression="lz4")
     tables_to.mkdir(parents=True, exist_ok=True)
     tables = {name: str(tables_to / f"{name}.parquet") for name in CHECKED_TABLES}
+    if for_merge:
+        del tables["usage_by_dims"]
     for name in ("quarantine", "usage_by_dims", "usage_by_day", "per_event_usage", "conflicts"):
-        con.sql(sql[name], params=_bound(sql[name], params)).write_parquet(tables[name], compression="lz4")
+        if name in tables:
+            query = sql["usage_by_day_part" if for_merge and name == "usage_by_day" else name]
+            con.sql(query, params=_bound(query, params)).write_parquet(tables[name], compression="lz4")
     credit_history_frame(credit_history(con, subscriptions, catalog, period)).write_parquet(
         tables["credit_history"], compression="lz4")
     return CheckedFiles(counts, tables, billed_ids=(billed_out,) if billed_out is not None else (),

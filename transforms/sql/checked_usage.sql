@@ -177,7 +177,7 @@ ORDER BY source_key, source_row;
 -- name: by_day
 -- One row per subscription segment x meter x distinct dimensions x UTC day: the billed units,
 -- for spend alerts replayed in event time. Materialized (DuckDB's memory, which spills): both
--- usage_by_day and usage_by_dims read it.
+-- usage_by_day and usage_by_dims read it (a part's usage_by_day_part alone).
 CREATE OR REPLACE TEMP TABLE by_day AS
 SELECT subscription_id, segment_no, meter, dims, CAST(event_at AS DATE) AS day,
        sum(quantity) AS units, count(*) AS events
@@ -189,6 +189,12 @@ GROUP BY ALL;
 -- One row per subscription segment x meter x distinct dimensions x UTC day (`by_day`), in order.
 SELECT * FROM by_day
 ORDER BY ALL;
+
+-- name: usage_by_day_part
+-- One row per subscription segment x meter x distinct dimensions x UTC day (`by_day`), in no
+-- order: a part of the usage that is merged with others (merged_usage.sql re-adds the parts'
+-- units, orders them, and sums the per-dims units from them), so sorting it would be lost work.
+SELECT * FROM by_day;
 
 -- name: usage_by_dims
 -- One row per subscription segment x meter x distinct dimensions: the billed units, summed from

@@ -1,5 +1,6 @@
 -- The checked usage of disjoint shards merged into that of all rows, from the shards' Parquet
--- files (views `<table>_parts`, one per table of CHECKED_TABLES, each over every shard's file).
+-- files (views `<table>_parts`, one per table of CHECKED_TABLES but usage_by_dims, each over every
+-- shard's file).
 -- Shards split the rows by a hash of event_id, so every copy of an event_id is checked in one
 -- shard: aggregates re-add, and per-row tables are put back in the order one check of all rows
 -- gives them. Every order is total (its keys are unique), so the bytes never depend on the
@@ -16,10 +17,12 @@ SELECT * FROM conflicts_parts
 ORDER BY source_key NULLS FIRST, source_row NULLS FIRST;
 
 -- name: usage_by_dims
--- One row per subscription segment x meter x distinct dimensions: the shards' units re-added.
+-- One row per subscription segment x meter x distinct dimensions: the units of the merged
+-- `usage_by_day` (its file, as view `usage_by_day_merged`) summed over the days; the shards
+-- write no per-dims units of their own (checked_usage.sql `usage_by_day_part`).
 SELECT subscription_id, segment_no, meter, dims,
        CAST(sum(units) AS DECIMAL(38, 9)) AS units, CAST(sum(events) AS BIGINT) AS events
-FROM usage_by_dims_parts
+FROM usage_by_day_merged
 GROUP BY subscription_id, segment_no, meter, dims
 ORDER BY subscription_id NULLS FIRST, segment_no NULLS FIRST, meter NULLS FIRST, dims NULLS FIRST;
 
