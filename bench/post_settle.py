@@ -117,7 +117,8 @@ def settle(store: str, plans: str, period: Period, work: Path) -> dict:
         for shard, keys in done.shard_keys.items():
             by_shard.setdefault(shard, []).extend(keys)
     from flows.billed_index import committed_index
-    context = shards.Opaque((reference, catalog, committed_index(store)))
+    from transforms.inputs.reference import segments_frame
+    context = shards.Opaque((reference, catalog, committed_index(store), segments_frame(reference.segments)))
     memory = settings.duckdb_memory or shards.DEFAULT_SHARD_MEMORY
     parts = []
     for shard, keys in sorted(by_shard.items()):

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from flows.ingest import normalized_object, read_table  # noqa: E402
 from transforms.engine.checked_usage import SQL_FILE, checked_usage  # noqa: E402
 from transforms.inputs.plans import load_catalog  # noqa: E402
-from transforms.inputs.reference import checked_customers, checked_subscriptions, segments_in  # noqa: E402
+from transforms.inputs.reference import checked_customers, checked_subscriptions, segments_frame, segments_in  # noqa: E402
 from transforms.layout import CUSTOMERS_KEYS, SUBSCRIPTIONS_KEYS, USAGE_PREFIX  # noqa: E402
 from transforms.periods import Period  # noqa: E402
 from transforms.queries import statements  # noqa: E402
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
             config["memory_limit"] = args.duckdb_memory_limit
         con = Timed(duckdb.connect(config=config))
         started = time.perf_counter()
-        checked = checked_usage(con, paths, customers, subs, segments, catalog, period, Path(tmp) / "checked")
+        checked = checked_usage(con, paths, customers, subs, segments_frame(segments), catalog, period,
+                                Path(tmp) / "checked")
         report["settle_s"] = round(time.perf_counter() - started, 2)
         report["counts"] = checked.counts
         report["temp_tables"] = [{"table": t, "rows": n, "columns": c} for t, n, c in con._con.sql(

@@ -36,6 +36,7 @@ from flows.store import LocalStore, open_store
 from transforms.engine.checked_usage import CheckedFiles, checked_usage, merged_files
 from transforms.errors import InputError
 from transforms.inputs.plans import Catalog
+from transforms.inputs.reference import segments_frame
 from transforms.layout import work_prefix
 from transforms.periods import Period
 
@@ -189,7 +190,7 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
     Not retried: the check is pure work that fails the same way twice, and its reads and
     writes of the scratch store carry the store's own retries (botocore's, on S3)."""
     started = time.perf_counter()
-    reference, catalog, index = context.value
+    reference, catalog, index, segments = context.value
     scratch_store = open_store(scratch.uri, create=True)
     prefix = scratch.key(f"checked/{check}/shard={shard:04d}/")
     with tempfile.TemporaryDirectory(prefix=f"billrun-shard{shard:04d}-") as tmp:
@@ -204,7 +205,7 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
                                      "preserve_insertion_order": False})
         try:
             checked = checked_usage(con, [local[k] for k in sorted(keys)], reference.customers,
-                                    list(reference.subscriptions), list(reference.segments), catalog, period,
+                                    list(reference.subscriptions), segments, catalog, period,
                                     tables_to, index.local(Path(tmp) / "index"), billed_out,
                                     lineage_to=Path(tmp) / "lineage.parquet", for_merge=for_merge)
         finally:
@@ -301,7 +302,7 @@ def checked_in_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]]
     local folder of its own per check). The merged checked usage's `billed_ids` and `lineage`
     are the shards' scratch keys of their billed event_ids and lineage rows."""
     todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
-    context = Opaque((reference, catalog, index))
+    context = Opaque((reference, catalog, index, segments_frame(reference.segments)))  # the segments' table once
     memory_limit = settings.duckdb_memory or DEFAULT_SHARD_MEMORY
     futures = [runner.submit(check_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,
                                            "period": period, "memory_limit": memory_limit, "check": folder.name,

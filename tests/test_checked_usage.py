@@ -13,7 +13,7 @@ import pytest
 
 from transforms.engine.checked_usage import checked_usage, usage_row_counts
 from transforms.inputs.plans import Catalog, parse_plan
-from transforms.inputs.reference import Subscription, segments_in
+from transforms.inputs.reference import Subscription, segments_frame, segments_in
 from transforms.inputs.usage import normalized_usage
 from transforms.periods import Period
 
@@ -67,8 +67,9 @@ def settle(paths: list[Path], period: Period = OCT):
     con = duckdb.connect()
     try:
         with tempfile.TemporaryDirectory() as tables:
-            result = checked_usage(con, paths, CUSTOMERS, SUBSCRIPTIONS, segments_in(period, SUBSCRIPTIONS, CATALOG),
-                                   CATALOG, period, Path(tables)).loaded()
+            segments = segments_frame(segments_in(period, SUBSCRIPTIONS, CATALOG))
+            result = checked_usage(con, paths, CUSTOMERS, SUBSCRIPTIONS, segments, CATALOG, period,
+                                   Path(tables)).loaded()
         outcomes = con.sql("SELECT event_id, source_key, outcome, final_reason FROM settled ORDER BY ALL").pl()
     finally:
         con.close()
