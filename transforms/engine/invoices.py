@@ -537,8 +537,9 @@ def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
     100k invoices bill a charge they did not use, or the same few units), so a close's lines are
     far fewer objects than rows. Each distinct line object is read and formatted once, into a
     frame of its own, and the rows are gathered from it in Polars; the invoice's own columns are
-    gathered the same way from one row per invoice. Within the distinct lines, the decimals,
-    filters, groups and tier details that repeat are formatted once per distinct value."""
+    gathered the same way from one row per invoice. Within the distinct lines, the filters,
+    groups and tier details that repeat are formatted once per distinct value; a decimal is
+    formatted per line, as hashing it to find its equals costs about what formatting it does."""
     counts = list(map(len, map(attrgetter("lines"), invoices)))
     lines = list(chain.from_iterable(map(attrgetter("lines"), invoices)))
     ids = list(map(id, lines))
@@ -580,7 +581,7 @@ def lines_table(invoices: list[Invoice]) -> pl.DataFrame:
         values = fields[name]
         if not any(map(is_not, values, repeat(None))):  # correction and tax columns, empty on most closes
             return [None] * len(values)
-        return formatted(values, optional_text)
+        return list(map(optional_text, values))
 
     per_line = pl.DataFrame({
         "kind": fields["kind"], "description": fields["description"],
