@@ -25,7 +25,9 @@ import polars as pl
 
 STEPS = {  # module: (task or function, step)
     "flows.steps": (("fetch_inputs", "fetch-inputs"), ("check_reference", "check-reference"),
-                    ("replay_credits", "replay-credits"), ("rate_invoices", "rate-invoices")),
+                    ("replay_credits", "replay-credits"), ("rate_invoices", "rate-invoices"),
+                    # the close's: the same steps, their results handed over as files
+                    ("replay_credits_to_file", "replay-credits"), ("rate_invoices_to_files", "rate-invoices")),
     "flows.outputs": (("write_outputs", "write-outputs"),),
     "flows.publish": (("publish", "publish"),),
     "flows.shards": (("normalize_batch", "normalize-usage"), ("check_shard", "check-usage"),

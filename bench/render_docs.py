@@ -96,6 +96,7 @@ def best_cpu(repeat: int, work) -> tuple[float, object]:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     from flows import render_pool
+    from flows.handoff import invoice_files
     from transforms.collector import cycle_collector_paused
     from transforms.documents.render import invoice_html
 
@@ -143,9 +144,9 @@ def main() -> None:
               "documents_sha256": digest.hexdigest(), "load": os.getloadavg()[0]}
     if ARGS.pool:
         shutil.rmtree(out, ignore_errors=True)
+        files = invoice_files(invoices, out.parent / "render-docs-files")  # as the close's rating leaves them
         wall, cpu, children = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        render_pool.write_invoice_documents(invoices, state["customers"], seller, state["roundings"], state["wallets"],
-                                            run_id, out, ARGS.pool)
+        render_pool.write_invoice_documents(files, [job[1:] for job in jobs], seller, run_id, out, ARGS.pool)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         workers_s = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
         result.update({"pool_workers": ARGS.pool,

@@ -38,8 +38,8 @@ from flows.steps import (
     adjustments_billed_elsewhere,
     check_reference,
     fetch_inputs,
-    rate_invoices,
-    replay_credits,
+    rate_invoices_to_files,
+    replay_credits_to_file,
     work_dir_for,
 )
 from flows.store import open_store
@@ -132,8 +132,10 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
                 if not allow_empty:
                     refuse_without_usage(period, checked, len(normalized.unreadable), reference)
                 # the checked usage is its files: each step reads the tables it needs, and Prefect keeps paths
-                replay = replay_credits(checked, quote(reference), quote(catalog), period)
-                invoices = rate_invoices(checked, quote(reference), quote(replay), period)
+                # the replay and the invoices are files of the work folder (flows/handoff.py): each
+                # step reads what it needs, and nothing holds them between the steps
+                replay = replay_credits_to_file(checked, quote(reference), quote(catalog), period, work_dir)
+                invoices = rate_invoices_to_files(checked, quote(reference), replay, period, work_dir)
                 fault_point("rated")
                 index_file, indexed = indexing.result()
             finally:
@@ -145,8 +147,8 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
         out_dir = output_folder(store, run_id, hold.token, work_dir)
         # the period's index goes in before the manifest, which names it: it counts once the period is closed
         [index_entry] = record_billed(store, [(billed_index_key(str(period), run_id), index_file, indexed)])
-        names, manifest = write_outputs(quote(invoices), checked, normalized, quote(reference),
-                                        quote(inputs), quote(catalog), quote(replay),
+        names, manifest = write_outputs(invoices, checked, normalized, quote(reference),
+                                        quote(inputs), quote(catalog), replay,
                                         period, run_id, quote(costs), plan_entries, out_dir, index_entry,
                                         settings=settings)
         fault_point("written")

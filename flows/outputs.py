@@ -16,6 +16,7 @@ import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.handoff import Handed, InvoiceFiles
 from flows.publish import manifest_bytes, output_entries
 from flows.render_pool import write_invoice_documents
 from flows.settings import Settings
@@ -49,13 +50,14 @@ the same close wrote different bytes on a 2-core and an 8-core machine."""
 
 
 @task(name="write-outputs", cache_policy=NO_CACHE)
-def write_outputs(invoices: list[Invoice], checked: CheckedUsage, normalized: Normalized,
-                  reference: CheckedReference, inputs: Inputs, catalog: Catalog, replay: WalletReplay, period: Period,
+def write_outputs(invoice_files: InvoiceFiles, checked: CheckedUsage, normalized: Normalized,
+                  reference: CheckedReference, inputs: Inputs, catalog: Catalog, replay_file: Handed, period: Period,
                   run_id: str, costs: tuple,
                   plan_entries: list[dict], out_dir: Path, index_entry: dict | None = None, *,
                   settings: Settings) -> tuple[list[str], bytes]:
-    """Tables and HTML into `out_dir` (the HTML by the settings' workers); returns the relative
-    names and the manifest's bytes."""
+    """Tables and HTML into `out_dir` (the HTML by the settings' workers), from the rated
+    invoices and the wallet replay that the close's earlier steps left as files
+    (flows/handoff.py); returns the relative names and the manifest's bytes."""
     started = time.perf_counter()
     shutil.rmtree(out_dir, ignore_errors=True)  # a killed run's partial outputs
     out_dir.mkdir(parents=True)
@@ -70,20 +72,33 @@ def write_outputs(invoices: list[Invoice], checked: CheckedUsage, normalized: No
         names.append(name)
         spent[name] = time.perf_counter() - started - sum(spent.values())
 
-    invoices = [replace(inv, run_id=run_id) for inv in invoices]
-    # The HTML invoices render in worker processes while this process writes the tables: the
-    # documents need only the rated invoices, and the tables are mostly one core's work.
+    with cycle_collector_paused():  # 100k invoices of lines and the ledger read back, none of them a cycle
+        invoices = [replace(inv, run_id=run_id) for inv in invoice_files.read()]
+        replay = replay_file.taken()
+    # The HTML invoices render in worker processes while this process writes the tables: each
+    # worker reads its invoices from their file, and gets here what else its documents show.
     customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
     plans = subscription_plans(reference.segments)
+    wallets = credit_summaries(replay, period)
+    extras = [(customers[inv.customer_id], plans.rounding[inv.subscription_id], wallets.get(inv.customer_id))
+              for inv in invoices]
+    del customers, wallets
     stop = threading.Event()  # a table failed: render no further chunk
     rendering = ThreadPoolExecutor(max_workers=1, thread_name_prefix="documents")
-    documents_future = rendering.submit(write_invoice_documents, invoices, customers, reference.seller, plans.rounding,
-                                        credit_summaries(replay, period), run_id, out_dir, local_workers(settings),
-                                        stop=stop)
+    documents_future = rendering.submit(write_invoice_documents, invoice_files, extras, reference.seller, run_id,
+                                        out_dir, local_workers(settings), stop=stop)
+    del extras
     try:
         with cycle_collector_paused():  # millions of table cells, none of them a cycle
-            by_reason, adjusted = _write_tables(write, invoices, checked, normalized, reference, catalog,
-                                                replay, period, costs, settings.duckdb_memory or LINEAGE_MEMORY)
+            (billing_lines, quarantine, draws), by_reason, adjusted = _write_tables(
+                write, invoices, checked, normalized, reference, catalog, replay, period, costs)
+            credits, totals = credit_report(replay, period, plans.plan), totals_by_currency(invoices)
+            del invoices, replay  # read back from their files (above), they go before the sort below
+            lineage_memory = settings.duckdb_memory or LINEAGE_MEMORY
+            # billed_events last, from the lines and ledger entries it reads: its sort (DuckDB, spilling
+            # past its cap) runs beside the least of this process's memory
+            with billed_events_table(checked, billing_lines, quarantine, draws, lineage_memory) as billed_events:
+                write("billed_events.parquet", billed_events)
         tables_done = time.perf_counter()
         documents = documents_future.result()
     except BaseException:
@@ -100,7 +115,7 @@ def write_outputs(invoices: list[Invoice], checked: CheckedUsage, normalized: No
         "status": "closed",
         "issued_on": period.end.isoformat(),
         "inputs": [o.manifest_entry() for o in inputs.all],
-        "credits": credit_report(replay, period, plans.plan),
+        "credits": credits,
         "plans": plan_entries,
         "catalog": catalog_entries(catalog),
         "costs": costs[1],
@@ -110,7 +125,7 @@ def write_outputs(invoices: list[Invoice], checked: CheckedUsage, normalized: No
         "conflicting_duplicates": checked.conflicts.height,
         "billed_event_index": index_entry,
         **({"adjustments": adjusted} if adjusted is not None else {}),
-        "totals": totals_by_currency(invoices),
+        "totals": totals,
         "outputs": output_entries(period_prefix(period), out_dir, names, hashed=documents),
     }
     get_run_logger().info("write-outputs: tables %.2fs (%s), documents %.2fs; %d files in %.2fs",
@@ -122,9 +137,10 @@ def write_outputs(invoices: list[Invoice], checked: CheckedUsage, normalized: No
 
 def _write_tables(write, invoices: list[Invoice], checked: CheckedUsage, normalized: Normalized,
                   reference: CheckedReference, catalog: Catalog, replay: WalletReplay, period: Period,
-                  costs: tuple, lineage_memory: str) -> tuple[dict[str, int], dict | None]:
-    """The period's tables, each through `write(name, frame)`; returns the quarantined rows per
-    reason and the account of adjustment rows (None without the input)."""
+                  costs: tuple) -> tuple[tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame], dict[str, int], dict | None]:
+    """The period's tables but billed_events, each through `write(name, frame)`; returns what
+    billed_events reads of them (the usage lines, the quarantine and the ledger's credit draws),
+    the quarantined rows per reason and the account of adjustment rows (None without the input)."""
     write("invoices.parquet", invoices_table(invoices))
     lines = lines_table(invoices)
     write("invoice_lines.parquet", lines)
@@ -154,9 +170,5 @@ def _write_tables(write, invoices: list[Invoice], checked: CheckedUsage, normali
     if reference.adjustments_table is not None:  # a store without the input writes what it always wrote
         adjustments = billed_table(reference.adjustments_table, invoices)
         write("adjustments.parquet", adjustments)
-    # billed_events last, from the lines and ledger entries it reads: its sort (DuckDB, spilling
-    # past its cap) runs beside the least of this process's memory
-    with billed_events_table(checked, billing_lines, quarantine, draws, lineage_memory) as billed_events:
-        write("billed_events.parquet", billed_events)
-    return (quarantined_by_reason(quarantine),
+    return ((billing_lines, quarantine, draws), quarantined_by_reason(quarantine),
             adjustment_counts(adjustments) if adjustments is not None else None)

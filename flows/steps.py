@@ -24,6 +24,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.embedded import mark_owner, reclaim_stale_work
+from flows.handoff import Handed, InvoiceFiles, hand_over, invoice_files
 from flows.ingest import is_adjustments_key, is_purchases_key, is_usage_key, read_table
 from flows.preflight import closed_periods
 from flows.retries import IO_RETRIES
@@ -273,6 +274,22 @@ def rate_invoices(checked: CheckedUsage, reference: CheckedReference, replay: Wa
     get_run_logger().info("rate-invoices: %d invoices, %d lines in %.2fs", len(invoices),
                           sum(len(i.lines) for i in invoices), time.perf_counter() - started)
     return invoices
+
+
+@task(name="replay-credits", cache_policy=NO_CACHE)
+def replay_credits_to_file(checked: CheckedUsage, reference: CheckedReference, catalog: Catalog, period: Period,
+                           folder: Path) -> Handed:
+    """replay_credits, its replay handed over as a file of `folder` (flows/handoff.py): the close
+    reads it where it rates and where it writes its outputs, and holds it nowhere in between."""
+    return hand_over(replay_credits.fn(checked, reference, catalog, period), folder / "replay.pickle")
+
+
+@task(name="rate-invoices", cache_policy=NO_CACHE)
+def rate_invoices_to_files(checked: CheckedUsage, reference: CheckedReference, replay: Handed, period: Period,
+                           folder: Path) -> InvoiceFiles:
+    """rate_invoices from the replay's file, the invoices handed over as files of `folder`
+    (flows/handoff.py): the close's later steps, and its render workers, read them from there."""
+    return invoice_files(rate_invoices.fn(checked, reference, replay.taken(), period), folder / "invoices")
 
 
 def work_dir_for(store: str, label: str) -> Path:

@@ -1,0 +1,62 @@
+"""What one step of a run hands the next as files in the run's work folder, not as objects.
+
+A Prefect task's arguments live as long as the call, and a flow's variables as long as the flow:
+an object handed from step to step stays in memory until the run ends, beside every later step's
+own. The close's wallet replay and its 100k rated invoices are handed over as pickles instead
+(exact: the same Decimals, dates and shared objects come back), so each step holds them only
+while it uses them, and the render workers read their invoices from the files themselves.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+from transforms.collector import cycle_collector_paused
+
+CHUNK_INVOICES = 1000
+"""Invoices per file: what a render worker reads and holds at once."""
+
+
+@dataclass(frozen=True)
+class Handed:
+    """One object a step left in a file of the work folder."""
+
+    path: str
+
+    def taken(self):
+        """The object, read back (the cycle collector paused: it is acyclic, and built of
+        objects by the hundred thousand)."""
+        with cycle_collector_paused(), open(self.path, "rb") as fh:
+            return pickle.load(fh)
+
+
+def hand_over(obj, path: Path) -> Handed:
+    """`obj` pickled to `path`, for the next steps to read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:
+        pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    return Handed(str(path))
+
+
+@dataclass(frozen=True)
+class InvoiceFiles:
+    """The rated invoices as files of up to CHUNK_INVOICES each, in invoice order."""
+
+    chunks: tuple[Handed, ...]
+    counts: tuple[int, ...]  # invoices per file
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def read(self) -> list:
+        """Every invoice, in order."""
+        return [inv for chunk in self.chunks for inv in chunk.taken()]
+
+
+def invoice_files(invoices: list, folder: Path, chunk: int = CHUNK_INVOICES) -> InvoiceFiles:
+    """`invoices` into files under `folder`, `chunk` at a time."""
+    parts = [invoices[i:i + chunk] for i in range(0, len(invoices), chunk)]
+    return InvoiceFiles(tuple(hand_over(part, folder / f"invoices-{n:05d}.pickle") for n, part in enumerate(parts)),
+                        tuple(map(len, parts)))
