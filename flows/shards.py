@@ -44,6 +44,10 @@ SCRATCH_PARQUET = {"compression": "lz4", "statistics": True}
 """Shard files live minutes and are read once: lz4 writes and reads them about twice as cheaply
 in CPU as zstd, for 1.7x the bytes. Statistics stay: they let a check skip the files of
 other months by event time."""
+LOCAL_SCRATCH_PARQUET = {"compression": "uncompressed", "statistics": True}
+"""Shard files in the close's local work folder cross no network: uncompressed, they cost about
+a third less CPU to write than lz4 (0.34 against 0.51 CPU s per million rows) and a little less
+to read, for 1.8x the bytes on the local disk (about 100 MB per million rows, for minutes)."""
 
 SHARD_INPUT_BYTES = 24 * 1024 * 1024
 """Input bytes per shard: about a million Parquet rows, three times fewer as CSV or JSON."""
@@ -125,7 +129,7 @@ def _write(scratch_store, key: str, frame: pl.DataFrame) -> None:
     if isinstance(scratch_store, LocalStore):  # scratch needs no fsync: a killed close starts over
         path = scratch_store.root.joinpath(*key.split("/"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        frame.write_parquet(path, **SCRATCH_PARQUET)
+        frame.write_parquet(path, **LOCAL_SCRATCH_PARQUET)
         return
     with tempfile.TemporaryDirectory(prefix="billrun-shard-") as tmp:
         local = Path(tmp) / "part.parquet"
