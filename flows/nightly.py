@@ -130,7 +130,9 @@ ACCEPTED_COLUMNS = {"event_id": pl.String, "customer_id": pl.String, "meter": pl
                     "quantity": pl.Decimal(38, 9), "event_at": pl.Datetime("us", "UTC"), "source_key": pl.String,
                     "night": pl.Date}
 ID_COLUMNS = {"event_id": pl.String, "source_key": pl.String, "night": pl.Date, "id_hash": pl.UInt64}
-STATE_FORMAT = 3  # 3: the event_id index carries id_hash (see nightly.sql)
+# 3: the event_id index carries id_hash (see nightly.sql); 4: the period-to-date tables are kept in time
+# order (transforms/engine/period_to_date.py). A state of another format is rebuilt from its objects.
+STATE_FORMAT = 4
 STATE_PARQUET = {**PARQUET, "compression_level": 1}
 """State files are written every night and read back only by later nights: zstd's fastest level
 (on the month's per-event table it costs about 60% of the default's CPU, for a smaller file)."""

@@ -71,8 +71,8 @@ def test_the_by_day_table_moves_only_the_groups_tonight_touches():
                     ("c1", "api", "{}", DAY2, Decimal("4"), 1), ("c3", "api", None, DAY2, Decimal("1"), 1)])
     assert by_day_to_date(state, moves).rows() == [
         ("c1", "api", "{}", DAY1, Decimal("3"), 2),       # 5 - 2 units, 3 - 1 events
-        ("c1", "api", "{}", DAY2, Decimal("4"), 1),
         ("c3", "api", None, DAY1, Decimal("7"), 2),
+        ("c1", "api", "{}", DAY2, Decimal("4"), 1),
         ("c3", "api", None, DAY2, Decimal("1"), 1),
     ]
 
@@ -86,7 +86,7 @@ def test_the_per_event_table_drops_what_left_and_adds_what_entered():
                             schema=EVENT_COLUMNS, orient="row")
     moved = events_to_date(state, pl.DataFrame({"event_id": ["e-2"]}), entering)
     assert moved.select("customer_id", "event_id", "quantity").rows() == [
-        ("c0", "e-9", Decimal("1")), ("c1", "e-1", Decimal("1")), ("c1", "e-2", Decimal("3"))]
+        ("c1", "e-1", Decimal("1")), ("c1", "e-2", Decimal("3")), ("c0", "e-9", Decimal("1"))]
 
 
 def test_with_nothing_leaving_the_per_event_table_only_gains_what_entered():
@@ -96,4 +96,23 @@ def test_with_nothing_leaving_the_per_event_table_only_gains_what_entered():
                          schema=EVENT_COLUMNS, orient="row")
     entering = pl.DataFrame([("c1", "img", "{}", Decimal("3"), "e-3", at)], schema=EVENT_COLUMNS, orient="row")
     moved = events_to_date(state, pl.DataFrame(schema={"event_id": pl.String}), entering)
-    assert moved.select("customer_id", "event_id").rows() == [("c1", "e-1"), ("c1", "e-3"), ("c2", "e-2")]
+    assert moved.select("customer_id", "event_id").rows() == [("c1", "e-1"), ("c2", "e-2"), ("c1", "e-3")]
+
+
+def test_a_late_event_slots_in_by_time_and_the_tables_stay_in_their_order():
+    """An event of day 1 that arrives after day 2's: only the rows from its time on are sorted
+    again, and the result is the table in full time order; the by-day table likewise, when a
+    night moves an earlier day than the last."""
+    at = [datetime(2026, 10, 1, h, tzinfo=timezone.utc) for h in (1, 5, 9)]
+    at.append(datetime(2026, 10, 2, 3, tzinfo=timezone.utc))
+    state = pl.DataFrame([("c2", "img", "{}", Decimal("1"), "e-1", at[0]),
+                          ("c1", "img", "{}", Decimal("1"), "e-2", at[2]),
+                          ("c1", "img", "{}", Decimal("1"), "e-4", at[3])], schema=EVENT_COLUMNS, orient="row")
+    entering = pl.DataFrame([("c3", "img", "{}", Decimal("2"), "e-3", at[1])], schema=EVENT_COLUMNS, orient="row")
+    moved = events_to_date(state, pl.DataFrame(schema={"event_id": pl.String}), entering)
+    assert moved["event_id"].to_list() == ["e-1", "e-3", "e-2", "e-4"]
+    days = by_day([("c2", "api", "{}", DAY1, Decimal("1"), 1), ("c1", "api", "{}", DAY2, Decimal("2"), 1),
+                   ("c2", "api", "{}", DAY2, Decimal("3"), 1)])
+    moves = by_day([("c3", "api", "{}", DAY1, Decimal("4"), 1), ("c1", "api", "{}", DAY1, Decimal("5"), 1)])
+    assert [(r[0], r[3]) for r in by_day_to_date(days, moves).rows()] == [
+        ("c1", DAY1), ("c2", DAY1), ("c3", DAY1), ("c1", DAY2), ("c2", DAY2)]

@@ -6,6 +6,11 @@ Each night carries two tables from the last one and moves them by tonight's even
 - events: one row per event of a meter priced or paid event by event (EVENT_COLUMNS).
 From them come the usage the draft invoices and spend alerts are rated on, per subscription
 segment: `usage_by_day`, `usage_by_dims` and `per_event_usage`.
+
+Both tables are kept in time order (BY_DAY_ORDER, EVENT_ORDER: the day or event time first), so
+the month before the first day a night moves is a prefix already in order: a night sorts only
+its own days (most nights: the one new day), not the month (nightly.sql's rebuild writes the
+same order).
 """
 from __future__ import annotations
 
@@ -16,32 +21,52 @@ BY_DAY_COLUMNS = {"customer_id": pl.String, "meter": pl.String, "dims": pl.Strin
 EVENT_COLUMNS = {"customer_id": pl.String, "meter": pl.String, "dims": pl.String, "quantity": pl.Decimal(38, 9),
                  "event_id": pl.String, "event_at": pl.Datetime("us", "UTC")}
 BY_DAY_KEYS = ["customer_id", "meter", "dims", "day"]
+BY_DAY_ORDER = ["day", "customer_id", "meter", "dims"]
+EVENT_ORDER = ["event_at", "event_id", "customer_id", "meter"]
+
+
+def _before(frame: pl.DataFrame, column: str, first) -> pl.Series:
+    """Which rows lie strictly before `first` in `column` (a row without a value does not: it
+    sorts last)."""
+    return frame.select((pl.col(column) < first).fill_null(False)).to_series()
 
 
 def by_day_to_date(state: pl.DataFrame, moves: pl.DataFrame) -> pl.DataFrame:
-    """One row per customer x meter x dims x UTC day of the period to date: the last night's
-    table moved by tonight's `moves` (nightly.sql `delta_by_day`; a group that empties
-    disappears). Only the groups tonight touches are summed again; the month's other groups are
-    carried as they are, so the work beyond tonight's rows is one sort of the table."""
+    """One row per customer x meter x dims x UTC day of the period to date, in BY_DAY_ORDER: the
+    last night's table (in that order) moved by tonight's `moves` (nightly.sql `delta_by_day`; a
+    group that empties disappears). Only the groups tonight touches are summed again, and only
+    the days from the first one tonight moves are sorted again; the month before them is carried
+    as it is."""
     state, moves = state.cast(BY_DAY_COLUMNS), moves.cast(BY_DAY_COLUMNS)
+    if moves.is_empty():
+        return state
+    before = _before(state, "day", moves["day"].min())
+    earlier, later = state.filter(before), state.filter(~before)
     on_days = pl.col("day").is_in(moves["day"].unique().implode())  # a night moves few days
-    nearby, carried = state.filter(on_days), state.filter(~on_days)
+    nearby, carried = later.filter(on_days), later.filter(~on_days)
     touched = moves.select(BY_DAY_KEYS)
     summed = (pl.concat([nearby.join(touched, on=BY_DAY_KEYS, how="semi", nulls_equal=True), moves])
               .group_by(BY_DAY_KEYS).agg(pl.col("units").sum(), pl.col("events").sum())
               .filter(pl.col("events") != 0))
     carried = pl.concat([carried, nearby.join(touched, on=BY_DAY_KEYS, how="anti", nulls_equal=True)])
-    return pl.concat([carried, summed.cast(BY_DAY_COLUMNS)]).sort(BY_DAY_KEYS, nulls_last=True)
+    later = pl.concat([carried, summed.cast(BY_DAY_COLUMNS)]).sort(BY_DAY_ORDER, nulls_last=True)
+    return pl.concat([earlier, later])
 
 
 def events_to_date(state: pl.DataFrame, leaving: pl.DataFrame, entering: pl.DataFrame) -> pl.DataFrame:
-    """One row per event of the period to date of a meter handled event by event: the last
-    night's rows less those whose event_id left or moved tonight, plus those that entered."""
+    """One row per event of the period to date of a meter handled event by event, in
+    EVENT_ORDER: the last night's rows (in that order) less those whose event_id left or moved
+    tonight, plus those that entered; only the rows from the first entering event's time on are
+    sorted again."""
     kept = state.cast(EVENT_COLUMNS)
     if leaving.height:  # most nights none does: no pass over the month's rows to take nothing out
-        kept = kept.join(leaving.cast({"event_id": pl.String}), on="event_id", how="anti")
-    return (pl.concat([kept, entering.cast(EVENT_COLUMNS)])
-            .sort("customer_id", "meter", "event_at", "event_id", nulls_last=True))
+        kept = kept.filter(~pl.col("event_id").is_in(leaving["event_id"].cast(pl.String).implode()))
+    if entering.is_empty():
+        return kept
+    entering = entering.cast(EVENT_COLUMNS)
+    before = _before(kept, "event_at", entering["event_at"].min())
+    later = pl.concat([kept.filter(~before), entering]).sort(EVENT_ORDER, nulls_last=True)
+    return pl.concat([kept.filter(before), later])
 
 
 def _in_segment(frame: pl.DataFrame, segments: pl.DataFrame, at: pl.Expr) -> pl.DataFrame:

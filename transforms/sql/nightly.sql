@@ -180,19 +180,21 @@ FROM (SELECT *, row_number() OVER (PARTITION BY event_id
 WHERE copy_no = 1;
 
 -- name: rebuilt_by_day
--- One row per customer x meter x dimensions x UTC day of the period so far, from `to_date`.
+-- One row per customer x meter x dimensions x UTC day of the period so far, from `to_date`, in
+-- the order a night keeps it (period_to_date.py BY_DAY_ORDER: the day first).
 SELECT customer_id, meter, dims, CAST(event_at AS DATE) AS day, sum(quantity) AS units,
        CAST(count(*) AS BIGINT) AS events
 FROM to_date
 GROUP BY ALL
-ORDER BY ALL;
+ORDER BY day, customer_id, meter, dims;
 
 -- name: rebuilt_events
--- One row per event of the period so far of a meter handled event by event, from `to_date`.
+-- One row per event of the period so far of a meter handled event by event, from `to_date`, in
+-- the order a night keeps it (period_to_date.py EVENT_ORDER: the event time first).
 SELECT customer_id, meter, dims, quantity, event_id, event_at
 FROM to_date
 WHERE meter IN (SELECT meter FROM per_event_meters)
-ORDER BY customer_id, meter, event_at, event_id;
+ORDER BY event_at, event_id, customer_id, meter;
 
 -- name: rebuilt_kept_index
 -- One row per kept copy with its index hash: the event_id index of each kept object, written
