@@ -144,9 +144,9 @@ def main() -> None:
               "documents_sha256": digest.hexdigest(), "load": os.getloadavg()[0]}
     if ARGS.pool:
         shutil.rmtree(out, ignore_errors=True)
-        files = invoice_files(invoices, out.parent / "render-docs-files")  # as the close's rating leaves them
+        files = invoice_files(jobs, out.parent / "render-docs-files")  # as the close's rating leaves them
         wall, cpu, children = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        render_pool.write_invoice_documents(files, [job[1:] for job in jobs], seller, run_id, out, ARGS.pool)
+        render_pool.write_invoice_documents(files, seller, run_id, out, ARGS.pool)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         workers_s = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
         result.update({"pool_workers": ARGS.pool,

@@ -41,7 +41,9 @@ def hand_over(obj, path: Path) -> Handed:
 
 @dataclass(frozen=True)
 class InvoiceFiles:
-    """The rated invoices as files of up to CHUNK_INVOICES each, in invoice order."""
+    """The rated invoices as files of up to CHUNK_INVOICES each, in invoice order: each invoice
+    with what its document shows beside it, (invoice, customer, rounding, credits), the job a
+    render worker is given (flows/render_pool.py)."""
 
     chunks: tuple[Handed, ...]
     counts: tuple[int, ...]  # invoices per file
@@ -52,11 +54,14 @@ class InvoiceFiles:
 
     def read(self) -> list:
         """Every invoice, in order."""
-        return [inv for chunk in self.chunks for inv in chunk.taken()]
+        return [job[0] for chunk in self.chunks for job in chunk.taken()]
 
 
-def invoice_files(invoices: list, folder: Path, chunk: int = CHUNK_INVOICES) -> InvoiceFiles:
-    """`invoices` into files under `folder`, `chunk` at a time."""
-    parts = [invoices[i:i + chunk] for i in range(0, len(invoices), chunk)]
+def invoice_files(jobs: list[tuple], folder: Path, chunk: int = CHUNK_INVOICES) -> InvoiceFiles:
+    """`jobs`, (invoice, customer, rounding, credits) each, into files under `folder`, `chunk`
+    at a time. Written with the invoices, the customers and credits of their documents are never
+    built in the step that writes the tables, where they would outlive the invoices read back
+    there and keep their memory from the process when those go."""
+    parts = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
     return InvoiceFiles(tuple(hand_over(part, folder / f"invoices-{n:05d}.pickle") for n, part in enumerate(parts)),
                         tuple(map(len, parts)))

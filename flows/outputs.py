@@ -27,7 +27,7 @@ from transforms.collector import cycle_collector_paused
 from transforms.credits.events import credit_meters
 from transforms.credits.ledger import balances_table, ledger_table
 from transforms.credits.model import WalletReplay
-from transforms.credits.reports import credit_report, credit_summaries
+from transforms.credits.reports import credit_report
 from transforms.engine.checked_usage import CheckedUsage, quarantine_table, quarantined_by_reason, usage_row_counts
 from transforms.engine.invoices import Invoice, invoices_table, lines_table, totals_by_currency
 from transforms.engine.lineage import credit_draws, lineage_lines
@@ -76,18 +76,12 @@ def write_outputs(invoice_files: InvoiceFiles, checked: CheckedUsage, normalized
         invoices = [replace(inv, run_id=run_id) for inv in invoice_files.read()]
         replay = replay_file.taken()
     # The HTML invoices render in worker processes while this process writes the tables: each
-    # worker reads its invoices from their file, and gets here what else its documents show.
-    customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
+    # worker reads its invoices, with what else their documents show, from their file.
     plans = subscription_plans(reference.segments)
-    wallets = credit_summaries(replay, period)
-    extras = [(customers[inv.customer_id], plans.rounding[inv.subscription_id], wallets.get(inv.customer_id))
-              for inv in invoices]
-    del customers, wallets
     stop = threading.Event()  # a table failed: render no further chunk
     rendering = ThreadPoolExecutor(max_workers=1, thread_name_prefix="documents")
-    documents_future = rendering.submit(write_invoice_documents, invoice_files, extras, reference.seller, run_id,
-                                        out_dir, local_workers(settings), stop=stop)
-    del extras
+    documents_future = rendering.submit(write_invoice_documents, invoice_files, reference.seller, run_id, out_dir,
+                                        local_workers(settings), stop=stop)
     try:
         with cycle_collector_paused():  # millions of table cells, none of them a cycle
             (billing_lines, quarantine, draws), by_reason, adjusted = _write_tables(

@@ -54,41 +54,35 @@ def _write_file(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _render_file(path: str, extras: list[tuple], seller: dict, run_id: str, folder: str) -> list[tuple[str, int, str]]:
-    """A file of invoices the close's rating left (flows/handoff.py), read here: each invoice
-    rendered with its (customer, rounding, credits) of `extras`. The close pickles no invoice
-    for its workers, and holds none for them while they render."""
-    jobs = [(invoice, *extra) for invoice, extra in zip(Handed(path).taken(), extras, strict=True)]
-    return render_chunk(jobs, seller, run_id, folder)
+def _render_file(path: str, seller: dict, run_id: str, folder: str) -> list[tuple[str, int, str]]:
+    """A file of invoices and what their documents show, as the close's rating left it
+    (flows/handoff.py), read and rendered here: the close pickles nothing for its workers, and
+    holds nothing for them while they render."""
+    return render_chunk(Handed(path).taken(), seller, run_id, folder)
 
 
-def write_invoice_documents(invoices: InvoiceFiles, extras: list[tuple], seller: dict, run_id: str, out_dir: Path,
-                            workers: int, parallel_from: int = PARALLEL_FROM, stop: threading.Event | None = None
+def write_invoice_documents(invoices: InvoiceFiles, seller: dict, run_id: str, out_dir: Path, workers: int,
+                            parallel_from: int = PARALLEL_FROM, stop: threading.Event | None = None
                             ) -> list[tuple[str, int, str]]:
-    """Every invoice of the files `invoices` as `invoices/<invoice_id>.html` under `out_dir`,
-    with its (customer, rounding, credits) of `extras` (one per invoice, in invoice order);
-    (name, size, sha256) each, in invoice order. A file is a chunk: its invoices render in
-    one worker (in this process below `parallel_from` invoices or one worker). The close runs
+    """Every invoice of the files `invoices` as `invoices/<invoice_id>.html` under `out_dir`;
+    (name, size, sha256) each, in invoice order. A file is a chunk: its invoices render in one
+    worker (in this process below `parallel_from` invoices or with one worker). The close runs
     this in a thread while it writes the tables; `stop` set (a table failed) ends it before its
     next chunk, raising DocumentsStopped."""
     (out_dir / INVOICES_FOLDER).mkdir(parents=True, exist_ok=True)
-    offsets = [0]
-    for count in invoices.counts:
-        offsets.append(offsets[-1] + count)
-    chunks = [(chunk.path, extras[start:end])
-              for chunk, start, end in zip(invoices.chunks, offsets[:-1], offsets[1:], strict=True)]
+    chunks = [chunk.path for chunk in invoices.chunks]
     if workers <= 1 or invoices.count < parallel_from:
-        return [entry for path, part in chunks for entry in _render_file(path, part, seller, run_id, str(out_dir))]
+        return [entry for path in chunks for entry in _render_file(path, seller, run_id, str(out_dir))]
     # spawn, not fork: the close's process holds threads (Prefect, DuckDB, Polars) a fork would copy mid-flight
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         parts, pending = [], deque()
-        for path, part in chunks:  # submitted a few chunks ahead of the workers, as pool.map's feeder would
+        for path in chunks:  # submitted a few chunks ahead of the workers, as pool.map's feeder would
             if stop is not None and stop.is_set():
                 for future in pending:
                     future.cancel()
                 raise DocumentsStopped("the close failed while its invoices were rendered")
             if len(pending) > workers:
                 parts.append(pending.popleft().result())
-            pending.append(pool.submit(_render_file, path, part, seller, run_id, str(out_dir)))
+            pending.append(pool.submit(_render_file, path, seller, run_id, str(out_dir)))
         parts += [future.result() for future in pending]
     return [entry for part in parts for entry in part]

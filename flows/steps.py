@@ -35,6 +35,7 @@ from transforms.credits.grants import history_grants
 from transforms.credits.model import Purchase, WalletReplay
 from transforms.credits.purchases import purchases_from
 from transforms.credits.replay import replayed_wallets
+from transforms.credits.reports import credit_summaries
 from transforms.documents.terms import seller_block as terms_seller_block
 from transforms.engine.checked_usage import CheckedFiles, CheckedUsage
 from transforms.engine.invoices import Invoice
@@ -48,7 +49,14 @@ from transforms.inputs.adjustments import (
     period_adjustments,
 )
 from transforms.inputs.plans import Catalog
-from transforms.inputs.reference import Segment, Subscription, checked_customers, checked_subscriptions, segments_in
+from transforms.inputs.reference import (
+    Segment,
+    Subscription,
+    checked_customers,
+    checked_subscriptions,
+    segments_in,
+    subscription_plans,
+)
 from transforms.layout import (
     ADJUSTMENTS_PREFIX,
     CORRECTIONS_PREFIX,
@@ -288,8 +296,14 @@ def replay_credits_to_file(checked: CheckedUsage, reference: CheckedReference, c
 def rate_invoices_to_files(checked: CheckedUsage, reference: CheckedReference, replay: Handed, period: Period,
                            folder: Path) -> InvoiceFiles:
     """rate_invoices from the replay's file, the invoices handed over as files of `folder`
-    (flows/handoff.py): the close's later steps, and its render workers, read them from there."""
-    return invoice_files(rate_invoices.fn(checked, reference, replay.taken(), period), folder / "invoices")
+    (flows/handoff.py), each with its document's customer, rounding and credits: the close's
+    later steps, and its render workers, read them from there."""
+    wallets = replay.taken()
+    invoices = rate_invoices.fn(checked, reference, wallets, period)
+    customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
+    roundings, credits = subscription_plans(reference.segments).rounding, credit_summaries(wallets, period)
+    return invoice_files([(inv, customers[inv.customer_id], roundings[inv.subscription_id],
+                           credits.get(inv.customer_id)) for inv in invoices], folder / "invoices")
 
 
 def work_dir_for(store: str, label: str) -> Path:

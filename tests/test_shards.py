@@ -80,10 +80,9 @@ def test_invoices_rendered_in_worker_processes_are_the_same_bytes(tmp_path, monk
     invoices = [replace(base, invoice_id=f"INV-2026-10-{i:06d}", customer_id=f"c{i % 3}") for i in range(1, 26)]
     customers = {f"c{i}": dict(CUSTOMER, customer_id=f"c{i}", name=f"Customer <{i}>") for i in range(3)}
     wallets = {"c1": sample_credits()}
-    extras = [(customers[inv.customer_id], "half_up", wallets.get(inv.customer_id)) for inv in invoices]
-    alone = write_invoice_documents(invoice_files(invoices, tmp_path / "whole"), extras, SELLER, RUN_ID,
-                                    tmp_path / "one", 1)
-    spread = write_invoice_documents(invoice_files(invoices, tmp_path / "chunks", chunk=2), extras, SELLER, RUN_ID,
+    jobs = [(inv, customers[inv.customer_id], "half_up", wallets.get(inv.customer_id)) for inv in invoices]
+    alone = write_invoice_documents(invoice_files(jobs, tmp_path / "whole"), SELLER, RUN_ID, tmp_path / "one", 1)
+    spread = write_invoice_documents(invoice_files(jobs, tmp_path / "chunks", chunk=2), SELLER, RUN_ID,
                                      tmp_path / "two", 2, parallel_from=1)  # many small chunks, as 100k invoices give
     assert alone == spread and len(alone) == 25
     for name, size, digest in spread:
@@ -110,8 +109,9 @@ def test_rendering_stops_when_the_close_fails_meanwhile(tmp_path):
     stop = threading.Event()
     stop.set()
     with pytest.raises(DocumentsStopped):
-        write_invoice_documents(invoice_files(invoices, tmp_path / "files", chunk=2), [(CUSTOMER, "half_up", None)] * 8,
-                                SELLER, RUN_ID, tmp_path, 2, parallel_from=1, stop=stop)
+        jobs = [(inv, CUSTOMER, "half_up", None) for inv in invoices]
+        write_invoice_documents(invoice_files(jobs, tmp_path / "files", chunk=2), SELLER, RUN_ID, tmp_path, 2,
+                                parallel_from=1, stop=stop)
     assert list((tmp_path / "invoices").iterdir()) == []
 
 def test_a_close_on_a_two_worker_dask_cluster_gives_the_same_bytes(prefect_server, tmp_path, monkeypatch):
