@@ -143,7 +143,8 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
         plan_entries = plan_entries_for(reference.segments)
         run_id = run_id_for(period, inputs, plan_entries)
         # quote(): hand big values over as they are; Prefect would otherwise walk every
-        # dataclass in them looking for futures (minutes for 100k invoices)
+        # dataclass in them looking for futures (the reference's 100k subscriptions and segments;
+        # the invoices and the replay cross as files)
         out_dir = output_folder(store, run_id, hold.token, work_dir)
         # the period's index goes in before the manifest, which names it: it counts once the period is closed
         [index_entry] = record_billed(store, [(billed_index_key(str(period), run_id), index_file, indexed)])
