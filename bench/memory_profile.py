@@ -26,8 +26,8 @@ import polars as pl
 STEPS = {  # module: (task or function, step)
     "flows.steps": (("fetch_inputs", "fetch-inputs"), ("check_reference", "check-reference"),
                     ("replay_credits", "replay-credits"), ("rate_invoices", "rate-invoices"),
-                    # the close's: the same steps, their results handed over as files
-                    ("replay_credits_to_file", "replay-credits"), ("rate_invoices_to_files", "rate-invoices")),
+                    # the close's: the same step, its invoices handed over as files
+                    ("rate_invoices_to_files", "rate-invoices")),
     "flows.outputs": (("write_outputs", "write-outputs"),),
     "flows.publish": (("publish", "publish"),),
     "flows.shards": (("normalize_batch", "normalize-usage"), ("check_shard", "check-usage"),

@@ -39,7 +39,7 @@ from flows.steps import (
     check_reference,
     fetch_inputs,
     rate_invoices_to_files,
-    replay_credits_to_file,
+    replay_credits,
     work_dir_for,
 )
 from flows.store import open_store
@@ -132,10 +132,10 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
                 if not allow_empty:
                     refuse_without_usage(period, checked, len(normalized.unreadable), reference)
                 # the checked usage is its files: each step reads the tables it needs, and Prefect keeps paths
-                # the replay and the invoices are files of the work folder (flows/handoff.py): each
-                # step reads what it needs, and nothing holds them between the steps
-                replay = replay_credits_to_file(checked, quote(reference), quote(catalog), period, work_dir)
-                invoices = rate_invoices_to_files(checked, quote(reference), replay, period, work_dir)
+                # the invoices are files of the work folder (flows/handoff.py): write-outputs and the
+                # render workers read them from there
+                replay = replay_credits(checked, quote(reference), quote(catalog), period)
+                invoices = rate_invoices_to_files(checked, quote(reference), quote(replay), period, work_dir)
                 fault_point("rated")
                 index_file, indexed = indexing.result()
             finally:
@@ -143,13 +143,13 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
         plan_entries = plan_entries_for(reference.segments)
         run_id = run_id_for(period, inputs, plan_entries)
         # quote(): hand big values over as they are; Prefect would otherwise walk every
-        # dataclass in them looking for futures (the reference's 100k subscriptions and segments;
-        # the invoices and the replay cross as files)
+        # dataclass in them looking for futures (the replay's ledger, the reference's 100k subscriptions
+        # and segments; the invoices cross as files)
         out_dir = output_folder(store, run_id, hold.token, work_dir)
         # the period's index goes in before the manifest, which names it: it counts once the period is closed
         [index_entry] = record_billed(store, [(billed_index_key(str(period), run_id), index_file, indexed)])
         names, manifest = write_outputs(invoices, checked, normalized, quote(reference),
-                                        quote(inputs), quote(catalog), replay,
+                                        quote(inputs), quote(catalog), quote(replay),
                                         period, run_id, quote(costs), plan_entries, out_dir, index_entry,
                                         settings=settings)
         fault_point("written")

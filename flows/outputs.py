@@ -16,7 +16,7 @@ import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.handoff import Handed, InvoiceFiles
+from flows.handoff import InvoiceFiles
 from flows.publish import manifest_bytes, output_entries
 from flows.render_pool import write_invoice_documents
 from flows.settings import Settings
@@ -51,13 +51,13 @@ the same close wrote different bytes on a 2-core and an 8-core machine."""
 
 @task(name="write-outputs", cache_policy=NO_CACHE)
 def write_outputs(invoice_files: InvoiceFiles, checked: CheckedUsage, normalized: Normalized,
-                  reference: CheckedReference, inputs: Inputs, catalog: Catalog, replay_file: Handed, period: Period,
+                  reference: CheckedReference, inputs: Inputs, catalog: Catalog, replay: WalletReplay, period: Period,
                   run_id: str, costs: tuple,
                   plan_entries: list[dict], out_dir: Path, index_entry: dict | None = None, *,
                   settings: Settings) -> tuple[list[str], bytes]:
     """Tables and HTML into `out_dir` (the HTML by the settings' workers), from the rated
-    invoices and the wallet replay that the close's earlier steps left as files
-    (flows/handoff.py); returns the relative names and the manifest's bytes."""
+    invoices that the close's rating left as files (flows/handoff.py); returns the relative
+    names and the manifest's bytes."""
     started = time.perf_counter()
     shutil.rmtree(out_dir, ignore_errors=True)  # a killed run's partial outputs
     out_dir.mkdir(parents=True)
@@ -72,9 +72,8 @@ def write_outputs(invoice_files: InvoiceFiles, checked: CheckedUsage, normalized
         names.append(name)
         spent[name] = time.perf_counter() - started - sum(spent.values())
 
-    with cycle_collector_paused():  # 100k invoices of lines and the ledger read back, none of them a cycle
+    with cycle_collector_paused():  # 100k invoices of lines read back, none of them a cycle
         invoices = [replace(inv, run_id=run_id) for inv in invoice_files.read()]
-        replay = replay_file.taken()
     # The HTML invoices render in worker processes while this process writes the tables: each
     # worker reads its invoices, with what else their documents show, from their file.
     plans = subscription_plans(reference.segments)
@@ -87,7 +86,7 @@ def write_outputs(invoice_files: InvoiceFiles, checked: CheckedUsage, normalized
             (billing_lines, quarantine, draws), by_reason, adjusted = _write_tables(
                 write, invoices, checked, normalized, reference, catalog, replay, period, costs)
             credits, totals = credit_report(replay, period, plans.plan), totals_by_currency(invoices)
-            del invoices, replay  # read back from their files (above), they go before the sort below
+            del invoices  # read back from their files (above), they go before the sort below
             lineage_memory = settings.duckdb_memory or LINEAGE_MEMORY
             # billed_events last, from the lines and ledger entries it reads: its sort (DuckDB, spilling
             # past its cap) runs beside the least of this process's memory

@@ -24,7 +24,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.embedded import mark_owner, reclaim_stale_work
-from flows.handoff import Handed, InvoiceFiles, hand_over, invoice_files
+from flows.handoff import InvoiceFiles, invoice_files
 from flows.ingest import is_adjustments_key, is_purchases_key, is_usage_key, read_table
 from flows.preflight import closed_periods
 from flows.retries import IO_RETRIES
@@ -284,24 +284,15 @@ def rate_invoices(checked: CheckedUsage, reference: CheckedReference, replay: Wa
     return invoices
 
 
-@task(name="replay-credits", cache_policy=NO_CACHE)
-def replay_credits_to_file(checked: CheckedUsage, reference: CheckedReference, catalog: Catalog, period: Period,
-                           folder: Path) -> Handed:
-    """replay_credits, its replay handed over as a file of `folder` (flows/handoff.py): the close
-    reads it where it rates and where it writes its outputs, and holds it nowhere in between."""
-    return hand_over(replay_credits.fn(checked, reference, catalog, period), folder / "replay.pickle")
-
-
 @task(name="rate-invoices", cache_policy=NO_CACHE)
-def rate_invoices_to_files(checked: CheckedUsage, reference: CheckedReference, replay: Handed, period: Period,
+def rate_invoices_to_files(checked: CheckedUsage, reference: CheckedReference, replay: WalletReplay, period: Period,
                            folder: Path) -> InvoiceFiles:
-    """rate_invoices from the replay's file, the invoices handed over as files of `folder`
+    """rate_invoices, the invoices handed over as files of `folder`
     (flows/handoff.py), each with its document's customer, rounding and credits: the close's
     later steps, and its render workers, read them from there."""
-    wallets = replay.taken()
-    invoices = rate_invoices.fn(checked, reference, wallets, period)
+    invoices = rate_invoices.fn(checked, reference, replay, period)
     customers = {row["customer_id"]: row for row in reference.customers.iter_rows(named=True)}
-    roundings, credits = subscription_plans(reference.segments).rounding, credit_summaries(wallets, period)
+    roundings, credits = subscription_plans(reference.segments).rounding, credit_summaries(replay, period)
     return invoice_files([(inv, customers[inv.customer_id], roundings[inv.subscription_id],
                            credits.get(inv.customer_id)) for inv in invoices], folder / "invoices")
 
