@@ -30,11 +30,13 @@ def with_local_lineage(checked: CheckedUsage, scratch, work_dir: Path) -> Checke
     return replace(checked, lineage=tuple(str(local[k]) for k in sorted(checked.lineage)))
 
 
-LINEAGE_MEMORY = "1GB"
+LINEAGE_MEMORY = "512MB"
 """DuckDB's cap while billed_events is joined and sorted: above it the sort spills to disk (the
-shards' cap, BILLRUN_DUCKDB_MEMORY, when set: the close passes it in). Not lower: at 512MB a
-50M-event close failed here ("failed to pin block of size 256.0 KiB", 488 MiB used), and under
-256MB a 10M-event one did, DuckDB unable to pin a block for the sort."""
+shards' cap, BILLRUN_DUCKDB_MEMORY, when set: the close passes it in). Half of what it was when
+DuckDB wrote the sorted rows to a file first: the writer's batches in flight (about 0.6 GB at 10M
+events) now sit beside the sort, and at 512MB the step's peak is below what it was at 1GB then.
+Not lower: under 256MB a 10M-event close failed here, DuckDB unable to pin a block for the sort
+("Out of Memory")."""
 
 BATCH_ROWS = 262_144
 """Rows per batch DuckDB hands the table's writer (its row group size: the writer cuts row groups
