@@ -11,7 +11,6 @@ from typing import Iterator
 
 import duckdb
 import polars as pl
-from polars.io.plugins import register_io_source
 
 from flows.explain import DOCUMENT_ID, document_folder, frame_at
 from flows.store import open_store
@@ -30,52 +29,33 @@ def with_local_lineage(checked: CheckedUsage, scratch, work_dir: Path) -> Checke
     return replace(checked, lineage=tuple(str(local[k]) for k in sorted(checked.lineage)))
 
 
-LINEAGE_MEMORY = "512MB"
-"""DuckDB's cap while billed_events is joined and sorted: above it the sort spills to disk (the
-shards' cap, BILLRUN_DUCKDB_MEMORY, when set: the close passes it in). Half of what it was when
-DuckDB wrote the sorted rows to a file first: the writer's batches in flight (about 0.6 GB at 10M
-events) now sit beside the sort, and at 512MB the step's peak is below what it was at 1GB then.
-Not lower: under 256MB a 10M-event close failed here, DuckDB unable to pin a block for the sort
-("Out of Memory")."""
-
-BATCH_ROWS = 262_144
-"""Rows per batch DuckDB hands the table's writer (its row group size: the writer cuts row groups
-of PARQUET's size whatever the batches, so this sets only how much of the sorted output is in
-flight at once)."""
+LINEAGE_MEMORY = "1GB"
+"""DuckDB's cap while billed_events is joined and sorted: above it the sort spills to disk
+(the shards' cap, BILLRUN_DUCKDB_MEMORY, when set: the close passes it in). Not lower: under
+256MB a 10M-event close failed here, DuckDB unable to pin a block for the sort ("Out of Memory"),
+and at 512MB a 50M-event one did. Streaming the sorted rows to the writer without this file was
+tried (bench/README.md, session 8): cheaper at 512MB, but that cap fails at 50M, and at 1GB it
+cost more than the file (10M: billed_events 37-42 s against 24-26 s)."""
 
 
 @contextmanager
 def billed_events_table(checked: CheckedUsage, lines: pl.DataFrame, quarantine: pl.DataFrame,
                         ledger: pl.DataFrame, memory_limit: str = LINEAGE_MEMORY) -> Iterator[pl.LazyFrame]:
-    """The period's billed_events (transforms.engine.lineage.billed_events), sorted by DuckDB, as a
-    plan that streams DuckDB's sorted output, a batch at a time, to the table's writer (no file
-    between them: writing and reading the sorted rows again cost more than the sort itself); the
-    plan is run inside the block. The close's memory holds neither the period's events nor their
-    sort: DuckDB spills past `memory_limit` (into a folder next to the lineage files, the close's
-    work folder, gone after the block), and the writer takes batches."""
+    """The period's billed_events (transforms.engine.lineage.billed_events), sorted by DuckDB into a
+    file next to the lineage files (the close's work folder), as a plan that streams it to the
+    table's writer; the file is gone after the block. The close's memory holds neither the
+    period's events nor their sort: DuckDB spills past `memory_limit`, and the writer reads row groups."""
     folder = Path(checked.lineage[0]).parent if checked.lineage else None
     with tempfile.TemporaryDirectory(prefix="billed-events-", dir=folder) as tmp:
+        sorted_rows = Path(tmp) / "sorted.parquet"
         con = duckdb.connect(config={"temp_directory": str(Path(tmp) / "spill"),
                                      "memory_limit": memory_limit})
         try:
             relation = billed_events(con, list(checked.lineage), lines, quarantine, ledger)
-
-            def sorted_batches(with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
-                               _batch_size: int | None) -> Iterator[pl.DataFrame]:
-                left = n_rows
-                for batch in relation.to_arrow_reader(BATCH_ROWS):
-                    rows = pl.from_arrow(batch).cast(BILLED_EVENTS_SCHEMA)
-                    rows = rows.filter(predicate) if predicate is not None else rows
-                    rows = rows.select(with_columns) if with_columns is not None else rows
-                    if left is not None:
-                        rows, left = rows.head(left), left - min(left, rows.height)
-                    yield rows
-                    if left == 0:
-                        return
-
-            yield register_io_source(sorted_batches, schema=BILLED_EVENTS_SCHEMA)
+            relation.write_parquet(str(sorted_rows), compression="lz4")
         finally:
             con.close()
+        yield pl.scan_parquet(sorted_rows).cast(BILLED_EVENTS_SCHEMA)
 
 
 BILLED_EVENTS = "billed_events.parquet"
