@@ -197,7 +197,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             inputs = fetch_inputs(store, work_dir / "inputs")
             issued = load_issued(store, closed)
             # likewise, what the other closed periods' documents bill of the adjustments
-            billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), closed)
+            billed_elsewhere = adjustments_billed_elsewhere(store, inputs, closed)
             documents: list[Invoice] = []
             plan_entries: dict[tuple, dict] = {}
             customers = None
@@ -207,7 +207,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
             # normalized once, then each period settled from the same shards as a close settles it
             with period_usage(store, inputs, work_dir, f"backfill-{first}-{last}", settings) as usage:
                 for period in closed:
-                    reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
+                    reference = check_reference(inputs, catalog, period, billed_elsewhere)
                     customers = reference.customers
                     checked = usage.checked(reference, catalog, period, index)
                     if str(period) in index.decided:  # what its documents will bill after this run
@@ -216,7 +216,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                         count = correction_index(index, str(period), billed, work_dir / "index-own", changes)
                         if count:
                             index_changes.append((str(period), changes, count))
-                    replay = replay_credits(checked, quote(reference), quote(catalog), period)
+                    replay = replay_credits(checked, quote(reference), catalog, period)
                     rerated = rate_invoices(checked, quote(reference), quote(replay), period)
                     plan_entries.update({(e["plan"], e["version"]): e for e in plan_entries_for(reference.segments)})
                     record = issued[str(period)]
@@ -247,7 +247,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                                          run_id, reason, issued_on, closed, plan_entries, work_dir / "out",
                                          booked, billed_events)
                 warnings += publish_corrections(store, run_id, work_dir / "out", quote(names), quote(manifest), hold)
-            record_checked(store, closed, run_id, quote(inputs), plan_entries, quote(catalog))
+            record_checked(store, closed, run_id, inputs, plan_entries, catalog)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
     logger.info("backfill %s..%s: %d documents in run %s", first, last, len(documents), run_id)

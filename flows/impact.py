@@ -82,7 +82,7 @@ def rerated_model_tables(store: str, usage: PeriodUsage, reference: CheckedRefer
     as `simulate` re-rates), with the revenue and margins the close would write."""
     index = committed_index(store, leave_out=[str(period)])
     checked = _sided(which, usage.checked, reference, catalog, period, index)
-    replay = _sided(which, replay_credits, checked, quote(reference), quote(catalog), period)
+    replay = _sided(which, replay_credits, checked, quote(reference), catalog, period)
     invoices = _sided(which, rate_invoices, checked, quote(reference), quote(replay), period)
     return rated_model_tables(period, invoices, replay, reference.segments, checked.usage_by_day, costs)
 
@@ -108,9 +108,9 @@ def impact(store: str, plans: str, base: str, periods: int = 1, shock: str = str
         references = {}
         for period in chosen:
             # as the close: an adjustment that another closed period's documents bill is not billed here
-            billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), [period])
+            billed_elsewhere = adjustments_billed_elsewhere(store, inputs, [period])
             for which, catalog in (("base", base_catalog), ("head", head_catalog)):
-                references[(period, which)] = _sided(which, check_reference, quote(inputs), quote(catalog), period,
+                references[(period, which)] = _sided(which, check_reference, inputs, catalog, period,
                                                      billed_elsewhere)
         costs, costs_source = fetch_costs(store)
         with period_usage(store, inputs, work_dir, f"impact-{label}", settings) as usage:  # normalized once for all

@@ -58,13 +58,13 @@ def rate_so_far(store: str, plans: str, customer: str, day: str, settings: Setti
     try:
         inputs = fetch_inputs(store, work_dir / "inputs")
         # as the close: an adjustment that a closed period's documents bill is not billed here
-        billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), [period])
-        reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
+        billed_elsewhere = adjustments_billed_elsewhere(store, inputs, [period])
+        reference = check_reference(inputs, catalog, period, billed_elsewhere)
         index = committed_index(store, leave_out=[str(period)])
         with period_usage(store, inputs, work_dir, f"preview-{the_day}", settings) as usage:
             # the events up to the end of the day, as a night of that day takes them in
             checked = usage.through(the_day).checked(reference, catalog, period, index)
-        replay = replay_credits(checked, quote(reference), quote(catalog), period)
+        replay = replay_credits(checked, quote(reference), catalog, period)
         invoices = rate_invoices(checked, quote(reference), quote(replay), period)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -241,17 +241,18 @@ def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: st
     label = hashlib.sha256(f"{plan_map}|{sorted(wanted or [])}".encode()).hexdigest()[:10]
     work_dir = private_work_dir(store, f"simulate-{the_period}-{label}")
     try:
-        # quote(): big values go to tasks as they are, as in the close (Prefect would otherwise
-        # walk every dataclass in them looking for futures)
+        # quote(): the reference, the replay and the invoices go to tasks as they are (Prefect
+        # would otherwise walk every dataclass in them looking for futures: about 7 CPU s for the
+        # reference of 100k customers); the inputs and the catalog are a few hundred objects at most
         inputs = fetch_inputs(store, work_dir / "inputs")
-        original = check_reference(quote(inputs), quote(catalog), the_period)
-        reference, moved = candidate_reference(quote(original), moves, quote(catalog), the_period, wanted)
+        original = check_reference(inputs, catalog, the_period)
+        reference, moved = candidate_reference(quote(original), moves, catalog, the_period, wanted)
         _check_moves(reference, moved, moves, the_period, wanted, original, require_moves)
         # settled as the close settles it; what the other closed periods' documents bill is not billed here
         index = committed_index(store, leave_out=[str(the_period)])
         with period_usage(store, inputs, work_dir, f"simulate-{the_period}-{label}", settings) as usage:
             checked = usage.checked(reference, catalog, the_period, index)
-        replay = replay_credits(checked, quote(reference), quote(catalog), the_period)
+        replay = replay_credits(checked, quote(reference), catalog, the_period)
         invoices = rate_invoices(checked, quote(reference), quote(replay), the_period)
         checked = checked.loaded()  # compared below, after its files have gone with the work folder
     finally:
@@ -260,7 +261,7 @@ def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: st
     history = load_revenue_history(store)
     simulation = compare_models(store, the_period, moves, wanted, threshold, quote(original),
                                 quote(Rerated(reference, moved, checked, replay, invoices, inputs)),
-                                quote(closed), quote(costs), costs_source, quote(history))
+                                quote(closed), costs, costs_source, history)
     result = simulation.result
     if report:
         result = {**result, "report": publish_simulation(store, quote(simulation))}
@@ -409,7 +410,7 @@ def migrate(store: str, plans: str, plan: str, to: str, on: str, as_of: str, cus
                        f"--customers {','.join(moved_customers)}")
     if dry_run:
         return {**result, "status": "dry_run"}
-    write_subscriptions(store, quote(current), quote(planned.subscriptions), on_day,
+    write_subscriptions(store, current, planned.subscriptions, on_day,
                         f"migrate {old} to {new} on {on_day}")
     get_run_logger().info("migrate %s to %s on %s: %d subscriptions", old, new, on_day, len(planned.changes))
     return {**result, "status": "migrated"}
