@@ -3,7 +3,8 @@
 Rendering is pure Python (jinja2), so threads would share one core; a close of 100k invoices
 spreads them over processes instead, a chunk at a time: each chunk is one of the files the close's
 rating wrote its invoices to (flows/handoff.py), read by the process that renders it, which
-writes its own documents.
+writes its own documents. A worker reads the lines that invoices of more than one file bill
+once, when it starts, and each of its chunks takes them from there.
 The bytes do not depend on how the work is split. Each file's size and sha256 come back from the
 process that wrote it, so the manifest needs no second read of 100k files.
 """
@@ -17,7 +18,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from flows.handoff import Handed, InvoiceFiles
+from flows.handoff import InvoiceFiles, read_chunk, read_shared
 from transforms.documents.render import invoice_html
 from transforms.layout import INVOICES_FOLDER, invoice_html_name
 
@@ -54,11 +55,21 @@ def _write_file(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+_SHARED: tuple = ()
+"""In a render worker: the shared lines of the close's invoice files, read once when it started."""
+
+
+def _read_shared(path: str) -> None:
+    """A render worker's start: the shared lines of the invoice files it will render (read_shared)."""
+    global _SHARED
+    _SHARED = read_shared(path)
+
+
 def _render_file(path: str, seller: dict, run_id: str, folder: str) -> list[tuple[str, int, str]]:
-    """A file of invoices and what their documents show, as the close's rating left it
-    (flows/handoff.py), read and rendered here: the close pickles nothing for its workers, and
-    holds nothing for them while they render."""
-    return render_chunk(Handed(path).taken(), seller, run_id, folder)
+    """In a render worker: a file of invoices and what their documents show, as the close's rating
+    left it (flows/handoff.py), read and rendered here: the close pickles nothing for its
+    workers, and holds nothing for them while they render."""
+    return render_chunk(read_chunk(path, _SHARED), seller, run_id, folder)
 
 
 def write_invoice_documents(invoices: InvoiceFiles, seller: dict, run_id: str, out_dir: Path, workers: int,
@@ -70,13 +81,15 @@ def write_invoice_documents(invoices: InvoiceFiles, seller: dict, run_id: str, o
     this in a thread while it writes the tables; `stop` set (a table failed) ends it before its
     next chunk, raising DocumentsStopped."""
     (out_dir / INVOICES_FOLDER).mkdir(parents=True, exist_ok=True)
-    chunks = [chunk.path for chunk in invoices.chunks]
     if workers <= 1 or invoices.count < parallel_from:
-        return [entry for path in chunks for entry in _render_file(path, seller, run_id, str(out_dir))]
+        shared = read_shared(invoices.shared)
+        return [entry for path in invoices.chunks
+                for entry in render_chunk(read_chunk(path, shared), seller, run_id, str(out_dir))]
     # spawn, not fork: the close's process holds threads (Prefect, DuckDB, Polars) a fork would copy mid-flight
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_read_shared, initargs=(invoices.shared,)) as pool:
         parts, pending = [], deque()
-        for path in chunks:  # submitted a few chunks ahead of the workers, as pool.map's feeder would
+        for path in invoices.chunks:  # submitted a few chunks ahead of the workers, as pool.map's feeder would
             if stop is not None and stop.is_set():
                 for future in pending:
                     future.cancel()

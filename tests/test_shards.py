@@ -92,6 +92,24 @@ def test_invoices_rendered_in_worker_processes_are_the_same_bytes(tmp_path, monk
     assert b"Customer &lt;1&gt;" in (tmp_path / "two" / "invoices/INV-2026-10-000001.html").read_bytes()
 
 
+def test_a_line_shared_by_invoices_of_two_files_comes_back_as_one_object(tmp_path):
+    """Rating shares a line among the invoices that bill the same thing; the invoice files keep
+    that sharing across files, so write-outputs formats such a line once (and holds it once)."""
+    from dataclasses import replace
+
+    from flows.handoff import invoice_files, read_chunk, read_shared
+    from renderutil import CUSTOMER, sample_invoice
+
+    base = sample_invoice()
+    invoices = [replace(base, invoice_id=f"INV-2026-10-{i:06d}") for i in range(1, 6)]
+    files = invoice_files([(inv, CUSTOMER, "half_up", None) for inv in invoices], tmp_path, chunk=2)
+    back = files.read()
+    assert len(files.chunks) == 3 and back == invoices
+    assert all(inv.lines[n] is back[0].lines[n] for inv in back for n in range(len(base.lines)))
+    [(last, customer, rounding, credits)] = read_chunk(files.chunks[-1], read_shared(files.shared))
+    assert (last, customer, rounding, credits) == (invoices[-1], CUSTOMER, "half_up", None)
+
+
 def test_rendering_stops_when_the_close_fails_meanwhile(tmp_path):
     """The close renders its invoices while it writes the tables; a table that fails sets `stop`,
     and the rendering ends before its next chunk instead of finishing 100k documents first."""
