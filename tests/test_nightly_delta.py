@@ -11,7 +11,13 @@ import polars as pl
 
 from flows.nightly import ID_COLUMNS, PARQUET, kept_copies
 from transforms.engine.billed_index import id_hash_macro
-from transforms.engine.period_to_date import BY_DAY_COLUMNS, EVENT_COLUMNS, by_day_to_date, events_to_date
+from transforms.engine.period_to_date import (
+    BY_DAY_COLUMNS,
+    EVENT_COLUMNS,
+    by_day_to_date,
+    events_to_date,
+    per_event_usage,
+)
 from transforms.queries import statements
 
 SQL = statements("nightly.sql")
@@ -116,3 +122,24 @@ def test_a_late_event_slots_in_by_time_and_the_tables_stay_in_their_order():
     moves = by_day([("c3", "api", "{}", DAY1, Decimal("4"), 1), ("c1", "api", "{}", DAY1, Decimal("5"), 1)])
     assert [(r[0], r[3]) for r in by_day_to_date(days, moves).rows()] == [
         ("c1", DAY1), ("c2", DAY1), ("c3", DAY1), ("c1", DAY2), ("c2", DAY2)]
+
+
+def test_per_event_usage_is_by_segment_and_meter_then_event_time_then_event_id():
+    """From the per-event table in its time order: c1's subscription changes segment on day 2
+    (s1 segment 1, then 2), c2 is s2 all month; two events at the same time rank by event_id,
+    whatever order their customers or meters come in."""
+    oct1, oct2, nov1 = (datetime(2026, m, d, tzinfo=timezone.utc) for m, d in ((10, 1), (10, 2), (11, 1)))
+    segments = pl.DataFrame([("s1", 1, "c1", oct1, oct2), ("s1", 2, "c1", oct2, nov1), ("s2", 1, "c2", oct1, nov1)],
+                            schema={"subscription_id": pl.String, "segment_no": pl.Int32, "customer_id": pl.String,
+                                    "start_at": pl.Datetime("us", "UTC"), "end_at": pl.Datetime("us", "UTC")},
+                            orient="row")
+    at = [datetime(2026, 10, d, h, tzinfo=timezone.utc) for d, h in ((1, 3), (1, 9), (2, 4))]
+    one = Decimal("1")
+    events = pl.DataFrame([("c2", "img", "{}", one, "e-5", at[0]), ("c1", "up", "{}", one, "e-2", at[0]),
+                           ("c1", "img", "{}", one, "e-9", at[1]), ("c2", "img", "{}", one, "e-1", at[1]),
+                           ("c1", "img", "{}", one, "e-3", at[2]), ("c1", "img", "{}", one, "e-4", at[2])],
+                          schema=EVENT_COLUMNS, orient="row").sort("event_at", "event_id", "customer_id", "meter")
+    got = per_event_usage(events, segments)
+    assert got.select("subscription_id", "segment_no", "meter", "event_id").rows() == [
+        ("s1", 1, "img", "e-9"), ("s1", 1, "up", "e-2"), ("s1", 2, "img", "e-3"), ("s1", 2, "img", "e-4"),
+        ("s2", 1, "img", "e-5"), ("s2", 1, "img", "e-1")]
