@@ -2,14 +2,18 @@
 replay: every day with usage rated from scratch, in order, each threshold on its first day."""
 from __future__ import annotations
 
+import json
 from datetime import date, datetime, timezone
 from decimal import Decimal as D
 
 import polars as pl
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import transforms.finance.spend as spend
+from test_invoices import charges, plan
+from test_per_event_fees import prices as percentage_prices
+from test_pricing import MONEY, PER, UNITS, unit_tiers
 from transforms.engine.invoices import SegmentUsage, charge_lines
 from transforms.finance.spend import spend_alerts, spend_alerts_resumed, thresholds
 from transforms.inputs.plans import Catalog, parse_plan
@@ -186,15 +190,29 @@ def test_a_subscription_below_its_lowest_threshold_is_not_replayed(monkeypatch):
     assert days == []
 
 
-def test_a_monotone_month_is_bisected(monkeypatch):
+def test_a_month_is_priced_in_columns_not_day_by_day(monkeypatch):
     """30 days of 100 eu tokens: 100 x 0.05 = 5.00 on Oct 1, then 2.00 a day (0.02 past the first
-    100): 7, 9, 11, 13. Thresholds 5.00, 8.00, 10.00 and the 12.00 cap cross on Oct 1, 3, 4 and 5;
-    the search rates the month's last day, then galloping from Oct 1: Oct 2, 4, 3, 5."""
+    100): 7, 9, 11, 13. Thresholds 5.00, 8.00, 10.00 and the 12.00 cap cross on Oct 1, 3, 4 and 5,
+    and no day is rated one subscription at a time."""
     days = rated_days(monkeypatch)
     segments = segments_in(PERIOD, [subscription("s")], CATALOG)
     rows = [("s", 1, "tokens", '{"region": "eu"}', date(2026, 10, d), D(100), 1) for d in range(1, 31)]
     by_day, per_event = frames(rows, [])
     alerts = spend_alerts(PERIOD, segments, by_day, per_event, {}, set(), {"s": 10**6})
+    assert [(a.threshold, a.value, a.occurred_on.day) for a in alerts] == [
+        ("5", "5", 1), ("8", "9", 3), ("10", "11", 4), ("12", "13", 5)]
+    assert days == []
+
+
+def test_a_monotone_month_paid_partly_with_credits_is_bisected(monkeypatch):
+    """The month above, with the subscription's calls paid with credits (none used): its units are
+    the wallet's Decimals, so it is rated day by day; the search rates the month's last day, then
+    galloping from Oct 1: Oct 2, 4, 3, 5."""
+    days = rated_days(monkeypatch)
+    segments = segments_in(PERIOD, [subscription("s")], CATALOG)
+    rows = [("s", 1, "tokens", '{"region": "eu"}', date(2026, 10, d), D(100), 1) for d in range(1, 31)]
+    by_day, per_event = frames(rows, [])
+    alerts = spend_alerts(PERIOD, segments, by_day, per_event, {}, {("s", 1, "calls")}, {"s": 10**6})
     assert [(a.threshold, a.value, a.occurred_on.day) for a in alerts] == [
         ("5", "5", 1), ("8", "9", 3), ("10", "11", 4), ("12", "13", 5)]
     assert sorted(days) == [date(2026, 10, d) for d in (1, 2, 3, 4, 5, 30)]  # each once, not all 30
@@ -205,8 +223,78 @@ def test_a_resumed_night_rates_only_the_days_that_changed(monkeypatch):
     rows = [("s", 1, "tokens", '{"region": "eu"}', date(2026, 10, d), D(100), 1) for d in range(1, 29)]
     by_day, per_event = frames(rows, [])
     final = {"s": 10**6}
-    _, known = spend_alerts_resumed(PERIOD, segments, by_day, per_event, {}, set(), final, {}, None)
+    credit = {("s", 1, "calls")}  # rated day by day (see above), so the spend known is reused
+    _, known = spend_alerts_resumed(PERIOD, segments, by_day, per_event, {}, credit, final, {}, None)
     days = rated_days(monkeypatch)
-    _, again = spend_alerts_resumed(PERIOD, segments, by_day, per_event, {}, set(), final, known,
+    _, again = spend_alerts_resumed(PERIOD, segments, by_day, per_event, {}, credit, final, known,
                                     {"c-s": date(2026, 10, 28)})
     assert days == [date(2026, 10, 28)] and again == known
+
+
+def _quoted(value):
+    """Prices as a plan file quotes them; unit counts stay numbers."""
+    return str(value) if isinstance(value, D) else value
+
+
+HALVES = MONEY | st.sampled_from([D("0.005"), D("0.0025"), D("0.5")])
+"""Prices that land whole units on half a cent (or half a yen), where the rounding rules part."""
+
+WHOLE_UNITS = UNITS | st.integers(0, 1000).map(D)
+
+
+@st.composite
+def charge_blocks(draw, meter: str, models: tuple[str, ...]) -> dict:
+    """One charge of `meter` under one of `models`, priced and bounded as the pricing properties
+    draw them."""
+    model = draw(st.sampled_from(models))
+    block: dict = {"name": meter, "meter": meter}
+    if model == "standard":
+        block["price"] = {"model": model, "unit_price": str(draw(HALVES)), "per": draw(PER)}
+    elif model == "package":
+        block["price"] = {"model": model, "package_size": draw(st.integers(1, 500)), "package_price": str(draw(HALVES))}
+    elif model in ("graduated", "volume"):
+        block["price"] = {"model": model, "per": draw(PER),
+                          "tiers": [{k: _quoted(v) for k, v in t.items()} for t in draw(unit_tiers())]}
+    elif model == "graduated_percentage":
+        block["price"] = {"model": model, "tiers": [
+            {"up_to": t["up_to"], "rate": str(draw(st.sampled_from(["0", "1.4", "2.9", "0.125"]))),
+             "flat_fee": str(t["flat_fee"])} for t in draw(unit_tiers())]}
+    else:
+        price = draw(percentage_prices())
+        block["price"] = {k: _quoted(v) for k, v in price.model_dump().items() if v is not None}
+    if model != "percentage" and draw(st.booleans()):
+        block["included"] = draw(st.sampled_from([1, 50, 1000, 100000]))
+    elif draw(st.booleans()):
+        block["group_by"] = ["region"]
+    return block
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), currency=st.sampled_from(["USD", "JPY", "KWD"]),
+       rounding=st.sampled_from(["half_up", "half_even"]))
+def test_spend_in_columns_equals_each_day_rated_by_the_models(data, currency, rounding):
+    """The column path's spend through each day with usage, against the charge models' own `rate`
+    on the usage so far (the invoice's charge_lines, as the day-by-day replay calls them)."""
+    units_models = ("standard", "package", "graduated", "volume", "graduated_percentage")
+    blocks = [data.draw(charge_blocks("tokens", units_models)),  # `pay` has its events: any model
+              data.draw(charge_blocks("pay", (*units_models, "percentage")))]
+    plan_file = plan(charges(*(json.dumps(b) for b in blocks)), currency, rounding)
+    segments = segments_in(PERIOD, [Subscription("s", "c-s", "p", None, date(2026, 1, 1), None, None, None, 1)],
+                           Catalog.from_files([plan_file]))
+    rows, events = [], []
+    for day in sorted(data.draw(st.sets(st.integers(1, 31), min_size=1, max_size=6))):
+        on = date(2026, 10, day)
+        for region in data.draw(st.sets(st.sampled_from(["eu", "us"]), min_size=1)):
+            dims = json.dumps({"region": region})
+            rows.append(("s", 1, "tokens", dims, on, data.draw(WHOLE_UNITS), data.draw(st.integers(1, 3))))
+            amounts = data.draw(st.lists(st.decimals(min_value=0, max_value=1000, places=2), min_size=1, max_size=4))
+            events += [("s", 1, "pay", dims, a, datetime(2026, 10, day, i, tzinfo=timezone.utc))
+                       for i, a in enumerate(amounts)]
+            rows.append(("s", 1, "pay", dims, on, sum(amounts, ZERO), len(amounts)))
+    events.sort(key=lambda e: (e[0], e[1], e[2], e[5]))
+    by_day, per_event = frames(rows, events)
+    got, priced = spend._spend_by_day({"s": segments}, ["s"], by_day, per_event, set())
+    assert priced == ["s"]
+    usage = spend._usage_from(by_day, per_event, {"s": date(2026, 10, 1)}, {}, set())["s"]
+    days = sorted({r[4] for r in rows})
+    assert got.rows() == [("s", day, spend.spend_to_date_minor(segments, usage, day)) for day in days]

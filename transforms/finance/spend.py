@@ -7,10 +7,18 @@ usage plans alert at DEFAULT_AMOUNTS of their currency. `hard_cap_reached` fires
 reaches the cap. The close and the nightly runs call the same function on the same days, so they
 fire the same alerts; an alert is identified by (customer, period, kind, threshold).
 
-Only subscriptions whose whole-period spend reaches their lowest threshold are replayed. Their
-per-day usage is summed cumulatively in Polars, so rating a day reads each (segment, meter,
-dims)'s units so far instead of re-adding the month; and when every price of the subscription
-can only grow with its units, the day a threshold was crossed is found by bisection.
+Only subscriptions whose whole-period spend reaches their lowest threshold are replayed, all of
+them at once in columns (`_spend_by_day`): each line's units, events and per-event fees are summed
+through each day in Polars, priced with the charge models' arithmetic in exact integers and
+rounded as the invoice rounds them, and a threshold's day is the first whose spend reaches it.
+Python only turns each plan's charges into integer terms and builds the alerts that fire. A
+hypothesis property holds the column path to the models' own `rate` on random plans and usage.
+
+A subscription the column path leaves out (meters paid with credits, whose units are the wallet's
+Decimal division; negative usage; a price or amount past what the integers hold exactly; an
+allowance drawn by several lines) is rated day by day: its per-day usage summed cumulatively in
+Polars, and when every price can only grow with its units, the day a threshold was crossed found
+by bisection.
 """
 from __future__ import annotations
 
@@ -23,10 +31,10 @@ from decimal import Decimal
 import polars as pl
 
 from transforms.collector import cycle_collector_paused
-from transforms.engine.invoices import Invoice, SegmentUsage, charge_lines, usage_spend_minor
+from transforms.engine.invoices import Invoice, SegmentUsage, charge_lines, groups_by_dims, usage_spend_minor
 from transforms.finance.alerts import Alert
 from transforms.inputs.reference import Segment, segments_by_subscription, subscription_plans
-from transforms.money import decimal_text, from_minor, to_minor
+from transforms.money import decimal_text, from_minor, minor_exponent, to_minor
 from transforms.periods import Period
 
 DEFAULT_AMOUNTS = (Decimal(100), Decimal(1000), Decimal(10000))
@@ -232,6 +240,318 @@ def _with_negative_usage(usage_by_day: pl.DataFrame, per_event_usage: pl.DataFra
             | set(per_event_usage.filter(pl.col("quantity") < 0)["subscription_id"].to_list()))
 
 
+# The column path: every subscription's spend through each of its days at once ---------------------
+
+EXACT_LIMIT = 10**27
+"""Python's decimal context keeps 28 digits: while every amount of a line, counted in the finest
+unit its prices and units are written in, stays below this, the charge model's own arithmetic is
+exact, and integers in that unit give its amounts to the last digit."""
+
+PRICE_LIMIT = 10**11
+"""The largest unit price or rate (an integer at its charge's scale) the column path takes: times
+units below EXACT_LIMIT (in billionths), a product stays inside Int128 (fees, bounds and counts
+are only added, or multiplied by a count of events)."""
+
+NANO = 9
+"""The scale of the usage tables' units and quantities (Decimal(38, 9)): here they are integers
+of billionths."""
+
+LINE = ["subscription_id", "segment_no", "charge_no", "group"]
+"""A line of the invoice: one charge (one group of it) of one segment."""
+
+TERMS_SCHEMA = {"plan_no": pl.Int32, "charge_no": pl.Int32, "kind": pl.String, "tier": pl.Int32,
+                "above": pl.Int128, "up_to": pl.Int128, "coef": pl.Int128, "flat": pl.Int128,
+                "size": pl.Int128, "fixed": pl.Int128, "min_fee": pl.Int128, "max_fee": pl.Int128,
+                "free": pl.Int64, "included": pl.Int128, "div": pl.Int128, "half_even": pl.Boolean}
+
+
+def _scale(value: Decimal) -> int:
+    """Digits after the point as `value` is written (0 for 5 and for 1E+6, 2 for 1.80)."""
+    return max(-value.as_tuple().exponent, 0)
+
+
+def _scaled(value: Decimal | None, scale: int) -> int | None:
+    """`value` counted in 10^-scale (exact: `scale` is at least `_scale(value)`)."""
+    return None if value is None else int(value.scaleb(scale))
+
+
+def _power_of_ten(per: Decimal) -> int | None:
+    """k when `per` is 10^k: dividing by it only moves the point, so the model stays exact."""
+    digits = per.normalize().as_tuple()
+    return digits.exponent if digits.digits == (1,) else None
+
+
+def _charge_terms(charge, currency: str, rounding: str) -> list[dict] | None:
+    """The charge as integers (one row per tier, see TERMS_SCHEMA), counted in 10^-scale for the
+    finest scale its model computes at, or None when the column path does not price it (a `per`
+    that is not a power of ten, a bound finer than the units, a constant past the limits, an
+    allowance on prices per event) and its subscriptions are rated day by day as before.
+
+    kind `graduated` (standard: one open tier; graduated_percentage: a percent is per 100) fills
+    tiers; `volume` prices all units at the tier they land in; `package` counts started
+    packages; `percentage` is the rate of the units plus a fee per event; `per_event` is a
+    percentage whose free events or fee bounds need each event's amount."""
+    price, minor = charge.price, minor_exponent(currency)
+    model = price.model
+    if _scale(charge.included) > NANO:
+        return None
+    base = {"tier": 0, "above": 0, "up_to": None, "flat": 0, "size": None, "fixed": None, "min_fee": None,
+            "max_fee": None, "free": 0, "included": _scaled(charge.included, NANO)}
+    if model in ("standard", "graduated", "volume", "graduated_percentage"):
+        if model == "standard":
+            tiers = [(None, price.unit_price, ZERO)]
+        elif model == "graduated_percentage":
+            tiers = [(t.up_to, t.rate, t.flat_fee) for t in price.tiers]
+        else:
+            tiers = [(t.up_to, t.unit_price, t.flat_fee) for t in price.tiers]
+        shift = 2 if model == "graduated_percentage" else _power_of_ten(price.per)
+        if shift is None or any(up_to is not None and _scale(up_to) > NANO for up_to, _, _ in tiers):
+            return None
+        scale = max([minor] + [max(NANO + _scale(p) + shift, _scale(f)) for _, p, f in tiers])
+        rows, above = [], 0
+        for number, (up_to, unit_price, flat) in enumerate(tiers):
+            top = _scaled(up_to, NANO)
+            rows.append({**base, "kind": "volume" if model == "volume" else "graduated", "tier": number,
+                         "above": above, "up_to": top, "coef": _scaled(unit_price, scale - NANO - shift),
+                         "flat": _scaled(flat, scale), "scale": scale})
+            above = top
+    elif model == "package":
+        if _scale(price.package_size) > NANO:
+            return None
+        scale = max(minor, _scale(price.package_price))
+        rows = [{**base, "kind": "package", "size": _scaled(price.package_size, NANO),
+                 "coef": _scaled(price.package_price, scale), "scale": scale}]
+    elif model == "percentage":
+        if price.prices_each_event and charge.included:
+            return None
+        fees = [price.fixed_fee, price.min_fee, price.max_fee]
+        scale = max([minor, NANO + _scale(price.rate) + 2] + [_scale(f) for f in fees if f is not None])
+        rows = [{**base, "kind": "per_event" if price.prices_each_event else "percentage",
+                 "coef": _scaled(price.rate, scale - NANO - 2), "fixed": _scaled(price.fixed_fee, scale),
+                 "min_fee": _scaled(price.min_fee, scale), "max_fee": _scaled(price.max_fee, scale),
+                 "free": price.free_events, "scale": scale}]
+    else:
+        return None
+    added = [r[k] for r in rows for k in ("flat", "fixed", "min_fee", "max_fee", "above", "up_to", "size", "included")
+             if r[k] is not None]
+    if any(r["coef"] >= PRICE_LIMIT for r in rows) or any(v >= EXACT_LIMIT for v in added):
+        return None
+    for row in rows:
+        row["div"], row["half_even"] = 10 ** (row.pop("scale") - minor), rounding == "half_even"
+    return rows
+
+
+def _pooled_alone(segs: list[Segment]) -> bool:
+    """Whether each allowance of the subscription is drawn by one line only: a single segment,
+    whose charges with `included` (never grouped) share their meter and filter with no other
+    charge. Then the line's allowance is simply its first `included` units; a pool drawn in turn
+    by several lines or segments is left to the day-by-day rating."""
+    charges = segs[0].plan.plan.charges
+    pooled = [(c.meter, tuple(sorted(c.filter.items()))) for c in charges if c.included > 0]
+    if not pooled:
+        return True
+    every = [(c.meter, tuple(sorted(c.filter.items()))) for c in charges]
+    return len(segs) == 1 and all(every.count(pool) == 1 for pool in pooled)
+
+
+@dataclass
+class _ColumnPlans:
+    """The plans of the subscriptions the column path prices, as frames: `terms` (TERMS_SCHEMA,
+    one row per plan x charge x tier), `plan_of` (subscription_id, segment_no -> plan_no) and
+    `groups` ((plan_no, meter, dims) -> charge_no and the group the charge puts the dims in)."""
+
+    terms: pl.DataFrame
+    plan_of: pl.DataFrame
+    groups: pl.DataFrame
+    priced: list[str]
+
+
+def _column_plans(by_sub: dict[str, list[Segment]], subs: list[str], dims_by_meter: dict[str, list[str]],
+                  left_out: set[str]) -> _ColumnPlans:
+    """The terms of every plan of `subs` but those of `left_out` (per subscription, small: a
+    close has a handful of plan versions); a subscription with a charge the column path does not
+    price, or an allowance drawn by several lines, is left out of `priced`."""
+    plan_no: dict[int, int] = {}
+    plans, terms, plan_rows, priced = [], [], [], []
+    for sub_id in subs:
+        segs = by_sub[sub_id]
+        if sub_id in left_out or not _pooled_alone(segs):
+            continue
+        numbers = []
+        for seg in segs:
+            plan = seg.plan.plan
+            number = plan_no.get(id(plan))
+            if number is None:
+                number = plan_no[id(plan)] = len(plans)
+                charge_rows = [_charge_terms(c, plan.currency, plan.rounding) for c in plan.charges]
+                plans.append((plan, None if None in charge_rows else charge_rows))
+            numbers.append(number)
+        if all(plans[n][1] is not None for n in numbers):
+            priced.append(sub_id)
+            plan_rows += [(sub_id, seg.segment_no, n) for seg, n in zip(segs, numbers, strict=True)]
+    groups = []
+    for number, (plan, charge_rows) in enumerate(plans):
+        if charge_rows is None:
+            continue
+        for charge_no, (charge, rows) in enumerate(zip(plan.charges, charge_rows, strict=True)):
+            terms += [{"plan_no": number, "charge_no": charge_no, **row} for row in rows]
+            group_of = groups_by_dims(charge)
+            for dims in dims_by_meter.get(charge.meter, ()):
+                key = group_of(dims)
+                if key is not None:
+                    groups.append((number, charge.meter, dims, charge_no, repr(key)))
+    return _ColumnPlans(
+        pl.DataFrame(terms, schema=TERMS_SCHEMA),
+        pl.DataFrame(plan_rows, schema={"subscription_id": pl.String, "segment_no": pl.Int32, "plan_no": pl.Int32},
+                     orient="row"),
+        pl.DataFrame(groups, schema={"plan_no": pl.Int32, "meter": pl.String, "dims": pl.String,
+                                     "charge_no": pl.Int32, "group": pl.String}, orient="row"),
+        priced)
+
+
+def _nano(column: str) -> pl.Expr:
+    """A Decimal(38, 9) column as an integer count of billionths."""
+    return (pl.col(column) * 10**NANO).cast(pl.Int128)
+
+
+def _rounded(amount: pl.Expr) -> pl.Expr:
+    """`amount` (non-negative, counted in 10^-scale) in minor units, rounded as `to_minor` rounds
+    with the plan's rule (`div` is 10^(scale - the currency's minor digits))."""
+    div = pl.col("div")
+    whole, rest = amount // div, amount % div
+    up = pl.when(pl.col("half_even")).then((2 * rest > div) | ((2 * rest == div) & (whole % 2 == 1)))
+    return whole + up.otherwise(2 * rest >= div).cast(pl.Int128)
+
+
+def _units_amounts(usage_by_day: pl.LazyFrame, plans: _ColumnPlans) -> pl.LazyFrame:
+    """One row per line x day with usage of it: the line's amount through that day (counted in
+    10^-scale) from its units and events so far, for every kind but `per_event`; `reach`: its
+    units so far (every partial sum the model adds is at most the amount)."""
+    billable = pl.max_horizontal(pl.col("units_so_far") - pl.col("included"), pl.lit(0, dtype=pl.Int128))
+    band = pl.min_horizontal(billable, pl.col("up_to")) - pl.col("above")  # up_to null: no bound
+    lands = (((billable > pl.col("above")) | (pl.col("tier") == 0))
+             & (pl.col("up_to").is_null() | (billable <= pl.col("up_to"))))
+    flat = pl.when(billable > 0).then(pl.col("flat")).otherwise(0)
+    part = (pl.when(pl.col("kind") == "graduated")
+            .then(pl.when(band > 0).then(band * pl.col("coef") + pl.col("flat")).otherwise(0))
+            .when(pl.col("kind") == "volume")
+            .then(pl.when(lands).then(billable * pl.col("coef") + flat).otherwise(0))
+            .when(pl.col("kind") == "package")
+            .then((billable + pl.col("size") - 1) // pl.col("size") * pl.col("coef"))
+            .otherwise(billable * pl.col("coef") + pl.col("events_so_far").cast(pl.Int128) * pl.col("fixed")))
+    return (usage_by_day
+            .join(plans.plan_of.lazy(), on=["subscription_id", "segment_no"])
+            .join(plans.groups.lazy(), on=["plan_no", "meter", "dims"])
+            .join(plans.terms.lazy().filter(pl.col("kind") != "per_event").select("plan_no", "charge_no").unique(),
+                  on=["plan_no", "charge_no"], how="semi")
+            .group_by(*LINE, "plan_no", "day").agg(_nano("units").sum().alias("units"), pl.col("events").sum())
+            .sort(*LINE, "day")
+            .with_columns(pl.col("units").cum_sum().over(LINE).alias("units_so_far"),
+                          pl.col("events").cum_sum().over(LINE).alias("events_so_far"))
+            .join(plans.terms.lazy(), on=["plan_no", "charge_no"])
+            .group_by(*LINE, "day").agg(part.sum().alias("amount"), pl.col("units_so_far").first().alias("reach"),
+                                        pl.col("div").first(), pl.col("half_even").first()))
+
+
+def _event_amounts(per_event_usage: pl.LazyFrame, plans: _ColumnPlans) -> pl.LazyFrame:
+    """`_units_amounts` for lines of kind `per_event`: each event, in the order of the per-event
+    table (event time), pays its amount x rate + the fixed fee, raised to min_fee or capped at
+    max_fee, unless it is one of the period's first `free_events`; a day's amount is the sum
+    through its last event. `reach` bounds the amounts and every partial sum the model adds on
+    the way (see EXACT_LIMIT)."""
+    fee = _nano("quantity") * pl.col("coef") + pl.col("fixed")
+    bounded = (pl.when(pl.col("min_fee").is_not_null() & (fee < pl.col("min_fee"))).then(pl.col("min_fee"))
+               .when(pl.col("max_fee").is_not_null() & (fee > pl.col("max_fee"))).then(pl.col("max_fee"))
+               .otherwise(fee))
+    paid = pl.int_range(pl.len()).over(LINE) >= pl.col("free")
+    return (per_event_usage.with_row_index("_at")
+            .join(plans.plan_of.lazy(), on=["subscription_id", "segment_no"])
+            .join(plans.groups.lazy(), on=["plan_no", "meter", "dims"])
+            .join(plans.terms.lazy().filter(pl.col("kind") == "per_event"), on=["plan_no", "charge_no"])
+            .sort(*LINE, "_at")
+            .with_columns(pl.col("event_at").dt.date().alias("day"),
+                          pl.when(paid).then(bounded).otherwise(0).alias("fee"),
+                          pl.when(paid).then(pl.max_horizontal(fee, bounded)).otherwise(0).alias("gross"),
+                          _nano("quantity").alias("quantity_nano"))
+            .with_columns(pl.col("fee").cum_sum().over(LINE).alias("amount"),
+                          pl.max_horizontal(pl.col("gross").cum_sum().over(LINE),
+                                            pl.col("quantity_nano").cum_sum().over(LINE) * pl.col("coef"),
+                                            pl.col("quantity_nano").cum_sum().over(LINE)).alias("reach"))
+            .group_by(*LINE, "day", maintain_order=True)
+            .agg(pl.col("amount").last(), pl.col("reach").last(), pl.col("div").first(), pl.col("half_even").first()))
+
+
+def _spend_by_day(by_sub: dict[str, list[Segment]], subs: list[str], usage_by_day: pl.DataFrame,
+                  per_event_usage: pl.DataFrame, left_out: set[str]) -> tuple[pl.DataFrame, list[str]]:
+    """Spend through each day with usage of the subscriptions `subs` (but `left_out`), in
+    columns: one row per subscription x day (subscription_id, day, spend_minor), in order, and
+    the subscriptions priced. A line's amount is rated only on the days it has usage (its units
+    or events so far); the subscription's spend through a day is the sum of its lines' amounts
+    at their last day up to it, each rounded to minor units as the invoice rounds it."""
+    wanted = pl.DataFrame({"subscription_id": subs}, schema={"subscription_id": pl.String}).lazy()
+    by_day = usage_by_day.lazy().join(wanted, on="subscription_id", how="semi")
+    dims_by_meter = dict(by_day.group_by("meter").agg(pl.col("dims").unique().sort()).collect().iter_rows())
+    plans = _column_plans(by_sub, subs, dims_by_meter, left_out)
+    priced = pl.DataFrame({"subscription_id": plans.priced}, schema={"subscription_id": pl.String}).lazy()
+    events = per_event_usage.lazy().join(priced, on="subscription_id", how="semi", maintain_order="left")
+    lines = pl.concat([_units_amounts(by_day.join(priced, on="subscription_id", how="semi"), plans),
+                       _event_amounts(events, plans)]).collect()
+    beyond = set(lines.filter(pl.col("reach") >= EXACT_LIMIT)["subscription_id"]) | set(
+        lines.filter(pl.col("amount") >= EXACT_LIMIT)["subscription_id"])
+    changes = (lines.lazy().filter(~pl.col("subscription_id").is_in(pl.Series(sorted(beyond), dtype=pl.String)))
+               .sort(*LINE, "day")
+               .with_columns(_rounded(pl.col("amount")).alias("minor"))
+               .with_columns((pl.col("minor") - pl.col("minor").shift(1, fill_value=0).over(LINE)).alias("change"))
+               .group_by("subscription_id", "day").agg(pl.col("change").sum()))
+    spend = (by_day.join(priced, on="subscription_id", how="semi")
+             .filter(~pl.col("subscription_id").is_in(pl.Series(sorted(beyond), dtype=pl.String)))
+             .select("subscription_id", "day").unique()
+             .join(changes, on=["subscription_id", "day"], how="left")
+             .sort("subscription_id", "day")
+             .select("subscription_id", "day",
+                     pl.col("change").fill_null(0).cum_sum().over("subscription_id").cast(pl.Int64).alias("spend_minor"))
+             .collect())
+    return spend, [s for s in plans.priced if s not in beyond]
+
+
+def _column_alerts(period: Period, by_sub: dict[str, list[Segment]], spend: pl.DataFrame,
+                   subs: list[str]) -> tuple[dict[str, list[Alert]], dict[str, date]]:
+    """The alerts of `subs` from their spend through each day (`_spend_by_day`), and per
+    subscription the last day a walk in day order looks at: the day its highest threshold is
+    crossed, or its last day with usage. A threshold fires on the first day whose spend reaches
+    it: that day is never before the lower thresholds' (they are reached on it too), so this is
+    the day the walk pops it on, falling spend or not."""
+    watch = pl.DataFrame([(s, n, w[1]) for s in subs for n, w in enumerate(watched_thresholds(by_sub[s]))],
+                         schema={"subscription_id": pl.String, "watch_no": pl.Int32, "minor": pl.Int64}, orient="row")
+    first = (spend.lazy().join(watch.lazy(), on="subscription_id")
+             .filter(pl.col("spend_minor") >= pl.col("minor"))
+             .group_by("subscription_id", "watch_no")
+             .agg(pl.col("day").min(), pl.col("spend_minor").sort_by("day").first())
+             .sort("subscription_id", "watch_no").collect())
+    last_day = dict(spend.group_by("subscription_id").agg(pl.col("day").max()).iter_rows())
+    fired: dict[str, list[Alert]] = defaultdict(list)
+    for sub_id, watch_no, day, spend_minor in first.iter_rows():
+        segs = by_sub[sub_id]
+        watched = watched_thresholds(segs)
+        kind, minor, label = watched[watch_no]
+        currency, sub = segs[-1].plan.plan.currency, segs[-1].subscription
+        amount, spent = decimal_text(from_minor(minor, currency)), decimal_text(from_minor(spend_minor, currency))
+        fired[sub_id].append(Alert(sub.customer_id, sub_id, str(period), kind, amount, spent, day,
+                                   f"Spend {spent} {currency} reached {label} on {day}"))
+        if len(fired[sub_id]) == len(watched):
+            last_day[sub_id] = day
+    return fired, last_day
+
+
+def _column_priced(by_sub: dict[str, list[Segment]], replayed: list[str], usage_by_day, per_event_usage,
+                   credit_meters: set[tuple[str, int, str]], falling: set[str]) -> tuple[pl.DataFrame, list[str]]:
+    """`_spend_by_day` of the subscriptions replayed, but those whose spend can fall (`falling`:
+    a negative quantity) or whose units are what the wallet left (meters paid with credits):
+    those are rated day by day, with the Decimal units the wallet replay left."""
+    left_out = falling | {sub for sub, _, _ in credit_meters}
+    return _spend_by_day(by_sub, replayed, usage_by_day, per_event_usage, left_out)
+
+
 @cycle_collector_paused()  # rating day after day builds lines by the million, none of them a cycle
 def spend_alerts(period: Period, segments: list[Segment], usage_by_day, per_event_usage,
                  billable_by_day: dict[tuple, Decimal], credit_meters: set[tuple[str, int, str]],
@@ -240,15 +560,20 @@ def spend_alerts(period: Period, segments: list[Segment], usage_by_day, per_even
     dims, day, units, events); `per_event_usage`: rows with event_at, for per-event prices;
     `billable_by_day`: units left after credits by (sub, seg, meter, dims, day) for meters paid
     with credits; `final_spend_minor`: each subscription's usage charges for the whole period
-    (a subscription that never reaches its lowest threshold is not replayed day by day)."""
+    (a subscription that never reaches its lowest threshold is not replayed at all).
+
+    Spend through every day is computed in columns for all subscriptions at once
+    (`_spend_by_day`); the few the column path leaves out are rated day by day."""
     by_sub = segments_by_subscription(segments)
     replayed = sorted(s for s, segs in by_sub.items() if _may_alert(segs, final_spend_minor.get(s, 0)))
-    day_lists = _days_with_usage(usage_by_day, replayed)
-    usage = _usage_from(usage_by_day, per_event_usage, {s: day_lists[s][0] for s in replayed if s in day_lists},
-                        billable_by_day, credit_meters)
     falling = _with_negative_usage(usage_by_day, per_event_usage)
-    alerts = []
-    for sub_id in replayed:
+    spend, priced = _column_priced(by_sub, replayed, usage_by_day, per_event_usage, credit_meters, falling)
+    fired, _ = _column_alerts(period, by_sub, spend, priced)
+    rest = sorted(set(replayed) - set(priced))
+    day_lists = _days_with_usage(usage_by_day, rest)
+    usage = _usage_from(usage_by_day, per_event_usage, {s: day_lists[s][0] for s in rest if s in day_lists},
+                        billable_by_day, credit_meters)
+    for sub_id in rest:
         segs, rated = by_sub[sub_id], {}
 
         def spend_through(day: date, segs=segs, usage=usage[sub_id], rated=rated) -> int:
@@ -256,9 +581,9 @@ def spend_alerts(period: Period, segments: list[Segment], usage_by_day, per_even
                 rated[day] = spend_to_date_minor(segs, usage, day)
             return rated[day]
 
-        alerts += _crossings(period, segs, day_lists.get(sub_id, []), final_spend_minor.get(sub_id, 0),
-                             spend_through, bisect=_monotone(segs) and sub_id not in falling)
-    return alerts
+        fired[sub_id] = _crossings(period, segs, day_lists.get(sub_id, []), final_spend_minor.get(sub_id, 0),
+                                   spend_through, bisect=_monotone(segs) and sub_id not in falling)
+    return [alert for sub_id in replayed for alert in fired.get(sub_id, ())]
 
 
 def _crossings(period: Period, segs: list[Segment], day_list: list[date], final_minor: int, spend_through,
@@ -335,7 +660,16 @@ def spend_alerts_resumed(period: Period, segments: list[Segment], usage_by_day, 
     spend handed to the next night covers the same days."""
     by_sub = segments_by_subscription(segments)
     replayed = sorted(s for s, segs in by_sub.items() if _may_alert(segs, final_spend_minor.get(s, 0)))
-    day_lists = _days_with_usage(usage_by_day, replayed)
+    spend_frame, priced = _column_priced(by_sub, replayed, usage_by_day, per_event_usage, credit_meters,
+                                         _with_negative_usage(usage_by_day, per_event_usage))
+    fired, last_day = _column_alerts(period, by_sub, spend_frame, priced)
+    walked = pl.DataFrame(list(last_day.items()), schema={"subscription_id": pl.String, "_last": pl.Date},
+                          orient="row")
+    spend: dict[tuple[str, date], int] = {
+        (sub_id, day): minor for sub_id, day, minor in spend_frame.join(walked, on="subscription_id")
+        .filter(pl.col("day") <= pl.col("_last")).select("subscription_id", "day", "spend_minor").iter_rows()}
+    rest = sorted(set(replayed) - set(priced))
+    day_lists = _days_with_usage(usage_by_day, rest)
 
     def still_known(sub_id: str, day: date) -> bool:
         customer = by_sub[sub_id][-1].subscription.customer_id
@@ -344,7 +678,7 @@ def spend_alerts_resumed(period: Period, segments: list[Segment], usage_by_day, 
 
     # first pass: where each walk leaves what the last night knew (None: it never does)
     rate_from: dict[str, date] = {}
-    for sub_id in replayed:
+    for sub_id in rest:
         first_unknown: list[date] = []
 
         def from_known(day: date, sub_id=sub_id, first_unknown=first_unknown) -> int:
@@ -357,9 +691,7 @@ def spend_alerts_resumed(period: Period, segments: list[Segment], usage_by_day, 
             rate_from[sub_id] = first_unknown[0]
     usage = _usage_from(usage_by_day, per_event_usage, rate_from, billable_by_day, credit_meters)
 
-    spend: dict[tuple[str, date], int] = {}
-    alerts = []
-    for sub_id in replayed:
+    for sub_id in rest:
         segs = by_sub[sub_id]
 
         def spend_through(day: date, sub_id=sub_id, segs=segs) -> int:
@@ -369,5 +701,6 @@ def spend_alerts_resumed(period: Period, segments: list[Segment], usage_by_day, 
                 spend[(sub_id, day)] = spend_to_date_minor(segs, usage[sub_id], day)
             return spend[(sub_id, day)]
 
-        alerts += _crossings(period, segs, day_lists.get(sub_id, []), final_spend_minor.get(sub_id, 0), spend_through)
-    return alerts, spend
+        fired[sub_id] = _crossings(period, segs, day_lists.get(sub_id, []), final_spend_minor.get(sub_id, 0),
+                                   spend_through)
+    return [alert for sub_id in replayed for alert in fired.get(sub_id, ())], spend
