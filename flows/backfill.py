@@ -246,7 +246,7 @@ def backfill(store: str, plans: str, first: str, last: str, reason: str, as_of: 
                 names, manifest = _write(documents, revenue_changes, ledger_changes, customers, roundings, inputs,
                                          run_id, reason, issued_on, closed, plan_entries, work_dir / "out",
                                          booked, billed_events)
-                warnings += publish_corrections(store, run_id, work_dir / "out", quote(names), quote(manifest), hold)
+                warnings += publish_corrections(store, run_id, work_dir / "out", names, manifest, hold)
             record_checked(store, closed, run_id, inputs, plan_entries, catalog)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -4,7 +4,9 @@
 using the close's own steps on the close's own inputs, and compares each moved customer's bill,
 breakage and margin with what the period's documents billed. It writes nothing into
 billing/period=P/; with a report it writes billing/simulations/<id>/ (report.html,
-customers.parquet, margins.parquet, summary.json last).
+customers.parquet, margins.parquet, summary.json last). The comparison writes those files in the
+run's work folder, the bytes it publishes, and the publishing step copies them: the comparison,
+the margins and the charts never cross a task boundary (what does, and why: flows/steps.py).
 
 `migrate` makes a move real from a date: after a preview (a simulation of the last closed period)
 it rewrites the subscriptions file, ending each moved row on the date and starting a new row on
@@ -21,6 +23,7 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
 from decimal import Decimal, InvalidOperation
 from importlib.metadata import version as package_version
+from pathlib import Path
 
 import polars as pl
 from prefect import flow, get_run_logger, task
@@ -60,7 +63,7 @@ from flows.steps import (
 )
 from flows.store import open_store
 from transforms.credits.model import WalletReplay
-from transforms.engine.checked_usage import CheckedUsage
+from transforms.engine.checked_usage import CheckedFiles
 from transforms.engine.invoices import Invoice
 from transforms.errors import InputError
 from transforms.finance.margins import Costs
@@ -116,18 +119,15 @@ class Rerated:
 
     reference: CheckedReference
     moved: frozenset[str]          # subscription ids moved
-    checked: CheckedUsage
+    checked: CheckedFiles
     replay: WalletReplay
     invoices: list[Invoice]
     inputs: Inputs
 
 
-@dataclass(frozen=True)
-class Simulation:
-    result: dict
-    comparison: pl.DataFrame
-    margins: pl.DataFrame
-    charts: list[Chart]
+SIMULATION_FILES = ("customers.parquet", "margins.parquet", "report.html", "summary.json")
+"""What a simulation publishes, in the order it is written: summary.json last, as a folder
+without it is an interrupted write."""
 
 
 def simulation_id(period: Period, moves: tuple[Move, ...], customers: frozenset[str] | None, shock: Decimal,
@@ -155,8 +155,11 @@ def candidate_reference(reference: CheckedReference, moves: tuple[Move, ...], ca
 @task(name="compare-models", cache_policy=NO_CACHE)
 def compare_models(store: str, period: Period, moves: tuple[Move, ...], customers: frozenset[str] | None,
                    shock: Decimal, original: CheckedReference, rerated: Rerated, closed: ClosedPeriod, costs: Costs,
-                   costs_source: dict | None, history: dict[str, pl.DataFrame]) -> Simulation:
-    """Both models side by side: per customer, per currency, and what the charts draw."""
+                   costs_source: dict | None, history: dict[str, pl.DataFrame], folder: Path | None) -> dict:
+    """Both models side by side: per customer, per currency, and what the charts draw. With a
+    `folder`, the simulation's files (SIMULATION_FILES) are written there with the bytes they are
+    published with, the result naming its report; the comparison, the margins and the charts
+    stay in this step."""
     current = closed_model_tables(closed, original.segments, costs)
     candidate = rated_model_tables(period, rerated.invoices, rerated.replay, rerated.reference.segments,
                                    rerated.checked.usage_by_dims, costs)
@@ -173,9 +176,17 @@ def compare_models(store: str, period: Period, moves: tuple[Move, ...], customer
         "notes": _notes(models.quarantined, models.drift, costs_source), "report": None,
         "customers": models.customers.to_dicts(),
     }
+    if folder is None:
+        return result
     charts = _charts(current, candidate, models.customers, models.margins, models.moved_customers, history, period,
                      shock)
-    return Simulation(result, models.customers, models.margins, charts)
+    result = {**result, "report": simulation_prefix(result["simulation_id"]) + "report.html"}
+    folder.mkdir(parents=True)
+    for name, frame in (("customers.parquet", models.customers), ("margins.parquet", models.margins)):
+        frame.write_parquet(folder / name, **PARQUET)
+    (folder / "report.html").write_bytes(simulation_html(result, models.customers, charts).encode())
+    (folder / "summary.json").write_bytes((json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    return result
 
 
 def _notes(quarantined: dict, drift: list[str], costs_source: dict | None) -> list[str]:
@@ -210,19 +221,13 @@ def _charts(current: ModelTables, candidate: ModelTables, comparison: pl.DataFra
 
 
 @task(name="publish-simulation", cache_policy=NO_CACHE, **IO_RETRIES)
-def publish_simulation(store_uri: str, simulation: Simulation) -> str:
-    """billing/simulations/<id>/: report.html, customers.parquet, margins.parquet, then
-    summary.json, written last: a folder without it is an interrupted write."""
+def publish_simulation(store_uri: str, folder: Path, simulation_id: str) -> None:
+    """The simulation's files from `folder` (compare-models wrote them) into
+    billing/simulations/<id>/, in the order of SIMULATION_FILES."""
     store = open_store(store_uri)
-    prefix = simulation_prefix(simulation.result["simulation_id"])
-    result = {**simulation.result, "report": prefix + "report.html"}
-    for name, frame in (("customers.parquet", simulation.comparison), ("margins.parquet", simulation.margins)):
-        buffer = io.BytesIO()
-        frame.write_parquet(buffer, **PARQUET)
-        store.put_bytes(prefix + name, buffer.getvalue())
-    store.put_bytes(prefix + "report.html", simulation_html(result, simulation.comparison, simulation.charts).encode())
-    store.put_bytes(prefix + "summary.json", (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
-    return prefix + "report.html"
+    prefix = simulation_prefix(simulation_id)
+    for name in SIMULATION_FILES:
+        store.put_file(prefix + name, folder / name)
 
 
 @flow(name="simulate", log_prints=False)
@@ -254,17 +259,18 @@ def simulate(store: str, plans: str, period: str, plan_map: list[str], shock: st
             checked = usage.checked(reference, catalog, the_period, index)
         replay = replay_credits(checked, quote(reference), catalog, the_period)
         invoices = rate_invoices(checked, quote(reference), quote(replay), the_period)
-        checked = checked.loaded()  # compared below, after its files have gone with the work folder
+        costs, costs_source = fetch_costs(store)
+        history = load_revenue_history(store)
+        # the checked usage is its files in the work folder, read by the comparison; the report's files
+        # are written there too, and published from there
+        files = work_dir / "simulation" if report else None
+        result = compare_models(store, the_period, moves, wanted, threshold, quote(original),
+                                quote(Rerated(reference, moved, checked, replay, invoices, inputs)),
+                                quote(closed), costs, costs_source, history, files)
+        if files is not None:
+            publish_simulation(store, files, result["simulation_id"])
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    costs, costs_source = fetch_costs(store)
-    history = load_revenue_history(store)
-    simulation = compare_models(store, the_period, moves, wanted, threshold, quote(original),
-                                quote(Rerated(reference, moved, checked, replay, invoices, inputs)),
-                                quote(closed), costs, costs_source, history)
-    result = simulation.result
-    if report:
-        result = {**result, "report": publish_simulation(store, quote(simulation))}
     _artifact(result)
     get_run_logger().info("simulate %s %s: %d customers moved", the_period, ", ".join(result["plan_map"]),
                           result["moved"]["customers"])
