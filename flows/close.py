@@ -114,8 +114,8 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
         costs = fetch_costs(store)
         fault_point("fetched")
         # an adjustment that another closed period's documents bill is never billed here
-        billed_elsewhere = adjustments_billed_elsewhere(store, quote(inputs), [period])
-        reference = check_reference(quote(inputs), quote(catalog), period, billed_elsewhere)
+        billed_elsewhere = adjustments_billed_elsewhere(store, inputs, [period])
+        reference = check_reference(inputs, catalog, period, billed_elsewhere)
         fault_point("checked")
         with period_usage(store, inputs, work_dir, f"close-{period}", settings, dask_address) as usage:
             normalized = usage.normalized
@@ -134,7 +134,7 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
                 # the checked usage is its files: each step reads the tables it needs, and Prefect keeps paths
                 # the invoices are files of the work folder (flows/handoff.py): write-outputs and the
                 # render workers read them from there
-                replay = replay_credits(checked, quote(reference), quote(catalog), period)
+                replay = replay_credits(checked, quote(reference), catalog, period)
                 invoices = rate_invoices_to_files(checked, quote(reference), quote(replay), period, work_dir)
                 fault_point("rated")
                 index_file, indexed = indexing.result()
@@ -149,8 +149,8 @@ def _close(store: str, catalog: Catalog, period: Period, hold: Hold, settings: S
         # the period's index goes in before the manifest, which names it: it counts once the period is closed
         [index_entry] = record_billed(store, [(billed_index_key(str(period), run_id), index_file, indexed)])
         names, manifest = write_outputs(invoices, checked, normalized, quote(reference),
-                                        quote(inputs), quote(catalog), quote(replay),
-                                        period, run_id, quote(costs), plan_entries, out_dir, index_entry,
+                                        inputs, catalog, quote(replay),
+                                        period, run_id, costs, plan_entries, out_dir, index_entry,
                                         settings=settings)
         fault_point("written")
         warnings = publish(store, period, run_id, out_dir, quote(names), quote(manifest), hold)
