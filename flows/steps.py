@@ -10,14 +10,15 @@ and never retried.
 What a step hands the next is small: Prefect walks every argument of a task looking for futures,
 and keeps every task's result until the flow ends. So the inputs cross as their keys, hashes and
 local paths, the catalog as its few plan files, the checked usage as its Parquet files
-(transforms.engine.checked_usage.CheckedFiles), the close's invoices as files (flows/handoff.py),
-a simulation's report as the files it publishes. Three values still cross whole, in quote() at
-the call: the checked reference, the wallet replay and (but in the close) the rated invoices. At
-100k customers Prefect's walk of the reference costs 6.7 CPU s; pickled, it is 39 MB, 1.7 s to
-write and 1.5 s to read back in each step that takes it, and the flow keeps it anyway for the
-shards' checks (flows/shards.py); the replay pickled costs about 10 CPU s at 10M events
-(flows/handoff.py). They become files when the shards and the rating read the reference's
-tables from Parquet.
+(transforms.engine.checked_usage.CheckedFiles), the close's invoices as files
+(flows/handoff.py), a simulation's report as the files it publishes. Three values still cross
+whole, in quote() at the call: the checked reference, the wallet replay and (but in the close)
+the rated invoices, with what simulate builds of them and its closed period (whose manifest
+lists every document). At 100k customers Prefect's walk of the reference costs 6.7 CPU s;
+pickled, it is 39 MB, 1.7 s to write and 1.5 s to read back in each step that takes it, and the
+flow keeps it anyway for the shards' checks (flows/shards.py); the replay pickled costs about 10
+CPU s at 10M events (flows/handoff.py). They become files when the shards and the rating read
+the reference's tables from Parquet.
 """
 from __future__ import annotations
 
