@@ -48,6 +48,7 @@ class PeriodUsage:
     shard_keys: dict[int, list[str]]      # shard -> scratch keys of its files
     settings: Settings
     work_dir: Path                        # the run's local work folder: each check's tables go in it
+    disjoint: bool = False                # no customer's rows in two shards (flows.shards.normalize_shards)
 
     def checked(self, reference, catalog: Catalog, period: Period, index: CommittedIndex) -> CheckedFiles:
         """The period settled as the close settles it: each shard on its own, merged. Events
@@ -57,7 +58,7 @@ class PeriodUsage:
         folder = self.work_dir / "checked"
         folder.mkdir(parents=True, exist_ok=True)
         return checked_in_shards(self.runner, self.scratch, self.shard_keys, reference, catalog, period, index,
-                                 self.settings, Path(tempfile.mkdtemp(prefix="check-", dir=folder)))
+                                 self.settings, Path(tempfile.mkdtemp(prefix="check-", dir=folder)), self.disjoint)
 
     def billed_files(self, checked: CheckedFiles, cache_dir: Path) -> list[Path]:
         """The checked usage's billed event_ids as local files (read them before the next period
@@ -106,7 +107,7 @@ def period_usage(store_uri: str, inputs, work_dir: Path, label: str, settings: S
     with shard_runner(dask_address, settings) as runner:
         scratch = scratch_for(store_uri, work_dir, label, distributed=dask_address is not None)
         try:
-            normalized, shard_keys = normalize_shards(runner, store_uri, inputs, scratch, settings)
-            yield PeriodUsage(runner, scratch, normalized, shard_keys, settings, work_dir)
+            normalized, shard_keys, disjoint = normalize_shards(runner, store_uri, inputs, scratch, settings, work_dir)
+            yield PeriodUsage(runner, scratch, normalized, shard_keys, settings, work_dir, disjoint)
         finally:
             drop_scratch(scratch)

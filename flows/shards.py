@@ -33,12 +33,13 @@ from flows.ingest import normalized_object
 from flows.retries import IO_RETRIES
 from flows.settings import DEFAULT_SHARD_MEMORY, MAX_SHARDS, Settings
 from flows.store import LocalStore, open_store
-from transforms.engine.checked_usage import CheckedFiles, checked_usage, merged_files
+from transforms.engine.checked_usage import COPIES_SQL, DISJOINT, SUMMED, CheckedFiles, checked_usage, merged_files
 from transforms.errors import InputError
 from transforms.inputs.plans import Catalog
 from transforms.inputs.reference import segments_frame
 from transforms.layout import work_prefix
 from transforms.periods import Period
+from transforms.queries import statements
 
 SCRATCH_PARQUET = {"compression": "lz4", "statistics": True}
 """Shard files live minutes and are read once: lz4 writes and reads them about twice as cheaply
@@ -119,10 +120,27 @@ class NormalizedBatch:
     shard_keys: dict[int, list[str]]  # shard -> scratch keys of its files
     unreadable: list[tuple[str, str]]  # (object key, why)
     rows: int
+    hash_keys: list[str]  # scratch keys of the rows' (event_hash, shard) files, for `cross_shard_copies`
 
 
 def shard_name(shard: int) -> str:
     return f"normalized/shard={shard:04d}/"
+
+
+HASHES = "hashes/"
+"""Scratch folder of the normalized rows' event_id hashes and shards (`cross_shard_copies` reads them)."""
+
+
+def customer_shard(shards: int) -> pl.Expr:
+    """A row's shard: a hash of its customer_id, so that a customer's rows, days and subscription
+    segments are settled in one shard and the shards' per-day units never need adding up again."""
+    return (pl.col("customer_id").hash(seed=0) % shards).cast(pl.Int32)
+
+
+def event_hash() -> pl.Expr:
+    """A row's event_id as a 64-bit hash: what finds the event_ids with copies in two shards. A
+    hash only gathers copies into one shard; they are told apart there by event_id itself."""
+    return pl.col("event_id").hash(seed=0)
 
 
 def _write(scratch_store, key: str, frame: pl.DataFrame) -> None:
@@ -135,6 +153,14 @@ def _write(scratch_store, key: str, frame: pl.DataFrame) -> None:
         local = Path(tmp) / "part.parquet"
         frame.write_parquet(local, **SCRATCH_PARQUET)
         scratch_store.put_file(key, local)
+
+
+def _in_place(scratch_store, key: str) -> Path | None:
+    """The file a scratch key is in when the scratch area is the local work folder (written there
+    straight away, not copied in after), else None."""
+    folder, name = key.rsplit("/", 1)
+    in_place = scratch_store.local_folder(folder + "/")
+    return in_place / name if in_place else None
 
 
 def _local_copy(store_uri: str, obj, cache_dir: Path) -> Path:
@@ -158,7 +184,7 @@ def normalize_batch(store_uri: str, objects: list, scratch: Scratch, shards: int
     started = time.perf_counter()
     scratch_store = open_store(scratch.uri, create=True)
     shard_keys: dict[int, list[str]] = {}
-    unreadable, rows = [], 0
+    unreadable, rows, hash_keys = [], 0, []
     with tempfile.TemporaryDirectory(prefix="billrun-fetch-") as tmp:
         for obj in objects:
             path = _local_copy(store_uri, obj, Path(tmp))
@@ -168,20 +194,24 @@ def normalize_batch(store_uri: str, objects: list, scratch: Scratch, shards: int
                 continue
             rows += frame.height
             name = f"{obj.sha256}-{hashlib.sha256(obj.key.encode()).hexdigest()[:16]}.parquet"
-            keyed = frame.with_columns(
-                (pl.col("event_id").hash(seed=0) % shards).cast(pl.Int64).alias("_shard"))
+            keyed = frame.with_columns(customer_shard(shards).alias("_shard"))
             for (shard,), part in keyed.partition_by("_shard", as_dict=True, maintain_order=True).items():
                 key = scratch.key(shard_name(int(shard)) + name)
                 _write(scratch_store, key, part.drop("_shard"))
                 shard_keys.setdefault(int(shard), []).append(key)
+            if shards > 1:  # one shard holds every copy: nothing to find
+                key = scratch.key(HASHES + name)
+                _write(scratch_store, key, keyed.filter(pl.col("event_id").is_not_null()).select(
+                    event_hash().alias("event_hash"), pl.col("_shard").alias("shard")))
+                hash_keys.append(key)
     get_run_logger().info("normalize-usage: %d objects, %d rows, %d unreadable in %.2fs", len(objects), rows,
                           len(unreadable), time.perf_counter() - started)
-    return NormalizedBatch(shard_keys, unreadable, rows)
+    return NormalizedBatch(shard_keys, unreadable, rows, hash_keys)
 
 
 @task(name="check-usage", cache_policy=NO_CACHE)
 def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, period: Period,
-                memory_limit: str, check: str, for_merge: bool = False) -> CheckedFiles:
+                memory_limit: str, check: str, part: str | None = None) -> CheckedFiles:
     """One shard scoped, checked, deduplicated and aggregated in DuckDB, spilling past `memory_limit`
     (the close's BILLRUN_DUCKDB_MEMORY, also on a Dask worker).
     Events the billed-event index shows billed in another closed period are not billed; the
@@ -189,17 +219,19 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
     The checked usage's tables go to the scratch area too (`checked/<check>/shard=N/`), and what
     comes back is their keys and the counts: Prefect keeps every task run's result until the
     flow ends, and the shards' tables together are as large as the merged checked usage.
-    `for_merge`: other shards are merged with this one, which leaves the per-dims units and the
-    order of the per-day ones to the merge (`checked_usage`).
+    `part`: how other shards are merged with this one (`checked_usage`), None when it is alone.
     Not retried: the check is pure work that fails the same way twice, and its reads and
     writes of the scratch store carry the store's own retries (botocore's, on S3)."""
     started = time.perf_counter()
     reference, catalog, index, segments = context.value
     scratch_store = open_store(scratch.uri, create=True)
     prefix = scratch.key(f"checked/{check}/shard={shard:04d}/")
+    lineage_key = scratch.key(f"lineage/shard={shard:04d}.parquet")
+    billed_key = scratch.key(f"billed/shard={shard:04d}.parquet")
     with tempfile.TemporaryDirectory(prefix=f"billrun-shard{shard:04d}-") as tmp:
-        local = scratch_store.fetch(sorted(keys), Path(tmp) / "in")
-        billed_out = Path(tmp) / "billed.parquet"
+        local = dict(zip(sorted(keys), local_files(scratch, sorted(keys), Path(tmp) / "in"), strict=True))
+        lineage_to = _in_place(scratch_store, lineage_key) or Path(tmp) / "lineage.parquet"
+        billed_out = _in_place(scratch_store, billed_key) or Path(tmp) / "billed.parquet"
         spill = Path(tmp) / "spill"
         spill.mkdir()
         in_place = scratch_store.local_folder(prefix)  # the work folder: the tables are written where they stay
@@ -211,13 +243,12 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
             checked = checked_usage(con, [local[k] for k in sorted(keys)], reference.customers,
                                     list(reference.subscriptions), segments, catalog, period,
                                     tables_to, index.local(Path(tmp) / "index"), billed_out,
-                                    lineage_to=Path(tmp) / "lineage.parquet", for_merge=for_merge)
+                                    lineage_to=lineage_to, part=part)
         finally:
             con.close()
-        lineage_key = scratch.key(f"lineage/shard={shard:04d}.parquet")
-        scratch_store.put_file(lineage_key, Path(tmp) / "lineage.parquet")
-        billed_key = scratch.key(f"billed/shard={shard:04d}.parquet")
-        scratch_store.put_file(billed_key, billed_out)
+        for key, path in ((lineage_key, lineage_to), (billed_key, billed_out)):
+            if path.parent == Path(tmp):
+                scratch_store.put_file(key, path)
         tables = {name: prefix + Path(path).name for name, path in checked.tables.items()}
         if in_place is None:
             scratch_store.put_files([(tables[name], Path(path)) for name, path in checked.tables.items()])
@@ -275,9 +306,12 @@ def _all(runner, task_, calls: list[dict]) -> list:
     return [future.result() for future in futures]
 
 
-def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch,
-                     settings: Settings) -> tuple[Normalized, dict[int, list[str]]]:
-    """Every usage object normalized into shards, in batches spread over the runner's workers."""
+def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch, settings: Settings,
+                     work_dir: Path) -> tuple[Normalized, dict[int, list[str]], bool]:
+    """Every usage object normalized into shards, in batches spread over the runner's workers;
+    then the copies of an event_id that are in two shards gathered into one (`cross_shard_copies`).
+    Also returns whether the shards are disjoint by customer (no rows were gathered), so that their
+    per-day units need no adding up when they are merged."""
     shards = shard_count(sum(o.size for o in inputs.usage), settings)
     work = batches(sorted(inputs.usage, key=lambda o: o.key), min_batches=2 * local_workers(settings))
     done = _all(runner, normalize_batch, [{"store_uri": store_uri, "objects": b, "scratch": scratch,
@@ -287,7 +321,61 @@ def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch,
         for shard, keys in batch.shard_keys.items():
             by_shard.setdefault(shard, []).extend(keys)
     normalized = Normalized((), tuple(u for b in done for u in b.unreadable), sum(b.rows for b in done))
-    return normalized, {k: sorted(v) for k, v in sorted(by_shard.items())}
+    shard_keys = {k: sorted(v) for k, v in sorted(by_shard.items())}
+    hash_keys = sorted(k for b in done for k in b.hash_keys)
+    cross, moving = cross_shard_copies(scratch, hash_keys, work_dir / "hashes", settings)
+    if cross.height:
+        gathered = _all(runner, gather_copies, [{"scratch": scratch, "shard": shard, "keys": shard_keys[shard],
+                                                 "cross": Opaque(cross)} for shard in moving])
+        for shard, moved in zip(moving, gathered, strict=True):
+            shard_keys[shard] = []
+            for target, key in moved.items():
+                shard_keys.setdefault(target, []).append(key)
+        shard_keys = {k: sorted(v) for k, v in sorted(shard_keys.items())}
+    return normalized, shard_keys, cross.height == 0
+
+
+def cross_shard_copies(scratch: Scratch, hash_keys: list[str], folder: Path,
+                       settings: Settings) -> tuple[pl.DataFrame, list[int]]:
+    """The event_id hashes whose rows are in more than one shard, with the shard that gathers them
+    (copies.sql `cross_shard`: event_hash, target), and the shards that hold rows to move. One
+    pass over the rows' 64-bit hashes (8 bytes and a shard number a row), by DuckDB within the
+    shards' memory cap."""
+    empty = pl.DataFrame(schema={"event_hash": pl.UInt64, "target": pl.Int32})
+    if not hash_keys:
+        return empty, []
+    sql = statements(COPIES_SQL)
+    folder.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(config={"temp_directory": str(folder / "spill"),
+                                 "memory_limit": settings.duckdb_memory or DEFAULT_SHARD_MEMORY})
+    try:
+        con.read_parquet([str(p) for p in local_files(scratch, hash_keys, folder)]).create_view("hashes")
+        cross = con.sql(sql["cross_shard"]).pl()
+        if not cross.height:
+            return empty, []
+        con.register("cross_shard", cross.to_arrow())
+        moving = [shard for (shard,) in con.execute(sql["moving_shards"]).fetchall()]
+    finally:
+        con.close()
+    return cross.cast(empty.schema), moving
+
+
+@task(name="gather-copies", cache_policy=NO_CACHE, **IO_RETRIES)
+def gather_copies(scratch: Scratch, shard: int, keys: list[str], cross: Opaque) -> dict[int, str]:
+    """One shard's rows split by where they are settled: the rows whose event_id hash another
+    shard gathers (`cross`: event_hash, target) go to that shard, the others stay. Returns, per
+    shard, the scratch key of the file of this shard's rows it settles."""
+    scratch_store = open_store(scratch.uri, create=True)
+    with tempfile.TemporaryDirectory(prefix=f"billrun-gather{shard:04d}-") as tmp:
+        frame = pl.concat([pl.read_parquet(p) for p in local_files(scratch, keys, Path(tmp))])
+        routed = (frame.with_columns(event_hash().alias("_hash"))
+                  .join(cross.value, left_on="_hash", right_on="event_hash", how="left", maintain_order="left")
+                  .with_columns(pl.col("target").fill_null(shard)).drop("_hash"))
+        out = {}
+        for (target,), part in routed.partition_by("target", as_dict=True, maintain_order=True).items():
+            out[int(target)] = scratch.key(shard_name(int(target)) + f"gathered-from-{shard:04d}.parquet")
+            _write(scratch_store, out[int(target)], part.drop("target"))
+    return out
 
 
 def local_files(scratch: Scratch, keys: list[str], cache_dir: Path) -> list[Path]:
@@ -300,17 +388,21 @@ def local_files(scratch: Scratch, keys: list[str], cache_dir: Path) -> list[Path
 
 
 def checked_in_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]], reference, catalog: Catalog,
-                      period: Period, index: CommittedIndex, settings: Settings, folder: Path) -> CheckedFiles:
+                      period: Period, index: CommittedIndex, settings: Settings, folder: Path,
+                      disjoint: bool = False) -> CheckedFiles:
     """Each shard checked on its own, then merged (from the shards' files, by DuckDB within the
     shards' memory cap) into the checked usage of all rows, its tables written in `folder` (a
-    local folder of its own per check). The merged checked usage's `billed_ids` and `lineage`
-    are the shards' scratch keys of their billed event_ids and lineage rows."""
+    local folder of its own per check). `disjoint`: no two shards hold rows of one customer
+    (`normalize_shards`), so the merge orders the shards' units without adding them up. The
+    merged checked usage's `billed_ids` and `lineage` are the shards' scratch keys of their
+    billed event_ids and lineage rows."""
     todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
     context = Opaque((reference, catalog, index, segments_frame(reference.segments)))  # the segments' table once
     memory_limit = settings.duckdb_memory or DEFAULT_SHARD_MEMORY
+    merge = DISJOINT if disjoint else SUMMED
     futures = [runner.submit(check_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,
                                            "period": period, "memory_limit": memory_limit, "check": folder.name,
-                                           "for_merge": len(todo) > 1})
+                                           "part": merge if len(todo) > 1 else None})
                for shard, keys in todo.items()]
     parts = []
     for future in futures:
@@ -320,6 +412,6 @@ def checked_in_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]]
         parts.append(replace(part, tables={n: str(p) for n, p in zip(names, paths, strict=True)}))
     con = duckdb.connect(config={"temp_directory": str(folder / "spill"), "memory_limit": memory_limit})
     try:
-        return merged_files(con, parts, folder)
+        return merged_files(con, parts, folder, disjoint)
     finally:
         con.close()

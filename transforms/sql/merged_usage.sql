@@ -1,9 +1,10 @@
 -- The checked usage of disjoint shards merged into that of all rows, from the shards' Parquet
 -- files (views `<table>_parts`, one per table of CHECKED_TABLES but usage_by_dims, each over every
 -- shard's file).
--- Shards split the rows by a hash of event_id, so every copy of an event_id is checked in one
--- shard: aggregates re-add, and per-row tables are put back in the order one check of all rows
--- gives them. Every order is total (its keys are unique), so the bytes never depend on the
+-- Every copy of an event_id is checked in one shard (flows/shards.py: shards follow customers,
+-- and copies under customers of two shards are gathered into one): aggregates re-add, or, when no
+-- customer has rows in two shards, are only put in order (`*_disjoint`), and per-row tables are
+-- put back in the order one check of all rows gives them. Every order is total (its keys are unique), so the bytes never depend on the
 -- number of shards. NULLS FIRST: the order the checked usage had when Polars merged it.
 
 -- name: quarantine
@@ -47,3 +48,20 @@ ORDER BY subscription_id NULLS FIRST, segment_no NULLS FIRST, meter NULLS FIRST,
 -- copies keep the order their shard gave them (copy_order: the one that billed first).
 SELECT * EXCLUDE (filename, file_row_number) FROM credit_history_parts
 ORDER BY event_id, filename, file_row_number;
+
+-- name: usage_by_day_disjoint
+-- One row per subscription segment x meter x distinct dimensions x UTC day: the shards' units
+-- in order, as they are, when no customer's rows are in two shards (a segment's day is in one).
+SELECT subscription_id, segment_no, meter, dims, day,
+       CAST(units AS DECIMAL(38, 9)) AS units, CAST(events AS BIGINT) AS events
+FROM usage_by_day_parts
+ORDER BY subscription_id NULLS FIRST, segment_no NULLS FIRST, meter NULLS FIRST, dims NULLS FIRST,
+         day NULLS FIRST;
+
+-- name: usage_by_dims_disjoint
+-- One row per subscription segment x meter x distinct dimensions: the shards' units in order,
+-- as they are, when no customer's rows are in two shards.
+SELECT subscription_id, segment_no, meter, dims,
+       CAST(units AS DECIMAL(38, 9)) AS units, CAST(events AS BIGINT) AS events
+FROM usage_by_dims_parts
+ORDER BY subscription_id NULLS FIRST, segment_no NULLS FIRST, meter NULLS FIRST, dims NULLS FIRST;
