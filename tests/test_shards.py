@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import polars as pl
 import pytest
 
 from closeutil import PLANS, close, output_bytes
@@ -44,6 +46,22 @@ def test_batches_keep_order_cover_everything_and_spread(sizes, max_bytes, min_ba
         assert len(out) >= min(min_batches, len(objects))
 
 
+def with_copies_under_other_customers(folder: str) -> None:
+    """A usage object more: copies of 40 events of the store, each under another customer (shards
+    follow customers: these copies are in other shards than the events they copy), half of them
+    a second earlier, so that the copy under the other customer is the one that counts."""
+    import polars as pl
+
+    usage = Path(folder) / "usage" / "date=2026-10-12"
+    events = pl.read_parquet(usage / "part-0.parquet").head(40)
+    others = events["customer_id"].unique().sort()
+    shifted = dict(zip(others, others.shift(-1).fill_null(others[0]), strict=True))
+    earlier = pl.int_range(pl.len()) % 2 == 0
+    events.with_columns(pl.col("customer_id").replace_strict(shifted),
+                        pl.when(earlier).then(pl.col("timestamp") - pl.duration(seconds=1))
+                        .otherwise(pl.col("timestamp")).alias("timestamp")).write_parquet(usage / "part-1.parquet")
+
+
 @pytest.fixture(scope="module")
 def demo_written(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
@@ -51,6 +69,7 @@ def demo_written(tmp_path_factory):
     for name in ("one", "many"):
         folder = str(root / name)
         write_demo_store(folder, PLANS, PERIOD, 80, 5)
+        with_copies_under_other_customers(folder)
         stores.append(folder)
     return stores
 
@@ -66,6 +85,22 @@ def test_shards_never_change_a_byte(prefect_server, demo_written, monkeypatch):
     a, b = output_bytes(one, single), output_bytes(many, sharded)
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
+    conflicts = pl.read_parquet(Path(one) / "billing" / f"period={PERIOD}" / "conflicting_duplicates.parquet")
+    assert conflicts.filter(pl.col("differs_in").str.contains("customer_id")).height > 0  # gathered across shards
+
+
+def test_copies_in_two_shards_are_found_by_their_event_id_hashes_and_gathered_into_one(tmp_path):
+    from flows.shards import HASHES, Scratch, cross_shard_copies
+
+    scratch = Scratch(str(tmp_path / "scratch"), "")
+    hashes = tmp_path / "scratch" / HASHES
+    hashes.mkdir(parents=True)
+    schema = {"event_hash": pl.UInt64, "shard": pl.Int32}
+    pl.DataFrame({"event_hash": [1, 2, 3, 3], "shard": [0, 2, 2, 2]}, schema=schema).write_parquet(hashes / "a.parquet")
+    pl.DataFrame({"event_hash": [2, 4, 5, 3], "shard": [1, 4, 3, 2]}, schema=schema).write_parquet(hashes / "b.parquet")
+    cross, moving = cross_shard_copies(scratch, [HASHES + "a.parquet", HASHES + "b.parquet"], tmp_path / "work",
+                                       Settings.from_environ({}))
+    assert cross.rows() == [(2, 1)] and moving == [2]  # event 2: in shards 1 and 2, gathered into shard 1
 
 
 def test_invoices_rendered_in_worker_processes_are_the_same_bytes(tmp_path, monkeypatch):
@@ -144,6 +179,7 @@ def test_a_close_on_a_two_worker_dask_cluster_gives_the_same_bytes(prefect_serve
     alone, spread = str(tmp_path / "alone"), str(tmp_path / "spread")
     for folder in (alone, spread):
         write_demo_store(folder, PLANS, PERIOD, 60, 9)
+        with_copies_under_other_customers(folder)  # gathered across shards on the workers
     monkeypatch.setenv(SHARDS_ENV, "4")
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the workers' processes read it
     single = close(alone, PLANS, PERIOD)
