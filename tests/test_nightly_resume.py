@@ -13,6 +13,7 @@ resume that dropped a day, or counted one twice, changes an amount.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ runner = CliRunner()
 NIGHTS = 6
 LATE_BEFORE = 5
 OUTPUTS = ("draft_invoices.parquet", "draft_invoice_lines.parquet", "credit_balances.parquet", "usage.parquet")
-STATE = ("by_day.parquet", "events.parquet", "spend.parquet", "wallets.json")
+STATE = ("spend", "wallets")
 ALERT_COLUMNS = ["customer_id", "subscription_id", "period", "kind", "threshold", "value", "occurred_on"]
 
 
@@ -101,10 +102,19 @@ def test_the_resumed_night_drafts_what_a_night_from_the_first_drafts(stores):
 
 
 def test_the_resumed_state_is_the_state_a_night_from_the_first_leaves(stores):
+    """The same bytes, file by file: the resumed night's period-to-date tables are mostly files
+    of the nights before (a file per day: a night writes the days it moves), the fresh night's
+    all its own."""
     resumed, fresh = stores
-    folder = f"billing/_state/nightly/period=2026-10/to_date/night=2026-10-{NIGHTS:02d}"
+    commit = f"billing/_state/nightly/period=2026-10/nights/night=2026-10-{NIGHTS:02d}.json"
+    states = [json.loads((store / commit).read_text()) for store in (resumed, fresh)]
+    for name in ("by_day", "events"):
+        assert list(states[0][name]) == list(states[1][name]) == [f"2026-10-{d:02d}" for d in range(1, NIGHTS + 1)]
+        for day, key in states[0][name].items():
+            assert (resumed / key).read_bytes() == (fresh / states[1][name][day]).read_bytes(), (name, day)
+    assert any(f"night=2026-10-{NIGHTS:02d}" not in key for key in states[0]["by_day"].values())  # carried
     for name in STATE:
-        assert (resumed / folder / name).read_bytes() == (fresh / folder / name).read_bytes(), name
+        assert (resumed / states[0][name]).read_bytes() == (fresh / states[1][name]).read_bytes(), name
 
 
 def test_the_nights_together_sent_the_alerts_the_fresh_night_finds(stores):

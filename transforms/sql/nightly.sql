@@ -201,6 +201,11 @@ ORDER BY event_at, event_id, customer_id, meter;
 -- afresh when the period is rebuilt.
 SELECT *, id_hash(event_id) AS id_hash FROM kept_rows_all;
 
+-- name: delta_days
+-- One row per UTC day tonight's delta moves an event on or off: the days whose files of the
+-- period-to-date tables a night writes again (flows/nightly.py `_day_files`).
+SELECT DISTINCT CAST(event_at AS DATE) AS day FROM delta ORDER BY day;
+
 -- name: changed_from
 -- One row per customer whose usage moved tonight: the first UTC day it moved on (spend and
 -- wallets resume from before it).
