@@ -7,6 +7,7 @@ from datetime import date, datetime, timezone
 from decimal import Decimal as D
 
 import polars as pl
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -298,3 +299,29 @@ def test_spend_in_columns_equals_each_day_rated_by_the_models(data, currency, ro
     usage = spend._usage_from(by_day, per_event, {"s": date(2026, 10, 1)}, {}, set())["s"]
     days = sorted({r[4] for r in rows})
     assert got.rows() == [("s", day, spend.spend_to_date_minor(segments, usage, day)) for day in days]
+
+
+THIRDS = """plan: thirds
+version: 1
+effective_from: 2026-01-01
+currency: USD
+charges:
+  - {name: Tokens, meter: tokens, price: {model: standard, unit_price: "1.00", per: 3}}
+"""
+
+
+@pytest.mark.parametrize("plan_text, units", [
+    (THIRDS, D(1000)),  # 1,000 x 1.00 / 3: Python's decimal rounds at 28 digits, the integers would not
+    (VOLUME, D(10) ** 19),  # 10^28 billionths: past what the integers hold exactly
+], ids=["per-3", "10^19-units"])
+def test_what_the_integers_cannot_hold_is_rated_day_by_day(plan_text, units):
+    catalog = Catalog.from_files([parse_plan(plan_text, "p-v1.yaml")])
+    plan_name = plan_text.split("\n")[0].removeprefix("plan: ")
+    segments = segments_in(PERIOD, [subscription("s", plan=plan_name, budget=None, cap=None)], catalog)
+    rows = [("s", 1, "tokens", "{}", date(2026, 10, d), units, 1) for d in (1, 2, 3)]
+    by_day, per_event = frames(rows, [])
+    final = {"s": 10**30}
+    _, priced = spend._spend_by_day({"s": segments}, ["s"], by_day, per_event, set())
+    assert priced == []
+    alerts = spend_alerts(PERIOD, segments, by_day, per_event, {}, set(), final)
+    assert as_fired(alerts) == plain_replay(segments, rows, [], {}, set(), final) != []

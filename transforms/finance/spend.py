@@ -228,7 +228,7 @@ def _usage_from(usage_by_day: pl.DataFrame, per_event_usage: pl.DataFrame, since
 def _days_with_usage(usage_by_day: pl.DataFrame, subs: list[str]) -> dict[str, list[date]]:
     """Each subscription's days with usage, in order."""
     return {sub: days for sub, days in usage_by_day.lazy()
-            .filter(pl.col("subscription_id").is_in(pl.Series(subs, dtype=pl.String)))
+            .filter(pl.col("subscription_id").is_in(pl.Series(subs, dtype=pl.String).implode()))
             .group_by("subscription_id").agg(pl.col("day").unique().sort())
             .collect().iter_rows()}
 
@@ -488,23 +488,24 @@ def _spend_by_day(by_sub: dict[str, list[Segment]], subs: list[str], usage_by_da
     the subscriptions priced. A line's amount is rated only on the days it has usage (its units
     or events so far); the subscription's spend through a day is the sum of its lines' amounts
     at their last day up to it, each rounded to minor units as the invoice rounds it."""
-    wanted = pl.DataFrame({"subscription_id": subs}, schema={"subscription_id": pl.String}).lazy()
-    by_day = usage_by_day.lazy().join(wanted, on="subscription_id", how="semi")
-    dims_by_meter = dict(by_day.group_by("meter").agg(pl.col("dims").unique().sort()).collect().iter_rows())
+    # the rows of the subscriptions replayed, taken once: a close replays a few percent of them
+    by_day = usage_by_day.filter(pl.col("subscription_id").is_in(pl.Series(subs, dtype=pl.String).implode()))
+    dims_by_meter = dict(by_day.group_by("meter").agg(pl.col("dims").unique().sort()).iter_rows())
     plans = _column_plans(by_sub, subs, dims_by_meter, left_out)
-    priced = pl.DataFrame({"subscription_id": plans.priced}, schema={"subscription_id": pl.String}).lazy()
-    events = per_event_usage.lazy().join(priced, on="subscription_id", how="semi", maintain_order="left")
-    lines = pl.concat([_units_amounts(by_day.join(priced, on="subscription_id", how="semi"), plans),
-                       _event_amounts(events, plans)]).collect()
+    priced = pl.col("subscription_id").is_in(pl.Series(plans.priced, dtype=pl.String).implode())
+    by_day = by_day.filter(priced)
+    lines = pl.concat([_units_amounts(by_day.lazy(), plans),
+                       _event_amounts(per_event_usage.filter(priced).lazy(), plans)]).collect()
     beyond = set(lines.filter(pl.col("reach") >= EXACT_LIMIT)["subscription_id"]) | set(
         lines.filter(pl.col("amount") >= EXACT_LIMIT)["subscription_id"])
-    changes = (lines.lazy().filter(~pl.col("subscription_id").is_in(pl.Series(sorted(beyond), dtype=pl.String)))
+    exact = ~pl.col("subscription_id").is_in(pl.Series(sorted(beyond), dtype=pl.String).implode())
+    changes = (lines.lazy().filter(exact)
                .sort(*LINE, "day")
                .with_columns(_rounded(pl.col("amount")).alias("minor"))
                .with_columns((pl.col("minor") - pl.col("minor").shift(1, fill_value=0).over(LINE)).alias("change"))
                .group_by("subscription_id", "day").agg(pl.col("change").sum()))
-    spend = (by_day.join(priced, on="subscription_id", how="semi")
-             .filter(~pl.col("subscription_id").is_in(pl.Series(sorted(beyond), dtype=pl.String)))
+    spend = (by_day.lazy()
+             .filter(exact)
              .select("subscription_id", "day").unique()
              .join(changes, on=["subscription_id", "day"], how="left")
              .sort("subscription_id", "day")
