@@ -1,10 +1,14 @@
 """The close's row-level work, in shards: normalize per batch of objects, settle per shard.
 
-Every usage row goes to one of N shards by a hash of its event_id, so all copies of an event
+Every usage row goes to one of N shards by a hash of its customer_id, so a customer's days and
+subscription segments are settled in one shard; the few event_ids with copies in two shards (under
+customers of two shards) are found by one pass over the rows' 64-bit event_id hashes and their
+rows gathered into one shard (`cross_shard_copies`, `gather_copies`), so all copies of an event
 (in this period and in earlier ones) meet in one shard and deduplication never crosses shards.
 A shard is settled on its own DuckDB connection with a memory cap (it spills rather than grows),
 and their results, Parquet files in the scratch area, are merged (`transforms.engine.checked_usage.merged_files`)
-into exactly what one check of all rows gives. N only changes memory and parallelism, never a byte of output.
+into exactly what one check of all rows gives: when no rows were gathered, the shards' units are
+only put in order, not added up again. N only changes memory and parallelism, never a byte of output.
 
 Normalized shard files live in a scratch area addressed as a store: the close's local work
 folder, or, when tasks run on a Dask cluster and the store is on S3, a prefix of the store under
@@ -179,8 +183,9 @@ def _local_copy(store_uri: str, obj, cache_dir: Path) -> Path:
 @task(name="normalize-usage", cache_policy=NO_CACHE, **IO_RETRIES)
 def normalize_batch(store_uri: str, objects: list, scratch: Scratch, shards: int) -> NormalizedBatch:
     """Each object of the batch (a few input objects: keys, hashes, paths) read, validated and
-    normalized (transforms.inputs.usage), its rows split into shards by a hash of event_id; an
-    object that cannot be read is set aside whole."""
+    normalized (transforms.inputs.usage), its rows split into shards by a hash of customer_id, with
+    a file of their event_id hashes and shards (`HASHES`); an object that cannot be read is set
+    aside whole."""
     started = time.perf_counter()
     scratch_store = open_store(scratch.uri, create=True)
     shard_keys: dict[int, list[str]] = {}
