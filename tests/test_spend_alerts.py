@@ -294,9 +294,9 @@ def test_spend_in_columns_equals_each_day_rated_by_the_models(data, currency, ro
             rows.append(("s", 1, "pay", dims, on, sum(amounts, ZERO), len(amounts)))
     events.sort(key=lambda e: (e[0], e[1], e[2], e[5]))
     by_day, per_event = frames(rows, events)
-    got, priced = spend._spend_by_day({"s": segments}, ["s"], by_day, per_event, set())
+    got, priced = spend.spend_by_day({"s": segments}, ["s"], by_day, per_event, set())
     assert priced == ["s"]
-    usage = spend._usage_from(by_day, per_event, {"s": date(2026, 10, 1)}, {}, set())["s"]
+    usage = spend.usage_from(by_day, per_event, {"s": date(2026, 10, 1)}, {}, set())["s"]
     days = sorted({r[4] for r in rows})
     assert got.rows() == [("s", day, spend.spend_to_date_minor(segments, usage, day)) for day in days]
 
@@ -321,7 +321,7 @@ def test_what_the_integers_cannot_hold_is_rated_day_by_day(plan_text, units):
     rows = [("s", 1, "tokens", "{}", date(2026, 10, d), units, 1) for d in (1, 2, 3)]
     by_day, per_event = frames(rows, [])
     final = {"s": 10**30}
-    _, priced = spend._spend_by_day({"s": segments}, ["s"], by_day, per_event, set())
+    _, priced = spend.spend_by_day({"s": segments}, ["s"], by_day, per_event, set())
     assert priced == []
     alerts = spend_alerts(PERIOD, segments, by_day, per_event, {}, set(), final)
     assert as_fired(alerts) == plain_replay(segments, rows, [], {}, set(), final) != []

@@ -8,7 +8,7 @@ reaches the cap. The close and the nightly runs call the same function on the sa
 fire the same alerts; an alert is identified by (customer, period, kind, threshold).
 
 Only subscriptions whose whole-period spend reaches their lowest threshold are replayed, all of
-them at once in columns (`_spend_by_day`): each line's units, events and per-event fees are summed
+them at once in columns (`spend_by_day`): each line's units, events and per-event fees are summed
 through each day in Polars, priced with the charge models' arithmetic in exact integers and
 rounded as the invoice rounds them, and a threshold's day is the first whose spend reaches it.
 Python only turns each plan's charges into integer terms and builds the alerts that fire. A
@@ -164,9 +164,9 @@ def spend_to_date_minor(segments: list[Segment], usage: _SubscriptionUsage, thro
                for seg in segments)
 
 
-def _usage_from(usage_by_day: pl.DataFrame, per_event_usage: pl.DataFrame, since: dict[str, date],
-                billable_by_day: dict[tuple, Decimal], credit_meters: set[tuple[str, int, str]]
-                ) -> dict[str, _SubscriptionUsage]:
+def usage_from(usage_by_day: pl.DataFrame, per_event_usage: pl.DataFrame, since: dict[str, date],
+               billable_by_day: dict[tuple, Decimal], credit_meters: set[tuple[str, int, str]]
+               ) -> dict[str, _SubscriptionUsage]:
     """The usage of the subscriptions of `since`, for rating any day on or after their day in
     `since`: units and events are summed per (segment, meter, dims) through each day in Polars,
     and of the days before `since` only each key's last is kept (it carries the sums so far).
@@ -481,8 +481,8 @@ def _event_amounts(per_event_usage: pl.LazyFrame, plans: _ColumnPlans) -> pl.Laz
             .agg(pl.col("amount").last(), pl.col("reach").last(), pl.col("div").first(), pl.col("half_even").first()))
 
 
-def _spend_by_day(by_sub: dict[str, list[Segment]], subs: list[str], usage_by_day: pl.DataFrame,
-                  per_event_usage: pl.DataFrame, left_out: set[str]) -> tuple[pl.DataFrame, list[str]]:
+def spend_by_day(by_sub: dict[str, list[Segment]], subs: list[str], usage_by_day: pl.DataFrame,
+                 per_event_usage: pl.DataFrame, left_out: set[str]) -> tuple[pl.DataFrame, list[str]]:
     """Spend through each day with usage of the subscriptions `subs` (but `left_out`), in
     columns: one row per subscription x day (subscription_id, day, spend_minor), in order, and
     the subscriptions priced. A line's amount is rated only on the days it has usage (its units
@@ -517,7 +517,7 @@ def _spend_by_day(by_sub: dict[str, list[Segment]], subs: list[str], usage_by_da
 
 def _column_alerts(period: Period, by_sub: dict[str, list[Segment]], spend: pl.DataFrame,
                    subs: list[str]) -> tuple[dict[str, list[Alert]], dict[str, date]]:
-    """The alerts of `subs` from their spend through each day (`_spend_by_day`), and per
+    """The alerts of `subs` from their spend through each day (`spend_by_day`), and per
     subscription the last day a walk in day order looks at: the day its highest threshold is
     crossed, or its last day with usage. A threshold fires on the first day whose spend reaches
     it: that day is never before the lower thresholds' (they are reached on it too), so this is
@@ -546,11 +546,11 @@ def _column_alerts(period: Period, by_sub: dict[str, list[Segment]], spend: pl.D
 
 def _column_priced(by_sub: dict[str, list[Segment]], replayed: list[str], usage_by_day, per_event_usage,
                    credit_meters: set[tuple[str, int, str]], falling: set[str]) -> tuple[pl.DataFrame, list[str]]:
-    """`_spend_by_day` of the subscriptions replayed, but those whose spend can fall (`falling`:
+    """`spend_by_day` of the subscriptions replayed, but those whose spend can fall (`falling`:
     a negative quantity) or whose units are what the wallet left (meters paid with credits):
     those are rated day by day, with the Decimal units the wallet replay left."""
     left_out = falling | {sub for sub, _, _ in credit_meters}
-    return _spend_by_day(by_sub, replayed, usage_by_day, per_event_usage, left_out)
+    return spend_by_day(by_sub, replayed, usage_by_day, per_event_usage, left_out)
 
 
 @cycle_collector_paused()  # rating day after day builds lines by the million, none of them a cycle
@@ -564,7 +564,7 @@ def spend_alerts(period: Period, segments: list[Segment], usage_by_day, per_even
     (a subscription that never reaches its lowest threshold is not replayed at all).
 
     Spend through every day is computed in columns for all subscriptions at once
-    (`_spend_by_day`); the few the column path leaves out are rated day by day."""
+    (`spend_by_day`); the few the column path leaves out are rated day by day."""
     by_sub = segments_by_subscription(segments)
     replayed = sorted(s for s, segs in by_sub.items() if _may_alert(segs, final_spend_minor.get(s, 0)))
     falling = _with_negative_usage(usage_by_day, per_event_usage)
@@ -572,7 +572,7 @@ def spend_alerts(period: Period, segments: list[Segment], usage_by_day, per_even
     fired, _ = _column_alerts(period, by_sub, spend, priced)
     rest = sorted(set(replayed) - set(priced))
     day_lists = _days_with_usage(usage_by_day, rest)
-    usage = _usage_from(usage_by_day, per_event_usage, {s: day_lists[s][0] for s in rest if s in day_lists},
+    usage = usage_from(usage_by_day, per_event_usage, {s: day_lists[s][0] for s in rest if s in day_lists},
                         billable_by_day, credit_meters)
     for sub_id in rest:
         segs, rated = by_sub[sub_id], {}
@@ -690,7 +690,7 @@ def spend_alerts_resumed(period: Period, segments: list[Segment], usage_by_day, 
         _crossings(period, by_sub[sub_id], day_lists.get(sub_id, []), final_spend_minor.get(sub_id, 0), from_known)
         if first_unknown:
             rate_from[sub_id] = first_unknown[0]
-    usage = _usage_from(usage_by_day, per_event_usage, rate_from, billable_by_day, credit_meters)
+    usage = usage_from(usage_by_day, per_event_usage, rate_from, billable_by_day, credit_meters)
 
     for sub_id in rest:
         segs = by_sub[sub_id]
