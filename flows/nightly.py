@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import shutil
 import time
 import urllib.error
@@ -47,7 +48,6 @@ import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.utilities.annotations import quote
 
 from flows.billed_index import committed_index
 from flows.engine import period_usage
@@ -68,6 +68,7 @@ from flows.steps import (
     work_dir_for,
 )
 from flows.store import StoreError, open_store
+from transforms.collector import cycle_collector_paused
 from transforms.credits.checkpoint import (
     checkpoint_bytes,
     checkpoint_from,
@@ -95,7 +96,7 @@ from transforms.engine.period_to_date import (
 from transforms.engine.rating import rated_invoices
 from transforms.engine.usage_index import event_ranges, has_days_after, night_end, nothing_in
 from transforms.errors import BillrunError, InputError
-from transforms.finance.alerts import Alert, alerts_table, credit_alerts, price_change_notices
+from transforms.finance.alerts import alerts_table, credit_alerts, price_change_notices
 from transforms.finance.spend import spend_alerts_resumed, subscriptions_over_budget, usage_spend_by_subscription
 from transforms.inputs.guards import night_of_closed_period
 from transforms.inputs.plans import load_catalog
@@ -314,14 +315,15 @@ class NightUsage:
 
 @task(name="check-night", cache_policy=NO_CACHE)
 def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[str, str]],
-                checked_counts: dict[str, int], billed: list[Path], intake: Intake, reference, period: Period,
-                day: date, work_dir: Path) -> NightUsage:
+                checked_counts: dict[str, int], billed: list[Path], intake: Intake, segments: pl.DataFrame,
+                period: Period, day: date, work_dir: Path) -> NightUsage:
     """The period to date, moved from the last night's by tonight's checked usage. Tonight's rows
     up to the night's end were settled by the period engine as the close settles its period
     (`checked_counts`: its counts; `billed`: its lineage files); what it bills is ranked by the close's
     rule against the copies taken in before, and the period to date moves by the difference (or
     is rebuilt when there is no state to move from). `normalized`: tonight's objects as read
-    (with the days after the night), for the usage index."""
+    (with the days after the night), for the usage index; `segments`: the reference's subscription
+    segments as a table (transforms.inputs.reference.segments_frame), to rate the period on."""
     started = time.perf_counter()
     sql = statements(SQL_FILE)
     out_dir = work_dir / "night-state"
@@ -382,7 +384,6 @@ def check_night(store_uri: str, normalized: list[Path], unreadable: list[tuple[s
     written = None if intake.rebuild else moved_days
     by_day_files = _day_files(by_day, pl.col("day"), written, out_dir / "by_day")
     events_files = _day_files(events, pl.col("event_at").dt.date(), written, out_dir / "events")
-    segments = segments_frame(list(reference.segments))
     per_day = usage_by_day(by_day, segments)
     per_event = per_event_usage(events, segments)
     # billed: the events new tonight; the rest of what settled as billed came in on an earlier night
@@ -484,26 +485,34 @@ def _kept_rows(store_uri: str, intake: Intake, needed: pl.DataFrame, work_dir: P
 
 @dataclass(frozen=True)
 class NightResult:
-    invoices: list
-    balances: pl.DataFrame
-    alerts: list[Alert]
+    """What the estimate leaves for publish-night: files of the work folder and a few values, so
+    nothing large crosses the steps (the 2,000 draft invoices of the bench's month cost Prefect's
+    walk of a task's arguments 2.4 CPU s)."""
+    outputs: tuple[str, ...]       # the draft, line, balance and usage tables, written into the night's out folder
+    alerts: Path                   # every alert of the period so far (publish-night keeps those not fired before)
+    over_budget: list[dict]        # subscriptions past 80% of their budget, for the manifest
     balances_from: str
-    spend: pl.DataFrame            # spend through each (subscription, day) replayed tonight, for the next night
-    wallets: bytes                 # each customer's wallet after its last event, for the next night to resume
+    spend: Path                    # spend through each (subscription, day) replayed tonight, for the next night
+    wallets: Path                  # each customer's wallet after its last event, for the next night to resume
 
 
 SPEND_COLUMNS = {"subscription_id": pl.String, "day": pl.Date, "spend_minor": pl.Int64}
 
 
 @task(name="estimate", cache_policy=NO_CACHE)
-def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Period,
-             known_spend: Path | None, known_wallets: str | None = None) -> NightResult:
+def estimate(store_uri: str, usage: NightUsage, reference_file: Path, catalog, period: Period,
+             known_spend: Path | None, known_wallets: str | None, out_dir: Path, work_dir: Path) -> NightResult:
     """Credits, the draft invoices and every alert of the period so far. Spend alerts resume
     from the spend the last night worked out (`known_spend`, None when its terms changed);
     wallets from the last night's checkpoint (`known_wallets`, a store key, used under the same
-    terms) for the customers whose usage changed only after their last event. Not retried: the
-    estimate is pure work, and its one read (the checkpoint) has the store's own retries."""
+    terms) for the customers whose usage changed only after their last event. The checked
+    reference is read from `reference_file` (see _handed_reference). The night's tables are
+    written into `out_dir`, the alerts and the state for the next night into
+    `work_dir`. Not retried: the estimate is pure work, and its one read (the checkpoint) has the
+    store's own retries."""
     store = open_store(store_uri)
+    with cycle_collector_paused(), reference_file.open("rb") as fh:  # acyclic, thousands of objects
+        reference = pickle.load(fh)
     segments = list(reference.segments)
     subs, purchases = list(reference.subscriptions), list(reference.purchases)
     checkpoint = (checkpoint_from(store.read_bytes(known_wallets), period)
@@ -530,8 +539,18 @@ def estimate(store_uri: str, usage: NightUsage, reference, catalog, period: Peri
               + spent)
     spend_frame = pl.DataFrame([(s, d, v) for (s, d), v in sorted(spend_through.items())], schema=SPEND_COLUMNS,
                                orient="row")
-    return NightResult(invoices, balances_table(replay, period), alerts, balances_from, spend_frame,
-                       checkpoint_bytes(wallets))
+    tables = {"draft_invoices.parquet": invoices_table(invoices), "draft_invoice_lines.parquet": lines_table(invoices),
+              "credit_balances.parquet": balances_table(replay, period), "usage.parquet": usage_estimates(invoices)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        frame.write_parquet(out_dir / name, **PARQUET)
+    result = NightResult(tuple(tables), work_dir / "alerts.parquet", subscriptions_over_budget(invoices, segments),
+                         balances_from, work_dir / "spend.parquet", work_dir / "wallets.json")
+    alerts_table(alerts).write_parquet(result.alerts, **PARQUET)
+    spend_frame.write_parquet(result.spend, **PARQUET)
+    result.wallets.write_bytes(checkpoint_bytes(wallets))
+    return result
 
 
 WEBHOOK_RETRIES = {"retries": 2, "retry_delay_seconds": [1, 2]}
@@ -600,10 +619,15 @@ def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
     with period_lock(the_store, [period], f"nightly {the_day}", datetime.now(timezone.utc), warnings) as hold:
         work_dir = work_dir_for(store, f"nightly-{the_day}")
         try:
-            intake = take_in(store, period, the_day, quote(catalog), work_dir / "inputs")
+            # the catalog, the inputs, the intake and the night's usage go to their tasks as they are:
+            # Prefect's walk of a task's arguments passes them in milliseconds (the catalog's, the
+            # largest, 6 ms); the reference crosses to the estimate as a file (0.2 s of walk each
+            # time, 17 ms pickled and read back at 2,000 customers), check-night takes its segments
+            # as a table, and the estimate hands publish-night files
+            intake = take_in(store, period, the_day, catalog, work_dir / "inputs")
             # as the close: an adjustment that another closed period's documents bill is not billed here
-            billed_elsewhere = adjustments_billed_elsewhere(store, quote(intake.inputs), [period])
-            reference = check_reference(quote(intake.inputs), quote(catalog), period, billed_elsewhere)
+            billed_elsewhere = adjustments_billed_elsewhere(store, intake.inputs, [period])
+            reference = check_reference(intake.inputs, catalog, period, billed_elsewhere)
             # an event the documents of another closed period bill is not taken in (billed-event index)
             index = committed_index(store, leave_out=[str(period)])
             with period_usage(store, intake.inputs, work_dir, f"nightly-{the_day}", settings) as shards:
@@ -612,16 +636,25 @@ def nightly(store: str, plans: str, day: str, webhook_env: str | None = None,
                 tonight = shards.through(the_day).checked(reference, catalog, period, index)
                 usage = check_night(store, shards.files(work_dir / "normalized"), list(shards.normalized.unreadable),
                                     tonight.counts, shards.lineage_files(tonight, work_dir / "lineage"),
-                                    quote(intake), quote(reference), period, the_day, work_dir)
-            result = estimate(store, quote(usage), quote(reference), quote(catalog), period, intake.known_spend,
-                              intake.base.get("wallets"))
-            manifest = publish_night(store, period, the_day, quote(intake), quote(usage), quote(result),
-                                     quote(reference), work_dir / "out", hold)
+                                    intake, segments_frame(list(reference.segments)), period, the_day, work_dir)
+            result = estimate(store, usage, _handed_reference(reference, work_dir), catalog, period,
+                              intake.known_spend, intake.base.get("wallets"), work_dir / "out", work_dir / "estimate")
+            manifest = publish_night(store, period, the_day, intake, usage, result, work_dir / "out", hold)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
     _report(manifest, the_store.uri)
     _deliver_pending(the_store, pending_key, webhook)
     return {**manifest, "status": "ran", "warnings": manifest.get("warnings", []) + warnings}
+
+
+def _handed_reference(reference, work_dir: Path) -> Path:
+    """The checked reference pickled into the work folder, for the estimate to read back: handed
+    over as the object, Prefect's walk of the task's arguments costs 0.2 CPU s at 2,000
+    customers; the file costs 17 ms to write and read."""
+    path = work_dir / "reference.pickle"
+    with path.open("wb") as fh:
+        pickle.dump(reference, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
 
 
 def _deliver_pending(store, key: str, webhook: str | None) -> None:
@@ -634,7 +667,7 @@ def _deliver_pending(store, key: str, webhook: str | None) -> None:
 
 @task(name="publish-night", cache_policy=NO_CACHE, **IO_RETRIES)
 def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usage: NightUsage,
-                  result: NightResult, reference, out_dir: Path, hold: Hold) -> dict:
+                  result: NightResult, out_dir: Path, hold: Hold) -> dict:
     """The night's outputs into `billing/nightly/date=D/`, the manifest last (flows.publish's
     publish_outputs, fenced as every publish): written straight into the folder, unstaged, for a
     night's folder without its manifest is a draft that the rerun replaces. Just before the
@@ -647,23 +680,17 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
     fired = pl.read_parquet(io.BytesIO(store.read_bytes(fired_key))) if store.exists(fired_key) else None
     if fired is not None:  # a retry of this task must find tonight's alerts new again
         fired = fired.filter(pl.col("night").is_null() | (pl.col("night") != day))
-    every = alerts_table(result.alerts)
+    every = pl.read_parquet(result.alerts)
     identity = ["customer_id", "period", "kind", "threshold"]
     new = every if fired is None else every.join(fired.select(identity), on=identity, how="anti")
-    tables = {"alerts.parquet": new, "draft_invoices.parquet": invoices_table(result.invoices),
-              "draft_invoice_lines.parquet": lines_table(result.invoices), "credit_balances.parquet": result.balances,
-              "usage.parquet": usage_estimates(result.invoices)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, frame in tables.items():
-        frame.write_parquet(out_dir / name, **PARQUET)
-    result.spend.write_parquet(out_dir / "spend.parquet", **PARQUET)  # state, not an output
+    new.write_parquet(out_dir / "alerts.parquet", **PARQUET)
+    tables = ("alerts.parquet", *result.outputs)  # the others written by the estimate
     taken = [o for o in intake.inputs.usage if o.key not in usage.not_yet]
-    snapshot, state_files = _night_snapshot(period, day, intake, usage, taken, out_dir / "spend.parquet")
+    snapshot, state_files = _night_snapshot(period, day, intake, usage, taken, result.spend)
     fields = {
         "date": day.isoformat(), "period": str(period),
         "intake": {"objects": len(taken), "removed": list(intake.removed), **usage.counts},
-        "alerts_fired": new.height, "over_80_percent_of_budget": subscriptions_over_budget(
-            result.invoices, list(reference.segments)),
+        "alerts_fired": new.height, "over_80_percent_of_budget": result.over_budget,
         "credit_balances_from": result.balances_from,
         "outputs": output_entries(night_prefix(day), out_dir, tables, sizes=False),
     }
@@ -672,7 +699,7 @@ def publish_night(store_uri: str, period: Period, day: date, intake: Intake, usa
     def night_state(fenced) -> None:
         for key, path in state_files:
             fenced.put_file(key, path)
-        fenced.put_bytes(snapshot["wallets"], result.wallets)
+        fenced.put_file(snapshot["wallets"], result.wallets)
         index = json.loads(fenced.read_bytes(USAGE_INDEX_KEY)) if fenced.exists(USAGE_INDEX_KEY) else {}
         for o in intake.inputs.usage:  # read again just now: nights of other periods write it too
             index[o.key] = {"size": o.size, "sha256": o.sha256, "etag": o.etag, **usage.ranges.get(
