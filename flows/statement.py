@@ -11,12 +11,20 @@ from typing import Iterator
 
 import duckdb
 import polars as pl
+from polars.io.plugins import register_io_source
 
 from flows.explain import DOCUMENT_ID, document_folder, frame_at
 from flows.store import open_store
 from transforms.engine.checked_usage import CheckedUsage
 from transforms.engine.invoices import USAGE_LINE_KINDS
-from transforms.engine.lineage import BILLED_EVENTS_SCHEMA, billed_events, decimal_text, statement_rows
+from transforms.engine.lineage import (
+    BILLED_EVENTS_SCHEMA,
+    billed_events,
+    decimal_text,
+    event_shapes,
+    events_of,
+    statement_rows,
+)
 from transforms.errors import InputError
 
 
@@ -38,24 +46,45 @@ tried (bench/README.md, session 8): cheaper at 512MB, but that cap fails at 50M,
 cost more than the file (10M: billed_events 37-42 s against 24-26 s)."""
 
 
+BATCH_ROWS = 262_144
+"""Sorted rows read back per batch of the table's writer (its row group size; the writer cuts row
+groups of PARQUET's size whatever the batches, so this sets only how many rows are in flight)."""
+
+
 @contextmanager
 def billed_events_table(checked: CheckedUsage, lines: pl.DataFrame, quarantine: pl.DataFrame,
                         ledger: pl.DataFrame, memory_limit: str = LINEAGE_MEMORY) -> Iterator[pl.LazyFrame]:
     """The period's billed_events (transforms.engine.lineage.billed_events), sorted by DuckDB into a
     file next to the lineage files (the close's work folder), as a plan that streams it to the
-    table's writer; the file is gone after the block. The close's memory holds neither the
-    period's events nor their sort: DuckDB spills past `memory_limit`, and the writer reads row groups."""
+    table's writer, each batch with its shapes' columns put back; the file is gone after the
+    block. The close's memory holds neither the period's events nor their sort: DuckDB spills
+    past `memory_limit`, and the writer reads a batch at a time."""
     folder = Path(checked.lineage[0]).parent if checked.lineage else None
     with tempfile.TemporaryDirectory(prefix="billed-events-", dir=folder) as tmp:
         sorted_rows = Path(tmp) / "sorted.parquet"
         con = duckdb.connect(config={"temp_directory": str(Path(tmp) / "spill"),
                                      "memory_limit": memory_limit})
         try:
-            relation = billed_events(con, list(checked.lineage), lines, quarantine, ledger)
-            relation.write_parquet(str(sorted_rows), compression="lz4")
+            billed_events(con, list(checked.lineage), lines, quarantine, ledger).write_parquet(
+                str(sorted_rows), compression="lz4")
+            shapes = event_shapes(con, quarantine)
         finally:
             con.close()
-        yield pl.scan_parquet(sorted_rows).cast(BILLED_EVENTS_SCHEMA)
+
+        def batches(with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
+                    _batch_size: int | None) -> Iterator[pl.DataFrame]:
+            left = n_rows
+            for batch in pl.scan_parquet(sorted_rows).collect_batches(chunk_size=BATCH_ROWS):
+                rows = events_of(batch, shapes)
+                rows = rows.filter(predicate) if predicate is not None else rows
+                rows = rows.select(with_columns) if with_columns is not None else rows
+                if left is not None:
+                    rows, left = rows.head(left), left - min(left, rows.height)
+                yield rows
+                if left == 0:
+                    return
+
+        yield register_io_source(batches, schema=BILLED_EVENTS_SCHEMA)
 
 
 BILLED_EVENTS = "billed_events.parquet"

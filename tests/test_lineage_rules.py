@@ -12,7 +12,7 @@ import polars as pl
 from flows.outputs import PARQUET
 from flows.statement import billed_events_table
 from transforms.engine.checked_usage import CheckedUsage
-from transforms.engine.lineage import BILLED_EVENTS_SCHEMA, LINEAGE_COLUMNS, billed_events, statement_rows
+from transforms.engine.lineage import LINEAGE_COLUMNS, billed_events, event_shapes, events_of, statement_rows
 
 AT = datetime(2026, 10, 3, tzinfo=timezone.utc)
 
@@ -63,7 +63,8 @@ def _billed_events(tmp_path: Path, lineage: pl.LazyFrame | None = None) -> pl.Da
     path = tmp_path / "lineage.parquet"
     (lineage if lineage is not None else _lineage()).sink_parquet(path)
     with duckdb.connect() as con:
-        return billed_events(con, [str(path)], _lines(), QUARANTINE, LEDGER).pl().cast(BILLED_EVENTS_SCHEMA)
+        rows = billed_events(con, [str(path)], _lines(), QUARANTINE, LEDGER).pl()
+        return events_of(rows, event_shapes(con, QUARANTINE))
 
 
 def test_each_event_goes_to_the_line_of_its_filter_and_group(tmp_path):
@@ -103,8 +104,9 @@ def test_a_published_table_has_the_same_bytes_whatever_its_chunks(tmp_path):
 
 
 def test_billed_events_streamed_from_duckdbs_sort_has_the_bytes_of_the_whole_table_written(tmp_path):
-    # DuckDB sorts the rows into a file of its own; the table's writer streams that file into
-    # row groups of the close's size: the bytes are those of the sorted table written whole
+    # DuckDB sorts the rows, with their shapes' numbers, into a file of its own; the table's writer
+    # streams that file, two batches here, each with its shapes' columns put back, into row groups
+    # of the close's size: the bytes are those of the sorted table written whole
     n = 300_000
     lineage = _lineage().collect()
     many = pl.concat([lineage.sample(n, with_replacement=True, seed=7).with_columns(

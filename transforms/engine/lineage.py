@@ -4,7 +4,8 @@ One row per usage row the close counted (the manifest's `rows.read`): a billed r
 invoice and line that billed it (and the credit grants that paid for it, on a meter paid with
 credits), a duplicate with the copy that billed in its place, a quarantined row with its reason.
 Per-event work is joins and a sort in DuckDB (transforms/sql/billed_events.sql); only the
-distinct (meter, dims) texts and the distinct line keys are looked at in Python.
+distinct (meter, dims) texts and the distinct line keys are looked at in Python, and the texts
+that many events share (their shape) join the sorted rows a batch at a time, by number.
 
 Which line bills an event is the invoice's own rule (transforms.engine.invoices.charge_lines): the
 usage or overage line of the event's subscription segment whose charge has the event's meter,
@@ -65,8 +66,9 @@ def line_of_dims(event_dims: pl.DataFrame, lines: pl.DataFrame) -> pl.DataFrame:
 def billed_events(con: duckdb.DuckDBPyConnection, lineage: list[str], lines: pl.DataFrame,
                   quarantine: pl.DataFrame, ledger: pl.DataFrame) -> duckdb.DuckDBPyRelation:
     """One row per usage row of the period, sorted by customer, event time, event_id and source:
-    a relation on `con` (transforms/sql/billed_events.sql), run by its writer, so the period's
-    events are joined and sorted by DuckDB under the connection's memory cap, never held here.
+    a relation on `con` (transforms/sql/billed_events.sql) of each row's own columns and its
+    shape's number (`event_shapes` has the rest), run by its writer, so the period's events are
+    joined and sorted by DuckDB under the connection's memory cap, never held here.
 
     `lineage`: the checked usage's Parquet files of billed and duplicate rows (checked_usage.sql,
     `lineage`); `lines`: the invoice_lines table; `quarantine`: the quarantine table; `ledger`:
@@ -81,16 +83,38 @@ def billed_events(con: duckdb.DuckDBPyConnection, lineage: list[str], lines: pl.
                    .select("invoice_id", pl.col("line_no").cast(pl.Int32), "subscription_id",
                            pl.col("segment_no").cast(pl.Int32), "meter",
                            pl.col("filter").fill_null(""), pl.col("group").fill_null("")))
+    con.execute(sql["row_shapes"])
     event_dims = con.sql(sql["billed_dims"]).pl()
     con.register("keyed", line_of_dims(event_dims, usage_lines).to_arrow())
     con.register("usage_lines", usage_lines.to_arrow())
-    con.execute(sql["dims_lines"])
+    con.execute(sql["shapes"])
     grants = (credit_draws(ledger)
               .group_by("event_id").agg(pl.col("grant_id").unique().sort().str.join(",")))
     con.register("grants", grants.select(pl.col("event_id").cast(pl.String), pl.col("grant_id").cast(pl.String))
                  .to_arrow())
-    con.register("set_aside", set_aside_rows(quarantine).to_arrow())
+    [(lineage_shapes,)] = con.execute(sql["shape_count"]).fetchall()
+    set_aside = set_aside_rows(quarantine)
+    con.register("set_aside", set_aside.select(
+        "customer_id", "event_at", "event_id", "quantity",
+        (pl.int_range(set_aside.height, dtype=pl.Int32) + lineage_shapes).alias("shape"),
+        "source_key", "source_row").to_arrow())
     return con.sql(sql["billed_events"])
+
+
+def event_shapes(con: duckdb.DuckDBPyConnection, quarantine: pl.DataFrame) -> pl.DataFrame:
+    """One row per shape number of `billed_events` on `con`, in number order: the lineage rows'
+    shapes, then each quarantined row's own. Read once DuckDB has sorted, so that the shapes are
+    not held here beside its sort."""
+    shapes = con.sql(statements(SQL_FILE)["shape_columns"]).pl()
+    return pl.concat([shapes.cast({c: BILLED_EVENTS_SCHEMA[c] for c in shapes.columns}),
+                      set_aside_rows(quarantine).select(shapes.columns)])
+
+
+def events_of(rows: pl.DataFrame, shapes: pl.DataFrame) -> pl.DataFrame:
+    """billed_events' rows, in its columns, of a batch of `billed_events`' sorted rows: each row's
+    own columns with those of its shape (looked up by number in `shapes`)."""
+    return (pl.concat([rows, shapes.select(pl.all().gather(rows["shape"]))], how="horizontal")
+            .select([pl.col(c).cast(t) for c, t in BILLED_EVENTS_SCHEMA.items()]))
 
 
 def lineage_lines(lines: pl.DataFrame) -> pl.DataFrame:
