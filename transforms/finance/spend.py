@@ -34,7 +34,7 @@ from transforms.collector import cycle_collector_paused
 from transforms.engine.invoices import Invoice, SegmentUsage, charge_lines, groups_by_dims, usage_spend_minor
 from transforms.finance.alerts import Alert
 from transforms.inputs.reference import Segment, segments_by_subscription, subscription_plans
-from transforms.money import decimal_text, from_minor, minor_exponent, to_minor
+from transforms.money import decimal_text, from_minor, minor_exponent, to_minor, to_minor_column
 from transforms.periods import Period
 
 DEFAULT_AMOUNTS = (Decimal(100), Decimal(1000), Decimal(10000))
@@ -414,15 +414,6 @@ def _nano(column: str) -> pl.Expr:
     return (pl.col(column) * 10**NANO).cast(pl.Int128)
 
 
-def _rounded(amount: pl.Expr) -> pl.Expr:
-    """`amount` (non-negative, counted in 10^-scale) in minor units, rounded as `to_minor` rounds
-    with the plan's rule (`div` is 10^(scale - the currency's minor digits))."""
-    div = pl.col("div")
-    whole, rest = amount // div, amount % div
-    up = pl.when(pl.col("half_even")).then((2 * rest > div) | ((2 * rest == div) & (whole % 2 == 1)))
-    return whole + up.otherwise(2 * rest >= div).cast(pl.Int128)
-
-
 def _units_amounts(usage_by_day: pl.LazyFrame, plans: _ColumnPlans) -> pl.LazyFrame:
     """One row per line x day with usage of it: the line's amount through that day (counted in
     10^-scale) from its units and events so far, for every kind but `per_event`; `reach`: its
@@ -501,7 +492,7 @@ def spend_by_day(by_sub: dict[str, list[Segment]], subs: list[str], usage_by_day
     exact = ~pl.col("subscription_id").is_in(pl.Series(sorted(beyond), dtype=pl.String).implode())
     changes = (lines.lazy().filter(exact)
                .sort(*LINE, "day")
-               .with_columns(_rounded(pl.col("amount")).alias("minor"))
+               .with_columns(to_minor_column(pl.col("amount"), pl.col("div"), pl.col("half_even")).alias("minor"))
                .with_columns((pl.col("minor") - pl.col("minor").shift(1, fill_value=0).over(LINE)).alias("change"))
                .group_by("subscription_id", "day").agg(pl.col("change").sum()))
     spend = (by_day.lazy()
