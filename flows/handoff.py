@@ -50,10 +50,23 @@ class _ChunkReader(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_shared(path: str) -> tuple[Line, ...]:
-    """The lines that invoices of more than one file bill, in their order (see read_chunk)."""
+def hand_over(obj, path: Path) -> Path:
+    """`obj` pickled to `path` in the work folder, for a later step to read back (`taken`)."""
+    with path.open("wb") as fh:
+        pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
+def taken(path: str | Path):
+    """The object a step left at `path` (`hand_over`), read with the cycle collector paused: what
+    crosses is acyclic, and built of objects by the thousand."""
     with cycle_collector_paused(), open(path, "rb") as fh:
         return pickle.load(fh)
+
+
+def read_shared(path: str) -> tuple[Line, ...]:
+    """The lines that invoices of more than one file bill, in their order (see read_chunk)."""
+    return taken(path)
 
 
 def read_chunk(path: str, shared: tuple[Line, ...]) -> list[tuple]:
@@ -102,9 +115,7 @@ def invoice_files(jobs: list[tuple], folder: Path, chunk: int = CHUNK_INVOICES) 
     del first_file
     place = {ident: n for n, ident in enumerate(shared)}
     folder.mkdir(parents=True, exist_ok=True)
-    shared_path = folder / "shared-lines.pickle"
-    with shared_path.open("wb") as fh:
-        pickle.dump(tuple(shared.values()), fh, protocol=pickle.HIGHEST_PROTOCOL)
+    shared_path = hand_over(tuple(shared.values()), folder / "shared-lines.pickle")
 
     def reduced(line: Line):
         """A shared line as its place in the shared file; any other as pickle reduces it. Called
