@@ -38,6 +38,7 @@ from flows.retries import IO_RETRIES
 from flows.settings import DEFAULT_SHARD_MEMORY, MAX_SHARDS, Settings
 from flows.store import LocalStore, open_store
 from transforms.engine.checked_usage import COPIES_SQL, DISJOINT, SUMMED, CheckedFiles, checked_usage, merged_files
+from transforms.engine.lineage import bucket_bounds
 from transforms.errors import InputError
 from transforms.inputs.plans import Catalog
 from transforms.inputs.reference import segments_frame
@@ -228,14 +229,16 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
     Not retried: the check is pure work that fails the same way twice, and its reads and
     writes of the scratch store carry the store's own retries (botocore's, on S3)."""
     started = time.perf_counter()
-    reference, catalog, index, segments = context.value
+    reference, catalog, index, segments, bounds = context.value
     scratch_store = open_store(scratch.uri, create=True)
     prefix = scratch.key(f"checked/{check}/shard={shard:04d}/")
-    lineage_key = scratch.key(f"lineage/shard={shard:04d}.parquet")
+    # the lineage rows: one file, or, split by ranges of customers (`bounds`), a folder of files
+    lineage_key = scratch.key(f"lineage/shard={shard:04d}" + ("/" if bounds else ".parquet"))
     billed_key = scratch.key(f"billed/shard={shard:04d}.parquet")
     with tempfile.TemporaryDirectory(prefix=f"billrun-shard{shard:04d}-") as tmp:
         local = dict(zip(sorted(keys), local_files(scratch, sorted(keys), Path(tmp) / "in"), strict=True))
-        lineage_to = _in_place(scratch_store, lineage_key) or Path(tmp) / "lineage.parquet"
+        lineage_to = (_in_place(scratch_store, lineage_key.rstrip("/"))
+                      or Path(tmp) / ("lineage" if bounds else "lineage.parquet"))
         billed_out = _in_place(scratch_store, billed_key) or Path(tmp) / "billed.parquet"
         spill = Path(tmp) / "spill"
         spill.mkdir()
@@ -248,12 +251,16 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
             checked = checked_usage(con, [local[k] for k in sorted(keys)], reference.customers,
                                     list(reference.subscriptions), segments, catalog, period,
                                     tables_to, index.local(Path(tmp) / "index"), billed_out,
-                                    lineage_to=lineage_to, part=part)
+                                    lineage_to=lineage_to, part=part, lineage_bounds=bounds)
         finally:
             con.close()
-        for key, path in ((lineage_key, lineage_to), (billed_key, billed_out)):
-            if path.parent == Path(tmp):
-                scratch_store.put_file(key, path)
+        # each lineage file's key: the file's path under `lineage_to`, under the lineage key
+        lineage_keys = [lineage_key if not bounds else
+                        lineage_key + Path(path).relative_to(lineage_to).as_posix() for path in checked.lineage]
+        if lineage_to.is_relative_to(Path(tmp)):
+            scratch_store.put_files(list(zip(lineage_keys, map(Path, checked.lineage), strict=True)))
+        if billed_out.parent == Path(tmp):
+            scratch_store.put_file(billed_key, billed_out)
         tables = {name: prefix + Path(path).name for name, path in checked.tables.items()}
         if in_place is None:
             scratch_store.put_files([(tables[name], Path(path)) for name, path in checked.tables.items()])
@@ -261,7 +268,7 @@ def check_shard(scratch: Scratch, shard: int, keys: list[str], context: Opaque, 
     get_run_logger().info("check-usage: shard %d: read %d, billed %d, duplicates %d, quarantined %d in %.2fs",
                           shard, c["read"], c["billed"], c["duplicates"], c["quarantined"],
                           time.perf_counter() - started)
-    return CheckedFiles(dict(c), tables, lineage=(lineage_key,), billed_ids=(billed_key,))
+    return CheckedFiles(dict(c), tables, lineage=tuple(lineage_keys), billed_ids=(billed_key,), lineage_bounds=bounds)
 
 
 def local_workers(settings: Settings) -> int:
@@ -402,7 +409,11 @@ def checked_in_shards(runner, scratch: Scratch, shard_keys: dict[int, list[str]]
     merged checked usage's `billed_ids` and `lineage` are the shards' scratch keys of their
     billed event_ids and lineage rows."""
     todo = shard_keys or {0: []}  # no usage at all still settles (to an empty result)
-    context = Opaque((reference, catalog, index, segments_frame(reference.segments)))  # the segments' table once
+    # the lineage rows of the shards split by ranges of customers, as many as there are shards: the
+    # billed_events output is then sorted a range at a time (flows.statement.billed_events_table)
+    bounds = bucket_bounds(reference.customers["customer_id"], len(todo))
+    # the segments' table made once
+    context = Opaque((reference, catalog, index, segments_frame(reference.segments), bounds))
     memory_limit = settings.duckdb_memory or DEFAULT_SHARD_MEMORY
     merge = DISJOINT if disjoint else SUMMED
     futures = [runner.submit(check_shard, {"scratch": scratch, "shard": shard, "keys": keys, "context": context,

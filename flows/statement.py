@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -14,15 +15,18 @@ import polars as pl
 from polars.io.plugins import register_io_source
 
 from flows.explain import DOCUMENT_ID, document_folder, frame_at
-from flows.store import open_store
+from flows.shards import local_files
+from flows.store import LocalStore, open_store
 from transforms.engine.checked_usage import CheckedUsage
 from transforms.engine.invoices import USAGE_LINE_KINDS
 from transforms.engine.lineage import (
     BILLED_EVENTS_SCHEMA,
-    billed_events,
+    bucket_rows,
+    bucket_shapes,
     decimal_text,
-    event_shapes,
     events_of,
+    lineage_buckets,
+    prepare_buckets,
     statement_rows,
 )
 from transforms.errors import InputError
@@ -30,61 +34,95 @@ from transforms.errors import InputError
 
 def with_local_lineage(checked: CheckedUsage, scratch, work_dir: Path) -> CheckedUsage:
     """The checked usage with its lineage files on this machine (the shards wrote them to the
-    scratch area, which a cluster's workers share and which is dropped after settling)."""
+    scratch area, which a cluster's workers share and which is dropped after settling): read in
+    place from the close's work folder, else fetched, each bucket's into a folder of its own."""
     if not checked.lineage:
         return checked
-    local = open_store(scratch.uri).fetch(sorted(checked.lineage), work_dir / "lineage")
-    return replace(checked, lineage=tuple(str(local[k]) for k in sorted(checked.lineage)))
+    store = open_store(scratch.uri)
+    if isinstance(store, LocalStore):
+        return replace(checked, lineage=tuple(str(p) for p in local_files(scratch, list(checked.lineage), work_dir)))
+    local = []
+    for bucket, keys in lineage_buckets(list(checked.lineage)).items():
+        fetched = store.fetch(keys, work_dir / "lineage" / f"bucket-{bucket:04d}")
+        local.extend(str(fetched[k]) for k in keys)
+    return replace(checked, lineage=tuple(local))
 
 
 LINEAGE_MEMORY = "1GB"
-"""DuckDB's cap while billed_events is joined and sorted: above it the sort spills to disk
-(the shards' cap, BILLRUN_DUCKDB_MEMORY, when set: the close passes it in). Not lower: under
-256MB a 10M-event close failed here, DuckDB unable to pin a block for the sort ("Out of Memory"),
-and at 512MB a 50M-event one did. Streaming the sorted rows to the writer without this file was
-tried (bench/README.md, session 8): cheaper at 512MB, but that cap fails at 50M, and at 1GB it
-cost more than the file (10M: billed_events 37-42 s against 24-26 s)."""
+"""DuckDB's cap while billed_events is joined and sorted, a bucket at a time: above it the sort
+spills to disk (the shards' cap, BILLRUN_DUCKDB_MEMORY, when set: the close passes it in). A
+bucket is a shard's customers: about a million rows, sorted in memory. Not lower: under 256MB a
+10M-event close sorted as one bucket failed here, DuckDB unable to pin a block for the sort
+("Out of Memory"), and at 512MB a 50M-event one did."""
 
 
 BATCH_ROWS = 262_144
-"""Sorted rows read back per batch of the table's writer (its row group size; the writer cuts row
-groups of PARQUET's size whatever the batches, so this sets only how many rows are in flight)."""
+"""Sorted rows per batch of the table's writer (its row group size; the writer cuts row groups of
+PARQUET's size whatever the batches, so this sets only how many rows are in flight)."""
+
+IN_MEMORY_ROWS = 2_000_000
+"""A bucket of up to this many lineage rows (a shard's customers: about 1.25M rows) comes from
+DuckDB's sort as a frame (about 170 bytes a row); a larger one (one bucket for a period checked in
+one shard) is sorted into a file of the work folder and read back a batch at a time. At 10M
+events the frames cost about a fifth less CPU than the files (37 against 47 CPU s for the table)."""
 
 
 @contextmanager
 def billed_events_table(checked: CheckedUsage, lines: pl.DataFrame, quarantine: pl.DataFrame,
                         ledger: pl.DataFrame, memory_limit: str = LINEAGE_MEMORY) -> Iterator[pl.LazyFrame]:
-    """The period's billed_events (transforms.engine.lineage.billed_events), sorted by DuckDB into a
-    file next to the lineage files (the close's work folder), as a plan that streams it to the
-    table's writer, each batch with its shapes' columns put back; the file is gone after the
-    block. The close's memory holds neither the period's events nor their sort: DuckDB spills
-    past `memory_limit`, and the writer reads a batch at a time."""
+    """The period's billed_events (transforms.engine.lineage), as a plan that streams it to the
+    table's writer: a bucket of customers at a time (the ranges the lineage files are split by),
+    each sorted by DuckDB in a thread of its own while the writer takes the bucket before, each
+    batch with its shapes' columns put back. The close's memory holds neither the period's events
+    nor their sort: a bucket is a shard's customers, DuckDB spills past `memory_limit`, and a
+    bucket too large to hold (`IN_MEMORY_ROWS`) goes through a file, gone after the block."""
     folder = Path(checked.lineage[0]).parent if checked.lineage else None
+    buckets = lineage_buckets(list(checked.lineage))
     with tempfile.TemporaryDirectory(prefix="billed-events-", dir=folder) as tmp:
-        sorted_rows = Path(tmp) / "sorted.parquet"
         con = duckdb.connect(config={"temp_directory": str(Path(tmp) / "spill"),
                                      "memory_limit": memory_limit})
         try:
-            billed_events(con, list(checked.lineage), lines, quarantine, ledger).write_parquet(
-                str(sorted_rows), compression="lz4")
-            shapes = event_shapes(con, quarantine)
+            order = prepare_buckets(con, buckets, lines, quarantine, ledger, checked.lineage_bounds)
+
+            def sort_bucket(bucket: int) -> tuple[pl.DataFrame | Path, pl.DataFrame]:
+                rows, count = bucket_rows(con, bucket, buckets.get(bucket, []))
+                if count <= IN_MEMORY_ROWS:
+                    return rows.pl(), bucket_shapes(con, bucket)
+                path = Path(tmp) / f"bucket-{bucket:04d}.parquet"
+                rows.write_parquet(str(path), compression="lz4")
+                return path, bucket_shapes(con, bucket)
+
+            def batches(with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
+                        _batch_size: int | None) -> Iterator[pl.DataFrame]:
+                left = n_rows
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="billed-events") as sorter:
+                    coming = sorter.submit(sort_bucket, order[0]) if order else None
+                    for following in [*order[1:], None]:
+                        sorted_rows, shapes = coming.result()
+                        coming = sorter.submit(sort_bucket, following) if following is not None else None
+                        for batch in _sorted_batches(sorted_rows):
+                            rows = events_of(batch, shapes)
+                            rows = rows.filter(predicate) if predicate is not None else rows
+                            rows = rows.select(with_columns) if with_columns is not None else rows
+                            if left is not None:
+                                rows, left = rows.head(left), left - min(left, rows.height)
+                            yield rows
+                            if left == 0:
+                                if coming is not None:
+                                    coming.cancel()
+                                return
+
+            yield register_io_source(batches, schema=BILLED_EVENTS_SCHEMA)
         finally:
             con.close()
 
-        def batches(with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
-                    _batch_size: int | None) -> Iterator[pl.DataFrame]:
-            left = n_rows
-            for batch in pl.scan_parquet(sorted_rows).collect_batches(chunk_size=BATCH_ROWS):
-                rows = events_of(batch, shapes)
-                rows = rows.filter(predicate) if predicate is not None else rows
-                rows = rows.select(with_columns) if with_columns is not None else rows
-                if left is not None:
-                    rows, left = rows.head(left), left - min(left, rows.height)
-                yield rows
-                if left == 0:
-                    return
 
-        yield register_io_source(batches, schema=BILLED_EVENTS_SCHEMA)
+def _sorted_batches(sorted_rows: pl.DataFrame | Path) -> Iterator[pl.DataFrame]:
+    if isinstance(sorted_rows, pl.DataFrame):
+        yield from sorted_rows.iter_slices(BATCH_ROWS)
+        return
+    yield from pl.scan_parquet(sorted_rows).collect_batches(chunk_size=BATCH_ROWS)
+    sorted_rows.unlink()
 
 
 BILLED_EVENTS = "billed_events.parquet"

@@ -8,11 +8,23 @@ from pathlib import Path
 
 import duckdb
 import polars as pl
+import pytest
 
+import flows.statement
 from flows.outputs import PARQUET
-from flows.statement import billed_events_table
+from flows.statement import IN_MEMORY_ROWS, billed_events_table
 from transforms.engine.checked_usage import CheckedUsage
-from transforms.engine.lineage import LINEAGE_COLUMNS, billed_events, event_shapes, events_of, statement_rows
+from transforms.engine.lineage import (
+    LINEAGE_COLUMNS,
+    bucket_bounds,
+    bucket_rows,
+    bucket_shapes,
+    customer_bucket,
+    events_of,
+    prepare_buckets,
+    statement_rows,
+    write_lineage,
+)
 
 AT = datetime(2026, 10, 3, tzinfo=timezone.utc)
 
@@ -63,8 +75,9 @@ def _billed_events(tmp_path: Path, lineage: pl.LazyFrame | None = None) -> pl.Da
     path = tmp_path / "lineage.parquet"
     (lineage if lineage is not None else _lineage()).sink_parquet(path)
     with duckdb.connect() as con:
-        rows = billed_events(con, [str(path)], _lines(), QUARANTINE, LEDGER).pl()
-        return events_of(rows, event_shapes(con, QUARANTINE))
+        assert prepare_buckets(con, {0: [str(path)]}, _lines(), QUARANTINE, LEDGER, ()) == [0]
+        rows, count = bucket_rows(con, 0, [str(path)])
+        return events_of(rows.pl(), bucket_shapes(con, 0))
 
 
 def test_each_event_goes_to_the_line_of_its_filter_and_group(tmp_path):
@@ -126,3 +139,58 @@ def test_billed_events_streamed_from_duckdbs_sort_has_the_bytes_of_the_whole_tab
     assert whole.height == n + 1 and whole["line_no"].null_count() < n
     whole.write_parquet(tmp_path / "whole.parquet", **PARQUET)
     assert (tmp_path / "streamed.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+
+
+def test_customer_ranges_follow_duckdbs_order_of_text():
+    # the buckets are sorted one after the other: their ranges must be in the order DuckDB sorts
+    # customer ids in (byte by byte: capitals before small letters, accents after both)
+    ids = pl.Series(["b", "Zed", "a", "é", "c9", "c10", "ß", "A"])
+    bounds = bucket_bounds(ids, 3)
+    assert len(bounds) == 2 and list(bounds) == sorted(bounds)
+    frame = pl.DataFrame({"customer_id": ids.to_list() + [None]}).with_columns(customer_bucket(bounds).alias("bucket"))
+    with duckdb.connect() as con:
+        in_duckdb_order = [c for (c,) in con.execute("SELECT customer_id FROM frame ORDER BY customer_id NULLS LAST")
+                           .fetchall()]
+    buckets = dict(zip(frame["customer_id"], frame["bucket"], strict=True))
+    assert [buckets[c] for c in in_duckdb_order] == sorted(buckets[c] for c in in_duckdb_order)
+    assert buckets[None] == 2 and bucket_bounds(ids, 1) == ()
+    assert bucket_bounds(ids, 20) == tuple(sorted(ids.to_list())[1:])  # more ranges than ids: one each
+
+
+@pytest.mark.parametrize("in_memory_rows", [IN_MEMORY_ROWS, 0])
+def test_billed_events_in_buckets_of_customers_has_the_bytes_of_one_sort(tmp_path, monkeypatch, in_memory_rows):
+    # lineage files split by ranges of customers (as the shards write them), sorted a range at a
+    # time: the same table as one sort of every row, with quarantined rows (one without a
+    # customer, one of a customer without billed rows) and credit grants in their ranges; each
+    # range from DuckDB's sort as a frame, or through a file (a range too large to hold)
+    monkeypatch.setattr(flows.statement, "IN_MEMORY_ROWS", in_memory_rows)
+    n = 50_000
+    many = _lineage().collect().sample(n, with_replacement=True, seed=3).with_columns(
+        pl.format("c{}", pl.int_range(n) % 211).alias("customer_id"),
+        (pl.col("event_at") + pl.duration(seconds=pl.int_range(n) % 86_400)).alias("event_at"),
+        pl.format("e{}", pl.int_range(n)).alias("event_id"),
+        pl.int_range(n, dtype=pl.Int64).alias("source_row"))
+    quarantine = pl.concat([QUARANTINE, QUARANTINE.with_columns(pl.lit(None, pl.String).alias("customer_id"),
+                                                                pl.lit(7, pl.Int64).alias("source_row")),
+                            QUARANTINE.with_columns(pl.lit("c0999").alias("customer_id"),
+                                                    pl.lit(8, pl.Int64).alias("source_row"))])
+    ledger = pl.DataFrame({"kind": ["consume"] * 3, "event_id": ["e4", "e17", "e17"], "grant_id": ["g1", "g2", "g1"],
+                           "customer_id": ["c4", "c17", "c17"]})
+    tables = {}
+    for name, bounds in (("one", ()), ("split", bucket_bounds(many["customer_id"], 5))):
+        folder = tmp_path / name
+        folder.mkdir()
+        with duckdb.connect() as con:
+            con.register("many", many.to_arrow())
+            files = write_lineage(con, con.sql("SELECT * FROM many"), folder / ("lineage" if bounds else "l.parquet"),
+                                  bounds, "snappy")
+        assert len(files) == (5 if bounds else 1)
+        checked = CheckedUsage({}, quarantine, pl.DataFrame(), pl.DataFrame(), pl.DataFrame(), [], lineage=files,
+                               lineage_bounds=bounds)
+        with billed_events_table(checked, _lines(), quarantine, ledger) as table:
+            table.sink_parquet(tmp_path / f"{name}.parquet", **PARQUET)
+        tables[name] = (tmp_path / f"{name}.parquet").read_bytes()
+    assert tables["split"] == tables["one"]
+    written = pl.read_parquet(tmp_path / "one.parquet")
+    assert written.height == n + 3 and written["customer_id"].is_sorted(nulls_last=True)
+    assert written.filter(pl.col("event_id") == "e17")["grant_id"].to_list() == ["g1,g2"]

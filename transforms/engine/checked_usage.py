@@ -18,6 +18,7 @@ import polars as pl
 
 from transforms.credits.model import CreditEvent
 from transforms.engine.billed_index import NO_INDEX, BilledIndex, id_hash_macro, look_up_billed
+from transforms.engine.lineage import write_lineage
 from transforms.inputs.plans import Catalog
 from transforms.inputs.reference import Subscription, plan_on
 from transforms.inputs.usage import MAX_QUANTITY, NORMALIZED_COLUMNS
@@ -52,6 +53,7 @@ class CheckedUsage:
     lineage: tuple[str, ...] = ()  # Parquet files of the billed and duplicate rows (see `lineage` in the SQL)
     conflicts: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=CONFLICT_SCHEMA))
     billed_ids: tuple[Path, ...] = ()  # Parquet files of the billed events (event_id, id_hash), when asked for
+    lineage_bounds: tuple[str, ...] = ()  # the customer ranges of the lineage files (transforms.engine.lineage)
 
 
 CONFLICT_SCHEMA = {
@@ -286,6 +288,7 @@ class CheckedFiles:
     tables: dict[str, str]
     lineage: tuple[str, ...] = ()
     billed_ids: tuple = ()
+    lineage_bounds: tuple[str, ...] = ()
 
     def scan(self, name: str) -> pl.LazyFrame:
         return pl.scan_parquet(self.tables[name])
@@ -320,7 +323,8 @@ class CheckedFiles:
     def loaded(self) -> CheckedUsage:
         """The same checked usage in memory (for a result kept after its files are gone)."""
         return CheckedUsage(self.counts, self.quarantine, self.usage_by_dims, self.usage_by_day, self.per_event_usage,
-                            self.credit_history, self.lineage, self.conflicts, self.billed_ids)
+                            self.credit_history, self.lineage, self.conflicts, self.billed_ids,
+                            self.lineage_bounds)
 
 
 MERGED_SQL = "merged_usage.sql"
@@ -364,13 +368,15 @@ def merged_files(con: duckdb.DuckDBPyConnection, parts: list[CheckedFiles], fold
         con.sql(sql["usage_by_dims"]).write_parquet(tables["usage_by_dims"], compression="lz4")
     return CheckedFiles(counts={k: sum(p.counts[k] for p in parts) for k in parts[0].counts}, tables=tables,
                         lineage=tuple(f for p in parts for f in p.lineage),
-                        billed_ids=tuple(path for p in parts for path in p.billed_ids))
+                        billed_ids=tuple(path for p in parts for path in p.billed_ids),
+                        lineage_bounds=parts[0].lineage_bounds)
 
 
 def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], customers: pl.DataFrame,
                   subscriptions: list[Subscription], segments: pl.DataFrame, catalog: Catalog,
                   period: Period, tables_to: Path, index: BilledIndex = NO_INDEX, billed_out: Path | None = None,
-                  lineage_to: Path | None = None, part: str | None = None) -> CheckedFiles:
+                  lineage_to: Path | None = None, part: str | None = None,
+                  lineage_bounds: tuple[str, ...] = ()) -> CheckedFiles:
     """Settle the rows of `normalized` (Parquet files of `transforms.inputs.usage.NORMALIZED_COLUMNS`).
 
     `segments`: the period's subscription segments as a table (`segments_frame`), made once
@@ -381,7 +387,9 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     billed here (its copy is quarantined as `billed_in_period`). `billed_out`: where to write the
     billed events (event_id, id_hash), this check's part of the period's index. With
     `lineage_to`, also write there the billed and duplicate rows, one row each (the lineage of the
-    billed_events output), straight from DuckDB: never a frame in memory. `part`: these rows are
+    billed_events output), straight from DuckDB: never a frame in memory; with `lineage_bounds`,
+    `lineage_to` is a folder, and the rows of each range of customers that the bounds begin are a
+    file of their own in it (transforms.engine.lineage.write_lineage). `part`: these rows are
     one part of the usage, whose tables `merged_files` merges with the other parts' (SUMMED or
     DISJOINT: which tables the part writes, and in what order)."""
     sql = statements(SQL_FILE)
@@ -413,8 +421,9 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     counts = dict(zip(("read", "billed", "duplicates", "quarantined"),
                       (int(v) for v in _run(con, sql["counts"], params)[0]), strict=True))
     _run(con, sql["by_day"], params)
+    lineage: tuple[str, ...] = ()
     if lineage_to is not None:
-        con.sql(sql["lineage"]).write_parquet(str(lineage_to), compression=LINEAGE_COMPRESSION)
+        lineage = write_lineage(con, con.sql(sql["lineage"]), lineage_to, lineage_bounds, LINEAGE_COMPRESSION)
     if billed_out is not None:
         billed_out.parent.mkdir(parents=True, exist_ok=True)
         con.sql(sql["billed_ids"]).write_parquet(str(billed_out), compression="lz4")
@@ -429,4 +438,4 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     credit_history_frame(credit_history(con, subscriptions, catalog, period)).write_parquet(
         tables["credit_history"], compression="lz4")
     return CheckedFiles(counts, tables, billed_ids=(billed_out,) if billed_out is not None else (),
-                        lineage=(str(lineage_to),) if lineage_to is not None else ())
+                        lineage=lineage, lineage_bounds=lineage_bounds if lineage_to is not None else ())

@@ -15,6 +15,9 @@ event's. Plans refuse two charges that could bill one event, so an event has at 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from pathlib import Path
 
 import duckdb
 import polars as pl
@@ -63,56 +66,140 @@ def line_of_dims(event_dims: pl.DataFrame, lines: pl.DataFrame) -> pl.DataFrame:
             .filter(pl.col("group").is_not_null()).select("meter", "dims", "filter", "group").unique())
 
 
-def billed_events(con: duckdb.DuckDBPyConnection, lineage: list[str], lines: pl.DataFrame,
-                  quarantine: pl.DataFrame, ledger: pl.DataFrame) -> duckdb.DuckDBPyRelation:
-    """One row per usage row of the period, sorted by customer, event time, event_id and source:
-    a relation on `con` (transforms/sql/billed_events.sql) of each row's own columns and its
-    shape's number (`event_shapes` has the rest), run by its writer, so the period's events are
-    joined and sorted by DuckDB under the connection's memory cap, never held here.
+BUCKET_FOLDER = re.compile(r"bucket-(\d{4})$")
+"""The folder of a lineage file of one bucket (`write_lineage`)."""
 
-    `lineage`: the checked usage's Parquet files of billed and duplicate rows (checked_usage.sql,
-    `lineage`); `lines`: the invoice_lines table; `quarantine`: the quarantine table; `ledger`:
-    the credit ledger (its `consume` entries name the event each credit draw paid for)."""
+
+def bucket_bounds(customer_ids: pl.Series, buckets: int) -> tuple[str, ...]:
+    """Where `buckets` ranges of customer_id begin, the first excepted (it begins below every id):
+    each range holds about as many of `customer_ids` (the accounts) as the others. Empty for one."""
+    ids = customer_ids.drop_nulls().unique().sort()
+    if buckets <= 1 or ids.len() < 2:
+        return ()
+    starts = sorted({ids.len() * k // buckets for k in range(1, buckets)} - {0})
+    return tuple(ids.gather(starts))
+
+
+def customer_bucket(bounds: tuple[str, ...]) -> pl.Expr:
+    """A row's bucket: the range of customer_id that its customer falls in (`bounds` are where
+    ranges 1, 2, ... begin, compared byte by byte, as DuckDB sorts text); a row without a
+    customer is in the last, as it sorts last."""
+    if not bounds:
+        return pl.lit(0, dtype=pl.Int32)
+    return (pl.when(pl.col("customer_id").is_null()).then(pl.lit(len(bounds), dtype=pl.UInt32))
+            .otherwise(pl.lit(pl.Series(bounds, dtype=pl.String)).search_sorted(pl.col("customer_id"), side="right"))
+            .cast(pl.Int32))
+
+
+def write_lineage(con: duckdb.DuckDBPyConnection, rows: duckdb.DuckDBPyRelation, to: Path,
+                  bounds: tuple[str, ...], compression: str) -> tuple[str, ...]:
+    """The lineage rows on `con` (checked_usage.sql `lineage`) written by DuckDB: to the file `to`,
+    or, with `bounds`, into the folder `to`, a file for each range of customers (bucket) that has
+    rows, in a folder `bucket-NNNN` of its own (what the folder held is gone: the lineage of an
+    earlier check of the same rows). Returns the files' paths, in bucket order."""
+    if not bounds:
+        rows.write_parquet(str(to), compression=compression)
+        return (str(to),)
+    shutil.rmtree(to, ignore_errors=True)
+    to.mkdir(parents=True)
+    rows.create_view("lineage_rows")
+    customers = con.sql(statements(SQL_FILE)["lineage_customers"]).pl()
+    con.register("lineage_buckets", customers.with_columns(customer_bucket(bounds).alias("bucket")).to_arrow())
+    written = to / "partitioned"
+    con.sql(statements(SQL_FILE)["bucketed_lineage"]).write_parquet(
+        str(written), partition_by=["bucket"], compression=compression)
+    out = []
+    for folder in sorted(written.iterdir(), key=lambda f: int(f.name.removeprefix("bucket="))):
+        bucket = to / f"bucket-{int(folder.name.removeprefix('bucket=')):04d}"
+        bucket.mkdir()
+        for file in sorted(folder.iterdir()):
+            out.append(str(file.rename(bucket / file.name)))
+    for folder in written.iterdir():
+        folder.rmdir()
+    written.rmdir()
+    return tuple(out)
+
+
+def lineage_buckets(files: list[str]) -> dict[int, list[str]]:
+    """The lineage files by bucket, in bucket order: a file in a folder `bucket-NNNN` is of that
+    bucket; the files of a check that did not split them (no bounds) are all of bucket 0."""
+    out: dict[int, list[str]] = {}
+    for file in files:
+        found = BUCKET_FOLDER.search(Path(file).parent.name)
+        out.setdefault(int(found.group(1)) if found else 0, []).append(file)
+    return dict(sorted(out.items()))
+
+
+def prepare_buckets(con: duckdb.DuckDBPyConnection, buckets: dict[int, list[str]], lines: pl.DataFrame,
+                    quarantine: pl.DataFrame, ledger: pl.DataFrame, bounds: tuple[str, ...]) -> list[int]:
+    """Ready `con` to make billed_events a bucket at a time (`bucket_rows`, `bucket_shapes`): the
+    row shapes of every bucket, numbered within it, with their invoice lines; the credit grants of
+    each event and the quarantined rows, each in its customer's bucket. Returns the buckets that
+    have rows, in order.
+
+    `buckets`: the checked usage's Parquet files of billed and duplicate rows (checked_usage.sql,
+    `lineage`) by bucket (`lineage_buckets`); `lines`: the invoice_lines table; `quarantine`: the
+    quarantine table; `ledger`: the credit ledger (its `consume` entries name the event each
+    credit draw paid for); `bounds`: the ranges of customer_id the buckets are (`bucket_bounds`)."""
     sql = statements(SQL_FILE)
     con.execute("SET TimeZone = 'UTC'")
-    if lineage:
-        con.read_parquet(list(lineage)).create_view("lineage")
-    else:
-        con.register("lineage", pl.DataFrame(schema=LINEAGE_COLUMNS).to_arrow())
     usage_lines = (lineage_lines(lines)
                    .select("invoice_id", pl.col("line_no").cast(pl.Int32), "subscription_id",
                            pl.col("segment_no").cast(pl.Int32), "meter",
                            pl.col("filter").fill_null(""), pl.col("group").fill_null("")))
     con.execute(sql["row_shapes"])
+    for bucket, files in buckets.items():
+        _lineage_part(con, files)
+        con.execute(sql["bucket_shapes"], {"bucket": bucket})
     event_dims = con.sql(sql["billed_dims"]).pl()
     con.register("keyed", line_of_dims(event_dims, usage_lines).to_arrow())
     con.register("usage_lines", usage_lines.to_arrow())
     con.execute(sql["shapes"])
-    grants = (credit_draws(ledger)
-              .group_by("event_id").agg(pl.col("grant_id").unique().sort().str.join(",")))
-    con.register("grants", grants.select(pl.col("event_id").cast(pl.String), pl.col("grant_id").cast(pl.String))
-                 .to_arrow())
-    [(lineage_shapes,)] = con.execute(sql["shape_count"]).fetchall()
-    set_aside = set_aside_rows(quarantine)
-    con.register("set_aside", set_aside.select(
-        "customer_id", "event_at", "event_id", "quantity",
-        (pl.int_range(set_aside.height, dtype=pl.Int32) + lineage_shapes).alias("shape"),
-        "source_key", "source_row").to_arrow())
-    return con.sql(sql["billed_events"])
+    shapes = dict(con.execute(sql["shape_counts"]).fetchall())
+    grants = (credit_draws(ledger).with_columns(customer_bucket(bounds).alias("bucket"))
+              .group_by("event_id").agg(pl.col("bucket").first(), pl.col("grant_id").unique().sort().str.join(",")))
+    con.register("grant_rows", grants.select("bucket", pl.col("event_id").cast(pl.String),
+                                             pl.col("grant_id").cast(pl.String)).to_arrow())
+    con.execute(sql["grants"])
+    set_aside = set_aside_rows(quarantine).with_columns(customer_bucket(bounds).alias("bucket"))
+    set_aside = set_aside.with_columns(
+        (pl.int_range(pl.len(), dtype=pl.Int32).over("bucket")
+         + pl.col("bucket").replace_strict(shapes, default=0, return_dtype=pl.Int32)).alias("shape"))
+    con.register("set_aside_rows", set_aside.to_arrow())
+    con.execute(sql["set_aside"])
+    return sorted(set(buckets) | set(set_aside["bucket"].unique().to_list()))
 
 
-def event_shapes(con: duckdb.DuckDBPyConnection, quarantine: pl.DataFrame) -> pl.DataFrame:
-    """One row per shape number of `billed_events` on `con`, in number order: the lineage rows'
-    shapes, then each quarantined row's own. Read once DuckDB has sorted, so that the shapes are
-    not held here beside its sort."""
-    shapes = con.sql(statements(SQL_FILE)["shape_columns"]).pl()
-    return pl.concat([shapes.cast({c: BILLED_EVENTS_SCHEMA[c] for c in shapes.columns}),
-                      set_aside_rows(quarantine).select(shapes.columns)])
+def _lineage_part(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:
+    if files:
+        con.read_parquet(list(files)).create_view("lineage_part")
+    else:
+        con.register("lineage_part", pl.DataFrame(schema=LINEAGE_COLUMNS).to_arrow())
+
+
+def bucket_rows(con: duckdb.DuckDBPyConnection, bucket: int,
+                files: list[str]) -> tuple[duckdb.DuckDBPyRelation, int]:
+    """One bucket's rows of billed_events, sorted by customer, event time, event_id and source: a
+    relation on `con` (transforms/sql/billed_events.sql, `prepare_buckets` first) of each row's
+    own columns and its shape's number (`bucket_shapes` has the rest), run by its reader, so the
+    bucket's events are joined and sorted by DuckDB under the connection's memory cap; and how
+    many lineage rows the bucket has (from the files' metadata). `files`: its lineage files."""
+    sql = statements(SQL_FILE)
+    _lineage_part(con, files)
+    [(count,)] = con.execute(sql["bucket_size"]).fetchall()
+    return con.sql(sql["billed_events"], params={"bucket": bucket}), count
+
+
+def bucket_shapes(con: duckdb.DuckDBPyConnection, bucket: int) -> pl.DataFrame:
+    """One row per shape number of a bucket's `bucket_rows`, in number order: its lineage rows'
+    shapes, then each of its quarantined rows' own."""
+    shapes = con.sql(statements(SQL_FILE)["shape_columns"], params={"bucket": bucket}).pl()
+    return shapes.cast({c: BILLED_EVENTS_SCHEMA[c] for c in shapes.columns})
 
 
 def events_of(rows: pl.DataFrame, shapes: pl.DataFrame) -> pl.DataFrame:
-    """billed_events' rows, in its columns, of a batch of `billed_events`' sorted rows: each row's
-    own columns with those of its shape (looked up by number in `shapes`)."""
+    """billed_events' rows, in its columns, of a batch of `bucket_rows`' sorted rows: each row's
+    own columns with those of its shape (looked up by number in `bucket_shapes`)."""
     return (pl.concat([rows, shapes.select(pl.all().gather(rows["shape"]))], how="horizontal")
             .select([pl.col(c).cast(t) for c, t in BILLED_EVENTS_SCHEMA.items()]))
 

@@ -4,27 +4,53 @@
 -- credit grants that paid for it), a duplicate with the copy that billed in its place, a
 -- quarantined row with its reason.
 --
--- Inputs: `lineage` (the checked usage's billed and duplicate rows, read from the shards' files:
--- checked_usage.sql `lineage`, and read twice: once for its shapes, once for its events), `keyed` (one row per distinct billed meter x dims x usage-line
--- filter that matches it, with the group the dims fall in: transforms.engine.lineage.line_of_dims, the
--- only step in Python), `usage_lines` (the usage and overage lines of the invoices, filter and
--- group as '' when absent), `grants` (one row per event_id a credit draw paid for, with its
--- grants as sorted, comma-joined ids), `set_aside` (the quarantined rows, in the output's
--- columns, each with a shape number of its own, counted on from the last of `shapes`). Per-event work happens here only, so that DuckDB spills what does not fit under its memory
--- cap instead of the close holding every event of the period.
+-- The rows come in buckets: ranges of customer_id, in order (transforms.engine.lineage.write_lineage
+-- splits the checked usage's lineage files by them; one bucket, 0, when they are not split). Each
+-- bucket is sorted on its own and the table is the buckets one after the other: a sort of a
+-- shard's size in memory instead of one of the period's events spilled to disk.
+--
+-- Inputs: `lineage_part` (one bucket's billed and duplicate rows, read from its lineage files:
+-- checked_usage.sql `lineage`), `keyed` (one row per distinct billed meter x dims x usage-line
+-- filter that matches it, with the group the dims fall in: transforms.engine.lineage.line_of_dims,
+-- the only step in Python), `usage_lines` (the usage and overage lines of the invoices, filter and
+-- group as '' when absent), `grant_rows` (one row per event_id a credit draw paid for, with its
+-- bucket and its grants as sorted, comma-joined ids), `set_aside_rows` (the quarantined rows, in
+-- the output's columns, with their bucket and a shape number of their own, counted on from the
+-- last of their bucket's `shapes`). Per-event work happens here only: the close never holds the
+-- period's events.
 --
 -- The sort carries what is the event's own (ids, time, quantity, credit grants, source) and the
--- number of its shape: the texts that many events share (subscription, segment, meter, dims,
--- status, invoice line) are in `shapes`, and the table's writer puts them back a batch at a time
--- (transforms.engine.lineage.events_of). Sorting 10M events with those texts aboard cost about
--- 13 CPU s more than with their number: DuckDB moves and spills every row's payload.
+-- number of its shape within its bucket: the texts that many events share (subscription, segment,
+-- meter, dims, status, invoice line) are in `shapes`, and the table's writer puts them back a
+-- batch at a time (transforms.engine.lineage.events_of). Sorting 10M events with those texts
+-- aboard cost about 13 CPU s more than with their number: DuckDB moves and spills every row's payload.
+
+-- name: lineage_customers
+-- One row per customer of a check's lineage rows (`lineage_rows`: checked_usage.sql `lineage`),
+-- NULL included: the bucket of each is found in Python (transforms.engine.lineage.customer_bucket).
+SELECT DISTINCT customer_id
+FROM lineage_rows;
+
+-- name: bucketed_lineage
+-- One row per lineage row, with the bucket of its customer (`lineage_buckets`): written a file per
+-- bucket.
+SELECT r.*, b.bucket
+FROM lineage_rows AS r
+JOIN lineage_buckets AS b
+  ON b.customer_id IS NOT DISTINCT FROM r.customer_id;
 
 -- name: row_shapes
--- One row per distinct subscription x segment x meter x dims x outcome of the lineage rows: the
--- texts of billed_events that many events share. A few per customer (1M at 10M events).
-CREATE OR REPLACE TEMP TABLE row_shapes AS
-SELECT DISTINCT subscription_id, CAST(segment_no AS INTEGER) AS segment_no, meter, dims, outcome
-FROM lineage;
+-- One row per distinct bucket x subscription x segment x meter x dims x outcome of the lineage
+-- rows: the texts of billed_events that many events share. A few per customer (1M at 10M
+-- events). Filled a bucket at a time (`bucket_shapes`).
+CREATE OR REPLACE TEMP TABLE row_shapes (bucket INTEGER, subscription_id VARCHAR, segment_no INTEGER, meter VARCHAR,
+                                         dims VARCHAR, outcome VARCHAR);
+
+-- name: bucket_shapes
+-- The row shapes of one bucket's lineage rows.
+INSERT INTO row_shapes
+SELECT DISTINCT CAST($bucket AS INTEGER), subscription_id, CAST(segment_no AS INTEGER), meter, dims, outcome
+FROM lineage_part;
 
 -- name: billed_dims
 -- One row per distinct (meter, dims) of the billed rows: what line_of_dims looks at in Python.
@@ -33,14 +59,16 @@ FROM row_shapes
 WHERE outcome = 'billed';
 
 -- name: shapes
--- One row per row shape, numbered from 0: the columns of billed_events that its events share, with
--- the invoice line that bills a billed shape and why a duplicate did not bill. A billed shape's
--- line is the usage or overage line of its segment whose charge has the meter, whose filter the
--- dims match and whose group they fall in (`keyed`); plans refuse two charges that could bill one
--- event, so a shape has at most one line. The events then join it on five keys, never on themselves.
+-- One row per row shape, numbered from 0 within its bucket, stored in bucket order (a bucket's
+-- shapes are read without scanning the others'): the columns of billed_events that its events
+-- share, with the invoice line that bills a billed shape and why a duplicate did not bill. A
+-- billed shape's line is the usage or overage line of its segment whose charge has the meter,
+-- whose filter the dims match and whose group they fall in (`keyed`); plans refuse two charges
+-- that could bill one event, so a shape has at most one line. The events then join it on five
+-- keys, never on themselves.
 CREATE OR REPLACE TEMP TABLE shapes AS
 WITH dims_lines AS (
-    SELECT b.subscription_id, b.segment_no, b.meter, b.dims, l.invoice_id, l.line_no
+    SELECT b.bucket, b.subscription_id, b.segment_no, b.meter, b.dims, l.invoice_id, l.line_no
     FROM row_shapes AS b
     JOIN keyed AS k
       ON k.meter = b.meter AND k.dims = b.dims
@@ -49,7 +77,8 @@ WITH dims_lines AS (
      AND l.filter = k.filter AND l."group" = k."group"
     WHERE b.outcome = 'billed'
 )
-SELECT CAST(row_number() OVER () - 1 AS INTEGER) AS shape,
+SELECT s.bucket,
+       CAST(row_number() OVER (PARTITION BY s.bucket) - 1 AS INTEGER) AS shape,
        s.meter,
        s.dims,
        s.outcome AS status,
@@ -61,23 +90,54 @@ SELECT CAST(row_number() OVER () - 1 AS INTEGER) AS shape,
        CAST(NULL AS VARCHAR) AS detail
 FROM row_shapes AS s
 LEFT JOIN dims_lines AS dl
-       ON s.outcome = 'billed' AND dl.subscription_id = s.subscription_id AND dl.segment_no = s.segment_no
-      AND dl.meter = s.meter AND dl.dims = s.dims;
+       ON s.outcome = 'billed' AND dl.bucket = s.bucket AND dl.subscription_id = s.subscription_id
+      AND dl.segment_no = s.segment_no AND dl.meter = s.meter AND dl.dims = s.dims
+ORDER BY s.bucket;
 
--- name: shape_count
--- One row: how many shapes the lineage rows have (a quarantined row's shape is numbered after them).
-SELECT count(*) FROM shapes;
+-- name: shape_counts
+-- One row per bucket with lineage rows: how many shapes it has (its quarantined rows' shapes are
+-- numbered after them).
+SELECT bucket, count(*) AS shapes
+FROM shapes
+GROUP BY bucket;
+
+-- name: grants
+-- One row per event_id a credit draw paid for, in bucket order.
+CREATE OR REPLACE TEMP TABLE grants AS
+SELECT bucket, event_id, grant_id
+FROM grant_rows
+ORDER BY bucket;
+
+-- name: set_aside
+-- One row per quarantined row, in bucket order.
+CREATE OR REPLACE TEMP TABLE set_aside AS
+SELECT *
+FROM set_aside_rows
+ORDER BY bucket;
+
+-- name: bucket_size
+-- One row: how many lineage rows a bucket has (its files' metadata tells).
+SELECT count(*)
+FROM lineage_part;
 
 -- name: shape_columns
--- One row per shape, in its number's order: what transforms.engine.lineage.events_of looks up.
+-- One row per shape of a bucket, in its number's order (its lineage rows' shapes, then its
+-- quarantined rows'): what transforms.engine.lineage.events_of looks up.
 SELECT meter, dims, status, invoice_id, line_no, subscription_id, segment_no, reason, detail
-FROM shapes
+FROM (SELECT shape, meter, dims, status, invoice_id, line_no, subscription_id, segment_no, reason, detail
+      FROM shapes
+      WHERE bucket = $bucket
+      UNION ALL
+      SELECT shape, meter, dims, status, invoice_id, line_no, subscription_id, segment_no, reason, detail
+      FROM set_aside
+      WHERE bucket = $bucket)
 ORDER BY shape;
 
 -- name: billed_events
--- One row per usage row, in the output's order: the event's own columns and its shape's number
--- (a quarantined row's is past the lineage's shapes: `set_aside`). A duplicate names the copy that
--- billed in its place (`source_key#row=N`), or says that a copy billed in an earlier period.
+-- One row per usage row of a bucket, in the output's order: the event's own columns and its
+-- shape's number (a quarantined row's is past the bucket's lineage shapes: `set_aside`). A
+-- duplicate names the copy that billed in its place (`source_key#row=N`), or says that a copy
+-- billed in an earlier period.
 WITH settled AS (
     SELECT r.customer_id,
            r.event_at,
@@ -92,16 +152,18 @@ WITH settled AS (
            END AS duplicate_of,
            r.source_key,
            r.source_row
-    FROM lineage AS r
-    JOIN shapes AS s
+    FROM lineage_part AS r
+    JOIN (SELECT * FROM shapes WHERE bucket = $bucket) AS s
       ON s.subscription_id = r.subscription_id AND s.segment_no = CAST(r.segment_no AS INTEGER)
      AND s.meter = r.meter AND s.dims = r.dims AND s.status = r.outcome
-    LEFT JOIN grants AS g
+    LEFT JOIN (SELECT event_id, grant_id FROM grants WHERE bucket = $bucket) AS g
            ON g.event_id = r.event_id
 )
 SELECT customer_id, event_at, event_id, quantity, shape, grant_id, duplicate_of, source_key, source_row
 FROM (SELECT * FROM settled
       UNION ALL BY NAME
-      SELECT customer_id, event_at, event_id, quantity, shape, source_key, source_row FROM set_aside)
+      SELECT customer_id, event_at, event_id, quantity, shape, source_key, source_row
+      FROM set_aside
+      WHERE bucket = $bucket)
 ORDER BY customer_id NULLS LAST, event_at NULLS LAST, event_id NULLS LAST, source_key NULLS LAST,
          source_row NULLS LAST;
