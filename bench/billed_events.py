@@ -33,8 +33,6 @@ sys.path.insert(0, str(ROOT))
 
 import polars as pl  # noqa: E402
 
-from transforms.layout import BILLING  # noqa: E402
-
 CAPTURED = "captured.pickle"
 
 
@@ -68,6 +66,7 @@ def capture(args) -> None:
     prefect_defaults()
     import flows.outputs
     from flows.close import close_period
+    from transforms.layout import BILLING
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

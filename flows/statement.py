@@ -27,6 +27,7 @@ from transforms.engine.lineage import (
     events_of,
     lineage_buckets,
     prepare_buckets,
+    source_keys,
     statement_rows,
 )
 from transforms.errors import InputError
@@ -83,6 +84,7 @@ def billed_events_table(checked: CheckedUsage, lines: pl.DataFrame, quarantine: 
                                      "memory_limit": memory_limit})
         try:
             order = prepare_buckets(con, buckets, lines, quarantine, ledger, checked.lineage_bounds)
+            sources = source_keys(con)
 
             def sort_bucket(bucket: int) -> tuple[pl.DataFrame | Path, pl.DataFrame]:
                 rows, count = bucket_rows(con, bucket, buckets.get(bucket, []))
@@ -101,7 +103,7 @@ def billed_events_table(checked: CheckedUsage, lines: pl.DataFrame, quarantine: 
                         sorted_rows, shapes = coming.result()
                         coming = sorter.submit(sort_bucket, following) if following is not None else None
                         for batch in _sorted_batches(sorted_rows):
-                            rows = events_of(batch, shapes)
+                            rows = events_of(batch, shapes, sources)
                             rows = rows.filter(predicate) if predicate is not None else rows
                             rows = rows.select(with_columns) if with_columns is not None else rows
                             if left is not None:

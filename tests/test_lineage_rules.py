@@ -22,6 +22,7 @@ from transforms.engine.lineage import (
     customer_bucket,
     events_of,
     prepare_buckets,
+    source_keys,
     statement_rows,
     write_lineage,
 )
@@ -77,7 +78,7 @@ def _billed_events(tmp_path: Path, lineage: pl.LazyFrame | None = None) -> pl.Da
     with duckdb.connect() as con:
         assert prepare_buckets(con, {0: [str(path)]}, _lines(), QUARANTINE, LEDGER, ()) == [0]
         rows, count = bucket_rows(con, 0, [str(path)])
-        return events_of(rows.pl(), bucket_shapes(con, 0))
+        return events_of(rows.pl(), bucket_shapes(con, 0), source_keys(con))
 
 
 def test_each_event_goes_to_the_line_of_its_filter_and_group(tmp_path):

@@ -132,10 +132,11 @@ def lineage_buckets(files: list[str]) -> dict[int, list[str]]:
 
 def prepare_buckets(con: duckdb.DuckDBPyConnection, buckets: dict[int, list[str]], lines: pl.DataFrame,
                     quarantine: pl.DataFrame, ledger: pl.DataFrame, bounds: tuple[str, ...]) -> list[int]:
-    """Ready `con` to make billed_events a bucket at a time (`bucket_rows`, `bucket_shapes`): the
-    row shapes of every bucket, numbered within it, with their invoice lines; the credit grants of
-    each event and the quarantined rows, each in its customer's bucket. Returns the buckets that
-    have rows, in order.
+    """Ready `con` to make billed_events a bucket at a time (`bucket_rows`, `bucket_shapes`,
+    `source_keys`): the row shapes of every bucket, numbered within it, with their invoice lines;
+    the customers of each bucket and the source objects, numbered in their ids' order; the credit
+    grants of each event and the quarantined rows, each in its customer's bucket. Returns the
+    buckets that have rows, in order.
 
     `buckets`: the checked usage's Parquet files of billed and duplicate rows (checked_usage.sql,
     `lineage`) by bucket (`lineage_buckets`); `lines`: the invoice_lines table; `quarantine`: the
@@ -148,9 +149,16 @@ def prepare_buckets(con: duckdb.DuckDBPyConnection, buckets: dict[int, list[str]
                            pl.col("segment_no").cast(pl.Int32), "meter",
                            pl.col("filter").fill_null(""), pl.col("group").fill_null("")))
     con.execute(sql["row_shapes"])
+    con.execute(sql["source_keys"])
     for bucket, files in buckets.items():
         _lineage_part(con, files)
         con.execute(sql["bucket_shapes"], {"bucket": bucket})
+        con.execute(sql["bucket_sources"])
+    set_aside = set_aside_rows(quarantine).with_columns(customer_bucket(bounds).alias("bucket"),
+                                                        pl.int_range(pl.len(), dtype=pl.Int64).alias("row_no"))
+    con.register("set_aside_rows", set_aside.to_arrow())
+    con.execute(sql["customers"])
+    con.execute(sql["sources"])
     event_dims = con.sql(sql["billed_dims"]).pl()
     con.register("keyed", line_of_dims(event_dims, usage_lines).to_arrow())
     con.register("usage_lines", usage_lines.to_arrow())
@@ -161,11 +169,9 @@ def prepare_buckets(con: duckdb.DuckDBPyConnection, buckets: dict[int, list[str]
     con.register("grant_rows", grants.select("bucket", pl.col("event_id").cast(pl.String),
                                              pl.col("grant_id").cast(pl.String)).to_arrow())
     con.execute(sql["grants"])
-    set_aside = set_aside_rows(quarantine).with_columns(customer_bucket(bounds).alias("bucket"))
-    set_aside = set_aside.with_columns(
-        (pl.int_range(pl.len(), dtype=pl.Int32).over("bucket")
-         + pl.col("bucket").replace_strict(shapes, default=0, return_dtype=pl.Int32)).alias("shape"))
-    con.register("set_aside_rows", set_aside.to_arrow())
+    own_shape = (pl.int_range(pl.len(), dtype=pl.Int32).over("bucket")
+                 + pl.col("bucket").replace_strict(shapes, default=0, return_dtype=pl.Int32))
+    con.register("set_aside_shapes", set_aside.select("row_no", own_shape.alias("shape")).to_arrow())
     con.execute(sql["set_aside"])
     return sorted(set(buckets) | set(set_aside["bucket"].unique().to_list()))
 
@@ -181,7 +187,8 @@ def bucket_rows(con: duckdb.DuckDBPyConnection, bucket: int,
                 files: list[str]) -> tuple[duckdb.DuckDBPyRelation, int]:
     """One bucket's rows of billed_events, sorted by customer, event time, event_id and source: a
     relation on `con` (transforms/sql/billed_events.sql, `prepare_buckets` first) of each row's
-    own columns and its shape's number (`bucket_shapes` has the rest), run by its reader, so the
+    own columns and the numbers of its customer, shape and source object (`bucket_shapes` and
+    `source_keys` have the rest: they sort as the texts do), run by its reader, so the
     bucket's events are joined and sorted by DuckDB under the connection's memory cap; and how
     many lineage rows the bucket has (from the files' metadata). `files`: its lineage files."""
     sql = statements(SQL_FILE)
@@ -197,10 +204,17 @@ def bucket_shapes(con: duckdb.DuckDBPyConnection, bucket: int) -> pl.DataFrame:
     return shapes.cast({c: BILLED_EVENTS_SCHEMA[c] for c in shapes.columns})
 
 
-def events_of(rows: pl.DataFrame, shapes: pl.DataFrame) -> pl.DataFrame:
+def source_keys(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """One row per source object number of `bucket_rows`, in number order: its source_key."""
+    return con.sql(statements(SQL_FILE)["source_columns"]).pl().cast({"source_key": pl.String})
+
+
+def events_of(rows: pl.DataFrame, shapes: pl.DataFrame, sources: pl.DataFrame) -> pl.DataFrame:
     """billed_events' rows, in its columns, of a batch of `bucket_rows`' sorted rows: each row's
-    own columns with those of its shape (looked up by number in `bucket_shapes`)."""
-    return (pl.concat([rows, shapes.select(pl.all().gather(rows["shape"]))], how="horizontal")
+    own columns with those of its shape and of its source object (looked up by number in
+    `bucket_shapes` and `source_keys`)."""
+    return (pl.concat([rows, shapes.select(pl.all().gather(rows["shape"])),
+                       sources.select(pl.all().gather(rows["source_no"]))], how="horizontal")
             .select([pl.col(c).cast(t) for c, t in BILLED_EVENTS_SCHEMA.items()]))
 
 
