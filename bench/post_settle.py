@@ -117,8 +117,10 @@ def settle(store: str, plans: str, period: Period, work: Path) -> dict:
         for shard, keys in done.shard_keys.items():
             by_shard.setdefault(shard, []).extend(keys)
     from flows.billed_index import committed_index
+    from transforms.engine.lineage import bucket_bounds
     from transforms.inputs.reference import segments_frame
-    context = shards.Opaque((reference, catalog, committed_index(store), segments_frame(reference.segments)))
+    bounds = bucket_bounds(reference.customers["customer_id"], len(by_shard))  # as checked_in_shards splits lineage
+    context = shards.Opaque((reference, catalog, committed_index(store), segments_frame(reference.segments), bounds))
     memory = settings.duckdb_memory or shards.DEFAULT_SHARD_MEMORY
     parts = []
     for shard, keys in sorted(by_shard.items()):
