@@ -192,3 +192,30 @@ def test_a_close_on_a_two_worker_dask_cluster_gives_the_same_bytes(prefect_serve
     a, b = output_bytes(alone, single), output_bytes(spread, on_dask)
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_lineage_files_of_each_customer_range_come_to_the_close_as_that_range(where, request, tmp_path):
+    """Shards write their lineage a file per range of customers (`bucket-NNNN`); the close reads
+    them in place from its work folder or fetches them from an S3 scratch prefix (a Dask
+    cluster's), and either way still knows each file's range."""
+    from flows.shards import Scratch
+    from flows.statement import with_local_lineage
+    from flows.store import open_store
+    from transforms.engine.checked_usage import CheckedUsage
+    from transforms.engine.lineage import lineage_buckets
+
+    if where == "local":
+        scratch = Scratch(str(tmp_path / "scratch"), "")
+    else:
+        scratch = Scratch(f"s3://{request.getfixturevalue('s3_bucket')}/store", "billing/_state/work/close-x/")
+    store = open_store(scratch.uri, create=True)
+    keys = [scratch.key(f"lineage/shard={s:04d}/bucket-{b:04d}/data_0.parquet") for s, b in ((0, 0), (1, 0), (0, 2))]
+    for n, key in enumerate(keys):
+        store.put_bytes(key, f"rows of file {n}".encode())
+    checked = CheckedUsage({}, pl.DataFrame(), pl.DataFrame(), pl.DataFrame(), pl.DataFrame(), [], lineage=tuple(keys))
+    local = with_local_lineage(checked, scratch, tmp_path / "work").lineage
+    by_range = lineage_buckets(list(local))
+    assert sorted(by_range) == [0, 2] and len(by_range[0]) == 2
+    assert [Path(p).read_bytes() for p in by_range[0] + by_range[2]] == [b"rows of file 0", b"rows of file 1",
+                                                                        b"rows of file 2"]
