@@ -165,10 +165,49 @@ def _dims_json(frame: pl.DataFrame) -> pl.Expr:
     """Every non-core column as canonical JSON: keys sorted, null values left out, so the same
     dimensions written by files with other column orders or missing columns group together."""
     names = sorted(c for c in frame.columns if c not in CORE_FIELDS)
-    pairs = [pl.when(pl.col(name).is_not_null()).then(_dim_pair(frame, name)) for name in names]
-    if not pairs:
+    if not names:
         return pl.lit("{}").alias("dims")
+    by_combination = _dims_by_combination(frame, names)
+    if by_combination is not None:
+        return by_combination
+    return _dims_per_row(frame, names)
+
+
+def _dims_per_row(frame: pl.DataFrame, names: list[str]) -> pl.Expr:
+    pairs = [pl.when(pl.col(name).is_not_null()).then(_dim_pair(frame, name)) for name in names]
     return pl.format("{{{}}}", pl.concat_str(pairs, separator=",", ignore_nulls=True)).alias("dims")
+
+
+FEW_CODES = 16
+"""Distinct values a dimension column may have for its rows to be coded by comparing with each."""
+
+
+def _dims_by_combination(frame: pl.DataFrame, names: list[str]) -> pl.Expr | None:
+    """The dims of each row looked up in a table of every combination of the dimensions' values,
+    encoded once each (`_dims_per_row` on the table), when every dimension has at most FEW_CODES
+    distinct values and the combinations are few against the rows; else None. A row's place in
+    the table is worked out from its values by comparisons, with no string built or hashed per row."""
+    if frame.height < 10_000 or any(frame.schema[name] not in _FEW_VALUES for name in names):
+        return None
+    codes, columns, size = [], {}, 1
+    for name in names:
+        values = frame.get_column(name).drop_nulls().unique()
+        size *= values.len() + 1
+        if values.len() > FEW_CODES or size * 8 > frame.height:
+            return None
+        # code 0: null; code i: the i-th value
+        code = pl.sum_horizontal([pl.col(name).eq_missing(pl.lit(value, dtype=values.dtype)).cast(pl.UInt32) * (i + 1)
+                                  for i, value in enumerate(values)])
+        codes.append((code, values.len() + 1))
+        columns[name] = pl.concat([pl.Series(name, [None], dtype=values.dtype), values])
+    index, stride, table_codes = pl.lit(0, dtype=pl.UInt32), 1, {}
+    for (code, radix), name in zip(codes, names):
+        index = index + code * stride
+        table_codes[name] = (pl.int_range(size, dtype=pl.UInt32) // stride) % radix
+        stride *= radix
+    table = pl.select(**{name: pl.lit(columns[name]).gather(table_codes[name]) for name in names})
+    encoded = table.select(_dims_per_row(table, names)).to_series()
+    return pl.lit(encoded).gather(index).alias("dims")
 
 
 _FEW_VALUES = (pl.String, pl.Boolean, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32,
