@@ -227,6 +227,7 @@ def _dims_json(frame: pl.DataFrame) -> pl.Expr:
 
 
 def _dims_per_row(frame: pl.DataFrame, names: list[str]) -> pl.Expr:
+    """Each row's dims put together from its own pairs (`_dim_pair`)."""
     pairs = [pl.when(pl.col(name).is_not_null()).then(_dim_pair(frame, name)) for name in names]
     return pl.format("{{{}}}", pl.concat_str(pairs, separator=",", ignore_nulls=True)).alias("dims")
 
@@ -239,7 +240,7 @@ def _dims_by_combination(frame: pl.DataFrame, names: list[str]) -> pl.Expr | Non
     """The dims of each row looked up in a table of every combination of the dimensions' values,
     encoded once each (`_dims_per_row` on the table), when every dimension has at most FEW_CODES
     distinct values and the combinations are few against the rows; else None. A row's place in
-    the table is worked out from its values by comparisons, with no string built or hashed per row."""
+    the table is worked out from its values by comparisons: no string is built or looked up per row."""
     if frame.height < 10_000 or any(frame.schema[name] not in _FEW_VALUES for name in names):
         return None
     codes, columns, size = [], {}, 1
@@ -249,12 +250,12 @@ def _dims_by_combination(frame: pl.DataFrame, names: list[str]) -> pl.Expr | Non
         if values.len() > FEW_CODES or size * 8 > frame.height:
             return None
         # code 0: null; code i: the i-th value
-        code = pl.sum_horizontal([pl.col(name).eq_missing(pl.lit(value, dtype=values.dtype)).cast(pl.UInt32) * (i + 1)
-                                  for i, value in enumerate(values)])
+        code = pl.sum_horizontal([pl.col(name).eq_missing(pl.lit(value, dtype=values.dtype)).cast(pl.UInt32)
+                                  * (i + 1) for i, value in enumerate(values)])
         codes.append((code, values.len() + 1))
         columns[name] = pl.concat([pl.Series(name, [None], dtype=values.dtype), values])
     index, stride, table_codes = pl.lit(0, dtype=pl.UInt32), 1, {}
-    for (code, radix), name in zip(codes, names):
+    for (code, radix), name in zip(codes, names, strict=True):
         index = index + code * stride
         table_codes[name] = (pl.int_range(size, dtype=pl.UInt32) // stride) % radix
         stride *= radix
