@@ -239,6 +239,31 @@ def test_timestamp_raw_of_a_tz_aware_column_names_the_same_instant():
     assert reread == row["event_at"]
 
 
+@pytest.mark.parametrize("unit", ["ms", "us", "ns"])
+@pytest.mark.parametrize("zone", [None, "UTC", "America/New_York"])
+def test_timestamp_raw_of_a_datetime_column_is_utc_with_as_many_fraction_digits_as_needed(unit, zone):
+    at = datetime(2026, 9, 21, 13, 33, 20)
+    per_unit = {"ms": 10**6, "us": 10**3, "ns": 1}[unit]
+    nanos = [0, 250_000_000, 250_001_000, 1]  # whole, then a fraction of 3, 6 and 9 digits
+    expected = {"ms": [".250", ".250", ""], "us": [".250", ".250001", ""],
+                "ns": [".250", ".250001", ".000000001"]}[unit]
+    wall = pl.Series([at] * 4, dtype=pl.Datetime("ns")).to_physical() + pl.Series([n // per_unit * per_unit
+                                                                                   for n in nanos])
+    column = wall.cast(pl.Datetime("ns")).dt.cast_time_unit(unit)
+    far = pl.Series([datetime(9999, 12, 31, 23, 59, 59, 999_999), datetime(1969, 12, 31, 23, 59, 59)],
+                    dtype=pl.Datetime(unit)) if unit != "ns" else pl.Series([datetime(1969, 12, 31, 23, 59, 59)],
+                                                                            dtype=pl.Datetime(unit))
+    texts = ["2026-09-21T13:33:20Z"] + [f"2026-09-21T13:33:20{f}Z" for f in expected]
+    far_texts = (["9999-12-31T23:59:59.999Z" if unit == "ms" else "9999-12-31T23:59:59.999999Z"]
+                 if unit != "ns" else []) + ["1969-12-31T23:59:59Z"]
+    for values, want in ((column, texts), (pl.concat([column, far, pl.Series([None], dtype=column.dtype)]),
+                                           texts + far_texts + [None])):
+        typed = values if zone is None else values.dt.replace_time_zone("UTC").dt.convert_time_zone(zone)
+        raw = frame(event_id=["e"] * typed.len(), customer_id=["c"] * typed.len(), meter=["m"] * typed.len(),
+                    quantity=["1"] * typed.len(), timestamp=typed)
+        assert normalized_usage(raw, "usage/a.parquet")["timestamp_raw"].to_list() == want
+
+
 def test_a_date_column_is_utc_midnight():
     row = one(frame(event_id=["e1"], customer_id=["c1"], meter=["m"], quantity=["1"], timestamp=[date(2026, 10, 5)]))
     assert (row["event_at"], row["timestamp_raw"], row["reason"]) == (datetime(2026, 10, 5, tzinfo=UTC),
