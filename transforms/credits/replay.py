@@ -127,8 +127,8 @@ def _columns(frame: pl.DataFrame, plan_at) -> EventColumns:
     if changing:
         days = frame.filter(pl.col("subscription_id").is_in(changing)).select("subscription_id", "day").unique(
             maintain_order=True)
-        by_day = days.with_columns(pl.Series("day_plan_no", [number(plan_at(sub, day)) for sub, day in days.iter_rows()],
-                                             dtype=pl.Int64))
+        numbers = [number(plan_at(sub, day)) for sub, day in days.iter_rows()]
+        by_day = days.with_columns(pl.Series("day_plan_no", numbers, dtype=pl.Int64))
         frame = frame.join(by_day, on=["subscription_id", "day"], how="left", maintain_order="left").with_columns(
             pl.coalesce("plan_no", "day_plan_no").alias("plan_no")).drop("day_plan_no")
     prices = frame.select("plan_no", "meter", "dims").unique(maintain_order=True)
