@@ -34,11 +34,19 @@ def is_known_currency(currency: str) -> bool:
     return get_currency_name(currency, locale="en") != currency
 
 
+@lru_cache(maxsize=None)
+def _minor_unit(currency: str) -> Decimal:
+    """10 ** the minor digits of `currency`: one minor unit's count per major unit."""
+    return Decimal(10) ** minor_exponent(currency)
+
+
+_ONE = Decimal(1)
+
+
 def to_minor(amount: Decimal, currency: str, rounding: str = "half_up") -> int:
-    """Round `amount` (major units) once, with `rounding`, to integer minor units."""
-    exponent = minor_exponent(currency)
-    scaled = (amount * (Decimal(10) ** exponent)).quantize(Decimal(1), rounding=ROUNDING_MODES[rounding])
-    return int(scaled)
+    """Round `amount` (major units) once, with `rounding`, to integer minor units. A close rounds
+    every invoice line and grant with it, so the currency's scale is worked out once."""
+    return int((amount * _minor_unit(currency)).quantize(_ONE, rounding=ROUNDING_MODES[rounding]))
 
 
 def to_minor_column(amount: pl.Expr, div: pl.Expr, half_even: pl.Expr) -> pl.Expr:

@@ -29,9 +29,14 @@ def expiry(spec: str, granted_at: datetime, period_end: datetime) -> datetime | 
 
 
 def plan_grants(subs: list[Subscription], catalog: Catalog, until: Period) -> list[Grant]:
-    """The grants plans give each subscription from its start through `until`."""
+    """The grants plans give each subscription from its start through `until`. What depends only
+    on the period (its dates, text and successor), the midnight of a start day and the price of
+    an allocation are worked out once each: a close walks 100k subscriptions month by month."""
     out = []
     timelines: dict[tuple, list] = {}  # bound_versions depends on these three fields only
+    periods: dict[Period, tuple] = {}
+    midnights: dict = {}
+    prices: dict[tuple, Decimal] = {}  # booked_price depends on the amount's value, not its digits
     for sub in subs:
         if sub.start_date >= until.end:
             continue
@@ -43,25 +48,36 @@ def plan_grants(subs: list[Subscription], catalog: Catalog, until: Period) -> li
             continue  # no version of its plan grants credits: nothing to walk month by month
         period = Period.containing(sub.start_date)
         first = True
-        while period <= until and (sub.end_date is None or period.start < sub.end_date):
-            start = max(period.start, sub.start_date)
+        while True:
+            facts = periods.get(period)
+            if facts is None:
+                facts = periods[period] = (period <= until, period.start, period.end, period.end_at, period.days,
+                                           str(period), period.next())
+            within, period_start, period_end, period_end_at, period_days, period_text, following = facts
+            if not within or (sub.end_date is not None and period_start >= sub.end_date):
+                break
+            start = max(period_start, sub.start_date)
             plan = [plan for starts_on, plan in timeline if starts_on <= start][-1]  # plan_on(sub, catalog, start)
             spec: Credits | None = plan.plan.credits
             for i, g in enumerate(spec.grants if spec else ()):
                 if g.every == "once" and not first:
                     continue
-                days = (min(period.end, sub.end_date or period.end) - start).days
-                granted_at = utc_midnight(start)
+                days = (min(period_end, sub.end_date or period_end) - start).days
+                granted_at = midnights.get(start)
+                if granted_at is None:
+                    granted_at = midnights[start] = utc_midnight(start)
+                allocated = g.allocated * days / period_days if g.every == "period" else g.allocated
+                price_key = (allocated, plan.plan.currency, plan.plan.rounding)
+                price = prices.get(price_key)
+                if price is None:
+                    price = prices[price_key] = booked_price(allocated, plan.plan.currency, plan.plan.rounding)
                 out.append(Grant(
-                    grant_id=f"{sub.subscription_id}/{period if g.every == 'period' else 'once'}/g{i + 1}",
+                    grant_id=f"{sub.subscription_id}/{period_text if g.every == 'period' else 'once'}/g{i + 1}",
                     customer_id=sub.customer_id, subscription_id=sub.subscription_id,
-                    kind="grant", granted_at=granted_at, expires_at=expiry(g.expires, granted_at, period.end_at),
-                    credits=g.credits,
-                    price=booked_price(g.allocated * days / period.days if g.every == "period" else g.allocated,
-                                  plan.plan.currency, plan.plan.rounding),
-                    currency=plan.plan.currency, rollover_max=g.rollover_max))
+                    kind="grant", granted_at=granted_at, expires_at=expiry(g.expires, granted_at, period_end_at),
+                    credits=g.credits, price=price, currency=plan.plan.currency, rollover_max=g.rollover_max))
             first = False
-            period = period.next()
+            period = following
     return out
 
 

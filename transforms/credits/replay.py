@@ -17,7 +17,7 @@ import polars as pl
 from transforms.credits.events import CREDIT_EVENT_SCHEMA
 from transforms.credits.model import CreditEvent, Grant, WalletReplay
 from transforms.credits.wallet import EventColumns, Wallet, credit_rate, needed, same_plan_runs
-from transforms.inputs.plans import Catalog
+from transforms.inputs.plans import Catalog, PlanFile
 from transforms.inputs.reference import Subscription, bound_versions
 from transforms.periods import Period
 
@@ -101,16 +101,36 @@ def _columns(frame: pl.DataFrame, plan_at) -> EventColumns:
     """One batch of events (whole customers, each in event time) as columns, with the plan in
     force for each event and what it draws."""
     frame = frame.with_columns(pl.col("event_at").dt.date().alias("day"))
-    days = frame.select("subscription_id", "day").unique(maintain_order=True)
     plans, plan_no = [], {}
-    numbers = []
-    for sub, day in days.iter_rows():
-        plan = plan_at(sub, day)
-        numbers.append(plan_no.setdefault(id(plan), len(plan_no)))
-        if len(plans) < len(plan_no):
+
+    def number(plan: PlanFile) -> int:
+        if id(plan) not in plan_no:
+            plan_no[id(plan)] = len(plans)
             plans.append(plan)
-    frame = frame.join(days.with_columns(pl.Series("plan_no", numbers, dtype=pl.Int64)),
-                       on=["subscription_id", "day"], how="left", maintain_order="left")
+        return plan_no[id(plan)]
+
+    # most subscriptions are under one plan version from their first event to their last: looked
+    # up once; the others day by day
+    spans = frame.group_by("subscription_id", maintain_order=True).agg(
+        pl.col("day").min().alias("first"), pl.col("day").max().alias("last"))
+    whole, numbers, changing = [], [], []
+    for sub, first, last in spans.iter_rows():
+        plan = plan_at.through(sub, first, last)
+        if plan is None:
+            changing.append(sub)
+        else:
+            whole.append(sub)
+            numbers.append(number(plan))
+    frame = frame.join(pl.DataFrame({"subscription_id": whole, "plan_no": numbers},
+                                    schema={"subscription_id": pl.String, "plan_no": pl.Int64}),
+                       on="subscription_id", how="left", maintain_order="left")
+    if changing:
+        days = frame.filter(pl.col("subscription_id").is_in(changing)).select("subscription_id", "day").unique(
+            maintain_order=True)
+        numbers = [number(plan_at(sub, day)) for sub, day in days.iter_rows()]
+        by_day = days.with_columns(pl.Series("day_plan_no", numbers, dtype=pl.Int64))
+        frame = frame.join(by_day, on=["subscription_id", "day"], how="left", maintain_order="left").with_columns(
+            pl.coalesce("plan_no", "day_plan_no").alias("plan_no")).drop("day_plan_no")
     prices = frame.select("plan_no", "meter", "dims").unique(maintain_order=True)
     rates = [credit_rate(plans[p], meter, dims) for p, meter, dims in prices.iter_rows()]
     frame = frame.join(prices.with_row_index("rate_no"), on=["plan_no", "meter", "dims"], how="left",
@@ -133,15 +153,32 @@ def by_customer(items: list) -> dict[str, list]:
     return out
 
 
-def _plans_in_force(subs: list[Subscription], catalog: Catalog):
-    """The plan version in force for a subscription on a day (`reference.plan_on`), its
-    versions' timeline worked out once per subscription."""
-    subs_by_id = {s.subscription_id: s for s in subs}
-    timelines: dict[str, list] = {}
+class _PlansInForce:
+    """The plan version in force for a subscription on a day (`reference.plan_on`), its versions'
+    timeline worked out once per subscription."""
 
-    def plan_at(subscription_id: str, day):
-        timeline = timelines.get(subscription_id)
+    def __init__(self, subs: list[Subscription], catalog: Catalog):
+        self.subs_by_id = {s.subscription_id: s for s in subs}
+        self.catalog = catalog
+        self.timelines: dict[str, list] = {}
+
+    def _timeline(self, subscription_id: str) -> list:
+        timeline = self.timelines.get(subscription_id)
         if timeline is None:
-            timeline = timelines[subscription_id] = bound_versions(subs_by_id[subscription_id], catalog)
-        return [plan for starts_on, plan in timeline if starts_on <= day][-1]  # plan_on(sub, catalog, day)
-    return plan_at
+            timeline = self.timelines[subscription_id] = bound_versions(self.subs_by_id[subscription_id], self.catalog)
+        return timeline
+
+    def __call__(self, subscription_id: str, day):
+        return [plan for starts_on, plan in self._timeline(subscription_id) if starts_on <= day][-1]  # plan_on
+
+    def through(self, subscription_id: str, first, last):
+        """The plan in force on every day from `first` through `last`, or None when a version
+        starts after `first`, up to `last`."""
+        if any(first < starts_on <= last for starts_on, _ in self._timeline(subscription_id)):
+            return None
+        return self(subscription_id, first)
+
+
+def _plans_in_force(subs: list[Subscription], catalog: Catalog) -> _PlansInForce:
+    """The plan version in force for a subscription on a day: `plan_at(subscription_id, day)`."""
+    return _PlansInForce(subs, catalog)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
@@ -116,8 +117,10 @@ class Rating:
     steps: tuple[Step, ...] = ()
 
 
+@lru_cache(maxsize=1024)
 def per_suffix(per: Decimal) -> str:
-    """How a label names the price's block: "" per unit, " per 1,000,000" per million."""
+    """How a label names the price's block: "" per unit, " per 1,000,000" per million. The same
+    few per catalog, named once each (equal values have the same text: `fmt_units` normalizes)."""
     return "" if per == 1 else f" per {fmt_units(per)}"
 
 
