@@ -413,6 +413,8 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     con.register("billed_before", pl.DataFrame({"event_id": sorted(billed_before)},
                                                schema={"event_id": pl.String}).to_arrow())
     _run(con, sql["settled"], params)
+    _run(con, sql["later_copies"], params)
+    _run(con, sql["later_copies_settled"], params)
     counts = dict(zip(("read", "billed", "duplicates", "quarantined"),
                       (int(v) for v in _run(con, sql["counts"], params)[0]), strict=True))
     _run(con, sql["by_day"], params)

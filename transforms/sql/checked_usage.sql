@@ -102,23 +102,26 @@ WHERE reason IS NULL
 -- One row per scoped row with its outcome: billed, duplicate or quarantined. Among clean copies
 -- of one event_id the earliest bills; ties are broken by content, then by source, so the outcome
 -- never depends on the order objects were listed or read (the rule: copies.sql `copy_order`).
--- Only the rows whose event_id hash is a candidate (a few in a hundred) are ranked, by event_id:
--- any other clean row is the only clean copy of its event_id. The copy that would bill is
--- quarantined instead (`billed_in_period`) when another closed period's documents bill the
--- event already (`billed_elsewhere`): reported, never billed twice. The fields as read are kept
--- for quarantined rows only (the quarantine's), and the row's own reason only as its final_reason.
--- A row in a segment keeps the segment's `segment_key` and its `combination`, the keys the
--- aggregates group by (numbers are grouped at a fraction of the cost of the strings they stand for).
+-- The rows are read, checked and written here in one stream, each clean row as copy 1 of its
+-- event_id: any clean row whose event_id hash is not a candidate is the only clean copy of its
+-- event_id. The rows whose hash is a candidate (a few in a hundred: `ranked`) are ranked by
+-- event_id afterwards (`later_copies`), and the copies after the first made duplicates
+-- (`later_copies_settled`), rather than every row being held in memory to be ranked on the way.
+-- The copy that would bill is quarantined instead (`billed_in_period`) when another closed
+-- period's documents bill the event already (`billed_elsewhere`): reported, never billed twice.
+-- The fields as read are kept for quarantined rows only (the quarantine's), and the row's own
+-- reason only as its final_reason. A row in a segment keeps the segment's `segment_key` and its
+-- `combination`, the keys the aggregates group by (numbers are grouped at a fraction of the cost
+-- of the strings they stand for).
 -- `checked`: one row per usage row this close counts (scoped: rows whose event time falls in the
 -- period, and rows with no usable event time, which belong to no period, so every close that
 -- reads them counts them), with its final reason: the row's own rule first, then the rules that
 -- need other tables; a row that no charge of its plan version prices (its dimensions fit no
 -- charge's filter) is quarantined rather than silently billed at nothing. Segments of one
 -- customer never overlap, so a row joins at most one, and one combination (a row without one is
--- never billed: `IS NOT TRUE`). Not materialized: the rows are read and checked once on their
--- way into `settled` (the candidates' few again, to be ranked).
+-- never billed: `IS NOT TRUE`).
 CREATE OR REPLACE TEMP TABLE settled AS
-WITH checked AS NOT MATERIALIZED (
+WITH checked AS (
     SELECT s.*,
            seg.subscription_id,
            seg.segment_no,
@@ -131,7 +134,8 @@ WITH checked AS NOT MATERIALIZED (
                          -- its amount at the plan's price would not fit (transforms.engine.checked_usage.plan_meters)
                          WHEN s.quantity > k.max_quantity THEN 'amount_out_of_range'
                          WHEN k.priced IS NOT TRUE THEN 'no_matching_charge'
-                    END) AS final_reason
+                    END) AS final_reason,
+           hash(s.event_id) IN (SELECT event_hash FROM candidates) AS ranked
     FROM (SELECT *
           FROM events
           WHERE event_at IS NULL
@@ -146,36 +150,47 @@ WITH checked AS NOT MATERIALIZED (
            ON k.plan = seg.plan AND k.plan_version = seg.plan_version
           AND k.meter = s.meter AND k.dims = s.dims
 ),
-ranked AS (
-    SELECT *, CASE WHEN final_reason IS NULL THEN 1 END AS copy_no
-    FROM checked
-    WHERE hash(event_id) NOT IN (SELECT event_hash FROM candidates)
-    UNION ALL
-    SELECT *,
-           CASE WHEN final_reason IS NULL THEN
-               row_number() OVER (PARTITION BY event_id, final_reason IS NULL
-                                  ORDER BY copy_order(event_at, customer_id, meter, quantity, dims, source_key,
-                                                      source_row))
-           END AS copy_no
-    FROM checked
-    WHERE hash(event_id) IN (SELECT event_hash FROM candidates)
-),
 decided AS (
-    SELECT r.* REPLACE (CASE WHEN r.final_reason IS NULL AND r.copy_no = 1 AND b.event_id IS NOT NULL
-                             THEN 'billed_in_period' ELSE r.final_reason END AS final_reason),
-           CASE WHEN r.final_reason IS NULL AND r.copy_no = 1 THEN b.period END AS billed_period,
-           CASE WHEN r.final_reason IS NULL AND r.copy_no = 1 THEN b.run_id END AS billed_run
-    FROM ranked AS r
-    LEFT JOIN billed_elsewhere AS b ON b.event_id = r.event_id
+    SELECT c.* REPLACE (CASE WHEN c.final_reason IS NULL AND b.event_id IS NOT NULL
+                             THEN 'billed_in_period' ELSE c.final_reason END AS final_reason),
+           CASE WHEN c.final_reason IS NULL THEN 1 END AS copy_no,
+           CASE WHEN c.final_reason IS NULL THEN b.period END AS billed_period,
+           CASE WHEN c.final_reason IS NULL THEN b.run_id END AS billed_run
+    FROM checked AS c
+    LEFT JOIN billed_elsewhere AS b ON b.event_id = c.event_id
 )
 SELECT * EXCLUDE (reason)
          REPLACE (CASE WHEN final_reason IS NOT NULL THEN quantity_raw END AS quantity_raw,
                   CASE WHEN final_reason IS NOT NULL THEN timestamp_raw END AS timestamp_raw),
        CASE WHEN final_reason IS NOT NULL THEN 'quarantined'
-            WHEN copy_no = 1 AND event_id NOT IN (SELECT event_id FROM billed_before) THEN 'billed'
+            WHEN event_id NOT IN (SELECT event_id FROM billed_before) THEN 'billed'
             ELSE 'duplicate'
        END AS outcome
 FROM decided;
+
+-- name: later_copies
+-- One row per clean copy of an event_id that is not its first (`settled`'s row, by rowid, and
+-- its copy number): the clean rows of the candidates (`ranked`; a clean row has a copy number)
+-- ranked by event_id with the rule (copies.sql `copy_order`).
+CREATE OR REPLACE TEMP TABLE later_copies AS
+SELECT row_key, copy_no
+FROM (SELECT rowid AS row_key,
+             row_number() OVER (PARTITION BY event_id
+                                ORDER BY copy_order(event_at, customer_id, meter, quantity, dims, source_key,
+                                                    source_row)) AS copy_no
+      FROM settled
+      WHERE ranked AND copy_no IS NOT NULL)
+WHERE copy_no > 1;
+
+-- name: later_copies_settled
+-- Each later copy (`later_copies`) settled as what it is: a duplicate, its copy number set, and
+-- what `settled` gave it as copy 1 undone (a copy after the first is never `billed_in_period`:
+-- no billed period or run, its fields as read not kept).
+UPDATE settled
+SET copy_no = l.copy_no, final_reason = NULL, billed_period = NULL, billed_run = NULL,
+    quantity_raw = NULL, timestamp_raw = NULL, outcome = 'duplicate'
+FROM later_copies AS l
+WHERE settled.rowid = l.row_key;
 
 -- name: counts
 -- One row: the manifest's proof that every counted row is billed, a duplicate or quarantined.
