@@ -3,6 +3,7 @@ exactly in the objects whose hashes match; the period-to-date tables move by ton
 from __future__ import annotations
 
 import hashlib
+import random
 from datetime import date, datetime, timezone
 from decimal import Decimal
 
@@ -39,6 +40,20 @@ def test_the_id_hash_is_the_first_64_bits_of_md5():
     con = connection()
     got = con.sql("SELECT id_hash('evt_1'), id_hash('e-\u00e9')").fetchall()[0]
     assert got == (id_hash("evt_1"), id_hash("e-\u00e9"))
+
+
+def test_the_id_hash_is_md5s_first_64_bits_for_every_kind_of_event_id():
+    """The macro reads the digest as a number, not as hex text: every byte of it must still land
+    where the hex digits put it (high bytes set and clear, any length, any characters)."""
+    rng = random.Random(17)
+    alphabet = "az09-_.:/ \u00e9\u4e2d\U0001f600"
+    ids = ["", "a", "evt_1", "x" * 1000] + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+                                         for _ in range(5000)]
+    con = connection()
+    con.register("ids", pl.DataFrame({"event_id": ids}).to_arrow())
+    got = con.sql("SELECT event_id, id_hash(event_id) FROM ids").fetchall()
+    assert {e: h for e, h in got} == {e: id_hash(e) for e in ids}
+    assert con.sql("SELECT id_hash(NULL::VARCHAR)").fetchall() == [(None,)]
 
 
 def ids_file(path, rows: list[tuple[str, str, date, int]]):

@@ -44,7 +44,10 @@ BILLED_ELSEWHERE_SCHEMA = {"event_id": pl.String, "period": pl.String, "run_id":
 
 
 def id_hash_macro(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(statements(SQL_FILE)["id_hash_macro"]).fetchall()
+    """`id_hash(event_id)` on `con` (billed_index.sql), with the macro it is written with."""
+    sql = statements(SQL_FILE)
+    con.execute(sql["byte_reversed_macro"]).fetchall()
+    con.execute(sql["id_hash_macro"]).fetchall()
 
 
 def look_up_billed(con: duckdb.DuckDBPyConnection, index: BilledIndex) -> int:

@@ -401,13 +401,16 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     else:
         con.register("events", pl.DataFrame(schema=NORMALIZED_COLUMNS).to_arrow())
     con.register("customers", customers.select("customer_id").to_arrow())
-    con.register("segments", segments.to_arrow())
+    con.register("segments", segments.with_row_index("segment_key").to_arrow())
     con.register("plan_meters", plan_meters(catalog).to_arrow())
     params = {"period": str(period), "period_start": period.start_at, "period_end": period.end_at,
-              "decided": list(index.periods)}
+              "first_day": period.start, "decided": list(index.periods)}
     _run(con, sql["candidates"], params)
     combos = con.sql(sql["dims_to_price"], params=_bound(sql["dims_to_price"], params)).pl()
+    con.register("price_combos", combos.to_arrow())
     con.register("priced_dims", priced_dims(combos, catalog).to_arrow())
+    _run(con, sql["combinations"], params)
+    _run(con, sql["segment_names"], params)
     if index:
         _run(con, sql["probed"], params)
     look_up_billed(con, index)
@@ -418,6 +421,8 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     con.register("billed_before", pl.DataFrame({"event_id": sorted(billed_before)},
                                                schema={"event_id": pl.String}).to_arrow())
     _run(con, sql["settled"], params)
+    _run(con, sql["later_copies"], params)
+    _run(con, sql["later_copies_settled"], params)
     counts = dict(zip(("read", "billed", "duplicates", "quarantined"),
                       (int(v) for v in _run(con, sql["counts"], params)[0]), strict=True))
     _run(con, sql["by_day"], params)
@@ -432,8 +437,8 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     if part == SUMMED:
         del tables["usage_by_dims"]
     for name in ("quarantine", "usage_by_dims", "usage_by_day", "per_event_usage", "conflicts"):
-        if name in tables:
-            query = sql["usage_by_day_part" if part and name == "usage_by_day" else name]
+        if name in tables:  # a part's aggregates and per-event rows unsorted: the merge orders them
+            query = sql[f"{name}_part" if part and f"{name}_part" in sql else name]
             con.sql(query, params=_bound(query, params)).write_parquet(tables[name], compression="lz4")
     credit_history_frame(credit_history(con, subscriptions, catalog, period)).write_parquet(
         tables["credit_history"], compression="lz4")
