@@ -63,9 +63,10 @@ PARQUET's size whatever the batches, so this sets only how many rows are in flig
 
 IN_MEMORY_ROWS = 2_000_000
 """A bucket of up to this many lineage rows (a shard's customers: about 1.25M rows) comes from
-DuckDB's sort as a frame (about 170 bytes a row); a larger one (one bucket for a period checked in
-one shard) is sorted into a file of the work folder and read back a batch at a time. At 10M
-events the frames cost about a fifth less CPU than the files (37 against 47 CPU s for the table)."""
+DuckDB's sort as a frame; a larger one (one bucket for a period checked in one shard, or a very
+large customer's) is sorted into a file of the work folder and read back a batch at a time. At
+10M events the frames cost about a fifth less CPU than the files (37 against 47 CPU s for the
+table), for about 400 MB more at the peak (bench/README.md, session 10)."""
 
 
 @contextmanager
