@@ -22,7 +22,7 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -126,6 +126,7 @@ class NormalizedBatch:
     unreadable: list[tuple[str, str]]  # (object key, why)
     rows: int
     hash_keys: list[str]  # scratch keys of the rows' (event_hash, shard) files, for `cross_shard_copies`
+    shard_rows: dict[int, int] = field(default_factory=dict)  # shard -> rows written to it
 
 
 def shard_name(shard: int) -> str:
@@ -190,6 +191,7 @@ def normalize_batch(store_uri: str, objects: list, scratch: Scratch, shards: int
     started = time.perf_counter()
     scratch_store = open_store(scratch.uri, create=True)
     shard_keys: dict[int, list[str]] = {}
+    shard_rows: dict[int, int] = {}
     unreadable, rows, hash_keys = [], 0, []
     with tempfile.TemporaryDirectory(prefix="billrun-fetch-") as tmp:
         for obj in objects:
@@ -205,6 +207,7 @@ def normalize_batch(store_uri: str, objects: list, scratch: Scratch, shards: int
                 key = scratch.key(shard_name(int(shard)) + name)
                 _write(scratch_store, key, part.drop("_shard"))
                 shard_keys.setdefault(int(shard), []).append(key)
+                shard_rows[int(shard)] = shard_rows.get(int(shard), 0) + part.height
             if shards > 1:  # one shard holds every copy: nothing to find
                 key = scratch.key(HASHES + name)
                 _write(scratch_store, key, keyed.filter(pl.col("event_id").is_not_null()).select(
@@ -212,7 +215,7 @@ def normalize_batch(store_uri: str, objects: list, scratch: Scratch, shards: int
                 hash_keys.append(key)
     get_run_logger().info("normalize-usage: %d objects, %d rows, %d unreadable in %.2fs", len(objects), rows,
                           len(unreadable), time.perf_counter() - started)
-    return NormalizedBatch(shard_keys, unreadable, rows, hash_keys)
+    return NormalizedBatch(shard_keys, unreadable, rows, hash_keys, shard_rows)
 
 
 @task(name="check-usage", cache_policy=NO_CACHE)
@@ -344,7 +347,41 @@ def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch, settings:
             for target, key in moved.items():
                 shard_keys.setdefault(target, []).append(key)
         shard_keys = {k: sorted(v) for k, v in sorted(shard_keys.items())}
-    return normalized, shard_keys, cross.height == 0
+    rows: dict[int, int] = {}
+    for batch in done:
+        for shard, count in batch.shard_rows.items():
+            rows[shard] = rows.get(shard, 0) + count
+    split = oversized_shards(rows, shards)
+    if split:
+        first_new = shards
+        calls = []
+        for shard, parts in split.items():
+            calls.append({"scratch": scratch, "shard": shard, "keys": shard_keys[shard],
+                          "targets": [shard, *range(first_new, first_new + parts - 1)]})
+            first_new += parts - 1
+        for call, moved in zip(calls, _all(runner, split_shard, calls), strict=True):
+            shard_keys[call["shard"]] = []
+            for target, key in moved.items():
+                shard_keys.setdefault(target, []).append(key)
+        shard_keys = {k: sorted(v) for k, v in sorted(shard_keys.items())}
+    return normalized, shard_keys, cross.height == 0 and not split
+
+
+LARGE_SHARD = 2.0
+"""A shard with more than this many times the mean rows of a shard is split (`oversized_shards`)."""
+
+
+def oversized_shards(rows: dict[int, int], shards: int) -> dict[int, int]:
+    """The shards to split, and into how many parts each: those holding more than LARGE_SHARD
+    times a shard's mean share of the rows. Shards follow customers, and a customer with a large
+    share of a month's events (the top customer of a Zipf month holds 8% of them) makes its shard
+    that large: checked on one connection, it keeps one core busy long after the others are done.
+    Its parts are cut by event_id hash, so every copy of an event stays in one; the customer's
+    units are then added up across shards by the merge."""
+    if shards <= 1 or not rows:
+        return {}
+    mean = sum(rows.values()) / shards
+    return {shard: math.ceil(count / mean) for shard, count in sorted(rows.items()) if count > LARGE_SHARD * mean}
 
 
 def cross_shard_copies(scratch: Scratch, hash_keys: list[str], folder: Path,
@@ -386,6 +423,22 @@ def gather_copies(scratch: Scratch, shard: int, keys: list[str], cross: Opaque) 
         out = {}
         for (target,), part in routed.partition_by("target", as_dict=True, maintain_order=True).items():
             out[int(target)] = scratch.key(shard_name(int(target)) + f"gathered-from-{shard:04d}.parquet")
+            _write(scratch_store, out[int(target)], part.drop("target"))
+    return out
+
+
+@task(name="split-shard", cache_policy=NO_CACHE, **IO_RETRIES)
+def split_shard(scratch: Scratch, shard: int, keys: list[str], targets: list[int]) -> dict[int, str]:
+    """One shard's rows cut into len(`targets`) parts by their event_id's hash (`oversized_shards`),
+    part i going to shard targets[i]. Returns, per shard, the scratch key of its file."""
+    scratch_store = open_store(scratch.uri, create=True)
+    with tempfile.TemporaryDirectory(prefix=f"billrun-split{shard:04d}-") as tmp:
+        frame = pl.concat([pl.read_parquet(p) for p in local_files(scratch, keys, Path(tmp))])
+        routed = frame.with_columns(pl.lit(pl.Series(targets, dtype=pl.Int32))
+                                    .gather((event_hash() % len(targets)).fill_null(0)).alias("target"))
+        out = {}
+        for (target,), part in routed.partition_by("target", as_dict=True, maintain_order=True).items():
+            out[int(target)] = scratch.key(shard_name(int(target)) + f"split-from-{shard:04d}.parquet")
             _write(scratch_store, out[int(target)], part.drop("target"))
     return out
 

@@ -89,6 +89,40 @@ def test_shards_never_change_a_byte(prefect_server, demo_written, monkeypatch):
     assert conflicts.filter(pl.col("differs_in").str.contains("customer_id")).height > 0  # gathered across shards
 
 
+def test_a_shard_far_above_the_mean_is_split_in_parts_of_about_the_mean():
+    from flows.shards import oversized_shards
+
+    assert oversized_shards({0: 100, 1: 100, 2: 1_000, 3: 0}, 4) == {2: 4}  # mean 300: 1,000 > 600
+    assert oversized_shards({0: 100, 1: 500}, 2) == {}  # mean 300: 500 is not above 600
+    assert oversized_shards({0: 5_000}, 1) == {}
+
+
+def test_shards_split_by_event_id_never_change_a_byte(prefect_server, tmp_path, monkeypatch):
+    # every shard above a tenth of the mean cut in parts by event_id hash: a customer's rows in
+    # several shards, its units added up by the merge, its copies (and the copies gathered from
+    # other customers' shards) kept together
+    import flows.shards
+
+    one, many = str(tmp_path / "one"), str(tmp_path / "many")
+    for folder in (one, many):
+        write_demo_store(folder, PLANS, PERIOD, 80, 5)
+        with_copies_under_other_customers(folder)
+    monkeypatch.setenv(SHARDS_ENV, "1")
+    single = close(one, PLANS, PERIOD)
+    splits = []
+    oversized = flows.shards.oversized_shards
+    monkeypatch.setattr(flows.shards, "oversized_shards", lambda rows, shards: splits.append(oversized(rows, shards))
+                        or splits[-1])
+    monkeypatch.setattr(flows.shards, "LARGE_SHARD", 0.1)
+    monkeypatch.setenv(SHARDS_ENV, "3")
+    split = close(many, PLANS, PERIOD)
+    assert splits and sum(splits[0].values()) > 3  # at least one shard cut in parts
+    assert split["rows"] == single["rows"]
+    a, b = output_bytes(one, single), output_bytes(many, split)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+
+
 def test_copies_in_two_shards_are_found_by_their_event_id_hashes_and_gathered_into_one(tmp_path):
     from flows.shards import HASHES, Scratch, cross_shard_copies
 
