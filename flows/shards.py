@@ -5,10 +5,12 @@ subscription segments are settled in one shard; the few event_ids with copies in
 customers of two shards) are found by one pass over the rows' 64-bit event_id hashes and their
 rows gathered into one shard (`cross_shard_copies`, `gather_copies`), so all copies of an event
 (in this period and in earlier ones) meet in one shard and deduplication never crosses shards.
+A shard far larger than the others (a very large customer's) is then cut into parts by event_id
+hash (`oversized_shards`, `split_shard`): its copies still meet in one part.
 A shard is settled on its own DuckDB connection with a memory cap (it spills rather than grows),
 and their results, Parquet files in the scratch area, are merged (`transforms.engine.checked_usage.merged_files`)
-into exactly what one check of all rows gives: when no rows were gathered, the shards' units are
-only put in order, not added up again. N only changes memory and parallelism, never a byte of output.
+into exactly what one check of all rows gives: when no rows were gathered or cut apart, the
+shards' units are only put in order, not added up again. N only changes memory and parallelism, never a byte of output.
 
 Normalized shard files live in a scratch area addressed as a store: the close's local work
 folder, or, when tasks run on a Dask cluster and the store is on S3, a prefix of the store under
@@ -325,7 +327,8 @@ def normalize_shards(runner, store_uri: str, inputs, scratch: Scratch, settings:
                      work_dir: Path) -> tuple[Normalized, dict[int, list[str]], bool]:
     """Every usage object normalized into shards, in batches spread over the runner's workers;
     then the copies of an event_id that are in two shards gathered into one (`cross_shard_copies`).
-    Also returns whether the shards are disjoint by customer (no rows were gathered), so that their
+    Then the shards far above the mean are cut into parts (`oversized_shards`). Also returns
+    whether the shards are disjoint by customer (no rows were gathered or cut apart), so that their
     per-day units need no adding up when they are merged."""
     shards = shard_count(sum(o.size for o in inputs.usage), settings)
     work = batches(sorted(inputs.usage, key=lambda o: o.key), min_batches=2 * local_workers(settings))
