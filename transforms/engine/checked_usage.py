@@ -426,6 +426,7 @@ def checked_usage(con: duckdb.DuckDBPyConnection, normalized: list[Path], custom
     counts = dict(zip(("read", "billed", "duplicates", "quarantined"),
                       (int(v) for v in _run(con, sql["counts"], params)[0]), strict=True))
     _run(con, sql["by_day"], params)
+    _run(con, sql["dims_units"], params)
     lineage: tuple[str, ...] = ()
     if lineage_to is not None:
         lineage = write_lineage(con, con.sql(sql["lineage"]), lineage_to, lineage_bounds, LINEAGE_COMPRESSION)

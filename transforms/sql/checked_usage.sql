@@ -252,21 +252,11 @@ FROM by_day AS d
 JOIN segment_names AS seg USING (segment_key)
 JOIN combinations AS k USING (combination);
 
--- name: usage_by_dims
+-- name: dims_units
 -- One row per subscription segment x meter x distinct dimensions: the billed units, summed from
--- `by_day` (by its numbers) rather than from every row again, in order.
-SELECT seg.subscription_id, seg.segment_no, k.meter, k.dims, d.units, d.events
-FROM (SELECT segment_key, combination,
-             CAST(sum(units) AS DECIMAL(38, 9)) AS units, CAST(sum(events) AS BIGINT) AS events
-      FROM by_day
-      GROUP BY ALL) AS d
-JOIN segment_names AS seg USING (segment_key)
-JOIN combinations AS k USING (combination)
-ORDER BY ALL;
-
--- name: usage_by_dims_part
--- One row per subscription segment x meter x distinct dimensions, as `usage_by_dims`, in no
--- order: a part's, which the merge puts in order (merged_usage.sql `usage_by_dims_disjoint`).
+-- `by_day` (by its numbers) rather than from every row again, their names joined back. A view:
+-- `usage_by_dims` writes it in order, `usage_by_dims_part` as it comes.
+CREATE OR REPLACE TEMP VIEW dims_units AS
 SELECT seg.subscription_id, seg.segment_no, k.meter, k.dims, d.units, d.events
 FROM (SELECT segment_key, combination,
              CAST(sum(units) AS DECIMAL(38, 9)) AS units, CAST(sum(events) AS BIGINT) AS events
@@ -274,6 +264,18 @@ FROM (SELECT segment_key, combination,
       GROUP BY ALL) AS d
 JOIN segment_names AS seg USING (segment_key)
 JOIN combinations AS k USING (combination);
+
+-- name: usage_by_dims
+-- One row per subscription segment x meter x distinct dimensions (`dims_units`), in order.
+SELECT *
+FROM dims_units
+ORDER BY ALL;
+
+-- name: usage_by_dims_part
+-- One row per subscription segment x meter x distinct dimensions (`dims_units`), in no order: a
+-- part's, which the merge puts in order (merged_usage.sql `usage_by_dims_disjoint`).
+SELECT *
+FROM dims_units;
 
 -- name: per_event_usage
 -- One row per billed event of a meter that some charge prices per event (percentage fees),
